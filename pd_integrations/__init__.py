@@ -1,0 +1,23 @@
+"""PromptDistill for Hugging Face decoder models, with LangChain and LlamaIndex adapters.
+
+Retrieved context is pruned inside the model during prefill: at selection layers the question's attention picks the
+context tokens that later layers see, so time to first token and KV cache shrink while answers stay grounded.
+"""
+
+from .arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
+from .config import PromptDistillConfig
+from .engine import GenerationResult, GenerationStream, Prefill, PromptDistillEngine
+from .loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "GenerationResult",
+    "GenerationStream",
+    "ModelNotAvailableError",
+    "Prefill",
+    "PromptDistillConfig",
+    "PromptDistillEngine",
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedArchitectureError",
+    "load_model",
+]

@@ -1,0 +1,121 @@
+"""The few things that differ between model families. Everything else drives HF's own modules generically.
+
+- query projection for scoring: fused `qkv_proj` (Phi-3) and per-head `q_norm` (Qwen3, Gemma3);
+- rotary embeddings per layer type (Gemma3 has local and global RoPE);
+- sliding-window layers (Mistral, Qwen2/3, Phi-3, Gemma2/3), masked by original positions;
+- attention-logit and final-logit softcapping (Gemma2/3).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+
+# Attention backends that apply causal masking themselves when given no mask; "eager" needs an explicit one.
+_SELF_CAUSAL_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's family is not one PromptDistill knows how to drive."""
+
+
+class Architecture:
+    """Per-family adapter over an HF `*ForCausalLM`: its layers, rotary embedding, masks and scoring quirks."""
+
+    def __init__(self, model):
+        config = model.config.get_text_config(decoder=True)
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.config = config
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        self.lm_head = model.lm_head
+        self.num_layers = len(self.layers)
+        self.num_heads = config.num_attention_heads
+        self.max_positions = config.max_position_embeddings
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.attn_softcap = getattr(config, "attn_logit_softcapping", None)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * self.num_layers
+        # Gemma3 keeps one rotary embedding with a layer-type argument; the others take positions only.
+        rotary = self.decoder.rotary_emb
+        self._rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.layer_types = layer_types
+        self.windows = [self._sliding_window(layer.self_attn) for layer in self.layers]
+        self.has_sliding = any(w is not None for w in self.windows)
+
+    def _sliding_window(self, attn) -> int | None:
+        # Qwen2/3 and Gemma store the window on sliding layers only; Mistral and Phi-3 apply the config's everywhere.
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window
+        return getattr(self.config, "sliding_window", None)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation or "eager"
+
+    def position_embeddings(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple]:
+        """cos/sin for `positions` (original RoPE positions, shape [1, q]) per layer type."""
+        rotary = self.decoder.rotary_emb
+        if self._rotary_by_type:
+            return {kind: rotary(hidden, positions, kind) for kind in set(self.layer_types)}
+        shared = rotary(hidden, positions)
+        return {kind: shared for kind in set(self.layer_types)}
+
+    def attention_mask(self, layer_idx: int, query_positions: torch.Tensor, key_positions: torch.Tensor,
+                       last_position: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive mask [1, 1, q, k] built from original positions, or None when the backend needs none.
+
+        Positions, not indices, decide causality and windows, because pruned sequences have gaps. `last_position`
+        (a host int, so no device sync) tells whether a sliding window can exclude anything yet.
+        """
+        if self.attn_implementation.startswith("flash"):
+            return None  # flash kernels take no dense mask; they apply the window by kept index instead
+        window = self.windows[layer_idx]
+        window_bites = window is not None and last_position >= window
+        if not window_bites and (query_positions.shape[-1] == 1 or self.attn_implementation in _SELF_CAUSAL_BACKENDS):
+            return None
+        distance = query_positions[:, None] - key_positions[None, :]
+        allowed = distance >= 0
+        if window is not None:
+            allowed &= distance < window
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def seed_queries(self, layer_idx: int, layer_input: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
+        """Post-RoPE queries [1, heads, s, d] of the seed tokens, from the layer's input hidden states [1, s, h]."""
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        x = layer.input_layernorm(layer_input)
+        if hasattr(attn, "qkv_proj"):
+            q = attn.qkv_proj(x)[..., : self.num_heads * attn.head_dim]
+        else:
+            q = attn.q_proj(x)
+        q = q.view(*x.shape[:-1], -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)
+        cos, sin = cos_sin
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        return q
+
+    def attention_logits(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Scaled (and softcapped) q·k logits [1, heads, s, k], with keys repeated for grouped-query attention."""
+        attn = self.layers[layer_idx].self_attn
+        keys = repeat_kv(keys, attn.num_key_value_groups)
+        logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * attn.scaling
+        if self.attn_softcap is not None:
+            logits = torch.tanh(logits / self.attn_softcap) * self.attn_softcap
+        return logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final hidden states."""
+        logits = self.lm_head(self.decoder.norm(hidden))
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

@@ -1,0 +1,252 @@
+"""Validated PromptDistill settings and per-model profiles.
+
+A `PromptDistillConfig` may leave its schedule (`selection_layers`, `budgets`) and its scoring fields as `None`;
+`resolve_config` fills them from the model's profile (calibrated settings, shipped in `profiles/` or written to the
+cache by `pd-calibrate`), from the GemFilter paper for `method="gemfilter"`, or from a documented fallback rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("promptdistill", "gemfilter", "full")
+QUERY_SOURCES = ("auto", "last_token")
+AGGREGATIONS = ("softmax_mean", "softmax_max", "logits_mean")
+SPANS = ("token", "chunk")
+
+# Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
+# which ranks identically), smoothed by avg-pool 5, selected token by token.
+PAPER_SCORING = {"query_source": "last_token", "aggregation": "logits_mean", "pool_kernel": 5, "span": "token"}
+
+# Used when a model has no profile (see `fallback_schedule`).
+FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": "chunk"}
+FALLBACK_BUDGET = 1024
+
+SCORING_FIELDS = ("query_source", "aggregation", "pool_kernel", "span", "chunk_size", "heads")
+PROFILE_FIELDS = ("selection_layers", "budgets", *SCORING_FIELDS)
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+def cache_dir() -> Path:
+    """The package's cache directory (`PD_INTEGRATIONS_CACHE`, default `~/.cache/pd_integrations`)."""
+    return Path(os.environ.get("PD_INTEGRATIONS_CACHE", Path.home() / ".cache" / "pd_integrations"))
+
+
+@dataclass(frozen=True)
+class PromptDistillConfig:
+    """How a prompt is distilled during prefill.
+
+    Fields left `None` are filled per model by `resolve_config` (profile, paper settings or fallback rule).
+
+    method: "promptdistill" keeps the selected tokens' hidden states and original positions; "gemfilter" selects
+        at the first selection layer, then re-runs the whole model on the kept tokens with renumbered positions;
+        "full" is the unmodified model.
+    selection_layers: strictly increasing decoder-layer indices at which tokens are selected (not the last layer).
+    budgets: context tokens kept at each stage, as ints >= 1 or fractions in (0, 1] of the context; non-increasing.
+        The protected head and tail are kept on top of the budget.
+    pool_kernel: odd avg-pool width that smooths token scores before selection (1 = no smoothing).
+    cache_truncation: gather the KV of layers up to each selection layer down to the kept tokens.
+    query_source: "auto" seeds selection with the question span (the `query` when given, else the last user
+        message or the last `tail_tokens` tokens); "last_token" seeds with the last prompt token, as the paper.
+    tail_tokens: seed/protected tail length when no query span is known.
+    protect_head: leading tokens always kept (attention sinks, the start of the system prompt).
+    aggregation: "softmax_mean"/"softmax_max" take the attention softmax over keys, then the mean/max over heads
+        and seed tokens; "logits_mean" averages raw scaled q·k logits (the paper).
+    span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks ranked by their best token.
+    heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration.
+    max_probe_tokens: longest `query` accepted as a transient probe.
+    """
+
+    method: str = "promptdistill"
+    selection_layers: tuple[int, ...] | None = None
+    budgets: tuple[int | float, ...] | None = None
+    pool_kernel: int | None = None
+    cache_truncation: bool = True
+    query_source: str | None = None
+    tail_tokens: int = 16
+    protect_head: int = 4
+    aggregation: str | None = None
+    span: str | None = None
+    chunk_size: int = 32
+    heads: tuple[tuple[int, ...] | None, ...] | None = None
+    max_probe_tokens: int = 256
+
+    def __post_init__(self):
+        # Lists from JSON or users become tuples, so configs stay hashable and comparable.
+        for name in ("selection_layers", "budgets"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value) if isinstance(value, (list, range)) else (value,))
+        if self.heads is not None:
+            object.__setattr__(self, "heads", tuple(None if h is None else tuple(h) for h in self.heads))
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("query_source", self.query_source, QUERY_SOURCES, optional=True)
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS, optional=True)
+        _check_choice("span", self.span, SPANS, optional=True)
+        if not isinstance(self.cache_truncation, bool):
+            raise ValueError(f"cache_truncation must be True or False, got {self.cache_truncation!r}")
+        if self.pool_kernel is not None and not (_is_int(self.pool_kernel) and self.pool_kernel >= 1
+                                                 and self.pool_kernel % 2 == 1):
+            raise ValueError(f"pool_kernel must be an odd int >= 1, got {self.pool_kernel!r}")
+        for name, minimum in (("tail_tokens", 1), ("protect_head", 0), ("chunk_size", 1), ("max_probe_tokens", 1)):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= minimum):
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        layers, budgets = self.selection_layers, self.budgets
+        if layers is not None:
+            if not layers or not all(_is_int(i) and i >= 0 for i in layers):
+                raise ValueError(f"selection_layers must be one or more ints >= 0, got {layers!r}")
+            if any(b <= a for a, b in zip(layers, layers[1:])):
+                raise ValueError(f"selection_layers must be strictly increasing, got {layers!r}")
+        if budgets is not None:
+            for b in budgets:
+                if isinstance(b, bool) or not isinstance(b, (int, float)):
+                    raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
+                if _is_int(b) and b < 1 or isinstance(b, float) and not 0 < b <= 1:
+                    raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
+            if any(isinstance(b, float) != isinstance(budgets[0], float) for b in budgets):
+                raise ValueError(f"budgets must be all ints or all fractions, got {budgets!r}")
+            if any(b > a for a, b in zip(budgets, budgets[1:])):
+                raise ValueError(f"budgets must be non-increasing across stages, got {budgets!r}")
+        if layers is not None and budgets is not None and len(layers) != len(budgets):
+            raise ValueError(f"selection_layers and budgets need one entry per stage, got {layers!r} and {budgets!r}")
+        if self.method == "gemfilter" and layers is not None and len(layers) != 1:
+            raise ValueError(f"gemfilter selects once: selection_layers must have one layer, got {layers!r}")
+        if self.heads is not None and layers is not None and len(self.heads) != len(layers):
+            raise ValueError(f"heads needs one entry (a head list or None) per selection layer, got {self.heads!r}")
+
+    def validate_for(self, num_layers: int, num_heads: int) -> None:
+        """Raise `ValueError` when the schedule does not fit a model with `num_layers` layers and `num_heads` heads."""
+        for i in self.selection_layers or ():
+            if not 0 <= i < num_layers - 1:
+                raise ValueError(
+                    f"selection_layers entries must be in [0, {num_layers - 2}] for this {num_layers}-layer model "
+                    f"(the last layer cannot select), got {i}"
+                )
+        for heads in self.heads or ():
+            if heads is not None and (not heads or not all(_is_int(h) and 0 <= h < num_heads for h in heads)):
+                raise ValueError(f"heads entries must be non-empty lists of ints in [0, {num_heads - 1}], got {heads!r}")
+
+    def replace(self, **changes) -> PromptDistillConfig:
+        """A copy with `changes` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...], optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Calibrated PromptDistill settings for one model."""
+
+    model: str
+    num_hidden_layers: int
+    settings: dict = field(default_factory=dict)
+    source: str = ""
+
+    @classmethod
+    def from_json(cls, path: Path) -> Profile:
+        """Read and check a profile file; raises `ValueError` for a corrupt or incomplete one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"profile {path} is not readable JSON: {error}") from error
+        missing = {"model", "num_hidden_layers", "settings"} - set(data)
+        if missing:
+            raise ValueError(f"profile {path} lacks {sorted(missing)}")
+        unknown = set(data["settings"]) - set(PROFILE_FIELDS)
+        if unknown:
+            raise ValueError(f"profile {path} has unknown settings {sorted(unknown)}; allowed: {PROFILE_FIELDS}")
+        profile = cls(data["model"], data["num_hidden_layers"], data["settings"], str(path))
+        try:
+            profile.config()
+        except ValueError as error:
+            raise ValueError(f"profile {path} is invalid: {error}") from error
+        return profile
+
+    def to_json(self, path: Path, extra: dict | None = None) -> None:
+        """Write the profile (plus `extra` fields such as calibration measurements) as JSON."""
+        data = {"model": self.model, "num_hidden_layers": self.num_hidden_layers, "settings": self.settings}
+        Path(path).write_text(json.dumps({**data, **(extra or {})}, indent=2) + "\n")
+
+    def config(self) -> PromptDistillConfig:
+        """The profile's settings as a config."""
+        return PromptDistillConfig(**self.settings)
+
+
+def profile_key(model_name: str) -> str:
+    """File stem under which a model's profile is stored: its name's last path part, lower-cased."""
+    return model_name.rstrip("/").split("/")[-1].lower()
+
+
+def find_profile(model_name: str, num_hidden_layers: int) -> Profile | None:
+    """The model's profile: a calibrated one in the cache first, then a shipped one; `None` when there is none.
+
+    Raises `ValueError` when the profile found is corrupt or was made for a different layer count.
+    """
+    for directory in (cache_dir() / "profiles", PROFILES_DIR):
+        path = directory / f"{profile_key(model_name)}.json"
+        if path.is_file():
+            profile = Profile.from_json(path)
+            if profile.num_hidden_layers != num_hidden_layers:
+                raise ValueError(
+                    f"profile {path} was calibrated for {profile.num_hidden_layers} layers but the model has "
+                    f"{num_hidden_layers}; delete it or re-run pd-calibrate"
+                )
+            return profile
+    return None
+
+
+def fallback_schedule(num_hidden_layers: int) -> dict:
+    """The documented rule for a model without a profile: select once at the middle layer, keep 1024 context
+    tokens in 32-token chunks, seeded by the question span. Calibrate (`pd-calibrate`) to do better."""
+    return {"selection_layers": (num_hidden_layers // 2,), "budgets": (FALLBACK_BUDGET,), **FALLBACK_SCORING}
+
+
+def resolve_config(config: PromptDistillConfig | None, model_name: str, num_hidden_layers: int,
+                   num_heads: int) -> PromptDistillConfig:
+    """Fill the unset fields of `config` for this model and validate the result against its shape.
+
+    Unset fields come from, in order: the paper's scoring (gemfilter only), the model's profile, the fallback rule
+    (with a warning when the schedule itself comes from it). Raises `ValueError` for settings that don't fit the
+    model or a bad profile.
+    """
+    config = config or PromptDistillConfig()
+    if config.method == "full":
+        return config
+    profile = find_profile(model_name, num_hidden_layers)
+    if profile is None and (config.selection_layers is None or config.budgets is None):
+        warnings.warn(
+            f"no PromptDistill profile for {model_name!r}: using the fallback rule (layer {num_hidden_layers // 2}, "
+            f"budget {FALLBACK_BUDGET}, 32-token chunks). Run `pd-calibrate --model {model_name}` to measure "
+            f"better settings.",
+            stacklevel=3,
+        )
+    sources = [profile.settings if profile else {}, fallback_schedule(num_hidden_layers)]
+    if config.method == "gemfilter":
+        # GemFilter selects once, scored as in its paper.
+        sources = [PAPER_SCORING] + [{k: v[:1] if k in ("selection_layers", "budgets", "heads") and v else v
+                                      for k, v in source.items()} for source in sources]
+    fill = {}
+    for source in reversed(sources):
+        fill.update({k: v for k, v in source.items() if getattr(config, k) is None})
+    config = config.replace(**fill)
+    config.validate_for(num_hidden_layers, num_heads)
+    return config

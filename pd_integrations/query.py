@@ -1,0 +1,128 @@
+"""Rendering the input to tokens, and finding the query tokens that seed selection.
+
+Seeds are always the last rows of the sequence the model sees: the question (plus the template suffix after it)
+when the prompt ends with it, otherwise a transient probe appended after the prompt and dropped after selection.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import PromptDistillConfig
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """The prompt as the model sees it: `text` with per-token character `offsets` (both None for raw ids that
+    don't round-trip through the tokenizer) and where the last user message starts in `text`, if known."""
+
+    input_ids: list[int]
+    text: str | None
+    offsets: list[tuple[int, int]] | None
+    last_user_start: int | None = None
+
+    def char_spans(self, token_indices: torch.Tensor) -> list[tuple[int, int]]:
+        """Merged `(start, end)` character spans of runs of consecutive kept tokens (empty without offsets)."""
+        if self.offsets is None or token_indices.numel() == 0:
+            return []
+        indices = token_indices.tolist()
+        run_starts = [0] + [k for k in range(1, len(indices)) if indices[k] != indices[k - 1] + 1]
+        run_ends = run_starts[1:] + [len(indices)]
+        return [(self.offsets[indices[a]][0], self.offsets[indices[b - 1]][1]) for a, b in zip(run_starts, run_ends)]
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Where the seeds are: the last `num_seeds` rows of prompt + `probe_ids`; the last `protected_tail` rows are
+    always kept; the probe rows are dropped after the last selection stage."""
+
+    probe_ids: tuple[int, ...]
+    num_seeds: int
+    protected_tail: int
+
+
+def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> RenderedPrompt:
+    """Tokenize exactly one of `prompt` (raw text), `messages` (via the chat template) or `input_ids`.
+
+    Raises `ValueError` when none or several are given, or the input is empty.
+    """
+    given = [name for name, value in (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of prompt, messages or input_ids, got {given or 'none'}")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError("prompt is empty")
+        return _tokenize(tokenizer, prompt, add_special_tokens=True)
+    if messages is not None:
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        user_contents = [m["content"] for m in messages if m["role"] == "user" and isinstance(m["content"], str)]
+        last_user_start = text.rfind(user_contents[-1]) if user_contents and user_contents[-1] else -1
+        rendered = _tokenize(tokenizer, text, add_special_tokens=False)
+        return RenderedPrompt(rendered.input_ids, text, rendered.offsets,
+                              last_user_start if last_user_start >= 0 else None)
+    ids = input_ids.flatten().tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+    if not ids:
+        raise ValueError("input_ids is empty")
+    # Offsets exist only when the decoded text tokenizes back to the same ids.
+    text = tokenizer.decode(ids)
+    retokenized = _tokenize(tokenizer, text, add_special_tokens=False)
+    if retokenized.input_ids == ids:
+        return retokenized
+    return RenderedPrompt(ids, None, None)
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> RenderedPrompt:
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    if not ids:
+        raise ValueError("prompt is empty after tokenization")
+    return RenderedPrompt(ids, text, [tuple(o) for o in encoding["offset_mapping"]])
+
+
+def plan_query(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> QueryPlan:
+    """Choose the seed tokens for selection.
+
+    - `query_source="last_token"`: the last prompt token (the paper's rule).
+    - `query` found at the prompt tail (at most `tail_tokens` template tokens after it): its tokens to the end.
+    - `query` elsewhere (e.g. a question-first prompt): a transient probe of the query's tokens.
+    - no `query`: the last user message when it is short, else the last `tail_tokens` tokens.
+    Raises `ValueError` for an empty query or one longer than `max_probe_tokens` that needs a probe.
+    """
+    n = len(rendered.input_ids)
+    if config.query_source == "last_token":
+        return QueryPlan((), 1, 1)
+    if query is not None:
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"query must be a non-empty str, got {query!r}")
+        question = query.strip()
+        at = rendered.text.rfind(question) if rendered.text else -1
+        start, end = _token_at(rendered, at), _token_at(rendered, at + len(question) - 1)
+        if start is not None and end is not None and n - 1 - end <= config.tail_tokens:
+            return QueryPlan((), n - start, n - start)
+        probe = tuple(tokenizer("\n" + question, add_special_tokens=False)["input_ids"])
+        if len(probe) > config.max_probe_tokens:
+            raise ValueError(f"query has {len(probe)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
+                             f"can be used as a probe")
+        return QueryPlan(probe, len(probe), len(probe) + min(config.tail_tokens, n))
+    start = _token_at(rendered, rendered.last_user_start if rendered.last_user_start is not None else -1)
+    if start is not None and n - start <= config.max_probe_tokens:
+        return QueryPlan((), n - start, n - start)
+    seeds = min(config.tail_tokens, n)
+    return QueryPlan((), seeds, seeds)
+
+
+def _token_at(rendered: RenderedPrompt, char: int) -> int | None:
+    """Index of the token that holds character `char` of the rendered text (None for char < 0 or no offsets)."""
+    if char < 0 or rendered.offsets is None:
+        return None
+    index = bisect.bisect_right(rendered.offsets, char, key=lambda offset: offset[1])
+    return index if index < len(rendered.offsets) else None

@@ -1,0 +1,79 @@
+"""Which context tokens survive a selection layer.
+
+The current sequence at a selection layer is always laid out as
+    [protected head | candidates (context) | protected tail]
+and the seed (query) tokens are the last rows of the protected tail. Scores come from the seeds' post-RoPE
+attention to every key; the budget picks candidates; the kept rows stay in their original order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .arch import Architecture
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Scores candidates from seed attention and keeps the best `budget` of them.
+
+    aggregation: "softmax_mean" | "softmax_max" | "logits_mean" over heads and seed tokens.
+    pool_kernel: odd avg-pool width over candidate scores (1 = none).
+    """
+
+    aggregation: str
+    pool_kernel: int
+
+    def score(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+              seed_positions: torch.Tensor, key_positions: torch.Tensor,
+              heads: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Per-key scores [k] (float32) from post-RoPE seed `queries` [1, H, s, d] against `keys` [1, KV, k, d]."""
+        logits = arch.attention_logits(layer_idx, queries, keys)[0]  # [H, s, k]
+        if heads is not None:
+            logits = logits[list(heads)]
+        hidden = key_positions[None, :] > seed_positions[:, None]  # causal: a seed sees only earlier keys
+        if self.aggregation == "logits_mean":
+            visible = (~hidden).float()
+            return (logits * visible).sum((0, 1)) / visible.sum(0).clamp(min=1) / logits.shape[0]
+        probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+        if self.aggregation == "softmax_max":
+            return probs.amax((0, 1))
+        return probs.mean((0, 1))
+
+    def keep(self, scores: torch.Tensor, head: int, tail: int, budget: int,
+             unit_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Sorted row indices to keep: the protected `head` and `tail` rows plus `budget` candidate rows.
+
+        With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences, documents) are taken in
+        the order of their best token's score; the last unit taken may be cut to fit the budget exactly.
+        """
+        length = scores.shape[0]
+        candidates = scores[head:length - tail]
+        if self.pool_kernel > 1:
+            candidates = F.avg_pool1d(candidates[None, None], self.pool_kernel, 1, self.pool_kernel // 2)[0, 0]
+        if unit_ids is None:
+            chosen = torch.topk(candidates, budget, sorted=False).indices
+        else:
+            chosen = _top_units(candidates, unit_ids[head:length - tail], budget)
+        device = scores.device
+        return torch.cat([
+            torch.arange(head, device=device),
+            head + torch.sort(chosen).values,
+            torch.arange(length - tail, length, device=device),
+        ])
+
+
+def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the first `budget` tokens when tokens are ordered by their unit's best score, then their own."""
+    units, unit_of_token = torch.unique_consecutive(unit_ids, return_inverse=True)
+    unit_best = torch.full((units.shape[0],), float("-inf"), device=scores.device)
+    unit_best = unit_best.scatter_reduce(0, unit_of_token, scores, "amax")
+    unit_rank = torch.empty_like(unit_of_token[: units.shape[0]])
+    unit_rank[torch.argsort(unit_best, descending=True, stable=True)] = torch.arange(units.shape[0],
+                                                                                      device=scores.device)
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    by_unit = by_score[torch.argsort(unit_rank[unit_of_token[by_score]], stable=True)]
+    return by_unit[:budget]

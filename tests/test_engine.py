@@ -1,0 +1,139 @@
+"""Exactness against the unmodified model, per architecture, and the invariants of selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pd_integrations import PromptDistillConfig, PromptDistillEngine
+
+from .conftest import TINY_CONFIGS, random_ids, tiny_model
+
+FAMILIES = list(TINY_CONFIGS)
+N = 64  # longer than the tiny sliding windows, so they exclude keys
+
+
+def hf_greedy(model, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
+                         max_new_tokens=max_new_tokens)
+    return out[0, ids.shape[0]:].tolist()
+
+
+EXACT_CONFIGS = {
+    "full": PromptDistillConfig(method="full"),
+    "budget>=context": PromptDistillConfig(selection_layers=(1, 2), budgets=(10_000, 10_000)),
+    "fraction 1.0": PromptDistillConfig(selection_layers=(1,), budgets=(1.0,), cache_truncation=False),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(EXACT_CONFIGS))
+def test_exact_when_nothing_is_pruned(family, name, tokenizer):
+    model = tiny_model(family)
+    engine = PromptDistillEngine(model, tokenizer, EXACT_CONFIGS[name])
+    ids = random_ids(N)
+    with torch.inference_mode():
+        reference_logits = model(ids[None]).logits[0, -1]
+    state = engine.prefill(input_ids=ids)
+    torch.testing.assert_close(state.logits, reference_logits, atol=1e-4, rtol=0)
+    # Both sides stop at EOS; 12 steps past a 64-token prompt exercise sliding windows during decode too.
+    result = engine.generate(input_ids=ids, max_new_tokens=12)
+    assert result.output_token_ids == hf_greedy(model, ids, 12)
+    assert result.kept_tokens == N
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_exact_across_attention_backends(attn, tokenizer):
+    model = tiny_model("llama", attn)
+    engine = PromptDistillEngine(model, tokenizer, EXACT_CONFIGS["budget>=context"])
+    ids = random_ids(N, seed=1)
+    assert engine.generate(input_ids=ids, max_new_tokens=8).output_token_ids == hf_greedy(model, ids, 8)
+
+
+def test_probe_leaves_no_trace(tokenizer):
+    """A question-first prompt seeds selection with a transient probe; with nothing pruned the output must equal
+    the unmodified model's, and no cache holds a probe position."""
+    model = tiny_model("qwen3")
+    engine = PromptDistillEngine(model, tokenizer, EXACT_CONFIGS["budget>=context"])
+    prompt = "Question: what is the code?\nContext: " + "the sky is blue. " * 20 + "\nAnswer:"
+    query = "Which number opens the vault?"
+    state = engine.prefill(prompt, query=query)
+    n = len(tokenizer(prompt)["input_ids"])
+    with torch.inference_mode():
+        reference = model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+    torch.testing.assert_close(state.logits, reference, atol=1e-4, rtol=0)
+    assert all(layer.keys.shape[-2] == n for layer in state.cache.layers)
+    assert all(int(p.max()) == n - 1 for p in state.key_positions)
+    assert state.next_position == n
+
+
+def pruning_engine(tokenizer, family="llama", **overrides):
+    config = PromptDistillConfig(**{"selection_layers": (1, 2), "budgets": (20, 10), "protect_head": 2,
+                                    "tail_tokens": 4, "aggregation": "softmax_mean", "pool_kernel": 1,
+                                    "span": "token", **overrides})
+    return PromptDistillEngine(tiny_model(family), tokenizer, config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selection_invariants(family, tokenizer):
+    engine = pruning_engine(tokenizer, family)
+    state = engine.prefill(input_ids=random_ids(N, seed=2))
+    protected = 2 + 4
+    assert [s.numel() for s in state.stage_kept] == [20 + protected, 10 + protected]
+    kept = state.kept_indices.tolist()
+    assert kept == sorted(set(kept))
+    assert kept[:2] == [0, 1] and kept[-4:] == list(range(N - 4, N))
+    assert set(state.stage_kept[1].tolist()) <= set(state.stage_kept[0].tolist())
+    assert [layer.keys.shape[-2] for layer in state.cache.layers] == [10 + protected] * 4
+    assert state.next_position == N
+
+
+def test_without_cache_truncation_early_layers_keep_their_inputs(tokenizer):
+    state = pruning_engine(tokenizer, cache_truncation=False).prefill(input_ids=random_ids(N, seed=3))
+    assert [layer.keys.shape[-2] for layer in state.cache.layers] == [N, N, 26, 16]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_kept_rows_keep_original_positions_and_decode_continues_at_n(family, tokenizer):
+    engine = pruning_engine(tokenizer, family)
+    seen = []
+    hook = engine.arch.decoder.rotary_emb.register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+    try:
+        result = engine.generate(input_ids=random_ids(N, seed=4), max_new_tokens=3, stop=None)
+    finally:
+        hook.remove()
+    assert result.kept_tokens == 16 < N and result.decode_start_position == N
+    # Prefill computes RoPE once for all positions; decode steps use N, N+1.
+    decode_positions = [p.flatten().tolist() for p in seen if p.numel() == 1]
+    assert decode_positions == [[N], [N + 1]]
+    assert seen[0].flatten().tolist() == list(range(N))
+
+
+def test_chunk_span_keeps_whole_chunks(tokenizer):
+    engine = pruning_engine(tokenizer, selection_layers=(1,), budgets=(16,), span="chunk", chunk_size=8)
+    kept = set(engine.prefill(input_ids=random_ids(N, seed=5)).kept_indices.tolist())
+    context = kept - {0, 1} - set(range(N - 4, N))
+    chunks = {i // 8 for i in context}
+    assert len(context) == 16 and all(set(range(c * 8, c * 8 + 8)) - {0, 1} <= context for c in chunks)
+
+
+def test_gemfilter_reruns_on_kept_tokens_with_renumbered_positions(tokenizer):
+    engine = pruning_engine(tokenizer, method="gemfilter", selection_layers=(1,), budgets=(20,))
+    ids = random_ids(N, seed=6)
+    result = engine.generate(input_ids=ids, max_new_tokens=4)
+    kept = torch.tensor(result.kept_token_indices)
+    assert result.kept_tokens == 26 and result.decode_start_position == 26
+    # Equal to the unmodified model run on the kept tokens alone.
+    assert result.output_token_ids == hf_greedy(engine.model, ids[kept], 4)
+
+
+def test_result_reports_sizes(tokenizer):
+    engine = pruning_engine(tokenizer)
+    full = PromptDistillEngine(engine.model, tokenizer, PromptDistillConfig(method="full"))
+    ids = random_ids(N, seed=7)
+    pruned, reference = engine.generate(input_ids=ids, max_new_tokens=2), full.generate(input_ids=ids,
+                                                                                          max_new_tokens=2)
+    per_token = reference.kv_cache_bytes / N
+    assert reference.kv_cache_bytes == 4 * 2 * 2 * 16 * 4 * N  # layers · (k, v) · kv heads · head dim · fp32
+    assert pruned.kv_cache_bytes == per_token * 16
+    assert pruned.prompt_tokens == N and pruned.output_tokens == 2 and pruned.prefill_seconds > 0
