@@ -24,7 +24,8 @@ SPANS = ("token", "chunk")
 PAPER_SCORING = {"query_source": "last_token", "aggregation": "logits_mean", "pool_kernel": 5, "span": "token"}
 
 # Used when a model has no profile (see `fallback_schedule`).
-FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": "chunk"}
+FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": "chunk",
+                    "chunk_size": 32}
 FALLBACK_BUDGET = 1024
 
 SCORING_FIELDS = ("query_source", "aggregation", "pool_kernel", "span", "chunk_size", "heads")
@@ -73,7 +74,7 @@ class PromptDistillConfig:
     protect_head: int = 4
     aggregation: str | None = None
     span: str | None = None
-    chunk_size: int = 32
+    chunk_size: int | None = None
     heads: tuple[tuple[int, ...] | None, ...] | None = None
     max_probe_tokens: int = 256
 
@@ -99,7 +100,7 @@ class PromptDistillConfig:
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {self.pool_kernel!r}")
         for name, minimum in (("tail_tokens", 1), ("protect_head", 0), ("chunk_size", 1), ("max_probe_tokens", 1)):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= minimum):
+            if not (_is_int(value) and value >= minimum or name == "chunk_size" and value is None):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         layers, budgets = self.selection_layers, self.budgets
         if layers is not None:
