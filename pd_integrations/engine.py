@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -166,6 +166,22 @@ class PromptDistillEngine:
         self._check_length(rendered, plan)
         return self._prefill(rendered, plan)
 
+    def seed_attention(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
+                       query: str | None = None) -> tuple[RenderedPrompt, QueryPlan, torch.Tensor]:
+        """Per-layer, per-head attention of the seeds to every prompt token in an unpruned pass (for calibration).
+
+        Returns the rendered prompt, its query plan and scores [layers, heads, prompt tokens] aggregated over the
+        seeds with the config's aggregation.
+        """
+        rendered = render(self.tokenizer, prompt, messages, input_ids)
+        plan = plan_query(self.tokenizer, rendered, query, self.config)
+        self._check_length(rendered, plan)
+        ids = torch.tensor(rendered.input_ids + list(plan.probe_ids), device=self.device)
+        layers: list[torch.Tensor] = []
+        with self._lock, torch.inference_mode():
+            self._forward_prompt(ids, plan, [], observe=lambda i, scores: layers.append(scores))
+        return rendered, plan, torch.stack(layers)[..., : len(rendered.input_ids)]
+
     # ---------------------------------------------------------------- prefill
 
     def _check_length(self, rendered: RenderedPrompt, plan: QueryPlan) -> None:
@@ -198,10 +214,11 @@ class PromptDistillEngine:
         heads = config.heads or (None,) * len(budgets)
         return list(zip(config.selection_layers, budgets, heads))
 
-    def _forward_prompt(self, ids: torch.Tensor, plan: QueryPlan, stages: list,
-                        last_layer: int | None = None) -> Prefill:
+    def _forward_prompt(self, ids: torch.Tensor, plan: QueryPlan, stages: list, last_layer: int | None = None,
+                        observe: Callable[[int, torch.Tensor], None] | None = None) -> Prefill:
         """Prefill `ids` at positions 0..n-1 through layers 0..`last_layer` (default: all), selecting at each
-        stage's layer. Returns the `Prefill`; with `last_layer` set, its logits are empty."""
+        stage's layer. `observe(layer, head_scores)`, when given, receives every layer's per-head seed scores
+        [H, rows] (for calibration). Returns the `Prefill`; with `last_layer` set, its logits are empty."""
         arch, config = self.arch, self.config
         n = ids.shape[0]
         positions = torch.arange(n, device=ids.device)
@@ -211,7 +228,7 @@ class PromptDistillEngine:
         key_positions: list[torch.Tensor] = []
         head = min(config.protect_head, n - plan.protected_tail)
         tail = plan.protected_tail
-        selector = Selector(config.aggregation, config.pool_kernel) if stages else None
+        selector = Selector(config.aggregation or "softmax_mean", config.pool_kernel or 1)
         stage_by_layer = {layer: (budget, heads) for layer, budget, heads in stages}
         final_stage = stages[-1][0] if stages else -1
         stage_kept, first_scores = [], None
@@ -229,16 +246,17 @@ class PromptDistillEngine:
                 position_embeddings=cos_sin[arch.layer_types[i]],
             )
             key_positions.append(positions)
+            rows = hidden.shape[1]
+            seeds = slice(rows - plan.num_seeds, rows)
+            if observe is not None:
+                observe(i, self._seed_head_scores(selector, i, layer_input, cache, positions, cos_sin, seeds))
             if i not in stage_by_layer:
                 continue
             budget, heads = stage_by_layer[i]
-            rows = hidden.shape[1]
             keep, scores = None, None
             if budget < rows - head - tail:
-                seeds = slice(rows - plan.num_seeds, rows)
-                cos, sin = cos_sin[arch.layer_types[i]]
-                queries = arch.seed_queries(i, layer_input[:, seeds], (cos[:, seeds], sin[:, seeds]))
-                scores = selector.score(arch, i, queries, cache.layers[i].keys, positions[seeds], positions, heads)
+                head_scores = self._seed_head_scores(selector, i, layer_input, cache, positions, cos_sin, seeds)
+                scores = selector.score(head_scores, heads)
                 units = positions // config.chunk_size if config.span == "chunk" else None
                 keep = selector.keep(scores, head, tail, budget, units)
             if first_scores is None and scores is not None:
@@ -260,6 +278,14 @@ class PromptDistillEngine:
             stage_kept.append(positions)
         logits = arch.logits(hidden[:, -1])[0] if last_layer is None else torch.empty(0)
         return Prefill(cache, key_positions, n - len(plan.probe_ids), logits, positions, stage_kept, first_scores)
+
+    def _seed_head_scores(self, selector: Selector, layer_idx: int, layer_input: torch.Tensor,
+                          cache: DynamicCache, positions: torch.Tensor, cos_sin: dict, seeds: slice) -> torch.Tensor:
+        """Per-head scores [H, rows] of the current rows by the `seeds` rows' attention at `layer_idx`."""
+        cos, sin = cos_sin[self.arch.layer_types[layer_idx]]
+        queries = self.arch.seed_queries(layer_idx, layer_input[:, seeds], (cos[:, seeds], sin[:, seeds]))
+        return selector.head_scores(self.arch, layer_idx, queries, cache.layers[layer_idx].keys,
+                                    positions[seeds], positions)
 
     def _prefill_gemfilter(self, ids: torch.Tensor, plan: QueryPlan) -> Prefill:
         """GemFilter: select at layer s from a partial pass, then a fresh full pass over the kept tokens with

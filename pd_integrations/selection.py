@@ -27,21 +27,23 @@ class Selector:
     aggregation: str
     pool_kernel: int
 
-    def score(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
-              seed_positions: torch.Tensor, key_positions: torch.Tensor,
-              heads: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Per-key scores [k] (float32) from post-RoPE seed `queries` [1, H, s, d] against `keys` [1, KV, k, d]."""
+    def head_scores(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+                    seed_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """Per-head key scores [H, k] (float32), aggregated over the seeds: post-RoPE seed `queries`
+        [1, H, s, d] against `keys` [1, KV, k, d], causal by original position."""
         logits = arch.attention_logits(layer_idx, queries, keys)[0]  # [H, s, k]
-        if heads is not None:
-            logits = logits[list(heads)]
-        hidden = key_positions[None, :] > seed_positions[:, None]  # causal: a seed sees only earlier keys
+        hidden = key_positions[None, :] > seed_positions[:, None]  # a seed sees only earlier keys
         if self.aggregation == "logits_mean":
             visible = (~hidden).float()
-            return (logits * visible).sum((0, 1)) / visible.sum(0).clamp(min=1) / logits.shape[0]
+            return (logits * visible).sum(1) / visible.sum(0).clamp(min=1)
         probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
-        if self.aggregation == "softmax_max":
-            return probs.amax((0, 1))
-        return probs.mean((0, 1))
+        return probs.amax(1) if self.aggregation == "softmax_max" else probs.mean(1)
+
+    def score(self, head_scores: torch.Tensor, heads: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Key scores [k] from `head_scores` [H, k], over the chosen `heads` (default: all)."""
+        if heads is not None:
+            head_scores = head_scores[list(heads)]
+        return head_scores.amax(0) if self.aggregation == "softmax_max" else head_scores.mean(0)
 
     def keep(self, scores: torch.Tensor, head: int, tail: int, budget: int,
              unit_ids: torch.Tensor | None = None) -> torch.Tensor:

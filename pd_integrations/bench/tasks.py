@@ -1,0 +1,111 @@
+"""Benchmark prompts: needle probes and RULER-style synthetic tasks, each with exact-match scoring.
+
+The RULER tasks (Hsieh et al., 2024) hide "special magic number" facts, keyed by two-word keys, in haystack prose:
+- `niah-single`: one key, one value; ask for it.
+- `niah-multikey`: four keys with a value each; ask for one of them (the others are distractors).
+- `niah-multivalue`: one key with four values; ask for all of them.
+- `niah-multiquery`: four keys with a value each; ask for all four.
+A task's score is the share of expected values found verbatim in the answer (RULER's "string match all").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..haystack import load_haystack, needle_probe
+
+TASKS = ("niah-single", "niah-multikey", "niah-multivalue", "niah-multiquery")
+NEEDLES_PER_TASK = 4  # keys in multikey/multiquery, values in multivalue
+
+_ADJECTIVES = ("crimson", "silent", "brave", "hollow", "gentle", "rapid", "frozen", "golden", "quiet", "bitter",
+               "lucky", "narrow", "ancient", "curious", "distant", "humble")
+_NOUNS = ("lantern", "harbor", "violin", "meadow", "compass", "glacier", "orchard", "falcon", "ribbon", "canyon",
+          "teapot", "beacon", "pebble", "saddle", "thistle", "anchor")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One benchmark prompt: chat `messages`, the `question` that seeds selection, and how to `score` an answer
+    (0..1). `labels` say where the probe sits in the grid (length, depth or task, seed); `needles` are the hidden
+    sentences."""
+
+    labels: dict
+    messages: list[dict]
+    question: str
+    needles: tuple[str, ...]
+    max_new_tokens: int
+    score: Callable[[str], float]
+
+
+def needle(tokenizer, length: int, depth: float, seed: int, *, kind: str = "passcode",
+           haystack: str | None = None) -> Probe:
+    """A single-needle probe of `kind` at `depth` in about `length` tokens of haystack (see `needle_probe`)."""
+    probe = needle_probe(tokenizer, length, depth, kind=kind, seed=seed, haystack=haystack)
+    return Probe({"length": length, "depth": depth, "seed": seed}, probe.messages(), probe.question,
+                 (probe.needle,), 24, lambda text: float(probe.is_answered(text)))
+
+
+def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None = None) -> Probe:
+    """A RULER-style probe of task `name` in about `length` tokens of haystack, needles at seed-chosen depths.
+
+    Raises `ValueError` for an unknown task or a haystack too short for `length`.
+    """
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
+    rng = random.Random(f"{seed}-{name}-{length}")
+    keys = rng.sample([f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS], NEEDLES_PER_TASK)
+    values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(NEEDLES_PER_TASK)]
+    if name == "niah-multivalue":
+        facts = [(keys[0], value) for value in values]
+        question = f"What are all the special magic numbers for {keys[0]} mentioned in the text? List them."
+        expected = values
+    elif name == "niah-multiquery":
+        facts = list(zip(keys, values))
+        question = (f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in "
+                    f"the text? List them.")
+        expected = values
+    else:
+        facts = list(zip(keys, values))[: 1 if name == "niah-single" else NEEDLES_PER_TASK]
+        question = f"What is the special magic number for {keys[0]} mentioned in the text?"
+        expected = values[:1]
+    needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in facts]
+    context = _insert(_haystack_window(tokenizer, load_haystack(haystack), length, rng), needles,
+                      [rng.random() for _ in needles])
+    messages = [{"role": "user", "content": f"{context}\n\nAnswer briefly. {question}"}]
+    # Multi-answer tasks list four 7-digit numbers; a digit is one token for most tokenizers.
+    max_new_tokens = 24 if len(expected) == 1 else 80
+    return Probe({"length": length, "task": name, "seed": seed}, messages, question, tuple(needles), max_new_tokens,
+                 lambda text: _share_found(expected, text))
+
+
+def _share_found(expected: list[str], text: str) -> float:
+    digits = re.sub(r"[\s,.-]", "", text)
+    return sum(value in digits for value in expected) / len(expected)
+
+
+def _haystack_window(tokenizer, text: str, tokens: int, rng: random.Random) -> str:
+    """`tokens` tokens of `text` from a random offset, cut at a token boundary."""
+    span = tokens * 6  # ~4 characters per token in English prose: take generously, then cut exactly
+    if len(text) < span:
+        raise ValueError(f"the haystack has {len(text)} characters; {tokens} tokens need about {span}")
+    start = rng.randrange(0, len(text) - span + 1)
+    window = text[start:start + span]
+    offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) < tokens:
+        raise ValueError(f"the haystack window holds {len(offsets)} tokens, fewer than {tokens}")
+    return window[:offsets[tokens - 1][1]]
+
+
+def _insert(context: str, sentences: list[str], depths: list[float]) -> str:
+    """`context` with each sentence inserted at the sentence boundary at or after its relative depth."""
+    cuts = []
+    for depth in depths:
+        boundary = context.find(". ", int(depth * len(context)))
+        cuts.append(boundary + 2 if boundary >= 0 else len(context))
+    # Insert from the end so that earlier cut offsets stay valid.
+    for at, sentence in sorted(zip(cuts, sentences), key=lambda item: item[0], reverse=True):
+        context = f"{context[:at]}{sentence} {context[at:]}"
+    return context

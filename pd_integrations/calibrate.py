@@ -1,0 +1,228 @@
+"""Measure where a model's question→context retrieval happens and pick the fastest schedule that keeps it.
+
+    pd-calibrate --model NAME [--haystack DIR] [--lengths 2000 4000] [--verify 10]
+
+1. Probes: needles of several kinds at several depths and lengths in a haystack (no download).
+2. One unpruned pass per probe records every layer's and head's seed attention.
+3. Per layer and head: how often the needle's best token ranks in the top `--report-budget` candidates.
+4. Schedules (single- and two-stage; layers, budgets, token/chunk spans, all heads or the layer's retrieval heads)
+   are replayed on the recorded scores: a schedule *keeps* a probe when every needle token survives every stage.
+   This is exact for the first stage (earlier layers are unpruned); later stages are approximated with the
+   unpruned pass's scores.
+5. The cheapest schedule (layer-rows cost model at `--plan-length` tokens) that keeps every probe is verified end to
+   end against full attention on `--verify` probes; the first that answers as often as full attention wins.
+6. The profile is written to the cache (`$PD_INTEGRATIONS_CACHE/profiles/<model>.json`), where engines find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Profile, PromptDistillConfig, cache_dir, profile_key
+from .engine import PromptDistillEngine
+from .haystack import NEEDLE_KINDS, NeedleProbe, needle_probe
+from .loading import DEFAULT_MODEL
+from .selection import Selector
+
+BUDGETS = (256, 512, 1024, 2048)
+SPANS = (("token", None), ("chunk", 32), ("chunk", 64))
+
+
+@dataclass
+class ProbeRecord:
+    """One probe's unpruned seed attention [layers, heads, tokens] and where its needle and protected rows are."""
+
+    probe: NeedleProbe
+    scores: torch.Tensor
+    needle_tokens: torch.Tensor
+    head: int
+    tail: int
+
+
+def record_probes(engine: PromptDistillEngine, probes: list[NeedleProbe]) -> list[ProbeRecord]:
+    """Run every probe unpruned and keep its per-layer, per-head seed attention."""
+    records = []
+    for probe in tqdm(probes, desc="recording attention", unit="probe"):
+        rendered, plan, scores = engine.seed_attention(messages=probe.messages(), query=probe.question)
+        start = rendered.text.rfind(probe.needle)
+        end = start + len(probe.needle)
+        needle = [i for i, (a, b) in enumerate(rendered.offsets) if a < end and b > start and b > a]
+        head = min(engine.config.protect_head, scores.shape[-1] - plan.protected_tail)
+        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(needle), head,
+                                   plan.protected_tail - len(plan.probe_ids)))
+    return records
+
+
+def needle_rank_table(records: list[ProbeRecord], budget: int) -> torch.Tensor:
+    """[layers, heads] share of probes whose best needle token ranks within `budget` of the candidates."""
+    hits = []
+    for record in records:
+        n = record.scores.shape[-1]
+        candidates = record.scores[..., record.head:n - record.tail]
+        needle = record.needle_tokens - record.head
+        best = candidates[..., needle].amax(-1, keepdim=True)
+        rank = (candidates > best).sum(-1)
+        hits.append((rank < budget).float())
+    return torch.stack(hits).mean(0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A candidate profile: stages of (layer, budget, heads) with one span mode."""
+
+    stages: tuple[tuple[int, int, tuple[int, ...] | None], ...]
+    span: str
+    chunk_size: int | None
+
+    def settings(self) -> dict:
+        return {"selection_layers": [s[0] for s in self.stages], "budgets": [s[1] for s in self.stages],
+                "heads": None if all(s[2] is None for s in self.stages) else [s[2] for s in self.stages],
+                "query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": self.span,
+                "chunk_size": self.chunk_size or 32}
+
+    def cost(self, num_layers: int, length: int, protected: int = 20) -> float:
+        """Share of full attention's layer-rows the schedule processes at `length` prompt tokens."""
+        rows, total, start = length, 0, 0
+        for layer, budget, _ in self.stages:
+            total += (layer + 1 - start) * rows
+            rows, start = min(rows, budget + protected), layer + 1
+        total += (num_layers - start) * rows
+        return total / (num_layers * length)
+
+
+def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
+    """Replay `schedule` on the recorded scores; True when every needle token survives every stage."""
+    selector = Selector("softmax_mean", 1)
+    n = record.scores.shape[-1]
+    kept = torch.arange(n)
+    for layer, budget, heads in schedule.stages:
+        rows = kept.shape[0]
+        if budget >= rows - record.head - record.tail:
+            continue
+        scores = selector.score(record.scores[layer][:, kept], heads)
+        units = kept // schedule.chunk_size if schedule.span == "chunk" else None
+        kept = kept[selector.keep(scores, record.head, record.tail, budget, units)]
+    return bool(torch.isin(record.needle_tokens, kept).all())
+
+
+def candidate_schedules(num_layers: int, retrieval_heads: dict[int, tuple[int, ...]],
+                        max_length: int) -> list[Schedule]:
+    """Single-stage schedules at every selectable layer from a quarter of the depth, each with all heads or the
+    layer's retrieval heads, and two-stage ones that keep twice the budget early and the budget later."""
+    budgets = [b for b in BUDGETS if b < max_length]
+    layers = range(num_layers // 4, num_layers - 1)
+    schedules = []
+    for span, chunk in SPANS:
+        for layer, budget in itertools.product(layers, budgets):
+            for heads in (None, retrieval_heads.get(layer)):
+                schedules.append(Schedule(((layer, budget, heads),), span, chunk))
+        for first, second, budget in itertools.product(layers, layers, budgets):
+            if second > first and budget * 2 < max_length:
+                schedules.append(Schedule(((first, budget * 2, None), (second, budget, None)), span, chunk))
+    return list(dict.fromkeys(schedules))
+
+
+def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: str) -> float:
+    answered = 0
+    for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
+        result = engine.generate(messages=probe.messages(), query=probe.question, max_new_tokens=24)
+        answered += probe.is_answered(result.text)
+    return answered / len(probes)
+
+
+def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None, haystack: str | None = None,
+              lengths: tuple[int, ...] = (2000, 4000), depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+              kinds: tuple[str, ...] = ("passcode", "city", "magic_word"), seed: int = 0, verify: int = 10,
+              plan_length: int = 8192, out: Path | None = None) -> Profile:
+    """Calibrate `model` (or an already loaded `engine`) and write its profile; returns the `Profile`.
+
+    Raises `ValueError` for lengths that don't fit the model or an unknown needle kind.
+    """
+    engine = engine or PromptDistillEngine.from_pretrained(model)
+    scorer = engine.with_config(PromptDistillConfig(query_source="auto", aggregation="softmax_mean"))
+    num_layers, num_heads = engine.arch.num_layers, engine.arch.num_heads
+    probes = [needle_probe(engine.tokenizer, length, depth, kind=kind, seed=seed + k, haystack=haystack)
+              for k, (length, depth, kind) in enumerate(itertools.product(lengths, depths, kinds))]
+    records = record_probes(scorer, probes)
+
+    report_budget = min(BUDGETS[1], min(lengths) // 4)
+    table = needle_rank_table(records, report_budget)
+    # A layer's retrieval heads: its best third of heads by needle recall, when they beat the head average.
+    retrieval_heads = {}
+    for layer in range(num_layers):
+        order = torch.argsort(table[layer], descending=True)[: max(1, num_heads // 3)]
+        if table[layer, order].mean() > table[layer].mean():
+            retrieval_heads[layer] = tuple(sorted(order.tolist()))
+
+    schedules = candidate_schedules(num_layers, retrieval_heads, max(lengths))
+    kept_share = {s: sum(keeps_needle(s, r) for r in records) / len(records)
+                  for s in tqdm(schedules, desc="replaying schedules", unit="schedule")}
+    best_share = max(kept_share.values())
+    if best_share < 1:
+        warnings.warn(f"no schedule kept every probe's needle (best {best_share:.0%}); choosing among the best",
+                      stacklevel=2)
+    ranked = sorted((s for s in schedules if kept_share[s] == best_share),
+                    key=lambda s: (s.cost(num_layers, plan_length), -s.stages[-1][1]))
+
+    verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
+    full_rate = answer_rate(engine.with_config(PromptDistillConfig(method="full")), verify_probes,
+                            "full attention") if verify_probes else None
+    chosen, chosen_rate = ranked[0], None
+    for schedule in ranked[:5] if verify_probes else ():
+        rate = answer_rate(engine.with_config(PromptDistillConfig(**schedule.settings())), verify_probes,
+                           f"verifying layers {schedule.settings()['selection_layers']}")
+        if rate >= full_rate:
+            chosen, chosen_rate = schedule, rate
+            break
+    else:
+        if verify_probes:
+            warnings.warn("no candidate matched full attention's accuracy on the verification probes; "
+                          "keeping the cheapest fully-retaining schedule", stacklevel=2)
+
+    profile = Profile(profile_key(model), num_layers, chosen.settings())
+    measurements = {
+        "calibration": {
+            "probes": len(probes), "lengths": list(lengths), "depths": list(depths), "kinds": list(kinds),
+            "seed": seed, "plan_length": plan_length,
+            "needle_recall_at_budget": report_budget,
+            "layer_needle_recall": [round(float(v), 3) for v in table.mean(1)],
+            "retrieval_heads": {str(k): list(v) for k, v in retrieval_heads.items()},
+            "predicted_kept_share": best_share,
+            "predicted_prefill_cost": round(chosen.cost(num_layers, plan_length), 3),
+            "verified_accuracy": chosen_rate, "full_attention_accuracy": full_rate,
+            "verification_probes": len(verify_probes),
+        }
+    }
+    out = out or cache_dir() / "profiles" / f"{profile.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.to_json(out, measurements)
+    return Profile.from_json(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pd-calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2000, 4000])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--kinds", nargs="+", default=["passcode", "city", "magic_word"], choices=NEEDLE_KINDS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verify", type=int, default=10, help="probes for end-to-end verification (0 = skip)")
+    parser.add_argument("--plan-length", type=int, default=8192, help="prompt length the cost model optimises")
+    parser.add_argument("--out", type=Path, default=None, help="profile path (default: the cache)")
+    args = parser.parse_args(argv)
+    profile = calibrate(args.model, haystack=args.haystack, lengths=tuple(args.lengths), depths=tuple(args.depths),
+                        kinds=tuple(args.kinds), seed=args.seed, verify=args.verify, plan_length=args.plan_length,
+                        out=args.out)
+    print(f"profile written to {profile.source}:\n{Path(profile.source).read_text()}")
+
+
+if __name__ == "__main__":
+    main()
