@@ -17,7 +17,7 @@ from pathlib import Path
 METHODS = ("promptdistill", "gemfilter", "full")
 QUERY_SOURCES = ("auto", "last_token")
 AGGREGATIONS = ("softmax_mean", "softmax_max", "logits_mean")
-SPANS = ("token", "chunk")
+SPANS = ("token", "chunk", "sentence")
 
 # Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
 # which ranks identically), smoothed by avg-pool 5, selected token by token.
@@ -59,7 +59,10 @@ class PromptDistillConfig:
     protect_head: leading tokens always kept (attention sinks, the start of the system prompt).
     aggregation: "softmax_mean"/"softmax_max" take the attention softmax over keys, then the mean/max over heads
         and seed tokens; "logits_mean" averages raw scaled q·k logits (the paper).
-    span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks ranked by their best token.
+    span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks and "sentence" whole sentences
+        (split after . ! ? and at line breaks), ranked by their best token; the budget still counts tokens.
+        Sentence spans need the prompt text; raw `input_ids` that don't round-trip through the tokenizer use
+        chunks instead.
     heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration.
     max_probe_tokens: longest `query` accepted as a transient probe.
     """

@@ -197,10 +197,10 @@ class PromptDistillEngine:
         started = time.perf_counter()
         with self._lock, torch.inference_mode():
             if self.config.method == "gemfilter":
-                state = self._prefill_gemfilter(ids, plan)
+                state = self._prefill_gemfilter(ids, plan, self._units(rendered, plan))
             else:
                 stages = [] if self.config.method == "full" else self._stages(len(rendered.input_ids), plan)
-                state = self._forward_prompt(ids, plan, stages)
+                state = self._forward_prompt(ids, plan, stages, units=self._units(rendered, plan))
             _synchronize(self.device)
         state.seconds = time.perf_counter() - started
         return state
@@ -214,10 +214,23 @@ class PromptDistillEngine:
         heads = config.heads or (None,) * len(budgets)
         return list(zip(config.selection_layers, budgets, heads))
 
+    def _units(self, rendered: RenderedPrompt, plan: QueryPlan) -> torch.Tensor | None:
+        """Span unit id per position (prompt and probe) for span retention; None for token-level selection."""
+        n = len(rendered.input_ids) + len(plan.probe_ids)
+        sentences = rendered.sentence_ids() if self.config.span == "sentence" else None
+        if sentences is not None:
+            # Probe rows are protected; their ids only need to continue the order.
+            probe = torch.arange(len(plan.probe_ids)) + int(sentences[-1]) + 1
+            return torch.cat([sentences, probe]).to(self.device)
+        if self.config.span in ("chunk", "sentence"):
+            return torch.arange(n, device=self.device) // self.config.chunk_size
+        return None
+
     def _forward_prompt(self, ids: torch.Tensor, plan: QueryPlan, stages: list, last_layer: int | None = None,
-                        observe: Callable[[int, torch.Tensor], None] | None = None) -> Prefill:
+                        observe: Callable[[int, torch.Tensor], None] | None = None,
+                        units: torch.Tensor | None = None) -> Prefill:
         """Prefill `ids` at positions 0..n-1 through layers 0..`last_layer` (default: all), selecting at each
-        stage's layer. `observe(layer, head_scores)`, when given, receives every layer's per-head seed scores
+        stage's layer; `units` (span unit id per position) makes selection keep whole spans. `observe(layer, head_scores)`, when given, receives every layer's per-head seed scores
         [H, rows] (for calibration). Returns the `Prefill`; with `last_layer` set, its logits are empty."""
         arch, config = self.arch, self.config
         n = ids.shape[0]
@@ -257,8 +270,7 @@ class PromptDistillEngine:
             if budget < rows - head - tail:
                 head_scores = self._seed_head_scores(selector, i, layer_input, cache, positions, cos_sin, seeds)
                 scores = selector.score(head_scores, heads)
-                units = positions // config.chunk_size if config.span == "chunk" else None
-                keep = selector.keep(scores, head, tail, budget, units)
+                keep = selector.keep(scores, head, tail, budget, units[positions] if units is not None else None)
             if first_scores is None and scores is not None:
                 first_scores = torch.zeros(n, device=ids.device).index_put_((positions,), scores)
             probe = len(plan.probe_ids) if i == final_stage else 0
@@ -287,12 +299,12 @@ class PromptDistillEngine:
         return selector.head_scores(self.arch, layer_idx, queries, cache.layers[layer_idx].keys,
                                     positions[seeds], positions)
 
-    def _prefill_gemfilter(self, ids: torch.Tensor, plan: QueryPlan) -> Prefill:
+    def _prefill_gemfilter(self, ids: torch.Tensor, plan: QueryPlan, units: torch.Tensor | None) -> Prefill:
         """GemFilter: select at layer s from a partial pass, then a fresh full pass over the kept tokens with
         renumbered positions. Decoding continues after the kept length."""
         stages = self._stages(ids.shape[0] - len(plan.probe_ids), plan)
         layer = stages[0][0]
-        scout = self._forward_prompt(ids, plan, stages, last_layer=layer)
+        scout = self._forward_prompt(ids, plan, stages, last_layer=layer, units=units)
         kept = scout.kept_indices
         state = self._forward_prompt(ids[kept], QueryPlan((), 1, 1), [])
         state.kept_indices, state.stage_kept, state.scores = kept, [kept], scout.scores

@@ -7,6 +7,7 @@ when the prompt ends with it, otherwise a transient probe appended after the pro
 from __future__ import annotations
 
 import bisect
+import re
 
 from dataclasses import dataclass
 
@@ -33,6 +34,21 @@ class RenderedPrompt:
         run_starts = [0] + [k for k in range(1, len(indices)) if indices[k] != indices[k - 1] + 1]
         run_ends = run_starts[1:] + [len(indices)]
         return [(self.offsets[indices[a]][0], self.offsets[indices[b - 1]][1]) for a, b in zip(run_starts, run_ends)]
+
+
+    def sentence_ids(self) -> torch.Tensor | None:
+        """Per token, the index of the sentence it starts in (None without text): sentences end after . ! ?
+        followed by whitespace, and at line breaks."""
+        if self.text is None:
+            return None
+        ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(self.text)], dtype=torch.long)
+        starts = torch.tensor([start for start, _ in self.offsets], dtype=torch.long)
+        return torch.searchsorted(ends, starts, right=True)
+
+
+# A sentence ends after its punctuation (and closing quotes), before the whitespace, so a following " Word" token
+# starts the next sentence.
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n+")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""Profiles: calibration writes them, engines find and validate them, the shipped one is used by default."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.calibrate import calibrate
+from pd_integrations.config import PROFILES_DIR
+from pd_integrations.haystack import needle_probe
+
+from .conftest import tiny_model
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch, tokenizer):
+    """An empty package cache (the `tokenizer` fixture is loaded before the cache moves)."""
+    monkeypatch.setenv("PD_INTEGRATIONS_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_calibration_writes_a_profile_engines_use(cache, tokenizer):
+    model = tiny_model("qwen3")
+    engine = PromptDistillEngine(model, tokenizer, PromptDistillConfig(method="full"), model_name="tiny-qwen3")
+    profile = calibrate("tiny-qwen3", engine=engine, lengths=(300,), depths=(0.2, 0.8), kinds=("passcode",),
+                        verify=1, plan_length=1024)
+    written = json.loads((cache / "profiles" / "tiny-qwen3.json").read_text())
+    assert written["num_hidden_layers"] == 4 and written["calibration"]["probes"] == 2
+    assert len(written["calibration"]["layer_needle_recall"]) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model with a profile must not fall back
+        resolved = PromptDistillEngine(model, tokenizer, model_name="tiny-qwen3").config
+    assert list(resolved.selection_layers) == profile.settings["selection_layers"]
+    assert list(resolved.budgets) == profile.settings["budgets"]
+    assert resolved.span == profile.settings["span"]
+
+
+def write_profile(cache, name, **fields):
+    data = {"model": name, "num_hidden_layers": 4,
+            "settings": {"selection_layers": [1], "budgets": [64], "span": "token"}}
+    data.update(fields)
+    (cache / "profiles").mkdir(exist_ok=True)
+    (cache / "profiles" / f"{name}.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_hidden_layers": 30}, "calibrated for 30 layers but the model has 4"),
+    ({"settings": {"selection_layers": [1], "budgets": [0]}}, "invalid: budgets must be ints >= 1"),
+    ({"settings": {"selection_layers": [1], "budgets": [8], "speed": "max"}}, "unknown settings"),
+    ({"settings": {"selection_layers": [3], "budgets": [8]}}, r"selection_layers entries must be in \[0, 2\]"),
+])
+def test_bad_profiles_are_rejected(cache, tokenizer, fields, message):
+    write_profile(cache, "tiny-bad", **fields)
+    with pytest.raises(ValueError, match=message):
+        PromptDistillEngine(tiny_model("llama"), tokenizer, model_name="tiny-bad")
+
+
+def test_corrupt_profile_file(cache, tokenizer):
+    (cache / "profiles").mkdir()
+    (cache / "profiles" / "tiny-corrupt.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        PromptDistillEngine(tiny_model("llama"), tokenizer, model_name="tiny-corrupt")
+
+
+def test_model_without_profile_warns_and_uses_the_fallback_rule(cache, tokenizer):
+    with pytest.warns(UserWarning, match="no PromptDistill profile for 'tiny-unknown'"):
+        config = PromptDistillEngine(tiny_model("llama"), tokenizer, model_name="tiny-unknown").config
+    assert config.selection_layers == (2,) and config.budgets == (1024,) and config.span == "chunk"
+
+
+def test_shipped_default_profile_is_used(default_engine):
+    shipped = json.loads((PROFILES_DIR / "smollm2-135m-instruct.json").read_text())["settings"]
+    config = default_engine.config
+    assert list(config.selection_layers) == shipped["selection_layers"]
+    assert list(config.budgets) == shipped["budgets"]
+    assert config.span == shipped["span"]
+
+
+def test_sentence_spans_keep_the_needle_sentence(default_engine, tokenizer):
+    probe = needle_probe(tokenizer, 2000, 0.55, seed=11)
+    engine = default_engine.with_config(default_engine.config.replace(budgets=(256,), span="sentence"))
+    result = engine.generate(messages=probe.messages(), query=probe.question, max_new_tokens=16)
+    kept_text = "".join(result.prompt_text[a:b] for a, b in result.kept_char_spans)
+    assert result.kept_tokens < result.prompt_tokens / 4
+    assert probe.needle in kept_text
+    assert probe.is_answered(result.text), result.text
