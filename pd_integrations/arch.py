@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
@@ -105,10 +105,15 @@ class Architecture:
         return q
 
     def attention_logits(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Scaled (and softcapped) q·k logits [1, heads, s, k], with keys repeated for grouped-query attention."""
+        """Scaled (and softcapped) q·k logits [1, heads, s, k] in float32, grouped-query aware: each key head is
+        matched with its query heads without materialising repeated keys (which would be heads/kv-heads × the
+        cache at long contexts)."""
         attn = self.layers[layer_idx].self_attn
-        keys = repeat_kv(keys, attn.num_key_value_groups)
-        logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * attn.scaling
+        _, heads, seeds, dim = queries.shape
+        kv_heads = keys.shape[1]
+        grouped = queries.reshape(kv_heads, heads // kv_heads * seeds, dim)
+        logits = torch.matmul(grouped, keys[0].transpose(-1, -2)).float() * attn.scaling
+        logits = logits.view(1, heads, seeds, -1)
         if self.attn_softcap is not None:
             logits = torch.tanh(logits / self.attn_softcap) * self.attn_softcap
         return logits

@@ -50,11 +50,12 @@ def test_exact_across_attention_backends(attn, tokenizer):
     assert engine.generate(input_ids=ids, max_new_tokens=8).output_token_ids == hf_greedy(model, ids, 8)
 
 
-def test_probe_leaves_no_trace(tokenizer):
+@pytest.mark.parametrize("name", ["budget>=context", "fraction 1.0"])  # with and without cache truncation
+def test_probe_leaves_no_trace(tokenizer, name):
     """A question-first prompt seeds selection with a transient probe; with nothing pruned the output must equal
     the unmodified model's, and no cache holds a probe position."""
     model = tiny_model("qwen3")
-    engine = PromptDistillEngine(model, tokenizer, EXACT_CONFIGS["budget>=context"])
+    engine = PromptDistillEngine(model, tokenizer, EXACT_CONFIGS[name])
     prompt = "Question: what is the code?\nContext: " + "the sky is blue. " * 20 + "\nAnswer:"
     query = "Which number opens the vault?"
     state = engine.prefill(prompt, query=query)
@@ -138,3 +139,13 @@ def test_result_reports_sizes(tokenizer):
     assert reference.kv_cache_bytes == 4 * 2 * 2 * 16 * 4 * N  # layers · (k, v) · kv heads · head dim · fp32
     assert pruned.kv_cache_bytes == per_token * 16
     assert pruned.prompt_tokens == N and pruned.output_tokens == 2 and pruned.prefill_seconds > 0
+
+
+def test_grouped_query_scores_match_repeated_keys(tokenizer):
+    """Scoring pairs each query head with its key head as HF's repeat_kv does."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    engine = pruning_engine(tokenizer)
+    queries, keys = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 10, 16)
+    expected = queries @ repeat_kv(keys, 2).transpose(-1, -2) * engine.arch.layers[0].self_attn.scaling
+    torch.testing.assert_close(engine.arch.attention_logits(0, queries, keys), expected)
