@@ -70,7 +70,7 @@ _DTYPES = {
     "fp16": torch.float16,
 }
 _DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")
-_QUANTIZATIONS = ("4bit", "8bit")
+QUANTIZATIONS = ("4bit", "8bit")
 
 
 class ModelNotAvailableError(OSError):
@@ -272,7 +272,7 @@ def _use_smollm2_chat_format(model: PreTrainedModel, tokenizer: PreTrainedTokeni
 def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if quantization is None:
         return None
-    if quantization not in _QUANTIZATIONS:
+    if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"quantization must be None, '4bit' or '8bit', got {quantization!r}"
         )

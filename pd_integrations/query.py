@@ -107,6 +107,7 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> RenderedPrompt:
 def plan_query(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> QueryPlan:
     """Choose the seed tokens for selection.
 
+    - `method="full"` selects nothing, so a query adds no probe.
     - `query_source="last_token"`: the last prompt token (the paper's rule).
     - `query` found at the prompt tail (at most `tail_tokens` template tokens after it): its tokens to the end.
     - `query` elsewhere (e.g. a question-first prompt): a transient probe of the query's tokens.
@@ -114,8 +115,8 @@ def plan_query(tokenizer, rendered: RenderedPrompt, query: str | None, config: P
     Raises `ValueError` for an empty query or one longer than `max_probe_tokens` that needs a probe.
     """
     n = len(rendered.input_ids)
-    if config.query_source == "last_token":
-        return QueryPlan((), 1, 1)
+    if config.method == "full" or config.query_source == "last_token":
+        return QueryPlan((), 1, 1)  # nothing is selected, or only the last token seeds
     if query is not None:
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"query must be a non-empty str, got {query!r}")
