@@ -245,9 +245,9 @@ def resolve_config(config: PromptDistillConfig | None, model_name: str, num_hidd
         )
     sources = [profile.settings if profile else {}, fallback_schedule(num_hidden_layers)]
     if config.method == "gemfilter":
-        # GemFilter selects once, scored as in its paper.
-        sources = [PAPER_SCORING] + [{k: v[:1] if k in ("selection_layers", "budgets", "heads") and v else v
-                                      for k, v in source.items()} for source in sources]
+        # GemFilter selects once, scored as in its paper (all heads).
+        sources = [PAPER_SCORING] + [{k: v[:1] if k in ("selection_layers", "budgets") else v
+                                      for k, v in source.items() if k != "heads"} for source in sources]
     fill = {}
     for source in reversed(sources):
         fill.update({k: v for k, v in source.items() if getattr(config, k) is None})

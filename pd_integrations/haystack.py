@@ -91,20 +91,35 @@ def needle_probe(tokenizer, context_tokens: int, depth: float, *, kind: str = "p
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth!r}")
     rng = random.Random(f"{seed}-{kind}-{context_tokens}-{depth}")
-    text = load_haystack(haystack)
     needle, question, answer = make_needle(kind, rng)
-    # ~4 characters per token in English prose; take generously, then cut at the exact token count.
-    span = context_tokens * 6
+    context = insert_sentences(haystack_window(tokenizer, load_haystack(haystack), context_tokens, rng),
+                               [needle], [depth])
+    return NeedleProbe(context, needle, question, answer, depth, kind)
+
+
+def haystack_window(tokenizer, text: str, tokens: int, rng: random.Random) -> str:
+    """Exactly `tokens` tokens of `text` from an `rng`-chosen offset, cut at a token boundary.
+
+    Raises `ValueError` when `text` is too short.
+    """
+    span = tokens * 6  # ~4 characters per token in English prose: take generously, then cut exactly
     if len(text) < span:
-        raise ValueError(f"the haystack has {len(text)} characters; {context_tokens} tokens need about {span}")
+        raise ValueError(f"the haystack has {len(text)} characters; {tokens} tokens need about {span}")
     start = rng.randrange(0, len(text) - span + 1)
     window = text[start:start + span]
     offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    if len(offsets) < context_tokens:
-        raise ValueError(f"the haystack window holds {len(offsets)} tokens, fewer than {context_tokens}")
-    context = window[:offsets[context_tokens - 1][1]]
-    at = int(depth * len(context))
-    boundary = context.find(". ", at)
-    at = boundary + 2 if boundary >= 0 else len(context)
-    context = f"{context[:at]}{needle} {context[at:]}"
-    return NeedleProbe(context, needle, question, answer, depth, kind)
+    if len(offsets) < tokens:
+        raise ValueError(f"the haystack window holds {len(offsets)} tokens, fewer than {tokens}")
+    return window[:offsets[tokens - 1][1]]
+
+
+def insert_sentences(context: str, sentences: list[str], depths: list[float]) -> str:
+    """`context` with each sentence inserted at the first sentence boundary at or after its relative depth."""
+    cuts = []
+    for depth in depths:
+        boundary = context.find(". ", int(depth * len(context)))
+        cuts.append(boundary + 2 if boundary >= 0 else len(context))
+    # Insert from the end so that earlier cut offsets stay valid.
+    for at, sentence in sorted(zip(cuts, sentences), key=lambda item: item[0], reverse=True):
+        context = f"{context[:at]}{sentence} {context[at:]}"
+    return context

@@ -49,8 +49,8 @@ class Selector:
              unit_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Sorted row indices to keep: the protected `head` and `tail` rows plus `budget` candidate rows.
 
-        With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences, documents) are taken in
-        the order of their best token's score; the last unit taken may be cut to fit the budget exactly.
+        With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences) are taken in the order of
+        their best token's score; the last unit taken is cut to its start to fit the budget exactly.
         """
         length = scores.shape[0]
         candidates = scores[head:length - tail]
@@ -69,13 +69,12 @@ class Selector:
 
 
 def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices of the first `budget` tokens when tokens are ordered by their unit's best score, then their own."""
+    """Indices of the first `budget` tokens when tokens are ordered by their unit's best score, then by position,
+    so a unit cut by the budget keeps a contiguous start rather than scattered tokens."""
     units, unit_of_token = torch.unique_consecutive(unit_ids, return_inverse=True)
     unit_best = torch.full((units.shape[0],), float("-inf"), device=scores.device)
     unit_best = unit_best.scatter_reduce(0, unit_of_token, scores, "amax")
     unit_rank = torch.empty_like(unit_of_token[: units.shape[0]])
     unit_rank[torch.argsort(unit_best, descending=True, stable=True)] = torch.arange(units.shape[0],
                                                                                       device=scores.device)
-    by_score = torch.argsort(scores, descending=True, stable=True)
-    by_unit = by_score[torch.argsort(unit_rank[unit_of_token[by_score]], stable=True)]
-    return by_unit[:budget]
+    return torch.argsort(unit_rank[unit_of_token], stable=True)[:budget]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..haystack import load_haystack, needle_probe
+from ..haystack import haystack_window, insert_sentences, load_haystack, needle_probe
 
 TASKS = ("niah-single", "niah-multikey", "niah-multivalue", "niah-multiquery")
 NEEDLES_PER_TASK = 4  # keys in multikey/multiquery, values in multivalue
@@ -72,8 +72,8 @@ def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None =
         question = f"What is the special magic number for {keys[0]} mentioned in the text?"
         expected = values[:1]
     needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in facts]
-    context = _insert(_haystack_window(tokenizer, load_haystack(haystack), length, rng), needles,
-                      [rng.random() for _ in needles])
+    context = insert_sentences(haystack_window(tokenizer, load_haystack(haystack), length, rng), needles,
+                               [rng.random() for _ in needles])
     messages = [{"role": "user", "content": f"{context}\n\nAnswer briefly. {question}"}]
     # Multi-answer tasks list four 7-digit numbers; a digit is one token for most tokenizers.
     max_new_tokens = 24 if len(expected) == 1 else 80
@@ -84,28 +84,3 @@ def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None =
 def _share_found(expected: list[str], text: str) -> float:
     digits = re.sub(r"[\s,.-]", "", text)
     return sum(value in digits for value in expected) / len(expected)
-
-
-def _haystack_window(tokenizer, text: str, tokens: int, rng: random.Random) -> str:
-    """`tokens` tokens of `text` from a random offset, cut at a token boundary."""
-    span = tokens * 6  # ~4 characters per token in English prose: take generously, then cut exactly
-    if len(text) < span:
-        raise ValueError(f"the haystack has {len(text)} characters; {tokens} tokens need about {span}")
-    start = rng.randrange(0, len(text) - span + 1)
-    window = text[start:start + span]
-    offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    if len(offsets) < tokens:
-        raise ValueError(f"the haystack window holds {len(offsets)} tokens, fewer than {tokens}")
-    return window[:offsets[tokens - 1][1]]
-
-
-def _insert(context: str, sentences: list[str], depths: list[float]) -> str:
-    """`context` with each sentence inserted at the sentence boundary at or after its relative depth."""
-    cuts = []
-    for depth in depths:
-        boundary = context.find(". ", int(depth * len(context)))
-        cuts.append(boundary + 2 if boundary >= 0 else len(context))
-    # Insert from the end so that earlier cut offsets stay valid.
-    for at, sentence in sorted(zip(cuts, sentences), key=lambda item: item[0], reverse=True):
-        context = f"{context[:at]}{sentence} {context[at:]}"
-    return context

@@ -1,0 +1,207 @@
+"""pd-bench: full attention vs GemFilter vs PromptDistill, in one run per subcommand.
+
+    pd-bench speed  [--lengths 1k,2k,4k]                   prefill s, decode tok/s, peak memory, KV cache
+    pd-bench needle [--lengths 1k,2k,4k] [--depths 0,0.5,1] needle-in-a-haystack grid, heatmap per method
+    pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
+
+Each prints a Markdown table (ratios are method ÷ full attention at the same length) and writes
+OUT/<command>.json, OUT/<command>.md and PNG plots to OUT (default bench-results/). The defaults finish in a few
+minutes on 2 CPU cores; on a GPU scale up, e.g. `pd-bench needle --lengths 2k,4k,8k --samples 5 --dtype bf16`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+
+from ..engine import PromptDistillEngine
+from ..haystack import NEEDLE_KINDS
+from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
+from . import measure, report, tasks
+
+SPEED_DEPTH = 0.5  # the speed runs hide a needle too, so that their answers can be checked
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run `pd-bench` with `argv` (default: the command line)."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _bench(args, "pd-bench " + shlex.join(argv))
+    except (ValueError, ModelNotAvailableError) as error:
+        parser.exit(2, f"pd-bench: error: {error}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help="model name, directory or hub id (default: %(default)s)")
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    common.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
+    common.add_argument("--attn", default="auto",
+                        help="attention backend: eager, sdpa, flash_attention_2, ...; auto = flash_attention_2 on "
+                             "CUDA when flash-attn is installed, else the model's default")
+    common.add_argument("--methods", type=_names(measure.METHODS), default=None,
+                        help=f"comma-separated subset of {','.join(measure.METHODS)}")
+    common.add_argument("--layer", type=int, default=None,
+                        help="selection layer of gemfilter, paper-rule and single-stage (default: the profile's first)")
+    common.add_argument("--budget", type=int, default=None,
+                        help="tokens those methods keep (default: the profile's first budget)")
+    common.add_argument("--samples", type=_positive, default=1, help="seeds per grid cell (default: %(default)s)")
+    common.add_argument("--seed", type=int, default=0, help="first seed; seeds pick haystack windows and needles")
+    common.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
+    common.add_argument("--max-new-tokens", type=_positive, default=None,
+                        help="tokens to generate per prompt (default: 24, 80 for multi-answer tasks)")
+    common.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
+
+    parser = argparse.ArgumentParser(prog="pd-bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    commands = parser.add_subparsers(dest="command", required=True)
+    speed = commands.add_parser("speed", parents=[common], help="prefill, decode, memory and KV cache vs length")
+    speed.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
+    needle = commands.add_parser("needle", parents=[common], help="needle-in-a-haystack grid")
+    needle.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
+    needle.add_argument("--depths", type=_depths, default=[0.0, 0.5, 1.0], help="e.g. 0,0.25,0.5,0.75,1")
+    needle.add_argument("--kind", choices=NEEDLE_KINDS, default="passcode")
+    task = commands.add_parser("tasks", parents=[common], help="RULER-style synthetic tasks")
+    task.add_argument("--lengths", type=_lengths, default=[1024, 2048], help="e.g. 1k,2k")
+    task.add_argument("--tasks", type=_names(tasks.TASKS), default=list(tasks.TASKS),
+                      help=f"comma-separated subset of {','.join(tasks.TASKS)}")
+    return parser
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 1k,2k,4096, got {text!r}")
+    if any(n < 1 for n in lengths):
+        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
+    return lengths
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        depths = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {text!r}")
+    if not all(0 <= d <= 1 for d in depths):
+        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
+    return depths
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}, got {text!r}")
+        return names
+
+    return parse
+
+
+def _load(args) -> PromptDistillEngine:
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    attn = args.attn
+    if attn == "auto" and model.device.type == "cuda" and importlib.util.find_spec("flash_attn"):
+        attn = "flash_attention_2"
+    if attn != "auto":
+        model.set_attn_implementation(attn)
+    return PromptDistillEngine(model, tokenizer, model_name=args.model)
+
+
+def _probes(args, tokenizer) -> list[tasks.Probe]:
+    seeds = range(args.seed, args.seed + args.samples)
+    if args.command == "speed":
+        probes = [tasks.needle(tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack)
+                  for n in args.lengths for s in seeds]
+    elif args.command == "needle":
+        probes = [tasks.needle(tokenizer, n, d, s, kind=args.kind, haystack=args.haystack)
+                  for n in args.lengths for d in args.depths for s in seeds]
+    else:
+        probes = [tasks.task(t, tokenizer, n, s, haystack=args.haystack)
+                  for n in args.lengths for t in args.tasks for s in seeds]
+    if args.max_new_tokens is not None:
+        probes = [replace(p, max_new_tokens=args.max_new_tokens) for p in probes]
+    return probes
+
+
+def _bench(args, command_line: str) -> None:
+    # paper-rule costs what single-stage costs; it matters only where answers are scored.
+    default_methods = [m for m in measure.METHODS if m != "paper-rule"] if args.command == "speed" else measure.METHODS
+    engine = _load(args)
+    engines = measure.method_engines(engine, args.methods or list(default_methods), args.layer, args.budget)
+    records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}")
+    rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
+    methods = measure.describe(engines)
+    text = "\n\n".join([f"`{command_line}`", report.markdown_table(rows), report.COLUMNS_NOTE,
+                         _method_notes(methods)])
+    print(f"\n{text}\n")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"{args.command}.md", out / f"{args.command}.json", out / f"{args.command}_scaling.png"]
+    files[0].write_text(text + "\n")
+    files[1].write_text(json.dumps({
+        "command": command_line,
+        "environment": _environment(engine),
+        "peak_memory": measure.PEAK_MEMORY,
+        "methods": methods,
+        "summary": rows,
+        "records": records,
+    }, indent=1) + "\n")
+    report.plot_scaling(rows, files[2])
+    if args.command != "speed":
+        label = "depth" if args.command == "needle" else "task"
+        files.append(out / f"{args.command}_heatmap.png")
+        report.plot_heatmaps(records, label, files[-1], f"{args.command} accuracy, {engine.model_name}")
+    print("wrote " + ", ".join(map(str, files)))
+
+
+def _method_notes(methods: dict[str, dict]) -> str:
+    lines = []
+    for name, method in methods.items():
+        config = method["config"]
+        settings = "" if config["method"] == "full" else (
+            f" (layers {config['selection_layers']}, budgets {config['budgets']}, {config['query_source']} seeds, "
+            f"{config['aggregation']}, pool {config['pool_kernel']}, {config['span']} spans"
+            + (f", chunk_size {config['chunk_size']}" if config["span"] != "token" else "") + ")")
+        shared = f"; same config as {method['measured_as']}, measured once" if method["measured_as"] != name else ""
+        lines.append(f"- {name}: {method['description']}{settings}{shared}")
+    return "\n".join(lines)
+
+
+def _environment(engine: PromptDistillEngine) -> dict:
+    return {
+        "model": engine.model_name,
+        "device": str(engine.device),
+        "dtype": str(engine.model.dtype),
+        "attn_implementation": engine.arch.attn_implementation,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+if __name__ == "__main__":
+    main()

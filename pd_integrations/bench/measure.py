@@ -1,0 +1,157 @@
+"""The compared methods, and running benchmark prompts through them.
+
+Peak memory is the most a call (prefill + decode) holds on top of what the process held just before it:
+- CUDA: `torch.cuda.max_memory_allocated` after resetting the peak statistics, minus the memory allocated before.
+- CPU on Linux: the process's peak resident set size (`VmHWM`) after resetting it to the current RSS through
+  `/proc/self/clear_refs`, minus the RSS before. Freed heap memory is first returned to the system
+  (`malloc_trim`), so that memory a previous call freed is not silently reused and left out.
+- Elsewhere (macOS, Windows): not measured (`None`), because the process peak never goes down.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import PAPER_SCORING, PromptDistillConfig
+from ..engine import PromptDistillEngine
+from .tasks import Probe, needle
+
+PEAK_MEMORY = ("bytes a call held at its peak beyond what the process held just before it: on CUDA "
+               "max_memory_allocated after a reset; on Linux CPUs the peak RSS (VmHWM, reset through "
+               "/proc/self/clear_refs after malloc_trim) minus the RSS before; null elsewhere")
+METHODS = ("full", "gemfilter", "paper-rule", "single-stage", "profile")
+DESCRIPTIONS = {
+    "full": "full attention, the unmodified model",
+    "gemfilter": "GemFilter: select at the layer, then re-run the whole model on the kept tokens",
+    "paper-rule": "PromptDistill with the paper's scoring (last token, logit mean, pool 5, tokens)",
+    "single-stage": "PromptDistill with the profile's scoring, one selection at the layer",
+    "profile": "PromptDistill with the model's profile (the engine's default settings)",
+}
+
+
+def method_engines(engine: PromptDistillEngine, names: list[str], layer: int | None,
+                   budget: int | None) -> dict[str, PromptDistillEngine]:
+    """An engine per method name, sharing `engine`'s weights; `engine.config` is the profile.
+
+    gemfilter, paper-rule and single-stage select once, at `layer` keeping `budget` tokens (default: the profile's
+    first stage). Raises `ValueError` for an unknown name or a layer that doesn't fit the model.
+    """
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    profile = engine.config
+    layer = profile.selection_layers[0] if layer is None else layer
+    budget = profile.budgets[0] if budget is None else budget
+    stage = {"selection_layers": (layer,), "budgets": (budget,)}
+    # A profile's calibrated heads belong to its own first layer; elsewhere every head scores. Without calibrated
+    # heads, `None` keeps the single-stage config equal to a single-stage profile's, so it is measured once.
+    first_heads = None if profile.heads is None else (
+        (profile.heads[0] if layer == profile.selection_layers[0] else None),)
+    configs = {
+        "full": PromptDistillConfig(method="full"),
+        "gemfilter": PromptDistillConfig(method="gemfilter", **stage, heads=(None,)),
+        "paper-rule": PromptDistillConfig(**stage, **PAPER_SCORING, heads=(None,)),
+        "single-stage": profile.replace(**stage, heads=first_heads),
+        "profile": profile,
+    }
+    return {name: engine.with_config(configs[name]) for name in names}
+
+
+def describe(engines: dict[str, PromptDistillEngine]) -> dict[str, dict]:
+    """Per method: what it is, its resolved config, and which method's runs it shares when the configs are equal."""
+    described, first_by_config = {}, {}
+    for name, engine in engines.items():
+        measured_as = first_by_config.setdefault(engine.config, name)
+        described[name] = {"description": DESCRIPTIONS[name], "config": asdict(engine.config),
+                           "measured_as": measured_as}
+    return described
+
+
+def run(engines: dict[str, PromptDistillEngine], probes: list[Probe], *, desc: str) -> list[dict]:
+    """Generate every probe with every method (probe-major, so load drifts hit all methods alike) and return one
+    record per (probe, method). Methods with equal configs run once and share the record."""
+    device = next(iter(engines.values())).device
+    _warm_up(engines)
+    distinct = len({engine.config for engine in engines.values()})
+    records = []
+    with tqdm(total=len(probes) * distinct, desc=desc, unit="run", file=sys.stderr) as bar:
+        for probe in probes:
+            by_config: dict[PromptDistillConfig, dict] = {}
+            for name, engine in engines.items():
+                if engine.config not in by_config:
+                    bar.set_postfix_str(f"{name} at {probe.labels['length']} tokens")
+                    by_config[engine.config] = _measure(engine, probe, device)
+                    bar.update()
+                records.append({**probe.labels, "method": name, **by_config[engine.config]})
+    return records
+
+
+def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) -> dict:
+    result, peak = _with_peak_memory(device, lambda: engine.generate(
+        messages=probe.messages, query=probe.question, max_new_tokens=probe.max_new_tokens))
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "kept_tokens": result.kept_tokens,
+        "prefill_seconds": result.prefill_seconds,
+        # A rate needs at least two tokens: the first comes from prefill.
+        "decode_tokens_per_second": result.decode_tokens_per_second if result.output_tokens > 1 else None,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "peak_memory_bytes": peak,
+        "score": probe.score(result.text),
+        "needles_kept": _needles_kept(result.prompt_text, result.kept_char_spans, probe.needles),
+        "output": result.text,
+    }
+
+
+def _needles_kept(prompt_text: str, kept_spans: list[tuple[int, int]], needles: tuple[str, ...]) -> float:
+    """Share of needle sentences wholly inside one kept span (whether selection kept the evidence)."""
+    kept = 0
+    for sentence in needles:
+        start = prompt_text.find(sentence)
+        kept += any(a <= start and start + len(sentence) <= b for a, b in kept_spans)
+    return kept / len(needles)
+
+
+def _warm_up(engines: dict[str, PromptDistillEngine]) -> None:
+    """One short generation per distinct config, so one-off costs (kernel selection, thread pools, lazy
+    allocations) stay out of the first measurement."""
+    engine = next(iter(engines.values()))
+    probe = needle(engine.tokenizer, 128, 0.5, seed=0)
+    for distinct in {e.config: e for e in engines.values()}.values():
+        distinct.generate(messages=probe.messages, query=probe.question, max_new_tokens=2)
+
+
+def _with_peak_memory(device: torch.device, call):
+    """(`call()`, the bytes of memory it held at its peak beyond what was held before it, or None)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        value = call()
+        return value, torch.cuda.max_memory_allocated(device) - before
+    if not _reset_peak_rss():
+        return call(), None
+    before = _proc_status_kib("VmRSS")
+    value = call()
+    return value, (_proc_status_kib("VmHWM") - before) * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Return freed heap memory to the system and reset the process's peak RSS to its current RSS (Linux only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
