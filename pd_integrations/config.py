@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,10 @@ class Profile:
     def to_json(self, path: Path, extra: dict | None = None) -> None:
         """Write the profile (plus `extra` fields such as calibration measurements) as JSON."""
         data = {"model": self.model, "num_hidden_layers": self.num_hidden_layers, "settings": self.settings}
-        Path(path).write_text(json.dumps({**data, **(extra or {})}, indent=2) + "\n")
+        text = json.dumps({**data, **(extra or {})}, indent=2)
+        # Lists of scalars on one line keep per-layer measurements readable.
+        text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+        Path(path).write_text(text + "\n")
 
     def config(self) -> PromptDistillConfig:
         """The profile's settings as a config."""

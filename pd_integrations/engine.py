@@ -60,6 +60,21 @@ class GenerationResult:
     decode_start_position: int
     token_scores: list[float] | None = field(default=None, repr=False)
 
+    def stats(self) -> dict:
+        """What PromptDistill kept, as the adapters report it (LangChain `response_metadata["promptdistill"]`,
+        LlamaIndex `additional_kwargs["promptdistill"]`). `kept_char_spans` index `prompt_text`; pass both to
+        `pd_integrations.inspect.document_retention` to score retrieved documents."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "kept_tokens": self.kept_tokens,
+            "kept_ratio": self.kept_tokens / self.prompt_tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "selection_layers": list(self.selection_layers),
+            "kept_char_spans": self.kept_char_spans,
+            "method": self.method,
+            "prompt_text": self.prompt_text,
+        }
+
 
 @dataclass
 class Prefill:

@@ -163,7 +163,7 @@ class Call:
 
     def response_metadata(self, result: GenerationResult) -> dict[str, Any]:
         return {"model_name": self.model_name, "model_provider": PROVIDER, "finish_reason": result.finish_reason,
-                "promptdistill": promptdistill_stats(result)}
+                "promptdistill": result.stats()}
 
 
 def _within_timeout(stream: GenerationStream, timeout: float | None) -> Iterator[str]:
@@ -179,18 +179,3 @@ def usage_metadata(result: GenerationResult) -> dict[str, int]:
     """LangChain `UsageMetadata`: every prompt token counts as input, pruned or not."""
     return {"input_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
             "total_tokens": result.prompt_tokens + result.output_tokens}
-
-
-def promptdistill_stats(result: GenerationResult) -> dict[str, Any]:
-    """What PromptDistill kept. `kept_char_spans` index `prompt_text`, the prompt as the model saw it (chat
-    template included); pass both to `pd_integrations.inspect.document_retention` to score retrieved documents."""
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "kept_tokens": result.kept_tokens,
-        "kept_ratio": result.kept_tokens / result.prompt_tokens,
-        "prefill_seconds": result.prefill_seconds,
-        "selection_layers": list(result.selection_layers),
-        "kept_char_spans": result.kept_char_spans,
-        "method": result.method,
-        "prompt_text": result.prompt_text,
-    }
