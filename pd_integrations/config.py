@@ -248,6 +248,9 @@ def resolve_config(config: PromptDistillConfig | None, model_name: str, num_hidd
             stacklevel=3,
         )
     sources = [profile.settings if profile else {}, fallback_schedule(num_hidden_layers)]
+    if config.selection_layers is not None:
+        # Head subsets were calibrated for the profile's layers, not for layers chosen by the caller.
+        sources = [{k: v for k, v in source.items() if k != "heads"} for source in sources]
     if config.method == "gemfilter":
         # GemFilter selects once, scored as in its paper (all heads).
         sources = [PAPER_SCORING] + [{k: v[:1] if k in ("selection_layers", "budgets") else v

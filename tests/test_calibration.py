@@ -87,3 +87,9 @@ def test_sentence_spans_keep_the_needle_sentence(default_engine, tokenizer):
     assert result.kept_tokens < result.prompt_tokens / 4
     assert probe.needle in kept_text
     assert probe.is_answered(result.text), result.text
+
+
+def test_profile_heads_do_not_follow_caller_chosen_layers(default_engine):
+    """Retrieval heads are calibrated per layer: choosing other layers must not inherit them."""
+    assert default_engine.config.heads is not None
+    assert default_engine.with_config(PromptDistillConfig(selection_layers=(14,), budgets=(512,))).config.heads is None

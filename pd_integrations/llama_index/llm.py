@@ -1,0 +1,297 @@
+"""`PromptDistillLLM`: a LlamaIndex `CustomLLM` over the shared PromptDistill engine.
+
+Query engines render a prompt template (context plus question) and call `predict`/`stream`; this class takes the
+template's `query_str` from there and hands it to the engine as the question that seeds selection, so retrieved
+context is pruned by what the user asked rather than by whatever ends the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
+from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.prompts import BasePromptTemplate
+
+from ..config import PromptDistillConfig
+from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
+from ..loading import DEFAULT_MODEL, QUANTIZATIONS, resolve_device, resolve_dtype
+from ..shared import shared_engine
+
+# The question of the prompt template being predicted in this thread or task. `predict` sets it around the base
+# class's `predict`, which calls `complete`/`chat` in the same context; a context variable (not an attribute) keeps
+# concurrent calls on one instance apart.
+_template_query: ContextVar[Optional[str]] = ContextVar("pd_integrations_template_query", default=None)
+
+# Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` as in the LangChain
+# classes); the others override this instance's settings for that call.
+CALL_OPTIONS = ("pd_query", "max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+class PromptDistillLLM(CustomLLM):
+    """A local Hugging Face model that prunes the retrieved context inside itself during prefill.
+
+    Weights load lazily, on the first generation or `metadata` read, and are shared per process and load settings
+    (`model`, `device`, `dtype`, `quantization`) with every other instance and with the LangChain classes.
+
+    `metadata.context_window` is the model's raw (pre-pruning) window, so query engines pack the whole retrieved
+    context into one prompt rather than refine over several. LlamaIndex counts tokens for packing with
+    `Settings.tokenizer` (tiktoken by default); `Settings.tokenizer = llm.engine.tokenizer` counts the model's own.
+
+    Distillation settings: `config` (a `PromptDistillConfig`), with the shortcuts `method`, `selection_layers` and
+    `budgets` overriding its fields; fields left unset come from the model's profile.
+
+    Rendering: with `use_chat_template` (the default) a completion prompt is sent as one user turn through the
+    tokenizer's chat template, which is what an instruct model is trained on, and chat messages are rendered by the
+    same template. With `use_chat_template=False` completion prompts are sent as raw text and chat messages through
+    `messages_to_prompt` (for base models, or prompts you have templated yourself). `complete(prompt)` applies
+    `completion_to_prompt` and `system_prompt` first, as `predict` does; `formatted=True` skips them.
+
+    Query channel: `predict`, `stream`, `apredict` and `astream` pass a template's `query_str` to the engine as the
+    question that seeds selection, whether the question ends the prompt (text-QA) or precedes the context (refine).
+    `complete`/`chat` also take `pd_query=` directly. Without one, the engine seeds from the prompt's tail.
+
+    Each response's `raw` holds `usage` (prompt/completion/total tokens, every prompt token counted whether pruned
+    or not; `TokenCountingHandler` reads it) and `finish_reason`; `additional_kwargs["promptdistill"]` holds what
+    was kept, as the LangChain classes report it (`GenerationResult.stats()`): prompt and kept tokens, kept ratio,
+    prefill seconds, selection layers, method, and kept character spans of `prompt_text`, the prompt as rendered.
+    Streams carry both on their last chunk, whose delta is empty. `PromptDistillStatsHandler` collects them from a
+    query engine.
+
+    Per-call keyword arguments: `pd_query`, `max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`.
+    """
+
+    model: str = Field(default=DEFAULT_MODEL, description="Embedded default model, local directory or hub id.")
+    config: Optional[PromptDistillConfig] = Field(
+        default=None, description="PromptDistill settings; unset fields come from the model's profile."
+    )
+    method: Optional[str] = Field(default=None, description="Overrides config.method: promptdistill, gemfilter, full.")
+    selection_layers: Optional[Tuple[int, ...]] = Field(default=None, description="Overrides config.selection_layers.")
+    budgets: Optional[Tuple[Union[int, float], ...]] = Field(default=None, description="Overrides config.budgets.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
+    max_new_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="Most tokens generated per call.")
+    context_window: Optional[int] = Field(
+        default=None, gt=0,
+        description="Tokens LlamaIndex may pack into a prompt; default the model's raw (pre-pruning) window.",
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: str = Field(default="auto", description="auto, float32, bfloat16 or float16.")
+    quantization: Optional[str] = Field(default=None, description="None, 4bit or 8bit (bitsandbytes).")
+    stop: Optional[Union[str, List[str]]] = Field(default=None, description="Stop strings, cut from the output.")
+    seed: Optional[int] = Field(default=None, description="Sampling seed when temperature > 0.")
+    is_chat_model: bool = Field(
+        default=False, description="Let LlamaIndex send chat messages (chat prompt templates) instead of text."
+    )
+    use_chat_template: bool = Field(
+        default=True, description="Render prompts through the tokenizer's chat template (see the class docstring)."
+    )
+
+    _engine: Optional[PromptDistillEngine] = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> PromptDistillLLM:
+        # Errors surface at construction, naming the parameter; the fit to the model (layer ranges) is checked
+        # when the weights load.
+        self.distill_config()
+        resolve_dtype(self.dtype, resolve_device(self.device))
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}")
+        return self
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "PromptDistillLLM"
+
+    def distill_config(self) -> PromptDistillConfig:
+        """`config` with the `method`, `selection_layers` and `budgets` shortcuts applied (before profile
+        resolution). Raises `ValueError` for invalid settings."""
+        shortcuts = {name: getattr(self, name) for name in ("method", "selection_layers", "budgets")}
+        return (self.config or PromptDistillConfig()).replace(
+            **{name: value for name, value in shortcuts.items() if value is not None}
+        )
+
+    @property
+    def engine(self) -> PromptDistillEngine:
+        """The engine over the shared weights with this instance's settings (loads the weights on first use)."""
+        # Two threads may both build one on first use; both are valid and share the process-wide weights.
+        if self._engine is None:
+            self._engine = shared_engine(self.model, self.distill_config(), device=self.device, dtype=self.dtype,
+                                         quantization=self.quantization)
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window or self.engine.arch.max_positions,
+            num_output=self.max_new_tokens,
+            model_name=self.model,
+            is_chat_model=self.is_chat_model,
+        )
+
+    # ---------------------------------------------------------------- the query channel
+
+    def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        with _query_of(prompt, prompt_args):
+            return super().predict(prompt, **prompt_args)
+
+    def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> Iterator[str]:
+        # The base class opens the generation (and so reads the query) before it returns the token stream.
+        with _query_of(prompt, prompt_args):
+            return super().stream(prompt, **prompt_args)
+
+    async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        with _query_of(prompt, prompt_args):
+            return await super().apredict(prompt, **prompt_args)
+
+    async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> AsyncIterator[str]:
+        with _query_of(prompt, prompt_args):
+            return await super().astream(prompt, **prompt_args)
+
+    # ---------------------------------------------------------------- completion
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return _completion_response(*self._generate(self._completion_input(prompt, formatted), self._options(kwargs)))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        stream = self._open(self._completion_input(prompt, formatted), self._options(kwargs))
+        return (_completion_response(*chunk) for chunk in _chunks(stream))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        model_input, options = self._completion_input(prompt, formatted), self._options(kwargs)
+        return _completion_response(*await asyncio.to_thread(self._generate, model_input, options))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        stream = await self._aopen(self._completion_input(prompt, formatted), self._options(kwargs))
+        return _amap(_completion_response, _chunks(stream))
+
+    # ---------------------------------------------------------------- chat
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return _chat_response(*self._generate(self._chat_input(messages), self._options(kwargs)))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        stream = self._open(self._chat_input(messages), self._options(kwargs))
+        return (_chat_response(*chunk) for chunk in _chunks(stream))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        model_input, options = self._chat_input(messages), self._options(kwargs)
+        return _chat_response(*await asyncio.to_thread(self._generate, model_input, options))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        stream = await self._aopen(self._chat_input(messages), self._options(kwargs))
+        return _amap(_chat_response, _chunks(stream))
+
+    # ---------------------------------------------------------------- helpers
+
+    def _options(self, kwargs: dict) -> dict:
+        """`engine.stream` arguments: this instance's settings overridden by per-call `kwargs`, and the query from
+        `pd_query` or else from the template being predicted. Raises `TypeError` for unknown arguments."""
+        unknown = sorted(set(kwargs) - set(CALL_OPTIONS))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}; PromptDistillLLM takes {list(CALL_OPTIONS)}")
+        overrides = {name: value for name, value in kwargs.items() if name != "pd_query"}
+        return {"query": kwargs.get("pd_query", _template_query.get()), "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "stop": self.stop,
+                **overrides}
+
+    def _completion_input(self, prompt: str, formatted: bool) -> dict:
+        if not formatted:
+            prompt = self._extend_prompt(self.completion_to_prompt(prompt))
+        if self.use_chat_template:
+            return {"messages": [{"role": MessageRole.USER.value, "content": prompt}]}
+        return {"prompt": prompt}
+
+    def _chat_input(self, messages: Sequence[ChatMessage]) -> dict:
+        if self.use_chat_template:
+            return {"messages": [{"role": m.role.value, "content": m.content or ""} for m in messages]}
+        return {"prompt": self.messages_to_prompt(messages)}
+
+    def _open(self, model_input: dict, options: dict) -> GenerationStream:
+        """Start a generation; arguments are checked (and weights loaded) now, tokens come as it is iterated."""
+        return self.engine.stream(**model_input, **options)
+
+    async def _aopen(self, model_input: dict, options: dict) -> GenerationStream:
+        return await asyncio.to_thread(self._open, model_input, options)
+
+    def _generate(self, model_input: dict, options: dict) -> tuple[str, None, GenerationResult]:
+        """(text, no delta, result) of a whole generation."""
+        stream = self._open(model_input, options)
+        for _ in stream:
+            pass
+        return stream.result.text, None, stream.result
+
+
+@contextlib.contextmanager
+def _query_of(prompt: BasePromptTemplate, prompt_args: dict) -> Iterator[None]:
+    """Make the template's `query_str` (a call argument overrides a partially formatted one) the question that
+    seeds selection while the block runs."""
+    query = {**prompt.kwargs, **prompt_args}.get("query_str")
+    token = _template_query.set(query if isinstance(query, str) and query.strip() else None)
+    try:
+        yield
+    finally:
+        _template_query.reset(token)
+
+
+def _chunks(stream: GenerationStream) -> Iterator[tuple[str, str, Optional[GenerationResult]]]:
+    """(cumulative text, delta, None) per text delta, then (text, "", result) once the generation has ended."""
+    text = ""
+    for delta in stream:
+        text += delta
+        yield text, delta, None
+    yield text, "", stream.result
+
+
+async def _amap(convert, chunks: Iterator) -> AsyncIterator:
+    """`convert(*chunk)` for each chunk, each step of the blocking iterator run in a worker thread."""
+    end = object()
+    while (chunk := await asyncio.to_thread(next, chunks, end)) is not end:
+        yield convert(*chunk)
+
+
+def _usage(result: GenerationResult) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
+            "total_tokens": result.prompt_tokens + result.output_tokens}
+
+
+def _result_fields(result: Optional[GenerationResult]) -> dict:
+    if result is None:
+        return {}
+    return {"raw": {"usage": _usage(result), "finish_reason": result.finish_reason},
+            "additional_kwargs": {"promptdistill": result.stats()}}
+
+
+def _completion_response(text: str, delta: Optional[str], result: Optional[GenerationResult]) -> CompletionResponse:
+    return CompletionResponse(text=text, delta=delta, **_result_fields(result))
+
+
+def _chat_response(text: str, delta: Optional[str], result: Optional[GenerationResult]) -> ChatResponse:
+    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta,
+                        **_result_fields(result))
