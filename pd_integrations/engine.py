@@ -168,17 +168,13 @@ class PromptDistillEngine:
         naming the parameter, before any model work.
         """
         stops = _check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        rendered = render(self.tokenizer, prompt, messages, input_ids)
-        plan = plan_query(self.tokenizer, rendered, query, self.config)
-        self._check_length(rendered, plan)
+        rendered, plan = self._prepare(prompt, messages, input_ids, query)
         return GenerationStream(self._generate(rendered, plan, max_new_tokens, temperature, top_p, top_k, seed, stops))
 
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                 query: str | None = None) -> Prefill:
         """Run only the prefill and return its `Prefill` state (cache, kept indices, next-token logits)."""
-        rendered = render(self.tokenizer, prompt, messages, input_ids)
-        plan = plan_query(self.tokenizer, rendered, query, self.config)
-        self._check_length(rendered, plan)
+        rendered, plan = self._prepare(prompt, messages, input_ids, query)
         return self._prefill(rendered, plan)
 
     def seed_attention(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
@@ -188,9 +184,7 @@ class PromptDistillEngine:
         Returns the rendered prompt, its query plan and scores [layers, heads, prompt tokens] aggregated over the
         seeds with the config's aggregation.
         """
-        rendered = render(self.tokenizer, prompt, messages, input_ids)
-        plan = plan_query(self.tokenizer, rendered, query, self.config)
-        self._check_length(rendered, plan)
+        rendered, plan = self._prepare(prompt, messages, input_ids, query)
         ids = torch.tensor(rendered.input_ids + list(plan.probe_ids), device=self.device)
         layers: list[torch.Tensor] = []
         with self._lock, torch.inference_mode():
@@ -199,13 +193,18 @@ class PromptDistillEngine:
 
     # ---------------------------------------------------------------- prefill
 
-    def _check_length(self, rendered: RenderedPrompt, plan: QueryPlan) -> None:
+    def _prepare(self, prompt, messages, input_ids, query) -> tuple[RenderedPrompt, QueryPlan]:
+        """Render the input and plan its seeds; raises `ValueError`/`TypeError` for bad input or a prompt that
+        (with its probe) exceeds the context window."""
+        rendered = render(self.tokenizer, prompt, messages, input_ids)
+        plan = plan_query(self.tokenizer, rendered, query, self.config)
         length = len(rendered.input_ids) + len(plan.probe_ids)
         if length > self.arch.max_positions:
             raise ValueError(
                 f"the prompt has {length} tokens (query probe included) but {self.model_name}'s context window is "
                 f"{self.arch.max_positions}; retrieve fewer or shorter documents"
             )
+        return rendered, plan
 
     def _prefill(self, rendered: RenderedPrompt, plan: QueryPlan) -> Prefill:
         ids = torch.tensor(rendered.input_ids + list(plan.probe_ids), device=self.device)
