@@ -269,13 +269,19 @@ def _use_smollm2_chat_format(model: PreTrainedModel, tokenizer: PreTrainedTokeni
     model.generation_config.pad_token_id = end_of_turn_id
 
 
+def check_load_settings(device: str = "auto", dtype: str | torch.dtype = "auto",
+                        quantization: str | None = None) -> None:
+    """Raise `ValueError` naming the parameter when `device`, `dtype` or `quantization` is invalid, without
+    loading anything (adapters call it at construction)."""
+    resolve_dtype(dtype, resolve_device(device))
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
+
+
 def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    check_load_settings(quantization=quantization)
     if quantization is None:
         return None
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"quantization must be None, '4bit' or '8bit', got {quantization!r}"
-        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
-from ..loading import QUANTIZATIONS, DEFAULT_MODEL, resolve_device, resolve_dtype
+from ..loading import DEFAULT_MODEL, check_load_settings
 from ..shared import shared_engine
 
 PROVIDER = "promptdistill"
@@ -74,9 +74,7 @@ class PromptDistillSettings(BaseModel):
         shortcuts = {name: getattr(self, name) for name in _CONFIG_SHORTCUTS if getattr(self, name) is not None}
         if self.config is not None or shortcuts:
             self._distill_config = (self.config or PromptDistillConfig()).replace(**shortcuts)
-        resolve_dtype(self.dtype, resolve_device(self.device))
-        if self.quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}")
+        check_load_settings(self.device, self.dtype, self.quantization)
         if self.stop is not None and not all(self.stop):
             raise ValueError(f"stop entries must be non-empty strings, got {self.stop!r}")
         return self

@@ -32,7 +32,7 @@ from llama_index.core.prompts import BasePromptTemplate
 
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
-from ..loading import DEFAULT_MODEL, QUANTIZATIONS, resolve_device, resolve_dtype
+from ..loading import DEFAULT_MODEL, check_load_settings
 from ..shared import shared_engine
 
 # The question of the prompt template being predicted in this thread or task. `predict` sets it around the base
@@ -111,9 +111,7 @@ class PromptDistillLLM(CustomLLM):
         # Errors surface at construction, naming the parameter; the fit to the model (layer ranges) is checked
         # when the weights load.
         self.distill_config()
-        resolve_dtype(self.dtype, resolve_device(self.device))
-        if self.quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}")
+        check_load_settings(self.device, self.dtype, self.quantization)
         return self
 
     @classmethod
