@@ -18,7 +18,7 @@ from pathlib import Path
 METHODS = ("promptdistill", "gemfilter", "full")
 QUERY_SOURCES = ("auto", "last_token")
 AGGREGATIONS = ("softmax_mean", "softmax_max", "logits_mean")
-SPANS = ("token", "chunk", "sentence")
+SPANS = ("token", "chunk", "sentence", "document")
 
 # Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
 # which ranks identically), smoothed by avg-pool 5, selected token by token.
@@ -60,10 +60,11 @@ class PromptDistillConfig:
     protect_head: leading tokens always kept (attention sinks, the start of the system prompt).
     aggregation: "softmax_mean"/"softmax_max" take the attention softmax over keys, then the mean/max over heads
         and seed tokens; "logits_mean" averages raw scaled q·k logits (the paper).
-    span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks and "sentence" whole sentences
-        (split after . ! ? and at line breaks), ranked by their best token; the budget still counts tokens.
-        Sentence spans need the prompt text; raw `input_ids` that don't round-trip through the tokenizer use
-        chunks instead.
+    span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks, "sentence" whole sentences
+        (split after . ! ? and at line breaks) and "document" whole retrieved documents (the `documents=` of a
+        call), ranked by their best token; the budget still counts tokens, so the last unit taken keeps its start.
+        Chunks and sentences never cross the boundaries of documents that a call names. Sentence spans need the
+        prompt text; raw `input_ids` that don't round-trip through the tokenizer use chunks instead.
     heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration.
     max_probe_tokens: longest `query` accepted as a transient probe.
     """

@@ -158,23 +158,26 @@ class PromptDistillEngine:
         return stream.result
 
     def stream(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-               query: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None) -> GenerationStream:
+               query: str | None = None, documents: list[str] | None = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop: str | list[str] | None = None) -> GenerationStream:
         """Generate from exactly one of `prompt` (raw text), `messages` (chat template) or `input_ids`.
 
-        `query` is the question that seeds selection (see `plan_query`). Greedy when `temperature == 0`.
+        `query` is the question that seeds selection (see `plan_query`). `documents` are the retrieved texts as
+        they appear in the prompt: span units never cross their boundaries, and `span="document"` (which needs
+        them) keeps whole documents. Greedy when `temperature == 0`.
         Generation ends at EOS, at a `stop` string (removed from the text) or after `max_new_tokens`.
         Returns a `GenerationStream` of text deltas. Raises `ValueError`/`TypeError` for bad arguments,
         naming the parameter, before any model work.
         """
         stops = _check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        rendered, plan = self._prepare(prompt, messages, input_ids, query)
+        rendered, plan = self._prepare(prompt, messages, input_ids, query, documents)
         return GenerationStream(self._generate(rendered, plan, max_new_tokens, temperature, top_p, top_k, seed, stops))
 
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-                query: str | None = None) -> Prefill:
+                query: str | None = None, documents: list[str] | None = None) -> Prefill:
         """Run only the prefill and return its `Prefill` state (cache, kept indices, next-token logits)."""
-        rendered, plan = self._prepare(prompt, messages, input_ids, query)
+        rendered, plan = self._prepare(prompt, messages, input_ids, query, documents)
         return self._prefill(rendered, plan)
 
     def seed_attention(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
@@ -193,10 +196,14 @@ class PromptDistillEngine:
 
     # ---------------------------------------------------------------- prefill
 
-    def _prepare(self, prompt, messages, input_ids, query) -> tuple[RenderedPrompt, QueryPlan]:
-        """Render the input and plan its seeds; raises `ValueError`/`TypeError` for bad input or a prompt that
-        (with its probe) exceeds the context window."""
+    def _prepare(self, prompt, messages, input_ids, query, documents=None) -> tuple[RenderedPrompt, QueryPlan]:
+        """Render the input, locate its documents and plan its seeds; raises `ValueError`/`TypeError` for bad
+        input or a prompt that (with its probe) exceeds the context window."""
         rendered = render(self.tokenizer, prompt, messages, input_ids)
+        if documents is not None:
+            rendered = rendered.with_documents(documents)
+        elif self.config.span == "document" and self.config.method != "full":
+            raise ValueError('span="document" needs documents=[...]: the retrieved texts as they appear in the prompt')
         plan = plan_query(self.tokenizer, rendered, query, self.config)
         length = len(rendered.input_ids) + len(plan.probe_ids)
         if length > self.arch.max_positions:
@@ -230,15 +237,12 @@ class PromptDistillEngine:
 
     def _units(self, rendered: RenderedPrompt, plan: QueryPlan) -> torch.Tensor | None:
         """Span unit id per position (prompt and probe) for span retention; None for token-level selection."""
-        n = len(rendered.input_ids) + len(plan.probe_ids)
-        sentences = rendered.sentence_ids() if self.config.span == "sentence" else None
-        if sentences is not None:
-            # Probe rows are protected; their ids only need to continue the order.
-            probe = torch.arange(len(plan.probe_ids)) + int(sentences[-1]) + 1
-            return torch.cat([sentences, probe]).to(self.device)
-        if self.config.span in ("chunk", "sentence"):
-            return torch.arange(n, device=self.device) // self.config.chunk_size
-        return None
+        if self.config.method == "full" or self.config.span == "token":
+            return None
+        units = rendered.span_units(self.config.span, self.config.chunk_size)
+        # Probe rows are protected; their ids only need to continue the order.
+        probe = torch.arange(len(plan.probe_ids)) + int(units[-1]) + 1
+        return torch.cat([units, probe]).to(self.device)
 
     def _forward_prompt(self, ids: torch.Tensor, plan: QueryPlan, stages: list, last_layer: int | None = None,
                         observe: Callable[[int, torch.Tensor], None] | None = None,

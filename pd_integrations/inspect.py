@@ -12,6 +12,7 @@ import html
 from dataclasses import dataclass
 
 from .engine import GenerationResult
+from .query import locate_documents
 
 SHADES = 10  # score deciles, each with its own shade
 _KEPT_RGB = (34, 139, 34)  # green: kept; darker = higher selection score
@@ -22,18 +23,17 @@ def document_retention(prompt_text: str, kept_char_spans: list[tuple[int, int]],
                        documents: list[str]) -> list[float | None]:
     """Share of each document's characters that lie in kept spans of the rendered prompt.
 
-    Each document is located in `prompt_text` (its last occurrence); a document not found verbatim gets `None`.
+    Documents are located as the engine locates `documents=` (`locate_documents`); one not found verbatim gets
+    `None`.
     """
     shares: list[float | None] = []
-    for document in documents:
-        text = document.strip()
-        start = prompt_text.rfind(text) if text else -1
-        if start < 0:
+    for found in locate_documents(prompt_text, documents):
+        if found is None:
             shares.append(None)
             continue
-        end = start + len(text)
+        start, end = found
         kept = sum(max(0, min(end, b) - max(start, a)) for a, b in kept_char_spans)
-        shares.append(kept / len(text))
+        shares.append(kept / (end - start))
     return shares
 
 

@@ -7,8 +7,8 @@ when the prompt ends with it, otherwise a transient probe appended after the pro
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
-
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +19,29 @@ from .config import PromptDistillConfig
 @dataclass(frozen=True)
 class RenderedPrompt:
     """The prompt as the model sees it: `text` with per-token character `offsets` (both None for raw ids that
-    don't round-trip through the tokenizer) and where the last user message starts in `text`, if known."""
+    don't round-trip through the tokenizer), where the last user message starts in `text`, if known, and the
+    character ranges of the caller's retrieved documents in `text`, if given."""
 
     input_ids: list[int]
     text: str | None
     offsets: list[tuple[int, int]] | None
     last_user_start: int | None = None
+    document_ranges: tuple[tuple[int, int], ...] | None = None
+
+    def with_documents(self, documents: list[str]) -> RenderedPrompt:
+        """This prompt with the ranges of `documents` (see `document_texts`), which appear verbatim in it, in order.
+
+        Raises `ValueError` naming the first document that is empty or not found, or when there is no text.
+        """
+        texts = document_texts(documents)
+        if self.text is None:
+            raise ValueError("documents need a prompt or messages: these input_ids don't round-trip to text")
+        ranges = locate_documents(self.text, texts)
+        missing = [i for i, r in enumerate(ranges) if r is None]
+        if missing:
+            raise ValueError(f"documents[{missing[0]}] is empty or does not appear verbatim in the rendered prompt; "
+                             f"pass the retrieved texts exactly as they were inserted")
+        return dataclasses.replace(self, document_ranges=tuple(ranges))
 
     def char_spans(self, token_indices: torch.Tensor) -> list[tuple[int, int]]:
         """Merged `(start, end)` character spans of runs of consecutive kept tokens (empty without offsets)."""
@@ -36,14 +53,66 @@ class RenderedPrompt:
         return [(self.offsets[indices[a]][0], self.offsets[indices[b - 1]][1]) for a, b in zip(run_starts, run_ends)]
 
 
-    def sentence_ids(self) -> torch.Tensor | None:
-        """Per token, the index of the sentence it starts in (None without text): sentences end after . ! ?
-        followed by whitespace, and at line breaks."""
-        if self.text is None:
+    def span_units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
+        """Per token, the id of the span unit it belongs to (non-decreasing), or None for token-level selection.
+
+        Units never cross the boundaries of `document_ranges`. "document" makes each document (and each stretch of text between documents) one unit;
+        "sentence" splits after . ! ? and at line breaks; "chunk" cuts `chunk_size`-token chunks, restarting at
+        each document. Without text (raw ids that don't round-trip) sentences fall back to chunks.
+        """
+        if span == "token":
             return None
-        ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(self.text)], dtype=torch.long)
-        starts = torch.tensor([start for start, _ in self.offsets], dtype=torch.long)
-        return torch.searchsorted(ends, starts, right=True)
+        n = len(self.input_ids)
+        starts = torch.tensor([start for start, _ in self.offsets]) if self.offsets is not None else None
+        segments = torch.zeros(n, dtype=torch.long)
+        if self.document_ranges:
+            bounds = torch.tensor(sorted({c for document in self.document_ranges for c in document}))
+            segments = torch.searchsorted(bounds, starts, right=True)
+        if span == "document":
+            inner = torch.zeros(n, dtype=torch.long)
+        elif span == "sentence" and self.text is not None:
+            ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(self.text)], dtype=torch.long)
+            inner = torch.searchsorted(ends, starts, right=True)
+        else:
+            _, lengths = torch.unique_consecutive(segments, return_counts=True)
+            segment_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+            inner = (torch.arange(n) - segment_start) // chunk_size
+        return torch.unique_consecutive(segments * (n + 1) + inner, return_inverse=True)[1]
+
+
+def document_texts(documents) -> list[str]:
+    """The texts of retrieved `documents`: strings, LangChain `Document`s (`page_content`) or LlamaIndex nodes
+    (`get_content()`). Raises `TypeError` for anything else."""
+    if not isinstance(documents, (list, tuple)):
+        raise TypeError(f"documents must be a list of texts, Documents or nodes, got {type(documents).__name__}")
+    texts = []
+    for document in documents:
+        if hasattr(document, "page_content"):
+            document = document.page_content
+        elif callable(getattr(document, "get_content", None)):
+            document = document.get_content()
+        if not isinstance(document, str):
+            raise TypeError(f"documents must be a list of texts, Documents or nodes, got a {type(document).__name__}")
+        texts.append(document)
+    return texts
+
+
+def locate_documents(text: str, documents: list[str]) -> list[tuple[int, int] | None]:
+    """Character range of each document (stripped) in `text`: the first occurrence after the previous document
+    found, else the last anywhere; None for a document that doesn't appear verbatim."""
+    ranges: list[tuple[int, int] | None] = []
+    cursor = 0
+    for document in documents:
+        needle = document.strip()
+        at = text.find(needle, cursor) if needle else -1
+        if at < 0 and needle:
+            at = text.rfind(needle)
+        if at < 0:
+            ranges.append(None)
+            continue
+        ranges.append((at, at + len(needle)))
+        cursor = at + len(needle)
+    return ranges
 
 
 # A sentence ends after its punctuation (and closing quotes), before the whitespace, so a following " Word" token

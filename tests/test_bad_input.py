@@ -67,10 +67,19 @@ def test_selection_layer_out_of_range(tokenizer):
     ({"prompt": "hi", "top_p": 0}, ValueError, "top_p must be"),
     ({"prompt": "hi", "top_k": -2}, ValueError, "top_k must be"),
     ({"prompt": "hi", "query": ""}, ValueError, "query must be a non-empty str"),
+    ({"prompt": "alpha beta", "documents": "alpha"}, TypeError, "documents must be a list of texts"),
+    ({"prompt": "alpha beta", "documents": [3]}, TypeError, "documents must be a list of texts"),
+    ({"prompt": "alpha beta", "documents": ["alpha", "gamma"]}, ValueError, r"documents\[1\] is empty or does not"),
+    ({"prompt": "alpha beta", "documents": ["  "]}, ValueError, r"documents\[0\] is empty"),
 ])
 def test_generate_rejects_bad_arguments(engine, kwargs, error, message):
     with pytest.raises(error, match=message):
         engine.generate(**kwargs)
+
+
+def test_document_spans_need_documents(engine):
+    with pytest.raises(ValueError, match=r'span="document" needs documents=\[...\]'):
+        engine.with_config(engine.config.replace(span="document")).generate("alpha beta", max_new_tokens=1)
 
 
 def test_prompt_longer_than_context_window(engine):

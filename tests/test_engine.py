@@ -118,6 +118,48 @@ def test_chunk_span_keeps_whole_chunks(tokenizer):
     assert len(context) == 16 and all(set(range(c * 8, c * 8 + 8)) - {0, 1} <= context for c in chunks)
 
 
+DOCUMENTS = [f"Document {i}: " + " ".join(f"fact{i}-{j} holds." for j in range(6 + 3 * i)) for i in range(4)]
+DOCUMENT_PROMPT = "Use the context.\n\n" + "\n\n".join(DOCUMENTS) + "\n\nQuestion: which fact holds?"
+
+
+def document_of_token(engine, prompt):
+    """Per prompt token, the index of the document its first character lies in (None between documents)."""
+    offsets = engine.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    ranges = [(prompt.index(d), prompt.index(d) + len(d)) for d in DOCUMENTS]
+    return [next((i for i, (a, b) in enumerate(ranges) if a <= start < b), None) for start, _ in offsets]
+
+
+def test_chunks_restart_at_document_boundaries(tokenizer):
+    engine = pruning_engine(tokenizer, span="chunk", chunk_size=8)
+    units = engine._units(*engine._prepare(DOCUMENT_PROMPT, None, None, None, DOCUMENTS)).tolist()
+    documents = document_of_token(engine, DOCUMENT_PROMPT)
+    for i in range(len(DOCUMENTS)):
+        positions = [t for t, d in enumerate(documents) if d == i]
+        chunk_ids = [units[t] for t in positions]
+        assert units[positions[0] - 1] != chunk_ids[0]  # the document starts a unit
+        assert units[positions[-1] + 1] != chunk_ids[-1]  # and its last unit ends with it
+        assert [chunk_ids.count(u) for u in dict.fromkeys(chunk_ids)][:-1] == [8] * (len(set(chunk_ids)) - 1)
+
+
+def test_document_span_keeps_whole_documents(tokenizer):
+    documents = document_of_token(pruning_engine(tokenizer), DOCUMENT_PROMPT)
+    sizes = [documents.count(i) for i in range(len(DOCUMENTS))]
+    budget = sizes[1] + sizes[2] + 5  # room for two whole documents and the start of a third unit
+    engine = pruning_engine(tokenizer, selection_layers=(1,), budgets=(budget,), span="document")
+    state = engine.prefill(DOCUMENT_PROMPT, documents=DOCUMENTS, query="which fact holds?")
+    context = state.kept_indices.tolist()[2:2 + budget]  # after the 2 protected head tokens
+    assert state.kept_indices.tolist()[2 + budget] > documents.index(3)  # then only the question tail
+    kept_per_unit = {}
+    for t in context:
+        kept_per_unit.setdefault(documents[t], []).append(t)
+    # Every document is kept whole, or (at most one, the last taken) as its first tokens.
+    partial = [d for d, ts in kept_per_unit.items() if d is not None and len(ts) < sizes[d]]
+    assert len(partial) <= 1
+    for d in partial:
+        first = documents.index(d)
+        assert kept_per_unit[d] == list(range(first, first + len(kept_per_unit[d])))
+
+
 def test_gemfilter_reruns_on_kept_tokens_with_renumbered_positions(tokenizer):
     engine = pruning_engine(tokenizer, method="gemfilter", selection_layers=(1,), budgets=(20,))
     ids = random_ids(N, seed=6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
@@ -145,6 +146,18 @@ def test_question_first_chain_seeds_selection_with_bound_pd_query():
     stats = recorder.message().response_metadata["promptdistill"]
     assert ANSWER in answer
     assert stats["kept_tokens"] < stats["prompt_tokens"]
+
+
+def test_bound_pd_documents_keep_whole_documents_and_report_their_retention():
+    recorder = Recorder()
+    chat = ChatPromptDistill(config=PromptDistillConfig(span="document"), **PRUNING, max_tokens=24)
+    chain = QUESTION_LAST | chat.bind(pd_documents=[Document(page_content=d) for d in DOCUMENTS]) | StrOutputParser()
+    answer = chain.invoke(RAG_INPUT, config={"callbacks": [recorder]})
+    retention = recorder.message().response_metadata["promptdistill"]["document_retention"]
+    assert ANSWER in answer
+    assert retention[DOCUMENTS.index(next(d for d in DOCUMENTS if ANSWER in d))] == 1.0
+    # Whole documents are kept or dropped; only the last one taken may be cut to its start.
+    assert sum(0 < share < 1 for share in retention) <= 1 and 0 < sum(retention) < len(DOCUMENTS)
 
 
 def test_llm_answers_a_raw_rag_prompt_from_pruned_context():

@@ -11,6 +11,7 @@ from llama_index.core.llms import ChatMessage, MessageRole
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.prompts.default_prompt_selectors import DEFAULT_TEXT_QA_PROMPT_SEL
 from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT
+from llama_index.core.schema import NodeWithScore, TextNode
 
 from pd_integrations import ModelNotAvailableError, PromptDistillConfig
 from pd_integrations.haystack import needle_probe
@@ -243,3 +244,14 @@ def test_pd_query_argument_overrides_the_template_question(recorded):
     llm, calls = recorded
     llm.complete(f"{CONTEXT}\n{QUESTION}", pd_query=QUESTION)
     assert calls[-1]["query"] == QUESTION
+
+
+def test_pd_documents_reach_the_engine_as_nodes_or_texts(recorded):
+    llm, calls = recorded
+    sentences = CONTEXT.split(". ")
+    nodes = [NodeWithScore(node=TextNode(text=s)) for s in sentences]
+    llm.complete(f"{CONTEXT}\n{QUESTION}", pd_documents=nodes)
+    assert calls[-1]["documents"] == nodes
+    # The engine reads the nodes' text; one that is not in the prompt is named in the error.
+    with pytest.raises(ValueError, match=r"documents\[1\] is empty or does not appear"):
+        llm.complete(f"{CONTEXT}\n{QUESTION}", pd_documents=[sentences[0], "not in the prompt"])

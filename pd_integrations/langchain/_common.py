@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
+from ..inspect import document_retention
+from ..query import document_texts
 from ..loading import DEFAULT_MODEL, check_load_settings
 from ..shared import shared_engine
 
@@ -21,7 +23,7 @@ PROVIDER = "promptdistill"
 # Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones override the
 # constructor's values for that call.
 SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "seed")
-CALL_OPTIONS = ("pd_query", "model", *SAMPLING_OPTIONS)
+CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS)
 # LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
 _ROUTING_FLAGS = ("stream",)
 _CONFIG_SHORTCUTS = ("method", "selection_layers", "budgets")
@@ -120,8 +122,9 @@ class PromptDistillSettings(BaseModel):
         return self._engines[model]
 
     def _prepare_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> Call:
-        """Resolve one call's options: the query channel (`pd_query`), a model override and sampling overrides,
-        each validated like the constructor's arguments."""
+        """Resolve one call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
+        `Document`s or texts), a model override and sampling overrides, each validated like the constructor's
+        arguments."""
         unknown = sorted(set(kwargs) - {*CALL_OPTIONS, *_ROUTING_FLAGS})
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}; "
@@ -138,8 +141,9 @@ class PromptDistillSettings(BaseModel):
         query = kwargs.get("pd_query")
         if query is not None and (not isinstance(query, str) or not query.strip()):
             raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
-        options = {"query": query, "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
-                   "top_p": settings.top_p, "seed": settings.seed, "stop": self._stops(stop)}
+        options = {"query": query, "documents": kwargs.get("pd_documents"), "max_new_tokens": settings.max_tokens,
+                   "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
+                   "stop": self._stops(stop)}
         return Call(self._engine(model), model, options, self.timeout)
 
 
@@ -160,8 +164,12 @@ class Call:
         return GenerationStream(_within_timeout(self.engine.stream(**prompt, **self.options), self.timeout))
 
     def response_metadata(self, result: GenerationResult) -> dict[str, Any]:
+        stats = result.stats()
+        if self.options["documents"] is not None:
+            stats["document_retention"] = document_retention(result.prompt_text, result.kept_char_spans,
+                                                             document_texts(self.options["documents"]))
         return {"model_name": self.model_name, "model_provider": PROVIDER, "finish_reason": result.finish_reason,
-                "promptdistill": result.stats()}
+                "promptdistill": stats}
 
 
 def _within_timeout(stream: GenerationStream, timeout: float | None) -> Iterator[str]:

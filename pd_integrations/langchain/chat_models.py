@@ -19,7 +19,9 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
 
     The question that seeds selection comes from `pd_query` (per call or via `.bind(pd_query=...)`), else the last
     human message when it is short, else the prompt's last tokens. Pass `pd_query` for question-first prompts
-    (`Question: ... Context: ...`): the engine then seeds with it as a transient probe.
+    (`Question: ... Context: ...`): the engine then seeds with it as a transient probe. `pd_documents` (the
+    retrieved `Document`s or texts, as inserted in the prompt) keeps span units inside document boundaries, is
+    needed by `span="document"` configs, and adds per-document `document_retention` to the metadata.
 
     Per call, `model=` runs another model (loaded on first use and shared like the default), and `temperature`,
     `max_tokens`, `top_p` and `seed` override the constructor's values.

@@ -16,7 +16,9 @@ class PromptDistillLLM(PromptDistillSettings, BaseLLM):
     """A Hugging Face causal LM run through PromptDistill on raw text prompts (no chat template).
 
     The question that seeds selection comes from `pd_query` (per call or via `.bind(pd_query=...)`), else the
-    prompt's last tokens; pass `pd_query` for question-first prompts. Per call, `model=` runs another model and
+    prompt's last tokens; pass `pd_query` for question-first prompts. `pd_documents` (the retrieved `Document`s
+    or texts) keeps span units inside document boundaries and adds per-document `document_retention` to
+    `promptdistill`, as in `ChatPromptDistill`. Per call, `model=` runs another model and
     `temperature`, `max_tokens`, `top_p` and `seed` override the constructor's values.
 
     `batch` runs the prompts one after another, so each result equals a separate `invoke`. Per prompt,

@@ -40,9 +40,9 @@ from ..shared import shared_engine
 # concurrent calls on one instance apart.
 _template_query: ContextVar[Optional[str]] = ContextVar("pd_integrations_template_query", default=None)
 
-# Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` as in the LangChain
-# classes); the others override this instance's settings for that call.
-CALL_OPTIONS = ("pd_query", "max_new_tokens", "temperature", "top_p", "seed", "stop")
+# Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` and `pd_documents`
+# as in the LangChain classes); the others override this instance's settings for that call.
+CALL_OPTIONS = ("pd_query", "pd_documents", "max_new_tokens", "temperature", "top_p", "seed", "stop")
 
 
 class PromptDistillLLM(CustomLLM):
@@ -67,6 +67,9 @@ class PromptDistillLLM(CustomLLM):
     Query channel: `predict`, `stream`, `apredict` and `astream` pass a template's `query_str` to the engine as the
     question that seeds selection, whether the question ends the prompt (text-QA) or precedes the context (refine).
     `complete`/`chat` also take `pd_query=` directly. Without one, the engine seeds from the prompt's tail.
+    `pd_documents=` (the retrieved nodes or their texts, as inserted in the prompt) keeps span units inside node
+    boundaries and is needed by `span="document"` configs; query engines don't hand their nodes to the LLM, so
+    it applies to direct `complete`/`chat` calls.
 
     Each response's `raw` holds `usage` (prompt/completion/total tokens, every prompt token counted whether pruned
     or not; `TokenCountingHandler` reads it) and `finish_reason`; `additional_kwargs["promptdistill"]` holds what
@@ -75,7 +78,8 @@ class PromptDistillLLM(CustomLLM):
     Streams carry both on their last chunk, whose delta is empty. `PromptDistillStatsHandler` collects them from a
     query engine.
 
-    Per-call keyword arguments: `pd_query`, `max_new_tokens`, `temperature`, `top_p`, `seed`, `stop`.
+    Per-call keyword arguments: `pd_query`, `pd_documents`, `max_new_tokens`, `temperature`, `top_p`, `seed`,
+    `stop`.
     """
 
     model: str = Field(default=DEFAULT_MODEL, description="Embedded default model, local directory or hub id.")
@@ -214,10 +218,10 @@ class PromptDistillLLM(CustomLLM):
         unknown = sorted(set(kwargs) - set(CALL_OPTIONS))
         if unknown:
             raise TypeError(f"unexpected keyword arguments {unknown}; PromptDistillLLM takes {list(CALL_OPTIONS)}")
-        overrides = {name: value for name, value in kwargs.items() if name != "pd_query"}
-        return {"query": kwargs.get("pd_query", _template_query.get()), "max_new_tokens": self.max_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "stop": self.stop,
-                **overrides}
+        overrides = {name: value for name, value in kwargs.items() if name not in ("pd_query", "pd_documents")}
+        return {"query": kwargs.get("pd_query", _template_query.get()), "documents": kwargs.get("pd_documents"),
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "stop": self.stop, **overrides}
 
     def _completion_input(self, prompt: str, formatted: bool) -> dict:
         if not formatted:
