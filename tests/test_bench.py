@@ -52,6 +52,8 @@ def test_needle_grid(capsys, tmp_path, tiny_dir):
                           *TINY_FLAGS)
     assert (tmp_path / "needle_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
     assert len(data["records"]) == 2 * 2 * len(measure.METHODS)
+    log = (tmp_path / "needle.records.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in log] == data["records"]
     assert [(r["length"], r["method"]) for r in data["summary"]] == [
         (n, m) for n in (96, 160) for m in measure.METHODS]
     rows = table_rows(table)

@@ -5,7 +5,8 @@
     pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
 
 Each prints a Markdown table (ratios are method ÷ full attention at the same length) and writes
-OUT/<command>.json, OUT/<command>.md and PNG plots to OUT (default bench-results/). The defaults finish in a few
+OUT/<command>.json, OUT/<command>.md and PNG plots to OUT (default bench-results/); OUT/<command>.records.jsonl
+grows one line per measured run, so an interrupted run keeps its records. The defaults finish in a few
 minutes on 2 CPU cores; on a GPU scale up, e.g. `pd-bench needle --lengths 2k,4k,8k --samples 5 --dtype bf16`.
 """
 
@@ -149,15 +150,17 @@ def _bench(args, command_line: str) -> None:
     default_methods = [m for m in measure.METHODS if m != "paper-rule"] if args.command == "speed" else measure.METHODS
     engine = _load(args)
     engines = measure.method_engines(engine, args.methods or list(default_methods), args.layer, args.budget)
-    records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{args.command}.records.jsonl"
+    log.unlink(missing_ok=True)
+    records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}", log=log)
     rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
     methods = measure.describe(engines)
     text = "\n\n".join([f"`{command_line}`", report.markdown_table(rows), report.COLUMNS_NOTE,
                          _method_notes(methods)])
     print(f"\n{text}\n")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     files = [out / f"{args.command}.md", out / f"{args.command}.json", out / f"{args.command}_scaling.png"]
     files[0].write_text(text + "\n")
     files[1].write_text(json.dumps({

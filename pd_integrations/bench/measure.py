@@ -11,6 +11,7 @@ Peak memory is the most a call (prefill + decode) holds on top of what the proce
 from __future__ import annotations
 
 import ctypes
+import json
 import re
 import sys
 from dataclasses import asdict
@@ -74,9 +75,11 @@ def describe(engines: dict[str, PromptDistillEngine]) -> dict[str, dict]:
     return described
 
 
-def run(engines: dict[str, PromptDistillEngine], probes: list[Probe], *, desc: str) -> list[dict]:
+def run(engines: dict[str, PromptDistillEngine], probes: list[Probe], *, desc: str,
+        log: Path | None = None) -> list[dict]:
     """Generate every probe with every method (probe-major, so load drifts hit all methods alike) and return one
-    record per (probe, method). Methods with equal configs run once and share the record."""
+    record per (probe, method). Methods with equal configs run once and share the record. Each record is also
+    appended to `log` (JSON lines) as soon as it exists, so an interrupted long run keeps what it measured."""
     device = next(iter(engines.values())).device
     _warm_up(engines)
     distinct = len({engine.config for engine in engines.values()})
@@ -90,6 +93,9 @@ def run(engines: dict[str, PromptDistillEngine], probes: list[Probe], *, desc: s
                     by_config[engine.config] = _measure(engine, probe, device)
                     bar.update()
                 records.append({**probe.labels, "method": name, **by_config[engine.config]})
+                if log is not None:
+                    with log.open("a") as file:
+                        file.write(json.dumps(records[-1]) + "\n")
     return records
 
 
