@@ -4,7 +4,8 @@
 
 1. Probes: needles of several kinds at several depths and lengths in a haystack (no download).
 2. One unpruned pass per probe records every layer's and head's seed attention.
-3. Per layer and head: how often the needle's best token ranks in the top `--report-budget` candidates.
+3. Per layer and head: how often the needle's best token ranks in the top candidates (512, or a quarter of the
+   shortest length when less).
 4. Schedules (single- and two-stage; layers, budgets, token/chunk spans, all heads or the layer's retrieval heads)
    are replayed on the recorded scores: a schedule *keeps* a probe when every needle token survives every stage.
    This is exact for the first stage (earlier layers are unpruned); later stages are approximated with the
@@ -12,6 +13,9 @@
 5. The cheapest schedule (layer-rows cost model at `--plan-length` tokens) that keeps every probe is verified end to
    end against full attention on `--verify` probes; the first that answers as often as full attention wins.
 6. The profile is written to the cache (`$PD_INTEGRATIONS_CACHE/profiles/<model>.json`), where engines find it.
+
+`--compare-scoring` instead measures step 3 for each seed/aggregation choice (question span with softmax mean,
+softmax max or logit mean; the paper's last token with logit mean), with all heads, and prints it per layer.
 """
 
 from __future__ import annotations
@@ -46,6 +50,18 @@ class ProbeRecord:
     tail: int
 
 
+def make_probes(engine: PromptDistillEngine, haystack: str | None, lengths, depths, kinds,
+                seed: int) -> list[NeedleProbe]:
+    """One needle probe per (length, depth, kind), each from its own seed."""
+    return [needle_probe(engine.tokenizer, length, depth, kind=kind, seed=seed + k, haystack=haystack)
+            for k, (length, depth, kind) in enumerate(itertools.product(lengths, depths, kinds))]
+
+
+def report_budget(lengths) -> int:
+    """The candidate rank within which a needle counts as found in the per-layer and per-head tables."""
+    return min(BUDGETS[1], min(lengths) // 4)
+
+
 def record_probes(engine: PromptDistillEngine, probes: list[NeedleProbe]) -> list[ProbeRecord]:
     """Run every probe unpruned and keep its per-layer, per-head seed attention."""
     records = []
@@ -71,6 +87,29 @@ def needle_rank_table(records: list[ProbeRecord], budget: int) -> torch.Tensor:
         rank = (candidates > best).sum(-1)
         hits.append((rank < budget).float())
     return torch.stack(hits).mean(0)
+
+
+# The seed and aggregation choices compared by `compare_scoring`: the question span with each aggregation, and the
+# paper's rule (its pooling aside).
+SCORINGS = {
+    "question, softmax mean": {"query_source": "auto", "aggregation": "softmax_mean"},
+    "question, softmax max": {"query_source": "auto", "aggregation": "softmax_max"},
+    "question, logit mean": {"query_source": "auto", "aggregation": "logits_mean"},
+    "last token, logit mean (paper)": {"query_source": "last_token", "aggregation": "logits_mean"},
+}
+
+
+def compare_scoring(engine: PromptDistillEngine, probes: list[NeedleProbe], budget: int) -> dict[str, list[float]]:
+    """Per entry of `SCORINGS`, per layer: the share of probes whose needle's best token ranks within `budget` of
+    the candidates when every head scores, aggregated as that scoring does."""
+    recall = {}
+    for name, scoring in SCORINGS.items():
+        selector = Selector(scoring["aggregation"], 1)
+        records = record_probes(engine.with_config(PromptDistillConfig(**scoring)), probes)
+        for record in records:
+            record.scores = torch.stack([selector.score(layer) for layer in record.scores])[:, None]
+        recall[name] = [round(float(v), 3) for v in needle_rank_table(records, budget)[:, 0]]
+    return recall
 
 
 @dataclass(frozen=True)
@@ -148,12 +187,10 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
     engine = engine or PromptDistillEngine.from_pretrained(model)
     scorer = engine.with_config(PromptDistillConfig(query_source="auto", aggregation="softmax_mean"))
     num_layers, num_heads = engine.arch.num_layers, engine.arch.num_heads
-    probes = [needle_probe(engine.tokenizer, length, depth, kind=kind, seed=seed + k, haystack=haystack)
-              for k, (length, depth, kind) in enumerate(itertools.product(lengths, depths, kinds))]
+    probes = make_probes(engine, haystack, lengths, depths, kinds, seed)
     records = record_probes(scorer, probes)
 
-    report_budget = min(BUDGETS[1], min(lengths) // 4)
-    table = needle_rank_table(records, report_budget)
+    table = needle_rank_table(records, report_budget(lengths))
     # A layer's retrieval heads: its best third of heads by needle recall, when they beat the head average.
     retrieval_heads = {}
     for layer in range(num_layers):
@@ -191,7 +228,7 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
         "calibration": {
             "probes": len(probes), "lengths": list(lengths), "depths": list(depths), "kinds": list(kinds),
             "seed": seed, "plan_length": plan_length,
-            "needle_recall_at_budget": report_budget,
+            "needle_recall_at_budget": report_budget(lengths),
             "layer_needle_recall": [round(float(v), 3) for v in table.mean(1)],
             "retrieval_heads": {str(k): list(v) for k, v in retrieval_heads.items()},
             "predicted_kept_share": best_share,
@@ -217,7 +254,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", type=int, default=10, help="probes for end-to-end verification (0 = skip)")
     parser.add_argument("--plan-length", type=int, default=8192, help="prompt length the cost model optimises")
     parser.add_argument("--out", type=Path, default=None, help="profile path (default: the cache)")
+    parser.add_argument("--compare-scoring", action="store_true",
+                        help="only measure, per layer, how often each seed/aggregation choice ranks the needle in the "
+                             "top candidates, print it and exit")
     args = parser.parse_args(argv)
+    if args.compare_scoring:
+        engine = PromptDistillEngine.from_pretrained(args.model)
+        probes = make_probes(engine, args.haystack, args.lengths, args.depths, args.kinds, args.seed)
+        budget = report_budget(args.lengths)
+        print(f"share of {len(probes)} probes whose needle ranks in the top {budget} candidates, layers 0 → "
+              f"{engine.arch.num_layers - 1} (all heads):")
+        for name, recall in compare_scoring(engine, probes, budget).items():
+            print(f"{name:>32}: mean {sum(recall) / len(recall):.2f} | " + " ".join(f"{v:.2f}" for v in recall))
+        return
     profile = calibrate(args.model, haystack=args.haystack, lengths=tuple(args.lengths), depths=tuple(args.depths),
                         kinds=tuple(args.kinds), seed=args.seed, verify=args.verify, plan_length=args.plan_length,
                         out=args.out)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.calibrate import calibrate
+from pd_integrations.calibrate import SCORINGS, calibrate, compare_scoring
 from pd_integrations.config import PROFILES_DIR
 from pd_integrations.haystack import needle_probe
 
@@ -36,6 +36,18 @@ def test_calibration_writes_a_profile_engines_use(cache, tokenizer):
     assert list(resolved.selection_layers) == profile.settings["selection_layers"]
     assert list(resolved.budgets) == profile.settings["budgets"]
     assert resolved.span == profile.settings["span"]
+
+
+def test_compare_scoring_ranks_needles_per_layer_for_every_scoring(tokenizer):
+    engine = PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"),
+                                 model_name="tiny-llama")
+    probes = [needle_probe(tokenizer, 200, depth, seed=k) for k, depth in enumerate((0.2, 0.8))]
+    everything = compare_scoring(engine, probes, budget=10_000)
+    assert list(everything) == list(SCORINGS)
+    assert all(recall == [1.0] * 4 for recall in everything.values())  # every candidate is within the budget
+    # With a budget of one candidate, a random model's needle is almost never the top token.
+    top_one = compare_scoring(engine, probes, budget=1)
+    assert all(len(recall) == 4 and sum(recall) < 4 for recall in top_one.values())
 
 
 def write_profile(cache, name, **fields):
