@@ -31,7 +31,7 @@ from transformers import (
 from .arch import Architecture
 from .config import PromptDistillConfig, resolve_config
 from .loading import DEFAULT_MODEL, load_model
-from .query import QueryPlan, RenderedPrompt, plan_query, render
+from .query import QueryPlan, RenderedPrompt, kept_shares, plan_query, render
 from .selection import Selector
 
 
@@ -41,6 +41,7 @@ class GenerationResult:
 
     `kept_token_indices` index the rendered prompt's tokens; `kept_char_spans` are merged character ranges of
     `prompt_text` (the prompt as rendered, chat template included). `prefill_seconds` is the time to first token.
+    `document_retention` is, for a call that named its `documents`, each one's share of characters kept.
     """
 
     text: str
@@ -59,11 +60,14 @@ class GenerationResult:
     output_token_ids: list[int]
     decode_start_position: int
     token_scores: list[float] | None = field(default=None, repr=False)
+    document_retention: list[float] | None = None
 
     def stats(self) -> dict:
         """What PromptDistill kept, as the adapters report it (LangChain `response_metadata["promptdistill"]`,
-        LlamaIndex `additional_kwargs["promptdistill"]`). `kept_char_spans` index `prompt_text`; pass both to
-        `pd_integrations.inspect.document_retention` to score retrieved documents."""
+        LlamaIndex `additional_kwargs["promptdistill"]`). `kept_char_spans` index `prompt_text`; for a call that
+        named its `documents`, `document_retention` holds each one's kept share (else pass the spans and the
+        texts to `pd_integrations.inspect.document_retention`)."""
+        retention = {} if self.document_retention is None else {"document_retention": self.document_retention}
         return {
             "prompt_tokens": self.prompt_tokens,
             "kept_tokens": self.kept_tokens,
@@ -73,6 +77,7 @@ class GenerationResult:
             "kept_char_spans": self.kept_char_spans,
             "method": self.method,
             "prompt_text": self.prompt_text,
+            **retention,
         }
 
 
@@ -390,13 +395,14 @@ class PromptDistillEngine:
         decode_seconds = time.perf_counter() - decode_started
         if len(text) > emitted:
             yield text[emitted:]
+        kept_spans = rendered.char_spans(state.kept_indices.cpu())
         return GenerationResult(
             text=text,
             prompt_tokens=len(rendered.input_ids),
             kept_tokens=int(state.kept_indices.numel()),
             output_tokens=len(output),
             kept_token_indices=state.kept_indices.tolist(),
-            kept_char_spans=rendered.char_spans(state.kept_indices.cpu()),
+            kept_char_spans=kept_spans,
             prefill_seconds=state.seconds,
             decode_tokens_per_second=(len(output) - 1) / decode_seconds if len(output) > 1 else 0.0,
             kv_cache_bytes=kv_bytes,
@@ -407,6 +413,8 @@ class PromptDistillEngine:
             output_token_ids=output,
             decode_start_position=decode_position,
             token_scores=state.scores[: len(rendered.input_ids)].tolist() if state.scores is not None else None,
+            document_retention=None if rendered.document_ranges is None else kept_shares(
+                rendered.document_ranges, kept_spans),
         )
 
 

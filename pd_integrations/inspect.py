@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass
 
 from .engine import GenerationResult
-from .query import locate_documents
+from .query import document_texts, kept_shares, locate_documents
 
 SHADES = 10  # score deciles, each with its own shade
 _KEPT_RGB = (34, 139, 34)  # green: kept; darker = higher selection score
@@ -20,21 +20,14 @@ _DROPPED_RGB = (214, 69, 65)  # red tint on grey text: dropped; darker = higher 
 
 
 def document_retention(prompt_text: str, kept_char_spans: list[tuple[int, int]],
-                       documents: list[str]) -> list[float | None]:
+                       documents: list) -> list[float | None]:
     """Share of each document's characters that lie in kept spans of the rendered prompt.
 
-    Documents are located as the engine locates `documents=` (`locate_documents`); one not found verbatim gets
-    `None`.
+    `documents` are texts, LangChain `Document`s or LlamaIndex nodes, located as the engine locates `documents=`
+    (`locate_documents`); one not found verbatim gets `None`. A result made with `documents=` already carries
+    these shares (`GenerationResult.document_retention`).
     """
-    shares: list[float | None] = []
-    for found in locate_documents(prompt_text, documents):
-        if found is None:
-            shares.append(None)
-            continue
-        start, end = found
-        kept = sum(max(0, min(end, b) - max(start, a)) for a, b in kept_char_spans)
-        shares.append(kept / (end - start))
-    return shares
+    return kept_shares(locate_documents(prompt_text, document_texts(documents)), kept_char_spans)
 
 
 @dataclass(frozen=True)

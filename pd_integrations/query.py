@@ -34,13 +34,16 @@ class RenderedPrompt:
         Raises `ValueError` naming the first document that is empty or not found, or when there is no text.
         """
         texts = document_texts(documents)
+        if not texts:
+            raise ValueError("documents is empty: name at least one retrieved text, or pass None")
         if self.text is None:
             raise ValueError("documents need a prompt or messages: these input_ids don't round-trip to text")
         ranges = locate_documents(self.text, texts)
         missing = [i for i, r in enumerate(ranges) if r is None]
         if missing:
-            raise ValueError(f"documents[{missing[0]}] is empty or does not appear verbatim in the rendered prompt; "
-                             f"pass the retrieved texts exactly as they were inserted")
+            raise ValueError(f"documents[{missing[0]}] is empty or does not appear verbatim in the rendered prompt "
+                             f"(apart from the other documents); pass the retrieved texts exactly as they were "
+                             f"inserted")
         return dataclasses.replace(self, document_ranges=tuple(ranges))
 
     def char_spans(self, token_indices: torch.Tensor) -> list[tuple[int, int]]:
@@ -53,6 +56,19 @@ class RenderedPrompt:
         return [(self.offsets[indices[a]][0], self.offsets[indices[b - 1]][1]) for a, b in zip(run_starts, run_ends)]
 
 
+    def _word_starts(self) -> list[int]:
+        """Per token, where its text starts past leading whitespace (tokenizers that attach the space before a word
+        to it would otherwise put a document's first word in the unit before it); whitespace-only tokens keep their
+        start."""
+        if self.text is None:
+            return [start for start, _ in self.offsets]
+        starts = []
+        for start, end in self.offsets:
+            piece = self.text[start:end]
+            stripped = piece.lstrip()
+            starts.append(start + len(piece) - len(stripped) if stripped else start)
+        return starts
+
     def span_units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
         """Per token, the id of the span unit it belongs to (non-decreasing), or None for token-level selection.
 
@@ -63,7 +79,7 @@ class RenderedPrompt:
         if span == "token":
             return None
         n = len(self.input_ids)
-        starts = torch.tensor([start for start, _ in self.offsets]) if self.offsets is not None else None
+        starts = torch.tensor(self._word_starts()) if self.offsets is not None else None
         segments = torch.zeros(n, dtype=torch.long)
         if self.document_ranges:
             bounds = torch.tensor(sorted({c for document in self.document_ranges for c in document}))
@@ -84,7 +100,8 @@ def document_texts(documents) -> list[str]:
     """The texts of retrieved `documents`: strings, LangChain `Document`s (`page_content`) or LlamaIndex nodes
     (`get_content()`). Raises `TypeError` for anything else."""
     if not isinstance(documents, (list, tuple)):
-        raise TypeError(f"documents must be a list of texts, Documents or nodes, got {type(documents).__name__}")
+        raise TypeError(f"documents (pd_documents in the adapters) must be a list of texts, Documents or nodes, "
+                        f"got {type(documents).__name__}")
     texts = []
     for document in documents:
         if hasattr(document, "page_content"):
@@ -92,27 +109,37 @@ def document_texts(documents) -> list[str]:
         elif callable(getattr(document, "get_content", None)):
             document = document.get_content()
         if not isinstance(document, str):
-            raise TypeError(f"documents must be a list of texts, Documents or nodes, got a {type(document).__name__}")
+            raise TypeError(f"documents (pd_documents in the adapters) must be a list of texts, Documents or nodes, "
+                            f"got an item of type {type(document).__name__}")
         texts.append(document)
     return texts
 
 
 def locate_documents(text: str, documents: list[str]) -> list[tuple[int, int] | None]:
-    """Character range of each document (stripped) in `text`: the first occurrence after the previous document
-    found, else the last anywhere; None for a document that doesn't appear verbatim."""
+    """Character range of each document (stripped) in `text`: its first occurrence after the previous document
+    found, else its first anywhere that overlaps no document found so far; None for a document that doesn't
+    appear verbatim (or only inside others)."""
     ranges: list[tuple[int, int] | None] = []
     cursor = 0
     for document in documents:
         needle = document.strip()
-        at = text.find(needle, cursor) if needle else -1
-        if at < 0 and needle:
-            at = text.rfind(needle)
-        if at < 0:
-            ranges.append(None)
-            continue
-        ranges.append((at, at + len(needle)))
-        cursor = at + len(needle)
+        found = None
+        for start in (cursor, 0) if needle else ():
+            at = text.find(needle, start)
+            while at >= 0 and any(a < at + len(needle) and at < b for a, b in filter(None, ranges)):
+                at = text.find(needle, at + 1)
+            if at >= 0:
+                found = (at, at + len(needle))
+                break
+        ranges.append(found)
+        cursor = found[1] if found else cursor
     return ranges
+
+
+def kept_shares(ranges: list[tuple[int, int] | None], kept_char_spans: list[tuple[int, int]]) -> list[float | None]:
+    """Share of each character range (None stays None) that lies in the kept spans."""
+    return [None if r is None else sum(max(0, min(r[1], b) - max(r[0], a)) for a, b in kept_char_spans)
+            / (r[1] - r[0]) for r in ranges]
 
 
 # A sentence ends after its punctuation (and closing quotes), before the whitespace, so a following " Word" token

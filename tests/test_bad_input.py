@@ -52,6 +52,9 @@ def test_selection_layer_out_of_range(tokenizer):
                                 PromptDistillConfig(selection_layers=(layer,), budgets=(8,)))
 
 
+NOT_DOCUMENTS = r"documents \(pd_documents in the adapters\) must be a list of texts, Documents or nodes"
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"prompt": ""}, ValueError, "prompt is empty"),
     ({"prompt": "   \n"}, ValueError, "prompt is empty"),
@@ -67,10 +70,12 @@ def test_selection_layer_out_of_range(tokenizer):
     ({"prompt": "hi", "top_p": 0}, ValueError, "top_p must be"),
     ({"prompt": "hi", "top_k": -2}, ValueError, "top_k must be"),
     ({"prompt": "hi", "query": ""}, ValueError, "query must be a non-empty str"),
-    ({"prompt": "alpha beta", "documents": "alpha"}, TypeError, "documents must be a list of texts"),
-    ({"prompt": "alpha beta", "documents": [3]}, TypeError, "documents must be a list of texts"),
+    ({"prompt": "alpha beta", "documents": "alpha"}, TypeError, NOT_DOCUMENTS),
+    ({"prompt": "alpha beta", "documents": [3]}, TypeError, NOT_DOCUMENTS),
     ({"prompt": "alpha beta", "documents": ["alpha", "gamma"]}, ValueError, r"documents\[1\] is empty or does not"),
     ({"prompt": "alpha beta", "documents": ["  "]}, ValueError, r"documents\[0\] is empty"),
+    ({"prompt": "alpha beta", "documents": []}, ValueError, "documents is empty"),
+    ({"prompt": "alpha beta", "documents": ["alpha", "alpha"]}, ValueError, r"documents\[1\] is empty or does not"),
 ])
 def test_generate_rejects_bad_arguments(engine, kwargs, error, message):
     with pytest.raises(error, match=message):

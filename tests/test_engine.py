@@ -119,45 +119,61 @@ def test_chunk_span_keeps_whole_chunks(tokenizer):
 
 
 DOCUMENTS = [f"Document {i}: " + " ".join(f"fact{i}-{j} holds." for j in range(6 + 3 * i)) for i in range(4)]
-DOCUMENT_PROMPT = "Use the context.\n\n" + "\n\n".join(DOCUMENTS) + "\n\nQuestion: which fact holds?"
 
 
-def document_of_token(engine, prompt):
-    """Per prompt token, the index of the document its first character lies in (None between documents)."""
-    offsets = engine.tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+def document_prompt(separator: str) -> str:
+    return "Use the context." + separator + separator.join(DOCUMENTS) + separator + "Question: which fact holds?"
+
+
+def document_of_token(tokenizer, prompt: str) -> list[int | None]:
+    """Per prompt token, the document holding its first non-space character (whitespace-only tokens: their first
+    character), None outside the documents."""
     ranges = [(prompt.index(d), prompt.index(d) + len(d)) for d in DOCUMENTS]
-    return [next((i for i, (a, b) in enumerate(ranges) if a <= start < b), None) for start, _ in offsets]
+    owners = []
+    for start, end in tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]:
+        piece = prompt[start:end]
+        first = start + len(piece) - len(piece.lstrip()) if piece.strip() else start
+        owners.append(next((i for i, (a, b) in enumerate(ranges) if a <= first < b), None))
+    return owners
 
 
-def test_chunks_restart_at_document_boundaries(tokenizer):
-    engine = pruning_engine(tokenizer, span="chunk", chunk_size=8)
-    units = engine._units(*engine._prepare(DOCUMENT_PROMPT, None, None, None, DOCUMENTS)).tolist()
-    documents = document_of_token(engine, DOCUMENT_PROMPT)
+@pytest.mark.parametrize("separator", ["\n\n", " "])  # the space attaches to each document's first word
+@pytest.mark.parametrize("span", ["document", "chunk"])
+def test_span_units_follow_document_boundaries(tokenizer, span, separator):
+    prompt = document_prompt(separator)
+    engine = pruning_engine(tokenizer, span=span, chunk_size=8)
+    units = engine._units(*engine._prepare(prompt, None, None, None, DOCUMENTS)).tolist()
+    owners = document_of_token(tokenizer, prompt)
     for i in range(len(DOCUMENTS)):
-        positions = [t for t, d in enumerate(documents) if d == i]
-        chunk_ids = [units[t] for t in positions]
-        assert units[positions[0] - 1] != chunk_ids[0]  # the document starts a unit
-        assert units[positions[-1] + 1] != chunk_ids[-1]  # and its last unit ends with it
-        assert [chunk_ids.count(u) for u in dict.fromkeys(chunk_ids)][:-1] == [8] * (len(set(chunk_ids)) - 1)
+        inside = [units[t] for t, owner in enumerate(owners) if owner == i]
+        outside = {units[t] for t, owner in enumerate(owners) if owner != i}
+        assert not set(inside) & outside  # no unit is shared with text outside the document
+        sizes = [inside.count(u) for u in dict.fromkeys(inside)]
+        # A document is one unit, or 8-token chunks counted from its own start.
+        assert sizes == [len(inside)] if span == "document" else sizes[:-1] == [8] * (len(sizes) - 1)
 
 
 def test_document_span_keeps_whole_documents(tokenizer):
-    documents = document_of_token(pruning_engine(tokenizer), DOCUMENT_PROMPT)
-    sizes = [documents.count(i) for i in range(len(DOCUMENTS))]
+    prompt = document_prompt("\n\n")
+    owners = document_of_token(tokenizer, prompt)
+    sizes = [owners.count(i) for i in range(len(DOCUMENTS))]
     budget = sizes[1] + sizes[2] + 5  # room for two whole documents and the start of a third unit
     engine = pruning_engine(tokenizer, selection_layers=(1,), budgets=(budget,), span="document")
-    state = engine.prefill(DOCUMENT_PROMPT, documents=DOCUMENTS, query="which fact holds?")
-    context = state.kept_indices.tolist()[2:2 + budget]  # after the 2 protected head tokens
-    assert state.kept_indices.tolist()[2 + budget] > documents.index(3)  # then only the question tail
-    kept_per_unit = {}
+    result = engine.generate(prompt, documents=DOCUMENTS, query="which fact holds?", max_new_tokens=1)
+    context = result.kept_token_indices[2:2 + budget]  # after the 2 protected head tokens
+    assert result.kept_token_indices[2 + budget] > owners.index(3)  # then only the question tail
+    kept_per_document = {}
     for t in context:
-        kept_per_unit.setdefault(documents[t], []).append(t)
+        kept_per_document.setdefault(owners[t], []).append(t)
     # Every document is kept whole, or (at most one, the last taken) as its first tokens.
-    partial = [d for d, ts in kept_per_unit.items() if d is not None and len(ts) < sizes[d]]
+    partial = [d for d, ts in kept_per_document.items() if d is not None and len(ts) < sizes[d]]
     assert len(partial) <= 1
     for d in partial:
-        first = documents.index(d)
-        assert kept_per_unit[d] == list(range(first, first + len(kept_per_unit[d])))
+        first = owners.index(d)
+        assert kept_per_document[d] == list(range(first, first + len(kept_per_document[d])))
+    # The result reports each document's kept share: whole documents 1.0, dropped ones 0.0.
+    assert [share == 1.0 for share in result.document_retention] == [
+        d in kept_per_document and d not in partial for d in range(len(DOCUMENTS))]
 
 
 def test_gemfilter_reruns_on_kept_tokens_with_renumbered_positions(tokenizer):

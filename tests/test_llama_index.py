@@ -250,8 +250,9 @@ def test_pd_documents_reach_the_engine_as_nodes_or_texts(recorded):
     llm, calls = recorded
     sentences = CONTEXT.split(". ")
     nodes = [NodeWithScore(node=TextNode(text=s)) for s in sentences]
-    llm.complete(f"{CONTEXT}\n{QUESTION}", pd_documents=nodes)
+    response = llm.complete(f"{CONTEXT}\n{QUESTION}", pd_documents=nodes)
     assert calls[-1]["documents"] == nodes
+    assert len(response.additional_kwargs["promptdistill"]["document_retention"]) == len(nodes)
     # The engine reads the nodes' text; one that is not in the prompt is named in the error.
     with pytest.raises(ValueError, match=r"documents\[1\] is empty or does not appear"):
         llm.complete(f"{CONTEXT}\n{QUESTION}", pd_documents=[sentences[0], "not in the prompt"])

@@ -14,8 +14,6 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
-from ..inspect import document_retention
-from ..query import document_texts
 from ..loading import DEFAULT_MODEL, check_load_settings
 from ..shared import shared_engine
 
@@ -164,12 +162,8 @@ class Call:
         return GenerationStream(_within_timeout(self.engine.stream(**prompt, **self.options), self.timeout))
 
     def response_metadata(self, result: GenerationResult) -> dict[str, Any]:
-        stats = result.stats()
-        if self.options["documents"] is not None:
-            stats["document_retention"] = document_retention(result.prompt_text, result.kept_char_spans,
-                                                             document_texts(self.options["documents"]))
         return {"model_name": self.model_name, "model_provider": PROVIDER, "finish_reason": result.finish_reason,
-                "promptdistill": stats}
+                "promptdistill": result.stats()}
 
 
 def _within_timeout(stream: GenerationStream, timeout: float | None) -> Iterator[str]:
