@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.calibrate import SCORINGS, calibrate, compare_scoring
+from pd_integrations.calibrate import SCORINGS, calibrate, compare_scoring, main
 from pd_integrations.config import PROFILES_DIR
 from pd_integrations.haystack import needle_probe
 
@@ -48,6 +48,18 @@ def test_compare_scoring_ranks_needles_per_layer_for_every_scoring(tokenizer):
     # With a budget of one candidate, a random model's needle is almost never the top token.
     top_one = compare_scoring(engine, probes, budget=1)
     assert all(len(recall) == 4 and sum(recall) < 4 for recall in top_one.values())
+
+
+def test_compare_scoring_command_prints_every_scoring(tmp_path, tokenizer, capsys):
+    tiny_model("llama").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no PromptDistill profile"):
+        main(["--compare-scoring", "--model", str(tmp_path), "--lengths", "200", "--depths", "0.5",
+              "--kinds", "passcode"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "share of 1 probes whose needle ranks in the top 50 candidates, layers 0 → 3" in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[1:]] == list(SCORINGS)
+    assert all(len(line.split("|")[1].split()) == 4 for line in lines[1:])  # one share per layer
 
 
 def write_profile(cache, name, **fields):
