@@ -253,8 +253,9 @@ class PromptDistillEngine:
                         observe: Callable[[int, torch.Tensor], None] | None = None,
                         units: torch.Tensor | None = None) -> Prefill:
         """Prefill `ids` at positions 0..n-1 through layers 0..`last_layer` (default: all), selecting at each
-        stage's layer; `units` (span unit id per position) makes selection keep whole spans. `observe(layer, head_scores)`, when given, receives every layer's per-head seed scores
-        [H, rows] (for calibration). Returns the `Prefill`; with `last_layer` set, its logits are empty."""
+        stage's layer; `units` (span unit id per position) makes selection keep whole spans.
+        `observe(layer, head_scores)`, when given, receives every layer's per-head seed scores [H, rows] (for
+        calibration). Returns the `Prefill`; with `last_layer` set, its logits are empty."""
         arch, config = self.arch, self.config
         n = ids.shape[0]
         positions = torch.arange(n, device=ids.device)

@@ -11,6 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import PromptDistillConfig
@@ -56,37 +57,39 @@ class RenderedPrompt:
         return [(self.offsets[indices[a]][0], self.offsets[indices[b - 1]][1]) for a, b in zip(run_starts, run_ends)]
 
 
-    def _word_starts(self) -> list[int]:
-        """Per token, where its text starts past leading whitespace (tokenizers that attach the space before a word
-        to it would otherwise put a document's first word in the unit before it); whitespace-only tokens keep their
-        start."""
-        if self.text is None:
-            return [start for start, _ in self.offsets]
-        starts = []
-        for start, end in self.offsets:
-            piece = self.text[start:end]
-            stripped = piece.lstrip()
-            starts.append(start + len(piece) - len(stripped) if stripped else start)
-        return starts
+    def _word_starts(self) -> torch.Tensor:
+        """Per token, its first non-whitespace character (its start for whitespace-only tokens). Tokenizers attach
+        the space before a word to the word, which would otherwise put a document's first word in the unit before
+        it."""
+        starts, ends = torch.tensor(self.offsets, dtype=torch.long).T
+        # UTF-32 gives one code point per character, so positions match the offsets.
+        codes = torch.from_numpy(np.frombuffer(self.text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64))
+        length = codes.shape[0]
+        text_at = torch.where(torch.isin(codes, _WHITESPACE), length, torch.arange(length))
+        next_text = text_at.flip(0).cummin(0).values.flip(0)  # first non-whitespace character at or after each
+        first = next_text[starts.clamp(max=length - 1)]
+        return torch.where(first < ends, first, starts)
 
     def span_units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
         """Per token, the id of the span unit it belongs to (non-decreasing), or None for token-level selection.
 
-        Units never cross the boundaries of `document_ranges`. "document" makes each document (and each stretch of text between documents) one unit;
-        "sentence" splits after . ! ? and at line breaks; "chunk" cuts `chunk_size`-token chunks, restarting at
-        each document. Without text (raw ids that don't round-trip) sentences fall back to chunks.
+        Units never cross the boundaries of `document_ranges`. "document" makes each document (and each stretch of
+        text between documents) one unit; "sentence" splits after . ! ? and at line breaks; "chunk" cuts
+        `chunk_size`-token chunks, restarting at each document. Without text (raw ids that don't round-trip)
+        sentences fall back to chunks.
         """
         if span == "token":
             return None
         n = len(self.input_ids)
-        starts = torch.tensor(self._word_starts()) if self.offsets is not None else None
+        sentences = span == "sentence" and self.text is not None
+        starts = self._word_starts() if self.document_ranges or sentences else None
         segments = torch.zeros(n, dtype=torch.long)
         if self.document_ranges:
             bounds = torch.tensor(sorted({c for document in self.document_ranges for c in document}))
             segments = torch.searchsorted(bounds, starts, right=True)
         if span == "document":
             inner = torch.zeros(n, dtype=torch.long)
-        elif span == "sentence" and self.text is not None:
+        elif sentences:
             ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(self.text)], dtype=torch.long)
             inner = torch.searchsorted(ends, starts, right=True)
         else:
@@ -141,6 +144,9 @@ def kept_shares(ranges: list[tuple[int, int] | None], kept_char_spans: list[tupl
     return [None if r is None else sum(max(0, min(r[1], b) - max(r[0], a)) for a, b in kept_char_spans)
             / (r[1] - r[0]) for r in ranges]
 
+
+# Code points Python's str.isspace() counts as whitespace (all lie below U+3001).
+_WHITESPACE = torch.tensor([c for c in range(0x3001) if chr(c).isspace()])
 
 # A sentence ends after its punctuation (and closing quotes), before the whitespace, so a following " Word" token
 # starts the next sentence.
