@@ -1,6 +1,9 @@
-"""`pd-bench`: compare full attention, GemFilter and PromptDistill on speed, needle retrieval and RULER-style tasks.
+"""`pd-bench`: compare full attention, GemFilter and PromptDistill on speed, needle retrieval, RULER-style tasks and
+RAG-shaped prompts.
 
 - `tasks.py`: the prompts (needle probes and synthetic long-context tasks) and their exact-match scoring;
+- `handbook.py`, `rag.py`, `ragbench.py`: a generated handbook of look-alike passages, MiniLM retrieval, the three
+  common RAG prompt shapes, and the `rag` command's measurements;
 - `measure.py`: the compared methods, and running prompts through them with timings and peak memory;
 - `report.py`: the summary table, JSON and PNG plots;
 - `__main__.py`: the command line.

@@ -3,6 +3,7 @@
     pd-bench speed  [--lengths 1k,2k,4k]                   prefill s, decode tok/s, peak memory, KV cache
     pd-bench needle [--lengths 1k,2k,4k] [--depths 0,0.5,1] needle-in-a-haystack grid, heatmap per method
     pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
+    pd-bench rag    [--lengths 1000,2000] [--shapes ...]    retrieved handbook passages, three prompt shapes
 
 Each prints a Markdown table (ratios are method ÷ full attention at the same length) and writes
 OUT/<command>.json, OUT/<command>.md and PNG plots to OUT (default bench-results/); OUT/<command>.records.jsonl
@@ -28,7 +29,8 @@ import transformers
 from ..engine import PromptDistillEngine
 from ..haystack import NEEDLE_KINDS
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
-from . import measure, report, tasks
+from . import measure, ragbench, report, tasks
+from .rag import SHAPES
 
 SPEED_DEPTH = 0.5  # the speed runs hide a needle too, so that their answers can be checked
 
@@ -56,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(measure.METHODS)}")
     common.add_argument("--layer", type=int, default=None,
                         help="selection layer of gemfilter, paper-rule and single-stage (default: the profile's first)")
-    common.add_argument("--budget", type=int, default=None,
-                        help="tokens those methods keep (default: the profile's first budget)")
+    common.add_argument("--budget", type=_budget, default=None,
+                        help="context tokens those methods keep, or a fraction in (0, 1] of the prunable tokens "
+                             "(default: the profile's first budget)")
     common.add_argument("--samples", type=_positive, default=1, help="seeds per grid cell (default: %(default)s)")
     common.add_argument("--seed", type=int, default=0, help="first seed; seeds pick haystack windows and needles")
     common.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
@@ -79,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     task.add_argument("--lengths", type=_lengths, default=[1024, 2048], help="e.g. 1k,2k")
     task.add_argument("--tasks", type=_names(tasks.TASKS), default=list(tasks.TASKS),
                       help=f"comma-separated subset of {','.join(tasks.TASKS)}")
+    rag = commands.add_parser("rag", parents=[common], help="RAG prompts: retrieved passages that all resemble the "
+                                                             "question, in three prompt shapes")
+    rag.add_argument("--lengths", type=_lengths, default=[1000, 2000, 4000, 8000],
+                     help="context tokens retrieved per prompt, e.g. 1000,2000 (default: 1000,2000,4000,8000)")
+    rag.add_argument("--shapes", type=_names(SHAPES), default=list(SHAPES),
+                     help=f"comma-separated subset of {','.join(SHAPES)}")
+    rag.add_argument("--context-source", choices=ragbench.CONTEXT_SOURCES, default="documents",
+                     help="documents: pass the retrieved passages as documents= (chunks stop at their boundaries); "
+                          "none: don't (default: %(default)s)")
+    rag.add_argument("--answer-depths", type=_depths, default=None,
+                     help="move the answer's passage to these relative depths among the retrieved ones, e.g. "
+                          "0,0.5,1 (default: leave it where the retriever ranked it)")
+    rag.add_argument("--corpus-seed", type=int, default=0, help="seed of the generated handbook (default: 0)")
     return parser
 
 
@@ -106,6 +122,18 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _budget(text: str) -> int | float:
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = 0.0
+    if not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"expected a token count >= 1 or a fraction in (0, 1], got {text!r}")
+    return fraction
 
 
 def _names(allowed: tuple[str, ...]):
@@ -146,6 +174,8 @@ def _probes(args, tokenizer) -> list[tasks.Probe]:
 
 
 def _bench(args, command_line: str) -> None:
+    if args.command == "rag":
+        return _bench_rag(args, command_line)
     # paper-rule costs what single-stage costs; it matters only where answers are scored.
     default_methods = [m for m in measure.METHODS if m != "paper-rule"] if args.command == "speed" else measure.METHODS
     engine = _load(args)
@@ -176,6 +206,39 @@ def _bench(args, command_line: str) -> None:
         label = "depth" if args.command == "needle" else "task"
         files.append(out / f"{args.command}_heatmap.png")
         report.plot_heatmaps(records, label, files[-1], f"{args.command} accuracy, {engine.model_name}")
+    print("wrote " + ", ".join(map(str, files)))
+
+
+def _bench_rag(args, command_line: str) -> None:
+    engine = _load(args)
+    engines = measure.method_engines(engine, args.methods or list(measure.METHODS), args.layer, args.budget)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "rag.records.jsonl"
+    log.unlink(missing_ok=True)
+    probes = ragbench.probes(engine.tokenizer, args.lengths, args.shapes, args.samples, args.seed,
+                             corpus_seed=args.corpus_seed, answer_depths=args.answer_depths,
+                             max_new_tokens=args.max_new_tokens or ragbench.MAX_NEW_TOKENS)
+    records = ragbench.run(engines, probes, context_source=args.context_source, log=log)
+    rows = ragbench.summarize(records)
+    by_length = report.summarize(records, breakdown="shape")  # all shapes together: the scaling plot
+    methods = measure.describe(engines)
+    text = "\n\n".join([f"`{command_line}`", ragbench.markdown_table(rows), ragbench.COLUMNS_NOTE,
+                         _method_notes(methods)])
+    print(f"\n{text}\n")
+    files = [out / "rag.md", out / "rag.json", out / "rag_scaling.png", out / "rag_heatmap.png"]
+    files[0].write_text(text + "\n")
+    files[1].write_text(json.dumps({
+        "command": command_line,
+        "environment": _environment(engine),
+        "peak_memory": measure.PEAK_MEMORY,
+        "methods": methods,
+        "summary": rows,
+        "summary_by_length": by_length,
+        "records": records,
+    }, indent=1) + "\n")
+    report.plot_scaling(by_length, files[2])
+    report.plot_heatmaps(records, "shape", files[3], f"RAG answer accuracy, {engine.model_name}")
     print("wrote " + ", ".join(map(str, files)))
 
 

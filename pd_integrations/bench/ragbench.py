@@ -1,0 +1,159 @@
+"""`pd-bench rag`: RAG-shaped prompts (see `rag.py`) through every method, with answer accuracy and what selection
+kept of the answer's passage.
+
+Per (length, shape, sample) one question is asked over passages retrieved up to `length` context tokens, in rank
+order (or, with `answer_depths`, with the answer's passage moved to each depth); the same questions are asked at
+every length and shape. Records hold, besides the timings `measure` records:
+- `score`: 1.0 when the answer appears in the greedy output (case-insensitive, as a whole phrase);
+- `answer_kept`: the share of the answer passage's characters that selection kept (`document_retention`);
+- `needles_kept`: 1.0 when the sentence that states the answer was kept whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+from tqdm import tqdm
+
+from ..config import PromptDistillConfig
+from ..engine import PromptDistillEngine
+from ..inspect import document_retention
+from . import measure, report
+from .rag import SHAPES, RagPrompt, contains, make_handbook, make_questions, move_answer, rag_prompt, retrieve
+
+CONTEXT_SOURCES = ("documents", "none")
+MAX_NEW_TOKENS = 32  # room for a sentence around the answer: question-first asks for up to three
+COLUMNS_NOTE = ("Means over the questions of each row. ÷ full: the method's figure divided by full attention's on the "
+                "same prompts (same length and shape). Answer passage kept: share of the answer passage's "
+                "characters that selection kept; answer sentence kept: share of runs that kept the sentence stating "
+                "the answer whole. Accuracy: runs whose greedy answer contains the expected answer "
+                "(case-insensitive).")
+
+
+@dataclass(frozen=True)
+class RagProbe:
+    """One benchmark prompt: its place in the grid (`labels`), the prompt, and the answer's sentence."""
+
+    labels: dict
+    prompt: RagPrompt
+    answer_sentence: str
+    max_new_tokens: int
+
+
+def probes(tokenizer, lengths: list[int], shapes: list[str], samples: int, seed: int = 0, *, corpus_seed: int = 0,
+           answer_depths: list[float] | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> list[RagProbe]:
+    """`samples` questions (drawn by `seed`) per length and shape, each over the handbook passages retrieved for
+    it up to `length` context tokens, in rank order, or with the answer's passage moved to each of
+    `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape."""
+    corpus = make_handbook(corpus_seed)
+    questions = make_questions(corpus, samples, seed)
+    result = []
+    for length in lengths:
+        for sample, question in enumerate(questions):
+            ranked = retrieve(question, corpus, tokenizer, length)
+            for depth in answer_depths or [None]:
+                passages = ranked if depth is None else move_answer(ranked, question.passage_id, depth)
+                for shape in shapes:
+                    prompt = rag_prompt(shape, question, passages)
+                    labels = {"length": length, "shape": shape, "sample": seed + sample,
+                              "question": question.question, "answer": question.answer, "passages": len(passages),
+                              "answer_depth": depth, "answer_index": prompt.answer_index}
+                    result.append(RagProbe(labels, prompt, _sentence(prompt.documents[prompt.answer_index],
+                                                                     question.answer), max_new_tokens))
+    return result
+
+
+def _sentence(text: str, answer: str) -> str:
+    return next(s for s in re.split(r"(?<=[.;])\s+", text) if answer in s)
+
+
+def run(engines: dict[str, PromptDistillEngine], probes: list[RagProbe], *, context_source: str = "documents",
+        desc: str = "pd-bench rag", log: Path | None = None) -> list[dict]:
+    """Generate every probe with every method (probe-major; equal configs run once and share the record), passing
+    the retrieved passages as `documents=` when `context_source` is "documents". Each record is also appended to
+    `log` (JSON lines) as soon as it exists."""
+    if context_source not in CONTEXT_SOURCES:
+        raise ValueError(f"context_source must be one of {', '.join(CONTEXT_SOURCES)}, got {context_source!r}")
+    device = next(iter(engines.values())).device
+    measure._warm_up(engines)
+    distinct = len({engine.config for engine in engines.values()})
+    records = []
+    with tqdm(total=len(probes) * distinct, desc=desc, unit="run", file=sys.stderr) as bar:
+        for probe in probes:
+            by_config: dict[PromptDistillConfig, dict] = {}
+            for name, engine in engines.items():
+                if engine.config not in by_config:
+                    bar.set_postfix_str(f"{name}, {probe.labels['shape']} at {probe.labels['length']} tokens")
+                    by_config[engine.config] = _measure(engine, probe, device, context_source)
+                    bar.update()
+                records.append({**probe.labels, "context_source": context_source, "method": name,
+                                **by_config[engine.config]})
+                if log is not None:
+                    with log.open("a") as file:
+                        file.write(json.dumps(records[-1]) + "\n")
+    return records
+
+
+def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_source: str) -> dict:
+    prompt = probe.prompt
+    documents = prompt.documents if context_source == "documents" else None
+    result, peak = measure._with_peak_memory(device, lambda: engine.generate(
+        messages=prompt.messages, query=prompt.query, documents=documents, max_new_tokens=probe.max_new_tokens))
+    retention = result.document_retention or document_retention(result.prompt_text, result.kept_char_spans,
+                                                                prompt.documents)
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "kept_tokens": result.kept_tokens,
+        "prefill_seconds": result.prefill_seconds,
+        "decode_tokens_per_second": result.decode_tokens_per_second if result.output_tokens > 1 else None,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "peak_memory_bytes": peak,
+        "score": float(contains(result.text, prompt.answer)),
+        "answer_kept": retention[prompt.answer_index],
+        "documents_kept": mean(r for r in retention if r is not None),
+        "needles_kept": measure._needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,)),
+        "output": result.text,
+    }
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (length, shape, answer depth, method) in that order, with `report.summarize`'s means and ratios
+    against full attention on the same prompts, plus `answer_kept`, `documents_kept` and `correct` (a count)."""
+    rows = []
+    cells = sorted({(r["shape"], r["answer_depth"]) for r in records},
+                   key=lambda cell: (SHAPES.index(cell[0]), -1 if cell[1] is None else cell[1]))
+    for shape, depth in cells:
+        subset = [r for r in records if r["shape"] == shape and r["answer_depth"] == depth]
+        for row in report.summarize(subset):
+            group = [r for r in subset if r["length"] == row["length"] and r["method"] == row["method"]]
+            rows.append({"shape": shape, "answer_depth": depth, **row, "correct": int(sum(r["score"] for r in group)),
+                         "answer_kept": mean(r["answer_kept"] for r in group),
+                         "documents_kept": mean(r["documents_kept"] for r in group)})
+    return sorted(rows, key=lambda row: row["length"])  # stable: shapes, depths and methods keep their order
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary rows as a Markdown table (with an answer-depth column when the answer was moved)."""
+    depths = any(row["answer_depth"] is not None for row in rows)
+    header = ["length", "shape", *(["answer depth"] if depths else []), "method", "kept / prompt", "prefill s",
+              "÷ full", "KV ÷ full", "passages kept", "answer passage kept", "answer sentence kept", "accuracy"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            str(row["length"]), row["shape"], *([report._fmt(row["answer_depth"], ".0%")] if depths else []),
+            row["method"],
+            f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
+            report._fmt(row["prefill_seconds"], ".2f"),
+            report._fmt(row["prefill_ratio"], ".2f", "×"),
+            report._fmt(row["kv_ratio"], ".2f", "×"),
+            report._fmt(row["documents_kept"], ".0%"),
+            report._fmt(row["answer_kept"], ".0%"),
+            report._fmt(row["needles_kept"], ".0%"),
+            f"{row['correct']}/{row['runs']} ({row['accuracy']:.0%})",
+        ]) + " |")
+    return "\n".join(lines)
