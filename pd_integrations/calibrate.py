@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 from .config import Profile, PromptDistillConfig, cache_dir, profile_key
 from .engine import PromptDistillEngine
 from .haystack import NEEDLE_KINDS, NeedleProbe, needle_probe
+from .layout import span_units
 from .loading import DEFAULT_MODEL
+from .query import RenderedPrompt
 from .selection import Selector
 
 BUDGETS = (256, 512, 1024, 2048)
@@ -41,13 +43,21 @@ SPANS = (("token", None), ("chunk", 32), ("chunk", 64))
 
 @dataclass
 class ProbeRecord:
-    """One probe's unpruned seed attention [layers, heads, tokens] and where its needle and protected rows are."""
+    """One probe's unpruned seed attention [layers, heads, tokens], its needle's tokens, its prunable tokens and
+    its rendered prompt (the row layout's, so replayed selection drops what the engine would, in the same units)."""
 
     probe: NeedleProbe
     scores: torch.Tensor
     needle_tokens: torch.Tensor
-    head: int
-    tail: int
+    prunable: torch.Tensor
+    rendered: RenderedPrompt
+    _units: dict = field(default_factory=dict, repr=False)
+
+    def units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
+        """The engine's span units for this probe (computed once per span; schedules replay thousands of times)."""
+        if (span, chunk_size) not in self._units:
+            self._units[span, chunk_size] = span_units(self.rendered, self.prunable, span, chunk_size)
+        return self._units[span, chunk_size]
 
 
 def make_probes(engine: PromptDistillEngine, haystack: str | None, lengths, depths, kinds,
@@ -66,13 +76,12 @@ def record_probes(engine: PromptDistillEngine, probes: list[NeedleProbe]) -> lis
     """Run every probe unpruned and keep its per-layer, per-head seed attention."""
     records = []
     for probe in tqdm(probes, desc="recording attention", unit="probe"):
-        rendered, plan, scores = engine.seed_attention(messages=probe.messages(), query=probe.question)
+        rendered, layout, scores = engine.seed_attention(messages=probe.messages(), query=probe.question,
+                                                         documents=[probe.context])
         start = rendered.text.rfind(probe.needle)
         end = start + len(probe.needle)
         needle = [i for i, (a, b) in enumerate(rendered.offsets) if a < end and b > start and b > a]
-        head = min(engine.config.protect_head, scores.shape[-1] - plan.protected_tail)
-        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(needle), head,
-                                   plan.protected_tail - len(plan.probe_ids)))
+        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(needle), layout.prunable, rendered))
     return records
 
 
@@ -80,9 +89,13 @@ def needle_rank_table(records: list[ProbeRecord], budget: int) -> torch.Tensor:
     """[layers, heads] share of probes whose best needle token ranks within `budget` of the candidates."""
     hits = []
     for record in records:
-        n = record.scores.shape[-1]
-        candidates = record.scores[..., record.head:n - record.tail]
-        needle = record.needle_tokens - record.head
+        candidates = record.scores[..., record.prunable]
+        # Needle tokens the layout protects are always kept; rank the prunable ones among the candidates.
+        needle = record.needle_tokens[record.prunable[record.needle_tokens]]
+        if needle.numel() == 0:
+            hits.append(torch.ones(record.scores.shape[:2]))
+            continue
+        needle = torch.cumsum(record.prunable.long(), 0)[needle] - 1
         best = candidates[..., needle].amax(-1, keepdim=True)
         rank = (candidates > best).sum(-1)
         hits.append((rank < budget).float())
@@ -139,15 +152,16 @@ class Schedule:
 def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
     """Replay `schedule` on the recorded scores; True when every needle token survives every stage."""
     selector = Selector("softmax_mean", 1)
-    n = record.scores.shape[-1]
-    kept = torch.arange(n)
+    kept = torch.arange(record.scores.shape[-1])
+    remaining = int(record.prunable.sum())
+    units = record.units(schedule.span, schedule.chunk_size)
     for layer, budget, heads in schedule.stages:
-        rows = kept.shape[0]
-        if budget >= rows - record.head - record.tail:
+        if budget >= remaining:
             continue
         scores = selector.score(record.scores[layer][:, kept], heads)
-        units = kept // schedule.chunk_size if schedule.span == "chunk" else None
-        kept = kept[selector.keep(scores, record.head, record.tail, budget, units)]
+        kept = kept[selector.keep(scores, record.prunable[kept], remaining, budget,
+                                  units[kept] if units is not None else None)]
+        remaining = budget
     return bool(torch.isin(record.needle_tokens, kept).all())
 
 
@@ -171,7 +185,8 @@ def candidate_schedules(num_layers: int, retrieval_heads: dict[int, tuple[int, .
 def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: str) -> float:
     answered = 0
     for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
-        result = engine.generate(messages=probe.messages(), query=probe.question, max_new_tokens=24)
+        result = engine.generate(messages=probe.messages(), query=probe.question, documents=[probe.context],
+                                 max_new_tokens=24)
         answered += probe.is_answered(result.text)
     return answered / len(probes)
 

@@ -50,14 +50,14 @@ class PromptDistillConfig:
         at the first selection layer, then re-runs the whole model on the kept tokens with renumbered positions;
         "full" is the unmodified model.
     selection_layers: strictly increasing decoder-layer indices at which tokens are selected (not the last layer).
-    budgets: context tokens kept at each stage, as ints >= 1 or fractions in (0, 1] of the context; non-increasing.
-        The protected head and tail are kept on top of the budget.
+    budgets: prunable (retrieved-context) tokens kept at each stage, as ints >= 1 or fractions in (0, 1] of the
+        prunable tokens; non-increasing. Protected tokens (see `pd_integrations.layout`) are kept on top of it.
     pool_kernel: odd avg-pool width that smooths token scores before selection (1 = no smoothing).
     cache_truncation: gather the KV of layers up to each selection layer down to the kept tokens.
     query_source: "auto" seeds selection with the question span (the `query` when given, else the last user
         message or the last `tail_tokens` tokens); "last_token" seeds with the last prompt token, as the paper.
     tail_tokens: seed/protected tail length when no query span is known.
-    protect_head: leading tokens always kept (attention sinks, the start of the system prompt).
+    protect_head: leading tokens always kept (attention sinks).
     aggregation: "softmax_mean"/"softmax_max" take the attention softmax over keys, then the mean/max over heads
         and seed tokens; "logits_mean" averages raw scaled q·k logits (the paper).
     span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks, "sentence" whole sentences
@@ -67,6 +67,8 @@ class PromptDistillConfig:
         prompt text; raw `input_ids` that don't round-trip through the tokenizer use chunks instead.
     heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration.
     max_probe_tokens: longest `query` accepted as a transient probe.
+    context_min_tokens: without `documents=`, the fewest tokens a message needs to be taken as the retrieved
+        context (see `pd_integrations.layout`); shorter prompts are not pruned.
     """
 
     method: str = "promptdistill"
@@ -82,6 +84,7 @@ class PromptDistillConfig:
     chunk_size: int | None = None
     heads: tuple[tuple[int, ...] | None, ...] | None = None
     max_probe_tokens: int = 256
+    context_min_tokens: int = 256
 
     def __post_init__(self):
         # Lists from JSON or users become tuples, so configs stay hashable and comparable.
@@ -103,7 +106,8 @@ class PromptDistillConfig:
         if self.pool_kernel is not None and not (_is_int(self.pool_kernel) and self.pool_kernel >= 1
                                                  and self.pool_kernel % 2 == 1):
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {self.pool_kernel!r}")
-        for name, minimum in (("tail_tokens", 1), ("protect_head", 0), ("chunk_size", 1), ("max_probe_tokens", 1)):
+        for name, minimum in (("tail_tokens", 1), ("protect_head", 0), ("chunk_size", 1), ("max_probe_tokens", 1),
+                              ("context_min_tokens", 1)):
             value = getattr(self, name)
             if not (_is_int(value) and value >= minimum or name == "chunk_size" and value is None):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

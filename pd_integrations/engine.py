@@ -1,8 +1,9 @@
-"""The PromptDistill inference path, top to bottom: render → plan seeds → prefill with selection → decode.
+"""The PromptDistill inference path, top to bottom: render → lay out rows → prefill with selection → decode.
 
 Prefill drives `model.model.layers` one by one with HF's own decoder layers, rotary embedding, `DynamicCache` and
-attention functions. At a selection layer the context rows are scored by the seeds' attention, and only the kept
-rows (original order, original RoPE positions) continue to later layers. Decoding continues at the original
+attention functions. At a selection layer the prunable rows (retrieved context, see `layout.py`) are scored by the seeds'
+attention, and only the kept rows (original order, original RoPE positions) and every protected row continue to
+later layers. Decoding continues at the original
 prompt length. Everything a call needs lives in local variables and a per-call `Prefill`, so calls never share
 state; a lock serialises the model's forward steps (prefill, each decode step), so concurrent calls interleave
 safely without oversubscribing the CPU.
@@ -10,7 +11,6 @@ safely without oversubscribing the CPU.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +31,8 @@ from transformers import (
 from .arch import Architecture
 from .config import PromptDistillConfig, resolve_config
 from .loading import DEFAULT_MODEL, load_model
-from .query import QueryPlan, RenderedPrompt, kept_shares, plan_query, render
+from .layout import RowLayout, plan_layout
+from .query import RenderedPrompt, kept_shares, render
 from .selection import Selector
 
 
@@ -39,9 +40,13 @@ from .selection import Selector
 class GenerationResult:
     """One generation: the text and what PromptDistill kept to produce it.
 
-    `kept_token_indices` index the rendered prompt's tokens; `kept_char_spans` are merged character ranges of
-    `prompt_text` (the prompt as rendered, chat template included). `prefill_seconds` is the time to first token.
-    `document_retention` is, for a call that named its `documents`, each one's share of characters kept.
+    `kept_token_indices` index the rendered prompt's tokens; `kept_char_spans` and `protected_char_spans` are
+    merged character ranges of `prompt_text` (the prompt as rendered, chat template included). Only retrieved
+    context is prunable (see `pd_integrations.layout`): `context_source` says how it was found ("documents",
+    "template" when an adapter took it from a prompt template, "heuristic", "positional" or "none"), and
+    `protected_tokens` + `prunable_tokens` = `prompt_tokens`, of which `kept_prunable_tokens` survived.
+    `prefill_seconds` is the time to first token. `document_retention` is, for a call that named its `documents`,
+    each one's share of characters kept.
     """
 
     text: str
@@ -59,6 +64,11 @@ class GenerationResult:
     prompt_text: str | None
     output_token_ids: list[int]
     decode_start_position: int
+    context_source: str = "none"
+    protected_tokens: int = 0
+    prunable_tokens: int = 0
+    kept_prunable_tokens: int = 0
+    protected_char_spans: list[tuple[int, int]] = field(default_factory=list)
     token_scores: list[float] | None = field(default=None, repr=False)
     document_retention: list[float] | None = None
 
@@ -76,6 +86,11 @@ class GenerationResult:
             "selection_layers": list(self.selection_layers),
             "kept_char_spans": self.kept_char_spans,
             "method": self.method,
+            "context_source": self.context_source,
+            "protected_tokens": self.protected_tokens,
+            "prunable_tokens": self.prunable_tokens,
+            "kept_prunable_tokens": self.kept_prunable_tokens,
+            "protected_char_spans": self.protected_char_spans,
             "prompt_text": self.prompt_text,
             **retention,
         }
@@ -86,7 +101,7 @@ class Prefill:
     """Per-call state after prefill: the cache, the original positions of each layer's cached keys, the next-token
     logits and what was kept. `kept_indices` are prompt token indices whose states reached the last layer;
     `stage_kept` holds the kept indices after each selection stage; `scores` are first-stage selection scores per
-    prompt token (0 for protected ones)."""
+    prompt token (0 before the first stage's selection); `layout` says what was prunable."""
 
     cache: DynamicCache
     key_positions: list[torch.Tensor]
@@ -95,6 +110,7 @@ class Prefill:
     kept_indices: torch.Tensor
     stage_kept: list[torch.Tensor]
     scores: torch.Tensor | None
+    layout: RowLayout | None = None
     seconds: float = 0.0
 
     @property
@@ -117,6 +133,13 @@ class GenerationStream:
         if self._result is None:
             raise RuntimeError("the stream has not finished; iterate it to the end first")
         return self._result
+
+    def map_result(self, change: Callable[[GenerationResult], GenerationResult]) -> GenerationStream:
+        """The same deltas, with `change(result)` as the result (adapters add what only they know)."""
+        def events() -> Iterator[str]:
+            yield from self
+            return change(self.result)
+        return GenerationStream(events())
 
 
 class PromptDistillEngine:
@@ -176,84 +199,74 @@ class PromptDistillEngine:
         naming the parameter, before any model work.
         """
         stops = _check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        rendered, plan = self._prepare(prompt, messages, input_ids, query, documents)
-        return GenerationStream(self._generate(rendered, plan, max_new_tokens, temperature, top_p, top_k, seed, stops))
+        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
+        return GenerationStream(self._generate(rendered, layout, max_new_tokens, temperature, top_p, top_k, seed,
+                                               stops))
 
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                 query: str | None = None, documents: list[str] | None = None) -> Prefill:
-        """Run only the prefill and return its `Prefill` state (cache, kept indices, next-token logits)."""
-        rendered, plan = self._prepare(prompt, messages, input_ids, query, documents)
-        return self._prefill(rendered, plan)
+        """Run only the prefill and return its `Prefill` state (cache, kept indices, next-token logits, layout)."""
+        return self._prefill(*self._prepare(prompt, messages, input_ids, query, documents))
 
     def seed_attention(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-                       query: str | None = None) -> tuple[RenderedPrompt, QueryPlan, torch.Tensor]:
+                       query: str | None = None,
+                       documents: list[str] | None = None) -> tuple[RenderedPrompt, RowLayout, torch.Tensor]:
         """Per-layer, per-head attention of the seeds to every prompt token in an unpruned pass (for calibration).
 
-        Returns the rendered prompt, its query plan and scores [layers, heads, prompt tokens] aggregated over the
+        Returns the rendered prompt, its row layout and scores [layers, heads, prompt tokens] aggregated over the
         seeds with the config's aggregation.
         """
-        rendered, plan = self._prepare(prompt, messages, input_ids, query)
-        ids = torch.tensor(rendered.input_ids + list(plan.probe_ids), device=self.device)
+        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
+        ids = torch.tensor(rendered.input_ids + list(layout.probe_ids), device=self.device)
         layers: list[torch.Tensor] = []
         with self._lock, torch.inference_mode():
-            self._forward_prompt(ids, plan, [], observe=lambda i, scores: layers.append(scores))
-        return rendered, plan, torch.stack(layers)[..., : len(rendered.input_ids)]
+            self._forward_prompt(ids, layout, [], observe=lambda i, scores: layers.append(scores))
+        return rendered, layout, torch.stack(layers)[..., : len(rendered.input_ids)]
 
     # ---------------------------------------------------------------- prefill
 
-    def _prepare(self, prompt, messages, input_ids, query, documents=None) -> tuple[RenderedPrompt, QueryPlan]:
-        """Render the input, locate its documents and plan its seeds; raises `ValueError`/`TypeError` for bad
+    def _prepare(self, prompt, messages, input_ids, query, documents) -> tuple[RenderedPrompt, RowLayout]:
+        """Render the input, locate its documents and lay out its rows; raises `ValueError`/`TypeError` for bad
         input or a prompt that (with its probe) exceeds the context window."""
         rendered = render(self.tokenizer, prompt, messages, input_ids)
         if documents is not None:
             rendered = rendered.with_documents(documents)
         elif self.config.span == "document" and self.config.method != "full":
             raise ValueError('span="document" needs documents=[...]: the retrieved texts as they appear in the prompt')
-        plan = plan_query(self.tokenizer, rendered, query, self.config)
-        length = len(rendered.input_ids) + len(plan.probe_ids)
+        layout = plan_layout(self.tokenizer, rendered, query, self.config)
+        length = len(rendered.input_ids) + len(layout.probe_ids)
         if length > self.arch.max_positions:
             raise ValueError(
                 f"the prompt has {length} tokens (query probe included) but {self.model_name}'s context window is "
                 f"{self.arch.max_positions}; retrieve fewer or shorter documents"
             )
-        return rendered, plan
+        return rendered, layout
 
-    def _prefill(self, rendered: RenderedPrompt, plan: QueryPlan) -> Prefill:
-        ids = torch.tensor(rendered.input_ids + list(plan.probe_ids), device=self.device)
+    def _prefill(self, rendered: RenderedPrompt, layout: RowLayout) -> Prefill:
+        ids = torch.tensor(rendered.input_ids + list(layout.probe_ids), device=self.device)
         started = time.perf_counter()
         with self._lock, torch.inference_mode():
             if self.config.method == "gemfilter":
-                state = self._prefill_gemfilter(ids, plan, self._units(rendered, plan))
+                state = self._prefill_gemfilter(ids, layout)
             else:
-                stages = [] if self.config.method == "full" else self._stages(len(rendered.input_ids), plan)
-                state = self._forward_prompt(ids, plan, stages, units=self._units(rendered, plan))
+                stages = [] if self.config.method == "full" else self._stages(layout)
+                state = self._forward_prompt(ids, layout, stages)
             _synchronize(self.device)
         state.seconds = time.perf_counter() - started
+        state.layout = layout
         return state
 
-    def _stages(self, prompt_length: int, plan: QueryPlan) -> list[tuple[int, int, tuple[int, ...] | None]]:
-        """(layer, token budget, heads) per selection stage; fractional budgets are of the context length."""
+    def _stages(self, layout: RowLayout) -> list[tuple[int, int, tuple[int, ...] | None]]:
+        """(layer, budget of prunable tokens, heads) per selection stage."""
         config = self.config
-        context = max(prompt_length - min(config.protect_head, prompt_length) - plan.protected_tail
-                      + len(plan.probe_ids), 0)
-        budgets = [b if isinstance(b, int) else math.ceil(b * context) for b in config.budgets]
+        budgets = layout.stage_budgets(config.budgets)
         heads = config.heads or (None,) * len(budgets)
         return list(zip(config.selection_layers, budgets, heads))
 
-    def _units(self, rendered: RenderedPrompt, plan: QueryPlan) -> torch.Tensor | None:
-        """Span unit id per position (prompt and probe) for span retention; None for token-level selection."""
-        if self.config.method == "full" or self.config.span == "token":
-            return None
-        units = rendered.span_units(self.config.span, self.config.chunk_size)
-        # Probe rows are protected; their ids only need to continue the order.
-        probe = torch.arange(len(plan.probe_ids)) + int(units[-1]) + 1
-        return torch.cat([units, probe]).to(self.device)
-
-    def _forward_prompt(self, ids: torch.Tensor, plan: QueryPlan, stages: list, last_layer: int | None = None,
-                        observe: Callable[[int, torch.Tensor], None] | None = None,
-                        units: torch.Tensor | None = None) -> Prefill:
-        """Prefill `ids` at positions 0..n-1 through layers 0..`last_layer` (default: all), selecting at each
-        stage's layer; `units` (span unit id per position) makes selection keep whole spans.
+    def _forward_prompt(self, ids: torch.Tensor, layout: RowLayout, stages: list, last_layer: int | None = None,
+                        observe: Callable[[int, torch.Tensor], None] | None = None) -> Prefill:
+        """Prefill `ids` (prompt, then probe) at positions 0..n-1 through layers 0..`last_layer` (default: all),
+        selecting among `layout`'s prunable rows at each stage's layer, in whole span units when it has them.
         `observe(layer, head_scores)`, when given, receives every layer's per-head seed scores [H, rows] (for
         calibration). Returns the `Prefill`; with `last_layer` set, its logits are empty."""
         arch, config = self.arch, self.config
@@ -263,8 +276,10 @@ class PromptDistillEngine:
         cos_sin = arch.position_embeddings(hidden, positions[None])
         cache = DynamicCache()
         key_positions: list[torch.Tensor] = []
-        head = min(config.protect_head, n - plan.protected_tail)
-        tail = plan.protected_tail
+        candidates = layout.candidates().to(ids.device)
+        remaining = layout.num_prunable  # candidates among the current rows, tracked on the host
+        units = layout.units.to(ids.device) if layout.units is not None else None
+        probe_rows = len(layout.probe_ids)
         selector = Selector(config.aggregation or "softmax_mean", config.pool_kernel or 1)
         stage_by_layer = {layer: (budget, heads) for layer, budget, heads in stages}
         final_stage = stages[-1][0] if stages else -1
@@ -284,26 +299,27 @@ class PromptDistillEngine:
             )
             key_positions.append(positions)
             rows = hidden.shape[1]
-            seeds = slice(rows - plan.num_seeds, rows)
+            seeds = slice(rows - layout.num_seeds, rows)
             if observe is not None:
                 observe(i, self._seed_head_scores(selector, i, layer_input, cache, positions, cos_sin, seeds))
             if i not in stage_by_layer:
                 continue
             budget, heads = stage_by_layer[i]
             keep, scores = None, None
-            if budget < rows - head - tail:
+            if budget < remaining:
                 head_scores = self._seed_head_scores(selector, i, layer_input, cache, positions, cos_sin, seeds)
                 scores = selector.score(head_scores, heads)
-                keep = selector.keep(scores, head, tail, budget, units[positions] if units is not None else None)
+                keep = selector.keep(scores, candidates, remaining, budget,
+                                     units[positions] if units is not None else None)
+                remaining = budget
             if first_scores is None and scores is not None:
                 first_scores = torch.zeros(n, device=ids.device).index_put_((positions,), scores)
-            probe = len(plan.probe_ids) if i == final_stage else 0
+            probe = probe_rows if i == final_stage else 0
             if probe:
                 # The probe only seeds selection: drop it from the rows and every cache so far.
                 keep = (keep if keep is not None else torch.arange(rows, device=ids.device))[:-probe]
-                tail -= probe
             if keep is not None:
-                hidden, positions, masks = hidden[:, keep], positions[keep], {}
+                hidden, positions, candidates, masks = hidden[:, keep], positions[keep], candidates[keep], {}
                 cos_sin = {kind: (cos[:, keep], sin[:, keep]) for kind, (cos, sin) in cos_sin.items()}
                 for j in range(i + 1) if config.cache_truncation else ():
                     _gather_layer(cache.layers[j], keep)
@@ -313,7 +329,7 @@ class PromptDistillEngine:
                     key_positions[j] = key_positions[j][:-probe]
             stage_kept.append(positions)
         logits = arch.logits(hidden[:, -1])[0] if last_layer is None else torch.empty(0)
-        return Prefill(cache, key_positions, n - len(plan.probe_ids), logits, positions, stage_kept, first_scores)
+        return Prefill(cache, key_positions, n - probe_rows, logits, positions, stage_kept, first_scores)
 
     def _seed_head_scores(self, selector: Selector, layer_idx: int, layer_input: torch.Tensor,
                           cache: DynamicCache, positions: torch.Tensor, cos_sin: dict, seeds: slice) -> torch.Tensor:
@@ -323,14 +339,13 @@ class PromptDistillEngine:
         return selector.head_scores(self.arch, layer_idx, queries, cache.layers[layer_idx].keys,
                                     positions[seeds], positions)
 
-    def _prefill_gemfilter(self, ids: torch.Tensor, plan: QueryPlan, units: torch.Tensor | None) -> Prefill:
+    def _prefill_gemfilter(self, ids: torch.Tensor, layout: RowLayout) -> Prefill:
         """GemFilter: select at layer s from a partial pass, then a fresh full pass over the kept tokens with
         renumbered positions. Decoding continues after the kept length."""
-        stages = self._stages(ids.shape[0] - len(plan.probe_ids), plan)
-        layer = stages[0][0]
-        scout = self._forward_prompt(ids, plan, stages, last_layer=layer, units=units)
+        stages = self._stages(layout)
+        scout = self._forward_prompt(ids, layout, stages, last_layer=stages[0][0])
         kept = scout.kept_indices
-        state = self._forward_prompt(ids[kept], QueryPlan((), 1, 1), [])
+        state = self._forward_prompt(ids[kept], RowLayout.unpruned(kept.shape[0]), [])
         state.kept_indices, state.stage_kept, state.scores = kept, [kept], scout.scores
         return state
 
@@ -351,9 +366,9 @@ class PromptDistillEngine:
                            use_cache=True, position_embeddings=cos_sin[arch.layer_types[i]])
         return arch.logits(hidden[:, -1])[0]
 
-    def _generate(self, rendered: RenderedPrompt, plan: QueryPlan, max_new_tokens: int, temperature: float,
+    def _generate(self, rendered: RenderedPrompt, layout: RowLayout, max_new_tokens: int, temperature: float,
                   top_p: float, top_k: int, seed: int | None, stops: list[str]):
-        state = self._prefill(rendered, plan)
+        state = self._prefill(rendered, layout)
         kv_bytes = state.kv_cache_bytes
         processors = LogitsProcessorList()
         if temperature > 0:
@@ -413,6 +428,9 @@ class PromptDistillEngine:
             prompt_text=rendered.text,
             output_token_ids=output,
             decode_start_position=decode_position,
+            context_source=layout.context_source,
+            **layout.counts(state.kept_indices),
+            protected_char_spans=rendered.char_spans(torch.nonzero(~layout.prunable).flatten()),
             token_scores=state.scores[: len(rendered.input_ids)].tolist() if state.scores is not None else None,
             document_retention=None if rendered.document_ranges is None else kept_shares(
                 rendered.document_ranges, kept_spans),

@@ -32,11 +32,13 @@ def document_retention(prompt_text: str, kept_char_spans: list[tuple[int, int]],
 
 @dataclass(frozen=True)
 class TokenView:
-    """Per prompt token: its character span in `result.prompt_text`, whether it was kept, and its selection score
-    as a percentile among the prompt's tokens (None when no selection happened)."""
+    """Per prompt token: its character span in `result.prompt_text`, whether it was kept, whether it was protected
+    (never prunable: not retrieved context), and its selection score as a percentile among the prompt's tokens
+    (None when no selection happened)."""
 
     offsets: list[tuple[int, int]]
     kept: list[bool]
+    protected: list[bool]
     score_percentiles: list[float] | None
     scores: list[float] | None
 
@@ -60,19 +62,22 @@ def token_view(result: GenerationResult, tokenizer) -> TokenView:
                          f"{result.prompt_tokens}: pass the tokenizer of the engine that produced the result")
     kept_indices = set(result.kept_token_indices)
     kept = [i in kept_indices for i in range(result.prompt_tokens)]
+    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    protected = [any(a <= start < b for a, b in result.protected_char_spans) for start, _ in offsets]
     percentiles = None
     if result.token_scores is not None:
         order = sorted(range(len(result.token_scores)), key=result.token_scores.__getitem__)
         percentiles = [0.0] * len(order)
         for rank, index in enumerate(order):
             percentiles[index] = rank / max(len(order) - 1, 1)
-    return TokenView([tuple(o) for o in encoding["offset_mapping"]], kept, percentiles, result.token_scores)
+    return TokenView(offsets, kept, protected, percentiles, result.token_scores)
 
 
 def render_html(result: GenerationResult, tokenizer, documents: list[str] | None = None,
                 title: str | None = None) -> str:
-    """A self-contained HTML page: the prompt text with each token shaded green (kept) or grey (dropped), darker for
-    a higher selection score, with a legend, the run's figures, the answer and (given the retrieved `documents`)
+    """A self-contained HTML page: the prompt text with each retrieved-context token shaded green (kept) or grey
+    (dropped), darker for a higher selection score, and protected text (instructions, question, earlier turns,
+    template) in blue, with a legend, the run's figures, the answer and (given the retrieved `documents`)
     each document's retention. Raises `ValueError` like `token_view`."""
     view = token_view(result, tokenizer)
     text = result.prompt_text
@@ -83,8 +88,8 @@ def render_html(result: GenerationResult, tokenizer, documents: list[str] | None
         if start >= end:
             continue
         parts.append(html.escape(text[cursor:start]))
-        state = "kept" if view.kept[i] else "dropped"
-        if view.score_percentiles is None:
+        state = "protected" if view.protected[i] else "kept" if view.kept[i] else "dropped"
+        if state == "protected" or view.score_percentiles is None:
             shade, tip = "", state
         else:
             percentile = view.score_percentiles[i]
@@ -157,6 +162,8 @@ def _stats_table(result: GenerationResult) -> str:
         ("method", result.method),
         ("selection layers", ", ".join(map(str, result.selection_layers)) or "none"),
         ("prompt tokens kept", f"{result.kept_tokens} of {result.prompt_tokens} ({share:.1%})"),
+        ("retrieved context", f"{result.kept_prunable_tokens} of {result.prunable_tokens} tokens kept "
+                              f"(found by: {result.context_source}); {result.protected_tokens} protected"),
         ("prefill (time to first token)", f"{result.prefill_seconds:.3f} s"),
         ("KV cache after prefill", f"{result.kv_cache_bytes / 2**20:.2f} MiB"),
         ("decode", f"{result.output_tokens} tokens at {result.decode_tokens_per_second:.1f} tokens/s "
@@ -166,12 +173,13 @@ def _stats_table(result: GenerationResult) -> str:
 
 
 def _legend(scored: bool) -> str:
+    protected = '<span class="protected">protected (never pruned)</span>'
     if not scored:
-        return ('<span class="kept k5">kept</span> <span class="dropped">dropped</span> '
+        return (f'{protected} <span class="kept k5">kept</span> <span class="dropped">dropped</span> '
                 "— no selection scores: nothing was selected for this prompt")
     kept = "".join(f'<span class="kept k{d}">&nbsp;{d + 1}&nbsp;</span>' for d in range(SHADES))
     dropped = "".join(f'<span class="dropped d{d}">&nbsp;{d + 1}&nbsp;</span>' for d in range(SHADES))
-    return (f"kept {kept} &nbsp; dropped {dropped}<br>shade = decile of the token's first-stage selection score "
+    return (f"{protected} &nbsp; kept {kept} &nbsp; dropped {dropped}<br>shade = decile of the token's first-stage selection score "
             f"among the prompt's tokens (1 = lowest, 10 = highest); hover a token for its score")
 
 
@@ -199,6 +207,7 @@ th, td {{ text-align: left; padding: 0.2em 0.8em 0.2em 0; vertical-align: top; }
            overflow-wrap: anywhere; border: 1px solid #ddd; padding: 1em; }}
 .kept {{ color: #111; background: rgba(34, 139, 34, 0.35); }}
 .dropped {{ color: #9a9a9a; }}
+.protected {{ color: #111; background: rgba(65, 105, 225, 0.22); }}
 {style}
 </style>
 </head>

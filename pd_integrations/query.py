@@ -1,12 +1,7 @@
-"""Rendering the input to tokens, and finding the query tokens that seed selection.
-
-Seeds are always the last rows of the sequence the model sees: the question (plus the template suffix after it)
-when the prompt ends with it, otherwise a transient probe appended after the prompt and dropped after selection.
-"""
+"""Rendering the input to tokens with character offsets, locating retrieved documents in it, and span units."""
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -14,20 +9,36 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import PromptDistillConfig
+
+
+@dataclass(frozen=True)
+class MessageRange:
+    """Where one chat message's content lies in the rendered text."""
+
+    role: str
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
 class RenderedPrompt:
     """The prompt as the model sees it: `text` with per-token character `offsets` (both None for raw ids that
-    don't round-trip through the tokenizer), where the last user message starts in `text`, if known, and the
-    character ranges of the caller's retrieved documents in `text`, if given."""
+    don't round-trip through the tokenizer), where each chat message's content lies in `text` (for `messages`
+    input), the character ranges of the caller's retrieved documents in `text`, if given, and whether the caller
+    passed token ids (`from_ids`) rather than text."""
 
     input_ids: list[int]
     text: str | None
     offsets: list[tuple[int, int]] | None
-    last_user_start: int | None = None
+    message_ranges: tuple[MessageRange, ...] | None = None
     document_ranges: tuple[tuple[int, int], ...] | None = None
+    from_ids: bool = False
+
+    @property
+    def last_user_start(self) -> int | None:
+        """Where the last user message's content starts in `text`, if the prompt came from messages."""
+        starts = [m.start for m in self.message_ranges or () if m.role == "user"]
+        return starts[-1] if starts else None
 
     def with_documents(self, documents: list[str]) -> RenderedPrompt:
         """This prompt with the ranges of `documents` (see `document_texts`), which appear verbatim in it, in order.
@@ -57,7 +68,7 @@ class RenderedPrompt:
         return [(self.offsets[indices[a]][0], self.offsets[indices[b - 1]][1]) for a, b in zip(run_starts, run_ends)]
 
 
-    def _word_starts(self) -> torch.Tensor:
+    def word_starts(self) -> torch.Tensor:
         """Per token, its first non-whitespace character (its start for whitespace-only tokens). Tokenizers attach
         the space before a word to the word, which would otherwise put a document's first word in the unit before
         it."""
@@ -70,33 +81,46 @@ class RenderedPrompt:
         first = next_text[starts.clamp(max=length - 1)]
         return torch.where(first < ends, first, starts)
 
-    def span_units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
+    def span_units(self, span: str, chunk_size: int | None,
+                   regions: torch.Tensor | None = None) -> torch.Tensor | None:
         """Per token, the id of the span unit it belongs to (non-decreasing), or None for token-level selection.
 
-        Units never cross the boundaries of `document_ranges`. "document" makes each document (and each stretch of
-        text between documents) one unit; "sentence" splits after . ! ? and at line breaks; "chunk" cuts
-        `chunk_size`-token chunks, restarting at each document. Without text (raw ids that don't round-trip)
-        sentences fall back to chunks.
+        Units never cross the boundaries of `document_ranges`, nor those of `regions` (a non-decreasing id per
+        token, e.g. prunable and protected stretches). "document" makes each document (and each stretch of text
+        between documents) one unit; "sentence" splits after . ! ? and at line breaks; "chunk" groups whole
+        sentences into chunks of about `chunk_size` tokens (a chunk holds the sentences that start in its
+        `chunk_size`-token window, counted from each document and region start), so chunks never cut a sentence.
+        Without text (raw ids that don't round-trip) sentences and chunks are fixed `chunk_size`-token windows.
         """
         if span == "token":
             return None
         n = len(self.input_ids)
-        sentences = span == "sentence" and self.text is not None
-        starts = self._word_starts() if self.document_ranges or sentences else None
+        sentences = span in ("sentence", "chunk") and self.text is not None
+        starts = self.word_starts() if self.document_ranges or sentences else None
         segments = torch.zeros(n, dtype=torch.long)
         if self.document_ranges:
             bounds = torch.tensor(sorted({c for document in self.document_ranges for c in document}))
             segments = torch.searchsorted(bounds, starts, right=True)
+        if regions is not None:
+            segments = torch.unique_consecutive(segments * (n + 1) + regions, return_inverse=True)[1]
         if span == "document":
             inner = torch.zeros(n, dtype=torch.long)
         elif sentences:
             ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(self.text)], dtype=torch.long)
             inner = torch.searchsorted(ends, starts, right=True)
+            if span == "chunk":
+                # Each sentence goes to the window (within its segment) where its first token lies.
+                sentence = torch.unique_consecutive(segments * (n + 1) + inner, return_inverse=True)[1]
+                inner = (_run_starts(sentence) - _run_starts(segments)) // chunk_size
         else:
-            _, lengths = torch.unique_consecutive(segments, return_counts=True)
-            segment_start = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-            inner = (torch.arange(n) - segment_start) // chunk_size
+            inner = (torch.arange(n) - _run_starts(segments)) // chunk_size
         return torch.unique_consecutive(segments * (n + 1) + inner, return_inverse=True)[1]
+
+
+def _run_starts(ids: torch.Tensor) -> torch.Tensor:
+    """Per position of a non-decreasing id sequence, the index where its run of equal ids starts."""
+    _, lengths = torch.unique_consecutive(ids, return_counts=True)
+    return torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
 
 
 def document_texts(documents) -> list[str]:
@@ -153,16 +177,6 @@ _WHITESPACE = torch.tensor([c for c in range(0x3001) if chr(c).isspace()])
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n+")
 
 
-@dataclass(frozen=True)
-class QueryPlan:
-    """Where the seeds are: the last `num_seeds` rows of prompt + `probe_ids`; the last `protected_tail` rows are
-    always kept; the probe rows are dropped after the last selection stage."""
-
-    probe_ids: tuple[int, ...]
-    num_seeds: int
-    protected_tail: int
-
-
 def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> RenderedPrompt:
     """Tokenize exactly one of `prompt` (raw text), `messages` (via the chat template) or `input_ids`.
 
@@ -182,11 +196,8 @@ def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> R
         if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        user_contents = [m["content"] for m in messages if m["role"] == "user" and isinstance(m["content"], str)]
-        last_user_start = text.rfind(user_contents[-1]) if user_contents and user_contents[-1] else -1
         rendered = _tokenize(tokenizer, text, add_special_tokens=False)
-        return RenderedPrompt(rendered.input_ids, text, rendered.offsets,
-                              last_user_start if last_user_start >= 0 else None)
+        return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages))
     ids = input_ids.flatten().tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
     if not ids:
         raise ValueError("input_ids is empty")
@@ -194,8 +205,21 @@ def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> R
     text = tokenizer.decode(ids)
     retokenized = _tokenize(tokenizer, text, add_special_tokens=False)
     if retokenized.input_ids == ids:
-        return retokenized
-    return RenderedPrompt(ids, None, None)
+        return dataclasses.replace(retokenized, from_ids=True)
+    return RenderedPrompt(ids, None, None, from_ids=True)
+
+
+def _message_ranges(text: str, messages: list[dict]) -> tuple[MessageRange, ...]:
+    """Each message's content range in the rendered `text`, found in order (templates copy contents verbatim);
+    a content the template changed or dropped is left out."""
+    ranges, cursor = [], 0
+    for message in messages:
+        content = message["content"] if isinstance(message["content"], str) else ""
+        at = text.find(content, cursor) if content else -1
+        if at >= 0:
+            ranges.append(MessageRange(message["role"], at, at + len(content)))
+            cursor = at + len(content)
+    return tuple(ranges)
 
 
 def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> RenderedPrompt:
@@ -204,44 +228,3 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> RenderedPrompt:
     if not ids:
         raise ValueError("prompt is empty after tokenization")
     return RenderedPrompt(ids, text, [tuple(o) for o in encoding["offset_mapping"]])
-
-
-def plan_query(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> QueryPlan:
-    """Choose the seed tokens for selection.
-
-    - `method="full"` selects nothing, so a query adds no probe.
-    - `query_source="last_token"`: the last prompt token (the paper's rule).
-    - `query` found at the prompt tail (at most `tail_tokens` template tokens after it): its tokens to the end.
-    - `query` elsewhere (e.g. a question-first prompt): a transient probe of the query's tokens.
-    - no `query`: the last user message when it is short, else the last `tail_tokens` tokens.
-    Raises `ValueError` for an empty query or one longer than `max_probe_tokens` that needs a probe.
-    """
-    n = len(rendered.input_ids)
-    if config.method == "full" or config.query_source == "last_token":
-        return QueryPlan((), 1, 1)  # nothing is selected, or only the last token seeds
-    if query is not None:
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"query must be a non-empty str, got {query!r}")
-        question = query.strip()
-        at = rendered.text.rfind(question) if rendered.text else -1
-        start, end = _token_at(rendered, at), _token_at(rendered, at + len(question) - 1)
-        if start is not None and end is not None and n - 1 - end <= config.tail_tokens:
-            return QueryPlan((), n - start, n - start)
-        probe = tuple(tokenizer("\n" + question, add_special_tokens=False)["input_ids"])
-        if len(probe) > config.max_probe_tokens:
-            raise ValueError(f"query has {len(probe)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
-                             f"can be used as a probe")
-        return QueryPlan(probe, len(probe), len(probe) + min(config.tail_tokens, n))
-    start = _token_at(rendered, rendered.last_user_start if rendered.last_user_start is not None else -1)
-    if start is not None and n - start <= config.max_probe_tokens:
-        return QueryPlan((), n - start, n - start)
-    seeds = min(config.tail_tokens, n)
-    return QueryPlan((), seeds, seeds)
-
-
-def _token_at(rendered: RenderedPrompt, char: int) -> int | None:
-    """Index of the token that holds character `char` of the rendered text (None for char < 0 or no offsets)."""
-    if char < 0 or rendered.offsets is None:
-        return None
-    index = bisect.bisect_right(rendered.offsets, char, key=lambda offset: offset[1])
-    return index if index < len(rendered.offsets) else None

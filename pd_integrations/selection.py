@@ -1,9 +1,8 @@
 """Which context tokens survive a selection layer.
 
-The current sequence at a selection layer is always laid out as
-    [protected head | candidates (context) | protected tail]
-and the seed (query) tokens are the last rows of the protected tail. Scores come from the seeds' post-RoPE
-attention to every key; the budget picks candidates; the kept rows stay in their original order.
+The rows at a selection layer are candidates (retrieved context, see `pd_integrations.layout`) and protected rows;
+the seed (query) rows are the last ones, always protected. Scores come from the seeds' post-RoPE attention to every
+key; the budget picks candidates; every protected row is kept; the kept rows stay in their original order.
 """
 
 from __future__ import annotations
@@ -45,27 +44,27 @@ class Selector:
             head_scores = head_scores[list(heads)]
         return head_scores.amax(0) if self.aggregation == "softmax_max" else head_scores.mean(0)
 
-    def keep(self, scores: torch.Tensor, head: int, tail: int, budget: int,
+    def keep(self, scores: torch.Tensor, candidates: torch.Tensor, num_candidates: int, budget: int,
              unit_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Sorted row indices to keep: the protected `head` and `tail` rows plus `budget` candidate rows.
+        """Sorted row indices to keep: every row that is not a candidate, plus the best `budget` candidates.
 
-        With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences) are taken in the order of
-        their best token's score; the last unit taken is cut to its start to fit the budget exactly.
+        `candidates` marks the prunable rows; `num_candidates` is their count, known on the host, so no device
+        sync is needed. With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences,
+        documents) are taken in the order of their best token's score; the last unit taken is cut to its start to
+        fit the budget exactly. Pooling smooths scores along the candidates only.
         """
-        length = scores.shape[0]
-        candidates = scores[head:length - tail]
+        # Candidates first, each group in row order.
+        order = torch.argsort((~candidates).to(torch.uint8), stable=True)
+        candidate_rows, protected_rows = order[:num_candidates], order[num_candidates:]
+        candidate_scores = scores[candidate_rows]
         if self.pool_kernel > 1:
-            candidates = F.avg_pool1d(candidates[None, None], self.pool_kernel, 1, self.pool_kernel // 2)[0, 0]
+            candidate_scores = F.avg_pool1d(candidate_scores[None, None], self.pool_kernel, 1,
+                                            self.pool_kernel // 2)[0, 0]
         if unit_ids is None:
-            chosen = torch.topk(candidates, budget, sorted=False).indices
+            chosen = torch.topk(candidate_scores, budget, sorted=False).indices
         else:
-            chosen = _top_units(candidates, unit_ids[head:length - tail], budget)
-        device = scores.device
-        return torch.cat([
-            torch.arange(head, device=device),
-            head + torch.sort(chosen).values,
-            torch.arange(length - tail, length, device=device),
-        ])
+            chosen = _top_units(candidate_scores, unit_ids[candidate_rows], budget)
+        return torch.sort(torch.cat([protected_rows, candidate_rows[chosen]])).values
 
 
 def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int) -> torch.Tensor:

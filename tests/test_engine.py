@@ -114,8 +114,9 @@ def test_chunk_span_keeps_whole_chunks(tokenizer):
     engine = pruning_engine(tokenizer, selection_layers=(1,), budgets=(16,), span="chunk", chunk_size=8)
     kept = set(engine.prefill(input_ids=random_ids(N, seed=5)).kept_indices.tolist())
     context = kept - {0, 1} - set(range(N - 4, N))
-    chunks = {i // 8 for i in context}
-    assert len(context) == 16 and all(set(range(c * 8, c * 8 + 8)) - {0, 1} <= context for c in chunks)
+    # Chunks are counted from the first prunable token (after the 2 protected ones).
+    chunks = {(i - 2) // 8 for i in context}
+    assert len(context) == 16 and all(set(range(2 + c * 8, 2 + c * 8 + 8)) <= context for c in chunks)
 
 
 DOCUMENTS = [f"Document {i}: " + " ".join(f"fact{i}-{j} holds." for j in range(6 + 3 * i)) for i in range(4)]
@@ -142,15 +143,20 @@ def document_of_token(tokenizer, prompt: str) -> list[int | None]:
 def test_span_units_follow_document_boundaries(tokenizer, span, separator):
     prompt = document_prompt(separator)
     engine = pruning_engine(tokenizer, span=span, chunk_size=8)
-    units = engine._units(*engine._prepare(prompt, None, None, None, DOCUMENTS)).tolist()
+    units = engine.prefill(prompt, documents=DOCUMENTS).layout.units.tolist()
     owners = document_of_token(tokenizer, prompt)
+    pieces = [prompt[a:b] for a, b in tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]]
     for i in range(len(DOCUMENTS)):
-        inside = [units[t] for t, owner in enumerate(owners) if owner == i]
+        tokens = [t for t, owner in enumerate(owners) if owner == i]
+        inside = [units[t] for t in tokens]
         outside = {units[t] for t, owner in enumerate(owners) if owner != i}
         assert not set(inside) & outside  # no unit is shared with text outside the document
-        sizes = [inside.count(u) for u in dict.fromkeys(inside)]
-        # A document is one unit, or 8-token chunks counted from its own start.
-        assert sizes == [len(inside)] if span == "document" else sizes[:-1] == [8] * (len(sizes) - 1)
+        if span == "document":
+            assert len(set(inside)) == 1
+        else:
+            # Chunks of whole sentences: each starts at the document's start or right after a sentence's end.
+            firsts = [t for t in tokens if t == tokens[0] or units[t] != units[t - 1]]
+            assert len(firsts) > 2 and all(t == tokens[0] or pieces[t - 1].endswith(".") for t in firsts)
 
 
 def test_document_span_keeps_whole_documents(tokenizer):
@@ -160,8 +166,11 @@ def test_document_span_keeps_whole_documents(tokenizer):
     budget = sizes[1] + sizes[2] + 5  # room for two whole documents and the start of a third unit
     engine = pruning_engine(tokenizer, selection_layers=(1,), budgets=(budget,), span="document")
     result = engine.generate(prompt, documents=DOCUMENTS, query="which fact holds?", max_new_tokens=1)
-    context = result.kept_token_indices[2:2 + budget]  # after the 2 protected head tokens
-    assert result.kept_token_indices[2 + budget] > owners.index(3)  # then only the question tail
+    # Only the documents are prunable: every other token is kept, and the budget counts document tokens.
+    context = [t for t in result.kept_token_indices if owners[t] is not None]
+    assert set(result.kept_token_indices) - set(context) == {t for t, owner in enumerate(owners) if owner is None}
+    assert len(context) == budget and result.kept_prunable_tokens == budget
+    assert result.prunable_tokens == sum(sizes) and result.context_source == "documents"
     kept_per_document = {}
     for t in context:
         kept_per_document.setdefault(owners[t], []).append(t)

@@ -26,7 +26,7 @@ PRUNING = PromptDistillConfig(selection_layers=(1,), budgets=(24,), span="token"
 def tiny_result(tokenizer):
     engine = PromptDistillEngine(tiny_model("llama"), tokenizer, PRUNING)
     messages = [{"role": "user", "content": "\n\n".join(DOCUMENTS) + "\n\nWhat is in the vault?"}]
-    return engine.generate(messages=messages, query="What is in the vault?", max_new_tokens=3)
+    return engine.generate(messages=messages, query="What is in the vault?", documents=DOCUMENTS, max_new_tokens=3)
 
 
 class SpanCollector(HTMLParser):
@@ -53,8 +53,10 @@ class SpanCollector(HTMLParser):
 
 def test_token_view_matches_the_result(tiny_result, tokenizer):
     view = token_view(tiny_result, tokenizer)
-    assert len(view.offsets) == len(view.kept) == tiny_result.prompt_tokens
+    assert len(view.offsets) == len(view.kept) == len(view.protected) == tiny_result.prompt_tokens
     assert sum(view.kept) == tiny_result.kept_tokens
+    assert sum(view.protected) == tiny_result.protected_tokens
+    assert all(kept for kept, protected in zip(view.kept, view.protected) if protected)
     assert min(view.score_percentiles) == 0.0 and max(view.score_percentiles) == 1.0
     with pytest.raises(ValueError, match="re-tokenizes to"):
         token_view(dataclasses.replace(tiny_result, prompt_tokens=tiny_result.prompt_tokens + 5), tokenizer)
@@ -69,11 +71,14 @@ def test_html_escapes_the_prompt_and_shades_every_token(tiny_result, tokenizer):
     collector.feed(page)
     spans = collector.spans
     text = tiny_result.prompt_text
-    # The spans reproduce the prompt text they claim, and their states the kept count.
+    # The spans reproduce the prompt text they claim, and their states the protected and kept counts; only
+    # retrieved-context tokens carry a score shade.
     assert all(text[start:end] == shown for _, start, end, shown in spans)
     assert "".join(shown for *_, shown in spans) == text
-    assert sum("kept" in classes for classes, *_ in spans) == tiny_result.kept_tokens
-    assert all(re.fullmatch(r"[kd]\d", classes[1]) for classes, *_ in spans)
+    protected = [classes for classes, *_ in spans if classes[0] == "protected"]
+    assert len(protected) == tiny_result.protected_tokens > 0 and all(len(c) == 1 for c in protected)
+    assert sum(classes[0] == "kept" for classes, *_ in spans) == tiny_result.kept_prunable_tokens
+    assert all(re.fullmatch(r"[kd]\d", classes[1]) for classes, *_ in spans if classes[0] != "protected")
     assert "Documents" in page and page.count("<tr><td>") == len(DOCUMENTS)
 
 

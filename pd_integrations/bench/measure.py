@@ -38,7 +38,7 @@ DESCRIPTIONS = {
 
 
 def method_engines(engine: PromptDistillEngine, names: list[str], layer: int | None,
-                   budget: int | None) -> dict[str, PromptDistillEngine]:
+                   budget: int | float | None) -> dict[str, PromptDistillEngine]:
     """An engine per method name, sharing `engine`'s weights; `engine.config` is the profile.
 
     gemfilter, paper-rule and single-stage select once, at `layer` keeping `budget` tokens (default: the profile's
@@ -101,7 +101,8 @@ def run(engines: dict[str, PromptDistillEngine], probes: list[Probe], *, desc: s
 
 def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) -> dict:
     result, peak = _with_peak_memory(device, lambda: engine.generate(
-        messages=probe.messages, query=probe.question, max_new_tokens=probe.max_new_tokens))
+        messages=probe.messages, query=probe.question, documents=[probe.context],
+        max_new_tokens=probe.max_new_tokens))
     return {
         "prompt_tokens": result.prompt_tokens,
         "kept_tokens": result.kept_tokens,
@@ -131,7 +132,7 @@ def _warm_up(engines: dict[str, PromptDistillEngine]) -> None:
     engine = next(iter(engines.values()))
     probe = needle(engine.tokenizer, 128, 0.5, seed=0)
     for distinct in {e.config: e for e in engines.values()}.values():
-        distinct.generate(messages=probe.messages, query=probe.question, max_new_tokens=2)
+        distinct.generate(messages=probe.messages, query=probe.question, documents=[probe.context], max_new_tokens=2)
 
 
 def _with_peak_memory(device: torch.device, call):

@@ -30,7 +30,7 @@ _NOUNS = ("lantern", "harbor", "violin", "meadow", "compass", "glacier", "orchar
 class Probe:
     """One benchmark prompt: chat `messages`, the `question` that seeds selection, and how to `score` an answer
     (0..1). `labels` say where the probe sits in the grid (length, depth or task, seed); `needles` are the hidden
-    sentences."""
+    sentences; `context` is the haystack, named as the retrieved document so that exactly it is prunable."""
 
     labels: dict
     messages: list[dict]
@@ -38,6 +38,7 @@ class Probe:
     needles: tuple[str, ...]
     max_new_tokens: int
     score: Callable[[str], float]
+    context: str
 
 
 def needle(tokenizer, length: int, depth: float, seed: int, *, kind: str = "passcode",
@@ -45,7 +46,7 @@ def needle(tokenizer, length: int, depth: float, seed: int, *, kind: str = "pass
     """A single-needle probe of `kind` at `depth` in about `length` tokens of haystack (see `needle_probe`)."""
     probe = needle_probe(tokenizer, length, depth, kind=kind, seed=seed, haystack=haystack)
     return Probe({"length": length, "depth": depth, "seed": seed}, probe.messages(), probe.question,
-                 (probe.needle,), 24, lambda text: float(probe.is_answered(text)))
+                 (probe.needle,), 24, lambda text: float(probe.is_answered(text)), probe.context)
 
 
 def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None = None) -> Probe:
@@ -78,7 +79,7 @@ def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None =
     # Multi-answer tasks list four 7-digit numbers; a digit is one token for most tokenizers.
     max_new_tokens = 24 if len(expected) == 1 else 80
     return Probe({"length": length, "task": name, "seed": seed}, messages, question, tuple(needles), max_new_tokens,
-                 lambda text: _share_found(expected, text))
+                 lambda text: _share_found(expected, text), context)
 
 
 def _share_found(expected: list[str], text: str) -> float:

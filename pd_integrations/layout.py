@@ -1,0 +1,237 @@
+"""The row layout of a prefill: which prompt tokens selection may drop, which rows seed it, and the probe.
+
+Only retrieved context is prunable. Chat-template tokens and role headers, the system prompt (unless it holds the
+context), instructions, the question wherever it stands, earlier turns of a conversation and the text after the
+context are protected: they reach every layer. The engine and calibration both select within this layout.
+
+Where the context is, most precise first (`RowLayout.context_source`):
+- "documents": the retrieved texts a caller names with `documents=` (the adapters fill it from prompt templates);
+  only their tokens are prunable.
+- "heuristic": no documents named. The one message (the whole text for a raw prompt) holding the most tokens is
+  the context when it has at least `context_min_tokens`. In it, the context block runs from the first to the
+  last passage-like line: at least `SHORT_LINE_TOKENS` tokens, not a question line ("Question: ...", "...?")
+  under `INSTRUCTION_LINE_TOKENS` tokens, and, unless no other line qualifies, not a first or last line under
+  that length (an instruction before or after the context). The block's lines are prunable, except question lines; labels and instructions outside
+  it are protected.
+- "positional": `input_ids` without documents (the caller handed over tokens, not their structure): every token
+  but the first `protect_head` and the protected tail.
+- "none": no message is long enough to be retrieved context, so nothing is pruned.
+The first `protect_head` tokens (attention sinks), the question's own span and the seed rows are always protected.
+
+Seeds are always the last rows of the sequence the model sees, so that their attention reaches the whole context:
+the question plus the template tokens after it when no context follows the question, otherwise a transient probe
+(the question's tokens appended after the prompt and dropped after the last selection stage).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .config import PromptDistillConfig
+from .query import RenderedPrompt
+
+# Lines shorter than this are labels ("Context:", "Answer briefly.") unless they lie inside the context block.
+SHORT_LINE_TOKENS = 8
+# First and last lines, and question lines, shorter than this are instructions and questions, not passages.
+INSTRUCTION_LINE_TOKENS = 64
+# A line that asks: a "Question:"/"Query:" label, or a line ending in a question mark.
+_QUESTION_LINE = re.compile(r"^\W*(question|query)\s*:|\?\W*$", re.IGNORECASE)
+_LINE = re.compile(r"[^\n]*\S[^\n]*")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Per prompt token whether selection may drop it (`prunable`), where the context came from, the transient
+    `probe_ids` appended after the prompt, how many of the last rows seed selection (`num_seeds`), and each row's
+    span unit (`units`, prompt and probe rows; None for token-level selection)."""
+
+    prunable: torch.Tensor
+    context_source: str
+    probe_ids: tuple[int, ...]
+    num_seeds: int
+    units: torch.Tensor | None
+
+    @classmethod
+    def unpruned(cls, length: int) -> RowLayout:
+        """A layout that prunes nothing: the last token seeds, nobody selects."""
+        return cls(torch.zeros(length, dtype=torch.bool), "none", (), 1, None)
+
+    @property
+    def num_prunable(self) -> int:
+        return int(self.prunable.sum())
+
+    def candidates(self) -> torch.Tensor:
+        """Per row (prompt, then probe): whether selection may drop it."""
+        return torch.cat([self.prunable, torch.zeros(len(self.probe_ids), dtype=torch.bool)])
+
+    def stage_budgets(self, budgets: tuple[int | float, ...]) -> list[int]:
+        """Context tokens kept per stage: ints as given, fractions of the prunable tokens (rounded up)."""
+        return [b if isinstance(b, int) else math.ceil(b * self.num_prunable) for b in budgets]
+
+    def counts(self, kept_indices: torch.Tensor) -> dict[str, int]:
+        """How many prompt tokens were protected, prunable, and kept among the prunable."""
+        prunable = self.num_prunable
+        return {"protected_tokens": self.prunable.numel() - prunable, "prunable_tokens": prunable,
+                "kept_prunable_tokens": int(self.prunable[kept_indices.cpu()].sum())}
+
+
+def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> RowLayout:
+    """The layout of `rendered` for `config`: what is prunable (see the module docstring), the seeds and the probe.
+
+    Seeds: the last prompt token for `query_source="last_token"` (the paper's rule); else the question (`query`,
+    or a question line the heuristic found) from its start to the end when no prunable token follows it, else a
+    probe of its tokens; with no question, the last user message when it is short and follows the context, else
+    the last `tail_tokens` tokens. Raises `ValueError` for an empty query, or one longer than `max_probe_tokens`
+    that needs a probe.
+    """
+    n = len(rendered.input_ids)
+    if config.method == "full":
+        return RowLayout.unpruned(n)
+    if query is not None and (not isinstance(query, str) or not query.strip()):
+        raise ValueError(f"query must be a non-empty str, got {query!r}")
+    question = _locate(rendered, query.strip()) if query is not None else None
+    if rendered.document_ranges:
+        prunable, source = _tokens_in(rendered, rendered.document_ranges), "documents"
+    elif rendered.from_ids:
+        prunable, source = torch.ones(n, dtype=torch.bool), "positional"
+    else:
+        prunable = _heuristic_context(rendered, config.context_min_tokens)
+        source = "heuristic" if bool(prunable.any()) else "none"
+    prunable[: config.protect_head] = False
+    if question is not None:
+        prunable &= ~_tokens_in(rendered, [question])
+    elif query is None and source != "positional" and rendered.text is not None:
+        question = _question_line(rendered, prunable)
+    probe, num_seeds, tail = _seeds(tokenizer, rendered, query, question, prunable, config)
+    prunable[n - (tail - len(probe)):] = False
+    units = span_units(rendered, prunable, config.span or "token", config.chunk_size, len(probe))
+    return RowLayout(prunable, source, probe, num_seeds, units)
+
+
+def _seeds(tokenizer, rendered: RenderedPrompt, query: str | None, question: tuple[int, int] | None,
+           prunable: torch.Tensor, config: PromptDistillConfig) -> tuple[tuple[int, ...], int, int]:
+    """(probe ids, seed rows, protected tail rows including the probe); see `plan_layout`."""
+    n = len(rendered.input_ids)
+    if config.query_source == "last_token":
+        return (), 1, 1
+    if question is not None:
+        start = _first_token_at_or_after(rendered, question[0])
+        if not bool(prunable[start:].any()) and n - start <= config.max_probe_tokens:
+            return (), n - start, n - start
+    if query is not None or question is not None:
+        text = query.strip() if query is not None else rendered.text[question[0]:question[1]].strip()
+        probe = tuple(tokenizer("\n" + text, add_special_tokens=False)["input_ids"])
+        if len(probe) > config.max_probe_tokens:
+            raise ValueError(f"query has {len(probe)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
+                             f"can be used as a probe")
+        return probe, len(probe), len(probe) + _template_tail(prunable, config.tail_tokens)
+    user = rendered.last_user_start
+    if user is not None:
+        start = _first_token_at_or_after(rendered, user)
+        if not bool(prunable[start:].any()) and n - start <= config.max_probe_tokens:
+            return (), n - start, n - start
+    seeds = _template_tail(prunable, config.tail_tokens)
+    return (), seeds, seeds
+
+
+def _template_tail(prunable: torch.Tensor, tail_tokens: int) -> int:
+    """How many of the last prompt tokens to protect: `tail_tokens`, but none of the context itself when text
+    (the template's end) follows it."""
+    n = prunable.numel()
+    after_context = n - 1 - int(prunable.nonzero().max()) if bool(prunable.any()) else n
+    return min(tail_tokens, n, after_context) if after_context > 0 else min(tail_tokens, n)
+
+
+def _locate(rendered: RenderedPrompt, question: str) -> tuple[int, int] | None:
+    """Character range of the question's last occurrence in the text, or None."""
+    at = rendered.text.rfind(question) if rendered.text else -1
+    return (at, at + len(question)) if at >= 0 else None
+
+
+def _first_token_at_or_after(rendered: RenderedPrompt, char: int) -> int:
+    ends = torch.tensor([end for _, end in rendered.offsets])
+    return int(torch.searchsorted(ends, char, right=True))
+
+
+def _tokens_in(rendered: RenderedPrompt, ranges) -> torch.Tensor:
+    """Per token, whether its first non-space character lies in one of the character `ranges`."""
+    starts = rendered.word_starts()
+    inside = torch.zeros(len(rendered.input_ids), dtype=torch.bool)
+    for start, end in ranges:
+        inside |= (starts >= start) & (starts < end)
+    return inside
+
+
+def _heuristic_context(rendered: RenderedPrompt, min_tokens: int) -> torch.Tensor:
+    """The prunable tokens of the longest message (see the module docstring)."""
+    text, starts = rendered.text, rendered.word_starts()
+    regions = [(m.start, m.end) for m in rendered.message_ranges] if rendered.message_ranges else [(0, len(text))]
+    sizes = [int(((starts >= a) & (starts < b)).sum()) for a, b in regions]
+    first, last = regions[max(range(len(regions)), key=sizes.__getitem__)]
+    lines, tokens = _lines(rendered, first, last)
+    prunable = torch.zeros(len(starts), dtype=torch.bool)
+    if max(sizes) < min_tokens or not lines:
+        return prunable
+    instruction_sized = tokens < INSTRUCTION_LINE_TOKENS
+    asks = _asks(text, lines) & instruction_sized
+    passage = (tokens >= SHORT_LINE_TOKENS) & ~asks
+    inner = passage.clone()
+    inner[[0, -1]] &= ~instruction_sized[[0, -1]]
+    # Edge lines count as instructions only when other lines are passages (a short context may be one line).
+    passages = (inner if bool(inner.any()) else passage).nonzero().flatten().tolist()
+    if not passages:
+        return prunable
+    # The block covers everything between its first and last passage-like line, line breaks included; question
+    # lines inside it stay protected.
+    block = (lines[passages[0]][0], lines[passages[-1]][1])
+    questions = [lines[i] for i in asks.nonzero().flatten().tolist()]
+    return _tokens_in(rendered, [block]) & ~_tokens_in(rendered, questions)
+
+
+def _question_line(rendered: RenderedPrompt, prunable: torch.Tensor) -> tuple[int, int] | None:
+    """Character range of the question line when the caller named no query: a protected line under
+    `INSTRUCTION_LINE_TOKENS` tokens that asks; the last one after the context, else the last one before it (a
+    question-first prompt)."""
+    lines, tokens = _lines(rendered, 0, len(rendered.text))
+    starts = rendered.word_starts()
+    pruned = torch.tensor([bool(prunable[(starts >= a) & (starts < b)].any()) for a, b in lines], dtype=torch.bool)
+    asks = (_asks(rendered.text, lines) & (tokens < INSTRUCTION_LINE_TOKENS) & ~pruned).nonzero().flatten().tolist()
+    context = starts[prunable]
+    if context.numel() == 0:
+        return lines[asks[-1]] if asks else None
+    after = [lines[i] for i in asks if lines[i][0] > int(context[-1])]
+    before = [lines[i] for i in asks if lines[i][1] <= int(context[0])]
+    return (after or before or [None])[-1]
+
+
+def _lines(rendered: RenderedPrompt, first: int, last: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The non-blank lines of `rendered.text[first:last]` as character ranges, and each one's token count."""
+    lines = [(m.start(), m.end()) for m in _LINE.finditer(rendered.text, first, last)]
+    if not lines:
+        return [], torch.zeros(0, dtype=torch.long)
+    starts = rendered.word_starts()
+    line_starts = torch.tensor([a for a, _ in lines])
+    line_ends = torch.tensor([b for _, b in lines])
+    line_of = (torch.searchsorted(line_starts, starts, right=True) - 1).clamp(min=0)
+    in_line = (starts >= line_starts[line_of]) & (starts < line_ends[line_of])
+    return lines, torch.bincount(line_of[in_line], minlength=len(lines))
+
+
+def _asks(text: str, lines: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.tensor([bool(_QUESTION_LINE.search(text[a:b])) for a, b in lines], dtype=torch.bool)
+
+
+def span_units(rendered: RenderedPrompt, prunable: torch.Tensor, span: str, chunk_size: int | None,
+               probe_rows: int = 0) -> torch.Tensor | None:
+    """Span unit id per row (prompt, then `probe_rows` probe rows), or None for token-level selection. Units never
+    cross the edge of a prunable region, so a protected line never shares a unit with context."""
+    regions = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), (prunable[1:] != prunable[:-1]).long()]), 0)
+    units = rendered.span_units(span, chunk_size, regions)
+    if units is None:
+        return None
+    # Probe rows are protected; their ids only need to continue the order.
+    return torch.cat([units, torch.arange(probe_rows) + int(units[-1]) + 1])

@@ -1,0 +1,176 @@
+"""Only retrieved context is pruned: the instruction, the question and earlier turns reach every layer, in every
+common RAG prompt shape, whether the caller names the documents or the rule finds the context."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from pd_integrations import PromptDistillConfig, PromptDistillEngine
+
+from .conftest import TINY
+
+# Handbook passages that all resemble each other: same form, different facts.
+OFFICES = ["Lisbon", "Nairobi", "Montreal", "Kyoto", "Tallinn", "Perth", "Quito", "Bergen", "Hobart", "Granada",
+           "Cusco", "Tbilisi", "Reykjavik", "Da Nang", "Zanzibar", "Valparaiso"]
+PEOPLE = ["Marta Silva", "Joseph Mwangi", "Claire Gagnon", "Aiko Tanaka", "Kadri Tamm", "Liam Walsh",
+          "Sofia Paredes", "Ingrid Dahl", "Oliver Reid", "Lucia Moreno", "Rosa Quispe", "Nino Beridze",
+          "Gunnar Olafsson", "Linh Nguyen", "Amina Salim", "Diego Rojas"]
+PASSAGES = [f"Travel desk, {office} office. Expense claims from the {office} office are approved by {person}, who "
+            f"also handles visa letters and hotel bookings. Claims over {200 + 37 * k} euros need form TR-{k:02d} "
+            f"and must be filed within {10 + k} days of returning."
+            for k, (office, person) in enumerate(zip(OFFICES, PEOPLE))]
+CONTEXT = "\n\n".join(PASSAGES)
+QUESTION = "Who approves expense claims from the Kyoto office?"
+INSTRUCTION = "Use the following pieces of retrieved context to answer the question."
+RAG_PROMPT = ("You are an assistant for question-answering tasks. Use the following pieces of retrieved context to "
+              "answer the question. If you don't know the answer, just say that you don't know. Use three sentences "
+              "maximum and keep the answer concise.")
+
+# Each shape: its messages and the texts that must never be pruned.
+SHAPES = {
+    "question last": ([{"role": "user", "content": f"{INSTRUCTION}\n\n{CONTEXT}\n\nQuestion: {QUESTION}\n"
+                                                   f"Answer briefly."}],
+                      [INSTRUCTION, f"Question: {QUESTION}", "Answer briefly."]),
+    "question first": ([{"role": "user", "content": f"{RAG_PROMPT}\nQuestion: {QUESTION} \nContext: {CONTEXT} "
+                                                    f"\nAnswer:"}],
+                       [RAG_PROMPT, f"Question: {QUESTION}", "Answer:"]),
+    "system context": ([{"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
+                        {"role": "user", "content": QUESTION}],
+                       [INSTRUCTION, QUESTION]),
+    "multi-turn": ([{"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
+                    {"role": "user", "content": "Who approves expense claims from the Kyoto office?"},
+                    {"role": "assistant", "content": "Aiko Tanaka approves them."},
+                    {"role": "user", "content": "What else does she handle?"}],
+                   [INSTRUCTION, "Who approves expense claims from the Kyoto office?", "Aiko Tanaka approves them.",
+                    "What else does she handle?"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY, "max_position_embeddings": 4096})
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def engine_for(model, tokenizer, **overrides) -> PromptDistillEngine:
+    config = PromptDistillConfig(**{"selection_layers": (1,), "budgets": (0.25,), "aggregation": "softmax_mean",
+                                    "pool_kernel": 1, "span": "chunk", "chunk_size": 8, **overrides})
+    return PromptDistillEngine(model, tokenizer, config)
+
+
+def rendered_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def kept_share(result, text: str) -> float:
+    """Share of the characters of `text` (its last occurrence in the rendered prompt) that lie in kept spans."""
+    start = result.prompt_text.rindex(text)
+    end = start + len(text)
+    return sum(max(0, min(b, end) - max(a, start)) for a, b in result.kept_char_spans) / len(text)
+
+
+def dropped_texts(result, tokenizer) -> list[str]:
+    offsets = tokenizer(result.prompt_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    kept = set(result.kept_token_indices)
+    return [result.prompt_text[a:b] for i, (a, b) in enumerate(offsets) if i not in kept]
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["documents", "heuristic"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_only_retrieved_context_is_pruned(tiny_llama, tokenizer, shape, named):
+    messages, protected = SHAPES[shape]
+    engine = engine_for(tiny_llama, tokenizer)
+    result = engine.generate(messages=messages, documents=PASSAGES if named else None, max_new_tokens=1)
+    assert result.context_source == ("documents" if named else "heuristic")
+    # The question, the instruction and the earlier turns are kept whole.
+    assert {text: kept_share(result, text) for text in protected} == {text: 1.0 for text in protected}
+    # Only passage text is dropped.
+    dropped = dropped_texts(result, tokenizer)
+    assert dropped and all(piece.strip() in CONTEXT for piece in dropped)
+    # The counts agree with the kept tokens, and the budget is a quarter of the prunable tokens.
+    assert result.protected_tokens + result.prunable_tokens == result.prompt_tokens
+    assert result.kept_tokens == result.protected_tokens + result.kept_prunable_tokens
+    assert result.kept_prunable_tokens == math.ceil(0.25 * result.prunable_tokens)
+    assert result.prompt_tokens - result.kept_tokens == len(dropped)
+    # The passages are prunable and nearly nothing more. Named documents leave the blank lines between them
+    # protected; the rule keeps a last line of instruction size (these passages are ~60 tokens) in case it is an
+    # instruction, and prunes a label that shares the first passage's line ("Context: Travel desk, ...").
+    context_tokens = len(tokenizer(CONTEXT, add_special_tokens=False)["input_ids"])
+    last_passage = len(tokenizer(PASSAGES[-1], add_special_tokens=False)["input_ids"])
+    slack = 2 * len(PASSAGES) if named else last_passage + 2
+    assert context_tokens - slack <= result.prunable_tokens <= context_tokens + 4
+
+
+@pytest.mark.parametrize("shape, probe", [("question last", False), ("question first", True),
+                                          ("system context", False)])
+def test_the_question_seeds_selection_from_the_tail_or_as_a_probe(tiny_llama, tokenizer, shape, probe):
+    """A question after the context seeds from where it stands; one before it (found by the rule, or named by
+    `query`) is copied after the prompt as a probe, since only later rows can attend to the context."""
+    messages, _ = SHAPES[shape]
+    engine = engine_for(tiny_llama, tokenizer)
+    for query in (None, QUESTION):
+        layout = engine.prefill(messages=messages, query=query).layout
+        probe_text = tokenizer.decode(layout.probe_ids)
+        assert (QUESTION in probe_text) if probe else layout.probe_ids == ()
+        if not probe:
+            seed_ids = rendered_ids(tokenizer, messages)[-layout.num_seeds:]
+            assert QUESTION in tokenizer.decode(seed_ids)
+
+
+def test_named_query_span_is_protected_even_inside_the_context_message(tiny_llama, tokenizer):
+    """A question that sits inside the long message without a "Question:" label is protected once named."""
+    content = f"{INSTRUCTION}\n\n{CONTEXT}\n\nTell me this: {QUESTION.rstrip('?')} please, and be brief about it."
+    messages = [{"role": "user", "content": content}]
+    engine = engine_for(tiny_llama, tokenizer)
+    result = engine.generate(messages=messages, query=QUESTION.rstrip("?"), max_new_tokens=1)
+    assert kept_share(result, QUESTION.rstrip("?")) == 1.0
+
+
+def test_short_prompts_have_no_context_and_are_not_pruned(tiny_llama, tokenizer):
+    engine = engine_for(tiny_llama, tokenizer)
+    result = engine.generate(messages=[{"role": "user", "content": f"{PASSAGES[0]}\n\n{QUESTION}"}],
+                             max_new_tokens=1)
+    assert result.context_source == "none" and result.prunable_tokens == 0
+    assert result.kept_tokens == result.prompt_tokens
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["documents", "heuristic"])
+@pytest.mark.parametrize("shape", ["question first", "multi-turn"])
+def test_exact_when_the_budget_covers_the_context(tiny_llama, tokenizer, shape, named):
+    """With a budget of every prunable token the layout changes nothing: the unmodified model's tokens."""
+    messages, _ = SHAPES[shape]
+    engine = engine_for(tiny_llama, tokenizer, budgets=(1.0,))
+    result = engine.generate(messages=messages, documents=PASSAGES if named else None, max_new_tokens=6)
+    ids = torch.tensor([rendered_ids(tokenizer, messages)])
+    reference = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6)
+    assert result.kept_tokens == result.prompt_tokens
+    assert result.output_token_ids == reference[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0.25, 0.5])
+def test_default_model_keeps_question_and_instruction_in_every_rag_shape(default_engine, tokenizer, budget):
+    """Handbook questions over MiniLM-retrieved passages that all resemble each other, the context found by the rule
+    alone (no documents, no query): in every shape the question and the instruction survive pruning whole."""
+    from pd_integrations.bench.rag import QUESTION_FIRST, QUESTION_LAST, SHAPES, SYSTEM_CONTEXT, rag_prompt, retrieve
+    from pd_integrations.bench.handbook import make_handbook, make_questions
+
+    instructions = {"question_last": QUESTION_LAST.split("\n")[0], "question_first": QUESTION_FIRST.split("\n")[0],
+                    "system_context": SYSTEM_CONTEXT.split("\n")[0]}
+    corpus = make_handbook(seed=0)
+    engine = default_engine.with_config(default_engine.config.replace(budgets=(budget,)))
+    for question in make_questions(corpus, 2, seed=1):
+        passages = retrieve(question, corpus, tokenizer, target_tokens=700)
+        for shape in SHAPES:
+            prompt = rag_prompt(shape, question, passages)
+            result = engine.generate(messages=prompt.messages, max_new_tokens=1)
+            assert result.context_source == "heuristic"
+            assert kept_share(result, question.question) == 1.0 and kept_share(result, instructions[shape]) == 1.0
+            assert result.kept_prunable_tokens == math.ceil(budget * result.prunable_tokens)
+            assert result.prunable_tokens > 0.9 * sum(len(tokenizer(d)["input_ids"]) for d in prompt.documents)
