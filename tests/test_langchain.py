@@ -161,14 +161,17 @@ def test_bound_pd_documents_keep_whole_documents_and_report_their_retention():
 
 
 def test_llm_answers_a_raw_rag_prompt_from_pruned_context():
-    llm = PromptDistillLLM(**PRUNING, max_tokens=32)
+    """A raw (non-chat) prompt is fragile for an instruct model, so the premise is checked too: full attention
+    answers it. The documents are named, so only they are pruned, in whole-passage units."""
     prompt = PromptTemplate.from_template("Use the documents to answer the question.\n\n{context}\n\n"
-                                          "Question: {question}\nAnswer:")
-    result = llm.generate([prompt.format(**RAG_INPUT)])
+                                          "Question: {question}\nAnswer: ").format(**RAG_INPUT)
+    assert ANSWER in PromptDistillLLM(method="full", max_tokens=32).invoke(prompt)
+    llm = PromptDistillLLM(**PRUNING, max_tokens=32)
+    result = llm.generate([prompt], pd_documents=DOCUMENTS)
     generation = result.generations[0][0]
     stats = generation.generation_info["promptdistill"]
     assert ANSWER in generation.text
-    assert stats["kept_tokens"] < stats["prompt_tokens"]
+    assert stats["kept_tokens"] < stats["prompt_tokens"] and stats["context_source"] == "documents"
     assert generation.generation_info["usage_metadata"]["input_tokens"] == stats["prompt_tokens"]
     assert result.llm_output["token_usage"] == generation.generation_info["usage_metadata"]
     assert result.llm_output["model_name"] == "smollm2-135m-instruct"
@@ -249,7 +252,8 @@ async def test_abatch_of_16_pruned_prompts_equals_sequential_output():
     notes = ("Reference notes: capitals are usually the seat of government. Some countries have several capitals, "
              "and a few moved their capital during the last century.")
     prompts = [[SystemMessage(notes), HumanMessage(f"What is the capital of {country}?")] for country in COUNTRIES]
-    chat = ChatPromptDistill(selection_layers=(14,), budgets=(16,), max_tokens=8)
+    # The notes are named as the retrieved document, so they are the prunable text.
+    chat = ChatPromptDistill(selection_layers=(14,), budgets=(16,), max_tokens=8).bind(pd_documents=[notes])
     concurrent = await chat.abatch(prompts)
     sequential = [chat.invoke(prompt) for prompt in prompts]
     assert [m.content for m in concurrent] == [m.content for m in sequential]

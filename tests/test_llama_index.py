@@ -21,7 +21,8 @@ PROMPT = "What is the capital of France? Answer in one word."
 CONTEXT = "The secret pass code for the vault is 48213. The vault is in the basement."
 QUESTION = "What is the secret pass code for the vault?"
 STATS_KEYS = {"prompt_tokens", "kept_tokens", "kept_ratio", "prefill_seconds", "selection_layers", "kept_char_spans",
-              "method", "prompt_text"}
+              "method", "prompt_text", "context_source", "protected_tokens", "prunable_tokens", "kept_prunable_tokens",
+              "protected_char_spans"}
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +162,10 @@ def test_unknown_keyword_arguments_raise(llm):
 
 
 async def test_concurrent_acomplete_equals_sequential():
-    # A 16-token budget prunes these ~80-token prompts, so concurrent calls run selection, not just decoding.
-    llm = PromptDistillLLM(config=PromptDistillConfig(selection_layers=(14,), budgets=(16,), span="token"),
-                           max_new_tokens=6)
+    # A 16-token budget prunes these ~80-token prompts (short, so the context minimum is lowered), so concurrent
+    # calls run selection, not just decoding.
+    llm = PromptDistillLLM(config=PromptDistillConfig(selection_layers=(14,), budgets=(16,), span="token",
+                                                      context_min_tokens=32), max_new_tokens=6)
     probes = [needle_probe(llm.engine.tokenizer, 48, depth=i / 15, kind=kind, seed=i)
               for i, kind in enumerate(["passcode", "city", "magic_word", "date"] * 4)]
     prompts = [f"{probe.context}\n\nAnswer briefly. {probe.question}" for probe in probes]

@@ -124,4 +124,8 @@ def test_refine_with_a_small_context_window_still_answers(index, texts, handlers
     assert refines
     for call in refines:
         assert f"The original query is as follows: {QUESTION}" in call["prompt_text"]
-        assert call["kept_tokens"] < call["prompt_tokens"] / 2
+        # Only the template's context_msg is pruned, to the 128-token budget; the query, the existing answer and
+        # the instructions are kept.
+        assert call["context_source"] == "template"
+        assert call["kept_prunable_tokens"] == 128 < call["prunable_tokens"]
+        assert call["kept_tokens"] == call["protected_tokens"] + 128

@@ -1,10 +1,12 @@
 """LangChain adapters: PromptDistill prunes retrieved context inside the model while a chain runs.
 
 `ChatPromptDistill` (a `BaseChatModel`) and `PromptDistillLLM` (a `BaseLLM`) are thin adapters over one shared
-`PromptDistillEngine` per model and load settings; weights load on the first call.
+`PromptDistillEngine` per model and load settings; weights load on the first call. `DistillPrompt` wraps a chain's
+prompt template so each input's question and retrieved documents reach `ChatPromptDistill`.
 """
 
 from .chat_models import ChatPromptDistill
 from .llms import PromptDistillLLM
+from .prompts import DistillPrompt
 
-__all__ = ["ChatPromptDistill", "PromptDistillLLM"]
+__all__ = ["ChatPromptDistill", "DistillPrompt", "PromptDistillLLM"]

@@ -42,8 +42,9 @@ class PromptDistillSettings(BaseModel):
     """Shortcut for `config.method`: "promptdistill", "gemfilter" or "full"."""
     selection_layers: tuple[int, ...] | None = None
     """Shortcut for `config.selection_layers`."""
-    budgets: tuple[int | float, ...] | None = None
-    """Shortcut for `config.budgets`: context tokens kept per stage (ints) or fractions of the context."""
+    budgets: tuple[int | float, ...] | int | float | None = None
+    """Shortcut for `config.budgets`: retrieved-context tokens kept per stage (ints) or fractions of them; a single
+    number is one stage."""
     temperature: float = Field(0.0, ge=0)
     """0 decodes greedily."""
     max_tokens: int = Field(256, ge=1)
@@ -119,10 +120,12 @@ class PromptDistillSettings(BaseModel):
                                                  quantization=self.quantization)
         return self._engines[model]
 
-    def _prepare_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> Call:
+    def _prepare_call(self, stop: list[str] | None, kwargs: dict[str, Any],
+                      template: dict[str, Any] | None = None) -> Call:
         """Resolve one call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
         `Document`s or texts), a model override and sampling overrides, each validated like the constructor's
-        arguments."""
+        arguments. `template` holds the question and documents a `DistillPrompt` tagged onto the messages; a
+        call's own `pd_query`/`pd_documents` win over them."""
         unknown = sorted(set(kwargs) - {*CALL_OPTIONS, *_ROUTING_FLAGS})
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}; "
@@ -136,30 +139,38 @@ class PromptDistillSettings(BaseModel):
         model = kwargs.get("model", self.model)
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty str, got {model!r}")
-        query = kwargs.get("pd_query")
+        template = template or {}
+        query = kwargs.get("pd_query", template.get("query"))
         if query is not None and (not isinstance(query, str) or not query.strip()):
             raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
-        options = {"query": query, "documents": kwargs.get("pd_documents"), "max_new_tokens": settings.max_tokens,
-                   "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
-                   "stop": self._stops(stop)}
-        return Call(self._engine(model), model, options, self.timeout)
+        documents = kwargs.get("pd_documents")
+        from_template = documents is None and template.get("documents") is not None
+        options = {"query": query, "documents": template.get("documents") if from_template else documents,
+                   "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
+                   "top_p": settings.top_p, "seed": settings.seed, "stop": self._stops(stop)}
+        return Call(self._engine(model), model, options, self.timeout, from_template)
 
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """One call's engine, model name and `engine.stream` options."""
+    """One call's engine, model name, `engine.stream` options, and whether its documents came from a prompt
+    template (a `DistillPrompt`)."""
 
     engine: PromptDistillEngine
     model_name: str
     options: dict[str, Any]
     timeout: float | None
+    from_template: bool = False
 
     def stream(self, **prompt: Any) -> GenerationStream:
         """Generate from `prompt=` text or `messages=`; iterate for text deltas, then read `.result`.
 
         Raises `ValueError`/`TypeError` for bad input before any model work.
         """
-        return GenerationStream(_within_timeout(self.engine.stream(**prompt, **self.options), self.timeout))
+        stream = GenerationStream(_within_timeout(self.engine.stream(**prompt, **self.options), self.timeout))
+        if self.from_template:
+            stream = stream.map_result(lambda result: dataclasses.replace(result, context_source="template"))
+        return stream
 
     def response_metadata(self, result: GenerationResult) -> dict[str, Any]:
         return {"model_name": self.model_name, "model_provider": PROVIDER, "finish_reason": result.finish_reason,

@@ -11,17 +11,22 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 from ._common import PromptDistillSettings, usage_metadata
+from .prompts import tagged_inputs
 
 
 class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
     """A Hugging Face chat model run through PromptDistill: at the selection layers the question's attention picks
     the context tokens that later layers see, so time to first token and KV cache shrink on long RAG prompts.
 
-    The question that seeds selection comes from `pd_query` (per call or via `.bind(pd_query=...)`), else the last
-    human message when it is short, else the prompt's last tokens. Pass `pd_query` for question-first prompts
-    (`Question: ... Context: ...`): the engine then seeds with it as a transient probe. `pd_documents` (the
-    retrieved `Document`s or texts, as inserted in the prompt) keeps span units inside document boundaries, is
-    needed by `span="document"` configs, and adds per-document `document_retention` to the metadata.
+    Only retrieved context is pruned; the instructions, the question and earlier turns always reach every layer
+    (see `pd_integrations.layout`). The model learns which text is the context and which the question, most
+    precise first, from: a `DistillPrompt` wrapping the chain's prompt template (per input, no rebinding);
+    `pd_query` and `pd_documents` (per call or via `.bind(...)`); else a rule that takes the body of the one long
+    message as the context and a "Question: ..." or "...?" line (else the last short human message) as the
+    question. `response_metadata["promptdistill"]["context_source"]` says which: "template", "documents",
+    "heuristic" or "none". A question that precedes the context seeds selection as a transient probe.
+    `pd_documents` (the retrieved `Document`s or texts, as inserted in the prompt) also keeps span units inside
+    document boundaries, is needed by `span="document"` configs, and adds per-document `document_retention`.
 
     Per call, `model=` runs another model (loaded on first use and shared like the default), and `temperature`,
     `max_tokens`, `top_p` and `seed` override the constructor's values.
@@ -35,11 +40,14 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         ```python
         from langchain_core.output_parsers import StrOutputParser
         from langchain_core.prompts import ChatPromptTemplate
-        from pd_integrations.langchain import ChatPromptDistill
+        from langchain_core.runnables import RunnablePassthrough
+        from pd_integrations.langchain import ChatPromptDistill, DistillPrompt
 
-        prompt = ChatPromptTemplate.from_messages([("human", "{context}\\n\\nQuestion: {question}")])
-        chain = prompt | ChatPromptDistill(budgets=(512,), max_tokens=64) | StrOutputParser()
-        chain.invoke({"context": retrieved_text, "question": "Who keeps the lighthouse?"})
+        prompt = DistillPrompt(prompt=ChatPromptTemplate.from_messages(
+            [("human", "Question: {question}\\nContext: {context}\\nAnswer:")]))
+        llm = ChatPromptDistill(budgets=0.25, max_tokens=64)
+        chain = {"context": retriever, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()
+        chain.invoke("Who keeps the lighthouse?")
         ```
     """
 
@@ -49,7 +57,7 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        call = self._prepare_call(stop, kwargs)
+        call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
         stream = call.stream(messages=to_engine_messages(messages))
         for _ in stream:
             pass
@@ -60,7 +68,7 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        call = self._prepare_call(stop, kwargs)
+        call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
         stream = call.stream(messages=to_engine_messages(messages))
         for delta in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -35,10 +36,14 @@ from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL, check_load_settings
 from ..shared import shared_engine
 
-# The question of the prompt template being predicted in this thread or task. `predict` sets it around the base
-# class's `predict`, which calls `complete`/`chat` in the same context; a context variable (not an attribute) keeps
-# concurrent calls on one instance apart.
-_template_query: ContextVar[Optional[str]] = ContextVar("pd_integrations_template_query", default=None)
+# The question and retrieved context of the prompt template being predicted in this thread or task. `predict`
+# sets them around the base class's `predict`, which calls `complete`/`chat` in the same context; a context
+# variable (not an attribute) keeps concurrent calls on one instance apart.
+_template_inputs: ContextVar[dict] = ContextVar("pd_integrations_template_inputs", default={})
+# Template variables that hold retrieved context: text-QA and tree-summarize use context_str, refine context_msg.
+CONTEXT_VARIABLES = ("context_str", "context_msg")
+# LlamaIndex joins retrieved nodes' texts with a blank line.
+NODE_SEPARATOR = "\n\n"
 
 # Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` and `pd_documents`
 # as in the LangChain classes); the others override this instance's settings for that call.
@@ -64,12 +69,14 @@ class PromptDistillLLM(CustomLLM):
     `messages_to_prompt` (for base models, or prompts you have templated yourself). `complete(prompt)` applies
     `completion_to_prompt` and `system_prompt` first, as `predict` does; `formatted=True` skips them.
 
-    Query channel: `predict`, `stream`, `apredict` and `astream` pass a template's `query_str` to the engine as the
-    question that seeds selection, whether the question ends the prompt (text-QA) or precedes the context (refine).
-    `complete`/`chat` also take `pd_query=` directly. Without one, the engine seeds from the prompt's tail.
-    `pd_documents=` (the retrieved nodes or their texts, as inserted in the prompt) keeps span units inside node
-    boundaries and is needed by `span="document"` configs; query engines don't hand their nodes to the LLM, so
-    it applies to direct `complete`/`chat` calls.
+    What is pruned: only retrieved context; the instructions, the question and earlier turns always reach every
+    layer (see `pd_integrations.layout`). `predict`, `stream`, `apredict` and `astream` pass a template's
+    `query_str` to the engine as the question that seeds selection, whether it ends the prompt (text-QA) or
+    precedes the context (refine), and its `context_str` or `context_msg` (split into the nodes' texts) as the
+    only prunable text, so query engines (text-QA, refine, tree-summarize) prune just the nodes
+    (`context_source` "template"). `complete`/`chat` also take `pd_query=` and `pd_documents=` (the retrieved
+    nodes or their texts, as inserted in the prompt) directly. With neither, a rule finds the context (the body
+    of the one long message) and the question (see `ChatPromptDistill`). Span units stay inside node boundaries.
 
     Each response's `raw` holds `usage` (prompt/completion/total tokens, every prompt token counted whether pruned
     or not; `TokenCountingHandler` reads it) and `finish_reason`; `additional_kwargs["promptdistill"]` holds what
@@ -88,7 +95,8 @@ class PromptDistillLLM(CustomLLM):
     )
     method: Optional[str] = Field(default=None, description="Overrides config.method: promptdistill, gemfilter, full.")
     selection_layers: Optional[Tuple[int, ...]] = Field(default=None, description="Overrides config.selection_layers.")
-    budgets: Optional[Tuple[Union[int, float], ...]] = Field(default=None, description="Overrides config.budgets.")
+    budgets: Optional[Union[Tuple[Union[int, float], ...], int, float]] = Field(
+        default=None, description="Overrides config.budgets; a single number is one stage.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
     max_new_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="Most tokens generated per call.")
@@ -219,9 +227,12 @@ class PromptDistillLLM(CustomLLM):
         if unknown:
             raise TypeError(f"unexpected keyword arguments {unknown}; PromptDistillLLM takes {list(CALL_OPTIONS)}")
         overrides = {name: value for name, value in kwargs.items() if name not in ("pd_query", "pd_documents")}
-        return {"query": kwargs.get("pd_query", _template_query.get()), "documents": kwargs.get("pd_documents"),
+        template = _template_inputs.get()
+        from_template = "pd_documents" not in kwargs and template.get("documents") is not None
+        return {"query": kwargs.get("pd_query", template.get("query")),
+                "documents": template.get("documents") if from_template else kwargs.get("pd_documents"),
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "stop": self.stop, **overrides}
+                "seed": self.seed, "stop": self.stop, **overrides, "from_template": from_template}
 
     def _completion_input(self, prompt: str, formatted: bool) -> dict:
         if not formatted:
@@ -237,7 +248,12 @@ class PromptDistillLLM(CustomLLM):
 
     def _open(self, model_input: dict, options: dict) -> GenerationStream:
         """Start a generation; arguments are checked (and weights loaded) now, tokens come as it is iterated."""
-        return self.engine.stream(**model_input, **options)
+        options = dict(options)
+        from_template = options.pop("from_template")
+        stream = self.engine.stream(**model_input, **options)
+        if from_template:
+            stream = stream.map_result(lambda result: dataclasses.replace(result, context_source="template"))
+        return stream
 
     async def _aopen(self, model_input: dict, options: dict) -> GenerationStream:
         return await asyncio.to_thread(self._open, model_input, options)
@@ -252,14 +268,19 @@ class PromptDistillLLM(CustomLLM):
 
 @contextlib.contextmanager
 def _query_of(prompt: BasePromptTemplate, prompt_args: dict) -> Iterator[None]:
-    """Make the template's `query_str` (a call argument overrides a partially formatted one) the question that
-    seeds selection while the block runs."""
-    query = {**prompt.kwargs, **prompt_args}.get("query_str")
-    token = _template_query.set(query if isinstance(query, str) and query.strip() else None)
+    """Make the template's `query_str` the question that seeds selection, and its retrieved context (split into
+    the nodes' texts) the only prunable text, while the block runs. A call argument overrides a partially
+    formatted one."""
+    values = {**prompt.kwargs, **prompt_args}
+    query = values.get("query_str")
+    context = next((values[name] for name in CONTEXT_VARIABLES if isinstance(values.get(name), str)), "")
+    documents = [piece for piece in context.split(NODE_SEPARATOR) if piece.strip()]
+    token = _template_inputs.set({"query": query if isinstance(query, str) and query.strip() else None,
+                                  "documents": documents or None})
     try:
         yield
     finally:
-        _template_query.reset(token)
+        _template_inputs.reset(token)
 
 
 def _chunks(stream: GenerationStream) -> Iterator[tuple[str, str, Optional[GenerationResult]]]:
