@@ -22,7 +22,7 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_huggingface import HuggingFaceEmbeddings
 from pydoc_data.topics import topics
 
-from pd_integrations.inspect import document_retention
+from pd_integrations.kept_view import document_retention
 from pd_integrations.langchain import ChatPromptDistill
 
 PYTHON_TOPICS = ("assert", "assignment", "break", "class", "continue", "del", "exceptions", "for", "function",

@@ -16,7 +16,7 @@ from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.callbacks import CallbackManager
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
-from pd_integrations.inspect import document_retention
+from pd_integrations.kept_view import document_retention
 from pd_integrations.llama_index import PromptDistillLLM, PromptDistillStatsHandler
 
 HANDBOOK = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.haystack import needle_probe
+from pd_integrations.probes import needle_probe
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pd_integrations import PromptDistillEngine
 from pd_integrations.bench.measure import METHODS, describe, method_engines
-from pd_integrations.haystack import needle_probe
-from pd_integrations.inspect import render_html, summary
+from pd_integrations.probes import needle_probe
+from pd_integrations.kept_view import render_html, summary
 
 
 def main() -> None:

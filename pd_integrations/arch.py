@@ -47,7 +47,6 @@ class Architecture:
         self._rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
         self.layer_types = layer_types
         self.windows = [self._sliding_window(layer.self_attn) for layer in self.layers]
-        self.has_sliding = any(w is not None for w in self.windows)
 
     def _sliding_window(self, attn) -> int | None:
         # Qwen2/3 and Gemma store the window on sliding layers only; Mistral and Phi-3 apply the config's everywhere.
@@ -87,8 +86,8 @@ class Architecture:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
-    def seed_queries(self, layer_idx: int, layer_input: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
-        """Post-RoPE queries [1, heads, s, d] of the seed tokens, from the layer's input hidden states [1, s, h]."""
+    def query_states(self, layer_idx: int, layer_input: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
+        """Post-RoPE queries [1, heads, s, d] of the query rows, from the layer's input hidden states [1, s, h]."""
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         x = layer.input_layernorm(layer_input)
@@ -109,11 +108,11 @@ class Architecture:
         matched with its query heads without materialising repeated keys (which would be heads/kv-heads × the
         cache at long contexts)."""
         attn = self.layers[layer_idx].self_attn
-        _, heads, seeds, dim = queries.shape
+        _, heads, rows, dim = queries.shape
         kv_heads = keys.shape[1]
-        grouped = queries.reshape(kv_heads, heads // kv_heads * seeds, dim)
+        grouped = queries.reshape(kv_heads, heads // kv_heads * rows, dim)
         logits = torch.matmul(grouped, keys[0].transpose(-1, -2)).float() * attn.scaling
-        logits = logits.view(1, heads, seeds, -1)
+        logits = logits.view(1, heads, rows, -1)
         if self.attn_softcap is not None:
             logits = torch.tanh(logits / self.attn_softcap) * self.attn_softcap
         return logits

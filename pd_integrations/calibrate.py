@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 
 from .config import Profile, PromptDistillConfig, cache_dir, profile_key
 from .engine import PromptDistillEngine
-from .haystack import NEEDLE_KINDS, NeedleProbe, needle_probe
-from .layout import span_units
+from .probes import NEEDLE_KINDS, NeedleProbe, needle_probe
+from .spans import row_units
 from .loading import DEFAULT_MODEL
-from .query import RenderedPrompt
+from .prompt import RenderedPrompt
 from .selection import Selector
 
 BUDGETS = (256, 512, 1024, 2048)
@@ -56,7 +56,7 @@ class ProbeRecord:
     def units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
         """The engine's span units for this probe (computed once per span; schedules replay thousands of times)."""
         if (span, chunk_size) not in self._units:
-            self._units[span, chunk_size] = span_units(self.rendered, self.prunable, span, chunk_size)
+            self._units[span, chunk_size] = row_units(self.rendered, self.prunable, span, chunk_size)
         return self._units[span, chunk_size]
 
 
@@ -76,7 +76,7 @@ def record_probes(engine: PromptDistillEngine, probes: list[NeedleProbe]) -> lis
     """Run every probe unpruned and keep its per-layer, per-head seed attention."""
     records = []
     for probe in tqdm(probes, desc="recording attention", unit="probe"):
-        rendered, layout, scores = engine.seed_attention(messages=probe.messages(), query=probe.question,
+        rendered, layout, scores = engine.query_attention(messages=probe.messages(), query=probe.question,
                                                          documents=[probe.context])
         start = rendered.text.rfind(probe.needle)
         end = start + len(probe.needle)
@@ -100,6 +100,19 @@ def needle_rank_table(records: list[ProbeRecord], budget: int) -> torch.Tensor:
         rank = (candidates > best).sum(-1)
         hits.append((rank < budget).float())
     return torch.stack(hits).mean(0)
+
+
+def choose_retrieval_heads(table: torch.Tensor) -> dict[int, tuple[int, ...]]:
+    """Per layer of a [layers, heads] needle-recall table (`needle_rank_table`), its retrieval heads: its best third
+    of heads by recall (at least one), sorted, when their mean beats the layer's head average; layers whose best
+    heads don't beat it are left out."""
+    num_heads = table.shape[1]
+    retrieval_heads = {}
+    for layer in range(table.shape[0]):
+        order = torch.argsort(table[layer], descending=True)[: max(1, num_heads // 3)]
+        if table[layer, order].mean() > table[layer].mean():
+            retrieval_heads[layer] = tuple(sorted(order.tolist()))
+    return retrieval_heads
 
 
 # The seed and aggregation choices compared by `compare_scoring`: the question span with each aggregation, and the
@@ -201,18 +214,12 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
     """
     engine = engine or PromptDistillEngine.from_pretrained(model)
     scorer = engine.with_config(PromptDistillConfig(query_source="auto", aggregation="softmax_mean"))
-    num_layers, num_heads = engine.arch.num_layers, engine.arch.num_heads
+    num_layers = engine.arch.num_layers
     probes = make_probes(engine, haystack, lengths, depths, kinds, seed)
     records = record_probes(scorer, probes)
 
     table = needle_rank_table(records, report_budget(lengths))
-    # A layer's retrieval heads: its best third of heads by needle recall, when they beat the head average.
-    retrieval_heads = {}
-    for layer in range(num_layers):
-        order = torch.argsort(table[layer], descending=True)[: max(1, num_heads // 3)]
-        if table[layer, order].mean() > table[layer].mean():
-            retrieval_heads[layer] = tuple(sorted(order.tolist()))
-
+    retrieval_heads = choose_retrieval_heads(table)
     schedules = candidate_schedules(num_layers, retrieval_heads, max(lengths))
     kept_share = {s: sum(keeps_needle(s, r) for r in records) / len(records)
                   for s in tqdm(schedules, desc="replaying schedules", unit="schedule")}

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,14 +88,26 @@ class PromptDistillConfig:
     context_min_tokens: int = 256
 
     def __post_init__(self):
-        # Lists from JSON or users become tuples, so configs stay hashable and comparable.
+        # Lists from JSON or users become tuples, so configs stay hashable and comparable; a single number is one
+        # stage (`budgets=256` means `(256,)`).
         for name in ("selection_layers", "budgets"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value) if isinstance(value, (list, range)) else (value,))
         if self.heads is not None:
+            if not isinstance(self.heads, (list, tuple)) or not all(h is None or isinstance(h, (list, tuple, range))
+                                                                    for h in self.heads):
+                raise ValueError(f"heads must be a list with one entry (a list of head indices, or None for all "
+                                 f"heads) per selection layer, e.g. [[0, 2, 7]], got {self.heads!r}")
             object.__setattr__(self, "heads", tuple(None if h is None else tuple(h) for h in self.heads))
         self._validate()
+
+    @classmethod
+    def check_field(cls, name: str, value):
+        """`value` as the field `name` stores it (a single number becomes a one-stage tuple, lists become tuples),
+        after the checks that need no other field; raises `ValueError` naming the field and its allowed values.
+        Adapters use it for their shortcuts (`ChatPromptDistill(budgets=256)`)."""
+        return getattr(cls(**{name: value}), name)
 
     def _validate(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -118,6 +131,8 @@ class PromptDistillConfig:
             if any(b <= a for a, b in zip(layers, layers[1:])):
                 raise ValueError(f"selection_layers must be strictly increasing, got {layers!r}")
         if budgets is not None:
+            if not budgets:
+                raise ValueError(f"budgets must be one or more ints >= 1 or fractions in (0, 1], got {budgets!r}")
             for b in budgets:
                 if isinstance(b, bool) or not isinstance(b, (int, float)):
                     raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
@@ -131,6 +146,9 @@ class PromptDistillConfig:
             raise ValueError(f"selection_layers and budgets need one entry per stage, got {layers!r} and {budgets!r}")
         if self.method == "gemfilter" and layers is not None and len(layers) != 1:
             raise ValueError(f"gemfilter selects once: selection_layers must have one layer, got {layers!r}")
+        for heads in self.heads or ():
+            if heads is not None and (not heads or not all(_is_int(h) and h >= 0 for h in heads)):
+                raise ValueError(f"heads entries must be None or non-empty lists of ints >= 0, got {heads!r}")
         if self.heads is not None and layers is not None and len(self.heads) != len(layers):
             raise ValueError(f"heads needs one entry (a head list or None) per selection layer, got {self.heads!r}")
 
@@ -233,18 +251,18 @@ def fallback_schedule(num_hidden_layers: int) -> dict:
     return {"selection_layers": (num_hidden_layers // 2,), "budgets": (FALLBACK_BUDGET,), **FALLBACK_SCORING}
 
 
-def resolve_config(config: PromptDistillConfig | None, model_name: str, num_hidden_layers: int,
-                   num_heads: int) -> PromptDistillConfig:
+def resolve_config(config: PromptDistillConfig | None, profile: Callable[[], Profile | None], model_name: str,
+                   num_hidden_layers: int, num_heads: int) -> PromptDistillConfig:
     """Fill the unset fields of `config` for this model and validate the result against its shape.
 
-    Unset fields come from, in order: the paper's scoring (gemfilter only), the model's profile, the fallback rule
-    (with a warning when the schedule itself comes from it). Raises `ValueError` for settings that don't fit the
-    model or a bad profile.
+    Unset fields come from, in order: the paper's scoring (gemfilter only), the model's profile (`profile()`, read
+    only when a field needs it), the fallback rule (with a warning when the schedule itself comes from it).
+    Raises `ValueError` for settings that don't fit the model or a bad profile.
     """
     config = config or PromptDistillConfig()
     if config.method == "full":
         return config
-    profile = find_profile(model_name, num_hidden_layers)
+    profile = profile()
     if profile is None and (config.selection_layers is None or config.budgets is None):
         warnings.warn(
             f"no PromptDistill profile for {model_name!r}: using the fallback rule (layer {num_hidden_layers // 2}, "

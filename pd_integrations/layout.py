@@ -1,4 +1,4 @@
-"""The row layout of a prefill: which prompt tokens selection may drop, which rows seed it, and the probe.
+"""The row layout of a prefill: which prompt tokens selection may drop, which query rows score it, and the probe.
 
 Only retrieved context is prunable. Chat-template tokens and role headers, the system prompt (unless it holds the
 context), instructions, the question wherever it stands, earlier turns of a conversation and the text after the
@@ -16,7 +16,7 @@ Where the context is, most precise first (`RowLayout.context_source`):
 - "positional": `input_ids` without documents (the caller handed over tokens, not their structure): every token
   but the first `protect_head` and the protected tail.
 - "none": no message is long enough to be retrieved context, so nothing is pruned.
-The first `protect_head` tokens (attention sinks), the question's own span and the seed rows are always protected.
+The first `protect_head` tokens (attention sinks), the question's own span and the query rows are always protected.
 
 Seeds are always the last rows of the sequence the model sees, so that their attention reaches the whole context:
 the question plus the template tokens after it when no context follows the question, otherwise a transient probe
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import PromptDistillConfig
-from .query import RenderedPrompt
+from .prompt import RenderedPrompt, check_text
+from .spans import row_units
 
 # Lines shorter than this are labels ("Context:", "Answer briefly.") unless they lie inside the context block.
 SHORT_LINE_TOKENS = 8
@@ -46,18 +47,18 @@ _LINE = re.compile(r"[^\n]*\S[^\n]*")
 @dataclass(frozen=True)
 class RowLayout:
     """Per prompt token whether selection may drop it (`prunable`), where the context came from, the transient
-    `probe_ids` appended after the prompt, how many of the last rows seed selection (`num_seeds`), and each row's
+    `probe_ids` appended after the prompt, how many of the last rows seed selection (`query_rows`), and each row's
     span unit (`units`, prompt and probe rows; None for token-level selection)."""
 
     prunable: torch.Tensor
     context_source: str
     probe_ids: tuple[int, ...]
-    num_seeds: int
+    query_rows: int
     units: torch.Tensor | None
 
     @classmethod
     def unpruned(cls, length: int) -> RowLayout:
-        """A layout that prunes nothing: the last token seeds, nobody selects."""
+        """A layout that prunes nothing: the last token is the query row, nobody selects."""
         return cls(torch.zeros(length, dtype=torch.bool), "none", (), 1, None)
 
     @property
@@ -80,19 +81,17 @@ class RowLayout:
 
 
 def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> RowLayout:
-    """The layout of `rendered` for `config`: what is prunable (see the module docstring), the seeds and the probe.
+    """The layout of `rendered` for a method that prunes, under `config`: what is prunable (see the module
+    docstring), the query rows and the probe.
 
-    Seeds: the last prompt token for `query_source="last_token"` (the paper's rule); else the question (`query`,
+    Query rows: the last prompt token for `query_source="last_token"` (the paper's rule); else the question (`query`,
     or a question line the heuristic found) from its start to the end when no prunable token follows it, else a
     probe of its tokens; with no question, the last user message when it is short and follows the context, else
     the last `tail_tokens` tokens. Raises `ValueError` for an empty query, or one longer than `max_probe_tokens`
     that needs a probe.
     """
     n = len(rendered.input_ids)
-    if config.method == "full":
-        return RowLayout.unpruned(n)
-    if query is not None and (not isinstance(query, str) or not query.strip()):
-        raise ValueError(f"query must be a non-empty str, got {query!r}")
+    check_query(query)
     question = _locate(rendered, query.strip()) if query is not None else None
     if rendered.document_ranges:
         prunable, source = _tokens_in(rendered, rendered.document_ranges), "documents"
@@ -102,19 +101,29 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         prunable = _heuristic_context(rendered, config.context_min_tokens)
         source = "heuristic" if bool(prunable.any()) else "none"
     prunable[: config.protect_head] = False
+    # Template markup (role headers, end-of-turn tokens) stays even inside a document's range.
+    prunable &= ~torch.isin(torch.tensor(rendered.input_ids), torch.tensor(tokenizer.all_special_ids))
     if question is not None:
         prunable &= ~_tokens_in(rendered, [question])
     elif query is None and source != "positional" and rendered.text is not None:
         question = _question_line(rendered, prunable)
-    probe, num_seeds, tail = _seeds(tokenizer, rendered, query, question, prunable, config)
+    probe, query_rows, tail = _query_rows(tokenizer, rendered, query, question, prunable, config)
     prunable[n - (tail - len(probe)):] = False
-    units = span_units(rendered, prunable, config.span or "token", config.chunk_size, len(probe))
-    return RowLayout(prunable, source, probe, num_seeds, units)
+    units = row_units(rendered, prunable, config.span or "token", config.chunk_size, len(probe))
+    return RowLayout(prunable, source, probe, query_rows, units)
 
 
-def _seeds(tokenizer, rendered: RenderedPrompt, query: str | None, question: tuple[int, int] | None,
+def check_query(query) -> None:
+    """Raise `ValueError` naming `query` unless it is None or a non-empty str of characters."""
+    if query is not None and (not isinstance(query, str) or not query.strip()):
+        raise ValueError(f"query must be a non-empty str, got {query!r}")
+    if query is not None:
+        check_text("query", query)
+
+
+def _query_rows(tokenizer, rendered: RenderedPrompt, query: str | None, question: tuple[int, int] | None,
            prunable: torch.Tensor, config: PromptDistillConfig) -> tuple[tuple[int, ...], int, int]:
-    """(probe ids, seed rows, protected tail rows including the probe); see `plan_layout`."""
+    """(probe ids, query rows, protected tail rows including the probe); see `plan_layout`."""
     n = len(rendered.input_ids)
     if config.query_source == "last_token":
         return (), 1, 1
@@ -134,8 +143,8 @@ def _seeds(tokenizer, rendered: RenderedPrompt, query: str | None, question: tup
         start = _first_token_at_or_after(rendered, user)
         if not bool(prunable[start:].any()) and n - start <= config.max_probe_tokens:
             return (), n - start, n - start
-    seeds = _template_tail(prunable, config.tail_tokens)
-    return (), seeds, seeds
+    rows = _template_tail(prunable, config.tail_tokens)
+    return (), rows, rows
 
 
 def _template_tail(prunable: torch.Tensor, tail_tokens: int) -> int:
@@ -223,15 +232,3 @@ def _lines(rendered: RenderedPrompt, first: int, last: int) -> tuple[list[tuple[
 
 def _asks(text: str, lines: list[tuple[int, int]]) -> torch.Tensor:
     return torch.tensor([bool(_QUESTION_LINE.search(text[a:b])) for a, b in lines], dtype=torch.bool)
-
-
-def span_units(rendered: RenderedPrompt, prunable: torch.Tensor, span: str, chunk_size: int | None,
-               probe_rows: int = 0) -> torch.Tensor | None:
-    """Span unit id per row (prompt, then `probe_rows` probe rows), or None for token-level selection. Units never
-    cross the edge of a prunable region, so a protected line never shares a unit with context."""
-    regions = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), (prunable[1:] != prunable[:-1]).long()]), 0)
-    units = rendered.span_units(span, chunk_size, regions)
-    if units is None:
-        return None
-    # Probe rows are protected; their ids only need to continue the order.
-    return torch.cat([units, torch.arange(probe_rows) + int(units[-1]) + 1])

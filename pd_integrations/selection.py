@@ -1,7 +1,7 @@
 """Which context tokens survive a selection layer.
 
 The rows at a selection layer are candidates (retrieved context, see `pd_integrations.layout`) and protected rows;
-the seed (query) rows are the last ones, always protected. Scores come from the seeds' post-RoPE attention to every
+the query rows are the last ones, always protected. Scores come from the query rows' post-RoPE attention to every
 key; the budget picks candidates; every protected row is kept; the kept rows stay in their original order.
 """
 
@@ -17,9 +17,9 @@ from .arch import Architecture
 
 @dataclass(frozen=True)
 class Selector:
-    """Scores candidates from seed attention and keeps the best `budget` of them.
+    """Scores candidates from query-row attention and keeps the best `budget` of them.
 
-    aggregation: "softmax_mean" | "softmax_max" | "logits_mean" over heads and seed tokens.
+    aggregation: "softmax_mean" | "softmax_max" | "logits_mean" over heads and query rows.
     pool_kernel: odd avg-pool width over candidate scores (1 = none).
     """
 
@@ -27,11 +27,11 @@ class Selector:
     pool_kernel: int
 
     def head_scores(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
-                    seed_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        """Per-head key scores [H, k] (float32), aggregated over the seeds: post-RoPE seed `queries`
+                    query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """Per-head key scores [H, k] (float32), aggregated over the query rows: post-RoPE `queries`
         [1, H, s, d] against `keys` [1, KV, k, d], causal by original position."""
         logits = arch.attention_logits(layer_idx, queries, keys)[0]  # [H, s, k]
-        hidden = key_positions[None, :] > seed_positions[:, None]  # a seed sees only earlier keys
+        hidden = key_positions[None, :] > query_positions[:, None]  # a query row sees only earlier keys
         if self.aggregation == "logits_mean":
             visible = (~hidden).float()
             return (logits * visible).sum(1) / visible.sum(0).clamp(min=1)

@@ -52,7 +52,7 @@ def test_selection_layer_out_of_range(tokenizer):
                                 PromptDistillConfig(selection_layers=(layer,), budgets=(8,)))
 
 
-NOT_DOCUMENTS = r"documents \(pd_documents in the adapters\) must be a list of texts, Documents or nodes"
+NOT_DOCUMENTS = r"documents must be a list of str"
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -6,6 +6,7 @@ import json
 import re
 import runpy
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,16 @@ from pd_integrations.bench import measure, report, tasks
 from pd_integrations.bench.__main__ import main
 from pd_integrations.config import PAPER_SCORING
 
-from .conftest import tiny_model
+from .conftest import TINY, tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Short prompts and answers keep each run well under a second on the 4-layer model; layer 1 and budget 32
 # prune the prompt for every selecting method.
 TINY_FLAGS = ["--layer", "1", "--budget", "32", "--max-new-tokens", "3"]
+SELECTING = ("gemfilter", "paper-rule", "single-stage")  # at layer 1 with budget 32; the fallback profile (layer 2,
+# budget 1024) keeps every token of these short prompts
+# A float32 KV cache holds keys and values of every layer's KV heads for each kept token.
+KV_BYTES_PER_TOKEN = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
 
 
 @pytest.fixture(scope="module")
@@ -47,26 +52,93 @@ def table_rows(table: str) -> list[list[str]]:
             if line.startswith("|") and not line.startswith("|---")]
 
 
-def test_needle_grid(capsys, tmp_path, tiny_dir):
+def capture_generations(monkeypatch) -> list[tuple[dict, list, object]]:
+    """Every `generate` call from now on: the engine's config as the bench's JSON writes it, the messages and the
+    result."""
+    calls = []
+    generate = PromptDistillEngine.generate
+
+    def spy(self, *args, **kwargs):
+        result = generate(self, *args, **kwargs)
+        calls.append((json.loads(json.dumps(asdict(self.config))), kwargs.get("messages"), result))
+        return result
+
+    monkeypatch.setattr(PromptDistillEngine, "generate", spy)
+    return calls
+
+
+def generation_of(calls, data: dict, record: dict, probe: tasks.Probe):
+    """The one generation a record measured: its method's config on its probe."""
+    config = data["methods"][record["method"]]["config"]
+    [result] = [result for called, messages, result in calls if called == config and messages == probe.messages]
+    return result
+
+
+def needle_tokens_kept(tokenizer, result, needle: str) -> bool:
+    """Whether selection kept every prompt token that overlaps `needle`, from the kept token indices."""
+    offsets = tokenizer(result.prompt_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert len(offsets) == result.prompt_tokens
+    start = result.prompt_text.find(needle)
+    assert start >= 0
+    needle_tokens = {i for i, (a, b) in enumerate(offsets) if a < start + len(needle) and b > start}
+    return needle_tokens <= set(result.kept_token_indices)
+
+
+def mean_of(records: list[dict], field: str) -> float:
+    return sum(r[field] for r in records) / len(records)
+
+
+def check_summary(data: dict, table: str, lengths, methods) -> None:
+    """One summary row and one table row per (length, method), each the mean of its records, with ratios against
+    full attention's records at the same length."""
+    records, summary, rows = data["records"], data["summary"], table_rows(table)[1:]
+    assert [(r["length"], r["method"]) for r in summary] == [(n, m) for n in lengths for m in methods]
+    assert len(rows) == len(summary) == len(lengths) * len(methods)
+    for row, cells in zip(summary, rows):
+        group = [r for r in records if (r["length"], r["method"]) == (row["length"], row["method"])]
+        full = [r for r in records if (r["length"], r["method"]) == (row["length"], "full")]
+        assert row["runs"] == len(group) == len(records) // len(summary)
+        for field in ("prompt_tokens", "kept_tokens", "needles_kept"):
+            assert row[field] == pytest.approx(mean_of(group, field))
+        assert row["accuracy"] == pytest.approx(mean_of(group, "score"))
+        assert row["kv_cache_mib"] == pytest.approx(mean_of(group, "kv_cache_bytes") / 2**20)
+        assert row["kv_ratio"] == pytest.approx(mean_of(group, "kv_cache_bytes") / mean_of(full, "kv_cache_bytes"))
+        assert row["prefill_ratio"] == pytest.approx(mean_of(group, "prefill_seconds")
+                                                     / mean_of(full, "prefill_seconds"))
+        if row["method"] == "full":
+            assert row["prefill_ratio"] == row["kv_ratio"] == 1.0
+        assert cells[:3] == [str(row["length"]), row["method"],
+                             f"{mean_of(group, 'kept_tokens'):.0f} / {mean_of(group, 'prompt_tokens'):.0f}"]
+        assert (cells[4], cells[6]) == (f"{row['prefill_ratio']:.2f}×", f"{row['kv_ratio']:.2f}×")
+        assert cells[10:12] == [f"{mean_of(group, 'needles_kept'):.0%}", f"{mean_of(group, 'score'):.0%}"]
+
+
+def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_dir, tokenizer):
+    calls = capture_generations(monkeypatch)
     data, table = run_cli(capsys, tmp_path, "needle", "--model", tiny_dir, "--lengths", "96,160", "--depths", "0,1",
                           *TINY_FLAGS)
     assert (tmp_path / "needle_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert len(data["records"]) == 2 * 2 * len(measure.METHODS)
+    records = data["records"]
+    assert len(records) == 2 * 2 * len(measure.METHODS)
     log = (tmp_path / "needle.records.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in log] == data["records"]
-    assert [(r["length"], r["method"]) for r in data["summary"]] == [
-        (n, m) for n in (96, 160) for m in measure.METHODS]
-    rows = table_rows(table)
-    assert rows[0][:5] == ["length", "method", "kept / prompt", "prefill s", "÷ full"]
-    assert len(rows) == 1 + 2 * len(measure.METHODS)
-    for row in data["summary"]:
-        pruned = row["method"] in ("gemfilter", "paper-rule", "single-stage")
-        assert (row["kept_tokens"] < row["prompt_tokens"]) == pruned
-        if pruned:
-            assert row["kv_ratio"] < 1
+    assert [json.loads(line) for line in log] == records
+    check_summary(data, table, (96, 160), measure.METHODS)
+    for record in records:
+        probe = tasks.needle(tokenizer, record["length"], record["depth"], record["seed"])
+        result = generation_of(calls, data, record, probe)
+        assert (record["prompt_tokens"], record["kept_tokens"], record["output"]) == (
+            result.prompt_tokens, len(result.kept_token_indices), result.text)
+        assert record["score"] == probe.score(record["output"])
+        assert record["needles_kept"] == float(needle_tokens_kept(tokenizer, result, probe.needles[0]))
+        assert record["kv_cache_bytes"] == record["kept_tokens"] * KV_BYTES_PER_TOKEN
+        if record["method"] in SELECTING:
+            assert result.kept_prunable_tokens == 32  # the budget, exactly
+            assert record["kept_tokens"] == result.protected_tokens + 32 < record["prompt_tokens"]
         else:
-            assert row["kv_ratio"] == pytest.approx(1.0)
-        assert 0 <= row["accuracy"] <= 1
+            assert record["kept_tokens"] == record["prompt_tokens"]
+    # Full attention keeps every needle; budget 32 drops some.
+    assert {r["needles_kept"] for r in records if r["method"] == "full"} == {1.0}
+    assert {r["needles_kept"] for r in records if r["method"] in SELECTING} == {0.0, 1.0}
     methods = data["methods"]
     assert methods["paper-rule"]["config"]["aggregation"] == PAPER_SCORING["aggregation"]
     assert methods["gemfilter"]["config"]["selection_layers"] == [1]
@@ -76,25 +148,39 @@ def test_needle_grid(capsys, tmp_path, tiny_dir):
 def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_dir):
     data, table = run_cli(capsys, tmp_path, "speed", "--model", tiny_dir, "--lengths", "128", "--methods",
                           "full,single-stage", "--max-new-tokens", "6", "--layer", "1", "--budget", "32")
-    assert [r["method"] for r in data["summary"]] == ["full", "single-stage"]
     assert not (tmp_path / "speed_heatmap.png").exists()
+    check_summary(data, table, (128,), ("full", "single-stage"))
     for record in data["records"]:
         assert record["prefill_seconds"] > 0
+        assert record["kv_cache_bytes"] == record["kept_tokens"] * KV_BYTES_PER_TOKEN
         if sys.platform == "linux":
             assert record["peak_memory_bytes"] > 0
-    full, pruned = data["summary"]
-    assert full["prefill_ratio"] == 1.0
-    assert pruned["kv_cache_mib"] < full["kv_cache_mib"]
-    assert "peak MiB" in table_rows(table)[0]
+    full, pruned = data["records"]
+    assert pruned["kept_tokens"] < full["kept_tokens"] == full["prompt_tokens"] == pruned["prompt_tokens"]
+    full_row, pruned_row = data["summary"]
+    cells = table_rows(table)[2]
+    assert cells[5] == f"{pruned['kv_cache_bytes'] / 2**20:.1f}"
+    if sys.platform == "linux":
+        assert pruned_row["peak_memory_ratio"] == pytest.approx(pruned["peak_memory_bytes"]
+                                                                / full["peak_memory_bytes"])
+        assert cells[8:10] == [f"{pruned['peak_memory_bytes'] / 2**20:.0f}", f"{pruned_row['peak_memory_ratio']:.2f}×"]
+        assert full_row["peak_memory_ratio"] == 1.0
 
 
-def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_dir):
+def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_dir, tokenizer):
     data, table = run_cli(capsys, tmp_path, "tasks", "--model", tiny_dir, "--lengths", "128", "--methods",
                           "full,paper-rule", *TINY_FLAGS)
     assert (tmp_path / "tasks_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert table_rows(table)[0][-len(tasks.TASKS):] == list(tasks.TASKS)
-    assert all(set(row["accuracy_by_task"]) == set(tasks.TASKS) for row in data["summary"])
-    assert len(data["records"]) == len(tasks.TASKS) * 2
+    records = data["records"]
+    assert len(records) == len(tasks.TASKS) * 2
+    check_summary(data, table, (128,), ("full", "paper-rule"))
+    for record in records:
+        assert record["score"] == tasks.task(record["task"], tokenizer, 128, record["seed"]).score(record["output"])
+    for row, cells in zip(data["summary"], table_rows(table)[1:]):
+        by_task = {name: mean_of([r for r in records if r["method"] == row["method"] and r["task"] == name], "score")
+                   for name in tasks.TASKS}
+        assert row["accuracy_by_task"] == pytest.approx(by_task)
+        assert cells[-len(tasks.TASKS):] == [f"{by_task[name]:.0%}" for name in tasks.TASKS]
 
 
 def test_bad_flags_exit_with_a_message(capsys):
@@ -158,12 +244,49 @@ def test_summary_ratios_and_table_without_full_attention():
     assert cells[1][4] == "–" and cells[3][4] == "0.50×" and cells[3][7] == "–"
 
 
+def test_summary_rows_are_means_of_their_runs():
+    def run(method, task, score, kept, kv_mib, prefill, peak_mib, needles):
+        return {"length": 64, "method": method, "task": task, "prompt_tokens": 100, "kept_tokens": kept,
+                "prefill_seconds": prefill, "decode_tokens_per_second": None, "kv_cache_bytes": kv_mib * 2**20,
+                "peak_memory_bytes": None if peak_mib is None else peak_mib * 2**20, "needles_kept": needles,
+                "score": score}
+
+    records = [run("full", "a", 1.0, 100, 4, 2.0, 10, 1.0), run("full", "b", 0.5, 100, 4, 4.0, None, 1.0),
+               run("profile", "a", 0.0, 40, 1, 1.0, 2, 0.5), run("profile", "b", 0.75, 60, 2, 2.0, 4, 0.0),
+               run("profile", "b", 0.25, 50, 3, 0.0, None, 1.0)]
+    full, profile = report.summarize(records, breakdown="task")
+    assert (full["runs"], full["accuracy"], full["prefill_seconds"], full["peak_memory_mib"]) == (2, 0.75, 3.0, 10)
+    assert full["accuracy_by_task"] == {"a": 1.0, "b": 0.5}
+    assert full["prefill_ratio"] == full["kv_ratio"] == full["peak_memory_ratio"] == 1.0
+    assert profile["runs"] == 3 and profile["kept_tokens"] == 50 and profile["kv_cache_mib"] == 2
+    assert profile["accuracy"] == pytest.approx(1 / 3) and profile["needles_kept"] == 0.5
+    assert profile["accuracy_by_task"] == {"a": 0.0, "b": 0.5}
+    assert profile["prefill_ratio"] == pytest.approx(1 / 3)
+    assert profile["kv_ratio"] == 0.5 and profile["peak_memory_ratio"] == 0.3  # runs without a peak are left out
+    cells = table_rows(report.markdown_table([full, profile]))
+    assert cells[0][-2:] == ["a", "b"]
+    assert cells[2] == ["64", "profile", "50 / 100", "1.00", "0.33×", "2.0", "0.50×", "–", "3", "0.30×", "50%",
+                        "33%", "0%", "50%"]
+
+
 def test_needle_demo_cookbook_writes_a_page_per_method(capsys, monkeypatch, tmp_path, tiny_dir):
     cookbook = Path(__file__).parents[1] / "cookbook" / "needle_demo.py"
-    monkeypatch.setattr(sys, "argv", [str(cookbook), "--model", tiny_dir, "--tokens", "120", "--layer", "1",
+    # 300 tokens: enough for the context heuristic (the demo names no documents) to find prunable context.
+    monkeypatch.setattr(sys, "argv", [str(cookbook), "--model", tiny_dir, "--tokens", "300", "--layer", "1",
                                       "--budget", "32", "--out", str(tmp_path)])
     with pytest.warns(UserWarning, match="no PromptDistill profile"):
         runpy.run_path(str(cookbook), run_name="__main__")
     output = capsys.readouterr().out
     assert all(f"wrote {tmp_path / f'{name}.html'}" in output for name in measure.METHODS)
-    assert "method" in output and "needle kept" in output
+    # The comparison table: method, answered, needle kept, kept/total, TTFT s, ÷ full, KV MiB, ÷ full.
+    rows = {line.split()[0]: line.split() for line in output.splitlines()
+            if line.split() and line.split()[0] in measure.METHODS}
+    assert list(rows) == list(measure.METHODS)
+    totals = {name: tuple(map(int, row[3].split("/"))) for name, row in rows.items()}
+    assert len({total for _, total in totals.values()}) == 1  # one prompt for every method
+    assert rows["full"][2] == "yes" and rows["full"][5] == rows["full"][7] == "1.00"
+    assert totals["full"][0] == totals["full"][1] and totals["profile"][0] == totals["profile"][1]
+    for name in SELECTING:
+        kept, total = totals[name]
+        assert kept < total
+        assert rows[name][7] == f"{kept / total:.2f}"  # the KV cache holds the kept tokens

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 
 import pytest
+import torch
 
+import pd_integrations.calibrate as calibration
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.calibrate import SCORINGS, calibrate, compare_scoring, main
+from pd_integrations.calibrate import (
+    SCORINGS,
+    SPANS,
+    ProbeRecord,
+    Schedule,
+    calibrate,
+    candidate_schedules,
+    choose_retrieval_heads,
+    compare_scoring,
+    keeps_needle,
+    main,
+    needle_rank_table,
+)
 from pd_integrations.config import PROFILES_DIR
-from pd_integrations.haystack import needle_probe
+from pd_integrations.probes import NeedleProbe, needle_probe
+from pd_integrations.prompt import render
 
 from .conftest import tiny_model
 
@@ -22,14 +38,24 @@ def cache(tmp_path, monkeypatch, tokenizer):
     return tmp_path
 
 
-def test_calibration_writes_a_profile_engines_use(cache, tokenizer):
+def test_calibration_writes_a_profile_engines_use(cache, tokenizer, monkeypatch):
+    chosen_heads = []
+
+    def spy(table):  # calibration's retrieval heads are `choose_retrieval_heads` of its recall table
+        chosen_heads.append((table.clone(), choose_retrieval_heads(table)))
+        return chosen_heads[-1][1]
+
+    monkeypatch.setattr(calibration, "choose_retrieval_heads", spy)
     model = tiny_model("qwen3")
     engine = PromptDistillEngine(model, tokenizer, PromptDistillConfig(method="full"), model_name="tiny-qwen3")
     profile = calibrate("tiny-qwen3", engine=engine, lengths=(300,), depths=(0.2, 0.8), kinds=("passcode",),
                         verify=1, plan_length=1024)
     written = json.loads((cache / "profiles" / "tiny-qwen3.json").read_text())
     assert written["num_hidden_layers"] == 4 and written["calibration"]["probes"] == 2
-    assert len(written["calibration"]["layer_needle_recall"]) == 4
+    [(table, heads)] = chosen_heads
+    assert table.shape == (4, 4)  # [layers, heads] of the tiny model
+    assert written["calibration"]["layer_needle_recall"] == [round(float(v), 3) for v in table.mean(1)]
+    assert written["calibration"]["retrieval_heads"] == {str(k): list(v) for k, v in heads.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model with a profile must not fall back
         resolved = PromptDistillEngine(model, tokenizer, model_name="tiny-qwen3").config
@@ -117,3 +143,166 @@ def test_profile_heads_do_not_follow_caller_chosen_layers(default_engine):
     """Retrieval heads are calibrated per layer: choosing other layers must not inherit them."""
     assert default_engine.config.heads is not None
     assert default_engine.with_config(PromptDistillConfig(selection_layers=(14,), budgets=(512,))).config.heads is None
+
+
+# Calibration's decisions on hand-built scores, without a model. The prompt's tokens (SmolLM2's tokenizer, no special
+# tokens), as the `rendered` fixture checks: 0-2 "Ask me." | 3-8 "Red fox runs far away." | 9-18 the needle "The vault
+# code is 4711." | 19-25 "Blue owls sleep all day long." | 26-28 "Green frogs jump" | 29-31 ". Done?". Tokens 0-2
+# and 29-31 are protected; the other 26 are candidates.
+TEXT = "Ask me. Red fox runs far away. The vault code is 4711. Blue owls sleep all day long. Green frogs jump. Done?"
+NEEDLE = "The vault code is 4711."
+FIRST, NEEDLE_SPAN, THIRD, FOURTH = slice(3, 9), slice(9, 19), slice(19, 26), slice(26, 29)
+PROTECTED = [0, 1, 2, 29, 30, 31]
+
+
+@pytest.fixture(scope="module")
+def rendered(tokenizer):
+    rendered = render(tokenizer, TEXT, None, None)
+    start = TEXT.find(NEEDLE)
+    needle = [i for i, (a, b) in enumerate(rendered.offsets) if a < start + len(NEEDLE) and b > start]
+    assert len(rendered.input_ids) == 32 and needle == list(range(9, 19))  # the layout the tests rely on
+    return rendered
+
+
+def probe_record(rendered, scores, *, needle=range(9, 19), protected=PROTECTED) -> ProbeRecord:
+    prunable = torch.ones(32, dtype=torch.bool)
+    prunable[list(protected)] = False
+    probe = NeedleProbe(TEXT, NEEDLE, "What is the vault code?", "4711", 0.5, "passcode")
+    return ProbeRecord(probe, scores, torch.tensor(list(needle)), prunable, rendered)
+
+
+def base_scores(layers=4, heads=3) -> torch.Tensor:
+    """Zero scores, except that protected rows score highest everywhere (they must never take budget)."""
+    scores = torch.zeros(layers, heads, 32)
+    scores[..., PROTECTED] = 5.0
+    return scores
+
+
+def single(layer, budget, heads=None, span="token", chunk_size=None) -> Schedule:
+    return Schedule(((layer, budget, heads),), span, chunk_size)
+
+
+def test_keeps_needle_when_it_tops_the_selection_layer_within_the_budget(rendered):
+    scores = base_scores()
+    scores[1, :, NEEDLE_SPAN], scores[1, :, FIRST] = 1.0, 0.5
+    scores[2, :, THIRD], scores[2, :, FIRST], scores[2, :, FOURTH] = 1.0, 0.5, 0.25  # the needle scores lowest
+    record = probe_record(rendered, scores)
+    assert keeps_needle(single(1, 10), record)  # exactly the needle's 10 tokens
+    assert not keeps_needle(single(1, 9), record)
+    assert not keeps_needle(single(2, 10), record)  # at layer 2 the third and first sentences outrank it
+    assert not keeps_needle(single(2, 25), record)  # 25 of 26 candidates: one needle token goes
+    assert keeps_needle(single(2, 26), record)  # a budget covering every candidate prunes nothing
+
+
+def test_keeps_needle_scores_with_the_schedules_heads(rendered):
+    scores = base_scores()
+    scores[3, 0, NEEDLE_SPAN] = 1.0  # head 0 finds the needle
+    scores[3, 1:, THIRD] = 1.0  # heads 1 and 2 prefer the third sentence
+    record = probe_record(rendered, scores)
+    assert keeps_needle(single(3, 10, (0,)), record)
+    assert not keeps_needle(single(3, 10), record)  # averaged over all heads the third sentence wins
+    assert not keeps_needle(single(3, 10, (1, 2)), record)
+
+
+def test_two_stage_schedules_keep_the_needle_only_through_both_stages(rendered):
+    scores = base_scores()
+    scores[1, :, NEEDLE_SPAN], scores[1, :, FIRST] = 1.0, 0.5  # stage 1 at budget 16 keeps exactly these two
+    scores[2, :, THIRD], scores[2, :, NEEDLE_SPAN] = 1.0, 0.5  # the third sentence leads but is gone by then
+    scores[3, :, THIRD], scores[3, :, FIRST], scores[3, :, NEEDLE_SPAN] = 1.0, 1.0, 0.5
+    record = probe_record(rendered, scores)
+    two_stage = lambda second, budget: Schedule(((1, 16, None), (second, budget, None)), "token", None)  # noqa: E731
+    assert not keeps_needle(single(2, 10), record)  # alone, layer 2 keeps the third sentence
+    assert keeps_needle(two_stage(2, 10), record)  # after stage 1 only the needle and the first sentence compete
+    assert not keeps_needle(two_stage(3, 10), record)  # the second stage keeps the first sentence instead
+    assert keeps_needle(two_stage(3, 16), record)  # a second budget as large as the first drops nothing more
+    assert not keeps_needle(Schedule(((1, 9, None), (2, 9, None)), "token", None), record)  # the first drops it
+
+
+def test_chunk_spans_keep_the_needle_unit_whole_and_cut_the_last_unit_at_its_start(rendered):
+    scores = base_scores()
+    scores[1, :, 14] = 1.0  # only the code's first digit stands out
+    scores[1, :, THIRD] = 0.5
+    record = probe_record(rendered, scores)
+    # With 4-token chunks every sentence is its own unit; with 8, the first sentence and the needle share one.
+    sentences, pairs = record.units("chunk", 4), record.units("chunk", 8)
+    assert len(set(sentences[NEEDLE_SPAN].tolist())) == 1 and sentences[8] != sentences[9] != sentences[19]
+    assert len(set(pairs[3:19].tolist())) == 1 and pairs[19] != pairs[18]
+    assert not keeps_needle(single(1, 10), record)  # token spans keep the digit and the third sentence
+    assert keeps_needle(single(1, 10, span="chunk", chunk_size=4), record)  # the needle's unit ranks first
+    assert not keeps_needle(single(1, 9, span="chunk", chunk_size=4), record)  # cut: its last token goes
+    assert not keeps_needle(single(1, 10, span="chunk", chunk_size=8), record)  # cut to the first sentence
+    assert keeps_needle(single(1, 16, span="chunk", chunk_size=8), record)
+
+
+def test_schedule_cost_counts_the_layer_rows_each_stage_processes():
+    single_stage = Schedule(((7, 2048, None),), "chunk", 64)
+    assert single_stage.cost(30, 8192) == (8 * 8192 + 22 * (2048 + 20)) / (30 * 8192)
+    assert single_stage.cost(30, 8192, protected=0) == (8 * 8192 + 22 * 2048) / (30 * 8192)
+    two_stage = Schedule(((3, 1024, None), (10, 512, None)), "token", None)
+    assert two_stage.cost(30, 8192) == (4 * 8192 + 7 * 1044 + 19 * 532) / (30 * 8192)
+    # A later stage never brings back rows an earlier one dropped.
+    widening = Schedule(((3, 512, None), (10, 1024, None)), "token", None)
+    assert widening.cost(30, 8192) == (4 * 8192 + 26 * 532) / (30 * 8192)
+    # A budget that, with the protected rows, covers the prompt prunes nothing.
+    assert Schedule(((7, 10_000, None),), "token", None).cost(30, 8192) == 1.0
+    assert single_stage.cost(30, 2068) == 1.0
+    assert single_stage.cost(30, 2069) == (8 * 2069 + 22 * 2068) / (30 * 2069)
+
+
+def test_candidate_schedules_for_an_eight_layer_model():
+    heads = {2: (0, 3), 5: (1,), 7: (2,)}  # layer 7 is the last layer: never a selection layer
+    schedules = candidate_schedules(8, heads, max_length=1500)
+    assert len(schedules) == len(set(schedules)) == 3 * (15 + 6 + 20)
+    assert {(s.span, s.chunk_size) for s in schedules} == set(SPANS)
+    layers, budgets = (2, 3, 4, 5, 6), (256, 512, 1024)  # from a quarter of the depth; 2048 >= max_length
+    for span, chunk_size in SPANS:
+        mine = [s.stages for s in schedules if (s.span, s.chunk_size) == (span, chunk_size)]
+        assert {s[0] for s in mine if len(s) == 1} == (
+            {(layer, budget, None) for layer in layers for budget in budgets}
+            | {(2, budget, (0, 3)) for budget in budgets} | {(5, budget, (1,)) for budget in budgets})
+        # Two stages: increasing layers, twice the budget first, and that doubled budget below max_length.
+        assert {s for s in mine if len(s) == 2} == {
+            ((first, 2 * budget, None), (second, budget, None))
+            for first, second in itertools.combinations(layers, 2) for budget in (256, 512)}
+
+
+def test_candidate_budgets_stay_below_the_longest_probe():
+    def budgets(max_length):
+        schedules = candidate_schedules(8, {}, max_length)
+        return ({s.stages[0][1] for s in schedules if len(s.stages) == 1},
+                {s.stages[0][1] for s in schedules if len(s.stages) == 2})
+
+    assert budgets(1024) == ({256, 512}, {512})
+    assert budgets(1025) == ({256, 512, 1024}, {512, 1024})
+    assert budgets(8192) == ({256, 512, 1024, 2048}, {512, 1024, 2048, 4096})
+    assert {s.stages[0][0] for s in candidate_schedules(30, {}, 8192)} == set(range(7, 29))
+
+
+def test_retrieval_heads_are_a_layers_best_third_when_they_beat_its_average():
+    table = torch.tensor([
+        [0.1, 0.9, 0.2, 0.8, 0.3, 0.4],  # heads 1 and 3 lead
+        [0.7, 0.1, 0.1, 0.1, 0.1, 0.6],  # heads 0 and 5, in head order
+        [0.5] * 6,  # no head beats the others
+        [1.0] * 6,
+        [0.2, 0.0, 0.0, 0.0, 0.0, 0.3],
+    ])
+    assert choose_retrieval_heads(table) == {0: (1, 3), 1: (0, 5), 4: (0, 5)}
+    # At least one head, even with fewer than three.
+    assert choose_retrieval_heads(torch.tensor([[0.2, 0.6], [0.4, 0.4]])) == {0: (1,)}
+    assert choose_retrieval_heads(torch.tensor([[0.5, 0.25, 0.75, 0.0]])) == {0: (2,)}
+
+
+def test_needle_rank_table_ranks_the_best_prunable_needle_token_among_the_candidates(rendered):
+    scores = base_scores(layers=2, heads=2)
+    scores[0, 0, 3:6], scores[0, 0, 15] = 1.0, 0.9  # three candidates outrank the needle: rank 3
+    scores[0, 1, 16] = 1.0  # the needle ranks first
+    scores[1, 0, 9], scores[1, 0, THIRD] = 10.0, 0.5  # the needle's protected first token doesn't count: rank 7
+    # layer 1, head 1: every candidate ties at 0; ties don't count against the needle (rank 0).
+    record = probe_record(rendered, scores, protected=PROTECTED + [9])
+    assert torch.equal(needle_rank_table([record], 3), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    assert torch.equal(needle_rank_table([record], 4), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    assert torch.equal(needle_rank_table([record], 7), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    assert torch.equal(needle_rank_table([record], 8), torch.ones(2, 2))
+    # A needle the layout protects entirely is always kept: a hit at every layer and head.
+    protected_needle = probe_record(rendered, scores, needle=(29, 30))
+    assert torch.equal(needle_rank_table([record, protected_needle], 3), torch.tensor([[0.5, 1.0], [0.5, 1.0]]))

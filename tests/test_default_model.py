@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pd_integrations.haystack import needle_probe
+from pd_integrations.probes import needle_probe
 
 
 @pytest.mark.parametrize("depth", [0.25, 0.7])

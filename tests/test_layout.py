@@ -119,7 +119,7 @@ def test_the_question_seeds_selection_from_the_tail_or_as_a_probe(tiny_llama, to
         probe_text = tokenizer.decode(layout.probe_ids)
         assert (QUESTION in probe_text) if probe else layout.probe_ids == ()
         if not probe:
-            seed_ids = rendered_ids(tokenizer, messages)[-layout.num_seeds:]
+            seed_ids = rendered_ids(tokenizer, messages)[-layout.query_rows:]
             assert QUESTION in tokenizer.decode(seed_ids)
 
 

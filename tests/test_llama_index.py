@@ -13,8 +13,8 @@ from llama_index.core.prompts.default_prompt_selectors import DEFAULT_TEXT_QA_PR
 from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT
 from llama_index.core.schema import NodeWithScore, TextNode
 
-from pd_integrations import ModelNotAvailableError, PromptDistillConfig
-from pd_integrations.haystack import needle_probe
+from pd_integrations import ModelNotAvailableError, PromptDistillConfig, PromptDistillEngine
+from pd_integrations.probes import needle_probe
 from pd_integrations.llama_index import PromptDistillLLM
 
 PROMPT = "What is the capital of France? Answer in one word."
@@ -157,8 +157,8 @@ def test_max_new_tokens_and_sampling_settings_apply(llm):
 
 
 def test_unknown_keyword_arguments_raise(llm):
-    with pytest.raises(TypeError, match="max_tokens"):
-        llm.complete(PROMPT, max_tokens=3)
+    with pytest.raises(TypeError, match="max_token.*did you mean 'max_tokens'"):
+        llm.complete(PROMPT, max_token=3)
 
 
 async def test_concurrent_acomplete_equals_sequential():
@@ -199,13 +199,14 @@ def recorded(request, monkeypatch):
     """(llm, calls): a one-token LLM (completion or chat model) and the keyword arguments of each engine call."""
     llm = PromptDistillLLM(max_new_tokens=1, is_chat_model=request.param)
     calls = []
-    stream = llm.engine.stream
+    stream = PromptDistillEngine.stream
 
-    def recording_stream(*args, **kwargs):
+    def recording_stream(engine, *args, **kwargs):
         calls.append(kwargs)
-        return stream(*args, **kwargs)
+        return stream(engine, *args, **kwargs)
 
-    monkeypatch.setattr(llm.engine, "stream", recording_stream)
+    # The adapter builds a (cheap) engine per call over the shared runtime, so the method is patched on the class.
+    monkeypatch.setattr(PromptDistillEngine, "stream", recording_stream)
     return llm, calls
 
 
@@ -253,7 +254,7 @@ def test_pd_documents_reach_the_engine_as_nodes_or_texts(recorded):
     sentences = CONTEXT.split(". ")
     nodes = [NodeWithScore(node=TextNode(text=s)) for s in sentences]
     response = llm.complete(f"{CONTEXT}\n{QUESTION}", pd_documents=nodes)
-    assert calls[-1]["documents"] == nodes
+    assert calls[-1]["documents"] == sentences  # the adapter unwraps nodes; the engine takes texts
     assert len(response.additional_kwargs["promptdistill"]["document_retention"]) == len(nodes)
     # The engine reads the nodes' text; one that is not in the prompt is named in the error.
     with pytest.raises(ValueError, match=r"documents\[1\] is empty or does not appear"):

@@ -13,8 +13,8 @@ from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
 from pd_integrations import PromptDistillConfig
-from pd_integrations.haystack import load_haystack
-from pd_integrations.inspect import document_retention
+from pd_integrations.probes import load_haystack
+from pd_integrations.kept_view import document_retention
 from pd_integrations.llama_index import PromptDistillLLM, PromptDistillStatsHandler
 
 pytestmark = pytest.mark.slow

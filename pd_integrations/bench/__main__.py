@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from ..engine import PromptDistillEngine
-from ..haystack import NEEDLE_KINDS
+from ..probes import NEEDLE_KINDS
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
 from . import measure, ragbench, report, tasks
 from .rag import SHAPES

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import PromptDistillConfig
 from ..engine import PromptDistillEngine
-from ..inspect import document_retention
+from ..kept_view import document_retention
 from . import measure, report
 from .rag import SHAPES, RagPrompt, contains, make_handbook, make_questions, move_answer, rag_prompt, retrieve
 

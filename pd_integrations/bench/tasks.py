@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..haystack import haystack_window, insert_sentences, load_haystack, needle_probe
+from ..probes import haystack_window, insert_sentences, load_haystack, needle_probe
 
 TASKS = ("niah-single", "niah-multikey", "niah-multivalue", "niah-multiquery")
 NEEDLES_PER_TASK = 4  # keys in multikey/multiquery, values in multivalue

@@ -9,47 +9,46 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
+from ..adapter_settings import DistillSettings, unexpected
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL, check_load_settings
-from ..shared import shared_engine
 
 PROVIDER = "promptdistill"
 # Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones override the
 # constructor's values for that call.
-SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "seed")
-CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS)
+SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed")
+CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens")
 # LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
 _ROUTING_FLAGS = ("stream",)
-_CONFIG_SHORTCUTS = ("method", "selection_layers", "budgets")
-
-
-class PromptDistillSettings(BaseModel):
+class PromptDistillSettings(DistillSettings):
     """Settings of a PromptDistill-backed LangChain model. Weights load on the first call, once per process and
     load settings (`model`, `device`, `dtype`, `quantization`), so constructing models is cheap.
 
     Mixed in before `BaseChatModel`/`BaseLLM`, whose `_get_ls_params` it extends.
+
+    Arguments: LangChain's own fields, the settings below, every `PromptDistillConfig` field as a shortcut, and the
+    other frameworks' names `max_new_tokens` (for `max_tokens`) and `model_name` (for `model`); giving both names of
+    one setting, or any other argument, to the constructor or a call, is a `TypeError` naming the closest valid name.
     """
+
+    ALIASES = {"max_new_tokens": "max_tokens", "model_name": "model"}
+    CALL_OPTIONS = CALL_OPTIONS
+    CALL_HINT = "a per-call option: invoke(..., {name}=...) or .bind({name}=...)"
 
     model: str = Field(DEFAULT_MODEL, min_length=1)
     """The embedded default, a local directory or a Hugging Face hub id (see `pd_integrations.load_model`)."""
-    config: PromptDistillConfig | None = None
-    """PromptDistill settings; fields left unset come from the model's profile."""
-    method: str | None = None
-    """Shortcut for `config.method`: "promptdistill", "gemfilter" or "full"."""
-    selection_layers: tuple[int, ...] | None = None
-    """Shortcut for `config.selection_layers`."""
-    budgets: tuple[int | float, ...] | int | float | None = None
-    """Shortcut for `config.budgets`: retrieved-context tokens kept per stage (ints) or fractions of them; a single
-    number is one stage."""
     temperature: float = Field(0.0, ge=0)
     """0 decodes greedily."""
     max_tokens: int = Field(256, ge=1)
-    """Most tokens generated per call."""
+    """Most tokens generated per call; `max_new_tokens` (the transformers/LlamaIndex name) is accepted too."""
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    """Sample from the `top_k` most likely tokens only (0 = off)."""
     seed: int | None = None
     """Seeds sampling (temperature > 0) for reproducible output."""
     stop: list[str] | None = None
@@ -59,6 +58,9 @@ class PromptDistillSettings(BaseModel):
     are not interrupted)."""
     max_retries: int = Field(2, ge=0)
     """Accepted for compatibility with API-backed models; local generation has no transient failures to retry."""
+    api_key: SecretStr | None = Field(None, exclude=True)
+    """Accepted (and unused) for compatibility with API-backed models and langchain-tests: a local model needs no
+    key."""
     streaming: bool = False
     """Generate token by token even for `invoke`, so `on_llm_new_token` callbacks fire."""
     device: str = "auto"
@@ -67,14 +69,11 @@ class PromptDistillSettings(BaseModel):
     """None, "4bit" or "8bit" (bitsandbytes)."""
 
     _distill_config: PromptDistillConfig | None = PrivateAttr(None)
-    _engines: dict[str, PromptDistillEngine] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_settings(self) -> PromptDistillSettings:
         # Errors here name the parameter; settings that depend on the model (layer ranges) are checked on first use.
-        shortcuts = {name: getattr(self, name) for name in _CONFIG_SHORTCUTS if getattr(self, name) is not None}
-        if self.config is not None or shortcuts:
-            self._distill_config = (self.config or PromptDistillConfig()).replace(**shortcuts)
+        self._distill_config = self.distill_config()
         check_load_settings(self.device, self.dtype, self.quantization)
         if self.stop is not None and not all(self.stop):
             raise ValueError(f"stop entries must be non-empty strings, got {self.stop!r}")
@@ -114,11 +113,9 @@ class PromptDistillSettings(BaseModel):
         return stop or self.stop or None
 
     def _engine(self, model: str) -> PromptDistillEngine:
-        # Two threads may both build one on first use; both are valid and share the process-wide weights.
-        if model not in self._engines:
-            self._engines[model] = shared_engine(model, self._distill_config, device=self.device, dtype=self.dtype,
-                                                 quantization=self.quantization)
-        return self._engines[model]
+        # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
+        return PromptDistillEngine.from_pretrained(model, self._distill_config, device=self.device, dtype=self.dtype,
+                                                   quantization=self.quantization)
 
     def _prepare_call(self, stop: list[str] | None, kwargs: dict[str, Any],
                       template: dict[str, Any] | None = None) -> Call:
@@ -126,10 +123,16 @@ class PromptDistillSettings(BaseModel):
         `Document`s or texts), a model override and sampling overrides, each validated like the constructor's
         arguments. `template` holds the question and documents a `DistillPrompt` tagged onto the messages; a
         call's own `pd_query`/`pd_documents` win over them."""
-        unknown = sorted(set(kwargs) - {*CALL_OPTIONS, *_ROUTING_FLAGS})
+        owner = type(self).__name__
+        unknown = [name for name in kwargs if name not in {*CALL_OPTIONS, *_ROUTING_FLAGS}]
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}; "
-                            f"the per-call options are {', '.join(CALL_OPTIONS)}")
+            hints = {name: f"set it when constructing the model: {owner}({name}=...)"
+                     for name in unknown if name in type(self).model_fields}
+            raise unexpected(f"{owner} call", unknown, CALL_OPTIONS, hints)
+        if "max_new_tokens" in kwargs:
+            if "max_tokens" in kwargs:
+                raise TypeError(f"{owner} call got both max_tokens= and max_new_tokens= (the same setting); pass one")
+            kwargs = {**kwargs, "max_tokens": kwargs["max_new_tokens"]}
         settings = self
         overrides = {name: kwargs[name] for name in SAMPLING_OPTIONS if name in kwargs}
         if overrides:
@@ -144,10 +147,12 @@ class PromptDistillSettings(BaseModel):
         if query is not None and (not isinstance(query, str) or not query.strip()):
             raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
         documents = kwargs.get("pd_documents")
+        if isinstance(documents, (list, tuple)):
+            documents = [d.page_content if isinstance(d, Document) else d for d in documents]
         from_template = documents is None and template.get("documents") is not None
         options = {"query": query, "documents": template.get("documents") if from_template else documents,
                    "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
-                   "top_p": settings.top_p, "seed": settings.seed, "stop": self._stops(stop)}
+                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop)}
         return Call(self._engine(model), model, options, self.timeout, from_template)
 
 

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -25,16 +25,16 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
+from llama_index.core.bridge.pydantic import Field, model_validator
 from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.schema import BaseNode, NodeWithScore
 
-from ..config import PromptDistillConfig
+from ..adapter_settings import DistillSettings, unexpected
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL, check_load_settings
-from ..shared import shared_engine
 
 # The question and retrieved context of the prompt template being predicted in this thread or task. `predict`
 # sets them around the base class's `predict`, which calls `complete`/`chat` in the same context; a context
@@ -47,10 +47,9 @@ NODE_SEPARATOR = "\n\n"
 
 # Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` and `pd_documents`
 # as in the LangChain classes); the others override this instance's settings for that call.
-CALL_OPTIONS = ("pd_query", "pd_documents", "max_new_tokens", "temperature", "top_p", "seed", "stop")
-
-
-class PromptDistillLLM(CustomLLM):
+CALL_OPTIONS = ("pd_query", "pd_documents", "max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                "stop")
+class PromptDistillLLM(DistillSettings, CustomLLM):
     """A local Hugging Face model that prunes the retrieved context inside itself during prefill.
 
     Weights load lazily, on the first generation or `metadata` read, and are shared per process and load settings
@@ -60,8 +59,9 @@ class PromptDistillLLM(CustomLLM):
     context into one prompt rather than refine over several. LlamaIndex counts tokens for packing with
     `Settings.tokenizer` (tiktoken by default); `Settings.tokenizer = llm.engine.tokenizer` counts the model's own.
 
-    Distillation settings: `config` (a `PromptDistillConfig`), with the shortcuts `method`, `selection_layers` and
-    `budgets` overriding its fields; fields left unset come from the model's profile.
+    Distillation settings: `config` (a `PromptDistillConfig`), and every one of its fields as an argument of its own
+    (`method`, `selection_layers`, `budgets`, `span`, `chunk_size`, ...) overriding `config`'s; fields left unset
+    come from the model's profile.
 
     Rendering: with `use_chat_template` (the default) a completion prompt is sent as one user turn through the
     tokenizer's chat template, which is what an instruct model is trained on, and chat messages are rendered by the
@@ -85,21 +85,25 @@ class PromptDistillLLM(CustomLLM):
     Streams carry both on their last chunk, whose delta is empty. `PromptDistillStatsHandler` collects them from a
     query engine.
 
-    Per-call keyword arguments: `pd_query`, `pd_documents`, `max_new_tokens`, `temperature`, `top_p`, `seed`,
-    `stop`.
+    Per-call keyword arguments: `pd_query`, `pd_documents`, `max_new_tokens` (or `max_tokens`), `temperature`,
+    `top_p`, `top_k`, `seed`, `stop`. Unknown or misspelled arguments, to the constructor or a call, raise
+    `TypeError` naming the closest valid name; `max_tokens` and `model_name` are accepted as the other frameworks'
+    names of `max_new_tokens` and `model` (giving both names of one setting is a `TypeError`).
     """
 
+    ALIASES = {"max_tokens": "max_new_tokens", "model_name": "model"}
+    CALL_OPTIONS = CALL_OPTIONS
+    CALL_HINT = "a per-call option: complete/chat(..., {name}=...)"
+    # `to_dict()` writes the class name; constructing from that dict must work.
+    EXTRA_ARGUMENTS = ("class_name",)
+
     model: str = Field(default=DEFAULT_MODEL, description="Embedded default model, local directory or hub id.")
-    config: Optional[PromptDistillConfig] = Field(
-        default=None, description="PromptDistill settings; unset fields come from the model's profile."
-    )
-    method: Optional[str] = Field(default=None, description="Overrides config.method: promptdistill, gemfilter, full.")
-    selection_layers: Optional[Tuple[int, ...]] = Field(default=None, description="Overrides config.selection_layers.")
-    budgets: Optional[Union[Tuple[Union[int, float], ...], int, float]] = Field(
-        default=None, description="Overrides config.budgets; a single number is one stage.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
-    max_new_tokens: int = Field(default=DEFAULT_NUM_OUTPUTS, gt=0, description="Most tokens generated per call.")
+    top_k: int = Field(default=0, ge=0, description="Sample from the top_k most likely tokens only (0 = off).")
+    max_new_tokens: int = Field(
+        default=DEFAULT_NUM_OUTPUTS, gt=0,
+        description="Most tokens generated per call; max_tokens (the LangChain/OpenAI name) is accepted too.")
     context_window: Optional[int] = Field(
         default=None, gt=0,
         description="Tokens LlamaIndex may pack into a prompt; default the model's raw (pre-pruning) window.",
@@ -116,7 +120,6 @@ class PromptDistillLLM(CustomLLM):
         default=True, description="Render prompts through the tokenizer's chat template (see the class docstring)."
     )
 
-    _engine: Optional[PromptDistillEngine] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_settings(self) -> PromptDistillLLM:
@@ -124,28 +127,21 @@ class PromptDistillLLM(CustomLLM):
         # when the weights load.
         self.distill_config()
         check_load_settings(self.device, self.dtype, self.quantization)
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if not all(stops):
+            raise ValueError(f"stop entries must be non-empty strings, got {self.stop!r}")
         return self
 
     @classmethod
     def class_name(cls) -> str:
         return "PromptDistillLLM"
 
-    def distill_config(self) -> PromptDistillConfig:
-        """`config` with the `method`, `selection_layers` and `budgets` shortcuts applied (before profile
-        resolution). Raises `ValueError` for invalid settings."""
-        shortcuts = {name: getattr(self, name) for name in ("method", "selection_layers", "budgets")}
-        return (self.config or PromptDistillConfig()).replace(
-            **{name: value for name, value in shortcuts.items() if value is not None}
-        )
-
     @property
     def engine(self) -> PromptDistillEngine:
         """The engine over the shared weights with this instance's settings (loads the weights on first use)."""
-        # Two threads may both build one on first use; both are valid and share the process-wide weights.
-        if self._engine is None:
-            self._engine = shared_engine(self.model, self.distill_config(), device=self.device, dtype=self.dtype,
-                                         quantization=self.quantization)
-        return self._engine
+        # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
+        return PromptDistillEngine.from_pretrained(self.model, self.distill_config(), device=self.device,
+                                                   dtype=self.dtype, quantization=self.quantization)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -223,16 +219,32 @@ class PromptDistillLLM(CustomLLM):
     def _options(self, kwargs: dict) -> dict:
         """`engine.stream` arguments: this instance's settings overridden by per-call `kwargs`, and the query from
         `pd_query` or else from the template being predicted. Raises `TypeError` for unknown arguments."""
-        unknown = sorted(set(kwargs) - set(CALL_OPTIONS))
+        owner = f"{type(self).__name__} call"
+        unknown = [name for name in kwargs if name not in CALL_OPTIONS]
         if unknown:
-            raise TypeError(f"unexpected keyword arguments {unknown}; PromptDistillLLM takes {list(CALL_OPTIONS)}")
+            hints = {name: f"set it when constructing the model: {type(self).__name__}({name}=...)"
+                     for name in unknown if name in type(self).model_fields}
+            raise unexpected(owner, unknown, CALL_OPTIONS, hints)
+        if "max_tokens" in kwargs:
+            if "max_new_tokens" in kwargs:
+                raise TypeError(f"{owner} got both max_new_tokens= and max_tokens= (the same setting); pass one")
+            kwargs = dict(kwargs)
+            value = kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"max_tokens (max_new_tokens) must be an int >= 1, got {value!r}")
+        query = kwargs.get("pd_query")
+        if "pd_query" in kwargs and query is not None and (not isinstance(query, str) or not query.strip()):
+            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
         overrides = {name: value for name, value in kwargs.items() if name not in ("pd_query", "pd_documents")}
         template = _template_inputs.get()
         from_template = "pd_documents" not in kwargs and template.get("documents") is not None
+        documents = kwargs.get("pd_documents")
+        if isinstance(documents, (list, tuple)):  # nodes (or NodeWithScore) as their texts
+            documents = [d.get_content() if isinstance(d, (BaseNode, NodeWithScore)) else d for d in documents]
         return {"query": kwargs.get("pd_query", template.get("query")),
-                "documents": template.get("documents") if from_template else kwargs.get("pd_documents"),
+                "documents": template.get("documents") if from_template else documents,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "stop": self.stop, **overrides, "from_template": from_template}
+                "top_k": self.top_k, "seed": self.seed, "stop": self.stop, **overrides, "from_template": from_template}
 
     def _completion_input(self, prompt: str, formatted: bool) -> dict:
         if not formatted:

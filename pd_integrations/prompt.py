@@ -1,9 +1,9 @@
-"""Rendering the input to tokens with character offsets, locating retrieved documents in it, and span units."""
+"""Rendering the input to tokens with character offsets, and locating chat messages and retrieved documents in
+the rendered text."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,65 +81,16 @@ class RenderedPrompt:
         first = next_text[starts.clamp(max=length - 1)]
         return torch.where(first < ends, first, starts)
 
-    def span_units(self, span: str, chunk_size: int | None,
-                   regions: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Per token, the id of the span unit it belongs to (non-decreasing), or None for token-level selection.
-
-        Units never cross the boundaries of `document_ranges`, nor those of `regions` (a non-decreasing id per
-        token, e.g. prunable and protected stretches). "document" makes each document (and each stretch of text
-        between documents) one unit; "sentence" splits after . ! ? and at line breaks; "chunk" groups whole
-        sentences into chunks of about `chunk_size` tokens (a chunk holds the sentences that start in its
-        `chunk_size`-token window, counted from each document and region start), so chunks never cut a sentence.
-        Without text (raw ids that don't round-trip) sentences and chunks are fixed `chunk_size`-token windows.
-        """
-        if span == "token":
-            return None
-        n = len(self.input_ids)
-        sentences = span in ("sentence", "chunk") and self.text is not None
-        starts = self.word_starts() if self.document_ranges or sentences else None
-        segments = torch.zeros(n, dtype=torch.long)
-        if self.document_ranges:
-            bounds = torch.tensor(sorted({c for document in self.document_ranges for c in document}))
-            segments = torch.searchsorted(bounds, starts, right=True)
-        if regions is not None:
-            segments = torch.unique_consecutive(segments * (n + 1) + regions, return_inverse=True)[1]
-        if span == "document":
-            inner = torch.zeros(n, dtype=torch.long)
-        elif sentences:
-            ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(self.text)], dtype=torch.long)
-            inner = torch.searchsorted(ends, starts, right=True)
-            if span == "chunk":
-                # Each sentence goes to the window (within its segment) where its first token lies.
-                sentence = torch.unique_consecutive(segments * (n + 1) + inner, return_inverse=True)[1]
-                inner = (_run_starts(sentence) - _run_starts(segments)) // chunk_size
-        else:
-            inner = (torch.arange(n) - _run_starts(segments)) // chunk_size
-        return torch.unique_consecutive(segments * (n + 1) + inner, return_inverse=True)[1]
-
-
-def _run_starts(ids: torch.Tensor) -> torch.Tensor:
-    """Per position of a non-decreasing id sequence, the index where its run of equal ids starts."""
-    _, lengths = torch.unique_consecutive(ids, return_counts=True)
-    return torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-
 
 def document_texts(documents) -> list[str]:
-    """The texts of retrieved `documents`: strings, LangChain `Document`s (`page_content`) or LlamaIndex nodes
-    (`get_content()`). Raises `TypeError` for anything else."""
-    if not isinstance(documents, (list, tuple)):
-        raise TypeError(f"documents (pd_documents in the adapters) must be a list of texts, Documents or nodes, "
-                        f"got {type(documents).__name__}")
-    texts = []
-    for document in documents:
-        if hasattr(document, "page_content"):
-            document = document.page_content
-        elif callable(getattr(document, "get_content", None)):
-            document = document.get_content()
-        if not isinstance(document, str):
-            raise TypeError(f"documents (pd_documents in the adapters) must be a list of texts, Documents or nodes, "
-                            f"got an item of type {type(document).__name__}")
-        texts.append(document)
-    return texts
+    """`documents` checked to be a list of texts (the adapters turn LangChain `Document`s and LlamaIndex nodes
+    into their texts). Raises `TypeError` naming `documents` for anything else."""
+    if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
+        got = type(documents).__name__ if not isinstance(documents, (list, tuple)) else \
+            f"an item of type {next(type(d).__name__ for d in documents if not isinstance(d, str))}"
+        raise TypeError(f"documents must be a list of str (the retrieved texts; the LangChain and LlamaIndex "
+                        f"adapters' pd_documents also take Documents and nodes), got {got}")
+    return list(documents)
 
 
 def locate_documents(text: str, documents: list[str]) -> list[tuple[int, int] | None]:
@@ -172,15 +123,12 @@ def kept_shares(ranges: list[tuple[int, int] | None], kept_char_spans: list[tupl
 # Code points Python's str.isspace() counts as whitespace (all lie below U+3001).
 _WHITESPACE = torch.tensor([c for c in range(0x3001) if chr(c).isspace()])
 
-# A sentence ends after its punctuation (and closing quotes), before the whitespace, so a following " Word" token
-# starts the next sentence.
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n+")
-
-
 def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> RenderedPrompt:
     """Tokenize exactly one of `prompt` (raw text), `messages` (via the chat template) or `input_ids`.
 
-    Raises `ValueError` when none or several are given, or the input is empty.
+    Raises `ValueError` when none or several are given, or the input is empty. `input_ids` must be a flat list
+    (or tuple) of ints, or a 1-D (or [1, n]) integer tensor or array, every id in [0, `len(tokenizer)`); else
+    `TypeError` (wrong type) or `ValueError` (wrong shape or id) naming `input_ids`, before any model work.
     """
     given = [name for name, value in (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))
              if value is not None]
@@ -191,22 +139,78 @@ def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> R
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if not prompt.strip():
             raise ValueError("prompt is empty")
+        check_text("prompt", prompt)
         return _tokenize(tokenizer, prompt, add_special_tokens=True)
     if messages is not None:
-        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if not isinstance(messages, (list, tuple)) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+        for message in messages:
+            check_text("messages", message["content"])
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         rendered = _tokenize(tokenizer, text, add_special_tokens=False)
         return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages))
-    ids = input_ids.flatten().tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
-    if not ids:
-        raise ValueError("input_ids is empty")
+    ids = _token_ids(input_ids, len(tokenizer))
     # Offsets exist only when the decoded text tokenizes back to the same ids.
     text = tokenizer.decode(ids)
     retokenized = _tokenize(tokenizer, text, add_special_tokens=False)
     if retokenized.input_ids == ids:
         return dataclasses.replace(retokenized, from_ids=True)
     return RenderedPrompt(ids, None, None, from_ids=True)
+
+
+def check_text(name: str, text: str) -> None:
+    """Raise `ValueError` naming `name` for text no tokenizer can take: a lone surrogate (UTF-16 debris that is
+    not a character, e.g. from a badly decoded file)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{name} holds a lone surrogate {text[error.start]!r} at character {error.start}, which is "
+                         f"not a character; decode the source text with errors='replace'") from None
+
+
+def _token_ids(input_ids, vocab_size: int) -> list[int]:
+    """`input_ids` as a list of Python ints, checked: a flat list/tuple/range of ints, or a 1-D or [1, n] integer
+    tensor or NumPy array; every id in [0, vocab_size).
+
+    The bound is the tokenizer's `len(tokenizer)` (its vocabulary with added tokens), the only vocabulary rendering
+    knows. A model's embedding may be larger (padded to a multiple of 64, say), and ids past the tokenizer's
+    vocabulary would then be valid for the model but have no text; they are refused here so that nothing
+    downstream (decoding, offsets, the embedding lookup) meets an id without a token.
+    """
+    what = ("input_ids must be a flat list of ints or a 1-D (or [1, n]) integer tensor of token ids in "
+            f"[0, {vocab_size - 1}]")
+    if isinstance(input_ids, (torch.Tensor, np.ndarray)):
+        array = input_ids
+        is_int = (not array.dtype.is_floating_point and not array.dtype.is_complex and array.dtype != torch.bool
+                  if isinstance(array, torch.Tensor) else array.dtype.kind in "iu")
+        if not is_int:
+            raise TypeError(f"{what}, got a {type(array).__name__} of dtype {array.dtype}")
+        shape = tuple(array.shape)
+        if len(shape) == 2 and shape[0] == 1:
+            array = array[0]
+        elif len(shape) != 1:
+            raise ValueError(f"{what} (one sequence: batches are not supported), got shape {list(shape)}")
+        ids = array.tolist()
+    elif isinstance(input_ids, (list, tuple, range)):
+        ids = list(input_ids)
+        for position, value in enumerate(ids):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                nested = " (nested lists are not accepted: pass one sequence)" if isinstance(
+                    value, (list, tuple, torch.Tensor, np.ndarray)) else ""
+                raise TypeError(f"{what}{nested}, got {type(value).__name__} {value!r} at position {position}")
+        ids = [int(value) for value in ids]
+    else:
+        raise TypeError(f"{what}, got {type(input_ids).__name__}"
+                        + (" (pass encoding['input_ids'])" if hasattr(input_ids, "keys") else ""))
+    if not ids:
+        raise ValueError("input_ids is empty")
+    bad = next((k for k, value in enumerate(ids) if not 0 <= value < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"input_ids must be token ids in [0, {vocab_size - 1}] (the tokenizer's vocabulary), got "
+                         f"{ids[bad]} at position {bad}")
+    return ids
 
 
 def _message_ranges(text: str, messages: list[dict]) -> tuple[MessageRange, ...]:

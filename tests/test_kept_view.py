@@ -11,8 +11,8 @@ from html.parser import HTMLParser
 import pytest
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.haystack import needle_probe
-from pd_integrations.inspect import document_retention, render_html, summary, token_view
+from pd_integrations.probes import needle_probe
+from pd_integrations.kept_view import document_retention, render_html, summary, token_view
 
 from .conftest import tiny_model
 

@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass
 
 from .engine import GenerationResult
-from .query import document_texts, kept_shares, locate_documents
+from .prompt import document_texts, kept_shares, locate_documents
 
 SHADES = 10  # score deciles, each with its own shade
 _KEPT_RGB = (34, 139, 34)  # green: kept; darker = higher selection score
@@ -20,10 +20,10 @@ _DROPPED_RGB = (214, 69, 65)  # red tint on grey text: dropped; darker = higher 
 
 
 def document_retention(prompt_text: str, kept_char_spans: list[tuple[int, int]],
-                       documents: list) -> list[float | None]:
+                       documents: list[str]) -> list[float | None]:
     """Share of each document's characters that lie in kept spans of the rendered prompt.
 
-    `documents` are texts, LangChain `Document`s or LlamaIndex nodes, located as the engine locates `documents=`
+    `documents` are the retrieved texts, located as the engine locates `documents=`
     (`locate_documents`); one not found verbatim gets `None`. A result made with `documents=` already carries
     these shares (`GenerationResult.document_retention`).
     """

@@ -1,0 +1,115 @@
+"""What the LangChain and LlamaIndex adapters' constructors share: `config` with every `PromptDistillConfig` field
+as a shortcut argument, checked as the config checks it, and unknown arguments rejected with the closest name.
+
+Pydantic (and LangChain's and LlamaIndex's base classes) would drop unknown arguments silently, so that `budget=`
+or `max_token=` ran with the defaults; here anything that is not a field (the framework's own included), an alias
+or a listed extra is a `TypeError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, ClassVar, Optional, Tuple, Union
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+
+from .config import PromptDistillConfig
+
+CONFIG_SHORTCUTS = tuple(f.name for f in dataclasses.fields(PromptDistillConfig))
+
+
+def unexpected(owner: str, unknown: list[str], allowed, hints: dict[str, str] | None = None) -> TypeError:
+    """A `TypeError` naming each unknown keyword argument with the closest allowed name (or a hint)."""
+    allowed = sorted(allowed)
+    parts, unexplained = [], False
+    for name in unknown:
+        close = difflib.get_close_matches(name, allowed, n=1)
+        hint = (hints or {}).get(name) or (f"did you mean {close[0]!r}?" if close else "")
+        unexplained |= not hint
+        parts.append(f"{name!r}" + (f" ({hint})" if hint else ""))
+    message = (f"{owner} got an unexpected keyword argument {parts[0]}" if len(parts) == 1
+               else f"{owner} got unexpected keyword arguments {', '.join(parts)}")
+    return TypeError(message + (f"; it takes {', '.join(allowed)}" if unexplained else ""))
+
+
+class DistillSettings(BaseModel):
+    """Mixed in before an adapter's framework base class. Subclasses set `ALIASES` (other frameworks' names of
+    their fields), `CALL_OPTIONS` and `CALL_HINT` (to point a per-call option given to the constructor to its
+    place) and `EXTRA_ARGUMENTS` (accepted though not fields)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {}
+    CALL_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    CALL_HINT: ClassVar[str] = "a per-call option"
+    EXTRA_ARGUMENTS: ClassVar[tuple[str, ...]] = ()
+
+    config: Optional[PromptDistillConfig] = Field(
+        default=None, description="PromptDistill settings (a PromptDistillConfig or a dict of its fields); unset "
+                                  "fields come from the model's profile. Each field is also an argument of its own, "
+                                  "which overrides config's.")
+    method: Optional[str] = Field(default=None, description="config.method: promptdistill, gemfilter or full.")
+    selection_layers: Optional[Union[Tuple[int, ...], int]] = Field(
+        default=None, description="config.selection_layers; a single int is one stage.")
+    budgets: Optional[Union[Tuple[Union[int, float], ...], int, float]] = Field(
+        default=None, description="config.budgets: retrieved-context tokens kept per stage (ints >= 1) or fractions "
+                                  "in (0, 1] of them; a single number is one stage (budgets=256 means (256,)).")
+    span: Optional[str] = Field(default=None, description="config.span: token, chunk, sentence or document.")
+    chunk_size: Optional[int] = Field(default=None, description="config.chunk_size.")
+    aggregation: Optional[str] = Field(
+        default=None, description="config.aggregation: softmax_mean, softmax_max or logits_mean.")
+    heads: Optional[Tuple[Optional[Tuple[int, ...]], ...]] = Field(
+        default=None, description="config.heads: per selection layer, the query heads that score (None = all).")
+    pool_kernel: Optional[int] = Field(default=None, description="config.pool_kernel.")
+    query_source: Optional[str] = Field(default=None, description="config.query_source: auto or last_token.")
+    tail_tokens: Optional[int] = Field(default=None, description="config.tail_tokens.")
+    max_probe_tokens: Optional[int] = Field(default=None, description="config.max_probe_tokens.")
+    protect_head: Optional[int] = Field(default=None, description="config.protect_head.")
+    cache_truncation: Optional[bool] = Field(default=None, description="config.cache_truncation.")
+    context_min_tokens: Optional[int] = Field(default=None, description="config.context_min_tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_arguments(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or info.field_name is not None:  # an assignment: `data` is the instance's
+            return data
+        data = dict(data)
+        for alias, name in cls.ALIASES.items():
+            if alias in data:
+                if name in data:
+                    raise TypeError(f"{cls.__name__} got both {name}= and {alias}= (the same setting); pass one")
+                data[name] = data.pop(alias)
+        allowed = {*cls.ALIASES, *cls.EXTRA_ARGUMENTS}
+        for name, field in cls.model_fields.items():
+            allowed.add(name)
+            allowed.update(alias for alias in (field.alias, field.validation_alias) if isinstance(alias, str))
+        unknown = [name for name in data if name not in allowed]
+        if unknown:
+            hints = {name: cls.CALL_HINT.format(name=name) for name in unknown if name in cls.CALL_OPTIONS}
+            raise unexpected(cls.__name__, unknown, allowed, hints)
+        return data
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _config_from_dict(cls, value: Any) -> Any:
+        # A dict goes through PromptDistillConfig itself, so bad fields get its messages (naming the allowed values).
+        if not isinstance(value, dict):
+            return value
+        unknown = [name for name in value if name not in CONFIG_SHORTCUTS]
+        if unknown:
+            raise unexpected("PromptDistillConfig", unknown, CONFIG_SHORTCUTS)
+        return PromptDistillConfig(**value)
+
+    @field_validator(*CONFIG_SHORTCUTS, mode="before")
+    @classmethod
+    def _check_shortcut(cls, value: Any, info: ValidationInfo) -> Any:
+        # Checked and normalised as PromptDistillConfig does it (`budgets=256` is `(256,)`, `budgets=0` names the
+        # allowed values), rather than by pydantic's type coercion.
+        return None if value is None else PromptDistillConfig.check_field(info.field_name, value)
+
+    def distill_config(self) -> PromptDistillConfig | None:
+        """`config` with the shortcuts applied (before profile resolution), or None when neither is set.
+        Raises `ValueError` for invalid settings."""
+        shortcuts = {name: getattr(self, name) for name in CONFIG_SHORTCUTS if getattr(self, name) is not None}
+        if self.config is None and not shortcuts:
+            return None
+        return (self.config or PromptDistillConfig()).replace(**shortcuts)

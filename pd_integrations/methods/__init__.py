@@ -1,0 +1,27 @@
+"""Prefill methods, one small class each, behind one interface (`PrefillMethod.prefill`).
+
+Adding a method is adding a class here and its name to `config.METHODS`.
+"""
+
+from ..config import PromptDistillConfig
+from ..layout import RowLayout
+from .base import FullAttention, Prefill, PrefillMethod, PrefillState
+from .gemfilter import GemFilter
+from .promptdistill import PromptDistill, Stage
+from .recorder import QueryAttentionRecorder
+
+METHOD_CLASSES: dict[str, type[PrefillMethod]] = {
+    "full": FullAttention,
+    "promptdistill": PromptDistill,
+    "gemfilter": GemFilter,
+}
+
+
+def method_for(config: PromptDistillConfig, layout: RowLayout) -> PrefillMethod:
+    """The prefill method `config.method` names, set up for `layout` (fractional budgets resolve against it)."""
+    cls = METHOD_CLASSES[config.method]
+    return cls.from_config(config, layout) if cls.prunes else cls()
+
+
+__all__ = ["FullAttention", "GemFilter", "METHOD_CLASSES", "Prefill", "PrefillMethod", "PrefillState",
+           "PromptDistill", "QueryAttentionRecorder", "Stage", "method_for"]

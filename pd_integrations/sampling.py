@@ -1,0 +1,102 @@
+"""Choosing each next token: argument checks, transformers' logits processors and stopping criteria, and stop
+strings cut from streamed text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    EosTokenCriteria,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass
+class Sampler:
+    """Greedy when `temperature == 0`, else temperature / top-k / top-p sampling seeded by `seed`; stops at EOS or
+    a stop string. Build it with `Sampler.create`, which validates the arguments."""
+
+    processors: LogitsProcessorList
+    criteria: StoppingCriteriaList
+    generator: torch.Generator | None
+    greedy: bool
+    stops: list[str]
+
+    @classmethod
+    def create(cls, tokenizer, eos_ids: list[int], device: torch.device, *, temperature: float, top_p: float,
+               top_k: int, seed: int | None, stops: list[str]) -> Sampler:
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            processors.append(TemperatureLogitsWarper(float(temperature)))  # it refuses an int
+            if top_k > 0:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        criteria = StoppingCriteriaList([EosTokenCriteria(eos_ids)] if eos_ids else [])
+        if stops:
+            criteria.append(StopStringCriteria(tokenizer, stops))
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        return cls(processors, criteria, generator, temperature == 0, stops)
+
+    def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """`sequence` [1, t] extended by the token chosen from next-token `logits` [vocab], and whether a stopping
+        criterion (EOS, a stop string) ends generation with it."""
+        scores = self.processors(sequence, logits[None].float())
+        if self.greedy:
+            token = scores[0].argmax(-1, keepdim=True)
+        else:
+            token = torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[0]
+        sequence = torch.cat([sequence, token[None]], dim=-1)
+        return sequence, bool(self.criteria(sequence, scores)[0])
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` cut before the earliest stop string, and whether one occurred."""
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def safe_length(text: str, stops: list[str]) -> int:
+    """How much of `text` can be emitted: hold back a tail that may still grow into a stop string, and an
+    incomplete UTF-8 character."""
+    safe = len(text)
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                safe = min(safe, len(text) - k)
+                break
+    if text.endswith("\ufffd"):
+        safe = min(safe, len(text) - 1)
+    return safe
+
+
+def check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop) -> list[str]:
+    """Validate sampling arguments, raising `ValueError`/`TypeError` naming the parameter; returns the stop strings
+    as a list."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    # Below MIN_TEMPERATURE, logits / temperature overflow to inf and sampling breaks; NaN fails every comparison.
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                         f"got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise TypeError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
+    return list(stops)
