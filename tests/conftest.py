@@ -51,6 +51,18 @@ def default_engine(default_model):
     return PromptDistillEngine(model, tokenizer)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with a 4096-token window and the default model's tokenizer and chat template, saved like a
+    user's model directory (adapters load it by path)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**TINY, "max_position_embeddings": 4096})
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def random_ids(n: int, seed: int = 0, vocab: int = 49152) -> torch.Tensor:
     """Token ids 3..vocab-1 (no BOS/EOS/PAD), reproducible."""
     generator = torch.Generator().manual_seed(seed)

@@ -5,8 +5,6 @@ Only the context is pruned; the question, the instructions and earlier answers a
 from __future__ import annotations
 
 import pytest
-import torch
-import transformers
 from langchain_classic.chains import create_retrieval_chain
 from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 from langchain_core.callbacks import BaseCallbackHandler
@@ -21,22 +19,10 @@ from llama_index.core.schema import NodeWithScore, TextNode
 from pd_integrations.langchain import ChatPromptDistill, DistillPrompt
 from pd_integrations.llama_index import PromptDistillLLM, PromptDistillStatsHandler
 
-from .conftest import TINY
 from .test_layout import INSTRUCTION, PASSAGES, QUESTION, RAG_PROMPT
 
 SETTINGS = {"selection_layers": (1,), "budgets": 0.25, "max_tokens": 2}
 OTHER_QUESTION = "Which form do claims over 385 euros from the Tallinn office need?"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama with the default model's tokenizer and chat template, saved like a user's model."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**TINY, "max_position_embeddings": 4096})
-    path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def kept_share(stats: dict, text: str) -> float:

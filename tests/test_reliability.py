@@ -10,14 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
-import transformers
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
 from pd_integrations.langchain import ChatPromptDistill
 from pd_integrations.llama_index import PromptDistillLLM
 
-from .conftest import TINY
 from .test_layout import PASSAGES, QUESTION
 
 CONTEXT = "\n\n".join(PASSAGES[:6])
@@ -32,18 +29,8 @@ DEADLINE_S = 300
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**{**TINY, "max_position_embeddings": 4096})
-    path = tmp_path_factory.mktemp("tiny-reliability")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_dir):
-    base = PromptDistillEngine.from_pretrained(tiny_dir, CONFIGS["full"], device="cpu", dtype="float32")
+def engines(tiny_model_dir):
+    base = PromptDistillEngine.from_pretrained(tiny_model_dir, CONFIGS["full"], device="cpu", dtype="float32")
     return {name: base.with_config(config) for name, config in CONFIGS.items()}
 
 
@@ -77,10 +64,10 @@ def test_32_threads_equal_sequential_calls(engines):
     assert not engines["full"].runtime.lock.locked()
 
 
-async def test_32_async_adapter_tasks_equal_sequential_calls(tiny_dir):
-    chat = ChatPromptDistill(model=tiny_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32,
+async def test_32_async_adapter_tasks_equal_sequential_calls(tiny_model_dir):
+    chat = ChatPromptDistill(model=tiny_model_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32,
                              max_tokens=5, device="cpu", dtype="float32")
-    llm = PromptDistillLLM(model=tiny_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32,
+    llm = PromptDistillLLM(model=tiny_model_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32,
                            max_new_tokens=5, device="cpu", dtype="float32")
     prompts = [f"{CONTEXT}\n\nQuestion {k}: {QUESTION}" for k in range(16)]
     sequential = [chat.invoke(p).content for p in prompts] + [llm.complete(p).text for p in prompts]
@@ -123,8 +110,8 @@ def test_a_stream_broken_off_or_dropped_leaves_the_engine_free(engines):
     assert engine.generate(**arguments).text == expected  # no per-call state leaked into the next call
 
 
-async def test_a_cancelled_astream_leaves_the_engine_free(tiny_dir, engines):
-    llm = PromptDistillLLM(model=tiny_dir, max_new_tokens=40, device="cpu", dtype="float32")
+async def test_a_cancelled_astream_leaves_the_engine_free(tiny_model_dir, engines):
+    llm = PromptDistillLLM(model=tiny_model_dir, max_new_tokens=40, device="cpu", dtype="float32")
     started = asyncio.Event()
 
     async def consume():
@@ -139,9 +126,9 @@ async def test_a_cancelled_astream_leaves_the_engine_free(tiny_dir, engines):
     await asyncio.to_thread(assert_engine_free, engines["full"])
 
 
-def test_a_langchain_timeout_leaves_the_engine_free(tiny_dir, engines):
-    chat = ChatPromptDistill(model=tiny_dir, max_tokens=200, timeout=1e-6, device="cpu", dtype="float32")
+def test_a_langchain_timeout_leaves_the_engine_free(tiny_model_dir, engines):
+    chat = ChatPromptDistill(model=tiny_model_dir, max_tokens=200, timeout=1e-6, device="cpu", dtype="float32")
     with pytest.raises(TimeoutError, match="timeout"):
         chat.invoke(f"{CONTEXT}\n\nQuestion: {QUESTION}")
     assert_engine_free(engines["full"])
-    assert ChatPromptDistill(model=tiny_dir, max_tokens=2, device="cpu", dtype="float32").invoke("Hi").content
+    assert ChatPromptDistill(model=tiny_model_dir, max_tokens=2, device="cpu", dtype="float32").invoke("Hi").content

@@ -174,34 +174,18 @@ def _probes(args, tokenizer) -> list[tasks.Probe]:
 
 
 def _bench(args, command_line: str) -> None:
-    if args.command == "rag":
-        return _bench_rag(args, command_line)
     # paper-rule costs what single-stage costs; it matters only where answers are scored.
     default_methods = [m for m in measure.METHODS if m != "paper-rule"] if args.command == "speed" else measure.METHODS
-    engine = _load(args)
-    engines = measure.method_engines(engine, args.methods or list(default_methods), args.layer, args.budget)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / f"{args.command}.records.jsonl"
-    log.unlink(missing_ok=True)
+    engine, engines, out, log = _start(args, default_methods)
+    if args.command == "rag":
+        return _bench_rag(args, command_line, engine, engines, out, log)
     records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}", log=log)
     rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
     methods = measure.describe(engines)
-    text = "\n\n".join([f"`{command_line}`", report.markdown_table(rows), report.COLUMNS_NOTE,
-                         _method_notes(methods)])
-    print(f"\n{text}\n")
-
-    files = [out / f"{args.command}.md", out / f"{args.command}.json", out / f"{args.command}_scaling.png"]
-    files[0].write_text(text + "\n")
-    files[1].write_text(json.dumps({
-        "command": command_line,
-        "environment": _environment(engine),
-        "peak_memory": measure.PEAK_MEMORY,
-        "methods": methods,
-        "summary": rows,
-        "records": records,
-    }, indent=1) + "\n")
-    report.plot_scaling(rows, files[2])
+    files = _write(out, args.command, command_line, engine, methods, report.markdown_table(rows),
+                   report.COLUMNS_NOTE, summary=rows, records=records)
+    files.append(out / f"{args.command}_scaling.png")
+    report.plot_scaling(rows, files[-1])
     if args.command != "speed":
         label = "depth" if args.command == "needle" else "task"
         files.append(out / f"{args.command}_heatmap.png")
@@ -209,13 +193,7 @@ def _bench(args, command_line: str) -> None:
     print("wrote " + ", ".join(map(str, files)))
 
 
-def _bench_rag(args, command_line: str) -> None:
-    engine = _load(args)
-    engines = measure.method_engines(engine, args.methods or list(measure.METHODS), args.layer, args.budget)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "rag.records.jsonl"
-    log.unlink(missing_ok=True)
+def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
     probes = ragbench.probes(engine.tokenizer, args.lengths, args.shapes, args.samples, args.seed,
                              corpus_seed=args.corpus_seed, answer_depths=args.answer_depths,
                              max_new_tokens=args.max_new_tokens or ragbench.MAX_NEW_TOKENS)
@@ -223,23 +201,36 @@ def _bench_rag(args, command_line: str) -> None:
     rows = ragbench.summarize(records)
     by_length = report.summarize(records, breakdown="shape")  # all shapes together: the scaling plot
     methods = measure.describe(engines)
-    text = "\n\n".join([f"`{command_line}`", ragbench.markdown_table(rows), ragbench.COLUMNS_NOTE,
-                         _method_notes(methods)])
-    print(f"\n{text}\n")
-    files = [out / "rag.md", out / "rag.json", out / "rag_scaling.png", out / "rag_heatmap.png"]
-    files[0].write_text(text + "\n")
-    files[1].write_text(json.dumps({
-        "command": command_line,
-        "environment": _environment(engine),
-        "peak_memory": measure.PEAK_MEMORY,
-        "methods": methods,
-        "summary": rows,
-        "summary_by_length": by_length,
-        "records": records,
-    }, indent=1) + "\n")
+    files = _write(out, "rag", command_line, engine, methods, ragbench.markdown_table(rows), ragbench.COLUMNS_NOTE,
+                   summary=rows, summary_by_length=by_length, records=records)
+    files += [out / "rag_scaling.png", out / "rag_heatmap.png"]
     report.plot_scaling(by_length, files[2])
     report.plot_heatmaps(records, "shape", files[3], f"RAG answer accuracy, {engine.model_name}")
     print("wrote " + ", ".join(map(str, files)))
+
+
+def _start(args, default_methods) -> tuple:
+    """(engine, an engine per method, the output folder, its fresh records log) for a command."""
+    engine = _load(args)
+    engines = measure.method_engines(engine, args.methods or list(default_methods), args.layer, args.budget)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{args.command}.records.jsonl"
+    log.unlink(missing_ok=True)
+    return engine, engines, out, log
+
+
+def _write(out: Path, name: str, command_line: str, engine, methods: dict, table: str, note: str,
+           **data) -> list[Path]:
+    """Print the table and write OUT/<name>.md and OUT/<name>.json (the command, environment, methods and
+    `data`); returns their paths."""
+    text = "\n\n".join([f"`{command_line}`", table, note, _method_notes(methods)])
+    print(f"\n{text}\n")
+    files = [out / f"{name}.md", out / f"{name}.json"]
+    files[0].write_text(text + "\n")
+    files[1].write_text(json.dumps({"command": command_line, "environment": _environment(engine),
+                                    "peak_memory": measure.PEAK_MEMORY, "methods": methods, **data}, indent=1) + "\n")
+    return files
 
 
 def _method_notes(methods: dict[str, dict]) -> str:

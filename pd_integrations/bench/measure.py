@@ -14,6 +14,7 @@ import ctypes
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -75,11 +76,14 @@ def describe(engines: dict[str, PromptDistillEngine]) -> dict[str, dict]:
     return described
 
 
-def run(engines: dict[str, PromptDistillEngine], probes: list[Probe], *, desc: str,
-        log: Path | None = None) -> list[dict]:
+def run(engines: dict[str, PromptDistillEngine], probes: list, *, desc: str, log: Path | None = None,
+        measure_one: Callable | None = None, labels: dict | None = None) -> list[dict]:
     """Generate every probe with every method (probe-major, so load drifts hit all methods alike) and return one
-    record per (probe, method). Methods with equal configs run once and share the record. Each record is also
-    appended to `log` (JSON lines) as soon as it exists, so an interrupted long run keeps what it measured."""
+    record per (probe, method): the probe's labels, `labels`, and what `measure_one(engine, probe, device)`
+    measured (default: a `Probe` run through `generate`). Methods with equal configs run once and share the
+    record. Each record is also appended to `log` (JSON lines) as soon as it exists, so an interrupted long run
+    keeps what it measured."""
+    measure_one = measure_one or _measure
     device = next(iter(engines.values())).device
     _warm_up(engines)
     distinct = len({engine.config for engine in engines.values()})
@@ -90,9 +94,9 @@ def run(engines: dict[str, PromptDistillEngine], probes: list[Probe], *, desc: s
             for name, engine in engines.items():
                 if engine.config not in by_config:
                     bar.set_postfix_str(f"{name} at {probe.labels['length']} tokens")
-                    by_config[engine.config] = _measure(engine, probe, device)
+                    by_config[engine.config] = measure_one(engine, probe, device)
                     bar.update()
-                records.append({**probe.labels, "method": name, **by_config[engine.config]})
+                records.append({**probe.labels, **(labels or {}), "method": name, **by_config[engine.config]})
                 if log is not None:
                     with log.open("a") as file:
                         file.write(json.dumps(records[-1]) + "\n")

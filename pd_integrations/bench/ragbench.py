@@ -11,16 +11,11 @@ every length and shape. Records hold, besides the timings `measure` records:
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
-from tqdm import tqdm
-
-from ..config import PromptDistillConfig
 from ..engine import PromptDistillEngine
 from ..kept_view import document_retention
 from . import measure, report
@@ -79,24 +74,8 @@ def run(engines: dict[str, PromptDistillEngine], probes: list[RagProbe], *, cont
     `log` (JSON lines) as soon as it exists."""
     if context_source not in CONTEXT_SOURCES:
         raise ValueError(f"context_source must be one of {', '.join(CONTEXT_SOURCES)}, got {context_source!r}")
-    device = next(iter(engines.values())).device
-    measure._warm_up(engines)
-    distinct = len({engine.config for engine in engines.values()})
-    records = []
-    with tqdm(total=len(probes) * distinct, desc=desc, unit="run", file=sys.stderr) as bar:
-        for probe in probes:
-            by_config: dict[PromptDistillConfig, dict] = {}
-            for name, engine in engines.items():
-                if engine.config not in by_config:
-                    bar.set_postfix_str(f"{name}, {probe.labels['shape']} at {probe.labels['length']} tokens")
-                    by_config[engine.config] = _measure(engine, probe, device, context_source)
-                    bar.update()
-                records.append({**probe.labels, "context_source": context_source, "method": name,
-                                **by_config[engine.config]})
-                if log is not None:
-                    with log.open("a") as file:
-                        file.write(json.dumps(records[-1]) + "\n")
-    return records
+    return measure.run(engines, probes, desc=desc, log=log, labels={"context_source": context_source},
+                       measure_one=lambda engine, probe, device: _measure(engine, probe, device, context_source))
 
 
 def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_source: str) -> dict:
