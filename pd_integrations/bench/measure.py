@@ -107,6 +107,12 @@ def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) ->
     result, peak = _with_peak_memory(device, lambda: engine.generate(
         messages=probe.messages, query=probe.question, documents=[probe.context],
         max_new_tokens=probe.max_new_tokens))
+    return {**timing_record(result, peak), "score": probe.score(result.text),
+            "needles_kept": _needles_kept(result.prompt_text, result.kept_char_spans, probe.needles)}
+
+
+def timing_record(result, peak_memory_bytes: int | None) -> dict:
+    """What every benchmark records of a `GenerationResult`: sizes, timings, memory and the output."""
     return {
         "prompt_tokens": result.prompt_tokens,
         "kept_tokens": result.kept_tokens,
@@ -114,9 +120,7 @@ def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) ->
         # A rate needs at least two tokens: the first comes from prefill.
         "decode_tokens_per_second": result.decode_tokens_per_second if result.output_tokens > 1 else None,
         "kv_cache_bytes": result.kv_cache_bytes,
-        "peak_memory_bytes": peak,
-        "score": probe.score(result.text),
-        "needles_kept": _needles_kept(result.prompt_text, result.kept_char_spans, probe.needles),
+        "peak_memory_bytes": peak_memory_bytes,
         "output": result.text,
     }
 

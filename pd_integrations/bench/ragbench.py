@@ -86,17 +86,11 @@ def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_sourc
     retention = result.document_retention or document_retention(result.prompt_text, result.kept_char_spans,
                                                                 prompt.documents)
     return {
-        "prompt_tokens": result.prompt_tokens,
-        "kept_tokens": result.kept_tokens,
-        "prefill_seconds": result.prefill_seconds,
-        "decode_tokens_per_second": result.decode_tokens_per_second if result.output_tokens > 1 else None,
-        "kv_cache_bytes": result.kv_cache_bytes,
-        "peak_memory_bytes": peak,
+        **measure.timing_record(result, peak),
         "score": float(contains(result.text, prompt.answer)),
         "answer_kept": retention[prompt.answer_index],
         "documents_kept": mean(r for r in retention if r is not None),
         "needles_kept": measure._needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,)),
-        "output": result.text,
     }
 
 
