@@ -204,6 +204,24 @@ def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: st
     return answered / len(probes)
 
 
+def verify_schedules(engine: PromptDistillEngine, ranked: list[Schedule],
+                     probes: list[NeedleProbe]) -> tuple[Schedule, float | None, float | None]:
+    """(chosen schedule, its answer rate, full attention's) after answering `probes` end to end: the first of the
+    five cheapest `ranked` schedules that answers as often as full attention, else (with a warning) the cheapest.
+    Without probes, the cheapest, unverified."""
+    if not probes:
+        return ranked[0], None, None
+    full_rate = answer_rate(engine.with_config(PromptDistillConfig(method="full")), probes, "full attention")
+    for schedule in ranked[:5]:
+        rate = answer_rate(engine.with_config(PromptDistillConfig(**schedule.settings())), probes,
+                           f"verifying layers {schedule.settings()['selection_layers']}")
+        if rate >= full_rate:
+            return schedule, rate, full_rate
+    warnings.warn("no candidate matched full attention's accuracy on the verification probes; keeping the "
+                  "cheapest fully-retaining schedule", stacklevel=3)
+    return ranked[0], None, full_rate
+
+
 def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None, haystack: str | None = None,
               lengths: tuple[int, ...] = (2000, 4000), depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
               kinds: tuple[str, ...] = ("passcode", "city", "magic_word"), seed: int = 0, verify: int = 10,
@@ -231,19 +249,7 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
                     key=lambda s: (s.cost(num_layers, plan_length), -s.stages[-1][1]))
 
     verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
-    full_rate = answer_rate(engine.with_config(PromptDistillConfig(method="full")), verify_probes,
-                            "full attention") if verify_probes else None
-    chosen, chosen_rate = ranked[0], None
-    for schedule in ranked[:5] if verify_probes else ():
-        rate = answer_rate(engine.with_config(PromptDistillConfig(**schedule.settings())), verify_probes,
-                           f"verifying layers {schedule.settings()['selection_layers']}")
-        if rate >= full_rate:
-            chosen, chosen_rate = schedule, rate
-            break
-    else:
-        if verify_probes:
-            warnings.warn("no candidate matched full attention's accuracy on the verification probes; "
-                          "keeping the cheapest fully-retaining schedule", stacklevel=2)
+    chosen, chosen_rate, full_rate = verify_schedules(engine, ranked, verify_probes)
 
     profile = Profile(profile_key(model), num_layers, chosen.settings())
     measurements = {

@@ -251,18 +251,18 @@ def fallback_schedule(num_hidden_layers: int) -> dict:
     return {"selection_layers": (num_hidden_layers // 2,), "budgets": (FALLBACK_BUDGET,), **FALLBACK_SCORING}
 
 
-def resolve_config(config: PromptDistillConfig | None, profile: Callable[[], Profile | None], model_name: str,
+def resolve_config(config: PromptDistillConfig | None, load_profile: Callable[[], Profile | None], model_name: str,
                    num_hidden_layers: int, num_heads: int) -> PromptDistillConfig:
     """Fill the unset fields of `config` for this model and validate the result against its shape.
 
-    Unset fields come from, in order: the paper's scoring (gemfilter only), the model's profile (`profile()`, read
-    only when a field needs it), the fallback rule (with a warning when the schedule itself comes from it).
+    Unset fields come from, in order: the paper's scoring (gemfilter only), the model's profile (`load_profile()`, read
+    only for a method that selects), the fallback rule (with a warning when the schedule itself comes from it).
     Raises `ValueError` for settings that don't fit the model or a bad profile.
     """
     config = config or PromptDistillConfig()
     if config.method == "full":
         return config
-    profile = profile()
+    profile = load_profile()
     if profile is None and (config.selection_layers is None or config.budgets is None):
         warnings.warn(
             f"no PromptDistill profile for {model_name!r}: using the fallback rule (layer {num_hidden_layers // 2}, "

@@ -199,18 +199,20 @@ class PromptDistillEngine:
         kv_bytes = prefill.kv_cache_bytes  # before decoding grows the cache
         state, logits = DecodeState.after(prefill), prefill.logits
         sequence = torch.tensor([rendered.input_ids], device=self.device)
+        output: list[int] = []
         text, emitted, finish_reason = "", 0, "length"
         started = time.perf_counter()
         for step in range(max_new_tokens):
             sequence, stopped = sampler.next_token(sequence, logits)
-            output = sequence[0, len(rendered.input_ids):].tolist()
+            output.append(int(sequence[0, -1]))  # the one host sync per step: the text needs the token
             text, cut = cut_at_stop(self.tokenizer.decode(output, skip_special_tokens=True), sampler.stops)
             if stopped or cut:
                 finish_reason = "stop"
                 break
-            if safe_length(text, sampler.stops) > emitted:
-                yield text[emitted:safe_length(text, sampler.stops)]
-                emitted = safe_length(text, sampler.stops)
+            safe = safe_length(text, sampler.stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
             if step + 1 == max_new_tokens or state.position >= self.arch.max_positions:
                 break
             with self.runtime.lock, torch.inference_mode():

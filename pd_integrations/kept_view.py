@@ -8,6 +8,7 @@ of the prompt, and a terminal summary.
 
 from __future__ import annotations
 
+import bisect
 import html
 from dataclasses import dataclass
 
@@ -63,7 +64,10 @@ def token_view(result: GenerationResult, tokenizer) -> TokenView:
     kept_indices = set(result.kept_token_indices)
     kept = [i in kept_indices for i in range(result.prompt_tokens)]
     offsets = [tuple(o) for o in encoding["offset_mapping"]]
-    protected = [any(a <= start < b for a, b in result.protected_char_spans) for start, _ in offsets]
+    spans = result.protected_char_spans  # sorted and disjoint
+    span_starts = [a for a, _ in spans]
+    protected = [(k := bisect.bisect_right(span_starts, start) - 1) >= 0 and start < spans[k][1]
+                 for start, _ in offsets]
     percentiles = None
     if result.token_scores is not None:
         order = sorted(range(len(result.token_scores)), key=result.token_scores.__getitem__)
@@ -179,8 +183,8 @@ def _legend(scored: bool) -> str:
                 "— no selection scores: nothing was selected for this prompt")
     kept = "".join(f'<span class="kept k{d}">&nbsp;{d + 1}&nbsp;</span>' for d in range(SHADES))
     dropped = "".join(f'<span class="dropped d{d}">&nbsp;{d + 1}&nbsp;</span>' for d in range(SHADES))
-    return (f"{protected} &nbsp; kept {kept} &nbsp; dropped {dropped}<br>shade = decile of the token's first-stage selection score "
-            f"among the prompt's tokens (1 = lowest, 10 = highest); hover a token for its score")
+    return (f"{protected} &nbsp; kept {kept} &nbsp; dropped {dropped}<br>shade = decile of the token's first-stage "
+            f"selection score among the prompt's tokens (1 = lowest, 10 = highest); hover a token for its score")
 
 
 def _documents_table(result: GenerationResult, documents: list[str]) -> str:

@@ -11,8 +11,8 @@ Where the context is, most precise first (`RowLayout.context_source`):
   the context when it has at least `context_min_tokens`. In it, the context block runs from the first to the
   last passage-like line: at least `SHORT_LINE_TOKENS` tokens, not a question line ("Question: ...", "...?")
   under `INSTRUCTION_LINE_TOKENS` tokens, and, unless no other line qualifies, not a first or last line under
-  that length (an instruction before or after the context). The block's lines are prunable, except question lines; labels and instructions outside
-  it are protected.
+  that length (an instruction before or after the context). The block's lines are prunable, except question
+  lines; labels and instructions outside it are protected.
 - "positional": `input_ids` without documents (the caller handed over tokens, not their structure): every token
   but the first `protect_head` and the protected tail.
 - "none": no message is long enough to be retrieved context, so nothing is pruned.

@@ -153,27 +153,31 @@ def load_model(
         "trust_remote_code": trust_remote_code,
     }
 
+    loaded, tokenizer = _load_from_source(model, options)
+    return loaded.eval(), tokenizer
+
+
+def _load_from_source(model: str, options: dict):
+    """(model, tokenizer) from the embedded default, a local directory, or a hub id (local cache first; the hub
+    only when downloads are allowed). Raises as `load_model` documents."""
     local_dir = Path(model).expanduser()
     if model == DEFAULT_MODEL:
         path = default_model_path()  # a first-time conversion shows its own progress
         # A cached load takes a second; a progress bar would only be noise in the caller's output.
         with _no_progress_bars():
-            loaded, tokenizer = _from_pretrained(str(path), options, local_files_only=True)
-    elif local_dir.is_dir():
-        loaded, tokenizer = _from_pretrained(str(local_dir), options, local_files_only=True)
-    else:
-        # A hub id: use the local cache when it has the model, so no request is made.
-        try:
-            loaded, tokenizer = _from_pretrained(model, options, local_files_only=True)
-        except OSError as err:
-            if not _downloads_allowed():
-                snapshot = _cached_hub_snapshot(model)
-                if snapshot is not None:
-                    _require_safetensors(snapshot)  # a pickle-only cached repo: say so, not "not available"
-                raise ModelNotAvailableError(_not_available_message(model, err)) from err
-            loaded, tokenizer = _from_pretrained(model, options, local_files_only=False)
-
-    return loaded.eval(), tokenizer
+            return _from_pretrained(str(path), options, local_files_only=True)
+    if local_dir.is_dir():
+        return _from_pretrained(str(local_dir), options, local_files_only=True)
+    # A hub id: use the local cache when it has the model, so no request is made.
+    try:
+        return _from_pretrained(model, options, local_files_only=True)
+    except OSError as err:
+        if not _downloads_allowed():
+            snapshot = _cached_hub_snapshot(model)
+            if snapshot is not None:
+                _require_safetensors(snapshot)  # a pickle-only cached repo: say so, not "not available"
+            raise ModelNotAvailableError(_not_available_message(model, err)) from err
+    return _from_pretrained(model, options, local_files_only=False)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

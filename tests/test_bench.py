@@ -28,15 +28,6 @@ SELECTING = ("gemfilter", "paper-rule", "single-stage")  # at layer 1 with budge
 KV_BYTES_PER_TOKEN = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A saved tiny random Llama with the default model's tokenizer (and chat template)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def run_cli(capsys, tmp_path, *argv) -> tuple[dict, str]:
     with pytest.warns(UserWarning, match="no PromptDistill profile"):  # the tiny model uses the fallback rule
         main([*argv, "--out", str(tmp_path)])
@@ -113,9 +104,9 @@ def check_summary(data: dict, table: str, lengths, methods) -> None:
         assert cells[10:12] == [f"{mean_of(group, 'needles_kept'):.0%}", f"{mean_of(group, 'score'):.0%}"]
 
 
-def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_dir, tokenizer):
+def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_model_dir, tokenizer):
     calls = capture_generations(monkeypatch)
-    data, table = run_cli(capsys, tmp_path, "needle", "--model", tiny_dir, "--lengths", "96,160", "--depths", "0,1",
+    data, table = run_cli(capsys, tmp_path, "needle", "--model", tiny_model_dir, "--lengths", "96,160", "--depths", "0,1",
                           *TINY_FLAGS)
     assert (tmp_path / "needle_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
     records = data["records"]
@@ -145,8 +136,8 @@ def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_dir, tokenizer):
     assert data["command"].startswith("pd-bench needle --model")
 
 
-def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_dir):
-    data, table = run_cli(capsys, tmp_path, "speed", "--model", tiny_dir, "--lengths", "128", "--methods",
+def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_model_dir):
+    data, table = run_cli(capsys, tmp_path, "speed", "--model", tiny_model_dir, "--lengths", "128", "--methods",
                           "full,single-stage", "--max-new-tokens", "6", "--layer", "1", "--budget", "32")
     assert not (tmp_path / "speed_heatmap.png").exists()
     check_summary(data, table, (128,), ("full", "single-stage"))
@@ -167,8 +158,8 @@ def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_dir):
         assert full_row["peak_memory_ratio"] == 1.0
 
 
-def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_dir, tokenizer):
-    data, table = run_cli(capsys, tmp_path, "tasks", "--model", tiny_dir, "--lengths", "128", "--methods",
+def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_model_dir, tokenizer):
+    data, table = run_cli(capsys, tmp_path, "tasks", "--model", tiny_model_dir, "--lengths", "128", "--methods",
                           "full,paper-rule", *TINY_FLAGS)
     assert (tmp_path / "tasks_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
     records = data["records"]
@@ -269,10 +260,10 @@ def test_summary_rows_are_means_of_their_runs():
                         "33%", "0%", "50%"]
 
 
-def test_needle_demo_cookbook_writes_a_page_per_method(capsys, monkeypatch, tmp_path, tiny_dir):
+def test_needle_demo_cookbook_writes_a_page_per_method(capsys, monkeypatch, tmp_path, tiny_model_dir):
     cookbook = Path(__file__).parents[1] / "cookbook" / "needle_demo.py"
     # 300 tokens: enough for the context heuristic (the demo names no documents) to find prunable context.
-    monkeypatch.setattr(sys, "argv", [str(cookbook), "--model", tiny_dir, "--tokens", "300", "--layer", "1",
+    monkeypatch.setattr(sys, "argv", [str(cookbook), "--model", tiny_model_dir, "--tokens", "300", "--layer", "1",
                                       "--budget", "32", "--out", str(tmp_path)])
     with pytest.warns(UserWarning, match="no PromptDistill profile"):
         runpy.run_path(str(cookbook), run_name="__main__")

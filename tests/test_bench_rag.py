@@ -16,7 +16,6 @@ from pd_integrations.bench import rag, ragbench
 from pd_integrations.bench.__main__ import main
 from pd_integrations.bench.handbook import CITIES, POLICIES
 
-from .conftest import tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FACT_FORMS = {"person": r"[A-Z][a-z]+ [A-Z][a-z]+", "code": r"[A-Z]{3}-\d{4}", "amount": r"\d,\d{3}",
@@ -168,20 +167,11 @@ def test_rag_prompt_rejects_unknown_shapes_and_missing_answers(corpus):
         rag.rag_prompt("question_last", question, [p for p in corpus[:5] if p.id != question.passage_id])
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A saved tiny random Llama with the default model's tokenizer (and chat template)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("source", ragbench.CONTEXT_SOURCES)
-def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_dir):
+def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
     methods = ["full", "gemfilter", "single-stage"]
     with pytest.warns(UserWarning, match="no PromptDistill profile"):
-        main(["rag", "--model", tiny_dir, "--lengths", "300", "--samples", "1", "--methods", ",".join(methods),
+        main(["rag", "--model", tiny_model_dir, "--lengths", "300", "--samples", "1", "--methods", ",".join(methods),
               "--layer", "1", "--budget", "64", "--max-new-tokens", "3", "--context-source", source,
               "--out", str(tmp_path)])
     data = json.loads((tmp_path / "rag.json").read_text())

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.kept_view import document_retention
 
 from .conftest import TINY
 
@@ -69,10 +70,10 @@ def rendered_ids(tokenizer, messages) -> list[int]:
 
 
 def kept_share(result, text: str) -> float:
-    """Share of the characters of `text` (its last occurrence in the rendered prompt) that lie in kept spans."""
-    start = result.prompt_text.rindex(text)
-    end = start + len(text)
-    return sum(max(0, min(b, end) - max(a, start)) for a, b in result.kept_char_spans) / len(text)
+    """Share of the characters of `text` in the rendered prompt that lie in kept spans (`result` is a
+    `GenerationResult` or its `stats()`)."""
+    stats = result if isinstance(result, dict) else result.stats()
+    return document_retention(stats["prompt_text"], stats["kept_char_spans"], [text])[0]
 
 
 def dropped_texts(result, tokenizer) -> list[str]:

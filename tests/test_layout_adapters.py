@@ -19,16 +19,10 @@ from llama_index.core.schema import NodeWithScore, TextNode
 from pd_integrations.langchain import ChatPromptDistill, DistillPrompt
 from pd_integrations.llama_index import PromptDistillLLM, PromptDistillStatsHandler
 
-from .test_layout import INSTRUCTION, PASSAGES, QUESTION, RAG_PROMPT
+from .test_layout import INSTRUCTION, PASSAGES, QUESTION, RAG_PROMPT, kept_share
 
 SETTINGS = {"selection_layers": (1,), "budgets": 0.25, "max_tokens": 2}
 OTHER_QUESTION = "Which form do claims over 385 euros from the Tallinn office need?"
-
-
-def kept_share(stats: dict, text: str) -> float:
-    start = stats["prompt_text"].rindex(text)
-    end = start + len(text)
-    return sum(max(0, min(b, end) - max(a, start)) for a, b in stats["kept_char_spans"]) / len(text)
 
 
 def assert_only_context_pruned(stats: dict, protected: list[str]) -> None:

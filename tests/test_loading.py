@@ -37,18 +37,6 @@ def greedy_answer(model, tokenizer, messages, max_new_tokens: int = 12) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A random 2-layer Llama saved as safetensors with the default model's tokenizer."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def test_default_model_is_smollm2_with_chat_format(default_model):
     model, tokenizer = default_model
     assert isinstance(model, transformers.LlamaForCausalLM)
@@ -152,13 +140,13 @@ def test_hub_id_in_local_hf_cache_loads_offline(monkeypatch, tmp_path, tiny_mode
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     model, tokenizer = load_model("some-org/tiny-llama")
-    assert model.config.num_hidden_layers == 2 and tokenizer.is_fast
+    assert model.config.num_hidden_layers == 4 and tokenizer.is_fast
 
 
 def test_local_directory_loads(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir), dtype="bfloat16")
     assert isinstance(model, transformers.LlamaForCausalLM)
-    assert model.config.num_hidden_layers == 2 and model.dtype == torch.bfloat16 and not model.training
+    assert model.config.num_hidden_layers == 4 and model.dtype == torch.bfloat16 and not model.training
     assert tokenizer.is_fast and tokenizer.chat_template == SMOLLM2_CHAT_TEMPLATE
     inputs = tokenizer("Hello world", return_tensors="pt")
     with torch.no_grad():

@@ -55,20 +55,8 @@ def plant_pickle(path: pathlib.Path) -> pathlib.Path:
     return marker
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A random 2-layer Llama saved as safetensors with the default model's tokenizer."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def copy_without_weights(tiny_dir: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:
-    shutil.copytree(tiny_dir, directory, ignore=shutil.ignore_patterns("*.safetensors"))
+def copy_without_weights(tiny_model_dir: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(tiny_model_dir, directory, ignore=shutil.ignore_patterns("*.safetensors"))
     return directory
 
 
@@ -86,8 +74,8 @@ def test_the_bait_runs_code_when_unpickled(tmp_path):
 
 
 @pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.ckpt"])
-def test_pickle_only_directory_is_refused_unread(tmp_path, tiny_dir, weights):
-    directory = copy_without_weights(tiny_dir, tmp_path / "pickled")
+def test_pickle_only_directory_is_refused_unread(tmp_path, tiny_model_dir, weights):
+    directory = copy_without_weights(tiny_model_dir, tmp_path / "pickled")
     marker = plant_pickle(directory / weights)
     with pytest.raises(ValueError) as error:
         load_model(str(directory))
@@ -96,9 +84,9 @@ def test_pickle_only_directory_is_refused_unread(tmp_path, tiny_dir, weights):
     assert not marker.exists()
 
 
-def test_config_naming_a_pickle_weights_file_is_refused(tmp_path, tiny_dir):
+def test_config_naming_a_pickle_weights_file_is_refused(tmp_path, tiny_model_dir):
     # transformers reads the file config.json's transformers_weights names, even next to a model.safetensors.
-    directory = shutil.copytree(tiny_dir, tmp_path / "redirected")
+    directory = shutil.copytree(tiny_model_dir, tmp_path / "redirected")
     marker = plant_pickle(directory / "adapter_model.bin")
     edit_json(directory / "config.json", transformers_weights="adapter_model.bin")
     with pytest.raises(ValueError, match="transformers_weights.*safetensors"):
@@ -106,11 +94,11 @@ def test_config_naming_a_pickle_weights_file_is_refused(tmp_path, tiny_dir):
     assert not marker.exists()
 
 
-def test_pickle_only_hub_cache_is_refused_unread(monkeypatch, tmp_path, tiny_dir):
+def test_pickle_only_hub_cache_is_refused_unread(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     commit = "0" * 40
     repo = tmp_path / "models--some-org--pickled-llama"
-    snapshot = copy_without_weights(tiny_dir, repo / "snapshots" / commit)
+    snapshot = copy_without_weights(tiny_model_dir, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     marker = plant_pickle(snapshot / "pytorch_model.bin")
@@ -134,15 +122,15 @@ def plant_model_code(directory: pathlib.Path) -> pathlib.Path:
     return marker
 
 
-def test_the_model_code_bait_runs_when_imported(tmp_path, tiny_dir):
-    directory = shutil.copytree(tiny_dir, tmp_path / "custom")
+def test_the_model_code_bait_runs_when_imported(tmp_path, tiny_model_dir):
+    directory = shutil.copytree(tiny_model_dir, tmp_path / "custom")
     marker = plant_model_code(directory)
     runpy.run_path(str(directory / "evil.py"))
     assert marker.exists()
 
 
-def test_auto_map_code_does_not_run_by_default(tmp_path, tiny_dir):
-    directory = shutil.copytree(tiny_dir, tmp_path / "custom")
+def test_auto_map_code_does_not_run_by_default(tmp_path, tiny_model_dir):
+    directory = shutil.copytree(tiny_model_dir, tmp_path / "custom")
     marker = plant_model_code(directory)
     model, tokenizer = load_model(str(directory))
     # transformers' own Llama classes, not the directory's code.
@@ -150,8 +138,8 @@ def test_auto_map_code_does_not_run_by_default(tmp_path, tiny_dir):
     assert not marker.exists()
 
 
-def test_auto_map_of_an_unknown_model_type_is_refused_not_run(tmp_path, tiny_dir):
-    directory = shutil.copytree(tiny_dir, tmp_path / "custom")
+def test_auto_map_of_an_unknown_model_type_is_refused_not_run(tmp_path, tiny_model_dir):
+    directory = shutil.copytree(tiny_model_dir, tmp_path / "custom")
     marker = plant_model_code(directory)
     edit_json(directory / "config.json", model_type="evil")
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -159,7 +147,7 @@ def test_auto_map_of_an_unknown_model_type_is_refused_not_run(tmp_path, tiny_dir
     assert not marker.exists()
 
 
-def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_dir):
+def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_model_dir):
     seen = []
     for auto_class in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
         original = auto_class.from_pretrained
@@ -169,10 +157,10 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_dir):
             return original(*args, **kwargs)
 
         monkeypatch.setattr(auto_class, "from_pretrained", recording)
-    load_model(str(tiny_dir))
+    load_model(str(tiny_model_dir))
     assert seen == [("AutoTokenizer", False), ("AutoModelForCausalLM", False)]
     seen.clear()
-    load_model(str(tiny_dir), trust_remote_code=True)
+    load_model(str(tiny_model_dir), trust_remote_code=True)
     assert seen == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
 
 
