@@ -27,7 +27,7 @@ from .methods import METHOD_CLASSES, Prefill, QueryAttentionRecorder, method_for
 from .prompt import RenderedPrompt, kept_shares, render
 from .results import GenerationResult, GenerationStream
 from .runtime import Runtime
-from .sampling import Sampler, check_sampling, cut_at_stop, safe_length
+from .sampling import Constraint, Sampler, check_sampling, cut_at_stop, safe_length
 from .selection import Selector
 
 __all__ = ["DecodeState", "GenerationResult", "GenerationStream", "Prefill", "PromptDistillEngine"]
@@ -104,19 +104,20 @@ class PromptDistillEngine:
     def stream(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                query: str | None = None, documents: list[str] | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: str | list[str] | None = None) -> GenerationStream:
+               stop: str | list[str] | None = None, constraint: Constraint | None = None) -> GenerationStream:
         """Generate from exactly one of `prompt` (raw text), `messages` (chat template) or `input_ids`.
 
         `query` is the question that seeds selection and is never pruned; `documents` are the retrieved texts as
         they appear in the prompt, the only text then pruned (see `pd_integrations.layout` for what is pruned
         without them). Greedy when `temperature == 0`. Generation ends at EOS, at a `stop` string (removed from
-        the text) or after `max_new_tokens`. Returns a `GenerationStream` of text deltas. Raises
+        the text) or after `max_new_tokens`. A `constraint` (see `pd_integrations.sampling.Constraint`) restricts
+        each next token to a grammar and ends generation when its output is complete. Returns a `GenerationStream` of text deltas. Raises
         `ValueError`/`TypeError` for bad arguments, naming the parameter, before any model work.
         """
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
         sampler = Sampler.create(self.tokenizer, self.runtime.eos_ids, self.device, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, seed=seed, stops=stops)
+                                 top_p=top_p, top_k=top_k, seed=seed, stops=stops, constraint=constraint)
         return GenerationStream(self._generate(rendered, layout, max_new_tokens, sampler))
 
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,

@@ -4,6 +4,7 @@ strings cut from streamed text."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -21,6 +22,20 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
 
 
+class Constraint(Protocol):
+    """Which tokens may come next, for output that must follow a grammar (JSON schema, regex, tool call): one
+    object per generation, holding its own matcher state. See `pd_integrations.constraints`."""
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` [1, vocab] (float32) with every token the grammar forbids next set to -inf."""
+
+    def advance(self, token: int) -> None:
+        """Accept the chosen `token`."""
+
+    def is_finished(self) -> bool:
+        """Whether the output is complete (generation stops there, finish reason "stop")."""
+
+
 @dataclass
 class Sampler:
     """Greedy when `temperature == 0`, else temperature / top-k / top-p sampling seeded by `seed`; stops at EOS or
@@ -31,10 +46,11 @@ class Sampler:
     generator: torch.Generator | None
     greedy: bool
     stops: list[str]
+    constraint: Constraint | None = None
 
     @classmethod
     def create(cls, tokenizer, eos_ids: list[int], device: torch.device, *, temperature: float, top_p: float,
-               top_k: int, seed: int | None, stops: list[str]) -> Sampler:
+               top_k: int, seed: int | None, stops: list[str], constraint: Constraint | None = None) -> Sampler:
         processors = LogitsProcessorList()
         if temperature > 0:
             processors.append(TemperatureLogitsWarper(float(temperature)))  # it refuses an int
@@ -46,18 +62,25 @@ class Sampler:
         if stops:
             criteria.append(StopStringCriteria(tokenizer, stops))
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        return cls(processors, criteria, generator, temperature == 0, stops)
+        return cls(processors, criteria, generator, temperature == 0, stops, constraint)
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`sequence` [1, t] extended by the token chosen from next-token `logits` [vocab], and whether a stopping
-        criterion (EOS, a stop string) ends generation with it."""
-        scores = self.processors(sequence, logits[None].float())
+        criterion (EOS, a stop string, a finished constraint) ends generation with it."""
+        scores = logits[None].float()
+        if self.constraint is not None:  # before the warpers, so top-k/top-p choose among allowed tokens
+            scores = self.constraint.mask(scores)
+        scores = self.processors(sequence, scores)
         if self.greedy:
             token = scores[0].argmax(-1, keepdim=True)
         else:
             token = torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[0]
         sequence = torch.cat([sequence, token[None]], dim=-1)
-        return sequence, bool(self.criteria(sequence, scores)[0])
+        stopped = bool(self.criteria(sequence, scores)[0])
+        if self.constraint is not None:
+            self.constraint.advance(int(token))
+            stopped = stopped or self.constraint.is_finished()
+        return sequence, stopped
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
