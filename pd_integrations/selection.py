@@ -26,6 +26,11 @@ class Selector:
     aggregation: str
     pool_kernel: int
 
+    @classmethod
+    def from_config(cls, config) -> Selector:
+        """The selector a resolved `PromptDistillConfig` describes."""
+        return cls(config.aggregation or "softmax_mean", config.pool_kernel or 1)
+
     def head_scores(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
                     query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
         """Per-head key scores [H, k] (float32), aggregated over the query rows: post-RoPE `queries`

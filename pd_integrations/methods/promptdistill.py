@@ -37,8 +37,7 @@ class PromptDistill(PrefillMethod):
         """The config's stages, with fractional budgets resolved against `layout`'s prunable tokens."""
         heads = config.heads or (None,) * len(config.budgets)
         stages = [Stage(*stage) for stage in zip(config.selection_layers, layout.stage_budgets(config.budgets), heads)]
-        return cls(stages, Selector(config.aggregation or "softmax_mean", config.pool_kernel or 1),
-                   config.cache_truncation)
+        return cls(stages, Selector.from_config(config), config.cache_truncation)
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
         stage = next((s for s in self.stages if s.layer == i), None)
