@@ -1,0 +1,53 @@
+"""The same FastAPI app as a Ray Serve application: each replica loads one engine and serves `create_app` over it.
+
+Ray routes requests across the replicas and scales them (`num_replicas`, `autoscaling_config`); each replica's
+engine batches the requests it gets. On GPU machines give each replica `ray_actor_options={"num_gpus": 1}`.
+
+On an existing cluster, with this package installed on its nodes:
+
+    serve run pd_integrations.serve.ray_app:build model=smollm2-135m-instruct num_replicas=4 num_gpus=1
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from .app import ServerSettings, create_app
+
+
+@serve.deployment(name="pd-serve")
+@serve.ingress()
+class PromptDistillDeployment:
+    """One replica: its engine and the app over it, built when the replica starts (the app is created where the
+    engine lives, so neither is pickled across the cluster)."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.engine = settings.load_engine()
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.engine, self.settings)
+
+
+def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor_options: dict | None = None,
+                autoscaling_config: dict | None = None) -> Application:
+    """The Ray Serve application of `settings`: `num_replicas` replicas (or "auto" with `autoscaling_config`),
+    each placed with `ray_actor_options`. Each replica admits up to `settings.max_queued_requests` requests, so Ray
+    may send it that many at once."""
+    options = {"num_replicas": num_replicas, "max_ongoing_requests": settings.max_queued_requests}
+    if ray_actor_options is not None:
+        options["ray_actor_options"] = ray_actor_options
+    if autoscaling_config is not None:
+        options["autoscaling_config"] = autoscaling_config
+    return PromptDistillDeployment.options(**options).bind(settings)
+
+
+def build(args: dict[str, str]) -> Application:
+    """The application builder of `serve run pd_integrations.serve.ray_app:build key=value ...`: `model`,
+    `device`, `dtype`, `api_key`, `max_queued_requests`, `num_replicas` and `num_gpus`."""
+    settings = ServerSettings(**{key: value for key, value in args.items() if key in ("model", "device", "dtype")},
+                              api_key=args.get("api_key"),
+                              max_queued_requests=int(args.get("max_queued_requests", 64)))
+    actor = {"num_gpus": float(args["num_gpus"])} if "num_gpus" in args else None
+    return application(settings, int(args.get("num_replicas", 1)), actor)
