@@ -29,6 +29,7 @@ from .limits import BodySizeLimit, RequestSlots
 from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest, ResponseIds
 
 API_KEY_ENVIRONMENT = "PD_SERVE_API_KEY"
+STATS_HEADER = "x-promptdistill"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,10 @@ class _Server:
             result = await self._in_thread(_finish, stream)
         finally:
             self.slots.give_back()
-        return JSONResponse(ids.completion(result))
+        body = ids.completion(result)
+        # Also as a header, for clients that drop unknown body fields (LangChain's ChatOpenAI shows headers in
+        # response_metadata with include_response_headers=True).
+        return JSONResponse(body, headers={STATS_HEADER: json.dumps(body["promptdistill"], separators=(",", ":"))})
 
     def _check(self, request: GenerationRequest) -> None:
         if request.model != self.model_name:

@@ -64,8 +64,17 @@ def _field_path(location: tuple) -> str | None:
     "promptdistill.budgets[0]"; None for the body as a whole."""
     path = ""
     for part in location[1:] if location and location[0] == "body" else location:
+        if _is_union_member(part):
+            continue
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path or None
+
+
+def _is_union_member(part) -> bool:
+    """Whether a location part names the member of a union that failed ("str", "list[TextPart]", "TextPart"),
+    not a field: every field of the request models is a lower-case identifier other than a type's name."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or not part.isidentifier()
+                                      or part[0].isupper())
 
 
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
