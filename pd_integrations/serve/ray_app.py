@@ -1,4 +1,5 @@
-"""The same FastAPI app as a Ray Serve application: each replica loads one engine and serves `create_app` over it.
+"""The same FastAPI app as a Ray Serve application: each replica loads one engine and serves `create_app` over it
+(`serve.ingress` with a builder, Ray Serve 2.47 or later).
 
 Ray routes requests across the replicas and scales them (`num_replicas`, `autoscaling_config`); each replica's
 engine batches the requests it gets. On GPU machines give each replica `ray_actor_options={"num_gpus": 1}`.
@@ -16,31 +17,24 @@ from ray.serve import Application
 from .app import ServerSettings, create_app
 
 
-@serve.deployment(name="pd-serve")
-@serve.ingress()
-class PromptDistillDeployment:
-    """One replica: its engine and the app over it, built when the replica starts (the app is created where the
-    engine lives, so neither is pickled across the cluster)."""
-
-    def __init__(self, settings: ServerSettings):
-        self.settings = settings
-        self.engine = settings.load_engine()
-
-    def __serve_build_asgi_app__(self):
-        return create_app(self.engine, self.settings)
-
-
 def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor_options: dict | None = None,
                 autoscaling_config: dict | None = None) -> Application:
     """The Ray Serve application of `settings`: `num_replicas` replicas (or "auto" with `autoscaling_config`),
     each placed with `ray_actor_options`. Each replica admits up to `settings.max_queued_requests` requests, so Ray
     may send it that many at once."""
-    options = {"num_replicas": num_replicas, "max_ongoing_requests": settings.max_queued_requests}
+
+    def replica_app():
+        # Runs on each replica as it starts: the engine loads where it serves, and neither it nor the app is
+        # pickled across the cluster.
+        return create_app(settings.load_engine(), settings)
+
+    options = {"name": "pd-serve", "num_replicas": num_replicas,
+               "max_ongoing_requests": settings.max_queued_requests}
     if ray_actor_options is not None:
         options["ray_actor_options"] = ray_actor_options
     if autoscaling_config is not None:
         options["autoscaling_config"] = autoscaling_config
-    return PromptDistillDeployment.options(**options).bind(settings)
+    return serve.deployment(serve.ingress(replica_app)(), **options).bind()
 
 
 def build(args: dict[str, str]) -> Application:
