@@ -6,10 +6,11 @@ context tokens that later layers see, so time to first token and KV cache shrink
 
 from .arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 from .config import PromptDistillConfig
-from .engine import GenerationResult, GenerationStream, Prefill, PromptDistillEngine
+from .engine import BatchStream, GenerationResult, GenerationStream, Prefill, PromptDistillEngine
 from .loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
 
 __all__ = [
+    "BatchStream",
     "DEFAULT_MODEL",
     "GenerationResult",
     "GenerationStream",

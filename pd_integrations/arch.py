@@ -67,24 +67,33 @@ class Architecture:
         return {kind: shared for kind in set(self.layer_types)}
 
     def attention_mask(self, layer_idx: int, query_positions: torch.Tensor, key_positions: torch.Tensor,
-                       last_position: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive mask [1, 1, q, k] built from original positions, or None when the backend needs none.
+                       key_pads: list[int], last_position: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive mask [B, 1, q, k] built from original positions, or None when the backend needs none.
 
-        Positions, not indices, decide causality and windows, because pruned sequences have gaps. `last_position`
-        (a host int, so no device sync) tells whether a sliding window can exclude anything yet.
+        `query_positions` [B, q] and `key_positions` [B, k] are the rows' original positions; each batch row's
+        keys are left-padded by `key_pads[b]` (host ints). Positions, not indices, decide causality and windows,
+        because pruned sequences have gaps. `last_position` (a host int, so no device sync) tells whether a
+        sliding window can exclude anything yet. Padding query rows see every key, so no row is all masked.
         """
         if self.attn_implementation.startswith("flash"):
-            return None  # flash kernels take no dense mask; they apply the window by kept index instead
+            return None  # flash kernels take no dense mask (the scheduler never pads rows for them)
         window = self.windows[layer_idx]
         window_bites = window is not None and last_position >= window
-        if not window_bites and (query_positions.shape[-1] == 1 or self.attn_implementation in _SELF_CAUSAL_BACKENDS):
+        padded = any(key_pads)
+        if not padded and not window_bites and (query_positions.shape[-1] == 1
+                                                 or self.attn_implementation in _SELF_CAUSAL_BACKENDS):
             return None
-        distance = query_positions[:, None] - key_positions[None, :]
+        distance = query_positions[:, :, None] - key_positions[:, None, :]
         allowed = distance >= 0
         if window is not None:
             allowed &= distance < window
+        if padded:
+            pads = torch.tensor(key_pads, device=key_positions.device)
+            allowed &= (torch.arange(key_positions.shape[1], device=pads.device) >= pads[:, None])[:, None, :]
+            query_pads = pads + query_positions.shape[1] - key_positions.shape[1]  # queries are the last rows
+            allowed |= (torch.arange(query_positions.shape[1], device=pads.device) < query_pads[:, None])[:, :, None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
     def query_states(self, layer_idx: int, layer_input: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
         """Post-RoPE queries [1, heads, s, d] of the query rows, from the layer's input hidden states [1, s, h]."""

@@ -1,52 +1,43 @@
-"""The PromptDistill inference path, top to bottom: render → lay out rows → method prefill → decode.
+"""The PromptDistill inference path, top to bottom: render → lay out rows → scheduled prefill and decode → result.
 
-- render (`query.py`): the prompt, chat messages or token ids as tokens with character offsets;
+- render (`prompt.py`): the prompt, chat messages or token ids as tokens with character offsets;
 - lay out rows (`layout.py`): which tokens are retrieved context (prunable), which rows seed selection, the probe;
-- prefill (`methods/`): full attention, PromptDistill or GemFilter over HF's own layers; at a selection layer only
-  the kept rows (original order, original RoPE positions) and every protected row continue;
-- decode (here): one token at a time through every layer, continuing at the original prompt length.
+- prefill (`methods/`): full attention, PromptDistill or GemFilter over HF's own layers, a batch of rows at once;
+  at a selection layer each row keeps its own kept rows (original order, original RoPE positions) and every
+  protected row;
+- decode (`decode.py`): the running batch, one token per row per step, each row at its own original position;
+- schedule (`scheduler.py`): every generation is a request to the runtime's scheduler, so concurrent calls share
+  prefills and decode steps without asking;
+- result (here): the text, cut at stop strings and streamed as deltas, and what was kept.
 
-An engine is a shared `Runtime` (weights, tokenizer, lock) plus a resolved config. Everything a call needs lives
-in locals, its `Prefill` and its `DecodeState`, so calls never share state; the runtime's lock serialises forward
-steps (prefill, each decode step), so concurrent calls interleave safely.
+An engine is a shared `Runtime` (weights, tokenizer, scheduler, lock) plus a resolved config; engines with other
+configs over the same runtime batch together.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Generator
 
 import torch
-from transformers import DynamicCache
 
 from .config import PromptDistillConfig, resolve_config
 from .layout import RowLayout, check_query, plan_layout
 from .loading import DEFAULT_MODEL, load_model
-from .methods import METHOD_CLASSES, Prefill, QueryAttentionRecorder, method_for
+from .methods import METHOD_CLASSES, Prefill, PrefillRow, QueryAttentionRecorder, method_for
 from .prompt import RenderedPrompt, kept_shares, render
-from .results import GenerationResult, GenerationStream
+from .results import BatchStream, GenerationResult, GenerationStream
 from .runtime import Runtime
-from .sampling import Constraint, Sampler, check_sampling, cut_at_stop, safe_length
+from .sampling import Constraint, Sampler, TextDeltas, check_sampling
+from .scheduler import BatchSettings, Request, Scheduler
 from .selection import Selector
 
-__all__ = ["DecodeState", "GenerationResult", "GenerationStream", "Prefill", "PromptDistillEngine"]
+__all__ = ["BatchStream", "GenerationResult", "GenerationStream", "Prefill", "PromptDistillEngine"]
 
 _RUNTIME_LOAD_SETTINGS = {"device", "dtype", "quantization"}
-
-
-@dataclass
-class DecodeState:
-    """One call's decode state: the prefill's cache (extended in place), each layer's cached key positions (for
-    sliding-window masks) and the next token's original position."""
-
-    cache: DynamicCache
-    key_positions: list[torch.Tensor]
-    position: int
-
-    @classmethod
-    def after(cls, prefill: Prefill) -> DecodeState:
-        return cls(prefill.cache, list(prefill.key_positions), prefill.next_position)
+_INPUT_KINDS = ("prompts", "messages", "input_ids")
 
 
 class PromptDistillEngine:
@@ -83,7 +74,8 @@ class PromptDistillEngine:
                                      arch.num_heads)
 
     def with_config(self, config: PromptDistillConfig) -> PromptDistillEngine:
-        """An engine sharing this one's runtime (weights, tokenizer, lock, profile) with another config."""
+        """An engine sharing this one's runtime (weights, tokenizer, scheduler, lock, profile) with another
+        config."""
         return PromptDistillEngine.from_runtime(self.runtime, config)
 
     model = property(lambda self: self.runtime.model)
@@ -91,6 +83,22 @@ class PromptDistillEngine:
     arch = property(lambda self: self.runtime.arch)
     model_name = property(lambda self: self.runtime.model_name)
     device = property(lambda self: self.runtime.device)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The runtime's scheduler, shared by every engine over it."""
+        return Scheduler.of(self.runtime)
+
+    def configure_batching(self, *, max_batch_size: int | None = None, max_batch_tokens: int | None = None,
+                           batch_wait: float | None = None) -> BatchSettings:
+        """Change how concurrent generations on this runtime batch (see `BatchSettings`; every engine over the
+        runtime shares them); arguments left None keep their value. Returns the new settings; raises
+        `ValueError` naming a bad one."""
+        changes = {name: value for name, value in (("max_batch_size", max_batch_size),
+                                                   ("max_batch_tokens", max_batch_tokens),
+                                                   ("batch_wait", batch_wait)) if value is not None}
+        self.scheduler.settings = dataclasses.replace(self.scheduler.settings, **changes)
+        return self.scheduler.settings
 
     # ---------------------------------------------------------------- public API
 
@@ -111,19 +119,59 @@ class PromptDistillEngine:
         they appear in the prompt, the only text then pruned (see `pd_integrations.layout` for what is pruned
         without them). Greedy when `temperature == 0`. Generation ends at EOS, at a `stop` string (removed from
         the text) or after `max_new_tokens`. A `constraint` (see `pd_integrations.sampling.Constraint`) restricts
-        each next token to a grammar and ends generation when its output is complete. Returns a `GenerationStream` of text deltas. Raises
-        `ValueError`/`TypeError` for bad arguments, naming the parameter, before any model work.
+        each next token to a grammar and ends generation when its output is complete. Returns a
+        `GenerationStream` of text deltas. Raises `ValueError`/`TypeError` for bad arguments, naming the
+        parameter, before any model work. Concurrent calls share forwards (see `pd_integrations.scheduler`).
         """
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
-        sampler = Sampler.create(self.tokenizer, self.runtime.eos_ids, self.device, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, seed=seed, stops=stops, constraint=constraint)
-        return GenerationStream(self._generate(rendered, layout, max_new_tokens, sampler))
+        events = queue.SimpleQueue()
+        request = self._request(rendered, layout, events, 0, max_new_tokens, stops, constraint,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        return GenerationStream(_deltas(self._run([request], [rendered])))
+
+    def generate_batch(self, prompts: list[str] | None = None, **kwargs) -> list[GenerationResult]:
+        """Generate a completion per row; takes the same arguments as `stream_batch`. Returns one
+        `GenerationResult` per row, in order."""
+        stream = self.stream_batch(prompts, **kwargs)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream_batch(self, prompts: list[str] | None = None, *, messages: list[list] | None = None,
+                     input_ids: list | None = None, queries: list[str | None] | None = None,
+                     documents: list[list[str] | None] | None = None, max_new_tokens: int = 256,
+                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                     stop: str | list[str] | None = None,
+                     constraints: list[Constraint | None] | None = None) -> BatchStream:
+        """Generate for several rows at once, from exactly one of the lists `prompts`, `messages` or `input_ids`;
+        `queries`, `documents` and `constraints` are per-row lists (or None), and the sampling arguments apply
+        to every row (see `stream`). The rows are prefilled and decoded together, each selecting and stopping on
+        its own. Yields `(row, text_delta)`; the stream's `result` is the list of `GenerationResult`s, in row
+        order. Raises `ValueError`/`TypeError` naming the parameter and the row before any model work."""
+        stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        rows = _batch_rows(prompts, messages, input_ids, queries=queries, documents=documents,
+                           constraints=constraints)
+        prepared = []
+        for i, (kind, value, query, docs, _) in enumerate(rows):
+            try:
+                prepared.append(self._prepare(**{kind: value}, query=query, documents=docs))
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"row {i}: {error}") from error
+        events = queue.SimpleQueue()
+        requests = [self._request(rendered, layout, events, i, max_new_tokens, stops, row[4],
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+                    for i, ((rendered, layout), row) in enumerate(zip(prepared, rows))]
+        return BatchStream(self._run(requests, [rendered for rendered, _ in prepared]))
 
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                 query: str | None = None, documents: list[str] | None = None) -> Prefill:
-        """Run only the prefill and return its `Prefill` (cache, kept indices, next-token logits, layout)."""
-        return self._prefill(*self._prepare(prompt, messages, input_ids, query, documents))
+        """Run only the prefill of one prompt (a batch of one) and return its `Prefill` (cache, next-token
+        logits [1, vocab], and its row: kept indices, layout)."""
+        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
+        method = method_for(self.config, [layout])
+        with self.runtime.lock, torch.inference_mode():
+            return method.prefill(self.runtime, [self._ids(rendered, layout)], [layout])
 
     def query_attention(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                        query: str | None = None,
@@ -136,12 +184,13 @@ class PromptDistillEngine:
         rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
         recorder = QueryAttentionRecorder(Selector(self.config.aggregation or "softmax_mean", 1))
         with self.runtime.lock, torch.inference_mode():
-            recorder.prefill(self.runtime, self._ids(rendered, layout), layout)
+            recorder.prefill(self.runtime, [self._ids(rendered, layout)], [layout])
         return rendered, layout, torch.stack(recorder.layers)[..., : len(rendered.input_ids)]
 
-    # ---------------------------------------------------------------- render, lay out, prefill
+    # ---------------------------------------------------------------- render, lay out, request
 
-    def _prepare(self, prompt, messages, input_ids, query, documents) -> tuple[RenderedPrompt, RowLayout]:
+    def _prepare(self, prompt=None, messages=None, input_ids=None, query=None,
+                 documents=None) -> tuple[RenderedPrompt, RowLayout]:
         """Render the input, locate its documents and lay out its rows; raises `ValueError`/`TypeError` for bad
         input or a prompt that (with its probe) exceeds the context window."""
         rendered = render(self.tokenizer, prompt, messages, input_ids)
@@ -164,79 +213,102 @@ class PromptDistillEngine:
     def _ids(self, rendered: RenderedPrompt, layout: RowLayout) -> torch.Tensor:
         return torch.tensor(rendered.input_ids + list(layout.probe_ids), device=self.device)
 
-    def _prefill(self, rendered: RenderedPrompt, layout: RowLayout) -> Prefill:
-        method = method_for(self.config, layout)
-        started = time.perf_counter()
-        with self.runtime.lock, torch.inference_mode():
-            prefill = method.prefill(self.runtime, self._ids(rendered, layout), layout)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        prefill.seconds = time.perf_counter() - started
-        return prefill
+    def _request(self, rendered: RenderedPrompt, layout: RowLayout, events: queue.SimpleQueue, tag: int,
+                 max_new_tokens: int, stops: list[str], constraint: Constraint | None, **sampling) -> Request:
+        sampler = Sampler.create(self.tokenizer, self.runtime.eos_ids, self.device, stops=stops,
+                                 constraint=constraint, **sampling)
+        return Request(self._ids(rendered, layout), layout, self.config, sampler, max_new_tokens, events,
+                       torch.tensor([rendered.input_ids], device=self.device), tag)
 
-    # ---------------------------------------------------------------- decode
+    # ---------------------------------------------------------------- run and collect
 
-    def _decode_step(self, token: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """Run one token at `state.position` through every layer, extending the cache; returns its logits."""
-        arch = self.arch
-        hidden = arch.decoder.embed_tokens(token.view(1, 1))
-        positions = torch.tensor([state.position], device=token.device)
-        cos_sin = arch.position_embeddings(hidden, positions[None])
-        for i, layer in enumerate(arch.layers):
-            mask = None
-            if arch.windows[i] is not None:
-                state.key_positions[i] = torch.cat([state.key_positions[i], positions])
-                mask = arch.attention_mask(i, positions, state.key_positions[i], state.position, hidden.dtype)
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions[None], past_key_values=state.cache,
-                           use_cache=True, position_embeddings=cos_sin[arch.layer_types[i]])
-        state.position += 1
-        return arch.logits(hidden[:, -1])[0]
+    def _run(self, requests: list[Request],
+             rendered: list[RenderedPrompt]) -> Generator[tuple[int, str], None, list[GenerationResult]]:
+        """Submit `requests` (sharing one event queue) and turn their events into `(row, text delta)`; returns
+        their results. A consumer that leaves early cancels whatever still runs."""
+        events, scheduler = requests[0].events, self.scheduler
+        texts = [TextDeltas(self.tokenizer, r.sampler.stops) for r in requests]
+        prefills: list[tuple[PrefillRow, float] | None] = [None] * len(requests)
+        started = [0.0] * len(requests)
+        finished: list[tuple[str, float] | None] = [None] * len(requests)
+        scheduler.submit(requests)
+        try:
+            while any(f is None for f in finished):
+                kind, row, payload = events.get()
+                if finished[row] is not None:
+                    continue  # tokens generated after the text already reached a stop string
+                if kind == "error":
+                    raise payload
+                if kind == "prefill":
+                    prefills[row], started[row] = payload, time.perf_counter()
+                    continue
+                if kind == "token":
+                    delta, cut = texts[row].add(payload)
+                    if delta:
+                        yield row, delta
+                    if not cut:
+                        continue
+                    scheduler.cancel(requests[row])
+                    payload = "stop"
+                finished[row] = payload, time.perf_counter() - started[row]
+                if tail := texts[row].flush():
+                    yield row, tail
+        finally:
+            for request in requests:
+                scheduler.cancel(request)  # a no-op for finished rows; frees the rows of a consumer that left
+        return [self._result(r, *p, t, *f) for r, p, t, f in zip(rendered, prefills, texts, finished)]
 
-    def _generate(self, rendered: RenderedPrompt, layout: RowLayout, max_new_tokens: int,
-                  sampler: Sampler) -> Iterator[str]:
-        """Prefill, then yield text deltas (held back while they may still grow into a stop string); returns the
-        `GenerationResult`."""
-        prefill = self._prefill(rendered, layout)
-        kv_bytes = prefill.kv_cache_bytes  # before decoding grows the cache
-        state, logits = DecodeState.after(prefill), prefill.logits
-        sequence = torch.tensor([rendered.input_ids], device=self.device)
-        output: list[int] = []
-        text, emitted, finish_reason = "", 0, "length"
-        started = time.perf_counter()
-        for step in range(max_new_tokens):
-            sequence, stopped = sampler.next_token(sequence, logits)
-            output.append(int(sequence[0, -1]))  # the one host sync per step: the text needs the token
-            text, cut = cut_at_stop(self.tokenizer.decode(output, skip_special_tokens=True), sampler.stops)
-            if stopped or cut:
-                finish_reason = "stop"
-                break
-            safe = safe_length(text, sampler.stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if step + 1 == max_new_tokens or state.position >= self.arch.max_positions:
-                break
-            with self.runtime.lock, torch.inference_mode():
-                logits = self._decode_step(sequence[0, -1:], state)
-        if len(text) > emitted:
-            yield text[emitted:]
-        return self._result(rendered, prefill, kv_bytes, text, output, finish_reason, time.perf_counter() - started)
-
-    def _result(self, rendered: RenderedPrompt, prefill: Prefill, kv_bytes: int, text: str, output: list[int],
+    def _result(self, rendered: RenderedPrompt, row: PrefillRow, prefill_seconds: float, text: TextDeltas,
                 finish_reason: str, decode_seconds: float) -> GenerationResult:
-        layout, kept = prefill.layout, prefill.kept_indices.cpu()
+        layout, kept = row.layout, row.kept_indices.cpu()
         kept_spans = rendered.char_spans(kept)
+        output = text.tokens
         return GenerationResult(
-            text=text, prompt_tokens=len(rendered.input_ids), kept_tokens=int(kept.numel()),
+            text=text.text, prompt_tokens=len(rendered.input_ids), kept_tokens=int(kept.numel()),
             output_tokens=len(output), kept_token_indices=kept.tolist(), kept_char_spans=kept_spans,
-            prefill_seconds=prefill.seconds,
+            prefill_seconds=prefill_seconds,
             decode_tokens_per_second=(len(output) - 1) / decode_seconds if len(output) > 1 else 0.0,
-            kv_cache_bytes=kv_bytes, finish_reason=finish_reason, method=self.config.method,
+            kv_cache_bytes=row.kv_cache_bytes, finish_reason=finish_reason, method=self.config.method,
             selection_layers=tuple(self.config.selection_layers or ()), prompt_text=rendered.text,
-            output_token_ids=output, decode_start_position=prefill.next_position,
+            output_token_ids=output, decode_start_position=row.next_position,
             context_source=layout.context_source, **layout.counts(kept),
             protected_char_spans=rendered.char_spans(torch.nonzero(~layout.prunable).flatten()),
-            token_scores=None if prefill.scores is None else prefill.scores[: len(rendered.input_ids)].tolist(),
+            token_scores=None if row.scores is None else row.scores[: len(rendered.input_ids)].tolist(),
             document_retention=None if rendered.document_ranges is None else kept_shares(rendered.document_ranges,
                                                                                        kept_spans),
         )
+
+
+def _deltas(events: Generator[tuple[int, str], None, list[GenerationResult]]):
+    """One row's events as its text deltas; returns its result. Closing it closes `events` (which cancels)."""
+    try:
+        while True:
+            try:
+                _, delta = next(events)
+            except StopIteration as done:
+                return done.value[0]
+            yield delta
+    finally:
+        events.close()
+
+
+def _batch_rows(prompts, messages, input_ids, **per_row) -> list[tuple]:
+    """Per row: (input kind as `_prepare` names it, the input, query, documents, constraint); raises naming the
+    parameter (and the row) for a missing or mixed input kind, an empty list, or per-row lists of another length."""
+    given = [(kind, value) for kind, value in zip(_INPUT_KINDS, (prompts, messages, input_ids)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of {', '.join(_INPUT_KINDS)} (a list, one entry per row); "
+                         f"got {', '.join(kind for kind, _ in given) or 'none'}")
+    kind, inputs = given[0]
+    if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__len__") or not len(inputs):
+        raise ValueError(f"{kind} must be a non-empty list with one entry per row, got {inputs!r:.80}")
+    columns = []
+    for name, values in per_row.items():
+        if values is None:
+            values = [None] * len(inputs)
+        elif isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != len(inputs):
+            raise ValueError(f"{name} must be None or a list with one entry per row of {kind} ({len(inputs)}), "
+                             f"got {values!r:.80}")
+        columns.append(list(values))
+    singular = {"prompts": "prompt", "messages": "messages", "input_ids": "input_ids"}[kind]
+    return [(singular, value, *row) for value, *row in zip(inputs, *columns)]

@@ -16,7 +16,8 @@ class GenerationResult:
     "template" when an adapter took it from a prompt template, "heuristic", "positional" or "none"), and
     `protected_tokens` + `prunable_tokens` = `prompt_tokens`, of which `kept_prunable_tokens` survived.
     `prefill_seconds` is the time to first token. `document_retention` is, for a call that named its `documents`,
-    each one's share of characters kept.
+    each one's share of characters kept. `query_free` is True when the prompt had nothing to seed selection (no
+    query, no question line, only a summary-style instruction or the template's tail), so nothing was pruned.
     """
 
     text: str
@@ -41,6 +42,7 @@ class GenerationResult:
     protected_char_spans: list[tuple[int, int]] = field(default_factory=list)
     token_scores: list[float] | None = field(default=None, repr=False)
     document_retention: list[float] | None = None
+    query_free: bool = False
 
     def stats(self) -> dict:
         """What PromptDistill kept, as the adapters report it (LangChain `response_metadata["promptdistill"]`,
@@ -60,6 +62,7 @@ class GenerationResult:
             "protected_tokens": self.protected_tokens,
             "prunable_tokens": self.prunable_tokens,
             "kept_prunable_tokens": self.kept_prunable_tokens,
+            "query_free": self.query_free,
             "protected_char_spans": self.protected_char_spans,
             "prompt_text": self.prompt_text,
             **retention,
@@ -89,3 +92,8 @@ class GenerationStream:
             yield from self
             return change(self.result)
         return GenerationStream(events())
+
+
+class BatchStream(GenerationStream):
+    """Iterate for the `(row, text_delta)` events of a batched generation; after exhaustion `result` holds one
+    `GenerationResult` per row, in row order."""

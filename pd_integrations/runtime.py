@@ -2,8 +2,9 @@
 
 LangChain and LlamaIndex construct model objects freely (the LangChain standard tests build hundreds), so weights
 load lazily and once per process and load settings (`Runtime.load`). Every engine, adapter and server over one
-runtime shares its lock, which serialises forward steps (a prefill, each decode step) so concurrent calls
-interleave safely without oversubscribing the device. An engine is a runtime plus a resolved config.
+runtime shares its scheduler (`pd_integrations.scheduler`), which batches concurrent generations, and its lock,
+which serialises forwards (the scheduler's steps, calibration passes) so they never oversubscribe the device. An
+engine is a runtime plus a resolved config.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Runtime:
     arch: Architecture = field(init=False)
     eos_ids: list[int] = field(init=False)
     lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    scheduler: object = field(init=False, default=None, repr=False)  # a `Scheduler`, made by `Scheduler.of`
 
     def __post_init__(self):
         self.arch = Architecture(self.model)

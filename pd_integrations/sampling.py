@@ -83,6 +83,34 @@ class Sampler:
         return sequence, stopped
 
 
+class TextDeltas:
+    """One row's output text as its tokens arrive: decoded, cut before the first stop string, and handed out as
+    deltas that hold back a tail that may still grow into a stop string (or an incomplete character)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.text, self.emitted = "", 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """The new emittable text after `token`, and whether the text reached a stop string (then it is cut
+        before it and complete: `flush` hands out the rest)."""
+        self.tokens.append(token)
+        self.text, cut = cut_at_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stops)
+        if cut:
+            return "", True
+        safe = safe_length(self.text, self.stops)
+        if safe <= self.emitted:
+            return "", False
+        delta, self.emitted = self.text[self.emitted:safe], safe
+        return delta, False
+
+    def flush(self) -> str:
+        """The text not handed out yet (at the end of generation)."""
+        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        return delta
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """`text` cut before the earliest stop string, and whether one occurred."""
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]

@@ -116,7 +116,7 @@ def test_the_question_seeds_selection_from_the_tail_or_as_a_probe(tiny_llama, to
     messages, _ = SHAPES[shape]
     engine = engine_for(tiny_llama, tokenizer)
     for query in (None, QUESTION):
-        layout = engine.prefill(messages=messages, query=query).layout
+        layout = engine.prefill(messages=messages, query=query).rows[0].layout
         probe_text = tokenizer.decode(layout.probe_ids)
         assert (QUESTION in probe_text) if probe else layout.probe_ids == ()
         if not probe:

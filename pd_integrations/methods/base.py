@@ -1,8 +1,12 @@
-"""What every prefill method shares: the per-call prefill state and the layer loop over HF's own modules.
+"""What every prefill method shares: the batched prefill state and the layer loop over HF's own modules.
 
-A method is a small class in the shape of kvpress's presses: `PrefillMethod.prefill` runs the prompt through
-`model.model.layers` with HF's decoder layers, rotary embedding, `DynamicCache` and attention functions, and calls
-`after_layer` after each layer; a method that selects tokens gathers the state's rows there.
+A method is a small class in the shape of kvpress's presses: `PrefillMethod.prefill` runs a batch of prompts
+through `model.model.layers` with HF's decoder layers, rotary embedding, `DynamicCache` and attention functions,
+and calls `after_layer` after each layer; a method that selects tokens gathers each batch row's rows there.
+
+Batch rows are left-padded: row b's real rows are the last `lengths[b]` of the sequence dimension, so every row's
+query rows and last token sit at the end, and a row that keeps fewer tokens after a selection is simply re-padded.
+The same holds for each layer's cached keys (`key_lengths`), which is what `DecodeBatch` continues from.
 """
 
 from __future__ import annotations
@@ -18,119 +22,191 @@ from ..selection import Selector
 
 
 @dataclass
-class Prefill:
-    """The result of a prefill: the cache, the original positions of each layer's cached keys, the next-token
-    logits and what was kept. `kept_indices` are prompt token indices whose states reached the last layer;
-    `stage_kept` holds the kept indices after each selection stage; `scores` are first-stage selection scores per
-    prompt token (0 before the first stage's selection); `layout` says what was prunable. Decoding continues at
-    `next_position` (the original prompt length, or the kept length after GemFilter's re-run)."""
+class PrefillRow:
+    """One prompt's part of a prefill. `kept_indices` are prompt token indices whose states reached the last
+    layer; `stage_kept` holds the kept indices after each selection stage; `scores` are first-stage selection
+    scores per row (prompt, then probe; 0 before the first stage's selection); `layout` says what was prunable.
+    Decoding continues at `next_position` (the original prompt length, or the kept length after GemFilter's
+    re-run). `kv_cache_bytes` counts this row's cached keys and values (not the batch's padding)."""
 
-    cache: DynamicCache
-    key_positions: list[torch.Tensor]
-    next_position: int
-    logits: torch.Tensor
+    layout: RowLayout
     kept_indices: torch.Tensor
     stage_kept: list[torch.Tensor]
     scores: torch.Tensor | None
-    layout: RowLayout
+    next_position: int
+    kv_cache_bytes: int
+
+
+@dataclass
+class Prefill:
+    """The result of a batched prefill: the cache (each layer left-padded per row by `key_pads`), the original
+    positions of each layer's cached keys, next-token logits [B, vocab] and each row's `PrefillRow`."""
+
+    cache: DynamicCache
+    key_positions: list[torch.Tensor]
+    key_pads: list[list[int]]
+    logits: torch.Tensor
+    rows: list[PrefillRow]
     seconds: float = 0.0
 
-    @property
-    def kv_cache_bytes(self) -> int:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
+
+def left_pad(rows: list[torch.Tensor], fill=0) -> torch.Tensor:
+    """`rows` (each [n_b, ...]) stacked into [B, max n_b, ...], each right-aligned after `fill`."""
+    width = max(row.shape[0] for row in rows)
+    padded = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), fill)
+    for b, row in enumerate(rows):
+        padded[b, width - row.shape[0]:] = row
+    return padded
+
+
+def _padded_index(width: int, lengths: list[int], keeps: list[torch.Tensor | None],
+                  device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """A gather index [B, new width] that keeps, per batch row, `keeps[b]` (indices into its `lengths[b]` real
+    rows, on `device`; None: all of them) left-padded (padding points at index 0), and the new lengths (from
+    shapes, so no device sync)."""
+    rows = [torch.arange(width - n, width, device=device) if keep is None else keep + (width - n)
+            for n, keep in zip(lengths, keeps)]
+    return left_pad(rows), [row.shape[0] for row in rows]
+
+
+def _gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """`tensor` gathered along `dim` by a per-batch-row `index` [B, n]."""
+    shape = [1] * tensor.dim()
+    shape[0], shape[dim] = index.shape
+    expanded = list(tensor.shape)
+    expanded[dim] = index.shape[1]
+    return tensor.gather(dim, index.view(shape).expand(expanded))
 
 
 @dataclass
 class PrefillState:
-    """The rows of one prefill as it runs: hidden states, original positions and RoPE tables of the current rows,
-    which of them are candidates for pruning (and how many, tracked on the host), the cache and each layer's
-    cached key positions. `gather` and `drop_probe` are the only ways rows leave."""
+    """The rows of one batched prefill as it runs: hidden states [B, rows, h], original positions [B, rows] and
+    RoPE tables of the current rows, how many are real per batch row (`lengths`, host ints), which are candidates
+    for pruning (and how many per batch row), the cache and each layer's cached key positions and per-row key
+    counts. `gather` and `drop_probe` are the only ways rows leave."""
 
     runtime: Runtime
-    layout: RowLayout
+    layouts: list[RowLayout]
     hidden: torch.Tensor
     positions: torch.Tensor
+    lengths: list[int]
     cos_sin: dict
     candidates: torch.Tensor
-    remaining: int
+    remaining: list[int]
     cache: DynamicCache = field(default_factory=DynamicCache)
     key_positions: list[torch.Tensor] = field(default_factory=list)
-    stage_kept: list[torch.Tensor] = field(default_factory=list)
-    scores: torch.Tensor | None = None
+    key_lengths: list[list[int]] = field(default_factory=list)
+    stage_kept: list[list[torch.Tensor]] = field(default_factory=list)
+    scores: list[torch.Tensor | None] = field(default_factory=list)
     masks: dict = field(default_factory=dict)  # per sliding window, for the current rows
 
     @classmethod
-    def start(cls, runtime: Runtime, ids: torch.Tensor, layout: RowLayout) -> PrefillState:
-        """Embed `ids` (prompt, then probe) at positions 0..n-1."""
+    def start(cls, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout]) -> PrefillState:
+        """Embed each row's `ids` (prompt, then probe) at positions 0..n-1, left-padded to one batch."""
         arch = runtime.arch
-        positions = torch.arange(ids.shape[0], device=ids.device)
-        hidden = arch.decoder.embed_tokens(ids[None])
-        return cls(runtime, layout, hidden, positions, arch.position_embeddings(hidden, positions[None]),
-                   layout.candidates().to(ids.device), layout.num_prunable)
+        positions = left_pad([torch.arange(row.shape[0], device=row.device) for row in ids])
+        hidden = arch.decoder.embed_tokens(left_pad(ids))
+        candidates = left_pad([layout.candidates().to(row.device) for row, layout in zip(ids, layouts)], False)
+        return cls(runtime, layouts, hidden, positions, [row.shape[0] for row in ids],
+                   arch.position_embeddings(hidden, positions), candidates,
+                   [layout.num_prunable for layout in layouts], stage_kept=[[] for _ in ids],
+                   scores=[None for _ in ids])
+
+    @property
+    def pads(self) -> list[int]:
+        return [self.hidden.shape[1] - n for n in self.lengths]
 
     def run_layer(self, i: int) -> torch.Tensor:
         """Run decoder layer `i` over the current rows; returns its input (for scoring)."""
         arch, layer_input = self.runtime.arch, self.hidden
         window = arch.windows[i]
         if window not in self.masks:
-            self.masks[window] = arch.attention_mask(i, self.positions, self.positions, self._last_position(),
-                                                     self.hidden.dtype)
-        self.hidden = arch.layers[i](self.hidden, attention_mask=self.masks[window],
-                                     position_ids=self.positions[None], past_key_values=self.cache, use_cache=True,
+            self.masks[window] = arch.attention_mask(i, self.positions, self.positions, self.pads,
+                                                     self._last_position(), self.hidden.dtype)
+        self.hidden = arch.layers[i](self.hidden, attention_mask=self.masks[window], position_ids=self.positions,
+                                     past_key_values=self.cache, use_cache=True,
                                      position_embeddings=self.cos_sin[arch.layer_types[i]])
         self.key_positions.append(self.positions)
+        self.key_lengths.append(list(self.lengths))
         return layer_input
 
-    def query_head_scores(self, selector: Selector, i: int, layer_input: torch.Tensor) -> torch.Tensor:
-        """Per-head scores [H, rows] of the current rows by the query rows' attention at layer `i`."""
-        arch = self.runtime.arch
-        query = slice(self.hidden.shape[1] - self.layout.query_rows, None)
+    def real_rows(self, b: int) -> slice:
+        """Batch row `b`'s real rows (the last `lengths[b]`)."""
+        return slice(self.hidden.shape[1] - self.lengths[b], None)
+
+    def query_head_scores(self, selector: Selector, i: int, layer_input: torch.Tensor, b: int) -> torch.Tensor:
+        """Per-head scores [H, real rows] of batch row `b`'s real rows by its query rows' attention at layer `i`."""
+        arch, rows = self.runtime.arch, self.real_rows(b)
+        query = slice(self.hidden.shape[1] - self.layouts[b].query_rows, None)
         cos, sin = self.cos_sin[arch.layer_types[i]]
-        queries = arch.query_states(i, layer_input[:, query], (cos[:, query], sin[:, query]))
-        return selector.head_scores(arch, i, queries, self.cache.layers[i].keys, self.positions[query],
-                                    self.positions)
+        queries = arch.query_states(i, layer_input[b:b + 1, query], (cos[b:b + 1, query], sin[b:b + 1, query]))
+        return selector.head_scores(arch, i, queries, self.cache.layers[i].keys[b:b + 1, :, rows],
+                                    self.positions[b, query], self.positions[b, rows])
 
-    def units(self) -> torch.Tensor | None:
-        """Span unit id of each current row, or None for token-level selection."""
-        units = self.layout.units
-        return None if units is None else units.to(self.positions.device)[self.positions]
+    def units(self, b: int) -> torch.Tensor | None:
+        """Span unit id of each of batch row `b`'s real rows, or None for token-level selection."""
+        units = self.layouts[b].units
+        return None if units is None else units.to(self.positions.device)[self.positions[b, self.real_rows(b)]]
 
-    def gather(self, keep: torch.Tensor, through_layer: int, truncate_cache: bool) -> None:
-        """Keep only rows `keep` (sorted); with `truncate_cache`, gather the KV of layers 0..`through_layer` too."""
-        self.hidden, self.positions, self.candidates = self.hidden[:, keep], self.positions[keep], self.candidates[keep]
-        self.cos_sin = {kind: (cos[:, keep], sin[:, keep]) for kind, (cos, sin) in self.cos_sin.items()}
+    def gather(self, keeps: list[torch.Tensor | None], through_layer: int, truncate_cache: bool) -> None:
+        """Keep, per batch row, the real rows `keeps[b]` (sorted indices into them; None: all); with
+        `truncate_cache`, gather the KV of layers 0..`through_layer` the same way."""
+        index, self.lengths = _padded_index(self.hidden.shape[1], self.lengths, keeps, self.hidden.device)
+        self.hidden = _gather_rows(self.hidden, index, 1)
+        self.positions = _gather_rows(self.positions, index, 1)
+        self.candidates = _gather_rows(self.candidates, index, 1)
+        self.cos_sin = {kind: (_gather_rows(cos, index, 1), _gather_rows(sin, index, 1))
+                        for kind, (cos, sin) in self.cos_sin.items()}
         self.masks = {}
         for j in range(through_layer + 1) if truncate_cache else ():
             layer = self.cache.layers[j]
-            layer.keys, layer.values = layer.keys.index_select(-2, keep), layer.values.index_select(-2, keep)
-            self.key_positions[j] = self.positions
+            layer.keys, layer.values = _gather_rows(layer.keys, index, 2), _gather_rows(layer.values, index, 2)
+            self.key_positions[j], self.key_lengths[j] = self.positions, list(self.lengths)
 
     def drop_probe(self, through_layer: int, truncate_cache: bool) -> None:
-        """Remove the probe rows (the last ones): they only score selection. Caches already gathered lost them with
-        the rows; the others are cropped."""
-        probe = len(self.layout.probe_ids)
-        if not probe:
+        """Remove the probe rows (each row's last ones): they only score selection. Caches already gathered lose
+        them with the rows; the others drop them too (a crop when every row's probe is as long)."""
+        probes = [len(layout.probe_ids) for layout in self.layouts]
+        if not any(probes):
             return
-        self.gather(torch.arange(self.hidden.shape[1] - probe, device=self.hidden.device), through_layer,
+        device = self.hidden.device
+        self.gather([torch.arange(n - p, device=device) for n, p in zip(self.lengths, probes)], through_layer,
                     truncate_cache)
         for j in range(through_layer + 1) if not truncate_cache else ():
-            self.cache.layers[j].crop(-probe)
-            self.key_positions[j] = self.key_positions[j][:-probe]
+            layer = self.cache.layers[j]
+            if len(set(probes)) == 1:
+                layer.crop(-probes[0])
+                self.key_positions[j] = self.key_positions[j][:, :-probes[0]]
+                self.key_lengths[j] = [n - probes[0] for n in self.key_lengths[j]]
+                continue
+            index, self.key_lengths[j] = _padded_index(
+                layer.keys.shape[2], self.key_lengths[j],
+                [torch.arange(n - p, device=device) for n, p in zip(self.key_lengths[j], probes)], device)
+            layer.keys, layer.values = _gather_rows(layer.keys, index, 2), _gather_rows(layer.values, index, 2)
+            self.key_positions[j] = _gather_rows(self.key_positions[j], index, 1)
 
     def finish(self, with_logits: bool = True) -> Prefill:
         """The prefill result; without logits (a scout pass that stops early) its logits are empty."""
-        arch, n = self.runtime.arch, len(self.layout.prunable)
-        logits = arch.logits(self.hidden[:, -1])[0] if with_logits else torch.empty(0)
-        return Prefill(self.cache, self.key_positions, n, logits, self.positions, self.stage_kept, self.scores,
-                       self.layout)
+        arch = self.runtime.arch
+        logits = arch.logits(self.hidden[:, -1]) if with_logits else torch.empty(0)
+        widths = [layer.keys.shape[2] for layer in self.cache.layers]
+        pads = [[width - n for n in lengths] for width, lengths in zip(widths, self.key_lengths)]
+        rows = []
+        for b, layout in enumerate(self.layouts):
+            kv_bytes = sum(lengths[b] * (layer.keys[:1, :, :1].nbytes + layer.values[:1, :, :1].nbytes)
+                           for lengths, layer in zip(self.key_lengths, self.cache.layers))
+            rows.append(PrefillRow(layout, self.positions[b, self.real_rows(b)], self.stage_kept[b],
+                                   self.scores[b], len(layout.prunable), kv_bytes))
+        return Prefill(self.cache, self.key_positions, pads, logits, rows)
 
     def _last_position(self) -> int:
         # A host int (no device sync): tells the mask whether a sliding window can exclude anything yet.
-        return len(self.layout.prunable) + len(self.layout.probe_ids) - 1
+        return max(len(layout.prunable) + len(layout.probe_ids) for layout in self.layouts) - 1
 
 
 class PrefillMethod:
-    """One way to prefill a prompt: the layer loop, with `after_layer` for what a method does between layers.
+    """One way to prefill a batch of prompts: the layer loop, with `after_layer` for what a method does between
+    layers.
 
     Subclasses set `prunes` (whether the engine lays out prunable context for them) and override `after_layer`
     or, for passes of their own, `prefill`.
@@ -138,11 +214,11 @@ class PrefillMethod:
 
     prunes = False
 
-    def prefill(self, runtime: Runtime, ids: torch.Tensor, layout: RowLayout,
+    def prefill(self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout],
                 last_layer: int | None = None) -> Prefill:
-        """Run `ids` (prompt, then probe) through layers 0..`last_layer` (default: all); returns the `Prefill`,
-        with empty logits when it stops early."""
-        state = PrefillState.start(runtime, ids, layout)
+        """Run each row's `ids` (prompt, then probe) through layers 0..`last_layer` (default: all) as one batch;
+        returns the `Prefill`, with empty logits when it stops early."""
+        state = PrefillState.start(runtime, ids, layouts)
         layers = runtime.arch.num_layers if last_layer is None else last_layer + 1
         for i in range(layers):
             layer_input = state.run_layer(i)

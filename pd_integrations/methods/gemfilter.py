@@ -3,7 +3,7 @@ model on the kept tokens with positions renumbered 0..k-1. Decoding continues af
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,19 +16,21 @@ from .promptdistill import PromptDistill
 
 @dataclass
 class GemFilter(PrefillMethod):
-    """A scout pass that stops at its selection layer, then a fresh full pass over the kept tokens."""
+    """A scout pass that stops at its selection layer, then a fresh full pass over each row's kept tokens."""
 
     scout: PromptDistill
     prunes = True
 
     @classmethod
-    def from_config(cls, config: PromptDistillConfig, layout: RowLayout) -> GemFilter:
-        return cls(PromptDistill.from_config(config, layout))
+    def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> GemFilter:
+        return cls(PromptDistill.from_config(config, layouts))
 
-    def prefill(self, runtime: Runtime, ids: torch.Tensor, layout: RowLayout,
+    def prefill(self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout],
                 last_layer: int | None = None) -> Prefill:
-        scouted = self.scout.prefill(runtime, ids, layout, last_layer=self.scout.stages[0].layer)
-        kept = scouted.kept_indices
-        state = FullAttention().prefill(runtime, ids[kept], RowLayout.unpruned(kept.shape[0]))
-        state.kept_indices, state.stage_kept, state.scores, state.layout = kept, [kept], scouted.scores, layout
-        return state
+        scouted = self.scout.prefill(runtime, ids, layouts, last_layer=self.scout.stages[0].layer)
+        kept = [row.kept_indices for row in scouted.rows]
+        rerun = FullAttention().prefill(runtime, [row[k] for row, k in zip(ids, kept)],
+                                        [RowLayout.unpruned(k.shape[0]) for k in kept])
+        rerun.rows = [replace(row, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
+                      for row, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)]
+        return rerun

@@ -1,5 +1,6 @@
 """PromptDistill (arXiv 2503.23274): at each selection layer the query rows' attention picks the prunable rows that
-later layers see; kept rows keep their hidden states and original RoPE positions, and nothing is recomputed."""
+later layers see; kept rows keep their hidden states and original RoPE positions, and nothing is recomputed.
+Each batch row selects on its own: its own query rows, candidates and budget."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from .base import PrefillMethod, PrefillState
 
 @dataclass(frozen=True)
 class Stage:
-    """Select at `layer`, keeping `budget` prunable tokens, scored by `heads` (None: all)."""
+    """Select at `layer`, keeping `budgets[b]` prunable tokens of batch row b, scored by `heads` (None: all)."""
 
     layer: int
-    budget: int
+    budgets: tuple[int, ...]
     heads: tuple[int, ...] | None
 
 
@@ -33,24 +34,36 @@ class PromptDistill(PrefillMethod):
     prunes = True
 
     @classmethod
-    def from_config(cls, config: PromptDistillConfig, layout: RowLayout) -> PromptDistill:
-        """The config's stages, with fractional budgets resolved against `layout`'s prunable tokens."""
+    def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> PromptDistill:
+        """The config's stages, with fractional budgets resolved against each row layout's prunable tokens."""
         heads = config.heads or (None,) * len(config.budgets)
-        stages = [Stage(*stage) for stage in zip(config.selection_layers, layout.stage_budgets(config.budgets), heads)]
+        budgets = zip(*(layout.stage_budgets(config.budgets) for layout in layouts))
+        stages = [Stage(*stage) for stage in zip(config.selection_layers, budgets, heads)]
         return cls(stages, Selector.from_config(config), config.cache_truncation)
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
         stage = next((s for s in self.stages if s.layer == i), None)
         if stage is None:
             return
-        if stage.budget < state.remaining:
-            scores = self.selector.score(state.query_head_scores(self.selector, i, layer_input), stage.heads)
-            if state.scores is None:
-                rows = len(state.layout.prunable) + len(state.layout.probe_ids)
-                state.scores = torch.zeros(rows, device=scores.device).index_put_((state.positions,), scores)
-            keep = self.selector.keep(scores, state.candidates, state.remaining, stage.budget, state.units())
-            state.gather(keep, i, self.truncate_cache)
-            state.remaining = stage.budget
+        keeps = [self._keep(state, i, layer_input, b, budget, stage.heads) for b, budget in enumerate(stage.budgets)]
+        if any(keep is not None for keep in keeps):
+            state.gather(keeps, i, self.truncate_cache)
         if stage is self.stages[-1]:
             state.drop_probe(i, self.truncate_cache)
-        state.stage_kept.append(state.positions)
+        for b, kept in enumerate(state.stage_kept):
+            kept.append(state.positions[b, state.real_rows(b)])
+
+    def _keep(self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, budget: int,
+              heads: tuple[int, ...] | None) -> torch.Tensor | None:
+        """Batch row `b`'s real rows to keep at layer `i` (None: all, the budget covers its candidates)."""
+        if budget >= state.remaining[b]:
+            return None
+        rows = state.real_rows(b)
+        scores = self.selector.score(state.query_head_scores(self.selector, i, layer_input, b), heads)
+        if state.scores[b] is None:
+            layout = state.layouts[b]
+            state.scores[b] = torch.zeros(len(layout.prunable) + len(layout.probe_ids),
+                                          device=scores.device).index_put_((state.positions[b, rows],), scores)
+        keep = self.selector.keep(scores, state.candidates[b, rows], state.remaining[b], budget, state.units(b))
+        state.remaining[b] = budget
+        return keep

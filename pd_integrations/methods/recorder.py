@@ -9,12 +9,12 @@ from .base import PrefillMethod, PrefillState
 
 
 class QueryAttentionRecorder(PrefillMethod):
-    """Full attention that keeps, per layer, the query rows' per-head scores [H, rows] in `layers` (for
-    `pd-calibrate`), aggregated over the query rows with `selector`'s aggregation."""
+    """Full attention over one prompt that keeps, per layer, the query rows' per-head scores [H, rows] in `layers`
+    (for `pd-calibrate`), aggregated over the query rows with `selector`'s aggregation."""
 
     def __init__(self, selector: Selector):
         self.selector = selector
         self.layers: list[torch.Tensor] = []
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
-        self.layers.append(state.query_head_scores(self.selector, i, layer_input))
+        self.layers.append(state.query_head_scores(self.selector, i, layer_input, 0))

@@ -1,0 +1,94 @@
+"""The running decode batch: every generating row's cache, advanced one token per row per step.
+
+Rows come from prefills (each a batch of its own), join the running batch at a step boundary and leave it when
+done: iteration-level ("continuous") batching. Every layer's keys are left-padded per row (`key_pads`), so a
+row's real keys are a suffix and each step's new key lands at the end for every row; masks come from the pads
+and each key's original position. Each row continues at its own original position (its prompt's length plus the
+tokens generated so far), whatever it kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .methods import Prefill
+from .runtime import Runtime
+
+
+def _pad_front(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """`tensor` zero-padded at the front of `dim` to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@dataclass
+class DecodeBatch:
+    """The caches of the rows being decoded: per layer, keys/values [B, kv heads, K, d] left-padded by
+    `key_pads[layer][b]` keys and their original positions [B, K]; and each row's next position."""
+
+    runtime: Runtime
+    cache: DynamicCache
+    key_positions: list[torch.Tensor]
+    key_pads: list[list[int]]
+    positions: list[int]
+
+    @classmethod
+    def after(cls, runtime: Runtime, prefill: Prefill) -> DecodeBatch:
+        """The rows of `prefill`, ready to decode (the batch takes over its cache)."""
+        return cls(runtime, prefill.cache, list(prefill.key_positions), [list(p) for p in prefill.key_pads],
+                   [row.next_position for row in prefill.rows])
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def join(self, other: DecodeBatch) -> None:
+        """Append `other`'s rows (after this batch's), left-padding each layer's keys to the longer of the two."""
+        for i, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
+            ours, new = mine.keys.shape[2], theirs.keys.shape[2]
+            width = max(ours, new)
+            mine.keys = torch.cat([_pad_front(mine.keys, 2, width), _pad_front(theirs.keys, 2, width)])
+            mine.values = torch.cat([_pad_front(mine.values, 2, width), _pad_front(theirs.values, 2, width)])
+            self.key_positions[i] = torch.cat([_pad_front(self.key_positions[i], 1, width),
+                                               _pad_front(other.key_positions[i], 1, width)])
+            self.key_pads[i] = [p + width - ours for p in self.key_pads[i]] + [p + width - new
+                                                                               for p in other.key_pads[i]]
+        self.positions += other.positions
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only batch rows `rows` (in that order), then drop the padding every remaining row has."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.key_positions[0].device)
+        for i, layer in enumerate(self.cache.layers):
+            layer.batch_select_indices(index)
+            pads = [self.key_pads[i][r] for r in rows]
+            common = min(pads)
+            layer.keys, layer.values = layer.keys[:, :, common:], layer.values[:, :, common:]
+            self.key_positions[i] = self.key_positions[i][index, common:]
+            self.key_pads[i] = [p - common for p in pads]
+        self.positions = [self.positions[r] for r in rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run one token per row (`tokens` [B]) at each row's position through every layer, extending the caches;
+        returns next-token logits [B, vocab]."""
+        arch = self.runtime.arch
+        hidden = arch.decoder.embed_tokens(tokens.view(-1, 1))
+        positions = torch.tensor(self.positions, device=tokens.device)[:, None]
+        cos_sin = arch.position_embeddings(hidden, positions)
+        masks = {}  # layers whose keys share width, pads and window share a mask
+        for i, layer in enumerate(arch.layers):
+            self.key_positions[i] = torch.cat([self.key_positions[i], positions], dim=1)
+            window = arch.windows[i]
+            shape = (window, self.key_positions[i].shape[1], tuple(self.key_pads[i]))
+            if window is not None or shape not in masks:
+                masks[shape] = arch.attention_mask(i, positions, self.key_positions[i], self.key_pads[i],
+                                                   max(self.positions), hidden.dtype)
+            hidden = layer(hidden, attention_mask=masks[shape], position_ids=positions, past_key_values=self.cache,
+                           use_cache=True, position_embeddings=cos_sin[arch.layer_types[i]])
+        self.positions = [p + 1 for p in self.positions]
+        return arch.logits(hidden[:, -1])
