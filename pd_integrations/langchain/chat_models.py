@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 
+from ..constraints import Grammars
 from ._common import PromptDistillSettings, usage_metadata
 from .prompts import tagged_inputs
+from .tools import (
+    OUTPUT_OPTIONS,
+    CompleteJsonParser,
+    CompleteJsonToolParser,
+    CompletePydanticParser,
+    CompletePydanticToolsParser,
+    ToolCallStream,
+    check_tool_choice,
+    message_fields,
+    openai_tools,
+    output_grammar,
+    render_tool_calls,
+    render_tool_response,
+    tools_system_prompt,
+)
+
+STRUCTURED_OUTPUT_METHODS = ("json_schema", "function_calling", "json_mode")
 
 
 class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
@@ -55,53 +86,155 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
     def _llm_type(self) -> str:
         return "promptdistill-chat"
 
+    # ---------------------------------------------------------------- tools and structured output
+
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
+                   tool_choice: dict | str | bool | None = None, parallel_tool_calls: bool = False,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind `tools` (BaseTools, functions, Pydantic models, TypedDicts or OpenAI tool dicts): their signatures
+        go into the system message (see `pd_integrations.langchain.tools`) and calls come back in
+        `AIMessage.tool_calls` (`tool_call_chunks` when streaming).
+
+        `tool_choice`: "auto" (default) lets the model answer in text or call a tool, every call constrained to a
+        valid call of a bound tool; "any"/"required" (or True with one tool) forces a call of one of them; a
+        tool's name forces a call of that tool; "none" hides the tools. `parallel_tool_calls`: allow several
+        calls per turn (off: the output ends after the first call). Raises `ValueError` naming a tool that cannot
+        be converted or an unknown `tool_choice`; a schema the grammar compiler cannot handle raises
+        `ValueError` naming its tool on the first call, before any model work.
+        """
+        formatted = openai_tools(tools)
+        choice = check_tool_choice(tool_choice, [tool["function"]["name"] for tool in formatted])
+        return super().bind(tools=formatted, tool_choice=choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
+
+    def with_structured_output(self, schema: dict | type | None = None, *,
+                               method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+                               include_raw: bool = False, **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+        """A runnable returning `schema` (a Pydantic class, a TypedDict, a JSON schema or an OpenAI tool dict) as
+        a Pydantic object (Pydantic classes) or a dict, generated under a grammar so that it always parses.
+
+        `method`: "json_schema" (default) constrains the reply to the schema; "function_calling" forces a call of
+        a tool with the schema's parameters; "json_mode" constrains the reply to a JSON object of any shape (the
+        prompt must describe the keys; `schema` then only validates). `include_raw=True` returns
+        `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` instead of raising. Output cut off at
+        `max_tokens` raises `OutputParserException` saying so.
+        """
+        if kwargs:
+            raise ValueError(f"with_structured_output got unexpected arguments {sorted(kwargs)}")
+        if method not in STRUCTURED_OUTPUT_METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, STRUCTURED_OUTPUT_METHODS))}, "
+                             f"got {method!r}")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"schema is required for method={method!r} (only json_mode takes none)")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, **traced)
+            parser = (CompletePydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+                      else CompleteJsonToolParser(key_name=name, first_tool_only=True))
+        else:
+            if method == "json_schema":
+                json_schema = convert_to_json_schema(schema)
+                response_format = {"type": "json_schema",
+                                   "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema}}
+            else:
+                response_format = {"type": "json_object"}
+                traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}
+                          } if schema is not None else {}
+            llm = self.bind(response_format=response_format, **traced)
+            parser = CompletePydanticParser(pydantic_object=schema) if is_pydantic else CompleteJsonParser()
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
+
+    # ---------------------------------------------------------------- generation
+
+    def _start(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):
+        """Open one call's generation: its bound output options (tools, response_format) become the grammar that
+        constrains decoding, the rest are `_prepare_call`'s options. Returns (call, stream, whether tools are
+        bound and so the output is parsed for calls)."""
+        output = {name: kwargs.pop(name) for name in OUTPUT_OPTIONS if name in kwargs}
+        call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
+        grammar = output_grammar(Grammars.of(call.engine), output)
+        rendered_tools = output.get("tools") if output.get("tool_choice") != "none" else None
+        stream = call.stream(messages=to_engine_messages(messages, rendered_tools),
+                             constraint=grammar.constraint() if grammar else None)
+        return call, stream, bool(rendered_tools)
+
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
-        stream = call.stream(messages=to_engine_messages(messages))
+        call, stream, with_tools = self._start(messages, stop, kwargs)
         for _ in stream:
             pass
         result = stream.result
-        message = AIMessage(content=result.text, usage_metadata=usage_metadata(result),
+        fields = message_fields(result.text) if with_tools else {"content": result.text}
+        message = AIMessage(**fields, usage_metadata=usage_metadata(result),
                             response_metadata=call.response_metadata(result))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
-        stream = call.stream(messages=to_engine_messages(messages))
+        call, stream, with_tools = self._start(messages, stop, kwargs)
+        splitter = ToolCallStream() if with_tools else None
         for delta in stream:
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-            if run_manager:
-                run_manager.on_llm_new_token(delta, chunk=chunk)
-            yield chunk
+            for piece in splitter.feed(delta) if splitter else [delta]:
+                yield self._chunk(piece, run_manager)
+        for piece in splitter.close() if splitter else []:
+            yield self._chunk(piece, run_manager)
         result = stream.result
         # Usage and metadata once, on the last chunk, so that summing the chunks counts them once.
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage_metadata(result),
                                                          response_metadata=call.response_metadata(result),
                                                          chunk_position="last"))
 
+    @staticmethod
+    def _chunk(piece, run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:
+        """A text delta, or a tool call's chunk, as a `ChatGenerationChunk` (callbacks see text deltas)."""
+        if not isinstance(piece, str):
+            return ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[piece]))
+        chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        if run_manager:
+            run_manager.on_llm_new_token(piece, chunk=chunk)
+        return chunk
 
-_ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
+
+_ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant", ToolMessage: "user"}
+# Content blocks a message may hold besides text: an AI message's tool calls (rendered from `tool_calls`).
+_RENDERED_BLOCKS = {"text", "tool_call"}
 
 
-def to_engine_messages(messages: list[BaseMessage]) -> list[dict[str, str]]:
+def to_engine_messages(messages: list[BaseMessage],
+                       tools: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
     """LangChain messages as chat-template messages, consecutive same-role messages merged (many chat templates
-    require alternating roles). Names are dropped; non-text content raises `ValueError`."""
+    require alternating roles). With `tools` (OpenAI tool dicts), their signatures lead the system message; an AI
+    message's tool calls and a tool message's result are rendered as text (see `pd_integrations.langchain.tools`).
+    Names are dropped; other non-text content raises `ValueError`."""
     converted: list[dict[str, str]] = []
+    if tools:
+        converted.append({"role": "system", "content": ""})
     for message in messages:
         role = _role(message)
         if role is None:
-            raise ValueError(f"ChatPromptDistill takes system, human, AI and chat messages, got a {message.type!r} "
-                             f"message (tool calling is not supported)")
-        other = [block["type"] for block in message.content_blocks if block["type"] != "text"]
+            raise ValueError(f"ChatPromptDistill takes system, human, AI, tool and chat messages, got a "
+                             f"{message.type!r} message")
+        other = [block["type"] for block in message.content_blocks if block["type"] not in _RENDERED_BLOCKS]
         if other:
             raise ValueError(f"ChatPromptDistill takes text content only, got {other[0]!r} content in a "
                              f"{message.type!r} message")
-        if converted and converted[-1]["role"] == role:
-            converted[-1]["content"] += "\n\n" + message.text
+        if isinstance(message, ToolMessage):
+            text = render_tool_response(message)
+        elif isinstance(message, AIMessage) and message.tool_calls:
+            text = render_tool_calls(message)
         else:
-            converted.append({"role": role, "content": message.text})
+            text = message.text
+        if converted and converted[-1]["role"] == role:
+            converted[-1]["content"] = "\n\n".join(filter(None, [converted[-1]["content"], text]))
+        else:
+            converted.append({"role": role, "content": text})
+    if tools:
+        converted[0]["content"] = "\n\n".join(filter(None, [converted[0]["content"], tools_system_prompt(tools)]))
     return converted
 
 
