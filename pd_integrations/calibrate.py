@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Profile, PromptDistillConfig, cache_dir, profile_key
+from .config import BudgetRule, Profile, PromptDistillConfig, budget_to_json, cache_dir, profile_key, resolve_budget
 from .engine import PromptDistillEngine
 from .probes import NEEDLE_KINDS, NeedleProbe, needle_probe
 from .spans import row_units
@@ -39,25 +39,66 @@ from .selection import Selector
 
 BUDGETS = (256, 512, 1024, 2048)
 SPANS = (("token", None), ("chunk", 32), ("chunk", 64))
+# Spans saved with records and searched on RAG probes: the retrieved documents and sentences as units.
+SEARCH_SPANS = (("token", None), ("chunk", 32), ("chunk", 64), ("sentence", None), ("document", None))
 
 
 @dataclass
 class ProbeRecord:
-    """One probe's unpruned seed attention [layers, heads, tokens], its needle's tokens, its prunable tokens and
-    its rendered prompt (the row layout's, so replayed selection drops what the engine would, in the same units)."""
+    """One probe's unpruned seed attention [layers, heads, tokens], its evidence tokens (`needle_tokens`: the
+    needle, or for a RAG probe the sentence of the answer's passage that states the answer), its prunable tokens and
+    its rendered prompt (the row layout's, so replayed selection drops what the engine would, in the same units).
+    Records loaded from disk (`load_records`) have no rendered prompt, only the units saved with them. `labels`
+    name the probe (kind "needle" or "rag", length, shape...)."""
 
-    probe: NeedleProbe
+    probe: object
     scores: torch.Tensor
     needle_tokens: torch.Tensor
     prunable: torch.Tensor
-    rendered: RenderedPrompt
+    rendered: RenderedPrompt | None
     _units: dict = field(default_factory=dict, repr=False)
+    labels: dict = field(default_factory=dict)
 
     def units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
         """The engine's span units for this probe (computed once per span; schedules replay thousands of times)."""
         if (span, chunk_size) not in self._units:
+            if self.rendered is None:
+                raise ValueError(f"these records were saved without {span!r} units (chunk_size {chunk_size}); "
+                                 f"record them again with that span")
             self._units[span, chunk_size] = row_units(self.rendered, self.prunable, span, chunk_size)
         return self._units[span, chunk_size]
+
+
+RECORDS_VERSION = 1
+
+
+def save_records(records: list[ProbeRecord], path: Path, spans=None) -> None:
+    """Write `records` (scores as float16, evidence, prunable mask, labels and the units of every span in `spans`,
+    default `SEARCH_SPANS`) to `path` for `load_records`; only tensors and plain values, so it loads with
+    `weights_only=True`."""
+    spans = spans or SEARCH_SPANS
+    data = [{"labels": r.labels, "scores": r.scores.half(), "evidence": r.needle_tokens, "prunable": r.prunable,
+             "units": {f"{span}:{chunk or 0}": r.units(span, chunk) for span, chunk in spans if span != "token"}}
+            for r in records]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"version": RECORDS_VERSION, "records": data}, path)
+
+
+def load_records(path: Path) -> list[ProbeRecord]:
+    """Records written by `save_records`; raises `ValueError` for a file that is not one."""
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear message
+        raise ValueError(f"{path} is not a pd-calibrate records file: {error}") from error
+    if not isinstance(data, dict) or data.get("version") != RECORDS_VERSION:
+        raise ValueError(f"{path} is not a version-{RECORDS_VERSION} pd-calibrate records file")
+    records = []
+    for item in data["records"]:
+        units = {(key.split(":")[0], int(key.split(":")[1]) or None): value for key, value in item["units"].items()}
+        units["token", None] = None
+        records.append(ProbeRecord(None, item["scores"].float(), item["evidence"], item["prunable"], None, units,
+                                   item["labels"]))
+    return records
 
 
 def make_probes(engine: PromptDistillEngine, haystack: str | None, lengths, depths, kinds,
@@ -81,7 +122,32 @@ def record_probes(engine: PromptDistillEngine, probes: list[NeedleProbe]) -> lis
         start = rendered.text.rfind(probe.needle)
         end = start + len(probe.needle)
         needle = [i for i, (a, b) in enumerate(rendered.offsets) if a < end and b > start and b > a]
-        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(needle), layout.prunable, rendered))
+        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(needle), layout.prunable, rendered,
+                                   labels={"kind": "needle", "length": probe_length(probe), "depth": probe.depth,
+                                           "needle_kind": probe.kind, "prompt_tokens": len(rendered.input_ids)}))
+    return records
+
+
+def probe_length(probe: NeedleProbe) -> int:
+    return len(probe.context) // 4  # labels only: about 4 characters a token
+
+
+def record_rag_probes(engine: PromptDistillEngine, probes: list) -> list[ProbeRecord]:
+    """Run every RAG probe (`bench.ragbench.RagProbe`: retrieved passages as `documents=`, in its prompt shape)
+    unpruned; the evidence is the answer's sentence in the answer's passage."""
+    records = []
+    for probe in tqdm(probes, desc="recording RAG attention", unit="probe"):
+        prompt = probe.prompt
+        rendered, layout, scores = engine.query_attention(messages=prompt.messages, query=prompt.query,
+                                                         documents=prompt.documents)
+        start = rendered.document_ranges[prompt.answer_index][0]
+        start = rendered.text.index(probe.answer_sentence, start)
+        end = start + len(probe.answer_sentence)
+        evidence = [i for i, (a, b) in enumerate(rendered.offsets) if a < end and b > start and b > a]
+        labels = {"kind": "rag", "length": probe.labels["length"], "shape": probe.labels["shape"],
+                  "question": probe.labels["question"], "prompt_tokens": len(rendered.input_ids)}
+        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(evidence), layout.prunable, rendered,
+                                   labels=labels))
     return records
 
 
@@ -140,22 +206,34 @@ def compare_scoring(engine: PromptDistillEngine, probes: list[NeedleProbe], budg
 
 @dataclass(frozen=True)
 class Schedule:
-    """A candidate profile: stages of (layer, budget, heads) with one span mode."""
+    """A candidate profile: stages of (layer, budget, heads) with one span mode and unit scoring. Budgets are ints,
+    fractions or length-aware `BudgetRule`s (see `config.BudgetRule`)."""
 
-    stages: tuple[tuple[int, int, tuple[int, ...] | None], ...]
+    stages: tuple[tuple[int, int | float | BudgetRule, tuple[int, ...] | None], ...]
     span: str
     chunk_size: int | None
+    unit_score: str = "max"
 
     def settings(self) -> dict:
-        return {"selection_layers": [s[0] for s in self.stages], "budgets": [s[1] for s in self.stages],
-                "heads": None if all(s[2] is None for s in self.stages) else [s[2] for s in self.stages],
-                "query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": self.span,
-                "chunk_size": self.chunk_size or 32}
+        settings = {"selection_layers": [s[0] for s in self.stages],
+                    "budgets": [budget_to_json(s[1]) for s in self.stages],
+                    "heads": None if all(s[2] is None for s in self.stages) else [s[2] for s in self.stages],
+                    "query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": self.span,
+                    "chunk_size": self.chunk_size or 32}
+        if self.unit_score != "max":
+            settings["unit_score"] = self.unit_score
+        return settings
+
+    def budgets_at(self, prunable: int) -> list[int]:
+        """Tokens each stage keeps of `prunable` context tokens (as `RowLayout.stage_budgets` resolves them)."""
+        resolved = [resolve_budget(budget, prunable) for _, budget, _ in self.stages]
+        return [min(resolved[: i + 1]) for i in range(len(resolved))]
 
     def cost(self, num_layers: int, length: int, protected: int = 20) -> float:
-        """Share of full attention's layer-rows the schedule processes at `length` prompt tokens."""
+        """Share of full attention's layer-rows the schedule processes at `length` prompt tokens, `protected` of
+        them not prunable."""
         rows, total, start = length, 0, 0
-        for layer, budget, _ in self.stages:
+        for (layer, _, _), budget in zip(self.stages, self.budgets_at(max(0, length - protected))):
             total += (layer + 1 - start) * rows
             rows, start = min(rows, budget + protected), layer + 1
         total += (num_layers - start) * rows
@@ -163,12 +241,13 @@ class Schedule:
 
 
 def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
-    """Replay `schedule` on the recorded scores; True when every needle token survives every stage."""
-    selector = Selector("softmax_mean", 1)
+    """Replay `schedule` on the recorded scores; True when every evidence token (the needle, or a RAG probe's
+    answer sentence) survives every stage."""
+    selector = Selector("softmax_mean", 1, schedule.unit_score)
     kept = torch.arange(record.scores.shape[-1])
     remaining = int(record.prunable.sum())
     units = record.units(schedule.span, schedule.chunk_size)
-    for layer, budget, heads in schedule.stages:
+    for (layer, _, heads), budget in zip(schedule.stages, schedule.budgets_at(remaining)):
         if budget >= remaining:
             continue
         scores = selector.score(record.scores[layer][:, kept], heads)
@@ -176,6 +255,34 @@ def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
                                   units[kept] if units is not None else None)]
         remaining = budget
     return bool(torch.isin(record.needle_tokens, kept).all())
+
+
+def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None, span: str,
+                  chunk_size: int | None, unit_score: str = "max") -> int:
+    """The smallest single-stage budget at `layer` that keeps every prunable evidence token of `record`: the
+    candidate tokens of every unit the selector ranks up to the evidence's last unit (0 when no evidence token is
+    prunable). A single-stage schedule keeps the evidence exactly when its resolved budget is at least this, so
+    every budget and budget rule can be judged from one number per probe."""
+    from .selection import unit_scores
+
+    selector = Selector("softmax_mean", 1)
+    candidates = record.prunable.nonzero().flatten()
+    evidence = record.needle_tokens[record.prunable[record.needle_tokens]]
+    if evidence.numel() == 0:
+        return 0
+    scores = selector.score(record.scores[layer], heads)[candidates]
+    units = record.units(span, chunk_size)
+    if units is None:  # tokens: everything scoring at least the weakest evidence token (ties count against it)
+        weakest = scores[torch.searchsorted(candidates, evidence)].min()
+        return int((scores >= weakest).sum())
+    per_unit, unit_of = unit_scores(scores, units[candidates], unit_score)
+    order = torch.argsort(per_unit, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    sizes = torch.bincount(unit_of, minlength=per_unit.numel())
+    through = torch.cumsum(sizes[order], 0)  # tokens kept through each rank
+    last = rank[unit_of[torch.searchsorted(candidates, evidence)]].max()
+    return int(through[last])
 
 
 def candidate_schedules(num_layers: int, retrieval_heads: dict[int, tuple[int, ...]],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -20,6 +21,7 @@ METHODS = ("promptdistill", "gemfilter", "full")
 QUERY_SOURCES = ("auto", "last_token")
 AGGREGATIONS = ("softmax_mean", "softmax_max", "logits_mean")
 SPANS = ("token", "chunk", "sentence", "document")
+UNIT_SCORES = ("max", "mean", "topk_mean")
 
 # Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
 # which ranks identically), smoothed by avg-pool 5, selected token by token.
@@ -30,7 +32,8 @@ FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool
                     "chunk_size": 32}
 FALLBACK_BUDGET = 1024
 
-SCORING_FIELDS = ("query_source", "aggregation", "pool_kernel", "span", "chunk_size", "heads")
+SCORING_FIELDS = ("query_source", "aggregation", "pool_kernel", "span", "chunk_size", "heads", "unit_score",
+                  "unit_topk")
 PROFILE_FIELDS = ("selection_layers", "budgets", *SCORING_FIELDS)
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -39,6 +42,69 @@ PROFILES_DIR = Path(__file__).parent / "profiles"
 def cache_dir() -> Path:
     """The package's cache directory (`PD_INTEGRATIONS_CACHE`, default `~/.cache/pd_integrations`)."""
     return Path(os.environ.get("PD_INTEGRATIONS_CACHE") or Path.home() / ".cache" / "pd_integrations").expanduser()
+
+
+@dataclass(frozen=True)
+class BudgetRule:
+    """A length-aware stage budget: of `n` prunable tokens keep `max(floor, min(cap, ceil(fraction * n)))`, never
+    more than `n`. In JSON and configs it is written as a dict, e.g. `{"fraction": 0.25, "floor": 256, "cap": 2048}`:
+    a quarter of the context, at least 256 tokens (short contexts are not starved) and at most 2048 (long ones
+    don't keep growing the cost). `floor` defaults to 0 and `cap` to no cap."""
+
+    fraction: float
+    floor: int = 0
+    cap: int | None = None
+
+    KEYS = ("fraction", "floor", "cap")
+
+    def __post_init__(self):
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0 < self.fraction <= 1:
+            raise ValueError(f"budgets rule field 'fraction' must be a number in (0, 1], got {self.fraction!r}")
+        if not (_is_int(self.floor) and self.floor >= 0):
+            raise ValueError(f"budgets rule field 'floor' must be an int >= 0, got {self.floor!r}")
+        if self.cap is not None and not (_is_int(self.cap) and self.cap >= 1):
+            raise ValueError(f"budgets rule field 'cap' must be an int >= 1 or null (no cap), got {self.cap!r}")
+        if self.cap is not None and self.floor > self.cap:
+            raise ValueError(f"budgets rule needs floor <= cap, got floor={self.floor} and cap={self.cap}")
+        object.__setattr__(self, "fraction", float(self.fraction))
+
+    @classmethod
+    def parse(cls, value) -> BudgetRule:
+        """A rule from a `BudgetRule` or a dict with the keys in `KEYS` (`fraction` required); raises `ValueError`
+        naming an unknown or missing key."""
+        if isinstance(value, BudgetRule):
+            return value
+        unknown = set(value) - set(cls.KEYS)
+        if unknown or "fraction" not in value:
+            raise ValueError(f"budgets rules are dicts with the keys 'fraction' (required), 'floor' and 'cap', e.g. "
+                             f"{{'fraction': 0.25, 'floor': 256, 'cap': 2048}}, got {dict(value)!r}")
+        return cls(**value)
+
+    def resolve(self, n: int) -> int:
+        """Tokens kept of `n` prunable ones."""
+        kept = max(self.floor, math.ceil(self.fraction * n))
+        return min(n, kept if self.cap is None else min(self.cap, kept))
+
+    def to_json(self) -> dict:
+        return {"fraction": self.fraction, "floor": self.floor, "cap": self.cap}
+
+    def __str__(self) -> str:
+        cap = "" if self.cap is None else f"min({self.cap}, "
+        return f"max({self.floor}, {cap}{self.fraction:g}n{')' if cap else ''})"
+
+
+def resolve_budget(budget: int | float | BudgetRule, n: int) -> int:
+    """Tokens a stage budget keeps of `n` prunable tokens: an int as given, a fraction of `n` rounded up, a rule
+    resolved (see `BudgetRule`)."""
+    if isinstance(budget, BudgetRule):
+        return budget.resolve(n)
+    return budget if isinstance(budget, int) else math.ceil(budget * n)
+
+
+def budget_to_json(budget):
+    """A stage budget as profiles store it: numbers as they are, rules (or rule dicts) as full rule dicts."""
+    return BudgetRule.parse(budget).to_json() if isinstance(budget, (BudgetRule, dict)) else budget
 
 
 @dataclass(frozen=True)
@@ -51,8 +117,11 @@ class PromptDistillConfig:
         at the first selection layer, then re-runs the whole model on the kept tokens with renumbered positions;
         "full" is the unmodified model.
     selection_layers: strictly increasing decoder-layer indices at which tokens are selected (not the last layer).
-    budgets: prunable (retrieved-context) tokens kept at each stage, as ints >= 1 or fractions in (0, 1] of the
-        prunable tokens; non-increasing. Protected tokens (see `pd_integrations.layout`) are kept on top of it.
+    budgets: prunable (retrieved-context) tokens kept at each stage, as ints >= 1, fractions in (0, 1] of the
+        prunable tokens, or length-aware rules `{"fraction": f, "floor": a, "cap": b}` keeping
+        max(a, min(b, ceil(f * n))) of n prunable tokens (see `BudgetRule`); all stages of one kind,
+        non-increasing (rules: each of fraction, floor and cap). Resolved budgets never grow from one stage to the
+        next. Protected tokens (see `pd_integrations.layout`) are kept on top of it.
     pool_kernel: odd avg-pool width that smooths token scores before selection (1 = no smoothing).
     cache_truncation: gather the KV of layers up to each selection layer down to the kept tokens.
     query_source: "auto" seeds selection with the question span (the `query` when given, else the last user
@@ -67,6 +136,9 @@ class PromptDistillConfig:
         Chunks and sentences never cross the boundaries of documents that a call names. Sentence spans need the
         prompt text; raw `input_ids` that don't round-trip through the tokenizer use chunks instead.
     heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration.
+    unit_score: how a span unit (chunk, sentence, document) is ranked from its tokens' scores: "max" (its best
+        token, the default), "mean", or "topk_mean" (the mean of its `unit_topk` best tokens).
+    unit_topk: tokens averaged per unit by "topk_mean" (default 8).
     max_probe_tokens: longest `query` accepted as a transient probe.
     context_min_tokens: without `documents=`, the fewest tokens a message needs to be taken as the retrieved
         context (see `pd_integrations.layout`); shorter prompts are not pruned.
@@ -84,6 +156,8 @@ class PromptDistillConfig:
     span: str | None = None
     chunk_size: int | None = None
     heads: tuple[tuple[int, ...] | None, ...] | None = None
+    unit_score: str | None = None
+    unit_topk: int | None = None
     max_probe_tokens: int = 256
     context_min_tokens: int = 256
 
@@ -94,6 +168,9 @@ class PromptDistillConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value) if isinstance(value, (list, range)) else (value,))
+        if self.budgets is not None and any(isinstance(b, dict) for b in self.budgets):
+            object.__setattr__(self, "budgets", tuple(BudgetRule.parse(b) if isinstance(b, dict) else b
+                                                      for b in self.budgets))
         if self.heads is not None:
             if not isinstance(self.heads, (list, tuple)) or not all(h is None or isinstance(h, (list, tuple, range))
                                                                     for h in self.heads):
@@ -114,6 +191,9 @@ class PromptDistillConfig:
         _check_choice("query_source", self.query_source, QUERY_SOURCES, optional=True)
         _check_choice("aggregation", self.aggregation, AGGREGATIONS, optional=True)
         _check_choice("span", self.span, SPANS, optional=True)
+        _check_choice("unit_score", self.unit_score, UNIT_SCORES, optional=True)
+        if self.unit_topk is not None and not (_is_int(self.unit_topk) and self.unit_topk >= 1):
+            raise ValueError(f"unit_topk must be an int >= 1, got {self.unit_topk!r}")
         if not isinstance(self.cache_truncation, bool):
             raise ValueError(f"cache_truncation must be True or False, got {self.cache_truncation!r}")
         if self.pool_kernel is not None and not (_is_int(self.pool_kernel) and self.pool_kernel >= 1
@@ -134,13 +214,21 @@ class PromptDistillConfig:
             if not budgets:
                 raise ValueError(f"budgets must be one or more ints >= 1 or fractions in (0, 1], got {budgets!r}")
             for b in budgets:
+                if isinstance(b, BudgetRule):
+                    continue
                 if isinstance(b, bool) or not isinstance(b, (int, float)):
                     raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
                 if _is_int(b) and b < 1 or isinstance(b, float) and not 0 < b <= 1:
                     raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
-            if any(isinstance(b, float) != isinstance(budgets[0], float) for b in budgets):
-                raise ValueError(f"budgets must be all ints or all fractions, got {budgets!r}")
-            if any(b > a for a, b in zip(budgets, budgets[1:])):
+            if any(type(b) is not type(budgets[0]) and not (_is_int(b) and _is_int(budgets[0])) for b in budgets):
+                raise ValueError(f"budgets must be all ints, all fractions or all rules, got {budgets!r}")
+            if isinstance(budgets[0], BudgetRule):
+                for key in BudgetRule.KEYS:
+                    values = [math.inf if getattr(b, key) is None else getattr(b, key) for b in budgets]
+                    if any(b > a for a, b in zip(values, values[1:])):
+                        raise ValueError(f"budgets rules must be non-increasing across stages in {key!r}, "
+                                         f"got {[budget_to_json(b) for b in budgets]!r}")
+            elif any(b > a for a, b in zip(budgets, budgets[1:])):
                 raise ValueError(f"budgets must be non-increasing across stages, got {budgets!r}")
         if layers is not None and budgets is not None and len(layers) != len(budgets):
             raise ValueError(f"selection_layers and budgets need one entry per stage, got {layers!r} and {budgets!r}")
@@ -211,7 +299,10 @@ class Profile:
 
     def to_json(self, path: Path, extra: dict | None = None) -> None:
         """Write the profile (plus `extra` fields such as calibration measurements) as JSON."""
-        data = {"model": self.model, "num_hidden_layers": self.num_hidden_layers, "settings": self.settings}
+        settings = {**self.settings}
+        if settings.get("budgets") is not None:
+            settings["budgets"] = [budget_to_json(b) for b in settings["budgets"]]
+        data = {"model": self.model, "num_hidden_layers": self.num_hidden_layers, "settings": settings}
         text = json.dumps({**data, **(extra or {})}, indent=2)
         # Lists of scalars on one line keep per-layer measurements readable.
         text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)

@@ -18,6 +18,12 @@ Where the context is, most precise first (`RowLayout.context_source`):
 - "none": no message is long enough to be retrieved context, so nothing is pruned.
 The first `protect_head` tokens (attention sinks), the question's own span and the query rows are always protected.
 
+Query-free prompts ("Summarise these documents", a tree-summarize step without a query): when no `query` is named,
+no question line is found, and the seeds would be only the template's tail or an instruction that asks for a
+summary or overview, there is nothing for attention to look for, so nothing is pruned: the layout's budgets
+resolve to every prunable token (full attention) and `query_free` is True, reported in every result's metadata.
+Raw `input_ids` (context "positional") and `query_source="last_token"` (the paper's rule) keep selecting.
+
 Seeds are always the last rows of the sequence the model sees, so that their attention reaches the whole context:
 the question plus the template tokens after it when no context follows the question, otherwise a transient probe
 (the question's tokens appended after the prompt and dropped after the last selection stage).
@@ -25,13 +31,12 @@ the question plus the template tokens after it when no context follows the quest
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import torch
 
-from .config import PromptDistillConfig
+from .config import PromptDistillConfig, resolve_budget
 from .prompt import RenderedPrompt, check_text
 from .spans import row_units
 
@@ -42,19 +47,23 @@ INSTRUCTION_LINE_TOKENS = 64
 # A line that asks: a "Question:"/"Query:" label, or a line ending in a question mark.
 _QUESTION_LINE = re.compile(r"^\W*(question|query)\s*:|\?\W*$", re.IGNORECASE)
 _LINE = re.compile(r"[^\n]*\S[^\n]*")
+# An instruction that asks for the whole context rather than for something in it.
+_SUMMARY = re.compile(r"\b(summar|overview|tl;?dr|outline|key points|main points|digest|gist)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class RowLayout:
     """Per prompt token whether selection may drop it (`prunable`), where the context came from, the transient
-    `probe_ids` appended after the prompt, how many of the last rows seed selection (`query_rows`), and each row's
-    span unit (`units`, prompt and probe rows; None for token-level selection)."""
+    `probe_ids` appended after the prompt, how many of the last rows seed selection (`query_rows`), each row's
+    span unit (`units`, prompt and probe rows; None for token-level selection), and whether the prompt is
+    query-free (`query_free`: nothing to seed selection with, so nothing is pruned; see the module docstring)."""
 
     prunable: torch.Tensor
     context_source: str
     probe_ids: tuple[int, ...]
     query_rows: int
     units: torch.Tensor | None
+    query_free: bool = False
 
     @classmethod
     def unpruned(cls, length: int) -> RowLayout:
@@ -69,15 +78,21 @@ class RowLayout:
         """Per row (prompt, then probe): whether selection may drop it."""
         return torch.cat([self.prunable, torch.zeros(len(self.probe_ids), dtype=torch.bool)])
 
-    def stage_budgets(self, budgets: tuple[int | float, ...]) -> list[int]:
-        """Context tokens kept per stage: ints as given, fractions of the prunable tokens (rounded up)."""
-        return [b if isinstance(b, int) else math.ceil(b * self.num_prunable) for b in budgets]
+    def stage_budgets(self, budgets: tuple) -> list[int]:
+        """Context tokens kept per stage: ints as given, fractions of the prunable tokens (rounded up), length-aware
+        rules resolved against them (`config.BudgetRule`); never more than an earlier stage kept. A query-free
+        layout keeps every prunable token at every stage."""
+        n = self.num_prunable
+        if self.query_free:
+            return [n] * len(budgets)
+        resolved = [resolve_budget(b, n) for b in budgets]
+        return [min(resolved[: i + 1]) for i in range(len(resolved))]
 
     def counts(self, kept_indices: torch.Tensor) -> dict[str, int]:
         """How many prompt tokens were protected, prunable, and kept among the prunable."""
         prunable = self.num_prunable
         return {"protected_tokens": self.prunable.numel() - prunable, "prunable_tokens": prunable,
-                "kept_prunable_tokens": int(self.prunable[kept_indices.cpu()].sum())}
+                "kept_prunable_tokens": int(self.prunable[kept_indices.cpu()].sum()), "query_free": self.query_free}
 
 
 def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> RowLayout:
@@ -107,10 +122,12 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         prunable &= ~_tokens_in(rendered, [question])
     elif query is None and source != "positional" and rendered.text is not None:
         question = _question_line(rendered, prunable)
-    probe, query_rows, tail = _query_rows(tokenizer, rendered, query, question, prunable, config)
+    probe, query_rows, tail, seeds = _query_rows(tokenizer, rendered, query, question, prunable, config)
     prunable[n - (tail - len(probe)):] = False
     units = row_units(rendered, prunable, config.span or "token", config.chunk_size, len(probe))
-    return RowLayout(prunable, source, probe, query_rows, units)
+    query_free = source != "positional" and bool(prunable.any()) and (
+        seeds == "tail" or seeds == "user" and _SUMMARY.search(rendered.text[rendered.last_user_start:]) is not None)
+    return RowLayout(prunable, source, probe, query_rows, units, query_free)
 
 
 def check_query(query) -> None:
@@ -122,29 +139,30 @@ def check_query(query) -> None:
 
 
 def _query_rows(tokenizer, rendered: RenderedPrompt, query: str | None, question: tuple[int, int] | None,
-           prunable: torch.Tensor, config: PromptDistillConfig) -> tuple[tuple[int, ...], int, int]:
-    """(probe ids, query rows, protected tail rows including the probe); see `plan_layout`."""
+           prunable: torch.Tensor, config: PromptDistillConfig) -> tuple[tuple[int, ...], int, int, str]:
+    """(probe ids, query rows, protected tail rows including the probe, what seeds: "last_token", "question",
+    "user" (the last user message) or "tail"); see `plan_layout`."""
     n = len(rendered.input_ids)
     if config.query_source == "last_token":
-        return (), 1, 1
+        return (), 1, 1, "last_token"
     if question is not None:
         start = _first_token_at_or_after(rendered, question[0])
         if not bool(prunable[start:].any()) and n - start <= config.max_probe_tokens:
-            return (), n - start, n - start
+            return (), n - start, n - start, "question"
     if query is not None or question is not None:
         text = query.strip() if query is not None else rendered.text[question[0]:question[1]].strip()
         probe = tuple(tokenizer("\n" + text, add_special_tokens=False)["input_ids"])
         if len(probe) > config.max_probe_tokens:
             raise ValueError(f"query has {len(probe)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
                              f"can be used as a probe")
-        return probe, len(probe), len(probe) + _template_tail(prunable, config.tail_tokens)
+        return probe, len(probe), len(probe) + _template_tail(prunable, config.tail_tokens), "question"
     user = rendered.last_user_start
     if user is not None:
         start = _first_token_at_or_after(rendered, user)
         if not bool(prunable[start:].any()) and n - start <= config.max_probe_tokens:
-            return (), n - start, n - start
+            return (), n - start, n - start, "user"
     rows = _template_tail(prunable, config.tail_tokens)
-    return (), rows, rows
+    return (), rows, rows, "tail"
 
 
 def _template_tail(prunable: torch.Tensor, tail_tokens: int) -> int:

@@ -21,15 +21,20 @@ class Selector:
 
     aggregation: "softmax_mean" | "softmax_max" | "logits_mean" over heads and query rows.
     pool_kernel: odd avg-pool width over candidate scores (1 = none).
+    unit_score: how span units are ranked from their tokens' scores: "max", "mean" or "topk_mean" (the mean of the
+        unit's `unit_topk` best tokens, all of them in shorter units).
     """
 
     aggregation: str
     pool_kernel: int
+    unit_score: str = "max"
+    unit_topk: int = 8
 
     @classmethod
     def from_config(cls, config) -> Selector:
         """The selector a resolved `PromptDistillConfig` describes."""
-        return cls(config.aggregation or "softmax_mean", config.pool_kernel or 1)
+        return cls(config.aggregation or "softmax_mean", config.pool_kernel or 1, config.unit_score or "max",
+                   config.unit_topk or 8)
 
     def head_scores(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
                     query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,7 @@ class Selector:
 
         `candidates` marks the prunable rows; `num_candidates` is their count, known on the host, so no device
         sync is needed. With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences,
-        documents) are taken in the order of their best token's score; the last unit taken is cut to its start to
+        documents) are taken in the order of their `unit_score` (by default their best token's score); the last unit taken is cut to its start to
         fit the budget exactly. Pooling smooths scores along the candidates only.
         """
         # Candidates first, each group in row order.
@@ -68,17 +73,42 @@ class Selector:
         if unit_ids is None:
             chosen = torch.topk(candidate_scores, budget, sorted=False).indices
         else:
-            chosen = _top_units(candidate_scores, unit_ids[candidate_rows], budget)
+            chosen = _top_units(candidate_scores, unit_ids[candidate_rows], budget, self.unit_score, self.unit_topk)
         return torch.sort(torch.cat([protected_rows, candidate_rows[chosen]])).values
 
 
-def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices of the first `budget` tokens when tokens are ordered by their unit's best score, then by position,
-    so a unit cut by the budget keeps a contiguous start rather than scattered tokens."""
+def unit_scores(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", topk: int = 8
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score per unit, each token's unit index 0..units-1) for non-decreasing `unit_ids`: the max, mean or
+    top-`topk` mean ("topk_mean") of the unit's token `scores`."""
     units, unit_of_token = torch.unique_consecutive(unit_ids, return_inverse=True)
-    unit_best = torch.full((units.shape[0],), float("-inf"), device=scores.device)
-    unit_best = unit_best.scatter_reduce(0, unit_of_token, scores, "amax")
-    unit_rank = torch.empty_like(unit_of_token[: units.shape[0]])
-    unit_rank[torch.argsort(unit_best, descending=True, stable=True)] = torch.arange(units.shape[0],
-                                                                                      device=scores.device)
+    count = units.shape[0]
+    if how == "max":
+        best = torch.full((count,), float("-inf"), device=scores.device, dtype=scores.dtype)
+        return best.scatter_reduce(0, unit_of_token, scores, "amax"), unit_of_token
+    if how == "topk_mean":
+        # Tokens grouped by unit, best first within each; keep each unit's first `topk`.
+        by_score = torch.argsort(scores, descending=True, stable=True)
+        order = by_score[torch.argsort(unit_of_token[by_score], stable=True)]
+        grouped = unit_of_token[order]
+        _, lengths = torch.unique_consecutive(grouped, return_counts=True)
+        starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        top = (torch.arange(grouped.numel(), device=scores.device) - starts) < topk
+        scores, unit_of_token_used = scores[order][top], grouped[top]
+    else:
+        unit_of_token_used = unit_of_token
+    sums = torch.zeros(count, device=scores.device, dtype=scores.dtype).index_add_(0, unit_of_token_used, scores)
+    sizes = torch.zeros(count, device=scores.device, dtype=scores.dtype).index_add_(
+        0, unit_of_token_used, torch.ones_like(scores))
+    return sums / sizes.clamp(min=1), unit_of_token
+
+
+def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int, how: str = "max",
+               topk: int = 8) -> torch.Tensor:
+    """Indices of the first `budget` tokens when tokens are ordered by their unit's score (`unit_scores`), then by
+    position, so a unit cut by the budget keeps a contiguous start rather than scattered tokens."""
+    unit_best, unit_of_token = unit_scores(scores, unit_ids, how, topk)
+    count = unit_best.shape[0]
+    unit_rank = torch.empty(count, dtype=torch.long, device=scores.device)
+    unit_rank[torch.argsort(unit_best, descending=True, stable=True)] = torch.arange(count, device=scores.device)
     return torch.argsort(unit_rank[unit_of_token], stable=True)[:budget]

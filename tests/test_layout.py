@@ -175,3 +175,36 @@ def test_default_model_keeps_question_and_instruction_in_every_rag_shape(default
             assert kept_share(result, question.question) == 1.0 and kept_share(result, instructions[shape]) == 1.0
             assert result.kept_prunable_tokens == math.ceil(budget * result.prunable_tokens)
             assert result.prunable_tokens > 0.9 * sum(len(tokenizer(d)["input_ids"]) for d in prompt.documents)
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["documents", "heuristic"])
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": f"{CONTEXT}\n\nSummarise these documents."}],
+    [{"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
+     {"role": "user", "content": "Give me an overview of the passages above."}],
+    [{"role": "user", "content": CONTEXT}],
+], ids=["summarise-last", "overview-user-turn", "context-only"])
+def test_query_free_prompts_fall_back_to_full_attention_and_say_so(tiny_llama, tokenizer, messages, named):
+    """No query, no question line, only a summary instruction or the template's tail: attention has nothing to look
+    for, so nothing is pruned (the unmodified model's tokens) and the result reports `query_free`."""
+    engine = engine_for(tiny_llama, tokenizer, budgets=({"fraction": 0.25, "floor": 8},))
+    result = engine.generate(messages=messages, documents=PASSAGES if named else None, max_new_tokens=4)
+    assert result.query_free and result.stats()["query_free"] is True
+    assert result.context_source == ("documents" if named else "heuristic") and result.prunable_tokens > 500
+    assert result.kept_tokens == result.prompt_tokens
+    ids = torch.tensor([rendered_ids(tokenizer, messages)])
+    reference = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4)
+    assert result.output_token_ids == reference[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_prompts_with_a_question_are_not_query_free(tiny_llama, tokenizer, shape):
+    messages, _ = SHAPES[shape]
+    engine = engine_for(tiny_llama, tokenizer, budgets=({"fraction": 0.25, "floor": 8},))
+    for query in (None, QUESTION):
+        result = engine.generate(messages=messages, query=query, max_new_tokens=1)
+        assert not result.query_free
+        assert result.kept_prunable_tokens == max(8, math.ceil(0.25 * result.prunable_tokens))
+    # Named, even a summary request is a query: the caller said what to look for.
+    summary = [{"role": "user", "content": f"{CONTEXT}\n\nSummarise these documents."}]
+    assert not engine.generate(messages=summary, query="Kyoto office", max_new_tokens=1).query_free

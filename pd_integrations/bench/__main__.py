@@ -4,6 +4,7 @@
     pd-bench needle [--lengths 1k,2k,4k] [--depths 0,0.5,1] needle-in-a-haystack grid, heatmap per method
     pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
     pd-bench rag    [--lengths 1000,2000] [--shapes ...]    retrieved handbook passages, three prompt shapes
+    pd-bench throughput [--lengths 2k,4k] [--concurrency 1,4,8,16]  concurrent requests vs sequential ones
 
 Each prints a Markdown table (ratios are method ÷ full attention at the same length) and writes
 OUT/<command>.json, OUT/<command>.md and PNG plots to OUT (default bench-results/); OUT/<command>.records.jsonl
@@ -29,7 +30,7 @@ import transformers
 from ..engine import PromptDistillEngine
 from ..probes import NEEDLE_KINDS
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
-from . import measure, ragbench, report, tasks
+from . import measure, ragbench, report, tasks, throughput
 from .rag import SHAPES
 
 SPEED_DEPTH = 0.5  # the speed runs hide a needle too, so that their answers can be checked
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     task.add_argument("--lengths", type=_lengths, default=[1024, 2048], help="e.g. 1k,2k")
     task.add_argument("--tasks", type=_names(tasks.TASKS), default=list(tasks.TASKS),
                       help=f"comma-separated subset of {','.join(tasks.TASKS)}")
+    throughput = commands.add_parser("throughput", parents=[common],
+                                     help="B concurrent requests vs sequential ones, batched by the scheduler")
+    throughput.add_argument("--lengths", type=_lengths, default=[2000, 4000], help="e.g. 2000,4000")
+    throughput.add_argument("--concurrency", type=_counts, default=[1, 4, 8, 16], help="values of B, e.g. 1,4,8,16")
+    throughput.add_argument("--sequential", type=_positive, default=4,
+                            help="requests in the sequential baseline (default: %(default)s)")
     rag = commands.add_parser("rag", parents=[common], help="RAG prompts: retrieved passages that all resemble the "
                                                              "question, in three prompt shapes")
     rag.add_argument("--lengths", type=_lengths, default=[1000, 2000, 4000, 8000],
@@ -94,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--answer-depths", type=_depths, default=None,
                      help="move the answer's passage to these relative depths among the retrieved ones, e.g. "
                           "0,0.5,1 (default: leave it where the retriever ranked it)")
-    rag.add_argument("--corpus-seed", type=int, default=0, help="seed of the generated handbook (default: 0)")
+    rag.add_argument("--corpus", choices=list(ragbench.CORPORA), default="depots",
+                     help="generated corpus: depots (answerable by small models) or handbook (default: %(default)s)")
+    rag.add_argument("--corpus-seed", type=int, default=0, help="seed of the generated corpus (default: 0)")
     return parser
 
 
@@ -106,6 +115,10 @@ def _lengths(text: str) -> list[int]:
     if any(n < 1 for n in lengths):
         raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
     return lengths
+
+
+def _counts(text: str) -> list[int]:
+    return [_positive(v) for v in text.split(",")]
 
 
 def _depths(text: str) -> list[float]:
@@ -175,10 +188,13 @@ def _probes(args, tokenizer) -> list[tasks.Probe]:
 
 def _bench(args, command_line: str) -> None:
     # paper-rule costs what single-stage costs; it matters only where answers are scored.
-    default_methods = [m for m in measure.METHODS if m != "paper-rule"] if args.command == "speed" else measure.METHODS
+    default_methods = {"speed": [m for m in measure.METHODS if m != "paper-rule"],
+                       "throughput": ["full", "profile"]}.get(args.command, measure.METHODS)
     engine, engines, out, log = _start(args, default_methods)
     if args.command == "rag":
         return _bench_rag(args, command_line, engine, engines, out, log)
+    if args.command == "throughput":
+        return _bench_throughput(args, command_line, engine, engines, out)
     records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}", log=log)
     rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
     methods = measure.describe(engines)
@@ -195,7 +211,7 @@ def _bench(args, command_line: str) -> None:
 
 def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
     probes = ragbench.probes(engine.tokenizer, args.lengths, args.shapes, args.samples, args.seed,
-                             corpus_seed=args.corpus_seed, answer_depths=args.answer_depths,
+                             corpus_seed=args.corpus_seed, answer_depths=args.answer_depths, corpus=args.corpus,
                              max_new_tokens=args.max_new_tokens or ragbench.MAX_NEW_TOKENS)
     records = ragbench.run(engines, probes, context_source=args.context_source, log=log)
     rows = ragbench.summarize(records)
@@ -206,6 +222,18 @@ def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -
     files += [out / "rag_scaling.png", out / "rag_heatmap.png"]
     report.plot_scaling(by_length, files[2])
     report.plot_heatmaps(records, "shape", files[3], f"RAG answer accuracy, {engine.model_name}")
+    print("wrote " + ", ".join(map(str, files)))
+
+
+def _bench_throughput(args, command_line: str, engine, engines, out: Path) -> None:
+    seeds = range(args.seed, args.seed + max(args.concurrency + [args.sequential]))
+    probes = {n: [tasks.needle(engine.tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack) for s in seeds]
+              for n in args.lengths}
+    records = throughput.run(engines, probes, args.concurrency, args.sequential, args.max_new_tokens or 128)
+    files = _write(out, "throughput", command_line, engine, measure.describe(engines),
+                   throughput.markdown_table(records), throughput.COLUMNS_NOTE, records=records)
+    files.append(out / "throughput.png")
+    throughput.plot(records, files[-1])
     print("wrote " + ", ".join(map(str, files)))
 
 

@@ -19,7 +19,12 @@ from statistics import mean
 from ..engine import PromptDistillEngine
 from ..kept_view import document_retention
 from . import measure, report
+from .depots import make_depot_questions, make_depots
 from .rag import SHAPES, RagPrompt, contains, make_handbook, make_questions, move_answer, rag_prompt, retrieve
+
+# name: (corpus maker(seed), question maker(corpus, n, seed)). "depots" is the default: one genre, one fact form,
+# answerable by the default model with full attention; "handbook" is harder (city and policy both to match).
+CORPORA = {"depots": (make_depots, make_depot_questions), "handbook": (make_handbook, make_questions)}
 
 CONTEXT_SOURCES = ("documents", "none")
 MAX_NEW_TOKENS = 32  # room for a sentence around the answer: question-first asks for up to three
@@ -41,12 +46,17 @@ class RagProbe:
 
 
 def probes(tokenizer, lengths: list[int], shapes: list[str], samples: int, seed: int = 0, *, corpus_seed: int = 0,
-           answer_depths: list[float] | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> list[RagProbe]:
-    """`samples` questions (drawn by `seed`) per length and shape, each over the handbook passages retrieved for
-    it up to `length` context tokens, in rank order, or with the answer's passage moved to each of
-    `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape."""
-    corpus = make_handbook(corpus_seed)
-    questions = make_questions(corpus, samples, seed)
+           answer_depths: list[float] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+           corpus: str = "depots") -> list[RagProbe]:
+    """`samples` questions (drawn by `seed`) per length and shape, each over the passages of `corpus` (a name in
+    CORPORA) retrieved for it up to `length` context tokens, in rank order, or with the answer's passage moved to
+    each of `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
+    make_corpus, make_qs = CORPORA[corpus]
+    name = corpus
+    corpus = make_corpus(corpus_seed)
+    questions = make_qs(corpus, samples, seed)
     result = []
     for length in lengths:
         for sample, question in enumerate(questions):
@@ -55,7 +65,7 @@ def probes(tokenizer, lengths: list[int], shapes: list[str], samples: int, seed:
                 passages = ranked if depth is None else move_answer(ranked, question.passage_id, depth)
                 for shape in shapes:
                     prompt = rag_prompt(shape, question, passages)
-                    labels = {"length": length, "shape": shape, "sample": seed + sample,
+                    labels = {"corpus": name, "length": length, "shape": shape, "sample": seed + sample,
                               "question": question.question, "answer": question.answer, "passages": len(passages),
                               "answer_depth": depth, "answer_index": prompt.answer_index}
                     result.append(RagProbe(labels, prompt, _sentence(prompt.documents[prompt.answer_index],

@@ -1,0 +1,95 @@
+"""Length-aware budget rules (config, profile JSON, layout resolution) and unit scoring (max, mean, top-k mean)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pd_integrations.config import BudgetRule, Profile, PromptDistillConfig
+from pd_integrations.layout import RowLayout
+from pd_integrations.selection import Selector, unit_scores
+
+RULE = {"fraction": 0.25, "floor": 256, "cap": 2048}
+
+
+def layout(prunable: int, protected: int = 10, query_free: bool = False) -> RowLayout:
+    mask = torch.cat([torch.zeros(protected, dtype=torch.bool), torch.ones(prunable, dtype=torch.bool)])
+    return RowLayout(mask, "documents", (), 1, None, query_free)
+
+
+@pytest.mark.parametrize("prunable, kept", [(100, 100), (600, 256), (1024, 256), (2000, 500), (4000, 1000),
+                                            (8000, 2000), (20000, 2048)])
+def test_a_rule_keeps_a_fraction_between_its_floor_and_cap_and_never_more_than_the_context(prunable, kept):
+    config = PromptDistillConfig(selection_layers=(7,), budgets=RULE)
+    assert config.budgets == (BudgetRule(0.25, 256, 2048),)
+    assert layout(prunable).stage_budgets(config.budgets) == [kept]
+
+
+def test_rules_stages_never_grow_and_plain_budgets_resolve_as_before():
+    rules = (BudgetRule(0.5, 512), BudgetRule(0.1, 300, 1000))
+    assert layout(1000).stage_budgets(rules) == [512, 300]  # floors: 512, then 300 (not 100)
+    assert layout(400).stage_budgets(rules) == [400, 300]
+    assert layout(20000).stage_budgets(rules) == [10000, 1000]
+    assert layout(1000).stage_budgets((0.25, 0.1)) == [250, 100]
+    assert layout(1000).stage_budgets((300, 100)) == [300, 100]
+
+
+def test_a_query_free_layout_keeps_every_prunable_token():
+    assert layout(1000, query_free=True).stage_budgets((BudgetRule(0.1), BudgetRule(0.05))) == [1000, 1000]
+    assert layout(1000, query_free=True).counts(torch.arange(1010))["query_free"] is True
+
+
+@pytest.mark.parametrize("budgets, message", [
+    ({"fraction": 0}, r"budgets rule field 'fraction' must be a number in \(0, 1\], got 0"),
+    ({"fraction": 1.5}, r"'fraction' must be a number in \(0, 1\]"),
+    ({"fraction": 0.2, "floor": -1}, r"'floor' must be an int >= 0, got -1"),
+    ({"fraction": 0.2, "cap": 0}, r"'cap' must be an int >= 1 or null \(no cap\), got 0"),
+    ({"fraction": 0.2, "floor": 512, "cap": 256}, r"floor <= cap, got floor=512 and cap=256"),
+    ({"floor": 256}, r"keys 'fraction' \(required\), 'floor' and 'cap'"),
+    ({"fraction": 0.2, "ceiling": 9}, r"keys 'fraction' \(required\), 'floor' and 'cap'.*'ceiling'"),
+    ([{"fraction": 0.2}, 256], r"budgets must be all ints, all fractions or all rules"),
+    ([{"fraction": 0.1}, {"fraction": 0.2}], r"non-increasing across stages in 'fraction'"),
+    ([{"fraction": 0.2, "cap": 512}, {"fraction": 0.1}], r"non-increasing across stages in 'cap'"),
+])
+def test_bad_rules_name_the_field_and_its_allowed_values(budgets, message):
+    with pytest.raises(ValueError, match=message):
+        PromptDistillConfig(budgets=budgets)
+
+
+def test_profiles_store_rules_as_json_dicts(tmp_path):
+    settings = {"selection_layers": [4, 12], "budgets": [{"fraction": 0.5, "floor": 512},
+                                                          {"fraction": 0.1, "floor": 256, "cap": 1024}],
+                "span": "sentence", "unit_score": "topk_mean", "unit_topk": 4}
+    Profile("m", 30, settings).to_json(tmp_path / "m.json")
+    text = (tmp_path / "m.json").read_text()
+    assert '"budgets": [' in text and '"cap": null' in text
+    config = Profile.from_json(tmp_path / "m.json").config()
+    assert config.budgets == (BudgetRule(0.5, 512), BudgetRule(0.1, 256, 1024))
+    assert (config.unit_score, config.unit_topk) == ("topk_mean", 4)
+    assert Selector.from_config(config) == Selector("softmax_mean", 1, "topk_mean", 4)
+    with pytest.raises(ValueError, match=r"unit_score must be one of 'max', 'mean', 'topk_mean', got 'median'"):
+        PromptDistillConfig(unit_score="median")
+    with pytest.raises(ValueError, match=r"unit_topk must be an int >= 1, got 0"):
+        PromptDistillConfig(unit_topk=0)
+
+
+# Three units: a short one with one strong token, a long one of middling tokens, one weak with a single spike.
+SCORES = torch.tensor([0.0, 0.9, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.95])
+UNITS = torch.tensor([0, 0, 0, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 5])
+
+
+@pytest.mark.parametrize("how, topk, expected", [("max", 8, [0.9, 0.5, 0.95]), ("mean", 8, [0.3, 0.5, 1.45 / 6]),
+                                                 ("topk_mean", 2, [0.45, 0.5, 0.525])])
+def test_unit_scores_aggregate_each_units_tokens(how, topk, expected):
+    per_unit, unit_of = unit_scores(SCORES, UNITS, how, topk)
+    assert torch.allclose(per_unit, torch.tensor(expected))
+    assert unit_of.tolist() == [0] * 3 + [1] * 6 + [2] * 6
+
+
+@pytest.mark.parametrize("how, kept", [("max", [9, 10, 11, 12, 13, 14]),   # the spike's unit first
+                                       ("mean", [3, 4, 5, 6, 7, 8]),       # the steady unit first
+                                       ("topk_mean", [9, 10, 11, 12, 13, 14])])
+def test_keep_takes_whole_units_in_the_order_of_their_unit_score(how, kept):
+    selector = Selector("softmax_mean", 1, how, 2)
+    candidates = torch.ones(15, dtype=torch.bool)
+    assert selector.keep(SCORES, candidates, 15, 6, UNITS).tolist() == kept
