@@ -202,18 +202,37 @@ def test_serves_after_every_refusal(client):
 # ---------------------------------------------------------------- a full queue, a client that leaves
 
 
-def test_full_queue_refuses_with_429_and_a_disconnect_frees_its_place(engine):
-    """A server that admits one request: a stream holds the place (429 for the next request); the streaming
-    client then disconnects, which stops its generation and frees the place long before it could have finished."""
-    counting = {"model": DEFAULT_MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "stream": True}
-    with running(create_app(engine, ServerSettings(max_queued_requests=1))) as url, httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{url}/v1/completions", json=counting) as stream:
-            first = next(stream.iter_lines())
-            assert first.startswith("data: ")
-            refused = http.post(f"{url}/v1/completions", json={**counting, "stream": False, "max_tokens": 2})
+# Counting on, the model would take far longer than any wait below to generate this many tokens.
+COUNTING = {"model": DEFAULT_MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400}
+
+
+def next_count(url: str) -> str:
+    """A short completion, retried (on 429, honouring Retry-After) for up to ~8 s while a place frees up."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=8)
+    return client.completions.create(model=DEFAULT_MODEL, prompt="1, 2, 3,", max_tokens=3).choices[0].text
+
+
+@pytest.fixture(scope="module")
+def one_place_url(engine):
+    """A server that admits one request at a time."""
+    with running(create_app(engine, ServerSettings(max_queued_requests=1))) as base:
+        yield base
+
+
+def test_full_queue_refuses_with_429_and_a_stream_disconnect_frees_its_place(one_place_url):
+    """A stream holds the only place (429 for the next request); its client then disconnects, which stops the
+    generation and frees the place long before it could have finished."""
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{one_place_url}/v1/completions", json={**COUNTING, "stream": True}) as stream:
+            assert next(stream.iter_lines()).startswith("data: ")
+            refused = http.post(f"{one_place_url}/v1/completions", json={**COUNTING, "max_tokens": 2})
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "queue_full"
-        # Leaving the block closed the connection mid-stream: the slot comes back after the step in progress.
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=8)
-        response = client.completions.create(model=DEFAULT_MODEL, prompt="1, 2, 3,", max_tokens=3)
-        assert response.choices[0].text.strip().startswith("4")
+    # Leaving the block closed the connection mid-stream.
+    assert next_count(one_place_url).strip().startswith("4")
+
+
+def test_a_non_streaming_client_that_gives_up_frees_its_place(one_place_url):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{one_place_url}/v1/completions", json=COUNTING, timeout=2)
+    assert next_count(one_place_url).strip().startswith("4")

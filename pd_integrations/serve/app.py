@@ -2,34 +2,34 @@
 
 Each request runs the engine in a worker thread of its own (`engine.stream`), so concurrent requests reach the
 engine's runtime together and it schedules their forward steps; the app adds no batching of its own. A request
-holds a `RequestSlots` slot from admission until its response is done. A streaming client that disconnects stops
-its generation: the engine's stream is closed as soon as the step it is in finishes.
+holds a `RequestSlots` slot from admission until its response is done. A client that disconnects, streaming or
+not, stops its generation: the engine's stream is closed as soon as the step it is in finishes.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..config import PromptDistillConfig
 from ..engine import GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL
-from ..results import GenerationResult
 from .errors import SERVER_ERROR, RequestError, engine_rejection, install_error_handlers, logger
 from .limits import BodySizeLimit, RequestSlots
 from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest, ResponseIds
 
 API_KEY_ENVIRONMENT = "PD_SERVE_API_KEY"
 STATS_HEADER = "x-promptdistill"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response; only logs see it
 
 
 @dataclass(frozen=True)
@@ -91,27 +91,29 @@ class _Server:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "pd-integrations"}]}
 
-    async def chat_completions(self, request: ChatCompletionRequest):
-        return await self._respond(request, ResponseIds("chat", self.model_name))
+    async def chat_completions(self, body: ChatCompletionRequest, http: Request):
+        return await self._respond(body, http, ResponseIds("chat", self.model_name))
 
-    async def completions(self, request: CompletionRequest):
-        return await self._respond(request, ResponseIds("text", self.model_name))
+    async def completions(self, body: CompletionRequest, http: Request):
+        return await self._respond(body, http, ResponseIds("text", self.model_name))
 
-    async def _respond(self, request: GenerationRequest, ids: ResponseIds):
+    async def _respond(self, request: GenerationRequest, http: Request, ids: ResponseIds) -> Response:
         self._check(request)
         self.slots.take()
         try:
-            stream = await self._start(request)
+            generation = _Generation(self, await self._start(request))
         except BaseException:
             self.slots.give_back()
             raise
         if request.stream:
-            return _EventStream(self, stream, ids, request.include_usage())
+            return _EventStream(generation, ids, request.include_usage())
         try:
-            result = await self._in_thread(_finish, stream)
+            async for _ in generation.deltas():
+                if await http.is_disconnected():
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
-            self.slots.give_back()
-        body = ids.completion(result)
+            await generation.close()
+        body = ids.completion(generation.stream.result)
         # Also as a header, for clients that drop unknown body fields (LangChain's ChatOpenAI shows headers in
         # response_metadata with include_response_headers=True).
         return JSONResponse(body, headers={STATS_HEADER: json.dumps(body["promptdistill"], separators=(",", ":"))})
@@ -132,64 +134,65 @@ class _Server:
             if options is not None and options.config_fields():
                 engine = engine.with_config(PromptDistillConfig(**options.config_fields()))
             selection = {} if options is None else {"query": options.query, "documents": options.documents}
-            return await self._in_thread(partial(engine.stream, **request.engine_input(), **selection,
+            return await self.in_thread(partial(engine.stream, **request.engine_input(), **selection,
                                                  **request.sampling()))
         except (ValueError, TypeError) as error:
             raise engine_rejection(error, request) from error
 
-    async def _in_thread(self, call, *args):
+    async def in_thread(self, call, *args):
         return await anyio.to_thread.run_sync(call, *args, limiter=self.threads)
 
 
-def _finish(stream: GenerationStream) -> GenerationResult:
-    for _ in stream:
-        pass
-    return stream.result
+class _Generation:
+    """One request's engine stream, stepped in worker threads. Closing it stops the generation after the step in
+    progress (cancellation waits for a worker thread, so the stream is never closed while a step of it runs) and
+    gives the request's slot back."""
+
+    def __init__(self, server: _Server, stream: GenerationStream):
+        self.server, self.stream, self._steps = server, stream, iter(stream)
+
+    async def deltas(self) -> AsyncIterator[str]:
+        finished = object()
+        while (text := await self.server.in_thread(next, self._steps, finished)) is not finished:
+            yield text
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):  # also when the response was cancelled by the client leaving
+            await self.server.in_thread(self._steps.close)
+        self.server.slots.give_back()
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events of one generation in OpenAI's chunk format, ending with `data: [DONE]`.
+    """Server-sent events of one generation in OpenAI's chunk format, ending with `data: [DONE]`. Whichever way
+    the response ends (finished, client gone, server stopping), the generation is closed."""
 
-    Whichever way the response ends (finished, client gone, server stopping), the engine's stream is closed and
-    the request's slot given back. Each step runs in a worker thread that cancellation waits for, so the stream
-    is never closed while a step of it runs.
-    """
-
-    def __init__(self, server: _Server, stream: GenerationStream, ids: ResponseIds, with_usage: bool):
-        self.server, self.deltas, self.ids, self.with_usage = server, iter(stream), ids, with_usage
-        self.stream = stream
+    def __init__(self, generation: _Generation, ids: ResponseIds, with_usage: bool):
+        self.generation, self.ids, self.with_usage = generation, ids, with_usage
         super().__init__(self._events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.server._in_thread(self.deltas.close)
-            self.server.slots.give_back()
+            await self.generation.close()
 
     async def _events(self) -> AsyncIterator[str]:
         ids, first = self.ids, True
         try:
-            async for text in self._deltas():
+            async for text in self.generation.deltas():
                 yield _event(ids.chunk(text, first=first, with_usage=self.with_usage))
                 first = False
         except Exception as error:  # the 200 has gone out: a failure can only be reported in the stream
             logger.exception("streaming generation failed", exc_info=error)
             yield _event(SERVER_ERROR.body())
             return
-        result = self.stream.result
+        result = self.generation.stream.result
         if first:  # nothing was generated: the role still opens the message
             yield _event(ids.chunk("", first=True, with_usage=self.with_usage))
         yield _event(ids.chunk(result=result, with_usage=self.with_usage))
         if self.with_usage:
             yield _event(ids.usage_chunk(result))
         yield "data: [DONE]\n\n"
-
-    async def _deltas(self) -> AsyncIterator[str]:
-        finished = object()
-        while (text := await self.server._in_thread(next, self.deltas, finished)) is not finished:
-            yield text
 
 
 def _event(body: dict) -> str:

@@ -78,9 +78,9 @@ class GenerationRequest(BaseModel):
     logprobs: bool | int | None = None
     promptdistill: PromptDistillOptions | None = None
 
-    # OpenAI names that no client of this server should find silently ignored, with why.
     def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) for the first field set to something this server cannot do, else None."""
+        """(param, message) for the first field set to something this server cannot do, else None: such a field
+        is refused rather than ignored, since the client asked for it."""
         if self.n != 1:
             return "n", f"n must be 1 (one choice per request), got {self.n}"
         if self.logprobs:
@@ -89,6 +89,7 @@ class GenerationRequest(BaseModel):
 
     @property
     def max_tokens_param(self) -> str:
+        """The request field that set the engine's `max_new_tokens`, to name in an error."""
         return "max_tokens"
 
     def sampling(self) -> dict:
