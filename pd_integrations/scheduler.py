@@ -82,11 +82,13 @@ class Request:
 @dataclass(eq=False)
 class Scheduler:
     """The runtime's request queue, decode batch and worker (see the module docstring). `rows_per_forward`
-    counts forwards by (kind, rows), kind "prefill" or "decode": what batching did."""
+    counts forwards by (kind, rows), kind "prefill" or "decode": what batching did; `forward_seconds` sums their
+    time by kind."""
 
     runtime: Runtime
     settings: BatchSettings = field(default_factory=BatchSettings)
     rows_per_forward: Counter = field(default_factory=Counter)
+    forward_seconds: Counter = field(default_factory=Counter)
     _waiting: deque = field(default_factory=deque)
     _running: list = field(default_factory=list)
     _batch: DecodeBatch | None = None
@@ -182,6 +184,7 @@ class Scheduler:
                 request.events.put(("error", request.tag, error))
             return
         self.rows_per_forward["prefill", len(group)] += 1
+        self.forward_seconds["prefill"] += seconds
         for request, row in zip(group, prefill.rows):
             request.events.put(("prefill", request.tag, (row, seconds)))
             request.position = row.next_position
@@ -200,8 +203,10 @@ class Scheduler:
         running = self._running
         try:
             tokens = torch.cat([r.sequence[0, -1:] for r in running])
+            started = time.perf_counter()
             with self.runtime.lock, torch.inference_mode():
                 logits = self._batch.step(tokens)
+            self.forward_seconds["decode"] += time.perf_counter() - started
         except Exception as error:  # noqa: BLE001 - it belongs to the running requests' callers
             for request in running:
                 request.events.put(("error", request.tag, error))
@@ -232,7 +237,8 @@ class Scheduler:
         for i, (request, row_logits) in enumerate(zip(requests, logits)):
             if request.cancelled:
                 continue
-            request.sequence, stopped = request.sampler.next_token(request.sequence, row_logits)
+            with torch.inference_mode():  # the logits are inference tensors; constraints mask them in place
+                request.sequence, stopped = request.sampler.next_token(request.sequence, row_logits)
             request.generated += 1
             request.events.put(("token", request.tag, int(request.sequence[0, -1])))
             if stopped:
