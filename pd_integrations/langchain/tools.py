@@ -158,6 +158,7 @@ class ToolCallStream:
         self._buffer = ""
         self._state = "text"  # "text", "header" (inside <tool_call>, before the arguments) or "arguments"
         self._index = -1
+        self._after_call = False
 
     def feed(self, delta: str) -> list[str | ToolCallChunk]:
         self._buffer += delta
@@ -179,6 +180,9 @@ class ToolCallStream:
     def _step(self, out: list) -> bool:
         """Consume what the buffer allows in the current state; whether the state changed (step again)."""
         if self._state == "text":
+            if self._after_call:  # the newline that separates calls is not text
+                self._buffer = self._buffer.lstrip("\n")
+                self._after_call = not self._buffer
             start = self._buffer.find(TOOL_CALL_BEGIN)
             if start >= 0:
                 out.append(self._buffer[:start])
@@ -200,7 +204,7 @@ class ToolCallStream:
         end = _CALL_END.search(self._buffer)
         if end is not None:
             out.append(tool_call_chunk(args=self._buffer[: end.start()], index=self._index))
-            self._buffer, self._state = self._buffer[end.end():].lstrip("\n"), "text"
+            self._buffer, self._state, self._after_call = self._buffer[end.end():], "text", True
             return True
         cut = max(0, len(self._buffer) - _CALL_END_LENGTH)
         out.append(tool_call_chunk(args=self._buffer[:cut], index=self._index) if cut else "")

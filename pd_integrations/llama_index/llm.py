@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -25,14 +26,17 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, model_validator
+from llama_index.core.bridge.pydantic import BaseModel, Field, ValidationError, model_validator
 from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.utils import parse_partial_json
+from llama_index.core.program.utils import FlexibleModel, create_flexible_model
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.schema import BaseNode, NodeWithScore
 
 from ..adapter_settings import DistillSettings, unexpected
+from ..constraints import Grammars
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL, check_load_settings
 
@@ -49,6 +53,10 @@ NODE_SEPARATOR = "\n\n"
 # as in the LangChain classes); the others override this instance's settings for that call.
 CALL_OPTIONS = ("pd_query", "pd_documents", "max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop")
+# What LlamaIndex's own text-completion program appends to a prompt: the constraint forces the keys and types, the
+# schema's descriptions tell the model what each value means.
+SCHEMA_INSTRUCTION = "\n\nHere's a JSON schema to follow:\n{schema}\n\nOutput a valid JSON object but do not repeat the schema."
+Model = TypeVar("Model", bound=BaseModel)
 class PromptDistillLLM(DistillSettings, CustomLLM):
     """A local Hugging Face model that prunes the retrieved context inside itself during prefill.
 
@@ -214,6 +222,62 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         stream = await self._aopen(self._chat_input(messages), self._options(kwargs))
         return _amap(_chat_response, _chunks(stream))
 
+    # ---------------------------------------------------------------- structured output
+
+    def structured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
+                           llm_kwargs: Optional[Dict[str, Any]] = None, **prompt_args: Any) -> Model:
+        """An `output_cls` object generated under a grammar compiled from its JSON schema, so the reply parses
+        every time (`as_structured_llm` and query engines with `output_cls=` come here). The prompt is rendered as
+        `predict` renders it, with the schema appended as LlamaIndex's text-completion program does; its
+        `query_str` and context seed and bound pruning as in `predict`. `llm_kwargs` are per-call options.
+        Raises `ValueError` for a schema the grammar compiler cannot handle (before any model work) and for output
+        cut off at `max_new_tokens` (finish_reason "length")."""
+        stream = self._open_structured(output_cls, prompt, llm_kwargs, prompt_args)
+        for _ in stream:
+            pass
+        return _structured_object(output_cls, stream.result)
+
+    async def astructured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
+                                  llm_kwargs: Optional[Dict[str, Any]] = None, **prompt_args: Any) -> Model:
+        """`structured_predict` in a worker thread."""
+        return await asyncio.to_thread(self.structured_predict, output_cls, prompt, llm_kwargs, **prompt_args)
+
+    def stream_structured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
+                                  llm_kwargs: Optional[Dict[str, Any]] = None,
+                                  **prompt_args: Any) -> Iterator[Union[Model, FlexibleModel]]:
+        """`structured_predict` as it is generated: a partial object (a `FlexibleModel` of the fields so far) per
+        text delta that adds to it, then the complete `output_cls` object."""
+        return _structured_objects(output_cls, self._open_structured(output_cls, prompt, llm_kwargs, prompt_args))
+
+    async def astream_structured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
+                                         llm_kwargs: Optional[Dict[str, Any]] = None,
+                                         **prompt_args: Any) -> AsyncIterator[Union[Model, FlexibleModel]]:
+        """`stream_structured_predict`, each step in a worker thread."""
+        stream = await asyncio.to_thread(self._open_structured, output_cls, prompt, llm_kwargs, prompt_args)
+
+        async def objects() -> AsyncIterator[Union[Model, FlexibleModel]]:
+            iterator, end = _structured_objects(output_cls, stream), object()
+            while (item := await asyncio.to_thread(next, iterator, end)) is not end:
+                yield item
+
+        return objects()
+
+    def _open_structured(self, output_cls: Type[BaseModel], prompt: BasePromptTemplate,
+                         llm_kwargs: Optional[Dict[str, Any]], prompt_args: dict) -> GenerationStream:
+        schema = output_cls.model_json_schema()
+        grammar = Grammars.of(self.engine).json_schema(schema, what=f"output_cls {output_cls.__name__}")
+        instruction = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
+        with _query_of(prompt, prompt_args):
+            options = self._options(llm_kwargs or {})
+            if self.metadata.is_chat_model:
+                messages = prompt.format_messages(llm=self, **prompt_args)
+                last = messages[-1]
+                messages[-1] = ChatMessage(role=last.role, content=(last.content or "") + instruction)
+                model_input = self._chat_input(messages)
+            else:
+                model_input = self._completion_input(prompt.format(llm=self, **prompt_args) + instruction, False)
+        return self._open(model_input, {**options, "constraint": grammar.constraint()})
+
     # ---------------------------------------------------------------- helpers
 
     def _options(self, kwargs: dict) -> dict:
@@ -276,6 +340,33 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         for _ in stream:
             pass
         return stream.result.text, None, stream.result
+
+
+def _structured_object(output_cls: Type[Model], result: GenerationResult) -> Model:
+    """`output_cls` parsed from a generation's text; `ValueError` when the output was cut off."""
+    if result.finish_reason == "length":
+        raise ValueError(f"the {output_cls.__name__} output was cut off at max_new_tokens ({result.output_tokens} "
+                         f"tokens, finish_reason='length') before the schema was complete; raise max_new_tokens")
+    try:
+        return output_cls.model_validate_json(result.text)
+    except ValidationError as error:  # the grammar rules this out, short of schema features it cannot enforce
+        raise ValueError(f"the output does not validate as {output_cls.__name__}: {error}") from None
+
+
+def _structured_objects(output_cls: Type[Model],
+                        stream: GenerationStream) -> Iterator[Union[Model, FlexibleModel]]:
+    partial_cls, text, last = create_flexible_model(output_cls), "", None
+    for delta in stream:
+        text += delta
+        try:
+            fields = parse_partial_json(text)
+            partial = partial_cls.model_validate(fields)
+        except ValueError:  # not yet an object's opening, or a value not yet of its type (ValidationError)
+            continue
+        if fields != last:
+            last = fields
+            yield partial
+    yield _structured_object(output_cls, stream.result)
 
 
 @contextlib.contextmanager
