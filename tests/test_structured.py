@@ -260,8 +260,8 @@ def test_bad_tool_choice_and_tools_raise_before_any_model_work(chat, monkeypatch
                                                                           "properties": {"x": {"type": "nope"}}}}}
     with pytest.raises(ValueError, match="tool 'bad''s parameters cannot be compiled"):
         chat.bind_tools([bad]).invoke("hi")
-    with pytest.raises(ValueError, match="two tools are named 'set_alarm'"):
-        chat.bind_tools([set_alarm, set_alarm])
+    with pytest.raises(ValueError, match="tool 'flat' has parameters that are not a JSON object schema"):
+        chat.bind_tools([{"type": "function", "function": {"name": "flat", "parameters": {"type": "string"}}}])
     with pytest.raises(ValueError, match="method must be one of 'json_schema', 'function_calling', 'json_mode'"):
         chat.with_structured_output(Ticket, method="grammar")
     with pytest.raises(ValueError, match="response_format must be"):

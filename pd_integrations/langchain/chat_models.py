@@ -108,7 +108,8 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
 
     def with_structured_output(self, schema: dict | type | None = None, *,
                                method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
-                               include_raw: bool = False, **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+                               include_raw: bool = False, strict: bool | None = None,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
         """A runnable returning `schema` (a Pydantic class, a TypedDict, a JSON schema or an OpenAI tool dict) as
         a Pydantic object (Pydantic classes) or a dict, generated under a grammar so that it always parses.
 
@@ -116,7 +117,8 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         a tool with the schema's parameters; "json_mode" constrains the reply to a JSON object of any shape (the
         prompt must describe the keys; `schema` then only validates). `include_raw=True` returns
         `{"raw": AIMessage, "parsed": ..., "parsing_error": ...}` instead of raising. Output cut off at
-        `max_tokens` raises `OutputParserException` saying so.
+        `max_tokens` raises `OutputParserException` saying so. `strict` is accepted for compatibility: the grammar
+        always enforces the schema strictly.
         """
         if kwargs:
             raise ValueError(f"with_structured_output got unexpected arguments {sorted(kwargs)}")
@@ -219,7 +221,11 @@ def to_engine_messages(messages: list[BaseMessage],
         if role is None:
             raise ValueError(f"ChatPromptDistill takes system, human, AI, tool and chat messages, got a "
                              f"{message.type!r} message")
-        other = [block["type"] for block in message.content_blocks if block["type"] not in _RENDERED_BLOCKS]
+        # An AI message's calls are rendered from `tool_calls`; provider-specific blocks that repeat them
+        # (Anthropic's "tool_use", seen as "non_standard") are not content.
+        rendered = _RENDERED_BLOCKS | ({"non_standard"} if isinstance(message, AIMessage) and message.tool_calls
+                                       else set())
+        other = [block["type"] for block in message.content_blocks if block["type"] not in rendered]
         if other:
             raise ValueError(f"ChatPromptDistill takes text content only, got {other[0]!r} content in a "
                              f"{message.type!r} message")

@@ -63,10 +63,6 @@ def openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
             raise ValueError(f"tool {openai_tool['function']['name']!r} has parameters that are not a JSON object "
                              f"schema: {parameters!r}")
         converted.append(openai_tool)
-    names = [tool["function"]["name"] for tool in converted]
-    duplicate = next((name for name in names if names.count(name) > 1), None)
-    if duplicate:
-        raise ValueError(f"two tools are named {duplicate!r}; tool names must be unique")
     return converted
 
 
