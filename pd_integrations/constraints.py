@@ -29,7 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import xgrammar as xgr
+
+try:
+    import xgrammar as xgr
+except ImportError:  # the optional `structured` extra; `Grammars.of` says how to install it
+    xgr = None
 
 __all__ = ["Grammar", "GrammarConstraint", "Grammars", "ParsedToolCalls", "ToolSpec", "TOOL_CALL_BEGIN",
            "TOOL_CALL_END", "parse_tool_calls"]
@@ -99,6 +103,9 @@ class Grammars:
     def of(cls, engine) -> Grammars:
         """The grammars of `engine`'s model: its tokenizer, output width and end-of-sequence tokens (a grammar's
         output ends with one of them, as the engine's decode loop does)."""
+        if xgr is None:
+            raise ImportError("structured output and tool calling need xgrammar: pip install "
+                              "'pd-integrations[structured]'")
         width = engine.model.get_output_embeddings().weight.shape[0]
         return cls(_compiler(engine.tokenizer, width, tuple(engine.runtime.eos_ids)))
 

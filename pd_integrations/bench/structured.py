@@ -1,0 +1,178 @@
+"""Structured output on the default model: what a JSON-schema constraint costs in decode speed, and whether
+extraction over retrieved passages parses and stays accurate when PromptDistill prunes the passages.
+
+    python -m pd_integrations.bench.structured --samples 20 --out docs/results/structured.json
+
+- speed: one extraction prompt, greedy, decoded with and without the constraint, alternating `--repeats` times;
+  the median decode tokens/s of each, and the constraint's own time per token (mask + advance);
+- extraction: `--samples` prompts, each asking for one person's 4-field record (name, city, department, start
+  year) from `--passages` look-alike staff notes passed as `documents=`, under the record's JSON schema, through
+  full attention, the default profile and the profile at a 25% budget: how many parse, field accuracy against
+  the truth and against full attention, and how much of the answer's passage each run kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+
+from .. import PromptDistillConfig, PromptDistillEngine
+from ..constraints import Grammars
+
+FIRST = ["Maria", "Tomas", "Aiko", "Samuel", "Leila", "Viktor", "Nadia", "Oscar", "Priya", "Jonas", "Elena", "Kofi",
+         "Ines", "Rafael", "Mei", "Lukas", "Sara", "Dmitri", "Amara", "Hugo", "Freya", "Omar", "Clara", "Yusuf"]
+LAST = ["Okafor", "Lindqvist", "Tanaka", "Moreau", "Haddad", "Novak", "Petrov", "Silva", "Raman", "Becker",
+        "Rossi", "Mensah", "Duarte", "Kowalski", "Chen", "Weber", "Nilsen", "Ivanov", "Diallo", "Laurent"]
+CITIES = ["Lisbon", "Oslo", "Nairobi", "Montreal", "Osaka", "Krakow", "Lyon", "Denver", "Porto", "Tallinn", "Accra",
+          "Seville", "Bergen", "Leeds", "Graz", "Malmo"]
+DEPARTMENTS = ["logistics", "finance", "research", "marketing", "security", "legal", "support", "design"]
+CONFIGS = {"full": PromptDistillConfig(method="full"), "profile": None,
+           "profile 25%": PromptDistillConfig(budgets=(0.25,))}
+
+
+class StaffRecord(BaseModel):
+    name: str
+    city: str
+    department: str
+    start_year: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    passages: list[str]
+    question: str
+    truth: StaffRecord
+    answer_passage: int
+
+
+def make_samples(count: int, passages: int, seed: int = 0) -> list[Sample]:
+    """`count` prompts, each over `passages` staff notes of different people, one of which is asked about."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(count):
+        names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], passages)
+        records = [StaffRecord(name=n, city=rng.choice(CITIES), department=rng.choice(DEPARTMENTS),
+                               start_year=rng.randint(1995, 2023)) for n in names]
+        notes = [f"{r.name} joined the {r.department} department in {r.start_year} and works from the {r.city} "
+                 f"office. {r.name.split()[0]} {rng.choice(_HABITS)}." for r in records]
+        target = rng.randrange(passages)
+        samples.append(Sample(notes, f"What is the staff record of {records[target].name}?", records[target], target))
+    return samples
+
+
+_HABITS = ["keeps a plant on every desk", "cycles to work in all weather", "runs the quarterly quiz",
+           "speaks four languages", "mentors new hires", "organises the winter party", "collects old maps",
+           "bakes bread for the team on Fridays"]
+
+
+def messages_for(sample: Sample) -> list[dict[str, str]]:
+    context = "\n\n".join(sample.passages)
+    return [{"role": "system", "content": "You extract staff records from the notes you are given."},
+            {"role": "user", "content": f"Staff notes:\n\n{context}\n\n{sample.question} Reply with JSON: name, "
+                                        f"city, department and start_year."}]
+
+
+def field_matches(record: StaffRecord, truth: StaffRecord) -> list[bool]:
+    return [str(getattr(record, f)).strip().lower() == str(getattr(truth, f)).strip().lower()
+            for f in StaffRecord.model_fields]
+
+
+class _TimedConstraint:
+    """A constraint that records the time its mask and advance take (the decode loop calls both per token)."""
+
+    def __init__(self, constraint):
+        self.constraint, self.seconds, self.tokens = constraint, 0.0, 0
+
+    def mask(self, scores):
+        started = time.perf_counter()
+        scores = self.constraint.mask(scores)
+        self.seconds += time.perf_counter() - started
+        return scores
+
+    def advance(self, token):
+        started = time.perf_counter()
+        self.constraint.advance(token)
+        self.seconds += time.perf_counter() - started
+        self.tokens += 1
+
+    def is_finished(self):
+        return self.constraint.is_finished()
+
+
+def measure_speed(engine: PromptDistillEngine, sample: Sample, repeats: int, max_new_tokens: int) -> dict:
+    grammar = Grammars.of(engine).json_schema(StaffRecord.model_json_schema())
+    free, constrained, per_token = [], [], []
+    for _ in range(repeats):  # alternating, so that load from other processes hits both alike
+        result = engine.generate(messages=messages_for(sample), max_new_tokens=max_new_tokens)
+        free.append((result.decode_tokens_per_second, result.output_tokens))
+        timed = _TimedConstraint(grammar.constraint())
+        result = engine.generate(messages=messages_for(sample), max_new_tokens=max_new_tokens, constraint=timed)
+        constrained.append((result.decode_tokens_per_second, result.output_tokens))
+        per_token.append(timed.seconds / max(timed.tokens, 1))
+    free_tps = statistics.median(t for t, _ in free)
+    constrained_tps = statistics.median(t for t, _ in constrained)
+    return {"free_tokens_per_second": free_tps, "constrained_tokens_per_second": constrained_tps,
+            "slowdown": 1 - constrained_tps / free_tps, "free_output_tokens": [n for _, n in free],
+            "constrained_output_tokens": [n for _, n in constrained],
+            "constraint_ms_per_token": 1000 * statistics.median(per_token)}
+
+
+def measure_extraction(engine: PromptDistillEngine, samples: list[Sample], max_new_tokens: int) -> dict:
+    grammar = Grammars.of(engine).json_schema(StaffRecord.model_json_schema())
+    runs = {}
+    for label, config in CONFIGS.items():
+        configured = engine.with_config(config) if config is not None else engine
+        rows = []
+        for sample in samples:
+            result = configured.generate(messages=messages_for(sample), documents=sample.passages,
+                                         query=sample.question, max_new_tokens=max_new_tokens,
+                                         constraint=grammar.constraint())
+            try:
+                record = StaffRecord.model_validate_json(result.text)
+            except ValidationError:
+                record = None
+            rows.append({"text": result.text, "finish_reason": result.finish_reason, "parsed": record is not None,
+                         "fields": field_matches(record, sample.truth) if record else [False] * 4,
+                         "answer_passage_kept": result.document_retention[sample.answer_passage],
+                         "kept_tokens": result.kept_tokens, "prompt_tokens": result.prompt_tokens})
+        runs[label] = rows
+    summary = {}
+    for label, rows in runs.items():
+        fields = [f for row in rows for f in row["fields"]]
+        same_as_full = [row["text"] == full["text"] for row, full in zip(rows, runs["full"])]
+        summary[label] = {"parsed": sum(row["parsed"] for row in rows), "samples": len(rows),
+                          "field_accuracy": sum(fields) / len(fields),
+                          "same_output_as_full": sum(same_as_full),
+                          "answer_passage_kept": statistics.mean(row["answer_passage_kept"] for row in rows),
+                          "kept_tokens": statistics.mean(row["kept_tokens"] for row in rows),
+                          "prompt_tokens": statistics.mean(row["prompt_tokens"] for row in rows)}
+    return {"summary": summary, "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--passages", type=int, default=40, help="staff notes per prompt (~30 tokens each)")
+    parser.add_argument("--repeats", type=int, default=3, help="speed runs with and without the constraint")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    engine = PromptDistillEngine.from_pretrained(device="cpu", dtype="float32")
+    samples = make_samples(args.samples, args.passages)
+    results = {"speed": measure_speed(engine, samples[0], args.repeats, args.max_new_tokens)}
+    print(json.dumps(results["speed"], indent=1), flush=True)
+    results["extraction"] = measure_extraction(engine, samples, args.max_new_tokens)
+    print(json.dumps(results["extraction"]["summary"], indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=lambda o: o.model_dump())
+
+
+if __name__ == "__main__":
+    main()
