@@ -50,9 +50,11 @@ class DistillSettings(BaseModel):
     method: Optional[str] = Field(default=None, description="config.method: promptdistill, gemfilter or full.")
     selection_layers: Optional[Union[Tuple[int, ...], int]] = Field(
         default=None, description="config.selection_layers; a single int is one stage.")
-    budgets: Optional[Union[Tuple[Union[int, float], ...], int, float]] = Field(
-        default=None, description="config.budgets: retrieved-context tokens kept per stage (ints >= 1) or fractions "
-                                  "in (0, 1] of them; a single number is one stage (budgets=256 means (256,)).")
+    # Any: checked and normalised by PromptDistillConfig.check_field (rules become `BudgetRule`s).
+    budgets: Optional[Any] = Field(
+        default=None, description="config.budgets: retrieved-context tokens kept per stage (ints >= 1), fractions "
+                                  "in (0, 1] of them, or length-aware rules {'fraction', 'floor', 'cap'}; a single "
+                                  "value is one stage (budgets=256 means (256,)).")
     span: Optional[str] = Field(default=None, description="config.span: token, chunk, sentence or document.")
     chunk_size: Optional[int] = Field(default=None, description="config.chunk_size.")
     aggregation: Optional[str] = Field(
@@ -60,6 +62,8 @@ class DistillSettings(BaseModel):
     heads: Optional[Tuple[Optional[Tuple[int, ...]], ...]] = Field(
         default=None, description="config.heads: per selection layer, the query heads that score (None = all).")
     pool_kernel: Optional[int] = Field(default=None, description="config.pool_kernel.")
+    unit_score: Optional[str] = Field(default=None, description="config.unit_score: max, mean or topk_mean.")
+    unit_topk: Optional[int] = Field(default=None, description="config.unit_topk.")
     query_source: Optional[str] = Field(default=None, description="config.query_source: auto or last_token.")
     tail_tokens: Optional[int] = Field(default=None, description="config.tail_tokens.")
     max_probe_tokens: Optional[int] = Field(default=None, description="config.max_probe_tokens.")

@@ -47,6 +47,9 @@ class Architecture:
         self._rotary_by_type = "layer_type" in inspect.signature(rotary.forward).parameters
         self.layer_types = layer_types
         self.windows = [self._sliding_window(layer.self_attn) for layer in self.layers]
+        # transformers 5.24 renamed the layers' `past_key_values` argument to `cache` (the old name goes in 5.40).
+        parameters = inspect.signature(self.layers[0].forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     def _sliding_window(self, attn) -> int | None:
         # Qwen2/3 and Gemma store the window on sliding layers only; Mistral and Phi-3 apply the config's everywhere.
@@ -83,17 +86,26 @@ class Architecture:
         if not padded and not window_bites and (query_positions.shape[-1] == 1
                                                  or self.attn_implementation in _SELF_CAUSAL_BACKENDS):
             return None
-        distance = query_positions[:, :, None] - key_positions[:, None, :]
-        allowed = distance >= 0
+        # Comparisons, not a position difference: an int64 [B, q, k] difference would be 8x the boolean mask.
+        queries, keys = query_positions[:, :, None], key_positions[:, None, :]
+        allowed = keys <= queries
         if window is not None:
-            allowed &= distance < window
+            allowed &= keys > queries - window
         if padded:
             pads = torch.tensor(key_pads, device=key_positions.device)
             allowed &= (torch.arange(key_positions.shape[1], device=pads.device) >= pads[:, None])[:, None, :]
             query_pads = pads + query_positions.shape[1] - key_positions.shape[1]  # queries are the last rows
             allowed |= (torch.arange(query_positions.shape[1], device=pads.device) < query_pads[:, None])[:, :, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), blocked)[:, None]
+
+    def run_layer(self, layer_idx: int, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+                  cache, position_embeddings: dict) -> torch.Tensor:
+        """Decoder layer `layer_idx` over `hidden` [B, q, h] at original `positions` [B, q], appending its keys and
+        values to `cache`."""
+        return self.layers[layer_idx](hidden, attention_mask=mask, position_ids=positions, use_cache=True,
+                                      position_embeddings=position_embeddings[self.layer_types[layer_idx]],
+                                      **{self._cache_argument: cache})
 
     def query_states(self, layer_idx: int, layer_input: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
         """Post-RoPE queries [1, heads, s, d] of the query rows, from the layer's input hidden states [1, s, h]."""

@@ -81,14 +81,13 @@ class DecodeBatch:
         positions = torch.tensor(self.positions, device=tokens.device)[:, None]
         cos_sin = arch.position_embeddings(hidden, positions)
         masks = {}  # layers whose keys share width, pads and window share a mask
-        for i, layer in enumerate(arch.layers):
+        for i in range(arch.num_layers):
             self.key_positions[i] = torch.cat([self.key_positions[i], positions], dim=1)
             window = arch.windows[i]
             shape = (window, self.key_positions[i].shape[1], tuple(self.key_pads[i]))
             if window is not None or shape not in masks:
                 masks[shape] = arch.attention_mask(i, positions, self.key_positions[i], self.key_pads[i],
                                                    max(self.positions), hidden.dtype)
-            hidden = layer(hidden, attention_mask=masks[shape], position_ids=positions, past_key_values=self.cache,
-                           use_cache=True, position_embeddings=cos_sin[arch.layer_types[i]])
+            hidden = arch.run_layer(i, hidden, masks[shape], positions, self.cache, cos_sin)
         self.positions = [p + 1 for p in self.positions]
         return arch.logits(hidden[:, -1])

@@ -31,7 +31,7 @@ from .prompt import RenderedPrompt, kept_shares, render
 from .results import BatchStream, GenerationResult, GenerationStream
 from .runtime import Runtime
 from .sampling import Constraint, Sampler, TextDeltas, check_sampling
-from .scheduler import BatchSettings, Request, Scheduler
+from .scheduler import SchedulerSettings, Request, Scheduler
 from .selection import Selector
 
 __all__ = ["BatchStream", "GenerationResult", "GenerationStream", "Prefill", "PromptDistillEngine"]
@@ -89,15 +89,15 @@ class PromptDistillEngine:
         """The runtime's scheduler, shared by every engine over it."""
         return Scheduler.of(self.runtime)
 
-    def configure_batching(self, *, max_batch_size: int | None = None, max_batch_tokens: int | None = None,
-                           batch_wait: float | None = None) -> BatchSettings:
-        """Change how concurrent generations on this runtime batch (see `BatchSettings`; every engine over the
-        runtime shares them); arguments left None keep their value. Returns the new settings; raises
-        `ValueError` naming a bad one."""
-        changes = {name: value for name, value in (("max_batch_size", max_batch_size),
-                                                   ("max_batch_tokens", max_batch_tokens),
-                                                   ("batch_wait", batch_wait)) if value is not None}
-        self.scheduler.settings = dataclasses.replace(self.scheduler.settings, **changes)
+    def configure_scheduler(self, **settings) -> SchedulerSettings:
+        """Change how generations on this runtime batch and what they may use: any `SchedulerSettings` field
+        (`max_batch_size`, `max_batch_tokens`, `batch_wait`, `max_prompt_tokens`, `max_kv_bytes`); every engine
+        over the runtime shares them. Returns the new settings; raises `TypeError` for an unknown setting and
+        `ValueError` naming a bad value."""
+        known = {f.name for f in dataclasses.fields(SchedulerSettings)}
+        if unknown := sorted(set(settings) - known):
+            raise TypeError(f"unknown scheduler settings {unknown}; choose from {sorted(known)}")
+        self.scheduler.settings = dataclasses.replace(self.scheduler.settings, **settings)
         return self.scheduler.settings
 
     # ---------------------------------------------------------------- public API
@@ -152,17 +152,15 @@ class PromptDistillEngine:
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         rows = _batch_rows(prompts, messages, input_ids, queries=queries, documents=documents,
                            constraints=constraints)
-        prepared = []
-        for i, (kind, value, query, docs, _) in enumerate(rows):
+        events, requests, rendered = queue.SimpleQueue(), [], []
+        for i, (kind, value, query, docs, constraint) in enumerate(rows):
             try:
-                prepared.append(self._prepare(**{kind: value}, query=query, documents=docs))
+                rendered.append(self._prepare(**{kind: value}, query=query, documents=docs))
+                requests.append(self._request(*rendered[-1], events, i, max_new_tokens, stops, constraint,
+                                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"row {i}: {error}") from error
-        events = queue.SimpleQueue()
-        requests = [self._request(rendered, layout, events, i, max_new_tokens, stops, row[4],
-                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-                    for i, ((rendered, layout), row) in enumerate(zip(prepared, rows))]
-        return BatchStream(self._run(requests, [rendered for rendered, _ in prepared]))
+        return BatchStream(self._run(requests, [r for r, _ in rendered]))
 
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                 query: str | None = None, documents: list[str] | None = None) -> Prefill:
@@ -215,10 +213,13 @@ class PromptDistillEngine:
 
     def _request(self, rendered: RenderedPrompt, layout: RowLayout, events: queue.SimpleQueue, tag: int,
                  max_new_tokens: int, stops: list[str], constraint: Constraint | None, **sampling) -> Request:
+        """A request for the scheduler; raises `ValueError` when the scheduler's limits refuse it."""
         sampler = Sampler.create(self.tokenizer, self.runtime.eos_ids, self.device, stops=stops,
                                  constraint=constraint, **sampling)
-        return Request(self._ids(rendered, layout), layout, self.config, sampler, max_new_tokens, events,
-                       torch.tensor([rendered.input_ids], device=self.device), tag)
+        request = Request(self._ids(rendered, layout), layout, self.config, sampler, max_new_tokens, events,
+                          torch.tensor([rendered.input_ids], device=self.device), tag)
+        self.scheduler.check(request)
+        return request
 
     # ---------------------------------------------------------------- run and collect
 

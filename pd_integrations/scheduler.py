@@ -24,9 +24,11 @@ original, gapped positions. The loop and admission rules here follow its FIFO sc
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -41,20 +43,31 @@ from .sampling import Sampler
 
 
 @dataclass(frozen=True)
-class BatchSettings:
-    """How the scheduler batches: at most `max_batch_size` rows decode together; one prefill step takes at most
-    `max_batch_tokens` tokens, padding included (a longer prompt still runs, alone); an idle scheduler waits
-    `batch_wait` seconds for company before prefilling."""
+class SchedulerSettings:
+    """How the scheduler batches and what it refuses. At most `max_batch_size` rows decode together; one prefill
+    step takes at most `max_batch_tokens` tokens, padding included (a longer prompt still runs, alone); an idle
+    scheduler waits `batch_wait` seconds for company before prefilling.
+
+    Limits (None: none): a prompt (probe included) over `max_prompt_tokens` is refused; `max_kv_bytes` bounds the
+    KV cache of all running rows, each counted as if nothing were pruned (prompt and `max_new_tokens` in every
+    layer), so admission is safe whatever selection keeps: a request that alone exceeds it is refused, others
+    wait for room. Refusals are `ValueError`s raised to the caller before any model work.
+    """
 
     max_batch_size: int = 16
     max_batch_tokens: int = 16384
     batch_wait: float = 0.005
+    max_prompt_tokens: int | None = None
+    max_kv_bytes: int | None = None
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_batch_tokens"):
+        for name in ("max_batch_size", "max_batch_tokens", "max_prompt_tokens", "max_kv_bytes"):
             value = getattr(self, name)
+            if value is None and name.startswith(("max_prompt", "max_kv")):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                kind = "an int >= 1" if name.startswith("max_batch") else "None or an int >= 1"
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
         if isinstance(self.batch_wait, bool) or not isinstance(self.batch_wait, (int, float)) or not (
                 0 <= self.batch_wait <= 1):
             raise ValueError(f"batch_wait must be a number of seconds in [0, 1], got {self.batch_wait!r}")
@@ -78,6 +91,11 @@ class Request:
     position: int = 0  # where the last sampled token will be fed
     cancelled: bool = False
 
+    @property
+    def tokens_bound(self) -> int:
+        """The most tokens its cache can hold in any layer: prompt, probe and every new token."""
+        return self.ids.shape[0] + self.max_new_tokens
+
 
 @dataclass(eq=False)
 class Scheduler:
@@ -86,7 +104,7 @@ class Scheduler:
     time by kind."""
 
     runtime: Runtime
-    settings: BatchSettings = field(default_factory=BatchSettings)
+    settings: SchedulerSettings = field(default_factory=SchedulerSettings)
     rows_per_forward: Counter = field(default_factory=Counter)
     forward_seconds: Counter = field(default_factory=Counter)
     _waiting: deque = field(default_factory=deque)
@@ -94,6 +112,7 @@ class Scheduler:
     _batch: DecodeBatch | None = None
     _worker: threading.Thread | None = None
     _wake: threading.Condition = field(default_factory=threading.Condition)
+    _stopping: bool = False
 
     @classmethod
     def of(cls, runtime: Runtime) -> Scheduler:
@@ -103,23 +122,57 @@ class Scheduler:
                 runtime.scheduler = cls(runtime)
                 if runtime.arch.attn_implementation.startswith("flash"):
                     # Flash kernels take no dense mask, so padded rows cannot share a forward.
-                    runtime.scheduler.settings = BatchSettings(max_batch_size=1)
+                    runtime.scheduler.settings = SchedulerSettings(max_batch_size=1)
             return runtime.scheduler
+
+    def check(self, request: Request) -> None:
+        """Raise `ValueError` if the limits in `settings` refuse `request` (see `SchedulerSettings`)."""
+        settings, tokens = self.settings, request.ids.shape[0]
+        if settings.max_prompt_tokens is not None and tokens > settings.max_prompt_tokens:
+            raise ValueError(f"the prompt has {tokens} tokens (query probe included), over max_prompt_tokens="
+                             f"{settings.max_prompt_tokens} (see configure_scheduler)")
+        needed = request.tokens_bound * self._kv_bytes_per_token
+        if settings.max_kv_bytes is not None and needed > settings.max_kv_bytes:
+            raise ValueError(
+                f"this request may need {needed} bytes of KV cache ({tokens} prompt tokens and max_new_tokens="
+                f"{request.max_new_tokens}, unpruned), over max_kv_bytes={settings.max_kv_bytes} (see "
+                f"configure_scheduler); lower max_new_tokens or retrieve less")
+
+    @property
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take across all layers."""
+        layer = self.runtime.arch.layers[0].self_attn
+        config = self.runtime.arch.config
+        element = self.runtime.model.dtype.itemsize
+        return 2 * config.num_key_value_heads * layer.head_dim * element * self.runtime.arch.num_layers
 
     def submit(self, requests: list[Request]) -> None:
         """Queue `requests` (admitted together when limits allow) and make sure the worker runs."""
         with self._wake:
+            if self._stopping:
+                raise RuntimeError("the scheduler has stopped: the interpreter is exiting")
             self._waiting.extend(requests)
             if self._worker is None:
-                # Not a daemon: one killed inside a torch kernel at interpreter exit aborts the process.
-                self._worker = threading.Thread(target=self._work, name="pd-scheduler")
+                self._worker = threading.Thread(target=self._work, name="pd-scheduler", daemon=True)
                 self._worker.start()
+                _live.add(self)
             self._wake.notify()
 
     @staticmethod
     def cancel(request: Request) -> None:
         """Stop `request` at the next step boundary (its caller has left); a finished request is unaffected."""
         request.cancelled = True
+
+    def stop(self) -> None:
+        """Cancel every request and let the worker exit (at the next step boundary)."""
+        with self._wake:
+            self._stopping = True
+            for request in [*self._waiting, *self._running]:
+                request.cancelled = True
+            worker = self._worker
+            self._wake.notify()
+        if worker is not None:
+            worker.join(timeout=30)
 
     def is_idle(self) -> bool:
         """No request waits or decodes and the worker has exited."""
@@ -131,7 +184,11 @@ class Scheduler:
     def _work(self) -> None:
         while True:
             with self._wake:
-                if not self._running and not self._waiting:
+                if not self._running and not self._waiting and not self._stopping:
+                    # Stay a moment for the next call: a thread per burst of calls would leave glibc a fresh
+                    # arena each time, and resident memory creeping up.
+                    self._wake.wait(IDLE_EXIT_SECONDS)
+                if not self._running and not self._waiting or self._stopping:
                     self._batch, self._worker = None, None
                     return
                 if not self._running and self.settings.batch_wait:
@@ -156,14 +213,19 @@ class Scheduler:
 
     def _admit(self) -> list[Request]:
         """Waiting requests that fit the decode batch and one prefill step, first come first served."""
-        admitted, width = [], 0
-        while self._waiting and len(self._running) + len(admitted) < self.settings.max_batch_size:
+        admitted, width, settings = [], 0, self.settings
+        kv_tokens = sum(r.tokens_bound for r in self._running)
+        kv_limit = None if settings.max_kv_bytes is None else settings.max_kv_bytes // self._kv_bytes_per_token
+        while self._waiting and len(self._running) + len(admitted) < settings.max_batch_size:
             request = self._waiting[0]
             if request.cancelled:
                 self._waiting.popleft()
                 continue
             wider = max(width, request.ids.shape[0])
-            if admitted and wider * (len(admitted) + 1) > self.settings.max_batch_tokens:
+            if admitted and wider * (len(admitted) + 1) > settings.max_batch_tokens:
+                break
+            kv_tokens += request.tokens_bound
+            if kv_limit is not None and kv_tokens > kv_limit and (admitted or self._running):
                 break
             admitted.append(self._waiting.popleft())
             width = wider
@@ -259,3 +321,14 @@ def _by_config(requests: list[Request]) -> list[list[Request]]:
 
 
 _creating = threading.Lock()
+# An idle worker waits this long for the next request before it exits.
+IDLE_EXIT_SECONDS = 1.0
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    # Workers are daemons (an idle one must not hold up the interpreter's exit), so stop them before it tears
+    # down: a daemon thread frozen inside a torch kernel then aborts the process.
+    for scheduler in list(_live):
+        scheduler.stop()

@@ -92,7 +92,7 @@ def test_stream_batch_yields_every_rows_text(tokenizer):
 
 def test_concurrent_threads_are_batched_and_equal_sequential_calls(tokenizer):
     engine = PromptDistillEngine(tiny_model("qwen2"), tokenizer, CONFIGS["two-stage"])
-    engine.configure_batching(batch_wait=0.05)
+    engine.configure_scheduler(batch_wait=0.05)
     work = [ROWS[k % len(ROWS)] for k in range(16)]
     sequential = [engine.generate(**row, max_new_tokens=10).output_token_ids for row in work]
     engine.scheduler.rows_per_forward.clear()
@@ -127,15 +127,15 @@ def test_a_row_joining_a_running_decode_gets_its_own_tokens(tokenizer):
 
 def test_batch_limits_split_prefills(tokenizer):
     engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["full"])
-    engine.configure_batching(max_batch_size=2)
+    engine.configure_scheduler(max_batch_size=2)
     results = engine.generate_batch(prompts=[f"Row {k}: {QUESTION}" for k in range(5)], max_new_tokens=4)
     assert len(results) == 5
     counts = engine.scheduler.rows_per_forward
     assert max(rows for _, rows in counts) == 2
     with pytest.raises(ValueError, match="max_batch_tokens"):
-        engine.configure_batching(max_batch_tokens=0)
+        engine.configure_scheduler(max_batch_tokens=0)
     with pytest.raises(ValueError, match="batch_wait"):
-        engine.configure_batching(batch_wait=5)
+        engine.configure_scheduler(batch_wait=5)
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -159,7 +159,7 @@ def test_bad_batches_fail_before_model_work(tokenizer, arguments, message):
 
 def test_a_failing_caller_never_fails_the_others(tokenizer):
     engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["single-stage"])
-    engine.configure_batching(batch_wait=0.05)
+    engine.configure_scheduler(batch_wait=0.05)
     good = ROWS[2]
     expected = engine.generate(**good, max_new_tokens=6).output_token_ids
 

@@ -5,9 +5,13 @@ the lock free and the next call working."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
+import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -85,12 +89,17 @@ async def test_32_async_adapter_tasks_equal_sequential_calls(tiny_model_dir):
     assert texts == sequential
 
 
-def assert_engine_free(engine: PromptDistillEngine) -> None:
-    """The lock is released (waiting briefly for a worker thread's step in flight) and a new call works."""
+def wait_idle(engine: PromptDistillEngine) -> None:
+    """Wait (bounded) until the scheduler's worker has let abandoned rows go and exited."""
     deadline = time.monotonic() + 30
-    while engine.runtime.lock.locked() and time.monotonic() < deadline:
+    while not engine.scheduler.is_idle() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not engine.runtime.lock.locked()
+    assert engine.scheduler.is_idle() and not engine.runtime.lock.locked()
+
+
+def assert_engine_free(engine: PromptDistillEngine) -> None:
+    """The scheduler lets go of abandoned rows and the lock, and a new call works."""
+    wait_idle(engine)
     assert engine.generate("Hello there", max_new_tokens=2).output_tokens >= 1
 
 
@@ -132,3 +141,80 @@ def test_a_langchain_timeout_leaves_the_engine_free(tiny_model_dir, engines):
         chat.invoke(f"{CONTEXT}\n\nQuestion: {QUESTION}")
     assert_engine_free(engines["full"])
     assert ChatPromptDistill(model=tiny_model_dir, max_tokens=2, device="cpu", dtype="float32").invoke("Hi").content
+
+
+def rss_bytes() -> int:
+    """Resident memory after a collection, with freed heap returned to the system."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def soak_call(engines: dict, k: int) -> None:
+    """Call k of the soak: short, ~2k- and ~4k-token prompts; full attention and PromptDistill; generate, stream
+    and a batch of two."""
+    words = {0: 20, 1: 1300, 2: 20, 3: 2600}[k % 4]
+    prompt = " ".join(" ".join(PASSAGES * 40).split()[:words]) + f"\n\nQuestion {k}: {QUESTION}"
+    engine = engines["full" if k % 2 else "promptdistill"]
+    mode = k % 3
+    if mode == 0:
+        assert engine.generate(prompt, max_new_tokens=4).output_tokens >= 1
+    elif mode == 1:
+        assert "".join(engine.stream(prompt, max_new_tokens=4)) is not None
+    else:
+        assert len(engine.generate_batch([prompt, f"Short question {k}?"], max_new_tokens=4)) == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc (Linux)")
+def test_soak_memory_and_threads_stay_flat(engines):
+    """200 calls of mixed lengths, methods and kinds: after the first 20, resident memory grows by at most 5% and
+    the thread count not at all (the scheduler's worker exits when idle)."""
+    for k in range(20):
+        soak_call(engines, k)
+    wait_idle(engines["full"])
+    memory, threads = rss_bytes(), threading.active_count()
+    for k in range(20, 200):
+        soak_call(engines, k)
+    wait_idle(engines["full"])
+    assert threading.active_count() == threads
+    assert rss_bytes() <= memory * 1.05, (rss_bytes(), memory)
+
+
+def test_limits_refuse_requests_before_model_work(engines):
+    engine = engines["full"]
+    settings = engine.scheduler.settings
+    forwards = sum(engine.scheduler.rows_per_forward.values())
+    try:
+        engine.configure_scheduler(max_prompt_tokens=16)
+        with pytest.raises(ValueError, match="over max_prompt_tokens=16"):
+            engine.generate(f"{CONTEXT}\n\nQuestion: {QUESTION}")
+        with pytest.raises(ValueError, match=r"row 1: .*max_prompt_tokens"):
+            engine.generate_batch(["Hi", f"{CONTEXT}\n\nQuestion: {QUESTION}"])
+        engine.configure_scheduler(max_prompt_tokens=None, max_kv_bytes=2**20)
+        with pytest.raises(ValueError, match="max_kv_bytes=1048576.*lower max_new_tokens"):
+            engine.generate("Hi", max_new_tokens=4000)
+        assert sum(engine.scheduler.rows_per_forward.values()) == forwards  # refused before any model work
+        with pytest.raises(ValueError, match="max_kv_bytes must be None or an int >= 1"):
+            engine.configure_scheduler(max_kv_bytes=0)
+        with pytest.raises(TypeError, match="unknown scheduler settings.*max_batch_size"):
+            engine.configure_scheduler(max_batch=3)
+    finally:
+        engine.scheduler.settings = settings
+
+
+def test_a_kv_limit_queues_requests_instead_of_failing(engines):
+    """With room for one request's cache, concurrent requests run one at a time, and all succeed."""
+    engine = engines["full"]
+    settings = engine.scheduler.settings
+    prompt = f"{CONTEXT}\n\nQuestion: {QUESTION}"
+    expected = engine.generate(prompt, max_new_tokens=6).output_token_ids
+    try:
+        engine.configure_scheduler(max_kv_bytes=engine.scheduler._kv_bytes_per_token * 600, batch_wait=0.05)
+        engine.scheduler.rows_per_forward.clear()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            outputs = list(pool.map(lambda _: engine.generate(prompt, max_new_tokens=6).output_token_ids, range(4),
+                                    timeout=DEADLINE_S))
+    finally:
+        engine.scheduler.settings = settings
+    assert outputs == [expected] * 4
+    assert max(rows for _, rows in engine.scheduler.rows_per_forward) == 1

@@ -123,9 +123,7 @@ class PrefillState:
         if window not in self.masks:
             self.masks[window] = arch.attention_mask(i, self.positions, self.positions, self.pads,
                                                      self._last_position(), self.hidden.dtype)
-        self.hidden = arch.layers[i](self.hidden, attention_mask=self.masks[window], position_ids=self.positions,
-                                     past_key_values=self.cache, use_cache=True,
-                                     position_embeddings=self.cos_sin[arch.layer_types[i]])
+        self.hidden = arch.run_layer(i, self.hidden, self.masks[window], self.positions, self.cache, self.cos_sin)
         self.key_positions.append(self.positions)
         self.key_lengths.append(list(self.lengths))
         return layer_input
