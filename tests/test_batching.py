@@ -3,6 +3,7 @@ same rows run alone; concurrent callers are batched without asking; bad rows fai
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.langchain import ChatPromptDistill, PromptDistillLLM
+from pd_integrations.llama_index import PromptDistillLLM as LlamaIndexLLM
 from pd_integrations.methods import method_for
 
 from .conftest import TINY_CONFIGS, tiny_model
@@ -173,3 +176,31 @@ def test_a_failing_caller_never_fails_the_others(tokenizer):
     with ThreadPoolExecutor(max_workers=8) as pool:
         outputs = list(pool.map(call, range(8), timeout=120))
     assert [o for o in outputs if o is not None] == [expected] * 6
+
+
+def test_adapter_batches_share_forwards(tiny_model_dir):
+    """LangChain `batch` (both classes) and `abatch`, and concurrent LlamaIndex `acomplete`, go through the
+    scheduler: equal to sequential calls, with several rows per decode step, and per-input metadata."""
+    settings = dict(model=tiny_model_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32, device="cpu",
+                    dtype="float32")
+    prompts = [f"{CONTEXT}\n\nQuestion {k}: {QUESTION}" for k in range(16)]
+    scheduler = PromptDistillEngine.from_pretrained(tiny_model_dir, device="cpu", dtype="float32").scheduler
+    chat, llm = ChatPromptDistill(max_tokens=6, **settings), PromptDistillLLM(max_tokens=6, **settings)
+    index_llm = LlamaIndexLLM(max_new_tokens=6, **settings)
+    texts = [llm.invoke(p) for p in prompts]
+    chat_texts = [chat.invoke(p).content for p in prompts]
+    index_texts = [index_llm.complete(p).text for p in prompts]
+    for run, sequential in ((lambda: llm.batch(prompts), texts),
+                            (lambda: [m.content for m in chat.batch(prompts)], chat_texts),
+                            (lambda: [m.content for m in asyncio.run(chat.abatch(prompts))], chat_texts),
+                            (lambda: asyncio.run(_gather(index_llm, prompts)), index_texts)):
+        scheduler.rows_per_forward.clear()
+        assert run() == sequential
+        assert max(rows for kind, rows in scheduler.rows_per_forward if kind == "decode") > 1
+    results = llm.generate(prompts[:2]).generations
+    assert [r[0].generation_info["promptdistill"]["prompt_tokens"] for r in results] == [
+        len(llm.get_token_ids(p)) for p in prompts[:2]]
+
+
+async def _gather(llm, prompts: list[str]) -> list[str]:
+    return [r.text for r in await asyncio.gather(*(llm.acomplete(p) for p in prompts))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -35,16 +36,19 @@ class PromptDistillLLM(PromptDistillSettings, BaseLLM):
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
         call = self._prepare_call(stop, kwargs)
-        generations, usages = [], []
-        for prompt in prompts:
+
+        def generate(prompt: str) -> Generation:
             stream = call.stream(prompt=prompt)
             for delta in stream:
                 if self.streaming and run_manager:
                     run_manager.on_llm_new_token(delta, chunk=GenerationChunk(text=delta))
-            result = stream.result
-            info = {**call.response_metadata(result), "usage_metadata": usage_metadata(result)}
-            generations.append([Generation(text=result.text, generation_info=info)])
-            usages.append(info["usage_metadata"])
+            info = {**call.response_metadata(stream.result), "usage_metadata": usage_metadata(stream.result)}
+            return Generation(text=stream.result.text, generation_info=info)
+
+        # `batch` hands every prompt to one `_generate`: run them at once, so the engine's scheduler batches them.
+        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
+            generations = [[generation] for generation in pool.map(generate, prompts)]
+        usages = [generation.generation_info["usage_metadata"] for [generation] in generations]
         token_usage = {key: sum(usage[key] for usage in usages) for key in usages[0]} if usages else {}
         return LLMResult(generations=generations, llm_output={"model_name": call.model_name,
                                                               "token_usage": token_usage})
