@@ -9,7 +9,6 @@ arguments, the right extracted values).
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -337,3 +336,10 @@ def test_query_engine_with_output_cls_returns_the_object_and_prunes_only_nodes(l
                                          LlamaDocument(text="The mail server is down.")])
     response = index.as_query_engine(llm=llama_llm, output_cls=Ticket).query("Which ticket should we file?")
     assert isinstance(response.response, Ticket)
+
+
+def test_without_xgrammar_plain_calls_work_and_structured_ones_say_what_to_install(chat, monkeypatch):
+    monkeypatch.setattr("pd_integrations.constraints.xgr", None)
+    assert chat.invoke("Hi", max_tokens=2).response_metadata["finish_reason"] == "length"
+    with pytest.raises(ImportError, match=r"pd-integrations\[structured\]"):
+        chat.with_structured_output(Ticket).invoke("File a ticket.")

@@ -23,7 +23,6 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from ..constraints import Grammars
 from ._common import PromptDistillSettings, usage_metadata
 from .prompts import tagged_inputs
 from .tools import (
@@ -128,7 +127,9 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         if schema is None and method != "json_mode":
             raise ValueError(f"schema is required for method={method!r} (only json_mode takes none)")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+        # What LangChain's tracing records of the call (BaseChatModel takes it out of the call's options).
+        traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}
+                  } if schema is not None else {}
         if method == "function_calling":
             name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, **traced)
@@ -141,8 +142,6 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
                                    "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema}}
             else:
                 response_format = {"type": "json_object"}
-                traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}
-                          } if schema is not None else {}
             llm = self.bind(response_format=response_format, **traced)
             parser = CompletePydanticParser(pydantic_object=schema) if is_pydantic else CompleteJsonParser()
         if not include_raw:
@@ -159,7 +158,7 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         bound and so the output is parsed for calls)."""
         output = {name: kwargs.pop(name) for name in OUTPUT_OPTIONS if name in kwargs}
         call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
-        grammar = output_grammar(Grammars.of(call.engine), output)
+        grammar = output_grammar(call.engine, output)
         rendered_tools = output.get("tools") if output.get("tool_choice") != "none" else None
         stream = call.stream(messages=to_engine_messages(messages, rendered_tools),
                              constraint=grammar.constraint() if grammar else None)

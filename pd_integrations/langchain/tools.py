@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -24,7 +23,15 @@ from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser,
 from langchain_core.outputs import Generation
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from ..constraints import TOOL_CALL_BEGIN, TOOL_CALL_END, Grammar, Grammars, ToolSpec, parse_tool_calls
+from ..constraints import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    Grammar,
+    Grammars,
+    ToolSpec,
+    new_tool_call_id,
+    parse_tool_calls,
+)
 
 # tool_choice values besides a tool's name: "auto" lets the model choose between text and calls, "none" hides
 # the tools, "any"/"required" (and True, LangChain's "the one bound tool") force a call.
@@ -101,14 +108,14 @@ def render_tool_response(message: ToolMessage) -> str:
     return f"<tool_response>\n{error}{message.text}\n</tool_response>"
 
 
-def output_grammar(grammars: Grammars, options: dict[str, Any]) -> Grammar | None:
-    """The grammar a call's bound output options ask for (see `OUTPUT_OPTIONS`), or None for free text. Raises
-    `ValueError` naming a bad option, schema or tool before any model work."""
+def output_grammar(engine, options: dict[str, Any]) -> Grammar | None:
+    """The grammar for `engine`'s model that a call's bound output options ask for (see `OUTPUT_OPTIONS`), or None
+    for free text. Raises `ValueError` naming a bad option, schema or tool before any model work."""
     response_format, tools = options.get("response_format"), options.get("tools")
     if response_format is not None and tools:
         raise ValueError("pass either tools (bind_tools) or response_format, not both")
     if response_format is not None:
-        return _response_format_grammar(grammars, response_format)
+        return _response_format_grammar(Grammars.of(engine), response_format)
     if not tools:
         return None
     names = [tool["function"]["name"] for tool in tools]
@@ -118,7 +125,8 @@ def output_grammar(grammars: Grammars, options: dict[str, Any]) -> Grammar | Non
     chosen = [tool for tool in tools if choice in ("auto", "required") or tool["function"]["name"] == choice]
     specs = [ToolSpec(tool["function"]["name"], tool["function"].get("parameters")
                       or {"type": "object", "properties": {}}) for tool in chosen]
-    return grammars.tool_calls(specs, required=choice != "auto", parallel=bool(options.get("parallel_tool_calls")))
+    return Grammars.of(engine).tool_calls(specs, required=choice != "auto",
+                                          parallel=bool(options.get("parallel_tool_calls")))
 
 
 def _response_format_grammar(grammars: Grammars, response_format: Any) -> Grammar:
@@ -170,7 +178,7 @@ class ToolCallStream:
         if self._state == "text":
             return [rest] if rest else []
         if self._state == "header":  # no complete name: LangChain makes it an invalid tool call
-            return [tool_call_chunk(name=None, args=rest.strip(), id=_call_id(), index=self._index + 1)]
+            return [tool_call_chunk(name=None, args=rest.strip(), id=new_tool_call_id(), index=self._index + 1)]
         return [tool_call_chunk(args=rest, index=self._index)] if rest else []
 
     def _step(self, out: list) -> bool:
@@ -194,7 +202,8 @@ class ToolCallStream:
             if header is None:
                 return False
             self._index += 1
-            out.append(tool_call_chunk(name=json.loads(header.group(1)), args="", id=_call_id(), index=self._index))
+            out.append(tool_call_chunk(name=json.loads(header.group(1)), args="", id=new_tool_call_id(),
+                                       index=self._index))
             self._buffer, self._state = self._buffer[header.end():], "arguments"
             return True
         end = _CALL_END.search(self._buffer)
@@ -212,10 +221,6 @@ class ToolCallStream:
 _CALL_HEADER = re.compile(r'\s*\{"name":\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments":\s*')
 _CALL_END = re.compile(r"\s*\}\s*" + re.escape(TOOL_CALL_END))
 _CALL_END_LENGTH = len("}\n" + TOOL_CALL_END) + 2  # and the whitespace the grammar allows around them
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 class _RefusesCutOffOutput:

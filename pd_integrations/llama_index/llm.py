@@ -55,7 +55,8 @@ CALL_OPTIONS = ("pd_query", "pd_documents", "max_new_tokens", "max_tokens", "tem
                 "stop")
 # What LlamaIndex's own text-completion program appends to a prompt: the constraint forces the keys and types, the
 # schema's descriptions tell the model what each value means.
-SCHEMA_INSTRUCTION = "\n\nHere's a JSON schema to follow:\n{schema}\n\nOutput a valid JSON object but do not repeat the schema."
+SCHEMA_INSTRUCTION = ("\n\nHere's a JSON schema to follow:\n{schema}\n\nOutput a valid JSON object but do not repeat "
+                      "the schema.")
 Model = TypeVar("Model", bound=BaseModel)
 class PromptDistillLLM(DistillSettings, CustomLLM):
     """A local Hugging Face model that prunes the retrieved context inside itself during prefill.
