@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Annotated
 
 from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate
@@ -49,7 +50,10 @@ class CitedAnswer(BaseModel):
     """An answer to the question, with the ids of the documents that support it."""
 
     answer: str = Field(description="the answer, in one sentence")
-    sources: list[int] = Field(description="ids of the documents the answer is based on")
+    # The bounds are part of the grammar: a small model that starts counting 1, 2, 3, ... in a list of ids is
+    # stopped at three ids that exist, not at max_tokens.
+    sources: list[Annotated[int, Field(ge=0, lt=len(HANDBOOK))]] = Field(
+        max_length=3, description="ids of the documents the answer is based on")
 
 
 def retrieve(question: str, k: int) -> list[Document]:
