@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .methods import Prefill
 from .runtime import Runtime
@@ -26,6 +27,47 @@ def _pad_front(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer with room to grow: its keys and values are the front of longer buffers, so a decode step
+    writes its new key in place instead of copying the whole cache, as `DynamicLayer`'s concatenation does (for
+    a batch of long rows that copy is most of a CPU decode step). Assigning `keys`/`values` (rows joining or
+    leaving) replaces the buffers; the next step makes room again, a quarter more at a time."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        if keys is not None:
+            self.keys, self.values, self.is_initialized, self.device = keys, values, True, keys.device
+
+    # Each of keys and values knows its own length: callers assign one, then the other.
+    keys = property(lambda self: self._keys[:, :, : self._key_length],
+                    lambda self, keys: self._replace(keys, "_keys", "_key_length"))
+    values = property(lambda self: self._values[:, :, : self._value_length],
+                      lambda self, values: self._replace(values, "_values", "_value_length"))
+
+    def _replace(self, tensor: torch.Tensor | None, buffer: str, length: str) -> None:
+        setattr(self, buffer, tensor)
+        setattr(self, length, 0 if tensor is None else tensor.shape[2])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self._key_length
+        end = start + key_states.shape[2]
+        if end > self._keys.shape[2]:
+            room = end + max(128, end // 4)
+            self._keys, self._values = _pad_back(self.keys, room), _pad_back(self.values, room)
+        self._keys[:, :, start:end] = key_states
+        self._values[:, :, start:end] = value_states
+        self._key_length = self._value_length = end
+        return self.keys, self.values
+
+
+def _pad_back(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` in a new buffer `width` long along dim 2 (the rest uninitialised)."""
+    buffer = tensor.new_empty((*tensor.shape[:2], width, *tensor.shape[3:]))
+    buffer[:, :, : tensor.shape[2]] = tensor
+    return buffer
 
 
 @dataclass
@@ -42,6 +84,7 @@ class DecodeBatch:
     @classmethod
     def after(cls, runtime: Runtime, prefill: Prefill) -> DecodeBatch:
         """The rows of `prefill`, ready to decode (the batch takes over its cache)."""
+        prefill.cache.layers = [GrowingLayer(layer.keys, layer.values) for layer in prefill.cache.layers]
         return cls(runtime, prefill.cache, list(prefill.key_positions), [list(p) for p in prefill.key_pads],
                    [row.next_position for row in prefill.rows])
 

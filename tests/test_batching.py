@@ -71,7 +71,7 @@ def test_batched_rows_equal_rows_alone(family, name, tokenizer):
 
 def test_batched_rows_of_the_default_model_equal_rows_alone(default_engine):
     """40- and ~900-token rows of the real model: a question-first row beside a question-last one."""
-    engine = default_engine.with_config(PromptDistillConfig(selection_layers=(8,), budgets=(0.25,)))
+    engine = default_engine.with_config(PromptDistillConfig(selection_layers=(8,), budgets=(0.25,), span="sentence"))
     rows = [dict(prompt=f"Answer in one word. {QUESTION}", query=None, documents=None),
             dict(prompt=f"Question: {QUESTION}\nContext:\n" + "\n\n".join(PASSAGES) + "\nAnswer:", query=QUESTION,
                  documents=None),
