@@ -47,7 +47,6 @@ class Prefill:
     key_pads: list[list[int]]
     logits: torch.Tensor
     rows: list[PrefillRow]
-    seconds: float = 0.0
 
 
 def left_pad(rows: list[torch.Tensor], fill=0) -> torch.Tensor:
