@@ -5,18 +5,19 @@ grammars by content); each `Grammar.constraint()` is a fresh `GrammarConstraint`
 `pd_integrations.sampling.Constraint` that `engine.stream(..., constraint=...)` takes. At each decode step it
 masks every token the grammar forbids next, so even a 135M model returns parseable JSON.
 
-Library: xgrammar, chosen by measurement against lm-format-enforcer and outlines-core: the SmolLM2-135M
-tokenizer (49k tokens), CPU, a 4-field JSON schema, the mask computed and applied for each of a 35-token output,
-the libraries interleaved on this busy 2-core machine (median / best ms per token):
+Library: xgrammar, chosen by measurement against outlines-core and lm-format-enforcer
+(`python -m pd_integrations.bench.structured --compare-libraries`): the SmolLM2-135M tokenizer (49k tokens), CPU,
+a 4-field JSON schema, the next-token mask computed and applied along a 35-token output, the libraries alternating
+on a 2-core machine under a load average of ~10 (best / median ms per token):
 
-- xgrammar 0.2.8: 5.0 / 0.75 ms (filling the bitmask itself ~0.01 ms; the rest is applying it to 49k logits);
-  compiles the schema in 28 ms after a 0.9 s tokenizer scan; full JSON Schema, regex, EBNF, and structural tags,
-  which express tool calls ("free text, then a call whose arguments follow its tool's schema"); CPU and CUDA
-  kernels; works with transformers 5.
-- outlines-core 0.2.14: 31 / 19 ms; a 258 ms regex index per schema after a 3 s vocabulary scan; JSON schema and
-  regex, no tool-call structure.
-- lm-format-enforcer 0.11.3: 71 / 65 ms (pure Python); its transformers integration does not import under
-  transformers 5 (`transformers.tokenization_utils` is gone).
+- xgrammar 0.2.8: 0.9 / 24 ms (filling the bitmask itself takes ~0.01 ms; applying it to 49k logits the rest);
+  compiles the schema in ~30 ms after a one-off 0.9 s tokenizer scan; full JSON Schema, regex, EBNF, and
+  structural tags, which express tool calls ("free text, then a call whose arguments follow its tool's schema");
+  CPU and CUDA kernels; works with transformers 5.
+- outlines-core 0.2.14: 2.1 / 36 ms; a ~250 ms regex index per schema after a 3 s vocabulary scan; JSON schema
+  and regex only, no tool-call structure.
+- lm-format-enforcer 0.11.3: 24 / 67 ms (pure Python); its transformers integration does not import under
+  transformers 5 (`transformers.tokenization_utils` is gone; the comparison aliases it).
 
 Tool calls use the Hermes/Qwen text format, which many open models are trained on and which needs no special
 tokens: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call.

@@ -5,6 +5,8 @@ extraction over retrieved passages parses and stays accurate when PromptDistill 
 
 - speed: one extraction prompt, greedy, decoded with and without the constraint, alternating `--repeats` times;
   the median decode tokens/s of each, and the constraint's own time per token (mask + advance);
+- `--compare-libraries`: only the per-token mask time of xgrammar and, where installed, outlines-core and
+  lm-format-enforcer;
 - extraction: `--samples` prompts, each asking for one person's 4-field record (name, city, department, start
   year) from `--passages` look-alike staff notes passed as `documents=`, under the record's JSON schema, through
   full attention, the default profile and the profile at a 25% budget: how many parse, field accuracy against
@@ -155,6 +157,86 @@ def measure_extraction(engine: PromptDistillEngine, samples: list[Sample], max_n
     return {"summary": summary, "runs": runs}
 
 
+def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]:
+    """Median and best ms per token to compute and apply the next-token mask along one 35-token StaffRecord output, for
+    xgrammar and, where installed, outlines-core and lm-format-enforcer (not dependencies: install them to
+    compare). The libraries alternate each round, so that load from other processes hits all alike; the first
+    round warms up."""
+    import sys
+
+    import torch
+    import xgrammar as xgr
+
+    schema = json.dumps(StaffRecord.model_json_schema())
+    ids = tokenizer('{"name": "Maria Okafor", "city": "Lisbon", "department": "logistics", "start_year": 2014}',
+                    add_special_tokens=False)["input_ids"]
+    width, scores = len(tokenizer), torch.randn(1, len(tokenizer))
+    runs = {}
+
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer)).compile_json_schema(
+        schema, any_whitespace=False)
+    bitmask = xgr.allocate_token_bitmask(1, width)
+
+    def xgrammar_run():
+        matcher = xgr.GrammarMatcher(compiled)
+        for token in ids:
+            matcher.fill_next_token_bitmask(bitmask)
+            xgr.apply_token_bitmask_inplace(scores.clone(), bitmask)
+            matcher.accept_token(token)
+    runs["xgrammar"] = xgrammar_run
+
+    try:
+        from outlines_core import Guide, Index, Vocabulary
+        from outlines_core.json_schema import build_regex_from_schema
+        from outlines_core.kernels.torch import (allocate_token_bitmask, apply_token_bitmask_inplace,
+                                                 fill_next_token_bitmask)
+    except ImportError:
+        pass
+    else:
+        tokens: dict[str, list[int]] = {}
+        for token, i in tokenizer.get_vocab().items():
+            if i != tokenizer.eos_token_id:
+                tokens.setdefault(tokenizer.convert_tokens_to_string([token]), []).append(i)
+        index = Index(build_regex_from_schema(schema), Vocabulary(tokenizer.eos_token_id, tokens))
+        outlines_mask = allocate_token_bitmask(width)
+
+        def outlines_run():
+            guide = Guide(index)
+            for token in ids:
+                fill_next_token_bitmask(guide, outlines_mask)
+                apply_token_bitmask_inplace(scores.clone(), outlines_mask)
+                guide.advance(token)
+        runs["outlines-core"] = outlines_run
+
+    try:
+        import transformers.tokenization_utils_base
+        # lm-format-enforcer 0.11 imports a module transformers 5 no longer has; alias it to measure the library.
+        sys.modules.setdefault("transformers.tokenization_utils", transformers.tokenization_utils_base)
+        from lmformatenforcer import JsonSchemaParser, TokenEnforcer
+        from lmformatenforcer.integrations.transformers import build_token_enforcer_tokenizer_data
+    except ImportError:
+        pass
+    else:
+        data = build_token_enforcer_tokenizer_data(tokenizer)
+
+        def lmfe_run():
+            enforcer = TokenEnforcer(data, JsonSchemaParser(json.loads(schema)))
+            for k in range(len(ids)):
+                allowed = enforcer.get_allowed_tokens(ids[:k]).allowed_tokens  # a list of token ids
+                masked = torch.full_like(scores, float("-inf"))
+                masked[0, allowed] = scores[0, allowed]
+        runs["lm-format-enforcer"] = lmfe_run
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - started) / len(ids))
+    return {name: {"median_ms": 1000 * statistics.median(t[1:]), "best_ms": 1000 * min(t[1:])}
+            for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=20)
@@ -162,8 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="speed runs with and without the constraint")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--compare-libraries", action="store_true",
+                        help="only compare the mask time per token of the installed grammar libraries")
     args = parser.parse_args(argv)
     engine = PromptDistillEngine.from_pretrained(device="cpu", dtype="float32")
+    if args.compare_libraries:
+        print(json.dumps(compare_libraries(engine.tokenizer), indent=1))
+        return
     samples = make_samples(args.samples, args.passages)
     results = {"speed": measure_speed(engine, samples[0], args.repeats, args.max_new_tokens)}
     print(json.dumps(results["speed"], indent=1), flush=True)
