@@ -92,6 +92,18 @@ def test_unconstrained_random_model_writes_no_json(tiny_engine):
         Ticket.model_validate_json(result.text)
 
 
+def test_batched_rows_each_follow_their_own_grammar(tiny_engine):
+    # One prefill and decode batch; row 0 under the Ticket schema, row 1 under a regex, row 2 unconstrained.
+    grammars = Grammars.of(tiny_engine)
+    results = tiny_engine.generate_batch(["Ticket:", "Code:", "Ticket:"], max_new_tokens=48, constraints=[
+        grammars.json_schema(TICKET_SCHEMA).constraint(), grammars.regex(r"[0-9]{3}-[a-z]{2}").constraint(), None])
+    Ticket.model_validate_json(results[0].text)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", results[1].text) and results[1].finish_reason == "stop"
+    assert results[2].text == tiny_engine.generate("Ticket:", max_new_tokens=48).text
+    assert results[0].text == tiny_engine.generate("Ticket:", max_new_tokens=48, constraint=grammars.json_schema(
+        TICKET_SCHEMA).constraint()).text
+
+
 def test_regex_constraint_matches_in_full(tiny_engine):
     grammar = Grammars.of(tiny_engine).regex(r"[0-9]{3}-[a-z]{2}")
     result = tiny_engine.generate("Code:", max_new_tokens=16, temperature=1.0, seed=3,
