@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
-from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 
@@ -347,8 +354,11 @@ def test_messages_become_chat_template_messages():
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "What is 2+2?"},
     ]
-    with pytest.raises(ValueError, match="tool"):
-        to_engine_messages([ToolMessage("4", tool_call_id="call-1")])
+    # A tool's result goes back as a user turn in the Hermes/Qwen2.5 format (see tests/test_structured.py).
+    assert to_engine_messages([ToolMessage("4", tool_call_id="call-1")]) == [
+        {"role": "user", "content": "<tool_response>\n4\n</tool_response>"}]
+    with pytest.raises(ValueError, match="takes system, human, AI, tool and chat messages, got a 'function'"):
+        to_engine_messages([FunctionMessage("4", name="add")])
     image = HumanMessage([{"type": "text", "text": "What is this?"},
                           {"type": "image", "url": "https://example.com/cat.png"}])
     with pytest.raises(ValueError, match="text content only"):
