@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,8 @@ from .selection import Selector
 BUDGETS = (256, 512, 1024, 2048)
 SPANS = (("token", None), ("chunk", 32), ("chunk", 64))
 # Spans saved with records and searched on RAG probes: the retrieved documents and sentences as units.
-SEARCH_SPANS = (("token", None), ("chunk", 32), ("chunk", 64), ("sentence", None), ("document", None))
+SEARCH_SPANS = (("token", None), ("chunk", 32), ("chunk", 64), ("sentence", None), ("document", None),
+                ("passage", None))
 
 
 @dataclass
@@ -61,6 +64,10 @@ class ProbeRecord:
 
     def units(self, span: str, chunk_size: int | None) -> torch.Tensor | None:
         """The engine's span units for this probe (computed once per span; schedules replay thousands of times)."""
+        if (span, chunk_size) not in self._units and span == "passage" and ("document", None) in self._units:
+            # Records from before "passage" units: RAG probes name their documents, none holding a blank line, so
+            # their passages are their documents.
+            return self._units["document", None]
         if (span, chunk_size) not in self._units:
             if self.rendered is None:
                 raise ValueError(f"these records were saved without {span!r} units (chunk_size {chunk_size}); "
@@ -240,6 +247,28 @@ class Schedule:
         return total / (num_layers * length)
 
 
+# The prefill cost model: a layer processing `rows` rows costs rows * (ROW_COST + rows / 2), a per-row term (the
+# projections and MLP) plus causal attention to rows / 2 keys on average, in units of one key's attention. Fitted to
+# SmolLM2-135M on this project's 2-core CPU (full attention's 8k/4k prefill-time ratio, 2.9); it predicted the old
+# profile's measured prefill ratios (0.37 at 8k, 0.58 at 4k) within 0.02.
+ROW_COST = 2300
+
+
+def predicted_prefill_ratio(schedule: Schedule, num_layers: int, length: int, protected: int = 60,
+                            row_cost: float = ROW_COST) -> float:
+    """The cost model's prefill time of `schedule` over full attention's at `length` prompt tokens, `protected` of
+    them not prunable (selection and gathers are not counted)."""
+    def layer(rows):
+        return rows * (row_cost + rows / 2)
+
+    rows, total, start = length, 0.0, 0
+    for (index, _, _), budget in zip(schedule.stages, schedule.budgets_at(max(0, length - protected))):
+        total += (index + 1 - start) * layer(rows)
+        rows, start = min(rows, budget + protected), index + 1
+    total += (num_layers - start) * layer(rows)
+    return total / (num_layers * layer(length))
+
+
 def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
     """Replay `schedule` on the recorded scores; True when every evidence token (the needle, or a RAG probe's
     answer sentence) survives every stage."""
@@ -283,6 +312,98 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
     through = torch.cumsum(sizes[order], 0)  # tokens kept through each rank
     last = rank[unit_of[torch.searchsorted(candidates, evidence)]].max()
     return int(through[last])
+
+
+# The RAG search: length-aware budget rules (fraction, floor, cap), span units and unit scorings.
+RULE_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+RULE_FLOORS = (0, 128, 256, 512)
+RULE_CAPS = (256, 512, 1024, 2048, None)
+RAG_SPANS = (("sentence", None), ("passage", None), ("chunk", 64))
+UNIT_SCORINGS = ("max", "mean", "topk_mean")
+
+
+def budget_rules() -> list[BudgetRule]:
+    """Every rule of the search grid (floor <= cap)."""
+    return [BudgetRule(f, floor, cap) for f, floor, cap in itertools.product(RULE_FRACTIONS, RULE_FLOORS, RULE_CAPS)
+            if cap is None or floor <= cap]
+
+
+def needed_table(records: list[ProbeRecord], layers, heads_by_layer: dict[int, tuple[int, ...]],
+                 spans=RAG_SPANS, scorings=UNIT_SCORINGS) -> dict[tuple, torch.Tensor]:
+    """`tokens_needed` of every record (a tensor, in record order) per (layer, heads, span, chunk_size, unit
+    scoring), for all heads and, where `heads_by_layer` has the layer, its retrieval heads."""
+    table = {}
+    for layer in tqdm(layers, desc="ranking evidence per layer", unit="layer", leave=False):
+        for heads in dict.fromkeys((None, heads_by_layer.get(layer))):
+            for (span, chunk), scoring in itertools.product(spans, scorings):
+                table[layer, heads, span, chunk, scoring] = torch.tensor(
+                    [tokens_needed(r, layer, heads, span, chunk, scoring) for r in records])
+    return table
+
+
+def single_stage_search(records: list[ProbeRecord], table: dict[tuple, torch.Tensor], rules=None
+                        ) -> list[tuple[Schedule, float]]:
+    """(schedule, share of records whose evidence it keeps) for every entry of `table` and every budget rule: a
+    single-stage schedule keeps a record's evidence exactly when its resolved budget reaches `tokens_needed`."""
+    rules = rules or budget_rules()
+    prunable = torch.tensor([int(r.prunable.sum()) for r in records])
+    resolved = {rule: torch.tensor([rule.resolve(int(n)) for n in prunable]) for rule in rules}
+    results = []
+    for (layer, heads, span, chunk, scoring), needed in table.items():
+        for rule in rules:
+            share = float((resolved[rule] >= needed).float().mean())
+            results.append((Schedule(((layer, rule, heads),), span, chunk, scoring), share))
+    return results
+
+
+def rank_schedules(results: list[tuple[Schedule, float]], num_layers: int, plan_lengths, protected: int = 60,
+                   min_share: float | None = None) -> list[tuple[Schedule, float, float]]:
+    """(schedule, kept share, mean predicted cost over `plan_lengths`) of the schedules keeping at least
+    `min_share` (default: the best share any reached), cheapest first."""
+    best = max(share for _, share in results) if min_share is None else min_share
+    ranked = [(s, share, sum(s.cost(num_layers, n, protected) for n in plan_lengths) / len(plan_lengths))
+              for s, share in results if share >= best]
+    return sorted(ranked, key=lambda item: (item[2], -item[1]))
+
+
+def rag_search(records: list[ProbeRecord], num_layers: int, plan_lengths=(2000, 4000, 8000),
+               first_fractions=(0.5, 0.6, 0.7), second_fractions=(0.15, 0.2, 0.25, 0.3), shortlist: int = 6,
+               spans=(("passage", None),), scorings=("max", "topk_mean")) -> list[dict]:
+    """Every schedule tried on the RAG (and needle) `records`, as dicts with the schedule, its kept share and its
+    predicted prefill ratio per plan length, cheapest first among equal shares.
+
+    Single-stage schedules (every layer from 2, all heads and each single head, each span unit and unit scoring,
+    every fraction) are judged exactly from `tokens_needed`. Two-stage ones pair the `shortlist` cheapest early
+    stages (layer < 2/3 of the depth) that keep every record at one of `first_fractions` with the `shortlist` best
+    later stages, at each of `second_fractions`, replayed with `keeps_needle` (the second stage scored from the
+    unpruned pass: an approximation)."""
+    heads_options = [None] + [(h,) for h in range(records[0].scores.shape[1])]
+    prunable = torch.tensor([int(r.prunable.sum()) for r in records]).float()
+    fractions = sorted(set(first_fractions) | set(second_fractions))
+    tried, exact = [], []
+    for layer in tqdm(range(2, num_layers - 1), desc="single-stage search", unit="layer", leave=False):
+        for heads, (span, chunk), scoring in itertools.product(heads_options, spans, scorings):
+            needed = torch.tensor([tokens_needed(r, layer, heads, span, chunk, scoring) for r in records]) / prunable
+            exact.append((float(needed.max()), layer, heads, span, chunk, scoring))
+            for f in fractions:
+                schedule = Schedule(((layer, BudgetRule(f), heads),), span, chunk, scoring)
+                tried.append((schedule, float((needed <= f + 1e-9).float().mean())))
+    early = sorted((e for e in exact if e[1] < num_layers * 2 // 3 and e[0] <= max(first_fractions)),
+                   key=lambda e: (e[1], e[0]))[: shortlist]
+    late = sorted((e for e in exact if e[1] >= num_layers // 3), key=lambda e: e[0])[: shortlist]
+    for first, second in itertools.product(early, late):
+        if second[1] <= first[1] or first[3:] != second[3:]:
+            continue
+        f1 = min(f for f in first_fractions if f >= first[0] - 1e-9)
+        for f2 in second_fractions:
+            schedule = Schedule(((first[1], BudgetRule(f1), first[2]), (second[1], BudgetRule(f2), second[2])),
+                                first[3], first[4], first[5])
+            tried.append((schedule, sum(keeps_needle(schedule, r) for r in records) / len(records)))
+    rows = [{"schedule": schedule, "kept_share": share,
+             "predicted_prefill_ratio": {n: round(predicted_prefill_ratio(schedule, num_layers, n), 3)
+                                         for n in plan_lengths}} for schedule, share in tried]
+    return sorted(rows, key=lambda row: (-row["kept_share"],
+                                         sum(row["predicted_prefill_ratio"].values()) / len(plan_lengths)))
 
 
 def candidate_schedules(num_layers: int, retrieval_heads: dict[int, tuple[int, ...]],
@@ -378,6 +499,77 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
     return Profile.from_json(out)
 
 
+def rag_answer_rate(engine: PromptDistillEngine, probes: list, desc: str) -> float:
+    from .bench.handbook import contains
+
+    answered = 0
+    for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
+        prompt = probe.prompt
+        result = engine.generate(messages=prompt.messages, query=prompt.query, documents=prompt.documents,
+                                 max_new_tokens=24)
+        answered += contains(result.text, prompt.answer)
+    return answered / len(probes)
+
+
+def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None,
+                  rag_lengths: tuple[int, ...] = (1000, 2000), rag_samples: int = 4, seed: int = 100,
+                  records_path: Path | None = None, from_records: list[Path] | None = None, verify: int = 6,
+                  plan_lengths: tuple[int, ...] = (2000, 4000, 8000), out: Path | None = None) -> Profile:
+    """Calibrate on RAG-shaped probes: depot notes retrieved by MiniLM (`bench.depots`), in the three prompt shapes,
+    each sample's answer passage moved to its own depth; choose the schedule (layers, heads, span unit, unit
+    scoring, length-aware budget fractions) that keeps the answer's sentence in every probe at the lowest
+    predicted prefill cost, verify the cheapest five end to end against full attention, and write the profile.
+
+    Records are saved to `records_path` (default: the cache's `calibration/<model>.rag.pt`) so that
+    `from_records` re-searches without running the model; every schedule tried is written beside them
+    (`.search.json`), for the accuracy/speed frontier."""
+    from .bench import ragbench
+
+    engine = engine or PromptDistillEngine.from_pretrained(model)
+    num_layers = engine.arch.num_layers
+    key = profile_key(model)
+    records_path = records_path or cache_dir() / "calibration" / f"{key}.rag.pt"
+    probes = ragbench.probes(engine.tokenizer, list(rag_lengths), list(ragbench.SHAPES), rag_samples, seed,
+                             spread=True)
+    if from_records:
+        records = [record for path in from_records for record in load_records(path)]
+    else:
+        scorer = engine.with_config(PromptDistillConfig(query_source="auto", aggregation="softmax_mean"))
+        records = record_rag_probes(scorer, probes)
+        save_records(records, records_path)
+    tried = rag_search(records, num_layers, plan_lengths)
+    search_path = Path(records_path).with_suffix(".search.json")
+    search_path.parent.mkdir(parents=True, exist_ok=True)
+    search_path.write_text(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]) + "\n")
+    best = tried[0]["kept_share"]
+    ranked = [row["schedule"] for row in tried if row["kept_share"] == best]
+    chosen, rate, full_rate = ranked[0], None, None
+    verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
+    if verify_probes:
+        full_rate = rag_answer_rate(engine.with_config(PromptDistillConfig(method="full")), verify_probes, "full")
+        for schedule in ranked[:5]:
+            rate = rag_answer_rate(engine.with_config(PromptDistillConfig(**schedule.settings())), verify_probes,
+                                   "verifying")
+            if rate >= full_rate:
+                chosen = schedule
+                break
+        else:
+            warnings.warn("no candidate matched full attention's accuracy on the RAG verification probes; keeping "
+                          "the cheapest fully-retaining schedule", stacklevel=2)
+            chosen, rate = ranked[0], None
+    profile = Profile(key, num_layers, chosen.settings())
+    measurements = {"calibration": {
+        "rag_probes": len(records), "rag_lengths": list(rag_lengths), "rag_samples": rag_samples, "seed": seed,
+        "records": str(records_path), "schedules_tried": len(tried), "predicted_kept_share": best,
+        "predicted_prefill_ratio": {str(n): round(predicted_prefill_ratio(chosen, num_layers, n), 3)
+                                    for n in plan_lengths},
+        "verified_accuracy": rate, "full_attention_accuracy": full_rate, "verification_probes": len(verify_probes)}}
+    out = out or cache_dir() / "profiles" / f"{key}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.to_json(out, measurements)
+    return Profile.from_json(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pd-calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -389,6 +581,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", type=int, default=10, help="probes for end-to-end verification (0 = skip)")
     parser.add_argument("--plan-length", type=int, default=8192, help="prompt length the cost model optimises")
     parser.add_argument("--out", type=Path, default=None, help="profile path (default: the cache)")
+    parser.add_argument("--rag", action="store_true",
+                        help="calibrate on RAG-shaped probes (retrieved look-alike passages, three prompt shapes)")
+    parser.add_argument("--rag-lengths", type=int, nargs="+", default=[1000, 2000])
+    parser.add_argument("--rag-samples", type=int, default=4, help="questions per length and shape")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="where --rag saves its recorded attention (default: the cache's calibration/)")
+    parser.add_argument("--from-records", type=Path, nargs="+", default=None,
+                        help="re-search saved --rag records instead of running the model on probes")
     parser.add_argument("--compare-scoring", action="store_true",
                         help="only measure, per layer, how often each seed/aggregation choice ranks the needle in the "
                              "top candidates, print it and exit")
@@ -401,6 +601,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{engine.arch.num_layers - 1} (all heads):")
         for name, recall in compare_scoring(engine, probes, budget).items():
             print(f"{name:>32}: mean {sum(recall) / len(recall):.2f} | " + " ".join(f"{v:.2f}" for v in recall))
+        return
+    if args.rag or args.from_records:
+        started = time.perf_counter()
+        profile = calibrate_rag(args.model, rag_lengths=tuple(args.rag_lengths), rag_samples=args.rag_samples,
+                                seed=args.seed if args.seed else 100, records_path=args.records,
+                                from_records=args.from_records, verify=args.verify, out=args.out)
+        print(f"profile written to {profile.source} in {time.perf_counter() - started:.0f} s:\n"
+              f"{Path(profile.source).read_text()}")
         return
     profile = calibrate(args.model, haystack=args.haystack, lengths=tuple(args.lengths), depths=tuple(args.depths),
                         kinds=tuple(args.kinds), seed=args.seed, verify=args.verify, plan_length=args.plan_length,

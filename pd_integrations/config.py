@@ -20,7 +20,7 @@ from pathlib import Path
 METHODS = ("promptdistill", "gemfilter", "full")
 QUERY_SOURCES = ("auto", "last_token")
 AGGREGATIONS = ("softmax_mean", "softmax_max", "logits_mean")
-SPANS = ("token", "chunk", "sentence", "document")
+SPANS = ("token", "chunk", "sentence", "document", "passage")
 UNIT_SCORES = ("max", "mean", "topk_mean")
 
 # Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
@@ -133,6 +133,8 @@ class PromptDistillConfig:
     span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks, "sentence" whole sentences
         (split after . ! ? and at line breaks) and "document" whole retrieved documents (the `documents=` of a
         call), ranked by their best token; the budget still counts tokens, so the last unit taken keeps its start.
+        "passage" keeps whole paragraphs (text between blank lines) within documents, so it also works without
+        `documents=` (a context of passages joined by blank lines); unit scores rank them (`unit_score`).
         Chunks and sentences never cross the boundaries of documents that a call names. Sentence spans need the
         prompt text; raw `input_ids` that don't round-trip through the tokenizer use chunks instead.
     heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration.
@@ -221,7 +223,7 @@ class PromptDistillConfig:
                 if _is_int(b) and b < 1 or isinstance(b, float) and not 0 < b <= 1:
                     raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
             if any(type(b) is not type(budgets[0]) and not (_is_int(b) and _is_int(budgets[0])) for b in budgets):
-                raise ValueError(f"budgets must be all ints, all fractions or all rules, got {budgets!r}")
+                raise ValueError(f"budgets must be all ints or all fractions (or all rules), got {budgets!r}")
             if isinstance(budgets[0], BudgetRule):
                 for key in BudgetRule.KEYS:
                     values = [math.inf if getattr(b, key) is None else getattr(b, key) for b in budgets]
@@ -342,6 +344,21 @@ def fallback_schedule(num_hidden_layers: int) -> dict:
     return {"selection_layers": (num_hidden_layers // 2,), "budgets": (FALLBACK_BUDGET,), **FALLBACK_SCORING}
 
 
+def _fit_stages(settings: dict, config: PromptDistillConfig) -> dict:
+    """The profile's `settings` with its stages cut to the caller's stage count when the caller set only budgets or
+    only selection layers: the profile's last stages (layers, budgets and heads) are kept, since the last stage is
+    where its selection is sharpest. `budgets=256` on a two-stage profile selects once, at its second layer."""
+    given = config.budgets if config.selection_layers is None else config.selection_layers
+    layers = settings.get("selection_layers")
+    if (config.selection_layers is None) == (config.budgets is None) or not layers or len(layers) <= len(given):
+        return settings
+    k = len(given)
+    fitted = {**settings, "selection_layers": list(layers)[-k:], "budgets": list(settings["budgets"])[-k:]}
+    if settings.get("heads") is not None:
+        fitted["heads"] = list(settings["heads"])[-k:]
+    return fitted
+
+
 def resolve_config(config: PromptDistillConfig | None, load_profile: Callable[[], Profile | None], model_name: str,
                    num_hidden_layers: int, num_heads: int) -> PromptDistillConfig:
     """Fill the unset fields of `config` for this model and validate the result against its shape.
@@ -361,7 +378,7 @@ def resolve_config(config: PromptDistillConfig | None, load_profile: Callable[[]
             f"better settings.",
             stacklevel=3,
         )
-    sources = [profile.settings if profile else {}, fallback_schedule(num_hidden_layers)]
+    sources = [_fit_stages(profile.settings, config) if profile else {}, fallback_schedule(num_hidden_layers)]
     if config.selection_layers is not None:
         # Head subsets were calibrated for the profile's layers, not for layers chosen by the caller.
         sources = [{k: v for k, v in source.items() if k != "heads"} for source in sources]

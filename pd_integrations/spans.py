@@ -12,6 +12,8 @@ from .prompt import RenderedPrompt
 # A sentence ends after its punctuation (and closing quotes), before the whitespace, so a following " Word" token
 # starts the next sentence.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n+")
+# A paragraph ends at a blank line: retrieved passages joined into one context string are separated by them.
+_PARAGRAPH_END = re.compile(r"\n[ \t]*\n\s*")
 
 
 def span_units(rendered: RenderedPrompt, span: str, chunk_size: int | None,
@@ -20,8 +22,9 @@ def span_units(rendered: RenderedPrompt, span: str, chunk_size: int | None,
 
     Units never cross the boundaries of `document_ranges`, nor those of `regions` (a non-decreasing id per
     token, e.g. prunable and protected stretches). "document" makes each document (and each stretch of text
-    between documents) one unit; "sentence" splits after . ! ? and at line breaks; "chunk" groups whole
-    sentences into chunks of about `chunk_size` tokens (a chunk holds the sentences that start in its
+    between documents) one unit; "passage" does the same and also splits at blank lines, so that passages joined
+    into one context string (a prompt template's `context_str`, or a context the layout's rule found) are units of
+    their own, with or without named documents; "sentence" splits after . ! ? and at line breaks; "chunk" groups whole sentences into chunks of about `chunk_size` tokens (a chunk holds the sentences that start in its
     `chunk_size`-token window, counted from each document and region start), so chunks never cut a sentence.
     Without text (raw ids that don't round-trip) sentences and chunks are fixed `chunk_size`-token windows.
     """
@@ -29,14 +32,18 @@ def span_units(rendered: RenderedPrompt, span: str, chunk_size: int | None,
         return None
     n = len(rendered.input_ids)
     sentences = span in ("sentence", "chunk") and rendered.text is not None
-    starts = rendered.word_starts() if rendered.document_ranges or sentences else None
+    paragraphs = span == "passage" and rendered.text is not None
+    starts = rendered.word_starts() if rendered.document_ranges or sentences or paragraphs else None
     segments = torch.zeros(n, dtype=torch.long)
     if rendered.document_ranges:
         bounds = torch.tensor(sorted({c for document in rendered.document_ranges for c in document}))
         segments = torch.searchsorted(bounds, starts, right=True)
     if regions is not None:
         segments = torch.unique_consecutive(segments * (n + 1) + regions, return_inverse=True)[1]
-    if span == "document":
+    if paragraphs:
+        ends = torch.tensor([m.end() for m in _PARAGRAPH_END.finditer(rendered.text)], dtype=torch.long)
+        inner = torch.searchsorted(ends, starts, right=True)
+    elif span in ("document", "passage"):
         inner = torch.zeros(n, dtype=torch.long)
     elif sentences:
         ends = torch.tensor([m.end() for m in _SENTENCE_END.finditer(rendered.text)], dtype=torch.long)

@@ -225,3 +225,42 @@ def test_rag_flags_are_checked(capsys):
     with pytest.raises(SystemExit):
         main(["rag", "--context-source", "retriever"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# The depot notes: the default corpus, one genre and one fact form, answerable by the default model.
+
+def test_depot_notes_are_deterministic_look_alikes_with_unique_answers(tokenizer):
+    from pd_integrations.bench.depots import DEPOTS, make_depot_questions, make_depots
+
+    corpus = make_depots()
+    assert corpus == make_depots(seed=0) and [p.text for p in make_depots(seed=1)] != [p.text for p in corpus]
+    assert len(corpus) == len(DEPOTS)
+    sizes = [len(ids) for ids in tokenizer([p.text for p in corpus], add_special_tokens=False).input_ids]
+    assert 60 <= min(sizes) and max(sizes) <= 100 and sum(sizes) > 8000  # enough notes for 8k-token prompts
+    for passage in corpus:  # every note states an access code and a site manager, in the same sentence forms
+        depot = passage.title.split(" depot")[0]
+        assert re.search(rf"The access code for the {depot} depot is \d{{4}}\.", passage.text)
+        assert re.search(rf"The site manager of the {depot} depot is [A-Z][a-z]+ [A-Z][a-z]+\.", passage.text)
+        assert sum(depot in p.text for p in corpus) == 1
+    questions = make_depot_questions(corpus, 12, seed=3)
+    assert questions == make_depot_questions(corpus, 12, seed=3)
+    assert Counter(q.question.split()[0] for q in questions) == {"What": 6, "Who": 6}
+    for q in questions:
+        assert [p.id for p in corpus if rag.contains(p.text, q.answer)] == [q.passage_id]
+    with pytest.raises(ValueError, match="size must be between 1 and"):
+        make_depots(size=len(DEPOTS) + 1)
+
+
+def test_spread_moves_each_samples_answer_to_its_own_depth(tokenizer):
+    plain = ragbench.probes(tokenizer, [1000], ["question_last"], 4, seed=5)
+    spread = ragbench.probes(tokenizer, [1000], ["question_last"], 4, seed=5, spread=True)
+    assert [p.labels["answer_index"] for p in plain] == [0, 0, 0, 0]  # the retriever ranks the answer first
+    positions = [p.labels["answer_position"] for p in spread]
+    assert positions == [0.125, 0.375, 0.625, 0.875]
+    for p, position in zip(spread, positions):
+        assert p.labels["corpus"] == "depots"
+        assert p.labels["answer_index"] == round(position * (p.labels["passages"] - 1))
+        assert p.answer_sentence in p.prompt.documents[p.labels["answer_index"]] and p.answer_sentence.endswith(".")
+    assert sorted(spread[0].prompt.documents) == sorted(plain[0].prompt.documents)
+    with pytest.raises(ValueError, match="corpus must be one of depots, handbook"):
+        ragbench.probes(tokenizer, [1000], ["question_last"], 1, corpus="essays")

@@ -47,7 +47,7 @@ def test_a_query_free_layout_keeps_every_prunable_token():
     ({"fraction": 0.2, "floor": 512, "cap": 256}, r"floor <= cap, got floor=512 and cap=256"),
     ({"floor": 256}, r"keys 'fraction' \(required\), 'floor' and 'cap'"),
     ({"fraction": 0.2, "ceiling": 9}, r"keys 'fraction' \(required\), 'floor' and 'cap'.*'ceiling'"),
-    ([{"fraction": 0.2}, 256], r"budgets must be all ints, all fractions or all rules"),
+    ([{"fraction": 0.2}, 256], r"budgets must be all ints or all fractions \(or all rules\)"),
     ([{"fraction": 0.1}, {"fraction": 0.2}], r"non-increasing across stages in 'fraction'"),
     ([{"fraction": 0.2, "cap": 512}, {"fraction": 0.1}], r"non-increasing across stages in 'cap'"),
 ])

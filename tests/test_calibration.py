@@ -24,7 +24,7 @@ from pd_integrations.calibrate import (
     main,
     needle_rank_table,
 )
-from pd_integrations.config import PROFILES_DIR
+from pd_integrations.config import PROFILES_DIR, budget_to_json
 from pd_integrations.probes import NeedleProbe, needle_probe
 from pd_integrations.prompt import render
 
@@ -125,13 +125,14 @@ def test_shipped_default_profile_is_used(default_engine):
     shipped = json.loads((PROFILES_DIR / "smollm2-135m-instruct.json").read_text())["settings"]
     config = default_engine.config
     assert list(config.selection_layers) == shipped["selection_layers"]
-    assert list(config.budgets) == shipped["budgets"]
+    assert [budget_to_json(b) for b in config.budgets] == shipped["budgets"]
     assert config.span == shipped["span"]
 
 
 def test_sentence_spans_keep_the_needle_sentence(default_engine, tokenizer):
     probe = needle_probe(tokenizer, 2000, 0.55, seed=11)
-    engine = default_engine.with_config(default_engine.config.replace(budgets=(256,), span="sentence"))
+    engine = default_engine.with_config(default_engine.config.replace(selection_layers=(7,), budgets=(256,),
+                                                                      heads=((0, 2, 7),), span="sentence"))
     result = engine.generate(messages=probe.messages(), query=probe.question, max_new_tokens=16)
     kept_text = "".join(result.prompt_text[a:b] for a, b in result.kept_char_spans)
     assert result.kept_tokens < result.prompt_tokens / 4
@@ -306,3 +307,78 @@ def test_needle_rank_table_ranks_the_best_prunable_needle_token_among_the_candid
     # A needle the layout protects entirely is always kept: a hit at every layer and head.
     protected_needle = probe_record(rendered, scores, needle=(29, 30))
     assert torch.equal(needle_rank_table([record, protected_needle], 3), torch.tensor([[0.5, 1.0], [0.5, 1.0]]))
+
+
+# RAG calibration: records saved and re-searched without the model, evidence needs, budget rules, the cost model.
+
+def test_tokens_needed_is_the_smallest_single_stage_budget_that_keeps_the_evidence(rendered):
+    scores = base_scores()
+    scores[1, :, THIRD], scores[1, :, NEEDLE_SPAN], scores[1, :, FIRST] = 1.0, 0.5, 0.25
+    record = probe_record(rendered, scores)
+    for span, chunk in (("token", None), ("sentence", None), ("chunk", 4)):
+        needed = calibration.tokens_needed(record, 1, None, span, chunk)
+        assert needed == 17  # the third sentence (7 tokens) outranks the needle (10)
+        assert keeps_needle(single(1, needed, span=span, chunk_size=chunk), record)
+        assert not keeps_needle(single(1, needed - 1, span=span, chunk_size=chunk), record)
+    # Unit scoring changes the order: one hot token makes the first sentence the best by max, not by mean.
+    scores[2, :, NEEDLE_SPAN], scores[2, :, 3] = 0.5, 0.9
+    record = probe_record(rendered, scores)
+    assert calibration.tokens_needed(record, 2, None, "sentence", None, "max") == 16
+    assert calibration.tokens_needed(record, 2, None, "sentence", None, "mean") == 10
+
+
+def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
+    scores = base_scores()
+    scores[1, :, NEEDLE_SPAN] = scores[2, :, NEEDLE_SPAN] = 1.0
+    records = [probe_record(rendered, scores)]
+    records[0].labels = {"kind": "rag", "length": 32, "shape": "question_last"}
+    path = tmp_path / "records.pt"
+    calibration.save_records(records, path)
+    [loaded] = calibration.load_records(path)
+    assert loaded.rendered is None and loaded.labels == records[0].labels
+    assert torch.equal(loaded.units("sentence", None), records[0].units("sentence", None))
+    assert torch.equal(loaded.units("passage", None), records[0].units("passage", None))
+    assert torch.allclose(loaded.scores, scores, atol=1e-3)
+    for span in ("token", "sentence", "passage"):
+        assert calibration.tokens_needed(loaded, 1, None, span, None) == calibration.tokens_needed(
+            records[0], 1, None, span, None)
+    with pytest.raises(ValueError, match="saved without 'chunk' units"):
+        loaded.units("chunk", 7)
+    (tmp_path / "junk.pt").write_bytes(b"not a records file")
+    with pytest.raises(ValueError, match="is not a pd-calibrate records file"):
+        calibration.load_records(tmp_path / "junk.pt")
+    tried = calibration.rag_search([loaded], 4, plan_lengths=(32,), first_fractions=(0.5,), second_fractions=(0.3, 0.4),
+                                   spans=(("sentence", None),), scorings=("max",))
+    assert tried[0]["kept_share"] == 1.0 and all(row["kept_share"] <= 1.0 for row in tried)
+    costs = [sum(row["predicted_prefill_ratio"].values()) for row in tried if row["kept_share"] == 1.0]
+    assert costs == sorted(costs)
+    # The search starts at layer 2, where the needle (10 of 26 candidates) is kept from a fraction of 0.4.
+    assert tried[0]["schedule"].stages == ((2, calibration.BudgetRule(0.4), None),)
+    assert {row["kept_share"] for row in tried if row["schedule"].stages[0][1].fraction < 0.38} == {0.0}
+
+
+def test_rules_resolve_per_length_in_schedules_and_the_cost_model():
+    rule = calibration.BudgetRule(0.25, 256, 2048)
+    schedule = Schedule(((7, rule, None),), "passage", None)
+    assert schedule.budgets_at(8000) == [2000] and schedule.budgets_at(600) == [256] and schedule.budgets_at(100) == [100]
+    assert schedule.settings()["budgets"] == [{"fraction": 0.25, "floor": 256, "cap": 2048}]
+    # The cost model: layers up to the selection see every row, later ones the kept rows (+ protected), each
+    # costing rows * (ROW_COST + rows / 2).
+    cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
+    expected = (8 * cost(8060) + 22 * cost(2000 + 60)) / (30 * cost(8060))
+    assert calibration.predicted_prefill_ratio(schedule, 30, 8060) == pytest.approx(expected)
+    two = Schedule(((7, calibration.BudgetRule(0.7), (7,)), (17, calibration.BudgetRule(0.2), None)), "passage", None)
+    assert two.budgets_at(1000) == [700, 200]
+    ratios = [calibration.predicted_prefill_ratio(two, 30, n) for n in (1000, 2000, 4000, 8000)]
+    assert ratios == sorted(ratios, reverse=True) and 0.4 < ratios[-1] < ratios[0] < 0.7
+
+
+def test_a_budget_alone_selects_at_the_profiles_last_stages(default_engine):
+    """`budgets=256` against the two-stage shipped profile: one stage, at the profile's last layer, with its heads."""
+    profile = default_engine.runtime.profile
+    layers, heads = profile.settings["selection_layers"], profile.settings["heads"]
+    config = default_engine.with_config(PromptDistillConfig(budgets=256)).config
+    assert config.selection_layers == (layers[-1],) and config.budgets == (256,)
+    assert config.heads == (None if heads[-1] is None else tuple(heads[-1]),)
+    assert default_engine.with_config(PromptDistillConfig(selection_layers=(12,))).config.budgets[0] == \
+        calibration.BudgetRule(**profile.settings["budgets"][-1])

@@ -165,7 +165,8 @@ def test_default_model_keeps_question_and_instruction_in_every_rag_shape(default
     instructions = {"question_last": QUESTION_LAST.split("\n")[0], "question_first": QUESTION_FIRST.split("\n")[0],
                     "system_context": SYSTEM_CONTEXT.split("\n")[0]}
     corpus = make_handbook(seed=0)
-    engine = default_engine.with_config(default_engine.config.replace(budgets=(budget,)))
+    engine = default_engine.with_config(default_engine.config.replace(selection_layers=(7,), budgets=(budget,),
+                                                                      heads=None, span="chunk"))
     for question in make_questions(corpus, 2, seed=1):
         passages = retrieve(question, corpus, tokenizer, target_tokens=700)
         for shape in SHAPES:
@@ -208,3 +209,15 @@ def test_prompts_with_a_question_are_not_query_free(tiny_llama, tokenizer, shape
     # Named, even a summary request is a query: the caller said what to look for.
     summary = [{"role": "user", "content": f"{CONTEXT}\n\nSummarise these documents."}]
     assert not engine.generate(messages=summary, query="Kyoto office", max_new_tokens=1).query_free
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["documents", "heuristic"])
+def test_passage_units_keep_whole_passages_with_or_without_named_documents(tiny_llama, tokenizer, named):
+    """span="passage" ranks the blank-line-separated passages as units: without `documents=` too (where span
+    "document" is refused), every passage is kept whole or dropped, except the last one the budget cuts."""
+    messages, _ = SHAPES["question last"]
+    engine = engine_for(tiny_llama, tokenizer, budgets=(0.3,), span="passage", unit_score="topk_mean")
+    result = engine.generate(messages=messages, documents=PASSAGES if named else None, max_new_tokens=1)
+    shares = document_retention(result.prompt_text, result.kept_char_spans, PASSAGES)
+    whole, dropped = shares.count(1.0), shares.count(0.0)
+    assert whole >= 3 and dropped >= 9 and whole + dropped >= len(PASSAGES) - 1

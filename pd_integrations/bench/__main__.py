@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     rag.add_argument("--answer-depths", type=_depths, default=None,
                      help="move the answer's passage to these relative depths among the retrieved ones, e.g. "
                           "0,0.5,1 (default: leave it where the retriever ranked it)")
+    rag.add_argument("--spread", action="store_true",
+                     help="move sample k's answer passage to relative depth (k + 0.5) / samples (the retriever ranks "
+                          "it first otherwise)")
     rag.add_argument("--corpus", choices=list(ragbench.CORPORA), default="depots",
                      help="generated corpus: depots (answerable by small models) or handbook (default: %(default)s)")
     rag.add_argument("--corpus-seed", type=int, default=0, help="seed of the generated corpus (default: 0)")
@@ -212,6 +215,7 @@ def _bench(args, command_line: str) -> None:
 def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
     probes = ragbench.probes(engine.tokenizer, args.lengths, args.shapes, args.samples, args.seed,
                              corpus_seed=args.corpus_seed, answer_depths=args.answer_depths, corpus=args.corpus,
+                             spread=args.spread,
                              max_new_tokens=args.max_new_tokens or ragbench.MAX_NEW_TOKENS)
     records = ragbench.run(engines, probes, context_source=args.context_source, log=log)
     rows = ragbench.summarize(records)

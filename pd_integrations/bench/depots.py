@@ -65,7 +65,7 @@ _QUESTIONS = {
 
 
 def make_depots(seed: int = 0, size: int = len(DEPOTS)) -> list[Passage]:
-    """`size` depot notes (at most len(DEPOTS)), the same for the same seed; each about 55–80 tokens of SmolLM2's
+    """`size` depot notes (at most len(DEPOTS)), the same for the same seed; each about 65–95 tokens of SmolLM2's
     tokenizer, with a unique depot name, access code and site manager. Raises `ValueError` for a size out of
     range."""
     if not 1 <= size <= len(DEPOTS):

@@ -47,10 +47,14 @@ class RagProbe:
 
 def probes(tokenizer, lengths: list[int], shapes: list[str], samples: int, seed: int = 0, *, corpus_seed: int = 0,
            answer_depths: list[float] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-           corpus: str = "depots") -> list[RagProbe]:
+           corpus: str = "depots", spread: bool = False) -> list[RagProbe]:
     """`samples` questions (drawn by `seed`) per length and shape, each over the passages of `corpus` (a name in
     CORPORA) retrieved for it up to `length` context tokens, in rank order, or with the answer's passage moved to
-    each of `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape."""
+    each of `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape.
+
+    The retriever ranks the answer's passage first for nearly every question, which lets a selector that favours
+    the start of the context look right. With `spread`, sample k's answer passage is moved to relative depth
+    (k + 0.5) / samples instead (labelled `answer_position`; rows still aggregate over samples)."""
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
     make_corpus, make_qs = CORPORA[corpus]
@@ -61,13 +65,17 @@ def probes(tokenizer, lengths: list[int], shapes: list[str], samples: int, seed:
     for length in lengths:
         for sample, question in enumerate(questions):
             ranked = retrieve(question, corpus, tokenizer, length)
+            position = (sample + 0.5) / samples if spread else None
+            if spread:
+                ranked = move_answer(ranked, question.passage_id, position)
             for depth in answer_depths or [None]:
                 passages = ranked if depth is None else move_answer(ranked, question.passage_id, depth)
                 for shape in shapes:
                     prompt = rag_prompt(shape, question, passages)
                     labels = {"corpus": name, "length": length, "shape": shape, "sample": seed + sample,
                               "question": question.question, "answer": question.answer, "passages": len(passages),
-                              "answer_depth": depth, "answer_index": prompt.answer_index}
+                              "answer_depth": depth, "answer_position": position,
+                              "answer_index": prompt.answer_index}
                     result.append(RagProbe(labels, prompt, _sentence(prompt.documents[prompt.answer_index],
                                                                      question.answer), max_new_tokens))
     return result
