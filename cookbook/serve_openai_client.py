@@ -32,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running pd-serve")
     parser.add_argument("--k", type=int, default=16, help="chunks retrieved per question")
+    parser.add_argument("--budget", type=int, default=256, help="context tokens PromptDistill keeps")
     args = parser.parse_args()
     api_key = os.environ.get("PD_SERVE_API_KEY", "none")  # any value when the server has no key
 
@@ -42,7 +43,7 @@ def main() -> None:
     retrieved = [document.page_content for document in store.similarity_search(QUESTION, k=args.k)]
     messages = [{"role": "user", "content": PROMPT.format_messages(context="\n\n".join(retrieved),
                                                                    question=QUESTION)[0].content}]
-    pruning = {"promptdistill": {"query": QUESTION, "documents": retrieved}}
+    pruning = {"promptdistill": {"query": QUESTION, "documents": retrieved, "budgets": [args.budget]}}
 
     print(f"openai client, {model} at {args.url}:")
     response = client.chat.completions.create(model=model, messages=messages, max_tokens=48, extra_body=pruning)
@@ -68,7 +69,8 @@ def main() -> None:
     def answer(question: str):
         documents = retriever.invoke(question)
         model_call = llm.bind(extra_body={"promptdistill": {
-            "query": question, "documents": [document.page_content for document in documents]}})
+            "query": question, "documents": [document.page_content for document in documents],
+            "budgets": [args.budget]}})
         return (PROMPT | model_call).invoke({"context": format_documents(documents), "question": question})
 
     message = answer(QUESTION)

@@ -20,8 +20,8 @@ from .app import ServerSettings, create_app
 def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor_options: dict | None = None,
                 autoscaling_config: dict | None = None) -> Application:
     """The Ray Serve application of `settings`: `num_replicas` replicas (or "auto" with `autoscaling_config`),
-    each placed with `ray_actor_options`. Each replica admits up to `settings.max_queued_requests` requests, so Ray
-    may send it that many at once."""
+    each placed with `ray_actor_options`. Ray sends each replica up to `settings.max_queued_requests` requests at
+    once, all of which it admits, and queues as many more at each proxy before it answers 503."""
 
     def replica_app():
         # Runs on each replica as it starts: the engine loads where it serves, and neither it nor the app is
@@ -29,7 +29,8 @@ def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor
         return create_app(settings.load_engine(), settings)
 
     options = {"name": "pd-serve", "num_replicas": num_replicas,
-               "max_ongoing_requests": settings.max_queued_requests}
+               "max_ongoing_requests": settings.max_queued_requests,
+               "max_queued_requests": settings.max_queued_requests}
     if ray_actor_options is not None:
         options["ray_actor_options"] = ray_actor_options
     if autoscaling_config is not None:
