@@ -171,7 +171,7 @@ def test_rag_prompt_rejects_unknown_shapes_and_missing_answers(corpus):
 def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
     methods = ["full", "gemfilter", "single-stage"]
     with pytest.warns(UserWarning, match="no PromptDistill profile"):
-        main(["rag", "--model", tiny_model_dir, "--lengths", "300", "--samples", "1", "--methods", ",".join(methods),
+        main(["rag", "--model", tiny_model_dir, "--lengths", "400", "--samples", "1", "--methods", ",".join(methods),
               "--layer", "1", "--budget", "64", "--max-new-tokens", "3", "--context-source", source,
               "--out", str(tmp_path)])
     data = json.loads((tmp_path / "rag.json").read_text())
@@ -185,7 +185,7 @@ def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
     assert [(r["shape"], r["method"]) for r in records] == [(s, m) for s in rag.SHAPES for m in methods]
 
     for record in records:
-        assert record["context_source"] == source and record["length"] == 300
+        assert record["context_source"] == source and record["length"] == 400
         assert record["score"] == float(rag.contains(record["output"], record["answer"]))
         assert 0 <= record["answer_index"] < record["passages"]
         assert 0 <= record["answer_kept"] <= 1 and 0 < record["documents_kept"] <= 1
