@@ -56,7 +56,8 @@ def serve_with_ray(settings: ServerSettings, host: str, port: int, replicas: int
     ray.init()  # connects to $RAY_ADDRESS when set, else starts a local instance
     serve.start(http_options={"host": host, "port": port})
     actor = {"num_gpus": gpus_per_replica} if gpus_per_replica else None
-    serve.run(application(settings, replicas, actor), blocking=True)
+    # Named, because an unnamed `serve.run` replaces every other application on the cluster.
+    serve.run(application(settings, replicas, actor), name="pd-serve", blocking=True)
 
 
 def main(argv: list[str] | None = None) -> None:
