@@ -1,6 +1,7 @@
 """Measure where a model's question→context retrieval happens and pick the fastest schedule that keeps it.
 
     pd-calibrate --model NAME [--haystack DIR] [--lengths 2000 4000] [--verify 10]
+    pd-calibrate --rag [--rag-lengths 1000 2000] [--rag-samples 4] [--records PATH] | --from-records PATH...
 
 1. Probes: needles of several kinds at several depths and lengths in a haystack (no download).
 2. One unpruned pass per probe records every layer's and head's seed attention.
@@ -13,6 +14,13 @@
 5. The cheapest schedule (layer-rows cost model at `--plan-length` tokens) that keeps every probe is verified end to
    end against full attention on `--verify` probes; the first that answers as often as full attention wins.
 6. The profile is written to the cache (`$PD_INTEGRATIONS_CACHE/profiles/<model>.json`), where engines find it.
+
+`--rag` calibrates on RAG-shaped probes instead (`calibrate_rag`): depot notes retrieved by MiniLM in the three
+prompt shapes, each sample's answer passage moved to its own depth. Every single-stage schedule (layer, all heads or
+one head, span unit, unit scoring, budget fraction) is judged exactly from `tokens_needed`, two-stage pairs of the
+best early and late stages are replayed, schedules are ranked by `predicted_prefill_ratio` (an attention-aware cost
+model), and the five cheapest that keep every probe's answer sentence are verified end to end. Its records are saved
+(`--records`), and `--from-records` re-searches them without the model.
 
 `--compare-scoring` instead measures step 3 for each seed/aggregation choice (question span with softmax mean,
 softmax max or logit mean; the paper's last token with logit mean), with all heads, and prints it per layer.
