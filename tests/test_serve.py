@@ -36,7 +36,9 @@ def engine(default_model):
 
 @pytest.fixture(scope="module")
 def url(engine):
-    with running(create_app(engine, ServerSettings(api_key=API_KEY, max_body_bytes=64 * 1024))) as base:
+    settings = ServerSettings(api_key=API_KEY, max_body_bytes=64 * 1024, max_prompt_tokens=2048,
+                              max_kv_bytes=64 * 2**20)  # about 1,400 tokens of the default model's fp32 cache
+    with running(create_app(engine, settings)) as base:
         yield base
 
 
@@ -166,6 +168,9 @@ BAD_REQUESTS = {
     "n above 1": (400, "n", None, chat(n=2)),
     "prompt over the context window": (400, "messages", None,
                                        chat([{"role": "user", "content": "word " * 9000}])),
+    "prompt over the server's max_prompt_tokens": (400, "messages", None,
+                                                    chat([{"role": "user", "content": "word " * 3000}])),
+    "max_tokens over the server's KV cache bound": (400, "max_tokens", None, chat(max_tokens=3000)),
     "documents not in the prompt": (400, "promptdistill.documents[0]", None,
                                     chat(promptdistill={"documents": ["not in the prompt"]})),
     "bad budget": (400, "promptdistill.budgets", None, chat(promptdistill={"budgets": [0]})),

@@ -24,6 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="larger request bodies get 413 (default: %(default)s)")
     parser.add_argument("--max-queued-requests", type=int, default=ServerSettings.max_queued_requests,
                         help="requests admitted at once, generating or waiting; more get 429 (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, help="rows the engine decodes together (default: its own)")
+    parser.add_argument("--max-prompt-tokens", type=int, help="longer prompts get 400 (default: the context window)")
+    parser.add_argument("--max-kv-bytes", type=int,
+                        help="KV cache of all running requests, each counted unpruned with its max_tokens; a "
+                             "request that alone exceeds it gets 400, others wait (default: no bound)")
     parser.add_argument("--cors-origin", action="append", default=[],
                         help="allow browser requests from this origin (repeatable; default: no CORS)")
     parser.add_argument("--ray", action="store_true",
@@ -36,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
                           api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                          max_queued_requests=args.max_queued_requests, cors_origins=tuple(args.cors_origin))
+                          max_queued_requests=args.max_queued_requests, cors_origins=tuple(args.cors_origin),
+                          max_batch_size=args.max_batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                          max_kv_bytes=args.max_kv_bytes)
 
 
 def serve_here(settings: ServerSettings, host: str, port: int) -> None:

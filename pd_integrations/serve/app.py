@@ -36,7 +36,9 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 class ServerSettings:
     """What `pd-serve` is told: the model and how to load it, and the server's limits.
 
-    `api_key` None serves without authentication; `cors_origins` empty sends no CORS headers.
+    `api_key` None serves without authentication; `cors_origins` empty sends no CORS headers. The scheduler
+    fields set the engine's (`engine.configure_scheduler`): rows decoded together, and the prompts and KV cache
+    it refuses; None keeps the engine's own.
     """
 
     model: str = DEFAULT_MODEL
@@ -47,6 +49,14 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_queued_requests: int = 64
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    max_batch_size: int | None = None
+    max_prompt_tokens: int | None = None
+    max_kv_bytes: int | None = None
+
+    def scheduler_settings(self) -> dict:
+        given = {"max_batch_size": self.max_batch_size, "max_prompt_tokens": self.max_prompt_tokens,
+                 "max_kv_bytes": self.max_kv_bytes}
+        return {name: value for name, value in given.items() if value is not None}
 
     def load_engine(self) -> PromptDistillEngine:
         return PromptDistillEngine.from_pretrained(self.model, device=self.device, dtype=self.dtype,
@@ -55,7 +65,10 @@ class ServerSettings:
 
 def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
     """The server's app: OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models` over `engine`,
-    served under `settings.model`'s name, and an unauthenticated `/health`."""
+    served under `settings.model`'s name, and an unauthenticated `/health`. The settings' scheduler fields apply
+    to the engine's runtime, which every engine over it shares."""
+    if settings.scheduler_settings():
+        engine.configure_scheduler(**settings.scheduler_settings())
     app = FastAPI(title="pd-serve", summary="PromptDistill behind OpenAI's API", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -50,9 +50,11 @@ SERVER_ERROR = RequestError(500, "the server failed while generating; see its lo
 def engine_rejection(error: ValueError | TypeError, request: GenerationRequest) -> RequestError:
     """The 400 for an argument the engine refused, naming the request field it came from."""
     message = str(error)
-    if "context window" in message:
+    if "context window" in message or "max_prompt_tokens=" in message:  # the model's limit or the server's
         field = "messages" if "messages" in request.model_fields_set else "prompt"
         return RequestError(400, message, param=field, code="context_length_exceeded")
+    if "max_kv_bytes=" in message:  # the server's KV cache bound, counted with the tokens the request may generate
+        return RequestError(400, message, param=request.max_tokens_param, code="kv_cache_limit_exceeded")
     argument = re.match(r"([a-z_]+)(\[\d+\])?", message)
     name, index = argument.groups(default="") if argument else ("", "")
     param = request.max_tokens_param if name == "max_new_tokens" else _ENGINE_ARGUMENTS.get(name)
