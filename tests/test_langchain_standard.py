@@ -80,6 +80,14 @@ class TestChatPromptDistillStandardIntegration(PromptDistillStandardParams, Chat
     def test_structured_output_optional_param(self, model) -> None:
         super().test_structured_output_optional_param(model)
 
+    # With tool_choice="auto" the model chooses; asked about the weather, the 135M model answers in prose instead of
+    # calling get_weather (forced calls pass: test_tool_calling, test_tool_choice).
+    @pytest.mark.xfail(raises=AssertionError, reason="with tool_choice='auto' the 135M model answers in text rather "
+                       "than calling the tool")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
+
     # JSON mode constrains the reply to an object, not to keys: asked for "setup" and "punchline", the 135M model
     # writes only "setup", so validating the Joke fails (the object itself parses).
     @pytest.mark.xfail(raises=OutputParserException, reason="JSON mode does not force keys; the 135M model omits "
