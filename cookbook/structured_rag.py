@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Annotated
+from typing import Literal
 
 from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from pd_integrations.langchain import ChatPromptDistill, DistillPrompt
 
@@ -50,10 +50,15 @@ class CitedAnswer(BaseModel):
     """An answer to the question, with the ids of the documents that support it."""
 
     answer: str = Field(description="the answer, in one sentence")
-    # The bounds are part of the grammar: a small model that starts counting 1, 2, 3, ... in a list of ids is
-    # stopped at three ids that exist, not at max_tokens.
-    sources: list[Annotated[int, Field(ge=0, lt=len(HANDBOOK))]] = Field(
-        max_length=3, description="ids of the documents the answer is based on")
+    sources: list[int] = Field(max_length=3, description="ids of the documents the answer is based on")
+
+
+def cited_answer_over(documents: list[Document]) -> type[CitedAnswer]:
+    """`CitedAnswer` whose sources can only be the retrieved documents' ids: the bounds are part of the grammar, so
+    the model cannot cite a document it was not given, nor count on through ids until max_tokens."""
+    ids = tuple(document.metadata["id"] for document in documents)
+    return create_model("CitedAnswer", __base__=CitedAnswer, sources=(
+        list[Literal[ids]], Field(max_length=3, description="ids of the documents the answer is based on")))
 
 
 def retrieve(question: str, k: int) -> list[Document]:
@@ -73,7 +78,7 @@ def main() -> None:
     documents = retrieve(args.question, args.k)
     llm = ChatPromptDistill(budgets=(args.budget,), max_tokens=96)
     chain = ({"context": lambda _: documents, "question": RunnablePassthrough()} | DistillPrompt(prompt=PROMPT)
-             | llm.with_structured_output(CitedAnswer, include_raw=True))
+             | llm.with_structured_output(cited_answer_over(documents), include_raw=True))
     out = chain.invoke(args.question)
     if out["parsing_error"] is not None:  # only when max_tokens cut the object off
         raise SystemExit(f"no answer: {out['parsing_error']}")
