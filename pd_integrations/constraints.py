@@ -59,7 +59,7 @@ class GrammarConstraint:
         self._bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()  # the decode loop's logits are inference tensors, which refuse in-place updates
+        scores = scores.clone()  # may be a view of the engine's logits (a batch row): mask a copy, never theirs
         self._matcher.fill_next_token_bitmask(self._bitmask)
         bitmask = self._bitmask.to(scores.device, non_blocking=True)
         # The tokenizer info was built for the model's output width: ids past the tokenizer's vocabulary (an
