@@ -175,6 +175,8 @@ SHORTCUTS = [
     ("protect_head", 0, 0, -1, "protect_head must be an int >= 0"),
     ("cache_truncation", False, False, "no", "cache_truncation must be True or False"),
     ("context_min_tokens", 32, 32, 0, "context_min_tokens must be an int >= 1"),
+    ("unit_score", "topk_mean", "topk_mean", "sum", "unit_score must be one of"),
+    ("unit_topk", 4, 4, 0, "unit_topk must be an int >= 1"),
 ]
 
 
