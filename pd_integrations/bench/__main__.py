@@ -5,6 +5,7 @@
     pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
     pd-bench rag    [--lengths 1000,2000] [--shapes ...]    retrieved handbook passages, three prompt shapes
     pd-bench throughput [--lengths 2k,4k] [--concurrency 1,4,8,16]  concurrent requests vs sequential ones
+    pd-bench serve --url URL [--concurrency 1,4,16]          load against a running pd-serve (see --help)
 
 Each prints a Markdown table (ratios are method ÷ full attention at the same length) and writes
 OUT/<command>.json, OUT/<command>.md and PNG plots to OUT (default bench-results/); OUT/<command>.records.jsonl
@@ -39,6 +40,10 @@ SPEED_DEPTH = 0.5  # the speed runs hide a needle too, so that their answers can
 def main(argv: list[str] | None = None) -> None:
     """Run `pd-bench` with `argv` (default: the command line)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # drives a running server, so it takes none of the model options below
+        from . import serve_load  # needs the serve extra's httpx
+
+        return serve_load.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""A bounded load against a running pd-serve: `python -m pd_integrations.bench.serve_load --url URL`.
+"""A bounded load against a running pd-serve: `pd-bench serve --url URL`.
 
 The same needle prompts (one pass code hidden in ~4k tokens of CPython's help text each) go to the server at each
 concurrency, once with PromptDistill (the served model's profile) and once with `method="full"`, streamed, so the
@@ -26,7 +26,7 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pd_integrations.bench.serve_load", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pd-bench serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     parser.add_argument("--api-key", help="the server's --api-key, if it has one")
