@@ -223,7 +223,15 @@ def _question_line(rendered: RenderedPrompt, prunable: torch.Tensor) -> tuple[in
     """Character range of the question line when the caller named no query: a protected line under
     `INSTRUCTION_LINE_TOKENS` tokens that asks; the last one after the context, else the last one before it (a
     question-first prompt)."""
-    lines, tokens = _lines(rendered, 0, len(rendered.text))
+    # Within each message's content, so that template markup on the same line ("...?<|im_end|>") doesn't hide
+    # the question mark.
+    regions = [(m.start, m.end) for m in rendered.message_ranges] if rendered.message_ranges else [
+        (0, len(rendered.text))]
+    per_region = [_lines(rendered, a, b) for a, b in regions]
+    lines = [line for region_lines, _ in per_region for line in region_lines]
+    if not lines:
+        return None
+    tokens = torch.cat([region_tokens for _, region_tokens in per_region])
     starts = rendered.word_starts()
     pruned = torch.tensor([bool(prunable[(starts >= a) & (starts < b)].any()) for a, b in lines], dtype=torch.bool)
     asks = (_asks(rendered.text, lines) & (tokens < INSTRUCTION_LINE_TOKENS) & ~pruned).nonzero().flatten().tolist()

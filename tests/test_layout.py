@@ -221,3 +221,14 @@ def test_passage_units_keep_whole_passages_with_or_without_named_documents(tiny_
     shares = document_retention(result.prompt_text, result.kept_char_spans, PASSAGES)
     whole, dropped = shares.count(1.0), shares.count(0.0)
     assert whole >= 3 and dropped >= 9 and whole + dropped >= len(PASSAGES) - 1
+
+
+def test_a_question_line_ending_the_user_turn_is_found(tiny_llama, tokenizer):
+    """The chat template closes the turn on the question's own line ("...?<|im_end|>"); the question is still
+    found, protected and seeds selection, so the prompt is not taken as query-free."""
+    messages = [{"role": "user", "content": f"{CONTEXT}\n\nAnswer briefly. {QUESTION}"}]
+    rendered, layout = engine_for(tiny_llama, tokenizer)._prepare(messages=messages)
+    assert not layout.query_free and layout.num_prunable > 0
+    question = rendered.text.rindex(QUESTION)
+    protected = rendered.char_spans(torch.nonzero(~layout.prunable).flatten())
+    assert any(a <= question and question + len(QUESTION) <= b for a, b in protected)

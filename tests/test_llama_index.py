@@ -22,7 +22,7 @@ CONTEXT = "The secret pass code for the vault is 48213. The vault is in the base
 QUESTION = "What is the secret pass code for the vault?"
 STATS_KEYS = {"prompt_tokens", "kept_tokens", "kept_ratio", "prefill_seconds", "selection_layers", "kept_char_spans",
               "method", "prompt_text", "context_source", "protected_tokens", "prunable_tokens", "kept_prunable_tokens",
-              "protected_char_spans"}
+              "protected_char_spans", "query_free"}
 
 
 @pytest.fixture(scope="module")
