@@ -19,6 +19,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2",
 _SELF_CAUSAL_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
+def padding(pads: list[int], device: torch.device) -> torch.Tensor | None:
+    """Per-row left padding as `attention_mask` takes it: a tensor on `device`, or None when no row is padded
+    (the host check keeps unpadded batches on the mask-free path)."""
+    return torch.tensor(pads, device=device) if any(pads) else None
+
+
 class UnsupportedArchitectureError(ValueError):
     """The model's family is not one PromptDistill knows how to drive."""
 
@@ -70,20 +76,20 @@ class Architecture:
         return {kind: shared for kind in set(self.layer_types)}
 
     def attention_mask(self, layer_idx: int, query_positions: torch.Tensor, key_positions: torch.Tensor,
-                       key_pads: list[int], last_position: int, dtype: torch.dtype) -> torch.Tensor | None:
+                       key_pads: torch.Tensor | None, last_position: int,
+                       dtype: torch.dtype) -> torch.Tensor | None:
         """Additive mask [B, 1, q, k] built from original positions, or None when the backend needs none.
 
         `query_positions` [B, q] and `key_positions` [B, k] are the rows' original positions; each batch row's
-        keys are left-padded by `key_pads[b]` (host ints). Positions, not indices, decide causality and windows,
-        because pruned sequences have gaps. `last_position` (a host int, so no device sync) tells whether a
+        keys are left-padded by `key_pads[b]` (see `padding`; None when no row is). Positions, not indices,
+        decide causality and windows, because pruned sequences have gaps. `last_position` (a host int, so no device sync) tells whether a
         sliding window can exclude anything yet. Padding query rows see every key, so no row is all masked.
         """
         if self.attn_implementation.startswith("flash"):
             return None  # flash kernels take no dense mask (the scheduler never pads rows for them)
         window = self.windows[layer_idx]
         window_bites = window is not None and last_position >= window
-        padded = any(key_pads)
-        if not padded and not window_bites and (query_positions.shape[-1] == 1
+        if key_pads is None and not window_bites and (query_positions.shape[-1] == 1
                                                  or self.attn_implementation in _SELF_CAUSAL_BACKENDS):
             return None
         # Comparisons, not a position difference: an int64 [B, q, k] difference would be 8x the boolean mask.
@@ -91,11 +97,11 @@ class Architecture:
         allowed = keys <= queries
         if window is not None:
             allowed &= keys > queries - window
-        if padded:
-            pads = torch.tensor(key_pads, device=key_positions.device)
-            allowed &= (torch.arange(key_positions.shape[1], device=pads.device) >= pads[:, None])[:, None, :]
-            query_pads = pads + query_positions.shape[1] - key_positions.shape[1]  # queries are the last rows
-            allowed |= (torch.arange(query_positions.shape[1], device=pads.device) < query_pads[:, None])[:, :, None]
+        if key_pads is not None:
+            device = key_pads.device
+            allowed &= (torch.arange(key_positions.shape[1], device=device) >= key_pads[:, None])[:, None, :]
+            query_pads = key_pads + query_positions.shape[1] - key_positions.shape[1]  # queries are the last rows
+            allowed |= (torch.arange(query_positions.shape[1], device=device) < query_pads[:, None])[:, :, None]
         blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
         return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), blocked)[:, None]
 

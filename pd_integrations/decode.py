@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .arch import padding
 from .methods import Prefill
 from .runtime import Runtime
 
@@ -123,13 +124,15 @@ class DecodeBatch:
         hidden = arch.decoder.embed_tokens(tokens.view(-1, 1))
         positions = torch.tensor(self.positions, device=tokens.device)[:, None]
         cos_sin = arch.position_embeddings(hidden, positions)
-        masks = {}  # layers whose keys share width, pads and window share a mask
+        masks, pads = {}, {}  # layers whose keys share width, pads and window share a mask; pads, one copy each
         for i in range(arch.num_layers):
             self.key_positions[i] = torch.cat([self.key_positions[i], positions], dim=1)
-            window = arch.windows[i]
-            shape = (window, self.key_positions[i].shape[1], tuple(self.key_pads[i]))
+            window, layer_pads = arch.windows[i], tuple(self.key_pads[i])
+            shape = (window, self.key_positions[i].shape[1], layer_pads)
             if window is not None or shape not in masks:
-                masks[shape] = arch.attention_mask(i, positions, self.key_positions[i], self.key_pads[i],
+                if layer_pads not in pads:
+                    pads[layer_pads] = padding(layer_pads, tokens.device)
+                masks[shape] = arch.attention_mask(i, positions, self.key_positions[i], pads[layer_pads],
                                                    max(self.positions), hidden.dtype)
             hidden = arch.run_layer(i, hidden, masks[shape], positions, self.cache, cos_sin)
         self.positions = [p + 1 for p in self.positions]

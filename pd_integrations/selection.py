@@ -33,8 +33,8 @@ class Selector:
     @classmethod
     def from_config(cls, config) -> Selector:
         """The selector a resolved `PromptDistillConfig` describes."""
-        return cls(config.aggregation or "softmax_mean", config.pool_kernel or 1, config.unit_score or "max",
-                   config.unit_topk or 8)
+        return cls(config.aggregation or "softmax_mean", config.pool_kernel or 1, config.unit_score or cls.unit_score,
+                   config.unit_topk or cls.unit_topk)
 
     def head_scores(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
                     query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
@@ -60,8 +60,8 @@ class Selector:
 
         `candidates` marks the prunable rows; `num_candidates` is their count, known on the host, so no device
         sync is needed. With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences,
-        documents) are taken in the order of their `unit_score` (by default their best token's score); the last unit taken is cut to its start to
-        fit the budget exactly. Pooling smooths scores along the candidates only.
+        documents) are taken in the order of their `unit_score` (by default their best token's score); the last unit
+        taken is cut to its start to fit the budget exactly. Pooling smooths scores along the candidates only.
         """
         # Candidates first, each group in row order.
         order = torch.argsort((~candidates).to(torch.uint8), stable=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ..arch import padding
 from ..layout import RowLayout
 from ..runtime import Runtime
 from ..selection import Selector
@@ -120,8 +121,9 @@ class PrefillState:
         arch, layer_input = self.runtime.arch, self.hidden
         window = arch.windows[i]
         if window not in self.masks:
-            self.masks[window] = arch.attention_mask(i, self.positions, self.positions, self.pads,
-                                                     self._last_position(), self.hidden.dtype)
+            self.masks[window] = arch.attention_mask(i, self.positions, self.positions,
+                                                     padding(self.pads, self.hidden.device), self._last_position(),
+                                                     self.hidden.dtype)
         self.hidden = arch.run_layer(i, self.hidden, self.masks[window], self.positions, self.cache, self.cos_sin)
         self.key_positions.append(self.positions)
         self.key_lengths.append(list(self.lengths))
