@@ -64,6 +64,8 @@ class DistillSettings(BaseModel):
     pool_kernel: Optional[int] = Field(default=None, description="config.pool_kernel.")
     unit_score: Optional[str] = Field(default=None, description="config.unit_score: max, mean or topk_mean.")
     unit_topk: Optional[int] = Field(default=None, description="config.unit_topk.")
+    detrend_window: Optional[int] = Field(
+        default=None, description="config.detrend_window: candidates whose mean score each score is divided by (0 = off).")
     query_source: Optional[str] = Field(default=None, description="config.query_source: auto or last_token.")
     tail_tokens: Optional[int] = Field(default=None, description="config.tail_tokens.")
     max_probe_tokens: Optional[int] = Field(default=None, description="config.max_probe_tokens.")

@@ -221,13 +221,14 @@ def compare_scoring(engine: PromptDistillEngine, probes: list[NeedleProbe], budg
 
 @dataclass(frozen=True)
 class Schedule:
-    """A candidate profile: stages of (layer, budget, heads) with one span mode and unit scoring. Budgets are ints,
-    fractions or length-aware `BudgetRule`s (see `config.BudgetRule`)."""
+    """A candidate profile: stages of (layer, budget, heads) with one span mode, unit scoring and detrend window.
+    Budgets are ints, fractions or length-aware `BudgetRule`s (see `config.BudgetRule`)."""
 
     stages: tuple[tuple[int, int | float | BudgetRule, tuple[int, ...] | None], ...]
     span: str
     chunk_size: int | None
     unit_score: str = "max"
+    detrend_window: int = 0
 
     def settings(self) -> dict:
         settings = {"selection_layers": [s[0] for s in self.stages],
@@ -237,7 +238,12 @@ class Schedule:
                     "chunk_size": self.chunk_size or 32}
         if self.unit_score != "max":
             settings["unit_score"] = self.unit_score
+        if self.detrend_window:
+            settings["detrend_window"] = self.detrend_window
         return settings
+
+    def selector(self) -> Selector:
+        return Selector("softmax_mean", 1, self.unit_score, detrend_window=self.detrend_window)
 
     def budgets_at(self, prunable: int) -> list[int]:
         """Tokens each stage keeps of `prunable` context tokens (as `RowLayout.stage_budgets` resolves them)."""
@@ -280,7 +286,7 @@ def predicted_prefill_ratio(schedule: Schedule, num_layers: int, length: int, pr
 def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
     """Replay `schedule` on the recorded scores; True when every evidence token (the needle, or a RAG probe's
     answer sentence) survives every stage."""
-    selector = Selector("softmax_mean", 1, schedule.unit_score)
+    selector = schedule.selector()
     kept = torch.arange(record.scores.shape[-1])
     remaining = int(record.prunable.sum())
     units = record.units(schedule.span, schedule.chunk_size)
@@ -295,19 +301,19 @@ def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
 
 
 def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None, span: str,
-                  chunk_size: int | None, unit_score: str = "max") -> int:
+                  chunk_size: int | None, unit_score: str = "max", detrend_window: int = 0) -> int:
     """The smallest single-stage budget at `layer` that keeps every prunable evidence token of `record`: the
     candidate tokens of every unit the selector ranks up to the evidence's last unit (0 when no evidence token is
     prunable). A single-stage schedule keeps the evidence exactly when its resolved budget is at least this, so
     every budget and budget rule can be judged from one number per probe."""
     from .selection import unit_scores
 
-    selector = Selector("softmax_mean", 1)
+    selector = Selector("softmax_mean", 1, detrend_window=detrend_window)
     candidates = record.prunable.nonzero().flatten()
     evidence = record.needle_tokens[record.prunable[record.needle_tokens]]
     if evidence.numel() == 0:
         return 0
-    scores = selector.score(record.scores[layer], heads)[candidates]
+    scores = selector.candidate_scores(selector.score(record.scores[layer], heads)[candidates])
     units = record.units(span, chunk_size)
     if units is None:  # tokens: everything scoring at least the weakest evidence token (ties count against it)
         weakest = scores[torch.searchsorted(candidates, evidence)].min()
@@ -322,91 +328,44 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
     return int(through[last])
 
 
-# The RAG search: length-aware budget rules (fraction, floor, cap), span units and unit scorings.
-RULE_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
-RULE_FLOORS = (0, 128, 256, 512)
-RULE_CAPS = (256, 512, 1024, 2048, None)
-RAG_SPANS = (("sentence", None), ("passage", None), ("chunk", 64))
-UNIT_SCORINGS = ("max", "mean", "topk_mean")
-
-
-def budget_rules() -> list[BudgetRule]:
-    """Every rule of the search grid (floor <= cap)."""
-    return [BudgetRule(f, floor, cap) for f, floor, cap in itertools.product(RULE_FRACTIONS, RULE_FLOORS, RULE_CAPS)
-            if cap is None or floor <= cap]
-
-
-def needed_table(records: list[ProbeRecord], layers, heads_by_layer: dict[int, tuple[int, ...]],
-                 spans=RAG_SPANS, scorings=UNIT_SCORINGS) -> dict[tuple, torch.Tensor]:
-    """`tokens_needed` of every record (a tensor, in record order) per (layer, heads, span, chunk_size, unit
-    scoring), for all heads and, where `heads_by_layer` has the layer, its retrieval heads."""
-    table = {}
-    for layer in tqdm(layers, desc="ranking evidence per layer", unit="layer", leave=False):
-        for heads in dict.fromkeys((None, heads_by_layer.get(layer))):
-            for (span, chunk), scoring in itertools.product(spans, scorings):
-                table[layer, heads, span, chunk, scoring] = torch.tensor(
-                    [tokens_needed(r, layer, heads, span, chunk, scoring) for r in records])
-    return table
-
-
-def single_stage_search(records: list[ProbeRecord], table: dict[tuple, torch.Tensor], rules=None
-                        ) -> list[tuple[Schedule, float]]:
-    """(schedule, share of records whose evidence it keeps) for every entry of `table` and every budget rule: a
-    single-stage schedule keeps a record's evidence exactly when its resolved budget reaches `tokens_needed`."""
-    rules = rules or budget_rules()
-    prunable = torch.tensor([int(r.prunable.sum()) for r in records])
-    resolved = {rule: torch.tensor([rule.resolve(int(n)) for n in prunable]) for rule in rules}
-    results = []
-    for (layer, heads, span, chunk, scoring), needed in table.items():
-        for rule in rules:
-            share = float((resolved[rule] >= needed).float().mean())
-            results.append((Schedule(((layer, rule, heads),), span, chunk, scoring), share))
-    return results
-
-
-def rank_schedules(results: list[tuple[Schedule, float]], num_layers: int, plan_lengths, protected: int = 60,
-                   min_share: float | None = None) -> list[tuple[Schedule, float, float]]:
-    """(schedule, kept share, mean predicted cost over `plan_lengths`) of the schedules keeping at least
-    `min_share` (default: the best share any reached), cheapest first."""
-    best = max(share for _, share in results) if min_share is None else min_share
-    ranked = [(s, share, sum(s.cost(num_layers, n, protected) for n in plan_lengths) / len(plan_lengths))
-              for s, share in results if share >= best]
-    return sorted(ranked, key=lambda item: (item[2], -item[1]))
-
-
 def rag_search(records: list[ProbeRecord], num_layers: int, plan_lengths=(2000, 4000, 8000),
-               first_fractions=(0.5, 0.6, 0.7), second_fractions=(0.15, 0.2, 0.25, 0.3), shortlist: int = 6,
-               spans=(("passage", None),), scorings=("max", "topk_mean")) -> list[dict]:
+               first_fractions=(0.5, 0.6, 0.7, 0.8), second_fractions=(0.15, 0.2, 0.25, 0.3), shortlist: int = 6,
+               spans=(("passage", None),), scorings=("max", "topk_mean"), detrend_windows=(0, 512, 1024)
+               ) -> list[dict]:
     """Every schedule tried on the RAG (and needle) `records`, as dicts with the schedule, its kept share and its
     predicted prefill ratio per plan length, cheapest first among equal shares.
 
-    Single-stage schedules (every layer from 2, all heads and each single head, each span unit and unit scoring,
-    every fraction) are judged exactly from `tokens_needed`. Two-stage ones pair the `shortlist` cheapest early
-    stages (layer < 2/3 of the depth) that keep every record at one of `first_fractions` with the `shortlist` best
-    later stages, at each of `second_fractions`, replayed with `keeps_needle` (the second stage scored from the
-    unpruned pass: an approximation)."""
+    Single-stage schedules (every layer from 2, all heads and each single head, each span unit, unit scoring and
+    detrend window, every fraction) are judged exactly from `tokens_needed`. Two-stage ones pair the `shortlist`
+    cheapest early stages (layer < 2/3 of the depth) that keep every record at one of `first_fractions` with the
+    `shortlist` best later stages of the same scoring, at each of `second_fractions`, replayed with `keeps_needle`
+    (the second stage scored from the unpruned pass: an approximation)."""
     heads_options = [None] + [(h,) for h in range(records[0].scores.shape[1])]
     prunable = torch.tensor([int(r.prunable.sum()) for r in records]).float()
     fractions = sorted(set(first_fractions) | set(second_fractions))
+    scoring_options = list(itertools.product(spans, scorings, detrend_windows))
     tried, exact = [], []
     for layer in tqdm(range(2, num_layers - 1), desc="single-stage search", unit="layer", leave=False):
-        for heads, (span, chunk), scoring in itertools.product(heads_options, spans, scorings):
-            needed = torch.tensor([tokens_needed(r, layer, heads, span, chunk, scoring) for r in records]) / prunable
-            exact.append((float(needed.max()), layer, heads, span, chunk, scoring))
+        for heads, ((span, chunk), scoring, window) in itertools.product(heads_options, scoring_options):
+            needed = torch.tensor([tokens_needed(r, layer, heads, span, chunk, scoring, window)
+                                   for r in records]) / prunable
+            exact.append((float(needed.max()), layer, heads, (span, chunk, scoring, window)))
             for f in fractions:
-                schedule = Schedule(((layer, BudgetRule(f), heads),), span, chunk, scoring)
+                schedule = Schedule(((layer, BudgetRule(f), heads),), span, chunk, scoring, window)
                 tried.append((schedule, float((needed <= f + 1e-9).float().mean())))
-    early = sorted((e for e in exact if e[1] < num_layers * 2 // 3 and e[0] <= max(first_fractions)),
-                   key=lambda e: (e[1], e[0]))[: shortlist]
-    late = sorted((e for e in exact if e[1] >= num_layers // 3), key=lambda e: e[0])[: shortlist]
-    for first, second in itertools.product(early, late):
-        if second[1] <= first[1] or first[3:] != second[3:]:
-            continue
-        f1 = min(f for f in first_fractions if f >= first[0] - 1e-9)
-        for f2 in second_fractions:
-            schedule = Schedule(((first[1], BudgetRule(f1), first[2]), (second[1], BudgetRule(f2), second[2])),
-                                first[3], first[4], first[5])
-            tried.append((schedule, sum(keeps_needle(schedule, r) for r in records) / len(records)))
+    for scoring in scoring_options:
+        options = [e for e in exact if e[3] == scoring]
+        early = sorted((e for e in options if e[1] < num_layers * 2 // 3 and e[0] <= max(first_fractions)),
+                       key=lambda e: (e[1], e[0]))[: shortlist]
+        late = sorted((e for e in options if e[1] >= num_layers // 3), key=lambda e: e[0])[: shortlist]
+        for first, second in itertools.product(early, late):
+            if second[1] <= first[1]:
+                continue
+            f1 = min(f for f in first_fractions if f >= first[0] - 1e-9)
+            for f2 in second_fractions:
+                schedule = Schedule(((first[1], BudgetRule(f1), first[2]), (second[1], BudgetRule(f2), second[2])),
+                                    *scoring)
+                tried.append((schedule, sum(keeps_needle(schedule, r) for r in records) / len(records)))
     rows = [{"schedule": schedule, "kept_share": share,
              "predicted_prefill_ratio": {n: round(predicted_prefill_ratio(schedule, num_layers, n), 3)
                                          for n in plan_lengths}} for schedule, share in tried]
@@ -519,12 +478,17 @@ def rag_answer_rate(engine: PromptDistillEngine, probes: list, desc: str) -> flo
     return answered / len(probes)
 
 
+RAG_ORDERS = ("spread", "rank")
+
+
 def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None,
                   rag_lengths: tuple[int, ...] = (1000, 2000), rag_samples: int = 4, seed: int = 100,
-                  records_path: Path | None = None, from_records: list[Path] | None = None, verify: int = 6,
+                  rag_orders: tuple[str, ...] = ("spread", "rank"), records_path: Path | None = None, from_records: list[Path] | None = None, verify: int = 6,
                   plan_lengths: tuple[int, ...] = (2000, 4000, 8000), out: Path | None = None) -> Profile:
     """Calibrate on RAG-shaped probes: depot notes retrieved by MiniLM (`bench.depots`), in the three prompt shapes,
-    each sample's answer passage moved to its own depth; choose the schedule (layers, heads, span unit, unit
+    in each of `rag_orders`: "spread" moves each sample's answer passage to its own depth, "rank" keeps the
+    retriever's order (the answer's passage first, farthest from the question: the hard case for early layers);
+    choose the schedule (layers, heads, span unit, unit
     scoring, length-aware budget fractions) that keeps the answer's sentence in every probe at the lowest
     predicted prefill cost, verify the cheapest five end to end against full attention, and write the profile.
 
@@ -537,8 +501,12 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     num_layers = engine.arch.num_layers
     key = profile_key(model)
     records_path = records_path or cache_dir() / "calibration" / f"{key}.rag.pt"
-    probes = ragbench.probes(engine.tokenizer, list(rag_lengths), list(ragbench.SHAPES), rag_samples, seed,
-                             spread=True)
+    unknown = set(rag_orders) - set(RAG_ORDERS)
+    if not rag_orders or unknown:
+        raise ValueError(f"rag_orders must be one or more of {', '.join(RAG_ORDERS)}, got {list(rag_orders)!r}")
+    probes = [probe for order in rag_orders
+              for probe in ragbench.probes(engine.tokenizer, list(rag_lengths), list(ragbench.SHAPES), rag_samples,
+                                           seed, spread=order == "spread")]
     if from_records:
         records = [record for path in from_records for record in load_records(path)]
     else:
@@ -568,6 +536,7 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     profile = Profile(key, num_layers, chosen.settings())
     measurements = {"calibration": {
         "rag_probes": len(records), "rag_lengths": list(rag_lengths), "rag_samples": rag_samples, "seed": seed,
+        "rag_orders": list(rag_orders),
         "records": str(records_path), "schedules_tried": len(tried), "predicted_kept_share": best,
         "predicted_prefill_ratio": {str(n): round(predicted_prefill_ratio(chosen, num_layers, n), 3)
                                     for n in plan_lengths},
@@ -593,6 +562,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="calibrate on RAG-shaped probes (retrieved look-alike passages, three prompt shapes)")
     parser.add_argument("--rag-lengths", type=int, nargs="+", default=[1000, 2000])
     parser.add_argument("--rag-samples", type=int, default=4, help="questions per length and shape")
+    parser.add_argument("--rag-orders", nargs="+", default=list(RAG_ORDERS), choices=RAG_ORDERS,
+                        help="passage orders probed: answer spread over depths, and the retriever's rank order")
     parser.add_argument("--records", type=Path, default=None,
                         help="where --rag saves its recorded attention (default: the cache's calibration/)")
     parser.add_argument("--from-records", type=Path, nargs="+", default=None,
@@ -613,7 +584,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.rag or args.from_records:
         started = time.perf_counter()
         profile = calibrate_rag(args.model, rag_lengths=tuple(args.rag_lengths), rag_samples=args.rag_samples,
-                                seed=args.seed if args.seed else 100, records_path=args.records,
+                                seed=args.seed if args.seed else 100, rag_orders=tuple(args.rag_orders),
+                                records_path=args.records,
                                 from_records=args.from_records, verify=args.verify, out=args.out)
         print(f"profile written to {profile.source} in {time.perf_counter() - started:.0f} s:\n"
               f"{Path(profile.source).read_text()}")

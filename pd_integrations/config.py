@@ -33,7 +33,7 @@ FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool
 FALLBACK_BUDGET = 1024
 
 SCORING_FIELDS = ("query_source", "aggregation", "pool_kernel", "span", "chunk_size", "heads", "unit_score",
-                  "unit_topk")
+                  "unit_topk", "detrend_window")
 PROFILE_FIELDS = ("selection_layers", "budgets", *SCORING_FIELDS)
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -141,6 +141,9 @@ class PromptDistillConfig:
     unit_score: how a span unit (chunk, sentence, document) is ranked from its tokens' scores: "max" (its best
         token, the default), "mean", or "topk_mean" (the mean of its `unit_topk` best tokens).
     unit_topk: tokens averaged per unit by "topk_mean" (default 8).
+    detrend_window: rank each candidate by its score over the mean score of the `detrend_window` candidates around
+        it (0 = off, the default), so that early layers' decay of attention with distance does not bury the
+        passages farthest from the question (see `Selector`). Needs a softmax aggregation.
     max_probe_tokens: longest `query` accepted as a transient probe.
     context_min_tokens: without `documents=`, the fewest tokens a message needs to be taken as the retrieved
         context (see `pd_integrations.layout`); shorter prompts are not pruned.
@@ -160,6 +163,7 @@ class PromptDistillConfig:
     heads: tuple[tuple[int, ...] | None, ...] | None = None
     unit_score: str | None = None
     unit_topk: int | None = None
+    detrend_window: int | None = None
     max_probe_tokens: int = 256
     context_min_tokens: int = 256
 
@@ -196,6 +200,11 @@ class PromptDistillConfig:
         _check_choice("unit_score", self.unit_score, UNIT_SCORES, optional=True)
         if self.unit_topk is not None and not (_is_int(self.unit_topk) and self.unit_topk >= 1):
             raise ValueError(f"unit_topk must be an int >= 1, got {self.unit_topk!r}")
+        if self.detrend_window is not None and not (_is_int(self.detrend_window) and self.detrend_window >= 0):
+            raise ValueError(f"detrend_window must be an int >= 0 (0 = off), got {self.detrend_window!r}")
+        if self.detrend_window and self.aggregation == "logits_mean":
+            raise ValueError("detrend_window divides by mean scores, which needs positive scores: use aggregation "
+                             "'softmax_mean' or 'softmax_max' with it, not 'logits_mean'")
         if not isinstance(self.cache_truncation, bool):
             raise ValueError(f"cache_truncation must be True or False, got {self.cache_truncation!r}")
         if self.pool_kernel is not None and not (_is_int(self.pool_kernel) and self.pool_kernel >= 1

@@ -23,18 +23,23 @@ class Selector:
     pool_kernel: odd avg-pool width over candidate scores (1 = none).
     unit_score: how span units are ranked from their tokens' scores: "max", "mean" or "topk_mean" (the mean of the
         unit's `unit_topk` best tokens, all of them in shorter units).
+    detrend_window: candidates around each one (its own included) whose mean score divides its score before
+        ranking (0 = off). Attention decays with distance, strongly in early layers: at 8k tokens the passage
+        farthest from the question (the retriever's first) ranks near the bottom at a layer that finds it at 2k.
+        Relative to its neighbourhood it stands out again. Needs a softmax aggregation (positive scores).
     """
 
     aggregation: str
     pool_kernel: int
     unit_score: str = "max"
     unit_topk: int = 8
+    detrend_window: int = 0
 
     @classmethod
     def from_config(cls, config) -> Selector:
         """The selector a resolved `PromptDistillConfig` describes."""
         return cls(config.aggregation or "softmax_mean", config.pool_kernel or 1, config.unit_score or cls.unit_score,
-                   config.unit_topk or cls.unit_topk)
+                   config.unit_topk or cls.unit_topk, config.detrend_window or 0)
 
     def head_scores(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
                     query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
@@ -66,15 +71,22 @@ class Selector:
         # Candidates first, each group in row order.
         order = torch.argsort((~candidates).to(torch.uint8), stable=True)
         candidate_rows, protected_rows = order[:num_candidates], order[num_candidates:]
-        candidate_scores = scores[candidate_rows]
-        if self.pool_kernel > 1:
-            candidate_scores = F.avg_pool1d(candidate_scores[None, None], self.pool_kernel, 1,
-                                            self.pool_kernel // 2)[0, 0]
+        candidate_scores = self.candidate_scores(scores[candidate_rows])
         if unit_ids is None:
             chosen = torch.topk(candidate_scores, budget, sorted=False).indices
         else:
             chosen = _top_units(candidate_scores, unit_ids[candidate_rows], budget, self.unit_score, self.unit_topk)
         return torch.sort(torch.cat([protected_rows, candidate_rows[chosen]])).values
+
+    def candidate_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The candidates' `scores` (in row order) as ranked: smoothed by the pool, then detrended."""
+        if self.pool_kernel > 1:
+            scores = F.avg_pool1d(scores[None, None], self.pool_kernel, 1, self.pool_kernel // 2)[0, 0]
+        if self.detrend_window > 1:
+            half = self.detrend_window // 2
+            local = F.avg_pool1d(scores[None, None], 2 * half + 1, 1, half, count_include_pad=False)[0, 0]
+            scores = scores / local.clamp(min=torch.finfo(scores.dtype).tiny)
+        return scores
 
 
 def unit_scores(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", topk: int = 8

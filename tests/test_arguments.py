@@ -177,6 +177,7 @@ SHORTCUTS = [
     ("context_min_tokens", 32, 32, 0, "context_min_tokens must be an int >= 1"),
     ("unit_score", "topk_mean", "topk_mean", "sum", "unit_score must be one of"),
     ("unit_topk", 4, 4, 0, "unit_topk must be an int >= 1"),
+    ("detrend_window", 1024, 1024, -1, "detrend_window must be an int >= 0"),
 ]
 
 

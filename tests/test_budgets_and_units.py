@@ -93,3 +93,26 @@ def test_keep_takes_whole_units_in_the_order_of_their_unit_score(how, kept):
     selector = Selector("softmax_mean", 1, how, 2)
     candidates = torch.ones(15, dtype=torch.bool)
     assert selector.keep(SCORES, candidates, 15, 6, UNITS).tolist() == kept
+
+
+def test_detrending_ranks_a_candidate_against_its_neighbourhood_not_its_distance():
+    # Scores rise toward the question (the end), as early layers' attention does; the first unit holds a token
+    # that stands out from its own neighbourhood but is weaker than every token of the last unit.
+    scores = torch.linspace(0.1, 1.0, 40)
+    scores[2] = 0.3
+    units = torch.arange(40) // 8
+    candidates = torch.ones(40, dtype=torch.bool)
+    assert Selector("softmax_mean", 1).keep(scores, candidates, 40, 8, units).tolist() == list(range(32, 40))
+    detrended = Selector("softmax_mean", 1, detrend_window=9)
+    assert detrended.keep(scores, candidates, 40, 8, units).tolist() == list(range(8))
+    # Off (0) and a window of 1 change nothing; a flat neighbourhood scores 1 everywhere.
+    assert torch.equal(Selector("softmax_mean", 1, detrend_window=1).candidate_scores(scores), scores)
+    assert torch.allclose(detrended.candidate_scores(torch.full((12,), 0.25)), torch.ones(12))
+
+
+def test_detrending_needs_positive_scores():
+    assert Selector.from_config(PromptDistillConfig(detrend_window=512)).detrend_window == 512
+    with pytest.raises(ValueError, match=r"detrend_window divides by mean scores.*not 'logits_mean'"):
+        PromptDistillConfig(detrend_window=512, aggregation="logits_mean")
+    with pytest.raises(ValueError, match=r"detrend_window must be an int >= 0 \(0 = off\), got 2.5"):
+        PromptDistillConfig(detrend_window=2.5)

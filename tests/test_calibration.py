@@ -355,6 +355,10 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     # The search starts at layer 2, where the needle (10 of 26 candidates) is kept from a fraction of 0.4.
     assert tried[0]["schedule"].stages == ((2, calibration.BudgetRule(0.4), None),)
     assert {row["kept_share"] for row in tried if row["schedule"].stages[0][1].fraction < 0.38} == {0.0}
+    # Every detrend window is searched, and the exact single-stage judgement agrees with a replay of each schedule.
+    single = [row for row in tried if len(row["schedule"].stages) == 1]
+    assert {row["schedule"].detrend_window for row in single} == {0, 512, 1024}
+    assert all(keeps_needle(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
 
 
 def test_rules_resolve_per_length_in_schedules_and_the_cost_model():
