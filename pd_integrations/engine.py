@@ -112,19 +112,23 @@ class PromptDistillEngine:
     def stream(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                query: str | None = None, documents: list[str] | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: str | list[str] | None = None, constraint: Constraint | None = None) -> GenerationStream:
+               stop: str | list[str] | None = None, constraint: Constraint | None = None,
+               tools: list[dict] | None = None, tool_format: str = "auto") -> GenerationStream:
         """Generate from exactly one of `prompt` (raw text), `messages` (chat template) or `input_ids`.
 
         `query` is the question that seeds selection and is never pruned; `documents` are the retrieved texts as
         they appear in the prompt, the only text then pruned (see `pd_integrations.layout` for what is pruned
         without them). Greedy when `temperature == 0`. Generation ends at EOS, at a `stop` string (removed from
         the text) or after `max_new_tokens`. A `constraint` (see `pd_integrations.sampling.Constraint`) restricts
-        each next token to a grammar and ends generation when its output is complete. Returns a
-        `GenerationStream` of text deltas. Raises `ValueError`/`TypeError` for bad arguments, naming the
-        parameter, before any model work. Concurrent calls share forwards (see `pd_integrations.scheduler`).
+        each next token to a grammar and ends generation when its output is complete (see
+        `pd_integrations.tools.output_grammar` for tool calls). `tools` (OpenAI tool dicts) are rendered with
+        `messages`, which may hold tool calls and results, in the model's chat template or the built-in format
+        (`tool_format`: "auto", "template" or "builtin"; see `pd_integrations.tools`); their signatures are never
+        pruned. Returns a `GenerationStream` of text deltas. Raises `ValueError`/`TypeError` for bad arguments,
+        naming the parameter, before any model work. Concurrent calls share forwards (see `pd_integrations.scheduler`).
         """
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
+        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
         events = queue.SimpleQueue()
         request = self._request(rendered, layout, events, 0, max_new_tokens, stops, constraint,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -143,19 +147,22 @@ class PromptDistillEngine:
                      documents: list[list[str] | None] | None = None, max_new_tokens: int = 256,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                      stop: str | list[str] | None = None,
-                     constraints: list[Constraint | None] | None = None) -> BatchStream:
+                     constraints: list[Constraint | None] | None = None, tools: list[list[dict] | None] | None = None,
+                     tool_format: str = "auto") -> BatchStream:
         """Generate for several rows at once, from exactly one of the lists `prompts`, `messages` or `input_ids`;
-        `queries`, `documents` and `constraints` are per-row lists (or None), and the sampling arguments apply
-        to every row (see `stream`). The rows are prefilled and decoded together, each selecting and stopping on
-        its own. Yields `(row, text_delta)`; the stream's `result` is the list of `GenerationResult`s, in row
-        order. Raises `ValueError`/`TypeError` naming the parameter and the row before any model work."""
+        `queries`, `documents`, `constraints` and `tools` are per-row lists (or None), and the sampling arguments
+        and `tool_format` apply to every row (see `stream`). The rows are prefilled and decoded together, each
+        selecting and stopping on its own. Yields `(row, text_delta)`; the stream's `result` is the list of
+        `GenerationResult`s, in row order. Raises `ValueError`/`TypeError` naming the parameter and the row before
+        any model work."""
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         rows = _batch_rows(prompts, messages, input_ids, queries=queries, documents=documents,
-                           constraints=constraints)
+                           constraints=constraints, tools=tools)
         events, requests, rendered = queue.SimpleQueue(), [], []
-        for i, (kind, value, query, docs, constraint) in enumerate(rows):
+        for i, (kind, value, query, docs, constraint, row_tools) in enumerate(rows):
             try:
-                rendered.append(self._prepare(**{kind: value}, query=query, documents=docs))
+                rendered.append(self._prepare(**{kind: value}, query=query, documents=docs, tools=row_tools,
+                                              tool_format=tool_format))
                 requests.append(self._request(*rendered[-1], events, i, max_new_tokens, stops, constraint,
                                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
             except (ValueError, TypeError) as error:
@@ -163,10 +170,11 @@ class PromptDistillEngine:
         return BatchStream(self._run(requests, [r for r, _ in rendered]))
 
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-                query: str | None = None, documents: list[str] | None = None) -> Prefill:
+                query: str | None = None, documents: list[str] | None = None, tools: list[dict] | None = None,
+                tool_format: str = "auto") -> Prefill:
         """Run only the prefill of one prompt (a batch of one) and return its `Prefill` (cache, next-token
         logits [1, vocab], and its row: kept indices, layout)."""
-        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
+        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
         method = method_for(self.config, [layout])
         with self.runtime.lock, torch.inference_mode():
             return method.prefill(self.runtime, [self._ids(rendered, layout)], [layout])
@@ -187,11 +195,11 @@ class PromptDistillEngine:
 
     # ---------------------------------------------------------------- render, lay out, request
 
-    def _prepare(self, prompt=None, messages=None, input_ids=None, query=None,
-                 documents=None) -> tuple[RenderedPrompt, RowLayout]:
+    def _prepare(self, prompt=None, messages=None, input_ids=None, query=None, documents=None, tools=None,
+                 tool_format="auto") -> tuple[RenderedPrompt, RowLayout]:
         """Render the input, locate its documents and lay out its rows; raises `ValueError`/`TypeError` for bad
         input or a prompt that (with its probe) exceeds the context window."""
-        rendered = render(self.tokenizer, prompt, messages, input_ids)
+        rendered = render(self.tokenizer, prompt, messages, input_ids, tools, tool_format)
         check_query(query)  # also for methods that ignore it: a bad query is a caller's bug either way
         prunes = METHOD_CLASSES[self.config.method].prunes
         if documents is not None:
@@ -277,6 +285,7 @@ class PromptDistillEngine:
             token_scores=None if row.scores is None else row.scores[: len(rendered.input_ids)].tolist(),
             document_retention=None if rendered.document_ranges is None else kept_shares(rendered.document_ranges,
                                                                                        kept_spans),
+            tool_format=rendered.tool_format,
         )
 
 
@@ -294,8 +303,9 @@ def _deltas(events: Generator[tuple[int, str], None, list[GenerationResult]]):
 
 
 def _batch_rows(prompts, messages, input_ids, **per_row) -> list[tuple]:
-    """Per row: (input kind as `_prepare` names it, the input, query, documents, constraint); raises naming the
-    parameter (and the row) for a missing or mixed input kind, an empty list, or per-row lists of another length."""
+    """Per row: (input kind as `_prepare` names it, the input, query, documents, constraint, tools); raises naming
+    the parameter (and the row) for a missing or mixed input kind, an empty list, or per-row lists of another
+    length."""
     given = [(kind, value) for kind, value in zip(_INPUT_KINDS, (prompts, messages, input_ids)) if value is not None]
     if len(given) != 1:
         raise ValueError(f"pass exactly one of {', '.join(_INPUT_KINDS)} (a list, one entry per row); "

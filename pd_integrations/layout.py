@@ -1,14 +1,16 @@
 """The row layout of a prefill: which prompt tokens selection may drop, which query rows score it, and the probe.
 
 Only retrieved context is prunable. Chat-template tokens and role headers, the system prompt (unless it holds the
-context), instructions, the question wherever it stands, earlier turns of a conversation and the text after the
-context are protected: they reach every layer. The engine and calibration both select within this layout.
+context), the tools' signatures, instructions, the question wherever it stands, earlier turns of a conversation and
+the text after the context are protected: they reach every layer. The engine and calibration both select within
+this layout.
 
 Where the context is, most precise first (`RowLayout.context_source`):
 - "documents": the retrieved texts a caller names with `documents=` (the adapters fill it from prompt templates);
   only their tokens are prunable.
 - "heuristic": no documents named. The one message (the whole text for a raw prompt) holding the most tokens is
-  the context when it has at least `context_min_tokens`. In it, the context block runs from the first to the
+  the context when it has at least `context_min_tokens`; the tools' signatures lie outside every message's range,
+  so however long they are they never count. In it, the context block runs from the first to the
   last passage-like line: at least `SHORT_LINE_TOKENS` tokens, not a question line ("Question: ...", "...?")
   under `INSTRUCTION_LINE_TOKENS` tokens, and, unless no other line qualifies, not a first or last line under
   that length (an instruction before or after the context). The block's lines are prunable, except question
@@ -116,6 +118,8 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         prunable = _heuristic_context(rendered, config.context_min_tokens)
         source = "heuristic" if bool(prunable.any()) else "none"
     prunable[: config.protect_head] = False
+    if rendered.tools_range is not None:  # tool signatures are instructions, however long
+        prunable &= ~_tokens_in(rendered, [rendered.tools_range])
     # Template markup (role headers, end-of-turn tokens) stays even inside a document's range.
     prunable &= ~torch.isin(torch.tensor(rendered.input_ids), torch.tensor(tokenizer.all_special_ids))
     if question is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .tools import builtin_messages, check_tool_format, check_tools, has_tool_messages, template_supports_tools
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,9 @@ class RenderedPrompt:
     """The prompt as the model sees it: `text` with per-token character `offsets` (both None for raw ids that
     don't round-trip through the tokenizer), where each chat message's content lies in `text` (for `messages`
     input), the character ranges of the caller's retrieved documents in `text`, if given, and whether the caller
-    passed token ids (`from_ids`) rather than text."""
+    passed token ids (`from_ids`) rather than text. With tools, `tools_range` is where their signatures lie in
+    `text` (never pruned) and `tool_format` how tools and tool messages were rendered ("template" or "builtin",
+    see `pd_integrations.tools`)."""
 
     input_ids: list[int]
     text: str | None
@@ -33,6 +36,8 @@ class RenderedPrompt:
     message_ranges: tuple[MessageRange, ...] | None = None
     document_ranges: tuple[tuple[int, int], ...] | None = None
     from_ids: bool = False
+    tools_range: tuple[int, int] | None = None
+    tool_format: str | None = None
 
     @property
     def last_user_start(self) -> int | None:
@@ -123,17 +128,26 @@ def kept_shares(ranges: list[tuple[int, int] | None], kept_char_spans: list[tupl
 # Code points Python's str.isspace() counts as whitespace (all lie below U+3001).
 _WHITESPACE = torch.tensor([c for c in range(0x3001) if chr(c).isspace()])
 
-def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> RenderedPrompt:
+def render(tokenizer, prompt: str | None, messages: list | None, input_ids, tools: list | None = None,
+           tool_format: str = "auto") -> RenderedPrompt:
     """Tokenize exactly one of `prompt` (raw text), `messages` (via the chat template) or `input_ids`.
+
+    `tools` (OpenAI tool dicts) go with `messages`, which may then also hold tool calls and results (see
+    `pd_integrations.tools` for their shape and for `tool_format`: "auto", "template" or "builtin").
 
     Raises `ValueError` when none or several are given, or the input is empty. `input_ids` must be a flat list
     (or tuple) of ints, or a 1-D (or [1, n]) integer tensor or array, every id in [0, `len(tokenizer)`); else
     `TypeError` (wrong type) or `ValueError` (wrong shape or id) naming `input_ids`, before any model work.
+    `ValueError` for tools without messages, malformed tool calls, and `tool_format="template"` with a chat
+    template that does not support tools.
     """
     given = [name for name, value in (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))
              if value is not None]
     if len(given) != 1:
         raise ValueError(f"pass exactly one of prompt, messages or input_ids, got {given or 'none'}")
+    check_tool_format(tool_format)
+    if tools and messages is None:
+        raise ValueError("tools need messages: they are rendered by the chat template")
     if prompt is not None:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -142,12 +156,10 @@ def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> R
         check_text("prompt", prompt)
         return _tokenize(tokenizer, prompt, add_special_tokens=True)
     if messages is not None:
-        if not isinstance(messages, (list, tuple)) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
-        for message in messages:
-            check_text("messages", message["content"])
+        _check_messages(messages)
+        tools = check_tools(tools) if tools else None
+        if tools or has_tool_messages(messages):
+            return _render_with_tools(tokenizer, messages, tools, tool_format)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         rendered = _tokenize(tokenizer, text, add_special_tokens=False)
         return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages))
@@ -158,6 +170,66 @@ def render(tokenizer, prompt: str | None, messages: list | None, input_ids) -> R
     if retokenized.input_ids == ids:
         return dataclasses.replace(retokenized, from_ids=True)
     return RenderedPrompt(ids, None, None, from_ids=True)
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
+    for i, message in enumerate(messages):
+        check_text("messages", message["content"])
+        calls = message.get("tool_calls")
+        if calls is None:
+            continue
+        if message["role"] != "assistant" or not isinstance(calls, (list, tuple)):
+            raise ValueError(f"messages[{i}].tool_calls must be a list, on an assistant message")
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                    and isinstance(function.get("arguments"), dict)):
+                raise ValueError(f"messages[{i}].tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
+                                 f"'function': {{'name': str, 'arguments': dict}}}}, got {call!r:.200}")
+
+
+def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None,
+                       tool_format: str) -> RenderedPrompt:
+    """Render a conversation with tools or tool messages in the model's template or the built-in format (see
+    `pd_integrations.tools`); the tools' signatures are located so that layout never prunes them."""
+    native = template_supports_tools(tokenizer)
+    if tool_format == "template" and not native:
+        raise ValueError("tool_format='template' but this model's chat template does not support tools (rendering "
+                         "with tools= does not write them, or not in the <tool_call> format); use "
+                         "tool_format='builtin' (or 'auto', which falls back to it) for the built-in format")
+    used = "template" if native and tool_format != "builtin" else "builtin"
+    if used == "template":
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        tools_range = _inserted_range(text, tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)) if tools else None
+    else:
+        messages = builtin_messages(messages, tools)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        tools_range = None
+        if tools:
+            block = builtin_messages([], tools)[0]["content"]
+            start = text.find(block)  # the template copies the system message verbatim
+            tools_range = (start, start + len(block)) if start >= 0 else None
+    rendered = _tokenize(tokenizer, text, add_special_tokens=False)
+    return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages, tools_range),
+                               tools_range=tools_range, tool_format=used)
+
+
+def _inserted_range(with_tools: str, without_tools: str) -> tuple[int, int]:
+    """The range of `with_tools` that rendering without tools lacks: all but the two texts' common prefix and
+    suffix (which covers the tools block wherever a template puts it)."""
+    prefix = 0
+    limit = min(len(with_tools), len(without_tools))
+    while prefix < limit and with_tools[prefix] == without_tools[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < limit - prefix and with_tools[-1 - suffix] == without_tools[-1 - suffix]:
+        suffix += 1
+    return prefix, len(with_tools) - suffix
 
 
 def check_text(name: str, text: str) -> None:
@@ -213,13 +285,21 @@ def _token_ids(input_ids, vocab_size: int) -> list[int]:
     return ids
 
 
-def _message_ranges(text: str, messages: list[dict]) -> tuple[MessageRange, ...]:
+def _message_ranges(text: str, messages: list[dict],
+                    tools_range: tuple[int, int] | None = None) -> tuple[MessageRange, ...]:
     """Each message's content range in the rendered `text`, found in order (templates copy contents verbatim);
-    a content the template changed or dropped is left out."""
+    a content the template changed or dropped is left out. None lies in the tools' signatures (`tools_range`): a
+    message that holds them (the built-in format's system message) keeps only its part before them."""
     ranges, cursor = [], 0
     for message in messages:
         content = message["content"] if isinstance(message["content"], str) else ""
         at = text.find(content, cursor) if content else -1
+        if tools_range is not None and at >= 0 and at < tools_range[1] and at + len(content) > tools_range[0]:
+            if at < tools_range[0]:  # holds the tools: its own text comes first
+                ranges.append(MessageRange(message["role"], at, tools_range[0]))
+                cursor = at + len(content)
+                continue
+            at = text.find(content, tools_range[1])  # a content that only recurs inside a tool's description
         if at >= 0:
             ranges.append(MessageRange(message["role"], at, at + len(content)))
             cursor = at + len(content)

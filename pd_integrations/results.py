@@ -18,6 +18,8 @@ class GenerationResult:
     `prefill_seconds` is the time to first token. `document_retention` is, for a call that named its `documents`,
     each one's share of characters kept. `query_free` is True when the prompt had nothing to seed selection (no
     query, no question line, only a summary-style instruction or the template's tail), so nothing was pruned.
+    `tool_format` says how tools and tool messages were rendered ("template": the model's chat template;
+    "builtin": the built-in Hermes text; None: there were none).
     """
 
     text: str
@@ -43,6 +45,7 @@ class GenerationResult:
     token_scores: list[float] | None = field(default=None, repr=False)
     document_retention: list[float] | None = None
     query_free: bool = False
+    tool_format: str | None = None
 
     def stats(self) -> dict:
         """What PromptDistill kept, as the adapters report it (LangChain `response_metadata["promptdistill"]`,
@@ -50,6 +53,7 @@ class GenerationResult:
         named its `documents`, `document_retention` holds each one's kept share (else pass the spans and the
         texts to `pd_integrations.kept_view.document_retention`)."""
         retention = {} if self.document_retention is None else {"document_retention": self.document_retention}
+        tools = {} if self.tool_format is None else {"tool_format": self.tool_format}
         return {
             "prompt_tokens": self.prompt_tokens,
             "kept_tokens": self.kept_tokens,
@@ -66,6 +70,7 @@ class GenerationResult:
             "protected_char_spans": self.protected_char_spans,
             "prompt_text": self.prompt_text,
             **retention,
+            **tools,
         }
 
 

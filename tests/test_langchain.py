@@ -354,9 +354,10 @@ def test_messages_become_chat_template_messages():
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "What is 2+2?"},
     ]
-    # A tool's result goes back as a user turn in the Hermes/Qwen2.5 format (see tests/test_structured.py).
+    # A tool's result stays a tool message; the chat template or the built-in format renders it (see
+    # tests/test_structured.py).
     assert to_engine_messages([ToolMessage("4", tool_call_id="call-1")]) == [
-        {"role": "user", "content": "<tool_response>\n4\n</tool_response>"}]
+        {"role": "tool", "content": "4", "tool_call_id": "call-1"}]
     with pytest.raises(ValueError, match="takes system, human, AI, tool and chat messages, got a 'function'"):
         to_engine_messages([FunctionMessage("4", name="add")])
     image = HumanMessage([{"type": "text", "text": "What is this?"},

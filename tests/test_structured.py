@@ -28,6 +28,8 @@ from pd_integrations.langchain import ChatPromptDistill
 from pd_integrations.langchain.chat_models import to_engine_messages
 from pd_integrations.langchain.tools import ToolCallStream
 from pd_integrations.llama_index import PromptDistillLLM
+from pd_integrations.prompt import render
+from pd_integrations.tools import builtin_messages
 
 from .conftest import tiny_model
 
@@ -190,19 +192,25 @@ def test_streamed_call_cut_off_keeps_its_name_and_partial_arguments():
 # ---------------------------------------------------------------- LangChain
 
 
-def test_tools_and_tool_results_render_through_the_chat_template(tiny_engine):
+def test_tools_and_tool_results_render_in_the_builtin_format(tiny_engine):
+    # The default model's template has no tools support: the Hermes text is written into plain messages.
     tools = [{"type": "function", "function": {"name": "set_alarm", "description": "Sets an alarm.",
                                                "parameters": set_alarm.tool_call_schema.model_json_schema()}}]
     call = AIMessage(content="", tool_calls=[{"name": "set_alarm", "args": {"hour": "six", "loud": True},
                                               "id": "call_1"}])
     messages = to_engine_messages([SystemMessage("Be brief."), HumanMessage("Wake me at six."), call,
-                                   ToolMessage("alarm at six", tool_call_id="call_1")], tools)
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "set_alarm"' in messages[0]["content"]
-    assert parse_tool_calls(messages[2]["content"]).calls[0][1:] == ("set_alarm", {"hour": "six", "loud": True})
-    assert messages[3]["content"] == "<tool_response>\nalarm at six\n</tool_response>"
-    text = tiny_engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert "<|im_start|>assistant\n<tool_call>" in text and "<tool_response>" in text
+                                   ToolMessage("alarm at six", tool_call_id="call_1")])
+    assert messages[2]["tool_calls"][0]["function"] == {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}}
+    assert messages[3] == {"role": "tool", "content": "alarm at six", "tool_call_id": "call_1"}
+    plain = builtin_messages(messages, tools)
+    assert [m["role"] for m in plain] == ["system", "user", "assistant", "user"]
+    assert plain[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "set_alarm"' in plain[0]["content"]
+    assert parse_tool_calls(plain[2]["content"]).calls[0][1:] == ("set_alarm", {"hour": "six", "loud": True})
+    assert plain[3]["content"] == "<tool_response>\nalarm at six\n</tool_response>"
+    rendered = render(tiny_engine.tokenizer, None, messages, None, tools)
+    assert rendered.tool_format == "builtin"
+    assert rendered.text == tiny_engine.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant\n<tool_call>" in rendered.text and "<tool_response>" in rendered.text
 
 
 def test_bind_tools_with_a_forced_choice_returns_valid_tool_calls(chat):
@@ -269,9 +277,9 @@ def test_bad_tool_choice_and_tools_raise_before_any_model_work(chat, monkeypatch
         chat.bind_tools([set_alarm], tool_choice="set_alarms")
     bad = {"type": "function", "function": {"name": "bad", "parameters": {"type": "object",
                                                                           "properties": {"x": {"type": "nope"}}}}}
-    with pytest.raises(ValueError, match="tool 'bad''s parameters cannot be compiled"):
+    with pytest.raises(ValueError, match=r"tools\[0\] \(tool 'bad'\) parameters cannot be compiled"):
         chat.bind_tools([bad]).invoke("hi")
-    with pytest.raises(ValueError, match="tool 'flat' has parameters that are not a JSON object schema"):
+    with pytest.raises(ValueError, match=r"tools\[0\] \(tool 'flat'\) has parameters that are not a JSON object"):
         chat.bind_tools([{"type": "function", "function": {"name": "flat", "parameters": {"type": "string"}}}])
     with pytest.raises(ValueError, match="method must be one of 'json_schema', 'function_calling', 'json_mode'"):
         chat.with_structured_output(Ticket, method="grammar")

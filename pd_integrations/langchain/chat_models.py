@@ -23,6 +23,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
+from ..tools import check_tool_choice, output_grammar
 from ._common import PromptDistillSettings, usage_metadata
 from .prompts import tagged_inputs
 from .tools import (
@@ -32,13 +33,8 @@ from .tools import (
     CompletePydanticParser,
     CompletePydanticToolsParser,
     ToolCallStream,
-    check_tool_choice,
     message_fields,
     openai_tools,
-    output_grammar,
-    render_tool_calls,
-    render_tool_response,
-    tools_system_prompt,
 )
 
 STRUCTURED_OUTPUT_METHODS = ("json_schema", "function_calling", "json_mode")
@@ -81,6 +77,12 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         ```
     """
 
+    tool_format: Literal["auto", "template", "builtin"] = "auto"
+    """How bound tools, tool calls and `ToolMessage`s reach the model: "template" renders them through the model's
+    chat template (`tools=`; templates that write the Hermes `<tool_call>` format, such as Qwen2.5's), "builtin"
+    writes that format as text for any template, "auto" uses the template when it can (see
+    `pd_integrations.tools`). "template" with a template that has no tools support raises `ValueError`."""
+
     @property
     def _llm_type(self) -> str:
         return "promptdistill-chat"
@@ -91,7 +93,7 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
                    tool_choice: dict | str | bool | None = None, parallel_tool_calls: bool = False,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind `tools` (BaseTools, functions, Pydantic models, TypedDicts or OpenAI tool dicts): their signatures
-        go into the system message (see `pd_integrations.langchain.tools`) and calls come back in
+        reach the model through its chat template or the built-in format (`tool_format`) and calls come back in
         `AIMessage.tool_calls` (`tool_call_chunks` when streaming).
 
         `tool_choice`: "auto" (default) lets the model answer in text or call a tool, every call constrained to a
@@ -158,10 +160,10 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         bound and so the output is parsed for calls)."""
         output = {name: kwargs.pop(name) for name in OUTPUT_OPTIONS if name in kwargs}
         call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
-        grammar = output_grammar(call.engine, output)
+        grammar = output_grammar(call.engine, **output)
         rendered_tools = output.get("tools") if output.get("tool_choice") != "none" else None
-        stream = call.stream(messages=to_engine_messages(messages, rendered_tools),
-                             constraint=grammar.constraint() if grammar else None)
+        stream = call.stream(messages=to_engine_messages(messages), tools=rendered_tools,
+                             tool_format=self.tool_format, constraint=grammar.constraint() if grammar else None)
         return call, stream, bool(rendered_tools)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -201,20 +203,17 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         return chunk
 
 
-_ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant", ToolMessage: "user"}
+_ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant", ToolMessage: "tool"}
 # Content blocks a message may hold besides text: an AI message's tool calls (rendered from `tool_calls`).
 _RENDERED_BLOCKS = {"text", "tool_call"}
 
 
-def to_engine_messages(messages: list[BaseMessage],
-                       tools: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
-    """LangChain messages as chat-template messages, consecutive same-role messages merged (many chat templates
-    require alternating roles). With `tools` (OpenAI tool dicts), their signatures lead the system message; an AI
-    message's tool calls and a tool message's result are rendered as text (see `pd_integrations.langchain.tools`).
+def to_engine_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as the engine's chat messages: consecutive same-role messages merged (many chat
+    templates require alternating roles), an AI message's tool calls as `tool_calls`, a tool message as a "tool"
+    message (its result prefixed "Error: " when it failed); how they are rendered is `pd_integrations.tools`'s.
     Names are dropped; other non-text content raises `ValueError`."""
-    converted: list[dict[str, str]] = []
-    if tools:
-        converted.append({"role": "system", "content": ""})
+    converted: list[dict[str, Any]] = []
     for message in messages:
         role = _role(message)
         if role is None:
@@ -229,17 +228,16 @@ def to_engine_messages(messages: list[BaseMessage],
             raise ValueError(f"ChatPromptDistill takes text content only, got {other[0]!r} content in a "
                              f"{message.type!r} message")
         if isinstance(message, ToolMessage):
-            text = render_tool_response(message)
+            error = "Error: " if message.status == "error" else ""
+            converted.append({"role": "tool", "content": error + message.text, "tool_call_id": message.tool_call_id})
         elif isinstance(message, AIMessage) and message.tool_calls:
-            text = render_tool_calls(message)
+            converted.append({"role": "assistant", "content": message.text, "tool_calls": [
+                {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["args"]}}
+                for call in message.tool_calls]})
+        elif converted and converted[-1]["role"] == role and set(converted[-1]) == {"role", "content"}:
+            converted[-1]["content"] = "\n\n".join(filter(None, [converted[-1]["content"], message.text]))
         else:
-            text = message.text
-        if converted and converted[-1]["role"] == role:
-            converted[-1]["content"] = "\n\n".join(filter(None, [converted[-1]["content"], text]))
-        else:
-            converted.append({"role": role, "content": text})
-    if tools:
-        converted[0]["content"] = "\n\n".join(filter(None, [converted[0]["content"], tools_system_prompt(tools)]))
+            converted.append({"role": role, "content": message.text})
     return converted
 
 
