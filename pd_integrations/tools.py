@@ -29,7 +29,8 @@ from .constraints import TOOL_CALL_BEGIN, TOOL_CALL_END, Grammar, Grammars, Tool
 
 __all__ = ["RESPONSE_FORMATS", "TOOL_CHOICES", "TOOL_FORMATS", "CallDelta", "ToolCallStream", "builtin_messages",
            "check_tool_choice", "check_tool_format", "check_tools", "has_tool_messages", "output_grammar",
-           "template_supports_tools", "tool_call_block", "tool_response_block", "tools_system_prompt"]
+           "resolve_tool_format", "template_supports_tools", "tool_call_block", "tool_response_block",
+           "tools_system_prompt"]
 
 TOOL_FORMATS = ("auto", "template", "builtin")
 # tool_choice values besides a tool's name: "auto" lets the model choose between text and calls, "none" hides
@@ -103,6 +104,17 @@ def check_tool_format(tool_format: Any) -> str:
     if tool_format not in TOOL_FORMATS:
         raise ValueError(f"tool_format must be one of {', '.join(map(repr, TOOL_FORMATS))}, got {tool_format!r}")
     return tool_format
+
+
+def resolve_tool_format(tokenizer, tool_format: str) -> str:
+    """"template" or "builtin": how `tool_format` renders tools with `tokenizer`'s chat template. Raises
+    `ValueError` for an unknown `tool_format`, and for "template" with a template that does not support tools."""
+    supported = template_supports_tools(tokenizer) if check_tool_format(tool_format) != "builtin" else False
+    if tool_format == "template" and not supported:
+        raise ValueError("tool_format='template' but this model's chat template does not support tools (rendering "
+                         "with tools= does not write them, or not in the <tool_call> format); use "
+                         "tool_format='builtin' (or 'auto', which falls back to it) for the built-in format")
+    return "template" if supported else "builtin"
 
 
 def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, tool_choice: Any = None,
@@ -269,6 +281,7 @@ class ToolCallStream:
         self._state = "text"  # "text", "header" (inside <tool_call>, before the arguments) or "arguments"
         self._index = -1
         self._after_call = False
+        self._arguments_start = False
 
     @property
     def calls(self) -> int:
@@ -315,8 +328,11 @@ class ToolCallStream:
                 return False
             self._index += 1
             out.append(CallDelta(self._index, new_tool_call_id(), json.loads(header.group(1)), ""))
-            self._buffer, self._state = self._buffer[header.end():], "arguments"
+            self._buffer, self._state, self._arguments_start = self._buffer[header.end():], "arguments", True
             return True
+        if self._arguments_start:  # the grammar may put a space before the arguments: not part of them
+            self._buffer = self._buffer.lstrip()
+            self._arguments_start = not self._buffer
         end = _CALL_END.search(self._buffer)
         if end is not None:
             if end.start():

@@ -92,6 +92,19 @@ def test_text_completion_stops_at_a_stop_string(client):
     assert response.promptdistill["method"] == "promptdistill"
 
 
+def test_default_model_calls_the_tool_with_the_asked_arguments(client):
+    # tests/test_serve_tools.py covers the tool-call format on a tiny model; only a trained one picks the values.
+    magic = {"type": "function", "function": {"name": "magic_function", "description": "Applies a magic function "
+             "to an input.", "parameters": {"type": "object", "properties": {"input": {"type": "integer"}},
+                                            "required": ["input"]}}}
+    question = "What is the value of magic_function(3)? Use the tool."
+    response = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": question}],
+                                              tools=[magic], tool_choice="required", max_tokens=40)
+    (call,) = response.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("magic_function", {"input": 3})
+    assert response.choices[0].finish_reason == "tool_calls" and response.promptdistill["tool_format"] == "builtin"
+
+
 # ---------------------------------------------------------------- LangChain and LlamaIndex
 
 
@@ -177,6 +190,29 @@ BAD_REQUESTS = {
     "misspelt setting": (422, "promptdistill.budget", None, chat(promptdistill={"budget": [8]})),
     "wrong type": (422, "messages[0].content", None, chat([{"role": "user", "content": 7}])),
     "body too large": (413, None, None, chat([{"role": "user", "content": "x" * 70_000}])),
+    # Structured output and tools: refused before any model work, naming the field.
+    "response_format schema that does not compile": (400, "response_format", None, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})),
+    "unknown response_format type": (400, "response_format", None, chat(response_format={"type": "xml"})),
+    "json_schema without a schema": (400, "response_format", None, chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x"}})),
+    "tool whose parameters do not compile": (400, "tools[0]", None, chat(tools=[
+        {"type": "function", "function": {"name": "bad", "parameters": {
+            "type": "object", "properties": {"x": {"type": "nope"}}}}}])),
+    "tool whose parameters are not an object": (400, "tools[1]", None, chat(tools=[
+        {"type": "function", "function": {"name": "ok"}},
+        {"type": "function", "function": {"name": "flat", "parameters": {"type": "string"}}}])),
+    "tool_choice naming an unknown tool": (400, "tool_choice", None, chat(
+        tools=[{"type": "function", "function": {"name": "ok"}}],
+        tool_choice={"type": "function", "function": {"name": "missing"}})),
+    "tools and response_format together": (400, "response_format", None, chat(
+        tools=[{"type": "function", "function": {"name": "ok"}}], response_format={"type": "json_object"})),
+    "tool call arguments that are not JSON": (400, "messages[1].tool_calls[0].function.arguments", None, chat([
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "ok", "arguments": "{not json"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"}])),
+    "a user message without content": (400, "messages[0].content", None, chat([{"role": "user", "content": None}])),
 }
 
 

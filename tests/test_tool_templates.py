@@ -20,8 +20,8 @@ from pd_integrations.loading import default_model_path
 from pd_integrations.prompt import render
 from pd_integrations.tools import builtin_messages, template_supports_tools
 
-from .conftest import TINY, tiny_model
-from .test_layout import CONTEXT, PASSAGES, QUESTION, engine_for
+from .conftest import TINY
+from .test_layout import PASSAGES, QUESTION, engine_for
 
 # Qwen2.5-Instruct's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-*-Instruct).
 QWEN25_TEMPLATE = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..tools import TOOL_FORMATS
 from .app import API_KEY_ENVIRONMENT, ServerSettings
 
 
@@ -29,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-kv-bytes", type=int,
                         help="KV cache of all running requests, each counted unpruned with its max_tokens; a "
                              "request that alone exceeds it gets 400, others wait (default: no bound)")
+    parser.add_argument("--tool-format", choices=TOOL_FORMATS, default=ServerSettings.tool_format,
+                        help="how requests' tools reach the model: its chat template ('template', for templates that "
+                             "write <tool_call> blocks, such as Qwen2.5's), the built-in Hermes text ('builtin'), or "
+                             "the template when it can ('auto', default)")
     parser.add_argument("--cors-origin", action="append", default=[],
                         help="allow browser requests from this origin (repeatable; default: no CORS)")
     parser.add_argument("--ray", action="store_true",
@@ -43,7 +48,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                           max_queued_requests=args.max_queued_requests, cors_origins=tuple(args.cors_origin),
                           max_batch_size=args.max_batch_size, max_prompt_tokens=args.max_prompt_tokens,
-                          max_kv_bytes=args.max_kv_bytes)
+                          max_kv_bytes=args.max_kv_bytes, tool_format=args.tool_format)
 
 
 def serve_here(settings: ServerSettings, host: str, port: int) -> None:

@@ -23,9 +23,10 @@ from starlette.types import Receive, Scope, Send
 from ..config import PromptDistillConfig
 from ..engine import GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL
+from ..tools import output_grammar, resolve_tool_format
 from .errors import SERVER_ERROR, RequestError, engine_rejection, install_error_handlers, logger
 from .limits import BodySizeLimit, RequestSlots
-from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest, ResponseIds
+from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest, Output, ResponseIds
 
 API_KEY_ENVIRONMENT = "PD_SERVE_API_KEY"
 STATS_HEADER = "x-promptdistill"
@@ -38,7 +39,9 @@ class ServerSettings:
 
     `api_key` None serves without authentication; `cors_origins` empty sends no CORS headers. The scheduler
     fields set the engine's (`engine.configure_scheduler`): rows decoded together, and the prompts and KV cache
-    it refuses; None keeps the engine's own.
+    it refuses; None keeps the engine's own. `tool_format` is how requests' tools reach the model (see
+    `pd_integrations.tools`): "auto", "template" (the model's chat template; checked when the app is created) or
+    "builtin".
     """
 
     model: str = DEFAULT_MODEL
@@ -52,6 +55,7 @@ class ServerSettings:
     max_batch_size: int | None = None
     max_prompt_tokens: int | None = None
     max_kv_bytes: int | None = None
+    tool_format: str = "auto"
 
     def scheduler_settings(self) -> dict:
         given = {"max_batch_size": self.max_batch_size, "max_prompt_tokens": self.max_prompt_tokens,
@@ -66,7 +70,9 @@ class ServerSettings:
 def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
     """The server's app: OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models` over `engine`,
     served under `settings.model`'s name, and an unauthenticated `/health`. The settings' scheduler fields apply
-    to the engine's runtime, which every engine over it shares."""
+    to the engine's runtime, which every engine over it shares. Raises `ValueError` for a `tool_format` the
+    engine's chat template cannot honour."""
+    resolve_tool_format(engine.tokenizer, settings.tool_format)
     if settings.scheduler_settings():
         engine.configure_scheduler(**settings.scheduler_settings())
     app = FastAPI(title="pd-serve", summary="PromptDistill behind OpenAI's API", docs_url=None, redoc_url=None)
@@ -75,7 +81,7 @@ def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSet
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    server = _Server(engine, settings.model, RequestSlots(settings.max_queued_requests))
+    server = _Server(engine, settings.model, RequestSlots(settings.max_queued_requests), settings.tool_format)
     authorized = [Depends(partial(_check_api_key, settings.api_key))] if settings.api_key else []
 
     app.get("/health")(lambda: {"status": "ok"})
@@ -96,8 +102,8 @@ class _Server:
     """The endpoints' state: the engine, the name it is served under, the request slots and the worker-thread
     limiter (one thread per admitted request, so no request waits for a thread while the engine could take it)."""
 
-    def __init__(self, engine: PromptDistillEngine, model_name: str, slots: RequestSlots):
-        self.engine, self.model_name, self.slots = engine, model_name, slots
+    def __init__(self, engine: PromptDistillEngine, model_name: str, slots: RequestSlots, tool_format: str):
+        self.engine, self.model_name, self.slots, self.tool_format = engine, model_name, slots, tool_format
         self.threads = anyio.CapacityLimiter(slots.capacity)
 
     def models(self) -> dict:
@@ -118,15 +124,19 @@ class _Server:
         except BaseException:
             self.slots.give_back()
             raise
+        output = request.output()
         if request.stream:
-            return _EventStream(generation, ids, request.include_usage())
+            return _EventStream(generation, output, ids, request.include_usage())
+        deltas = []
         try:
-            async for _ in generation.deltas():
+            async for text in generation.deltas():
                 if await http.is_disconnected():
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
+                deltas += output.feed(text)
         finally:
             await generation.close()
-        body = ids.completion(generation.stream.result)
+        result = generation.stream.result
+        body = ids.completion(result, deltas + output.close(), output.finish_reason(result))
         # Also as a header, for clients that drop unknown body fields (LangChain's ChatOpenAI shows headers in
         # response_metadata with include_response_headers=True).
         return JSONResponse(body, headers={STATS_HEADER: json.dumps(body["promptdistill"], separators=(",", ":"))})
@@ -138,19 +148,32 @@ class _Server:
         refused = request.unsupported()
         if refused:
             raise RequestError(400, refused[1], param=refused[0], code="unsupported_parameter")
+        invalid = request.invalid()
+        if invalid:
+            raise RequestError(400, invalid[1], param=invalid[0], code="invalid_value")
 
     async def _start(self, request: GenerationRequest) -> GenerationStream:
-        """The engine's stream for `request`; the engine checks every argument here, before any model work."""
+        """The engine's stream for `request`, constrained to the output it asks for (`response_format`, tools);
+        the grammar and the engine check every argument here, before any model work."""
         options = request.promptdistill
         try:
             engine = self.engine
             if options is not None and options.config_fields():
                 engine = engine.with_config(PromptDistillConfig(**options.config_fields()))
             selection = {} if options is None else {"query": options.query, "documents": options.documents}
-            return await self.in_thread(partial(engine.stream, **request.engine_input(), **selection,
-                                                 **request.sampling()))
+            return await self.in_thread(partial(self._open, engine, request, selection))
+        except ImportError as error:  # the grammar library is an optional extra
+            param = "tools" if request.output_options().get("tools") else "response_format"
+            raise RequestError(400, f"this server cannot constrain output: {error}", param=param,
+                               code="unsupported_parameter") from error
         except (ValueError, TypeError) as error:
             raise engine_rejection(error, request) from error
+
+    def _open(self, engine: PromptDistillEngine, request: GenerationRequest, selection: dict) -> GenerationStream:
+        # In a worker thread: the first grammar of a model scans its vocabulary (about a second).
+        grammar = output_grammar(engine, **request.output_options())
+        return engine.stream(**request.engine_input(), **selection, **request.sampling(), tool_format=self.tool_format,
+                             constraint=grammar.constraint() if grammar else None)
 
     async def in_thread(self, call, *args):
         return await anyio.to_thread.run_sync(call, *args, limiter=self.threads)
@@ -179,8 +202,8 @@ class _EventStream(StreamingResponse):
     """Server-sent events of one generation in OpenAI's chunk format, ending with `data: [DONE]`. Whichever way
     the response ends (finished, client gone, server stopping), the generation is closed."""
 
-    def __init__(self, generation: _Generation, ids: ResponseIds, with_usage: bool):
-        self.generation, self.ids, self.with_usage = generation, ids, with_usage
+    def __init__(self, generation: _Generation, output: Output, ids: ResponseIds, with_usage: bool):
+        self.generation, self.output, self.ids, self.with_usage = generation, output, ids, with_usage
         super().__init__(self._events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -190,19 +213,23 @@ class _EventStream(StreamingResponse):
             await self.generation.close()
 
     async def _events(self) -> AsyncIterator[str]:
-        ids, first = self.ids, True
+        ids, output, first = self.ids, self.output, True
         try:
             async for text in self.generation.deltas():
-                yield _event(ids.chunk(text, first=first, with_usage=self.with_usage))
-                first = False
+                for delta in output.feed(text):
+                    yield _event(ids.chunk(delta, first=first, with_usage=self.with_usage))
+                    first = False
         except Exception as error:  # the 200 has gone out: a failure can only be reported in the stream
             logger.exception("streaming generation failed", exc_info=error)
             yield _event(SERVER_ERROR.body())
             return
         result = self.generation.stream.result
+        for delta in output.close():
+            yield _event(ids.chunk(delta, first=first, with_usage=self.with_usage))
+            first = False
         if first:  # nothing was generated: the role still opens the message
-            yield _event(ids.chunk("", first=True, with_usage=self.with_usage))
-        yield _event(ids.chunk(result=result, with_usage=self.with_usage))
+            yield _event(ids.chunk({"content": ""}, first=True, with_usage=self.with_usage))
+        yield _event(ids.chunk(result=result, finish_reason=output.finish_reason(result), with_usage=self.with_usage))
         if self.with_usage:
             yield _event(ids.usage_chunk(result))
         yield "data: [DONE]\n\n"

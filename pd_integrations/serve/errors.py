@@ -24,7 +24,8 @@ logger = logging.getLogger("pd_integrations.serve")
 # empty ..."); these are the request fields each argument comes from.
 _ENGINE_ARGUMENTS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
                      "messages": "messages", "prompt": "prompt", "query": "promptdistill.query",
-                     "documents": "promptdistill.documents",
+                     "documents": "promptdistill.documents", "tools": "tools", "tool_choice": "tool_choice",
+                     "parallel_tool_calls": "parallel_tool_calls", "response_format": "response_format",
                      **{name: f"promptdistill.{name}" for name in PromptDistillConfig.__dataclass_fields__}}
 
 

@@ -8,19 +8,23 @@ being dropped silently. Value ranges (temperature, top_p, ...) are the engine's 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..constraints import TOOL_CALL_BEGIN
 from ..results import GenerationResult
+from ..tools import CallDelta, ToolCallStream
 
 # The statistics each response reports under "promptdistill"; the kept character spans and the rendered prompt
 # are left out because they grow with the prompt.
 REPORTED_STATS = ("prompt_tokens", "kept_tokens", "kept_ratio", "prefill_seconds", "selection_layers", "method",
                   "context_source", "protected_tokens", "prunable_tokens", "kept_prunable_tokens",
-                  "document_retention")
+                  "document_retention", "tool_format")
 
 
 class PromptDistillOptions(BaseModel):
@@ -51,14 +55,53 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    def invalid(self) -> tuple[str, str] | None:
+        """(field within the message, message) for the first field the engine cannot take, else None."""
+        if self.content is None and not self.tool_calls:
+            return "content", "content is required (it may be null only on an assistant message with tool_calls)"
+        for j, call in enumerate(self.tool_calls or ()):
+            if not isinstance(_json_object(call.function.arguments), dict):
+                return (f"tool_calls[{j}].function.arguments", f"tool_calls[{j}].function.arguments must be a JSON "
+                        f"object as a string, got {call.function.arguments!r:.100}")
+        return None
 
     def as_engine_message(self) -> dict:
-        """{"role", "content"} for the chat template: text parts joined, OpenAI's "developer" role as "system"."""
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """The engine's chat message: text parts joined, OpenAI's "developer" role as "system", earlier calls with
+        their arguments parsed (chat templates serialise them), a tool's result with its call's id."""
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(part.text for part in content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _json_object(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 class GenerationRequest(BaseModel):
@@ -87,6 +130,19 @@ class GenerationRequest(BaseModel):
             return "logprobs", "logprobs are not supported"
         return None
 
+    def invalid(self) -> tuple[str, str] | None:
+        """(param, message) for the first field whose value the engine cannot take and would not name, else
+        None."""
+        return None
+
+    def output_options(self) -> dict:
+        """The arguments of `pd_integrations.tools.output_grammar`: none, free text."""
+        return {}
+
+    def output(self) -> Output:
+        """How the response reports what the model generates."""
+        return Output(with_tools=False)
+
     @property
     def max_tokens_param(self) -> str:
         """The request field that set the engine's `max_new_tokens`, to name in an error."""
@@ -105,15 +161,29 @@ class GenerationRequest(BaseModel):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    # Checked by pd_integrations.tools.output_grammar, whose errors name the field.
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # unset: one call per turn (OpenAI: several; small models repeat one)
     response_format: dict | None = None
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tool calls are not supported"
-        if self.response_format and self.response_format.get("type") != "text":
-            return "response_format", "only response_format {\"type\": \"text\"} is supported"
-        return super().unsupported()
+    def invalid(self) -> tuple[str, str] | None:
+        for i, message in enumerate(self.messages):
+            if (refused := message.invalid()) is not None:
+                return f"messages[{i}].{refused[0]}", f"messages[{i}].{refused[1]}"
+        return super().invalid()
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether tools are offered to the model (given, and tool_choice is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def output_options(self) -> dict:
+        return {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls,
+                "response_format": self.response_format}
+
+    def output(self) -> Output:
+        return Output(with_tools=self.calls_tools)
 
     @property
     def max_tokens_param(self) -> str:
@@ -126,7 +196,8 @@ class ChatCompletionRequest(GenerationRequest):
         return sampling
 
     def engine_input(self) -> dict:
-        return {"messages": [message.as_engine_message() for message in self.messages]}
+        return {"messages": [message.as_engine_message() for message in self.messages],
+                "tools": self.tools if self.calls_tools else None}
 
 
 class CompletionRequest(GenerationRequest):
@@ -165,6 +236,57 @@ def usage(result: GenerationResult) -> dict:
             "total_tokens": result.prompt_tokens + result.output_tokens}
 
 
+class Output:
+    """What the model generates as OpenAI reports it: `delta`s of the text and, with tools offered, of the tool
+    calls split out of the generated `<tool_call>` blocks (`pd_integrations.tools.ToolCallStream`): a call's id,
+    type and name first, then fragments of its arguments' JSON, as OpenAI streams them. A non-streaming response
+    is its deltas merged, as a client merges a stream."""
+
+    def __init__(self, with_tools: bool):
+        self._calls = ToolCallStream() if with_tools else None
+
+    def feed(self, text: str) -> list[dict]:
+        if self._calls is None:
+            return [{"content": text}] if text else []
+        return [_delta(piece) for piece in self._calls.feed(text)]
+
+    def close(self) -> list[dict]:
+        """The deltas held back until the output ended."""
+        return [] if self._calls is None else [_delta(piece) for piece in self._calls.close()]
+
+    def finish_reason(self, result: GenerationResult) -> str:
+        """"tool_calls" when the model called a tool and stopped on its own; "length" stays, complete or not."""
+        called = self._calls is not None and self._calls.calls > 0
+        return "tool_calls" if called and result.finish_reason == "stop" else result.finish_reason
+
+
+def _delta(piece: str | CallDelta) -> dict:
+    if isinstance(piece, str):
+        return {"content": piece}
+    if piece.name is None and piece.id is not None:  # cut off before its name: no call, only the text it is
+        return {"content": TOOL_CALL_BEGIN + piece.arguments}
+    if piece.id is not None:
+        return {"tool_calls": [{"index": piece.index, "id": piece.id, "type": "function",
+                                "function": {"name": piece.name, "arguments": piece.arguments}}]}
+    return {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.arguments}}]}
+
+
+def merged_message(deltas: Iterable[dict]) -> dict:
+    """The assistant message that chat `deltas` add up to: content null when there are only tool calls."""
+    content, calls = "", {}
+    for delta in deltas:
+        content += delta.get("content", "")
+        for call in delta.get("tool_calls", ()):
+            if "id" in call:
+                calls[call["index"]] = {"id": call["id"], "type": "function", "function": dict(call["function"])}
+            else:
+                calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+    message = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        message["tool_calls"] = list(calls.values())
+    return message
+
+
 class ResponseIds:
     """The id, creation time and model name that every body of one response repeats."""
 
@@ -178,30 +300,30 @@ class ResponseIds:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
                 "choices": choices}
 
-    def completion(self, result: GenerationResult) -> dict:
-        """The whole response of a non-streaming request."""
+    def completion(self, result: GenerationResult, deltas: list[dict], finish_reason: str) -> dict:
+        """The whole response of a non-streaming request, from its `Output`'s deltas and finish reason."""
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "finish_reason": result.finish_reason, "logprobs": None}
+            choice = {"index": 0, "message": merged_message(deltas), "finish_reason": finish_reason,
+                      "logprobs": None}
             body = self._body("chat.completion", [choice])
         else:
-            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": result.text, "finish_reason": finish_reason, "logprobs": None}
             body = self._body("text_completion", [choice])
         return {**body, "usage": usage(result), "promptdistill": reported_stats(result)}
 
-    def chunk(self, text: str | None = None, *, first: bool = False, result: GenerationResult | None = None,
-              with_usage: bool = False) -> dict:
-        """One streamed chunk: a text delta, or (with `result`) the final one with the finish reason and the
-        PromptDistill statistics. With `with_usage`, every chunk carries `"usage": null`, as OpenAI's do."""
-        finish_reason = None if result is None else result.finish_reason
+    def chunk(self, delta: dict | None = None, *, first: bool = False, result: GenerationResult | None = None,
+              finish_reason: str | None = None, with_usage: bool = False) -> dict:
+        """One streamed chunk: a delta (an `Output`'s), or (with `result`) the final one with the finish reason
+        and the PromptDistill statistics. With `with_usage`, every chunk carries `"usage": null`, as OpenAI's
+        do."""
+        delta = delta or {}
         if self.kind == "chat":
-            delta = {} if text is None else {"content": text}
             if first:
                 delta = {"role": "assistant", **delta}
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             body = self._body("chat.completion.chunk", [choice])
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish_reason, "logprobs": None}
             body = self._body("text_completion", [choice])
         if result is not None:
             body["promptdistill"] = reported_stats(result)
