@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .tools import builtin_messages, check_tool_format, check_tools, has_tool_messages, template_supports_tools
+from .tools import builtin_messages, check_tool_format, check_tools, has_tool_messages, resolve_tool_format
 
 
 @dataclass(frozen=True)
@@ -196,12 +196,7 @@ def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None
                        tool_format: str) -> RenderedPrompt:
     """Render a conversation with tools or tool messages in the model's template or the built-in format (see
     `pd_integrations.tools`); the tools' signatures are located so that layout never prunes them."""
-    native = template_supports_tools(tokenizer)
-    if tool_format == "template" and not native:
-        raise ValueError("tool_format='template' but this model's chat template does not support tools (rendering "
-                         "with tools= does not write them, or not in the <tool_call> format); use "
-                         "tool_format='builtin' (or 'auto', which falls back to it) for the built-in format")
-    used = "template" if native and tool_format != "builtin" else "builtin"
+    used = resolve_tool_format(tokenizer, tool_format)
     if used == "template":
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         tools_range = _inserted_range(text, tokenizer.apply_chat_template(
