@@ -40,8 +40,9 @@ def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor
 
 def build(args: dict[str, str]) -> Application:
     """The application builder of `serve run pd_integrations.serve.ray_app:build key=value ...`: `model`,
-    `device`, `dtype`, `api_key`, `max_queued_requests`, `num_replicas` and `num_gpus`."""
-    settings = ServerSettings(**{key: value for key, value in args.items() if key in ("model", "device", "dtype")},
+    `device`, `dtype`, `tool_format`, `api_key`, `max_queued_requests`, `num_replicas` and `num_gpus`."""
+    settings = ServerSettings(**{key: value for key, value in args.items()
+                                 if key in ("model", "device", "dtype", "tool_format")},
                               api_key=args.get("api_key"),
                               max_queued_requests=int(args.get("max_queued_requests", 64)))
     actor = {"num_gpus": float(args["num_gpus"])} if "num_gpus" in args else None
