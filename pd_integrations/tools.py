@@ -60,10 +60,9 @@ For each function call, return a json object with function name and arguments wi
 
 def check_tools(tools: Any) -> list[dict[str, Any]]:
     """`tools` checked to be OpenAI tool dicts, `{"type": "function", "function": {"name", "description",
-    "parameters"}}`, with distinct names and object schemas as parameters. Raises `ValueError` naming `tools[i]`."""
+    "parameters"}}`, with names and object schemas as parameters. Raises `ValueError` naming `tools[i]`."""
     if not isinstance(tools, (list, tuple)):
         raise ValueError(f"tools must be a list of OpenAI tool dicts, got {type(tools).__name__}")
-    names: set[str] = set()
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         if not isinstance(function, dict):
@@ -72,9 +71,6 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError(f"tools[{index}].function.name must be a non-empty str, got {name!r}")
-        if name in names:
-            raise ValueError(f"tools[{index}]: another tool is already named {name!r}; tool names must be distinct")
-        names.add(name)
         parameters = function.get("parameters", _NO_PARAMETERS)
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
             raise ValueError(f"tools[{index}] (tool {name!r}) has parameters that are not a JSON object schema: "
@@ -101,6 +97,7 @@ def check_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
 
 
 def check_tool_format(tool_format: Any) -> str:
+    """`tool_format` checked to be one of `TOOL_FORMATS`; raises `ValueError` naming them."""
     if tool_format not in TOOL_FORMATS:
         raise ValueError(f"tool_format must be one of {', '.join(map(repr, TOOL_FORMATS))}, got {tool_format!r}")
     return tool_format
