@@ -343,10 +343,11 @@ def rag_search(records: list[ProbeRecord], num_layers: int, plan_lengths=(2000, 
     heads_options = [None] + [(h,) for h in range(records[0].scores.shape[1])]
     prunable = torch.tensor([int(r.prunable.sum()) for r in records]).float()
     fractions = sorted(set(first_fractions) | set(second_fractions))
-    scoring_options = list(itertools.product(spans, scorings, detrend_windows))
+    scoring_options = [(span, chunk, scoring, window) for (span, chunk), scoring, window
+                       in itertools.product(spans, scorings, detrend_windows)]
     tried, exact = [], []
     for layer in tqdm(range(2, num_layers - 1), desc="single-stage search", unit="layer", leave=False):
-        for heads, ((span, chunk), scoring, window) in itertools.product(heads_options, scoring_options):
+        for heads, (span, chunk, scoring, window) in itertools.product(heads_options, scoring_options):
             needed = torch.tensor([tokens_needed(r, layer, heads, span, chunk, scoring, window)
                                    for r in records]) / prunable
             exact.append((float(needed.max()), layer, heads, (span, chunk, scoring, window)))
