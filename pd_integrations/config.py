@@ -24,8 +24,9 @@ SPANS = ("token", "chunk", "sentence", "document", "passage")
 UNIT_SCORES = ("max", "mean", "topk_mean")
 
 # Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
-# which ranks identically), smoothed by avg-pool 5, selected token by token.
-PAPER_SCORING = {"query_source": "last_token", "aggregation": "logits_mean", "pool_kernel": 5, "span": "token"}
+# which ranks identically), smoothed by avg-pool 5, selected token by token, not detrended.
+PAPER_SCORING = {"query_source": "last_token", "aggregation": "logits_mean", "pool_kernel": 5, "span": "token",
+                 "detrend_window": 0}
 
 # Used when a model has no profile (see `fallback_schedule`).
 FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": "chunk",
