@@ -396,6 +396,9 @@ def resolve_config(config: PromptDistillConfig | None, load_profile: Callable[[]
         # GemFilter selects once, scored as in its paper (all heads).
         sources = [PAPER_SCORING] + [{k: v[:1] if k in ("selection_layers", "budgets") else v
                                       for k, v in source.items() if k != "heads"} for source in sources]
+    if config.aggregation == "logits_mean":
+        # Raw logits can be negative: a profile's detrending belongs to its softmax scores, not to the caller's.
+        sources = [{"detrend_window": 0}] + sources
     fill = {}
     for source in reversed(sources):
         fill.update({k: v for k, v in source.items() if getattr(config, k) is None})

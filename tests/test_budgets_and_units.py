@@ -116,3 +116,9 @@ def test_detrending_needs_positive_scores():
         PromptDistillConfig(detrend_window=512, aggregation="logits_mean")
     with pytest.raises(ValueError, match=r"detrend_window must be an int >= 0 \(0 = off\), got 2.5"):
         PromptDistillConfig(detrend_window=2.5)
+
+
+def test_a_callers_raw_logit_scoring_is_not_detrended_by_the_profile(default_engine):
+    assert default_engine.config.detrend_window == 1024  # the shipped profile detrends its softmax scores
+    config = default_engine.with_config(PromptDistillConfig(aggregation="logits_mean")).config
+    assert (config.aggregation, config.detrend_window) == ("logits_mean", 0)
