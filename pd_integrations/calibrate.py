@@ -245,6 +245,13 @@ class Schedule:
     def selector(self) -> Selector:
         return Selector("softmax_mean", 1, self.unit_score, detrend_window=self.detrend_window)
 
+    @classmethod
+    def of(cls, config: PromptDistillConfig) -> Schedule:
+        """The schedule of a resolved selecting config."""
+        heads = config.heads or (None,) * len(config.selection_layers)
+        return cls(tuple(zip(config.selection_layers, config.budgets, heads)), config.span, config.chunk_size,
+                   config.unit_score or "max", config.detrend_window or 0)
+
     def budgets_at(self, prunable: int) -> list[int]:
         """Tokens each stage keeps of `prunable` context tokens (as `RowLayout.stage_budgets` resolves them)."""
         resolved = [resolve_budget(budget, prunable) for _, budget, _ in self.stages]
@@ -281,6 +288,23 @@ def predicted_prefill_ratio(schedule: Schedule, num_layers: int, length: int, pr
         rows, start = min(rows, budget + protected), index + 1
     total += (num_layers - start) * layer(rows)
     return total / (num_layers * layer(length))
+
+
+def predicted_ratio_of(config: PromptDistillConfig, num_layers: int, prompt_tokens: int, protected_tokens: int
+                       ) -> float | None:
+    """The cost model's prefill ratio for a resolved `config` on a prompt of `prompt_tokens` tokens, `protected_tokens`
+    of them not prunable; None for full attention. GemFilter pays its scout layers on every row and then the whole
+    model on the kept rows."""
+    if config.method == "full":
+        return None
+    schedule = Schedule.of(config)
+    if config.method == "gemfilter":
+        (layer, _, _), = schedule.stages
+        kept = min(prompt_tokens, schedule.budgets_at(prompt_tokens - protected_tokens)[0] + protected_tokens)
+        def cost(rows):
+            return rows * (ROW_COST + rows / 2)
+        return ((layer + 1) * cost(prompt_tokens) + num_layers * cost(kept)) / (num_layers * cost(prompt_tokens))
+    return predicted_prefill_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
 
 
 def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:

@@ -100,8 +100,10 @@ def check_summary(data: dict, table: str, lengths, methods) -> None:
             assert row["prefill_ratio"] == row["kv_ratio"] == 1.0
         assert cells[:3] == [str(row["length"]), row["method"],
                              f"{mean_of(group, 'kept_tokens'):.0f} / {mean_of(group, 'prompt_tokens'):.0f}"]
-        assert (cells[4], cells[6]) == (f"{row['prefill_ratio']:.2f}×", f"{row['kv_ratio']:.2f}×")
-        assert cells[10:12] == [f"{mean_of(group, 'needles_kept'):.0%}", f"{mean_of(group, 'score'):.0%}"]
+        assert (cells[4], cells[7]) == (f"{row['prefill_ratio']:.2f}×", f"{row['kv_ratio']:.2f}×")
+        predicted = mean_of(group, "predicted_prefill_ratio") if row["method"] != "full" else None
+        assert cells[5] == ("–" if predicted is None else f"{predicted:.2f}×")
+        assert cells[11:13] == [f"{mean_of(group, 'needles_kept'):.0%}", f"{mean_of(group, 'score'):.0%}"]
 
 
 def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_model_dir, tokenizer):
@@ -150,11 +152,11 @@ def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_model_dir):
     assert pruned["kept_tokens"] < full["kept_tokens"] == full["prompt_tokens"] == pruned["prompt_tokens"]
     full_row, pruned_row = data["summary"]
     cells = table_rows(table)[2]
-    assert cells[5] == f"{pruned['kv_cache_bytes'] / 2**20:.1f}"
+    assert cells[6] == f"{pruned['kv_cache_bytes'] / 2**20:.1f}"
     if sys.platform == "linux":
         assert pruned_row["peak_memory_ratio"] == pytest.approx(pruned["peak_memory_bytes"]
                                                                 / full["peak_memory_bytes"])
-        assert cells[8:10] == [f"{pruned['peak_memory_bytes'] / 2**20:.0f}", f"{pruned_row['peak_memory_ratio']:.2f}×"]
+        assert cells[9:11] == [f"{pruned['peak_memory_bytes'] / 2**20:.0f}", f"{pruned_row['peak_memory_ratio']:.2f}×"]
         assert full_row["peak_memory_ratio"] == 1.0
 
 
@@ -232,7 +234,7 @@ def test_summary_ratios_and_table_without_full_attention():
     assert rows[0]["prefill_ratio"] is None
     assert rows[2]["prefill_ratio"] == 0.5 and rows[2]["kv_ratio"] == 0.25
     cells = table_rows(report.markdown_table(rows))
-    assert cells[1][4] == "–" and cells[3][4] == "0.50×" and cells[3][7] == "–"
+    assert cells[1][4] == "–" and cells[3][4] == "0.50×" and cells[3][5] == "–" and cells[3][8] == "–"
 
 
 def test_summary_rows_are_means_of_their_runs():
@@ -245,6 +247,8 @@ def test_summary_rows_are_means_of_their_runs():
     records = [run("full", "a", 1.0, 100, 4, 2.0, 10, 1.0), run("full", "b", 0.5, 100, 4, 4.0, None, 1.0),
                run("profile", "a", 0.0, 40, 1, 1.0, 2, 0.5), run("profile", "b", 0.75, 60, 2, 2.0, 4, 0.0),
                run("profile", "b", 0.25, 50, 3, 0.0, None, 1.0)]
+    for record, predicted in zip(records, (None, None, 0.4, 0.5, None)):
+        record["predicted_prefill_ratio"] = predicted
     full, profile = report.summarize(records, breakdown="task")
     assert (full["runs"], full["accuracy"], full["prefill_seconds"], full["peak_memory_mib"]) == (2, 0.75, 3.0, 10)
     assert full["accuracy_by_task"] == {"a": 1.0, "b": 0.5}
@@ -256,8 +260,9 @@ def test_summary_rows_are_means_of_their_runs():
     assert profile["kv_ratio"] == 0.5 and profile["peak_memory_ratio"] == 0.3  # runs without a peak are left out
     cells = table_rows(report.markdown_table([full, profile]))
     assert cells[0][-2:] == ["a", "b"]
-    assert cells[2] == ["64", "profile", "50 / 100", "1.00", "0.33×", "2.0", "0.50×", "–", "3", "0.30×", "50%",
-                        "33%", "0%", "50%"]
+    assert cells[2] == ["64", "profile", "50 / 100", "1.00", "0.33×", "0.45×", "2.0", "0.50×", "–", "3", "0.30×",
+                        "50%", "33%", "0%", "50%"]
+    assert cells[1][5] == "–"  # full attention has no prediction
 
 
 def test_needle_demo_cookbook_writes_a_page_per_method(capsys, monkeypatch, tmp_path, tiny_model_dir):

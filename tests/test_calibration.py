@@ -386,3 +386,21 @@ def test_a_budget_alone_selects_at_the_profiles_last_stages(default_engine):
     assert config.heads == (None if heads[-1] is None else tuple(heads[-1]),)
     assert default_engine.with_config(PromptDistillConfig(selection_layers=(12,))).config.budgets[0] == \
         calibration.BudgetRule(**profile.settings["budgets"][-1])
+
+
+def test_the_cost_model_predicts_each_methods_prefill_from_its_resolved_config():
+    rule = calibration.BudgetRule(0.25)
+    config = PromptDistillConfig(selection_layers=(7, 17), budgets=(calibration.BudgetRule(0.5), rule),
+                                 heads=((7,), None), span="passage", unit_score="topk_mean", detrend_window=1024)
+    schedule = Schedule.of(config)
+    assert schedule == Schedule(((7, calibration.BudgetRule(0.5), (7,)), (17, rule, None)), "passage", None,
+                                "topk_mean", 1024)
+    assert schedule.settings()["detrend_window"] == 1024
+    assert calibration.predicted_ratio_of(config, 30, 8060, 60) == calibration.predicted_prefill_ratio(
+        schedule, 30, 8060, 60)
+    assert calibration.predicted_ratio_of(PromptDistillConfig(method="full"), 30, 8060, 60) is None
+    # GemFilter: its scout layers 0..13 on every row, then all 30 layers on the 2000 + 60 kept rows.
+    gemfilter = PromptDistillConfig(method="gemfilter", selection_layers=(13,), budgets=(rule,), span="token")
+    cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
+    assert calibration.predicted_ratio_of(gemfilter, 30, 8060, 60) == pytest.approx(
+        (14 * cost(8060) + 30 * cost(2060)) / (30 * cost(8060)))

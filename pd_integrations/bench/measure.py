@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..calibrate import predicted_ratio_of
 from ..config import PAPER_SCORING, PromptDistillConfig
 from ..engine import PromptDistillEngine
 from .tasks import Probe, needle
@@ -107,16 +108,21 @@ def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) ->
     result, peak = _with_peak_memory(device, lambda: engine.generate(
         messages=probe.messages, query=probe.question, documents=[probe.context],
         max_new_tokens=probe.max_new_tokens))
-    return {**timing_record(result, peak), "score": probe.score(result.text),
+    return {**timing_record(engine, result, peak), "score": probe.score(result.text),
             "needles_kept": _needles_kept(result.prompt_text, result.kept_char_spans, probe.needles)}
 
 
-def timing_record(result, peak_memory_bytes: int | None) -> dict:
-    """What every benchmark records of a `GenerationResult`: sizes, timings, memory and the output."""
+def timing_record(engine: PromptDistillEngine, result, peak_memory_bytes: int | None) -> dict:
+    """What every benchmark records of `engine`'s `GenerationResult`: sizes, timings, memory, the output, and the
+    cost model's prefill ratio for the engine's schedule on this prompt (None for full attention and for prompts
+    left unpruned as query-free)."""
+    predicted = None if result.query_free else predicted_ratio_of(
+        engine.config, engine.arch.num_layers, result.prompt_tokens, result.protected_tokens)
     return {
         "prompt_tokens": result.prompt_tokens,
         "kept_tokens": result.kept_tokens,
         "prefill_seconds": result.prefill_seconds,
+        "predicted_prefill_ratio": predicted,
         # A rate needs at least two tokens: the first comes from prefill.
         "decode_tokens_per_second": result.decode_tokens_per_second if result.output_tokens > 1 else None,
         "kv_cache_bytes": result.kv_cache_bytes,

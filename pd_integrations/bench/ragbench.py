@@ -104,7 +104,7 @@ def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_sourc
     retention = result.document_retention or document_retention(result.prompt_text, result.kept_char_spans,
                                                                 prompt.documents)
     return {
-        **measure.timing_record(result, peak),
+        **measure.timing_record(engine, result, peak),
         "score": float(contains(result.text, prompt.answer)),
         "answer_kept": retention[prompt.answer_index],
         "documents_kept": mean(r for r in retention if r is not None),
@@ -132,7 +132,7 @@ def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a Markdown table (with an answer-depth column when the answer was moved)."""
     depths = any(row["answer_depth"] is not None for row in rows)
     header = ["length", "shape", *(["answer depth"] if depths else []), "method", "kept / prompt", "prefill s",
-              "÷ full", "KV ÷ full", "passages kept", "answer passage kept", "answer sentence kept", "accuracy"]
+              "÷ full", "predicted", "KV ÷ full", "passages kept", "answer passage kept", "answer sentence kept", "accuracy"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join([
@@ -141,6 +141,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
             report._fmt(row["prefill_seconds"], ".2f"),
             report._fmt(row["prefill_ratio"], ".2f", "×"),
+            report._fmt(row["predicted_prefill_ratio"], ".2f", "×"),
             report._fmt(row["kv_ratio"], ".2f", "×"),
             report._fmt(row["documents_kept"], ".0%"),
             report._fmt(row["answer_kept"], ".0%"),

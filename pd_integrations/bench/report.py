@@ -27,6 +27,7 @@ def summarize(records: list[dict], breakdown: str | None = None) -> list[dict]:
             "prompt_tokens": _mean(group, "prompt_tokens"),
             "kept_tokens": _mean(group, "kept_tokens"),
             "prefill_seconds": _mean(group, "prefill_seconds"),
+            "predicted_prefill_ratio": _mean(group, "predicted_prefill_ratio"),
             "kv_cache_mib": _mean(group, "kv_cache_bytes") / MIB,
             "decode_tokens_per_second": _mean(group, "decode_tokens_per_second"),
             "peak_memory_mib": None if (peak := _mean(group, "peak_memory_bytes")) is None else peak / MIB,
@@ -48,7 +49,7 @@ def summarize(records: list[dict], breakdown: str | None = None) -> list[dict]:
 
 
 def _mean(records: list[dict], field: str) -> float | None:
-    values = [r[field] for r in records if r[field] is not None]
+    values = [r[field] for r in records if r.get(field) is not None]  # .get: results from before a field existed
     return mean(values) if values else None
 
 
@@ -56,7 +57,7 @@ def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a Markdown table; ratios are method ÷ full attention (below 1 is better)."""
     breakdown = next((key for key in rows[0] if key.startswith("accuracy_by_")), None) if rows else None
     extra = list(rows[0][breakdown]) if breakdown else []
-    header = ["length", "method", "kept / prompt", "prefill s", "÷ full", "KV MiB", "÷ full", "decode tok/s",
+    header = ["length", "method", "kept / prompt", "prefill s", "÷ full", "predicted", "KV MiB", "÷ full", "decode tok/s",
               "peak MiB", "÷ full", "needles kept", "accuracy", *extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -66,6 +67,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
             _fmt(row["prefill_seconds"], ".2f"),
             _fmt(row["prefill_ratio"], ".2f", "×"),
+            _fmt(row["predicted_prefill_ratio"], ".2f", "×"),
             _fmt(row["kv_cache_mib"], ".1f"),
             _fmt(row["kv_ratio"], ".2f", "×"),
             _fmt(row["decode_tokens_per_second"], ".1f"),
