@@ -277,7 +277,10 @@ def _method_notes(methods: dict[str, dict]) -> str:
         settings = "" if config["method"] == "full" else (
             f" (layers {config['selection_layers']}, budgets {config['budgets']}, {config['query_source']} seeds, "
             f"{config['aggregation']}, pool {config['pool_kernel']}, {config['span']} spans"
-            + (f", chunk_size {config['chunk_size']}" if config["span"] != "token" else "") + ")")
+            + (f", chunk_size {config['chunk_size']}" if config["span"] == "chunk" else "")
+            + (f", heads {config['heads']}" if config.get("heads") and any(config["heads"]) else "")
+            + (f", {config['unit_score']} units" if config["span"] != "token" and config.get("unit_score") else "")
+            + (f", detrended over {config['detrend_window']}" if config.get("detrend_window") else "") + ")")
         shared = f"; same config as {method['measured_as']}, measured once" if method["measured_as"] != name else ""
         lines.append(f"- {name}: {method['description']}{settings}{shared}")
     return "\n".join(lines)
