@@ -120,6 +120,7 @@ def timing_record(engine: PromptDistillEngine, result, peak_memory_bytes: int | 
         engine.config, engine.arch.num_layers, result.prompt_tokens, result.protected_tokens)
     return {
         "prompt_tokens": result.prompt_tokens,
+        "protected_tokens": result.protected_tokens,
         "kept_tokens": result.kept_tokens,
         "prefill_seconds": result.prefill_seconds,
         "predicted_prefill_ratio": predicted,
