@@ -169,6 +169,14 @@ class PromptDistillEngine:
                 raise type(error)(f"row {i}: {error}") from error
         return BatchStream(self._run(requests, [r for r, _ in rendered]))
 
+    def check(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
+              query: str | None = None, documents: list[str] | None = None, tools: list[dict] | None = None,
+              tool_format: str = "auto") -> None:
+        """Raise the `ValueError`/`TypeError` that `generate` would raise for this input (bad arguments, documents
+        not in the prompt, a prompt and probe beyond the context window) without running the model: a long job
+        can check all its inputs before the first one runs."""
+        self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
+
     def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
                 query: str | None = None, documents: list[str] | None = None, tools: list[dict] | None = None,
                 tool_format: str = "auto") -> Prefill:

@@ -218,6 +218,16 @@ def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
     assert data["command"].startswith("pd-bench rag --model")
 
 
+def test_prompts_over_the_context_window_stop_the_run_before_it_starts(capsys, tmp_path, tiny_model_dir):
+    # 400 tokens fit the tiny model's 4096-token window, 4000 (+ template, + probe) do not: nothing may run.
+    with pytest.warns(UserWarning, match="no PromptDistill profile"), pytest.raises(SystemExit):
+        main(["rag", "--model", tiny_model_dir, "--lengths", "400,4000", "--samples", "1", "--shapes", "question_first",
+              "--methods", "full,single-stage", "--layer", "1", "--budget", "64", "--out", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert "4000-token question_first prompt: the prompt has" in error and "context window is 4096" in error
+    assert not (tmp_path / "rag.records.jsonl").exists()
+
+
 def test_rag_flags_are_checked(capsys):
     with pytest.raises(SystemExit):
         main(["rag", "--shapes", "question_last,question_middle"])

@@ -92,6 +92,14 @@ def run(engines: dict[str, PromptDistillEngine], probes: list[RagProbe], *, cont
     `log` (JSON lines) as soon as it exists."""
     if context_source not in CONTEXT_SOURCES:
         raise ValueError(f"context_source must be one of {', '.join(CONTEXT_SOURCES)}, got {context_source!r}")
+    for probe in probes:  # before the first run: a prompt over the context window must not end a long run late
+        for engine in {engine.config: engine for engine in engines.values()}.values():
+            prompt = probe.prompt
+            try:
+                engine.check(messages=prompt.messages, query=prompt.query,
+                             documents=prompt.documents if context_source == "documents" else None)
+            except ValueError as error:
+                raise ValueError(f"{probe.labels['length']}-token {probe.labels['shape']} prompt: {error}") from None
     return measure.run(engines, probes, desc=desc, log=log, labels={"context_source": context_source},
                        measure_one=lambda engine, probe, device: _measure(engine, probe, device, context_source))
 
