@@ -33,6 +33,7 @@ import itertools
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,19 +276,21 @@ class Schedule:
 ROW_COST = 2300
 
 
+def layer_cost(rows: int, row_cost: float = ROW_COST) -> float:
+    """The cost model's time for one layer over `rows` rows."""
+    return rows * (row_cost + rows / 2)
+
+
 def predicted_prefill_ratio(schedule: Schedule, num_layers: int, length: int, protected: int = 60,
                             row_cost: float = ROW_COST) -> float:
     """The cost model's prefill time of `schedule` over full attention's at `length` prompt tokens, `protected` of
     them not prunable (selection and gathers are not counted)."""
-    def layer(rows):
-        return rows * (row_cost + rows / 2)
-
     rows, total, start = length, 0.0, 0
     for (index, _, _), budget in zip(schedule.stages, schedule.budgets_at(max(0, length - protected))):
-        total += (index + 1 - start) * layer(rows)
+        total += (index + 1 - start) * layer_cost(rows, row_cost)
         rows, start = min(rows, budget + protected), index + 1
-    total += (num_layers - start) * layer(rows)
-    return total / (num_layers * layer(length))
+    total += (num_layers - start) * layer_cost(rows, row_cost)
+    return total / (num_layers * layer_cost(length, row_cost))
 
 
 def predicted_ratio_of(config: PromptDistillConfig, num_layers: int, prompt_tokens: int, protected_tokens: int
@@ -301,9 +304,8 @@ def predicted_ratio_of(config: PromptDistillConfig, num_layers: int, prompt_toke
     if config.method == "gemfilter":
         (layer, _, _), = schedule.stages
         kept = min(prompt_tokens, schedule.budgets_at(prompt_tokens - protected_tokens)[0] + protected_tokens)
-        def cost(rows):
-            return rows * (ROW_COST + rows / 2)
-        return ((layer + 1) * cost(prompt_tokens) + num_layers * cost(kept)) / (num_layers * cost(prompt_tokens))
+        full = num_layers * layer_cost(prompt_tokens)
+        return ((layer + 1) * layer_cost(prompt_tokens) + num_layers * layer_cost(kept)) / full
     return predicted_prefill_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
 
 
@@ -424,16 +426,17 @@ def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: st
     return answered / len(probes)
 
 
-def verify_schedules(engine: PromptDistillEngine, ranked: list[Schedule],
-                     probes: list[NeedleProbe]) -> tuple[Schedule, float | None, float | None]:
-    """(chosen schedule, its answer rate, full attention's) after answering `probes` end to end: the first of the
-    five cheapest `ranked` schedules that answers as often as full attention, else (with a warning) the cheapest.
+def verify_schedules(engine: PromptDistillEngine, ranked: list[Schedule], probes: list,
+                     rate_of: Callable = answer_rate) -> tuple[Schedule, float | None, float | None]:
+    """(chosen schedule, its answer rate, full attention's) after answering `probes` end to end (`rate_of(engine,
+    probes, description)`: `answer_rate` for needles, `rag_answer_rate` for RAG probes): the first of the five
+    cheapest `ranked` schedules that answers as often as full attention, else (with a warning) the cheapest.
     Without probes, the cheapest, unverified."""
     if not probes:
         return ranked[0], None, None
-    full_rate = answer_rate(engine.with_config(PromptDistillConfig(method="full")), probes, "full attention")
+    full_rate = rate_of(engine.with_config(PromptDistillConfig(method="full")), probes, "full attention")
     for schedule in ranked[:5]:
-        rate = answer_rate(engine.with_config(PromptDistillConfig(**schedule.settings())), probes,
+        rate = rate_of(engine.with_config(PromptDistillConfig(**schedule.settings())), probes,
                            f"verifying layers {schedule.settings()['selection_layers']}")
         if rate >= full_rate:
             return schedule, rate, full_rate
@@ -506,32 +509,37 @@ def rag_answer_rate(engine: PromptDistillEngine, probes: list, desc: str) -> flo
 RAG_ORDERS = ("spread", "rank")
 
 
+def rag_probes(tokenizer, lengths, samples: int, seed: int, orders) -> list:
+    """Depot probes in the three prompt shapes for each passage order in `orders` (see `calibrate_rag`); raises
+    `ValueError` naming an unknown order."""
+    from .bench import ragbench
+
+    if not orders or set(orders) - set(RAG_ORDERS):
+        raise ValueError(f"rag_orders must be one or more of {', '.join(RAG_ORDERS)}, got {list(orders)!r}")
+    return [probe for order in orders for probe in ragbench.probes(
+        tokenizer, list(lengths), list(ragbench.SHAPES), samples, seed, spread=order == "spread")]
+
+
 def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None,
                   rag_lengths: tuple[int, ...] = (1000, 2000), rag_samples: int = 4, seed: int = 100,
-                  rag_orders: tuple[str, ...] = ("spread", "rank"), records_path: Path | None = None, from_records: list[Path] | None = None, verify: int = 6,
+                  rag_orders: tuple[str, ...] = RAG_ORDERS, records_path: Path | None = None,
+                  from_records: list[Path] | None = None, verify: int = 6,
                   plan_lengths: tuple[int, ...] = (2000, 4000, 8000), out: Path | None = None) -> Profile:
     """Calibrate on RAG-shaped probes: depot notes retrieved by MiniLM (`bench.depots`), in the three prompt shapes,
     in each of `rag_orders`: "spread" moves each sample's answer passage to its own depth, "rank" keeps the
     retriever's order (the answer's passage first, farthest from the question: the hard case for early layers);
-    choose the schedule (layers, heads, span unit, unit
-    scoring, length-aware budget fractions) that keeps the answer's sentence in every probe at the lowest
-    predicted prefill cost, verify the cheapest five end to end against full attention, and write the profile.
+    choose the schedule (layers, heads, span unit, unit scoring, detrend window, length-aware budget fractions)
+    that keeps the answer's sentence in every probe at the lowest predicted prefill cost, verify the cheapest five
+    end to end against full attention, and write the profile.
 
     Records are saved to `records_path` (default: the cache's `calibration/<model>.rag.pt`) so that
     `from_records` re-searches without running the model; every schedule tried is written beside them
     (`.search.json`), for the accuracy/speed frontier."""
-    from .bench import ragbench
-
     engine = engine or PromptDistillEngine.from_pretrained(model)
     num_layers = engine.arch.num_layers
     key = profile_key(model)
     records_path = records_path or cache_dir() / "calibration" / f"{key}.rag.pt"
-    unknown = set(rag_orders) - set(RAG_ORDERS)
-    if not rag_orders or unknown:
-        raise ValueError(f"rag_orders must be one or more of {', '.join(RAG_ORDERS)}, got {list(rag_orders)!r}")
-    probes = [probe for order in rag_orders
-              for probe in ragbench.probes(engine.tokenizer, list(rag_lengths), list(ragbench.SHAPES), rag_samples,
-                                           seed, spread=order == "spread")]
+    probes = rag_probes(engine.tokenizer, rag_lengths, rag_samples, seed, rag_orders)
     if from_records:
         records = [record for path in from_records for record in load_records(path)]
     else:
@@ -544,20 +552,8 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     search_path.write_text(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]) + "\n")
     best = tried[0]["kept_share"]
     ranked = [row["schedule"] for row in tried if row["kept_share"] == best]
-    chosen, rate, full_rate = ranked[0], None, None
     verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
-    if verify_probes:
-        full_rate = rag_answer_rate(engine.with_config(PromptDistillConfig(method="full")), verify_probes, "full")
-        for schedule in ranked[:5]:
-            rate = rag_answer_rate(engine.with_config(PromptDistillConfig(**schedule.settings())), verify_probes,
-                                   "verifying")
-            if rate >= full_rate:
-                chosen = schedule
-                break
-        else:
-            warnings.warn("no candidate matched full attention's accuracy on the RAG verification probes; keeping "
-                          "the cheapest fully-retaining schedule", stacklevel=2)
-            chosen, rate = ranked[0], None
+    chosen, rate, full_rate = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
     profile = Profile(key, num_layers, chosen.settings())
     measurements = {"calibration": {
         "rag_probes": len(records), "rag_lengths": list(rag_lengths), "rag_samples": rag_samples, "seed": seed,

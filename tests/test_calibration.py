@@ -404,3 +404,13 @@ def test_the_cost_model_predicts_each_methods_prefill_from_its_resolved_config()
     cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
     assert calibration.predicted_ratio_of(gemfilter, 30, 8060, 60) == pytest.approx(
         (14 * cost(8060) + 30 * cost(2060)) / (30 * cost(8060)))
+
+
+def test_rag_probes_cover_each_passage_order_and_refuse_unknown_ones(tokenizer):
+    spread, rank = (calibration.rag_probes(tokenizer, [1000], 1, 0, (order,)) for order in ("spread", "rank"))
+    both = calibration.rag_probes(tokenizer, [1000], 1, 0, ("spread", "rank"))
+    assert [p.labels for p in both] == [p.labels for p in spread + rank] and len(both) == 6
+    assert {p.labels["answer_position"] for p in spread} == {0.5} and {p.labels["answer_position"] for p in rank} == {None}
+    for orders in ((), ("sorted",)):
+        with pytest.raises(ValueError, match=r"rag_orders must be one or more of spread, rank, got"):
+            calibration.rag_probes(tokenizer, [1000], 1, 0, orders)

@@ -92,9 +92,10 @@ def run(engines: dict[str, PromptDistillEngine], probes: list[RagProbe], *, cont
     `log` (JSON lines) as soon as it exists."""
     if context_source not in CONTEXT_SOURCES:
         raise ValueError(f"context_source must be one of {', '.join(CONTEXT_SOURCES)}, got {context_source!r}")
+    distinct = {engine.config: engine for engine in engines.values()}.values()
     for probe in probes:  # before the first run: a prompt over the context window must not end a long run late
-        for engine in {engine.config: engine for engine in engines.values()}.values():
-            prompt = probe.prompt
+        prompt = probe.prompt
+        for engine in distinct:
             try:
                 engine.check(messages=prompt.messages, query=prompt.query,
                              documents=prompt.documents if context_source == "documents" else None)
