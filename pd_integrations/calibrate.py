@@ -328,11 +328,14 @@ def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
 
 def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None, span: str,
                   chunk_size: int | None, unit_score: str = "max", detrend_window: int = 0) -> int:
-    """The smallest single-stage budget at `layer` that keeps every prunable evidence token of `record`: the
-    candidate tokens of every unit the selector ranks up to the evidence's last unit (0 when no evidence token is
-    prunable). A single-stage schedule keeps the evidence exactly when its resolved budget is at least this, so
-    every budget and budget rule can be judged from one number per probe."""
-    from .selection import unit_scores
+    """The smallest single-stage budget at `layer` from which every larger one keeps every prunable evidence token
+    of `record` (0 when no evidence token is prunable): the candidate tokens of every unit the selector ranks before
+    the evidence's last unit, plus the shortest window of that unit from which the selector's best window (see
+    `selection._top_units`) always covers its evidence. A single-stage schedule keeps the evidence whenever its
+    resolved budget is at least this, so every budget and budget rule can be judged from one number per probe.
+    (A few budgets below it may keep the evidence too, when a shorter best window happens to cover it; the
+    search counts them as losses.)"""
+    from .selection import best_window_starts, unit_ranks
 
     selector = Selector("softmax_mean", 1, detrend_window=detrend_window)
     candidates = record.prunable.nonzero().flatten()
@@ -344,14 +347,20 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
     if units is None:  # tokens: everything scoring at least the weakest evidence token (ties count against it)
         weakest = scores[torch.searchsorted(candidates, evidence)].min()
         return int((scores >= weakest).sum())
-    per_unit, unit_of = unit_scores(scores, units[candidates], unit_score)
-    order = torch.argsort(per_unit, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())
-    sizes = torch.bincount(unit_of, minlength=per_unit.numel())
-    through = torch.cumsum(sizes[order], 0)  # tokens kept through each rank
-    last = rank[unit_of[torch.searchsorted(candidates, evidence)]].max()
-    return int(through[last])
+    rank = unit_ranks(scores, units[candidates], unit_score)
+    evidence_rows = torch.searchsorted(candidates, evidence)
+    last = rank[evidence_rows].max()
+    before = int((rank < last).sum())
+    unit_rows = (rank == last).nonzero().flatten()
+    first, size = int(unit_rows[0]), unit_rows.numel()
+    # The same prefix sums as the selector's, so the windows compared are the same floats.
+    prefix = torch.cat([scores.new_zeros(1), torch.cumsum(scores, 0)])[first: first + size + 1]
+    lengths = torch.arange(1, size + 1)
+    starts = best_window_starts(prefix, torch.ones(size, dtype=torch.bool), lengths)
+    in_unit = evidence_rows[rank[evidence_rows] == last] - first
+    covers = (starts <= in_unit.min()) & (starts + lengths > in_unit.max())
+    misses = (~covers).nonzero()
+    return before + (int(misses[-1]) + 2 if misses.numel() else 1)
 
 
 def rag_search(records: list[ProbeRecord], num_layers: int, plan_lengths=(2000, 4000, 8000),

@@ -133,7 +133,8 @@ class PromptDistillConfig:
         and seed tokens; "logits_mean" averages raw scaled q·k logits (the paper).
     span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks, "sentence" whole sentences
         (split after . ! ? and at line breaks) and "document" whole retrieved documents (the `documents=` of a
-        call), ranked by their best token; the budget still counts tokens, so the last unit taken keeps its start.
+        call), ranked by their best token; the budget still counts tokens, so of the first unit that does not fit,
+        its best-scoring run of the tokens left is kept.
         "passage" keeps whole paragraphs (text between blank lines) within documents, so it also works without
         `documents=` (a context of passages joined by blank lines); unit scores rank them (`unit_score`).
         Chunks and sentences never cross the boundaries of documents that a call names. Sentence spans need the

@@ -65,8 +65,9 @@ class Selector:
 
         `candidates` marks the prunable rows; `num_candidates` is their count, known on the host, so no device
         sync is needed. With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences,
-        documents) are taken in the order of their `unit_score` (by default their best token's score); the last unit
-        taken is cut to its start to fit the budget exactly. Pooling smooths scores along the candidates only.
+        documents) are taken in the order of their `unit_score` (by default their best token's score); of the first
+        unit that does not fit, its best-scoring contiguous window of the tokens left is kept, so the budget is met
+        exactly. Pooling smooths scores along the candidates only.
         """
         # Candidates first, each group in row order.
         order = torch.argsort((~candidates).to(torch.uint8), stable=True)
@@ -115,12 +116,40 @@ def unit_scores(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", 
     return sums / sizes.clamp(min=1), unit_of_token
 
 
-def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int, how: str = "max",
-               topk: int = 8) -> torch.Tensor:
-    """Indices of the first `budget` tokens when tokens are ordered by their unit's score (`unit_scores`), then by
-    position, so a unit cut by the budget keeps a contiguous start rather than scattered tokens."""
+def unit_ranks(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", topk: int = 8) -> torch.Tensor:
+    """Per token, its unit's rank (0 = best) by `unit_scores`; ties go to the earlier unit."""
     unit_best, unit_of_token = unit_scores(scores, unit_ids, how, topk)
     count = unit_best.shape[0]
     unit_rank = torch.empty(count, dtype=torch.long, device=scores.device)
     unit_rank[torch.argsort(unit_best, descending=True, stable=True)] = torch.arange(count, device=scores.device)
-    return torch.argsort(unit_rank[unit_of_token], stable=True)[:budget]
+    return unit_rank[unit_of_token]
+
+
+def best_window_starts(prefix: torch.Tensor, inside: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """For each of `lengths`, the first row of the highest-scoring run of that many consecutive rows that all lie
+    `inside` (one contiguous block), from the score prefix sums `prefix` ([rows + 1], starting at 0). The earliest
+    run wins ties."""
+    rows = torch.arange(inside.numel(), device=inside.device)
+    ends = rows[None] + lengths[:, None]
+    sums = prefix[ends.clamp(max=inside.numel())] - prefix[rows][None]
+    fits = inside[None] & inside[(ends - 1).clamp(0, inside.numel() - 1)]
+    return torch.where(fits, sums, float("-inf")).argmax(1)
+
+
+def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int, how: str = "max",
+               topk: int = 8) -> torch.Tensor:
+    """Indices of `budget` tokens: whole units in the order of their score (`unit_scores`), then, of the first unit
+    that does not fit, the best-scoring contiguous window of the tokens left. A passage's answer sentence is rarely
+    its first, so the cut unit keeps where its scores peak, and never scattered tokens. No device sync."""
+    rank = unit_ranks(scores, unit_ids, how, topk)
+    sizes = torch.bincount(rank, minlength=int(unit_ids.numel()))
+    cut_rank = torch.searchsorted(torch.cumsum(sizes, 0), torch.tensor([budget], device=scores.device),
+                                  right=True)
+    whole = rank < cut_rank
+    left = budget - whole.sum()
+    in_cut = rank == cut_rank
+    prefix = torch.cat([scores.new_zeros(1), torch.cumsum(scores, 0)])
+    start = best_window_starts(prefix, in_cut, left.reshape(1).clamp(min=1))
+    rows = torch.arange(scores.numel(), device=scores.device)
+    window = in_cut & (rows >= start) & (rows < start + left)
+    return torch.argsort((~(whole | window)).to(torch.uint8), stable=True)[:budget]

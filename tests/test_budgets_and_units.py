@@ -95,6 +95,32 @@ def test_keep_takes_whole_units_in_the_order_of_their_unit_score(how, kept):
     assert selector.keep(SCORES, candidates, 15, 6, UNITS).tolist() == kept
 
 
+@pytest.mark.parametrize("budget, kept", [(8, [9, 10, 11, 12, 13, 14, 0, 1]),      # ties: the earliest
+                                           (4, [11, 12, 13, 14]),                   # the spike's end, not its start
+                                           (1, [14]), (15, list(range(15)))])
+def test_the_unit_cut_by_the_budget_keeps_its_best_scoring_window(budget, kept):
+    selector = Selector("softmax_mean", 1, "max")
+    candidates = torch.ones(15, dtype=torch.bool)
+    assert selector.keep(SCORES, candidates, 15, budget, UNITS).tolist() == sorted(kept)
+
+
+def test_a_cut_passage_keeps_its_answer_sentence_wherever_it_lies():
+    # Four 10-token passages. The first ranks first; the answer's passage, second, has its answer sentence in its
+    # last four tokens, and the budget leaves room for six of its ten: the window ends on the answer rather than
+    # starting the passage.
+    scores = torch.full((40,), 0.1)
+    scores[0:10], scores[3] = 0.8, 1.5
+    scores[26:30] = 1.0
+    units = torch.arange(40) // 10
+    candidates = torch.ones(40, dtype=torch.bool)
+    kept = Selector("softmax_mean", 1, "max").keep(scores, candidates, 40, 16, units).tolist()
+    assert kept == list(range(10)) + list(range(24, 30))
+    # Padding tokens keep their original row numbers: protected rows are never counted against the budget.
+    candidates[[5, 35]] = False
+    kept = Selector("softmax_mean", 1, "max").keep(scores, candidates, 38, 16, units).tolist()
+    assert len(kept) == 18 and {5, 35, 26, 27, 28, 29} <= set(kept)
+
+
 def test_detrending_ranks_a_candidate_against_its_neighbourhood_not_its_distance():
     # Scores rise toward the question (the end), as early layers' attention does; the first unit holds a token
     # that stands out from its own neighbourhood but is weaker than every token of the last unit.

@@ -219,7 +219,7 @@ def test_two_stage_schedules_keep_the_needle_only_through_both_stages(rendered):
     assert not keeps_needle(Schedule(((1, 9, None), (2, 9, None)), "token", None), record)  # the first drops it
 
 
-def test_chunk_spans_keep_the_needle_unit_whole_and_cut_the_last_unit_at_its_start(rendered):
+def test_chunk_spans_keep_the_needle_unit_whole_and_cut_the_last_unit_to_its_best_window(rendered):
     scores = base_scores()
     scores[1, :, 14] = 1.0  # only the code's first digit stands out
     scores[1, :, THIRD] = 0.5
@@ -231,7 +231,8 @@ def test_chunk_spans_keep_the_needle_unit_whole_and_cut_the_last_unit_at_its_sta
     assert not keeps_needle(single(1, 10), record)  # token spans keep the digit and the third sentence
     assert keeps_needle(single(1, 10, span="chunk", chunk_size=4), record)  # the needle's unit ranks first
     assert not keeps_needle(single(1, 9, span="chunk", chunk_size=4), record)  # cut: its last token goes
-    assert not keeps_needle(single(1, 10, span="chunk", chunk_size=8), record)  # cut to the first sentence
+    # Cut to 10 of 16: every window holding the digit ties, so the earliest (rows 5-14) is kept; the needle's end goes.
+    assert not keeps_needle(single(1, 10, span="chunk", chunk_size=8), record)
     assert keeps_needle(single(1, 16, span="chunk", chunk_size=8), record)
 
 
@@ -325,6 +326,21 @@ def test_tokens_needed_is_the_smallest_single_stage_budget_that_keeps_the_eviden
     record = probe_record(rendered, scores)
     assert calibration.tokens_needed(record, 2, None, "sentence", None, "max") == 16
     assert calibration.tokens_needed(record, 2, None, "sentence", None, "mean") == 10
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tokens_needed_agrees_with_the_selector_at_every_budget(rendered, seed):
+    """The unit cut by the budget keeps its best window, so a budget below a unit's end may or may not keep the
+    evidence inside it; `tokens_needed` is where keeping starts for good, replayed here budget by budget."""
+    scores = base_scores()
+    scores[1] = torch.rand(3, 32, generator=torch.Generator().manual_seed(seed))
+    record = probe_record(rendered, scores)
+    candidates = int(record.prunable.sum())
+    for span, chunk in (("token", None), ("sentence", None), ("chunk", 8)):
+        needed = calibration.tokens_needed(record, 1, None, span, chunk)
+        kept = [keeps_needle(single(1, budget, span=span, chunk_size=chunk), record)
+                for budget in range(needed - 1, candidates + 1)]
+        assert not kept[0] and all(kept[1:]), (span, needed)
 
 
 def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):

@@ -163,7 +163,7 @@ def test_bound_pd_documents_keep_whole_documents_and_report_their_retention():
     retention = recorder.message().response_metadata["promptdistill"]["document_retention"]
     assert ANSWER in answer
     assert retention[DOCUMENTS.index(next(d for d in DOCUMENTS if ANSWER in d))] == 1.0
-    # Whole documents are kept or dropped; only the last one taken may be cut to its start.
+    # Whole documents are kept or dropped; only the first one that does not fit may be cut.
     assert sum(0 < share < 1 for share in retention) <= 1 and 0 < sum(retention) < len(DOCUMENTS)
 
 
