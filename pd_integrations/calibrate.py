@@ -29,6 +29,7 @@ softmax max or logit mean; the paper's last token with logit mean), with all hea
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import time
@@ -364,7 +365,8 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
 
 
 def rag_search(records: list[ProbeRecord], num_layers: int, plan_lengths=(2000, 4000, 8000),
-               first_fractions=(0.5, 0.6, 0.7, 0.8), second_fractions=(0.15, 0.2, 0.25, 0.3), shortlist: int = 6,
+               first_fractions=(0.4, 0.5, 0.6, 0.7, 0.8), second_fractions=(0.15, 0.175, 0.2, 0.25, 0.3),
+               shortlist: int = 6,
                spans=(("passage", None),), scorings=("max", "topk_mean"), detrend_windows=(0, 512, 1024)
                ) -> list[dict]:
     """Every schedule tried on the RAG (and needle) `records`, as dicts with the schedule, its kept share and its
@@ -543,7 +545,8 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
 
     Records are saved to `records_path` (default: the cache's `calibration/<model>.rag.pt`) so that
     `from_records` re-searches without running the model; every schedule tried is written beside them
-    (`.search.json`), for the accuracy/speed frontier."""
+    (`.search.json`), and with matplotlib installed (the `bench` extra) its accuracy/speed frontier at the longest
+    plan length (`.frontier.png`)."""
     engine = engine or PromptDistillEngine.from_pretrained(model)
     num_layers = engine.arch.num_layers
     key = profile_key(model)
@@ -564,6 +567,13 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
     chosen, rate, full_rate = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
     profile = Profile(key, num_layers, chosen.settings())
+    if importlib.util.find_spec("matplotlib"):
+        from .bench.report import plot_frontier
+
+        longest = max(plan_lengths)
+        plot_frontier([(row["predicted_prefill_ratio"][longest], row["kept_share"], len(row["schedule"].stages))
+                       for row in tried], (predicted_prefill_ratio(chosen, num_layers, longest), best), longest,
+                      search_path.with_name(search_path.name.replace(".search.json", ".frontier.png")))
     measurements = {"calibration": {
         "rag_probes": len(records), "rag_lengths": list(rag_lengths), "rag_samples": rag_samples, "seed": seed,
         "rag_orders": list(rag_orders),

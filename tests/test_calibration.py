@@ -11,6 +11,7 @@ import torch
 
 import pd_integrations.calibrate as calibration
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.bench.report import plot_frontier
 from pd_integrations.calibrate import (
     SCORINGS,
     SPANS,
@@ -375,6 +376,11 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     single = [row for row in tried if len(row["schedule"].stages) == 1]
     assert {row["schedule"].detrend_window for row in single} == {0, 512, 1024}
     assert all(keeps_needle(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
+    # The frontier plot `pd-calibrate --rag` writes beside the search.
+    frontier = tmp_path / "frontier.png"
+    plot_frontier([(row["predicted_prefill_ratio"][32], row["kept_share"], len(row["schedule"].stages))
+                   for row in tried], (tried[0]["predicted_prefill_ratio"][32], 1.0), 32, frontier)
+    assert frontier.read_bytes().startswith(b"\x89PNG")
 
 
 def test_rules_resolve_per_length_in_schedules_and_the_cost_model():
