@@ -568,12 +568,13 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     chosen, rate, full_rate = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
     profile = Profile(key, num_layers, chosen.settings())
     if importlib.util.find_spec("matplotlib"):
-        from .bench.report import plot_frontier
+        from .bench.ragbench import plot_frontier
 
         longest = max(plan_lengths)
-        plot_frontier([(row["predicted_prefill_ratio"][longest], row["kept_share"], len(row["schedule"].stages))
-                       for row in tried], (predicted_prefill_ratio(chosen, num_layers, longest), best), longest,
-                      search_path.with_name(search_path.name.replace(".search.json", ".frontier.png")))
+        ratio = predicted_prefill_ratio(chosen, num_layers, longest)
+        plot_frontier(json.loads(search_path.read_text()),
+                      search_path.with_name(search_path.name.replace(".search.json", ".frontier.png")), longest,
+                      {f"chosen profile (predicted {ratio:.2f})": (ratio, best)})
     measurements = {"calibration": {
         "rag_probes": len(records), "rag_lengths": list(rag_lengths), "rag_samples": rag_samples, "seed": seed,
         "rag_orders": list(rag_orders),

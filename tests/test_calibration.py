@@ -11,7 +11,7 @@ import torch
 
 import pd_integrations.calibrate as calibration
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.bench.report import plot_frontier
+from pd_integrations.bench.ragbench import plot_frontier
 from pd_integrations.calibrate import (
     SCORINGS,
     SPANS,
@@ -378,8 +378,8 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     assert all(keeps_needle(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
     # The frontier plot `pd-calibrate --rag` writes beside the search.
     frontier = tmp_path / "frontier.png"
-    plot_frontier([(row["predicted_prefill_ratio"][32], row["kept_share"], len(row["schedule"].stages))
-                   for row in tried], (tried[0]["predicted_prefill_ratio"][32], 1.0), 32, frontier)
+    written = json.loads(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]))
+    plot_frontier(written, frontier, 32, {"chosen": (tried[0]["predicted_prefill_ratio"][32], 1.0)})
     assert frontier.read_bytes().startswith(b"\x89PNG")
 
 

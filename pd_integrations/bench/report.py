@@ -153,33 +153,3 @@ def plot_heatmaps(records: list[dict], row_label: str, path, title: str) -> None
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
-
-def plot_frontier(schedules: list[tuple[float, float, int]], chosen: tuple[float, float], plan_length: int,
-                  path) -> None:
-    """Calibration's accuracy/speed frontier: every schedule tried as (predicted prefill ratio at `plan_length`,
-    share of probes whose answer sentence is kept, stage count), the cheapest-so-far staircase through them, and
-    the `chosen` one starred; written as a PNG to `path`."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for stages, colour in ((1, "tab:blue"), (2, "tab:orange")):
-        points = [(cost, share) for cost, share, count in schedules if count == stages]
-        if points:
-            axis.scatter(*zip(*points), s=6, alpha=0.4, color=colour,
-                         label=f"{'one stage' if stages == 1 else 'two stages'} ({len(points)})")
-    staircase, best = [], -1.0
-    for cost, share, _ in sorted(schedules):
-        if share > best:
-            staircase.append((cost, share))
-            best = share
-    axis.step(*zip(*staircase), where="post", color="black", linewidth=1, label="frontier")
-    axis.scatter([chosen[0]], [chosen[1]], marker="*", s=120, color="tab:blue", zorder=3)
-    axis.annotate(f"shipped profile (predicted {chosen[0]:.2f})", chosen, xytext=(6, -8),
-                  textcoords="offset points", fontsize=8)
-    axis.set_xlabel(f"predicted prefill time ÷ full attention at {plan_length} tokens (cost model)")
-    axis.set_ylabel("share of RAG probes whose answer sentence is kept")
-    axis.set_xlim(0, 1.02)
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
