@@ -428,31 +428,36 @@ def candidate_schedules(num_layers: int, retrieval_heads: dict[int, tuple[int, .
     return list(dict.fromkeys(schedules))
 
 
-def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: str) -> float:
-    answered = 0
+def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: str) -> tuple[float, float]:
+    """(share of needle `probes` answered, share whose needle sentence the engine kept), end to end."""
+    from .bench.measure import needles_kept
+
+    answered = kept = 0
     for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
         result = engine.generate(messages=probe.messages(), query=probe.question, documents=[probe.context],
                                  max_new_tokens=24)
         answered += probe.is_answered(result.text)
-    return answered / len(probes)
+        kept += needles_kept(result.prompt_text, result.kept_char_spans, (probe.needle,))
+    return answered / len(probes), kept / len(probes)
 
 
 def verify_schedules(engine: PromptDistillEngine, ranked: list[Schedule], probes: list,
                      rate_of: Callable = answer_rate) -> tuple[Schedule, float | None, float | None]:
-    """(chosen schedule, its answer rate, full attention's) after answering `probes` end to end (`rate_of(engine,
-    probes, description)`: `answer_rate` for needles, `rag_answer_rate` for RAG probes): the first of the five
-    cheapest `ranked` schedules that answers as often as full attention, else (with a warning) the cheapest.
-    Without probes, the cheapest, unverified."""
+    """(chosen schedule, its answer rate, full attention's) after running `probes` end to end (`rate_of(engine,
+    probes, description)` -> (answered share, evidence-kept share): `answer_rate` for needles, `rag_answer_rate`
+    for RAG probes): the first of the five cheapest `ranked` schedules that keeps every probe's evidence in a real
+    run (the search replays stage 2 on the unpruned pass, which a real run can disagree with) and answers as often
+    as full attention; else (with a warning) the cheapest. Without probes, the cheapest, unverified."""
     if not probes:
         return ranked[0], None, None
-    full_rate = rate_of(engine.with_config(PromptDistillConfig(method="full")), probes, "full attention")
+    full_rate, _ = rate_of(engine.with_config(PromptDistillConfig(method="full")), probes, "full attention")
     for schedule in ranked[:5]:
-        rate = rate_of(engine.with_config(PromptDistillConfig(**schedule.settings())), probes,
-                           f"verifying layers {schedule.settings()['selection_layers']}")
-        if rate >= full_rate:
+        rate, kept = rate_of(engine.with_config(PromptDistillConfig(**schedule.settings())), probes,
+                             f"verifying layers {schedule.settings()['selection_layers']}")
+        if kept == 1.0 and rate >= full_rate:
             return schedule, rate, full_rate
-    warnings.warn("no candidate matched full attention's accuracy on the verification probes; keeping the "
-                  "cheapest fully-retaining schedule", stacklevel=3)
+    warnings.warn("no candidate kept every verification probe's evidence and matched full attention's accuracy; "
+                  "keeping the cheapest schedule that keeps it in the search", stacklevel=3)
     return ranked[0], None, full_rate
 
 
@@ -505,16 +510,19 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
     return Profile.from_json(out)
 
 
-def rag_answer_rate(engine: PromptDistillEngine, probes: list, desc: str) -> float:
+def rag_answer_rate(engine: PromptDistillEngine, probes: list, desc: str) -> tuple[float, float]:
+    """(share of RAG `probes` answered, share whose answer sentence the engine kept), end to end."""
     from .bench.handbook import contains
+    from .bench.measure import needles_kept
 
-    answered = 0
+    answered = kept = 0
     for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
         prompt = probe.prompt
         result = engine.generate(messages=prompt.messages, query=prompt.query, documents=prompt.documents,
                                  max_new_tokens=24)
         answered += contains(result.text, prompt.answer)
-    return answered / len(probes)
+        kept += needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,))
+    return answered / len(probes), kept / len(probes)
 
 
 RAG_ORDERS = ("spread", "rank")

@@ -237,6 +237,21 @@ def test_chunk_spans_keep_the_needle_unit_whole_and_cut_the_last_unit_to_its_bes
     assert keeps_needle(single(1, 16, span="chunk", chunk_size=8), record)
 
 
+def test_verification_needs_the_evidence_kept_in_a_real_run_and_full_attentions_accuracy():
+    class Engine:
+        @staticmethod
+        def with_config(config):
+            return config
+
+    schedules = [single(1, 10), single(2, 10), single(3, 10)]
+    outcomes = {"full": (0.5, 1.0), (1,): (1.0, 0.9), (2,): (0.25, 1.0), (3,): (0.5, 1.0)}
+    rate_of = lambda config, probes, desc: outcomes["full" if config.method == "full" else config.selection_layers]
+    # Layer 1 answers best but lost one probe's evidence; layer 2 keeps it but answers less than full attention.
+    assert calibration.verify_schedules(Engine(), schedules, ["probe"], rate_of) == (schedules[2], 0.5, 0.5)
+    with pytest.warns(UserWarning, match="no candidate kept every verification probe's evidence"):
+        assert calibration.verify_schedules(Engine(), schedules[:2], ["probe"], rate_of) == (schedules[0], None, 0.5)
+
+
 def test_schedule_cost_counts_the_layer_rows_each_stage_processes():
     single_stage = Schedule(((7, 2048, None),), "chunk", 64)
     assert single_stage.cost(30, 8192) == (8 * 8192 + 22 * (2048 + 20)) / (30 * 8192)

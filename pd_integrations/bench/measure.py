@@ -109,7 +109,7 @@ def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) ->
         messages=probe.messages, query=probe.question, documents=[probe.context],
         max_new_tokens=probe.max_new_tokens))
     return {**timing_record(engine, result, peak), "score": probe.score(result.text),
-            "needles_kept": _needles_kept(result.prompt_text, result.kept_char_spans, probe.needles)}
+            "needles_kept": needles_kept(result.prompt_text, result.kept_char_spans, probe.needles)}
 
 
 def timing_record(engine: PromptDistillEngine, result, peak_memory_bytes: int | None) -> dict:
@@ -132,7 +132,7 @@ def timing_record(engine: PromptDistillEngine, result, peak_memory_bytes: int | 
     }
 
 
-def _needles_kept(prompt_text: str, kept_spans: list[tuple[int, int]], needles: tuple[str, ...]) -> float:
+def needles_kept(prompt_text: str, kept_spans: list[tuple[int, int]], needles: tuple[str, ...]) -> float:
     """Share of needle sentences wholly inside one kept span (whether selection kept the evidence)."""
     kept = 0
     for sentence in needles:

@@ -117,7 +117,7 @@ def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_sourc
         "score": float(contains(result.text, prompt.answer)),
         "answer_kept": retention[prompt.answer_index],
         "documents_kept": mean(r for r in retention if r is not None),
-        "needles_kept": measure._needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,)),
+        "needles_kept": measure.needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,)),
     }
 
 
