@@ -35,6 +35,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -441,24 +442,38 @@ def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: st
     return answered / len(probes), kept / len(probes)
 
 
+class Verification(NamedTuple):
+    """The schedule verification chose, its answer rate and full attention's (None when unverified), and every
+    candidate run: its layers, budgets and heads with the shares of probes it answered and whose evidence it kept."""
+
+    chosen: Schedule
+    rate: float | None
+    full_rate: float | None
+    runs: list[dict]
+
+
 def verify_schedules(engine: PromptDistillEngine, ranked: list[Schedule], probes: list,
-                     rate_of: Callable = answer_rate) -> tuple[Schedule, float | None, float | None]:
-    """(chosen schedule, its answer rate, full attention's) after running `probes` end to end (`rate_of(engine,
-    probes, description)` -> (answered share, evidence-kept share): `answer_rate` for needles, `rag_answer_rate`
-    for RAG probes): the first of the five cheapest `ranked` schedules that keeps every probe's evidence in a real
-    run (the search replays stage 2 on the unpruned pass, which a real run can disagree with) and answers as often
-    as full attention; else (with a warning) the cheapest. Without probes, the cheapest, unverified."""
+                     rate_of: Callable = answer_rate) -> Verification:
+    """Run `probes` end to end (`rate_of(engine, probes, description)` -> (answered share, evidence-kept share):
+    `answer_rate` for needles, `rag_answer_rate` for RAG probes) and choose the first of the five cheapest `ranked`
+    schedules that keeps every probe's evidence in a real run (the search replays stage 2 on the unpruned pass,
+    which a real run can disagree with) and answers as often as full attention; else (with a warning) the
+    cheapest. Without probes, the cheapest, unverified."""
     if not probes:
-        return ranked[0], None, None
+        return Verification(ranked[0], None, None, [])
     full_rate, _ = rate_of(engine.with_config(PromptDistillConfig(method="full")), probes, "full attention")
+    runs = []
     for schedule in ranked[:5]:
-        rate, kept = rate_of(engine.with_config(PromptDistillConfig(**schedule.settings())), probes,
-                             f"verifying layers {schedule.settings()['selection_layers']}")
+        settings = schedule.settings()
+        rate, kept = rate_of(engine.with_config(PromptDistillConfig(**settings)), probes,
+                             f"verifying layers {settings['selection_layers']}")
+        runs.append({key: settings[key] for key in ("selection_layers", "budgets", "heads")}
+                    | {"answered": rate, "evidence_kept": kept})
         if kept == 1.0 and rate >= full_rate:
-            return schedule, rate, full_rate
+            return Verification(schedule, rate, full_rate, runs)
     warnings.warn("no candidate kept every verification probe's evidence and matched full attention's accuracy; "
                   "keeping the cheapest schedule that keeps it in the search", stacklevel=3)
-    return ranked[0], None, full_rate
+    return Verification(ranked[0], None, full_rate, runs)
 
 
 def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None, haystack: str | None = None,
@@ -488,7 +503,7 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
                     key=lambda s: (s.cost(num_layers, plan_length), -s.stages[-1][1]))
 
     verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
-    chosen, chosen_rate, full_rate = verify_schedules(engine, ranked, verify_probes)
+    chosen, chosen_rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes)
 
     profile = Profile(profile_key(model), num_layers, chosen.settings())
     measurements = {
@@ -500,7 +515,7 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
             "retrieval_heads": {str(k): list(v) for k, v in retrieval_heads.items()},
             "predicted_kept_share": best_share,
             "predicted_prefill_cost": round(chosen.cost(num_layers, plan_length), 3),
-            "verified_accuracy": chosen_rate, "full_attention_accuracy": full_rate,
+            "verified_accuracy": chosen_rate, "full_attention_accuracy": full_rate, "verification_runs": runs,
             "verification_probes": len(verify_probes),
         }
     }
@@ -573,7 +588,7 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     best = tried[0]["kept_share"]
     ranked = [row["schedule"] for row in tried if row["kept_share"] == best]
     verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
-    chosen, rate, full_rate = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
+    chosen, rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
     profile = Profile(key, num_layers, chosen.settings())
     if importlib.util.find_spec("matplotlib"):
         from .bench.ragbench import plot_frontier
@@ -589,7 +604,8 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
         "records": str(records_path), "schedules_tried": len(tried), "predicted_kept_share": best,
         "predicted_prefill_ratio": {str(n): round(predicted_prefill_ratio(chosen, num_layers, n), 3)
                                     for n in plan_lengths},
-        "verified_accuracy": rate, "full_attention_accuracy": full_rate, "verification_probes": len(verify_probes)}}
+        "verified_accuracy": rate, "full_attention_accuracy": full_rate, "verification_probes": len(verify_probes),
+        "verification_runs": runs}}
     out = out or cache_dir() / "profiles" / f"{key}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.to_json(out, measurements)

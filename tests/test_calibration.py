@@ -247,9 +247,14 @@ def test_verification_needs_the_evidence_kept_in_a_real_run_and_full_attentions_
     outcomes = {"full": (0.5, 1.0), (1,): (1.0, 0.9), (2,): (0.25, 1.0), (3,): (0.5, 1.0)}
     rate_of = lambda config, probes, desc: outcomes["full" if config.method == "full" else config.selection_layers]
     # Layer 1 answers best but lost one probe's evidence; layer 2 keeps it but answers less than full attention.
-    assert calibration.verify_schedules(Engine(), schedules, ["probe"], rate_of) == (schedules[2], 0.5, 0.5)
+    chosen, rate, full_rate, runs = calibration.verify_schedules(Engine(), schedules, ["probe"], rate_of)
+    assert (chosen, rate, full_rate) == (schedules[2], 0.5, 0.5)
+    # Every candidate run is reported, for the profile's record of why the cheaper ones lost.
+    assert [(run["selection_layers"], run["answered"], run["evidence_kept"]) for run in runs] == [
+        ([1], 1.0, 0.9), ([2], 0.25, 1.0), ([3], 0.5, 1.0)]
     with pytest.warns(UserWarning, match="no candidate kept every verification probe's evidence"):
-        assert calibration.verify_schedules(Engine(), schedules[:2], ["probe"], rate_of) == (schedules[0], None, 0.5)
+        assert calibration.verify_schedules(Engine(), schedules[:2], ["probe"], rate_of)[:3] == (schedules[0], None, 0.5)
+    assert calibration.verify_schedules(Engine(), schedules, [], rate_of) == (schedules[0], None, None, [])
 
 
 def test_schedule_cost_counts_the_layer_rows_each_stage_processes():
