@@ -35,9 +35,9 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -337,7 +337,7 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
     resolved budget is at least this, so every budget and budget rule can be judged from one number per probe.
     (A few budgets below it may keep the evidence too, when a shorter best window happens to cover it; the
     search counts them as losses.)"""
-    from .selection import best_window_starts, unit_ranks
+    from .selection import best_window_starts, score_prefix, unit_ranks
 
     selector = Selector("softmax_mean", 1, detrend_window=detrend_window)
     candidates = record.prunable.nonzero().flatten()
@@ -356,7 +356,7 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
     unit_rows = (rank == last).nonzero().flatten()
     first, size = int(unit_rows[0]), unit_rows.numel()
     # The same prefix sums as the selector's, so the windows compared are the same floats.
-    prefix = torch.cat([scores.new_zeros(1), torch.cumsum(scores, 0)])[first: first + size + 1]
+    prefix = score_prefix(scores)[first: first + size + 1]
     lengths = torch.arange(1, size + 1)
     starts = best_window_starts(prefix, torch.ones(size, dtype=torch.bool), lengths)
     in_unit = evidence_rows[rank[evidence_rows] == last] - first
@@ -554,6 +554,19 @@ def rag_probes(tokenizer, lengths, samples: int, seed: int, orders) -> list:
         tokenizer, list(lengths), list(ragbench.SHAPES), samples, seed, spread=order == "spread")]
 
 
+def _plot_search(search_path: Path, chosen: Schedule, kept_share: float, num_layers: int, length: int) -> None:
+    """The accuracy/speed frontier of the search written at `search_path`, at `length` tokens, with `chosen`
+    marked, beside it (`.frontier.png`); skipped without matplotlib (the `bench` extra)."""
+    if not importlib.util.find_spec("matplotlib"):
+        return
+    from .bench.ragbench import plot_frontier
+
+    ratio = predicted_prefill_ratio(chosen, num_layers, length)
+    plot_frontier(json.loads(search_path.read_text()),
+                  search_path.with_name(search_path.name.replace(".search.json", ".frontier.png")), length,
+                  {f"chosen profile (predicted {ratio:.2f})": (ratio, kept_share)})
+
+
 def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None,
                   rag_lengths: tuple[int, ...] = (1000, 2000), rag_samples: int = 4, seed: int = 100,
                   rag_orders: tuple[str, ...] = RAG_ORDERS, records_path: Path | None = None,
@@ -590,14 +603,7 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
     chosen, rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
     profile = Profile(key, num_layers, chosen.settings())
-    if importlib.util.find_spec("matplotlib"):
-        from .bench.ragbench import plot_frontier
-
-        longest = max(plan_lengths)
-        ratio = predicted_prefill_ratio(chosen, num_layers, longest)
-        plot_frontier(json.loads(search_path.read_text()),
-                      search_path.with_name(search_path.name.replace(".search.json", ".frontier.png")), longest,
-                      {f"chosen profile (predicted {ratio:.2f})": (ratio, best)})
+    _plot_search(search_path, chosen, best, num_layers, max(plan_lengths))
     measurements = {"calibration": {
         "rag_probes": len(records), "rag_lengths": list(rag_lengths), "rag_samples": rag_samples, "seed": seed,
         "rag_orders": list(rag_orders),

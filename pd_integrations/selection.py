@@ -125,10 +125,15 @@ def unit_ranks(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", t
     return unit_rank[unit_of_token]
 
 
+def score_prefix(scores: torch.Tensor) -> torch.Tensor:
+    """Prefix sums of `scores` starting at 0 ([rows + 1]), for `best_window_starts`."""
+    return torch.cat([scores.new_zeros(1), torch.cumsum(scores, 0)])
+
+
 def best_window_starts(prefix: torch.Tensor, inside: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """For each of `lengths`, the first row of the highest-scoring run of that many consecutive rows that all lie
-    `inside` (one contiguous block), from the score prefix sums `prefix` ([rows + 1], starting at 0). The earliest
-    run wins ties."""
+    `inside` (one contiguous block), from the score prefix sums `prefix` (`score_prefix`). The earliest run wins
+    ties."""
     rows = torch.arange(inside.numel(), device=inside.device)
     ends = rows[None] + lengths[:, None]
     sums = prefix[ends.clamp(max=inside.numel())] - prefix[rows][None]
@@ -148,8 +153,7 @@ def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int, how: s
     whole = rank < cut_rank
     left = budget - whole.sum()
     in_cut = rank == cut_rank
-    prefix = torch.cat([scores.new_zeros(1), torch.cumsum(scores, 0)])
-    start = best_window_starts(prefix, in_cut, left.reshape(1).clamp(min=1))
+    start = best_window_starts(score_prefix(scores), in_cut, left.reshape(1).clamp(min=1))
     rows = torch.arange(scores.numel(), device=scores.device)
     window = in_cut & (rows >= start) & (rows < start + left)
     return torch.argsort((~(whole | window)).to(torch.uint8), stable=True)[:budget]

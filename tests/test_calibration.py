@@ -11,7 +11,6 @@ import torch
 
 import pd_integrations.calibrate as calibration
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.bench.ragbench import plot_frontier
 from pd_integrations.calibrate import (
     SCORINGS,
     SPANS,
@@ -396,11 +395,11 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     single = [row for row in tried if len(row["schedule"].stages) == 1]
     assert {row["schedule"].detrend_window for row in single} == {0, 512, 1024}
     assert all(keeps_needle(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
-    # The frontier plot `pd-calibrate --rag` writes beside the search.
-    frontier = tmp_path / "frontier.png"
-    written = json.loads(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]))
-    plot_frontier(written, frontier, 32, {"chosen": (tried[0]["predicted_prefill_ratio"][32], 1.0)})
-    assert frontier.read_bytes().startswith(b"\x89PNG")
+    # The frontier plot `pd-calibrate --rag` writes beside the search it saved.
+    search = tmp_path / "records.search.json"
+    search.write_text(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]))
+    calibration._plot_search(search, tried[0]["schedule"], 1.0, 4, 32)
+    assert (tmp_path / "records.frontier.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_rules_resolve_per_length_in_schedules_and_the_cost_model():

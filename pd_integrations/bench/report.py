@@ -152,4 +152,3 @@ def plot_heatmaps(records: list[dict], row_label: str, path, title: str) -> None
     figure.suptitle(title)
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
