@@ -24,7 +24,7 @@ from pd_integrations.calibrate import (
     main,
     needle_rank_table,
 )
-from pd_integrations.config import PROFILES_DIR, budget_to_json
+from pd_integrations.config import PROFILES_DIR, BudgetRule, budget_to_json
 from pd_integrations.probes import NeedleProbe, needle_probe
 from pd_integrations.prompt import render
 
@@ -254,6 +254,18 @@ def test_verification_needs_the_evidence_kept_in_a_real_run_and_full_attentions_
     with pytest.warns(UserWarning, match="no candidate kept every verification probe's evidence"):
         assert calibration.verify_schedules(Engine(), schedules[:2], ["probe"], rate_of)[:3] == (schedules[0], None, 0.5)
     assert calibration.verify_schedules(Engine(), schedules, [], rate_of) == (schedules[0], None, None, [])
+
+
+def test_floored_schedules_prune_short_contexts_as_if_they_had_the_floor_length():
+    rules = Schedule(((7, BudgetRule(0.5), (7,)), (17, BudgetRule(0.3, cap=400), None), (20, 64, None)), "passage", None)
+    floored = rules.floored(1536)
+    assert [stage[1] for stage in floored.stages] == [BudgetRule(0.5, 768), BudgetRule(0.3, 400, 400), 64]
+    assert floored.budgets_at(1000) == [768, 400, 64]  # unfloored: 500, 300, 64
+    for prunable in (1536, 2000, 8000):  # from the floor length up nothing changes
+        assert floored.budgets_at(prunable) == rules.budgets_at(prunable)
+    assert rules.floored(0) == rules
+    with pytest.raises(ValueError, match="floor_length must be an int >= 0"):
+        calibration.calibrate_rag(floor_length=-1)
 
 
 def test_schedule_cost_counts_the_layer_rows_each_stage_processes():
