@@ -261,12 +261,13 @@ class Schedule:
     def floored(self, length: int) -> Schedule:
         """The schedule with each rule stage keeping at least what it keeps of `length` prunable tokens: shorter
         contexts are pruned as if they were that long, longer ones exactly as before."""
-        def floor(rule: BudgetRule) -> BudgetRule:
-            floor = max(rule.floor, math.ceil(rule.fraction * length))
-            return BudgetRule(rule.fraction, floor if rule.cap is None else min(rule.cap, floor), rule.cap)
+        def floored_rule(rule: BudgetRule) -> BudgetRule:
+            kept = max(rule.floor, math.ceil(rule.fraction * length))
+            return BudgetRule(rule.fraction, kept if rule.cap is None else min(rule.cap, kept), rule.cap)
 
-        return replace(self, stages=tuple((layer, floor(budget) if isinstance(budget, BudgetRule) else budget, heads)
-                                          for layer, budget, heads in self.stages))
+        return replace(self, stages=tuple(
+            (layer, floored_rule(budget) if isinstance(budget, BudgetRule) else budget, heads)
+            for layer, budget, heads in self.stages))
 
     def budgets_at(self, prunable: int) -> list[int]:
         """Tokens each stage keeps of `prunable` context tokens (as `RowLayout.stage_budgets` resolves them)."""
