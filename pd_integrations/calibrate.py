@@ -34,7 +34,6 @@ import argparse
 import importlib.util
 import itertools
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -262,8 +261,7 @@ class Schedule:
         """The schedule with each rule stage keeping at least what it keeps of `length` prunable tokens: shorter
         contexts are pruned as if they were that long, longer ones exactly as before."""
         def floored_rule(rule: BudgetRule) -> BudgetRule:
-            kept = max(rule.floor, math.ceil(rule.fraction * length))
-            return BudgetRule(rule.fraction, kept if rule.cap is None else min(rule.cap, kept), rule.cap)
+            return BudgetRule(rule.fraction, max(rule.floor, rule.resolve(length)), rule.cap)
 
         return replace(self, stages=tuple(
             (layer, floored_rule(budget) if isinstance(budget, BudgetRule) else budget, heads)
@@ -456,6 +454,11 @@ def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: st
     return answered / len(probes), kept / len(probes)
 
 
+def verification_probes(probes: list, count: int) -> list:
+    """`count` of `probes`, evenly spaced over them (none for 0)."""
+    return probes[:: max(1, len(probes) // count)][:count] if count else []
+
+
 class Verification(NamedTuple):
     """The schedule verification chose, its answer rate and full attention's (None when unverified), and every
     candidate run: its layers, budgets and heads with the shares of probes it answered and whose evidence it kept."""
@@ -516,7 +519,7 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
     ranked = sorted((s for s in schedules if kept_share[s] == best_share),
                     key=lambda s: (s.cost(num_layers, plan_length), -s.stages[-1][1]))
 
-    verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
+    verify_probes = verification_probes(probes, verify)
     chosen, chosen_rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes)
 
     profile = Profile(profile_key(model), num_layers, chosen.settings())
@@ -568,6 +571,24 @@ def rag_probes(tokenizer, lengths, samples: int, seed: int, orders) -> list:
         tokenizer, list(lengths), list(ragbench.SHAPES), samples, seed, spread=order == "spread")]
 
 
+def _rag_records(engine: PromptDistillEngine, probes: list, from_records: list[Path] | None,
+                 records_path: Path) -> list[ProbeRecord]:
+    """The records saved at `from_records`, or `probes` recorded now and saved to `records_path`."""
+    if from_records:
+        return [record for path in from_records for record in load_records(path)]
+    scorer = engine.with_config(PromptDistillConfig(query_source="auto", aggregation="softmax_mean"))
+    records = record_rag_probes(scorer, probes)
+    save_records(records, records_path)
+    return records
+
+
+def _save_search(tried: list[dict], path: Path) -> Path:
+    """Write `rag_search`'s rows, schedules as settings dicts, to `path` (returned)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]) + "\n")
+    return path
+
+
 def _plot_search(search_path: Path, chosen: Schedule, kept_share: float, num_layers: int, length: int) -> None:
     """The accuracy/speed frontier of the search written at `search_path`, at `length` tokens, with `chosen`
     marked, beside it (`.frontier.png`); skipped without matplotlib (the `bench` extra)."""
@@ -606,19 +627,12 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     key = profile_key(model)
     records_path = records_path or cache_dir() / "calibration" / f"{key}.rag.pt"
     probes = rag_probes(engine.tokenizer, rag_lengths, rag_samples, seed, rag_orders)
-    if from_records:
-        records = [record for path in from_records for record in load_records(path)]
-    else:
-        scorer = engine.with_config(PromptDistillConfig(query_source="auto", aggregation="softmax_mean"))
-        records = record_rag_probes(scorer, probes)
-        save_records(records, records_path)
+    records = _rag_records(engine, probes, from_records, records_path)
     tried = rag_search(records, num_layers, plan_lengths)
-    search_path = Path(records_path).with_suffix(".search.json")
-    search_path.parent.mkdir(parents=True, exist_ok=True)
-    search_path.write_text(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]) + "\n")
+    search_path = _save_search(tried, Path(records_path).with_suffix(".search.json"))
     best = tried[0]["kept_share"]
     ranked = [row["schedule"] for row in tried if row["kept_share"] == best]
-    verify_probes = probes[:: max(1, len(probes) // verify)][:verify] if verify else []
+    verify_probes = verification_probes(probes, verify)
     chosen, rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
     if floor_length:
         chosen = chosen.floored(floor_length)
@@ -638,7 +652,7 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
     return Profile.from_json(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pd-calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
@@ -664,7 +678,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-scoring", action="store_true",
                         help="only measure, per layer, how often each seed/aggregation choice ranks the needle in the "
                              "top candidates, print it and exit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.compare_scoring:
         engine = PromptDistillEngine.from_pretrained(args.model)
         probes = make_probes(engine, args.haystack, args.lengths, args.depths, args.kinds, args.seed)

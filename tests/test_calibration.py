@@ -264,6 +264,8 @@ def test_floored_schedules_prune_short_contexts_as_if_they_had_the_floor_length(
     for prunable in (1536, 2000, 8000):  # from the floor length up nothing changes
         assert floored.budgets_at(prunable) == rules.budgets_at(prunable)
     assert rules.floored(0) == rules
+    # A floor already above the floor length's share stays.
+    assert Schedule(((7, BudgetRule(0.5, 2000), None),), "passage", None).floored(1536).stages[0][1].floor == 2000
     with pytest.raises(ValueError, match="floor_length must be an int >= 0"):
         calibration.calibrate_rag(floor_length=-1)
 
@@ -408,8 +410,7 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     assert {row["schedule"].detrend_window for row in single} == {0, 512, 1024}
     assert all(keeps_needle(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
     # The frontier plot `pd-calibrate --rag` writes beside the search it saved.
-    search = tmp_path / "records.search.json"
-    search.write_text(json.dumps([{**row, "schedule": row["schedule"].settings()} for row in tried]))
+    search = calibration._save_search(tried, tmp_path / "records.search.json")
     calibration._plot_search(search, tried[0]["schedule"], 1.0, 4, 32)
     assert (tmp_path / "records.frontier.png").read_bytes().startswith(b"\x89PNG")
 
