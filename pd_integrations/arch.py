@@ -13,10 +13,12 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .attention import CPU_HALF_ATTENTION
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 
 # Attention backends that apply causal masking themselves when given no mask; "eager" needs an explicit one.
-_SELF_CAUSAL_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+_SELF_CAUSAL_BACKENDS = ("sdpa", CPU_HALF_ATTENTION, "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def padding(pads: list[int], device: torch.device) -> torch.Tensor | None:

@@ -48,6 +48,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .attention import use_cpu_half_attention
 from .config import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def load_model(
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``,
             ``"cuda"``, ``"cuda:N"`` or ``"mps"``. Ignored when ``device_map``
             is given.
-        dtype: ``"auto"`` (bfloat16 or float16 on CUDA, float32 elsewhere),
+        dtype: ``"auto"`` (bfloat16 or float16 on CUDA; bfloat16 on CPUs with
+            AVX512-BF16 or AMX, see `cpu_runs_bfloat16`; float32 elsewhere),
             ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
             ``"float16"``/``"fp16"``, or a floating-point ``torch.dtype``.
         quantization: ``None``, ``"4bit"`` or ``"8bit"`` (bitsandbytes).
@@ -154,6 +156,7 @@ def load_model(
     }
 
     loaded, tokenizer = _load_from_source(model, options)
+    use_cpu_half_attention(loaded)
     return loaded.eval(), tokenizer
 
 
@@ -210,13 +213,22 @@ def resolve_dtype(
             raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         return dtype
     if dtype == "auto":
-        if resolve_device(device).type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kind = resolve_device(device).type
+        if kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if kind == "cpu" and cpu_runs_bfloat16() else torch.float32
     if dtype not in _DTYPES:
         allowed = ", ".join(repr(name) for name in ["auto", *_DTYPES])
         raise ValueError(f"dtype must be one of {allowed} or a torch.dtype, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def cpu_runs_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX), where bfloat16 matmuls run about
+    twice as fast as float32 ones; without them bfloat16 is emulated and slower."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 def default_model_path() -> Path:

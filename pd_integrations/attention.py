@@ -1,0 +1,45 @@
+"""A faster CPU attention for half-precision decode steps, registered with transformers as `CPU_HALF_ATTENTION`.
+
+On CPU, PyTorch's SDPA runs a single query row in bfloat16 about six times slower than in float32 (its kernels
+upcast per block), so a bfloat16 decode step would cost more than a float32 one. For one query row this function
+matches each key head with its query heads in two matmuls (no repeated keys), with the softmax in float32 as HF's
+eager attention does; every other call is HF's own SDPA attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+CPU_HALF_ATTENTION = "pd_cpu_half_sdpa"
+
+
+def cpu_half_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                       **kwargs) -> tuple[torch.Tensor, None]:
+    """HF attention-interface signature: query [B, H, q, d], key/value [B, KV, k, d], additive mask [B, 1, q, k]
+    or None; returns the output [B, q, H, d] and no weights."""
+    if (query.shape[2] != 1 or query.device.type != "cpu" or query.dtype == torch.float32
+            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    scale = dim ** -0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # one query row: heads of a group as rows
+    logits = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    if attention_mask is not None:
+        logits = logits + attention_mask[:, :, -1:, : key.shape[2]]
+    probs = torch.softmax(logits, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(batch, 1, heads, dim), None
+
+
+def use_cpu_half_attention(model: torch.nn.Module) -> None:
+    """Switch a CPU model in bfloat16/float16 that uses SDPA to `cpu_half_attention`; other models are left as
+    they are."""
+    if model.device.type == "cpu" and model.dtype != torch.float32 and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(CPU_HALF_ATTENTION)
+
+
+AttentionInterface.register(CPU_HALF_ATTENTION, cpu_half_attention)
