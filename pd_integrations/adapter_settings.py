@@ -70,7 +70,8 @@ class DistillSettings(BaseModel):
     tail_tokens: Optional[int] = Field(default=None, description="config.tail_tokens.")
     max_probe_tokens: Optional[int] = Field(default=None, description="config.max_probe_tokens.")
     protect_head: Optional[int] = Field(default=None, description="config.protect_head.")
-    cache_truncation: Optional[bool] = Field(default=None, description="config.cache_truncation.")
+    cache_truncation: Optional[Union[bool, str]] = Field(
+        default=None, description="config.cache_truncation: True, False or 'after_first_stage'.")
     context_min_tokens: Optional[int] = Field(default=None, description="config.context_min_tokens.")
 
     @model_validator(mode="before")

@@ -21,6 +21,7 @@ METHODS = ("promptdistill", "gemfilter", "full")
 QUERY_SOURCES = ("auto", "last_token")
 AGGREGATIONS = ("softmax_mean", "softmax_max", "logits_mean")
 SPANS = ("token", "chunk", "sentence", "document", "passage")
+CACHE_TRUNCATIONS = (True, False, "after_first_stage")
 UNIT_SCORES = ("max", "mean", "topk_mean")
 
 # Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
@@ -124,7 +125,9 @@ class PromptDistillConfig:
         non-increasing (rules: each of fraction, floor and cap). Resolved budgets never grow from one stage to the
         next. Protected tokens (see `pd_integrations.layout`) are kept on top of it.
     pool_kernel: odd avg-pool width that smooths token scores before selection (1 = no smoothing).
-    cache_truncation: gather the KV of layers up to each selection layer down to the kept tokens.
+    cache_truncation: True gathers the KV of the layers up to each selection layer down to that stage's kept
+        tokens; "after_first_stage" does so only for the layers after the first selection layer, so the layers up
+        to it keep every token's KV; False keeps each layer's KV of every token that reached it.
     query_source: "auto" seeds selection with the question span (the `query` when given, else the last user
         message or the last `tail_tokens` tokens); "last_token" seeds with the last prompt token, as the paper.
     tail_tokens: seed/protected tail length when no query span is known.
@@ -155,7 +158,7 @@ class PromptDistillConfig:
     selection_layers: tuple[int, ...] | None = None
     budgets: tuple[int | float, ...] | None = None
     pool_kernel: int | None = None
-    cache_truncation: bool = True
+    cache_truncation: bool | str = True
     query_source: str | None = None
     tail_tokens: int = 16
     protect_head: int = 4
@@ -194,6 +197,14 @@ class PromptDistillConfig:
         Adapters use it for their shortcuts (`ChatPromptDistill(budgets=256)`)."""
         return getattr(cls(**{name: value}), name)
 
+    def truncated_from_layer(self) -> int | None:
+        """The first layer whose KV cache truncation gathers (None: no truncation); see `cache_truncation`."""
+        if self.cache_truncation is False:
+            return None
+        if self.cache_truncation == "after_first_stage":
+            return self.selection_layers[0] + 1
+        return 0
+
     def _validate(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_choice("query_source", self.query_source, QUERY_SOURCES, optional=True)
@@ -207,8 +218,10 @@ class PromptDistillConfig:
         if self.detrend_window and self.aggregation == "logits_mean":
             raise ValueError("detrend_window divides by mean scores, which needs positive scores: use aggregation "
                              "'softmax_mean' or 'softmax_max' with it, not 'logits_mean'")
-        if not isinstance(self.cache_truncation, bool):
-            raise ValueError(f"cache_truncation must be True or False, got {self.cache_truncation!r}")
+        if not any(self.cache_truncation is c or self.cache_truncation == c and isinstance(c, str)
+                   for c in CACHE_TRUNCATIONS):
+            raise ValueError(f"cache_truncation must be True, False or 'after_first_stage', got "
+                             f"{self.cache_truncation!r}")
         if self.pool_kernel is not None and not (_is_int(self.pool_kernel) and self.pool_kernel >= 1
                                                  and self.pool_kernel % 2 == 1):
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {self.pool_kernel!r}")

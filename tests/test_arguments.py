@@ -173,7 +173,7 @@ SHORTCUTS = [
     ("tail_tokens", 8, 8, 0, "tail_tokens must be an int >= 1"),
     ("max_probe_tokens", 64, 64, -1, "max_probe_tokens must be an int >= 1"),
     ("protect_head", 0, 0, -1, "protect_head must be an int >= 0"),
-    ("cache_truncation", False, False, "no", "cache_truncation must be True or False"),
+    ("cache_truncation", "after_first_stage", "after_first_stage", "no", "cache_truncation must be True, False or 'after_first_stage'"),
     ("context_min_tokens", 32, 32, 0, "context_min_tokens must be an int >= 1"),
     ("unit_score", "topk_mean", "topk_mean", "sum", "unit_score must be one of"),
     ("unit_topk", 4, 4, 0, "unit_topk must be an int >= 1"),

@@ -147,9 +147,9 @@ class PrefillState:
         units = self.layouts[b].units
         return None if units is None else units.to(self.positions.device)[self.positions[b, self.real_rows(b)]]
 
-    def gather(self, keeps: list[torch.Tensor | None], through_layer: int, truncate_cache: bool) -> None:
-        """Keep, per batch row, the real rows `keeps[b]` (sorted indices into them; None: all); with
-        `truncate_cache`, gather the KV of layers 0..`through_layer` the same way."""
+    def gather(self, keeps: list[torch.Tensor | None], truncated: range) -> None:
+        """Keep, per batch row, the real rows `keeps[b]` (sorted indices into them; None: all), and gather the KV of
+        the `truncated` layers (already run) the same way."""
         index, self.lengths = _padded_index(self.hidden.shape[1], self.lengths, keeps, self.hidden.device)
         self.hidden = _gather_rows(self.hidden, index, 1)
         self.positions = _gather_rows(self.positions, index, 1)
@@ -157,21 +157,21 @@ class PrefillState:
         self.cos_sin = {kind: (_gather_rows(cos, index, 1), _gather_rows(sin, index, 1))
                         for kind, (cos, sin) in self.cos_sin.items()}
         self.masks = {}
-        for j in range(through_layer + 1) if truncate_cache else ():
+        for j in truncated:
             layer = self.cache.layers[j]
             layer.keys, layer.values = _gather_rows(layer.keys, index, 2), _gather_rows(layer.values, index, 2)
             self.key_positions[j], self.key_lengths[j] = self.positions, list(self.lengths)
 
-    def drop_probe(self, through_layer: int, truncate_cache: bool) -> None:
-        """Remove the probe rows (each row's last ones): they only score selection. Caches already gathered lose
-        them with the rows; the others drop them too (a crop when every row's probe is as long)."""
+    def drop_probe(self, through_layer: int, truncated: range) -> None:
+        """Remove the probe rows (each row's last ones): they only score selection. The `truncated` layers lose
+        them with the rows; the other layers up to `through_layer` drop them too (a crop when every row's probe is
+        as long)."""
         probes = [len(layout.probe_ids) for layout in self.layouts]
         if not any(probes):
             return
         device = self.hidden.device
-        self.gather([torch.arange(n - p, device=device) for n, p in zip(self.lengths, probes)], through_layer,
-                    truncate_cache)
-        for j in range(through_layer + 1) if not truncate_cache else ():
+        self.gather([torch.arange(n - p, device=device) for n, p in zip(self.lengths, probes)], truncated)
+        for j in (j for j in range(through_layer + 1) if j not in truncated):
             layer = self.cache.layers[j]
             if len(set(probes)) == 1:
                 layer.crop(-probes[0])

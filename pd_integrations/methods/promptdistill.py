@@ -25,12 +25,13 @@ class Stage:
 
 @dataclass
 class PromptDistill(PrefillMethod):
-    """Multi-stage selection with optional cache truncation (KV of the layers before a stage gathered to its kept
-    rows). The transient probe, if any, is dropped after the last stage."""
+    """Multi-stage selection with optional cache truncation: at each stage, the KV of the layers from
+    `truncate_from` (None: none) to the stage's layer is gathered to its kept rows. The transient probe, if any, is
+    dropped after the last stage."""
 
     stages: list[Stage]
     selector: Selector
-    truncate_cache: bool
+    truncate_from: int | None
     prunes = True
 
     @classmethod
@@ -39,17 +40,18 @@ class PromptDistill(PrefillMethod):
         heads = config.heads or (None,) * len(config.budgets)
         budgets = zip(*(layout.stage_budgets(config.budgets) for layout in layouts))
         stages = [Stage(*stage) for stage in zip(config.selection_layers, budgets, heads)]
-        return cls(stages, Selector.from_config(config), config.cache_truncation)
+        return cls(stages, Selector.from_config(config), config.truncated_from_layer())
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
         stage = next((s for s in self.stages if s.layer == i), None)
         if stage is None:
             return
         keeps = [self._keep(state, i, layer_input, b, budget, stage.heads) for b, budget in enumerate(stage.budgets)]
+        truncated = range(i + 1)[slice(self.truncate_from, None) if self.truncate_from is not None else slice(0)]
         if any(keep is not None for keep in keeps):
-            state.gather(keeps, i, self.truncate_cache)
+            state.gather(keeps, truncated)
         if stage is self.stages[-1]:
-            state.drop_probe(i, self.truncate_cache)
+            state.drop_probe(i, truncated)
         for b, kept in enumerate(state.stage_kept):
             kept.append(state.positions[b, state.real_rows(b)])
 
