@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 CPU_HALF_ATTENTION = "pd_cpu_half_sdpa"
 
@@ -43,3 +44,5 @@ def use_cpu_half_attention(model: torch.nn.Module) -> None:
 
 
 AttentionInterface.register(CPU_HALF_ATTENTION, cpu_half_attention)
+# HF's own forward (`model.generate`) builds the masks it builds for SDPA, which this function takes.
+AttentionMaskInterface.register(CPU_HALF_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])

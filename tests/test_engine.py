@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -216,3 +218,48 @@ def test_grouped_query_scores_match_repeated_keys(tokenizer):
     queries, keys = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 10, 16)
     expected = queries @ repeat_kv(keys, 2).transpose(-1, -2) * engine.arch.layers[0].self_attn.scaling
     torch.testing.assert_close(engine.arch.attention_logits(0, queries, keys), expected)
+
+
+# The tiny models' output layer is scaled so greedy choices are not bfloat16 ties: logits reach |x| ~ 15, where a
+# bfloat16 step is 0.0625.
+BF16_LOGIT_SCALE = 20.0
+BF16_LOGIT_ATOL = 0.25
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])  # HF's Gemma2 has no SDPA attention
+def test_bfloat16_matches_hf_generate(family, tokenizer):
+    """In bfloat16, with the CPU attention that `load_model` installs: along HF `generate`'s greedy tokens (HF's own
+    SDPA), every step's logits agree within `BF16_LOGIT_ATOL`, and the engine's greedy tokens equal HF's up to the
+    first step where HF's best two logits are within twice the measured deviation (a tie that rounding may break
+    either way)."""
+    from pd_integrations.attention import CPU_HALF_ATTENTION, use_cpu_half_attention
+    from pd_integrations.decode import DecodeBatch
+
+    reference = tiny_model(family, "sdpa")
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(BF16_LOGIT_SCALE)
+    reference = reference.to(torch.bfloat16)
+    ours = copy.deepcopy(reference)  # its own config: switching attention must not reach the reference
+    use_cpu_half_attention(ours)
+    assert ours.config._attn_implementation == CPU_HALF_ATTENTION
+    engine = PromptDistillEngine(ours, tokenizer, EXACT_CONFIGS["full"])
+    ids, steps = random_ids(N, seed=2), 12
+    expected_tokens = hf_greedy(reference, ids, steps)
+    with torch.inference_mode():
+        expected = reference(torch.cat([ids, torch.tensor(expected_tokens)])[None]).logits[0, N - 1:-1].float()
+        prefill = engine.prefill(input_ids=ids)
+        batch, logits = DecodeBatch.after(engine.runtime, prefill), [prefill.logits[0]]
+        for token in expected_tokens[:-1]:
+            logits.append(batch.step(torch.tensor([token]))[0])
+    logits = torch.stack(logits).float()
+    torch.testing.assert_close(logits, expected, atol=BF16_LOGIT_ATOL, rtol=0)
+    # A greedy choice can only differ where HF's best two logits are within twice the measured deviation: at every
+    # other step the engine's choice must be HF's, and its own greedy run must follow HF's up to the first tie.
+    deviation = float((logits - expected).abs().max())
+    margins = [a - b for a, b in expected.topk(2).values.tolist()]
+    decisive = [i for i, margin in enumerate(margins) if margin > 2 * deviation]
+    assert len(decisive) >= steps // 2
+    assert [int(logits[i].argmax()) for i in decisive] == [expected_tokens[i] for i in decisive]
+    first_tie = next((i for i in range(steps) if i not in decisive), steps)
+    tokens = engine.generate(input_ids=ids, max_new_tokens=steps).output_token_ids
+    assert tokens[:first_tie] == expected_tokens[:first_tie]
