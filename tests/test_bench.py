@@ -22,8 +22,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Short prompts and answers keep each run well under a second on the 4-layer model; layer 1 and budget 32
 # prune the prompt for every selecting method.
 TINY_FLAGS = ["--layer", "1", "--budget", "32", "--max-new-tokens", "3"]
-SELECTING = ("gemfilter", "paper-rule", "single-stage")  # at layer 1 with budget 32; the fallback profile (layer 2,
-# budget 1024) keeps every token of these short prompts
+SELECTING = ("gemfilter", "paper-rule", "single-stage")  # at layer 1 with budget 32; the fallback rule (layer 2,
+# at least 461 tokens) keeps every token of these short prompts
 # A float32 KV cache holds keys and values of every layer's KV heads for each kept token.
 KV_BYTES_PER_TOKEN = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
 

@@ -118,7 +118,8 @@ def test_corrupt_profile_file(cache, tokenizer):
 def test_model_without_profile_warns_and_uses_the_fallback_rule(cache, tokenizer):
     with pytest.warns(UserWarning, match="no PromptDistill profile for 'tiny-unknown'"):
         config = PromptDistillEngine(tiny_model("llama"), tokenizer, model_name="tiny-unknown").config
-    assert config.selection_layers == (2,) and config.budgets == (1024,) and config.span == "chunk"
+    assert config.selection_layers == (2,) and config.span == "chunk" and config.chunk_size == 64
+    assert config.budgets == (BudgetRule(0.3, 461),)
 
 
 def test_shipped_default_profile_is_used(default_engine):
