@@ -4,6 +4,7 @@
     pd-bench needle [--lengths 1k,2k,4k] [--depths 0,0.5,1] needle-in-a-haystack grid, heatmap per method
     pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
     pd-bench rag    [--lengths 1000,2000] [--shapes ...]    retrieved handbook passages, three prompt shapes
+    pd-bench heldout --haystack DIR [--split heldout]      needles in essays calibration never saw, 2 shapes
     pd-bench throughput [--lengths 2k,4k] [--concurrency 1,4,8,16]  concurrent requests vs sequential ones
     pd-bench serve --url URL [--concurrency 1,4,16]          load against a running pd-serve (see --help)
 
@@ -31,7 +32,7 @@ import transformers
 from ..engine import PromptDistillEngine
 from ..probes import NEEDLE_KINDS
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
-from . import measure, ragbench, report, tasks, throughput
+from . import heldout, measure, ragbench, report, tasks, throughput
 from .rag import SHAPES
 
 SPEED_DEPTH = 0.5  # the speed runs hide a needle too, so that their answers can be checked
@@ -88,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     task.add_argument("--lengths", type=_lengths, default=[1024, 2048], help="e.g. 1k,2k")
     task.add_argument("--tasks", type=_names(tasks.TASKS), default=list(tasks.TASKS),
                       help=f"comma-separated subset of {','.join(tasks.TASKS)}")
+    held = commands.add_parser("heldout", parents=[common],
+                               help="needles in a split of essays that calibration never saw, two question shapes")
+    held.add_argument("--lengths", type=_lengths, default=[2000, 4000], help="e.g. 2000,4000,8000")
+    held.add_argument("--shapes", type=_names(heldout.SHAPES), default=list(heldout.SHAPES),
+                      help=f"comma-separated subset of {','.join(heldout.SHAPES)}")
+    held.add_argument("--split", choices=heldout.SPLITS, default="heldout",
+                      help="essay files at odd (heldout) or even (dev) positions of the sorted --haystack folder")
     throughput = commands.add_parser("throughput", parents=[common],
                                      help="B concurrent requests vs sequential ones, batched by the scheduler")
     throughput.add_argument("--lengths", type=_lengths, default=[2000, 4000], help="e.g. 2000,4000")
@@ -203,6 +211,8 @@ def _bench(args, command_line: str) -> None:
         return _bench_rag(args, command_line, engine, engines, out, log)
     if args.command == "throughput":
         return _bench_throughput(args, command_line, engine, engines, out)
+    if args.command == "heldout":
+        return _bench_heldout(args, command_line, engine, engines, out, log)
     records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}", log=log)
     rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
     methods = measure.describe(engines)
@@ -231,6 +241,18 @@ def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -
     files += [out / "rag_scaling.png", out / "rag_heatmap.png"]
     report.plot_scaling(by_length, files[2])
     report.plot_heatmaps(records, "shape", files[3], f"RAG answer accuracy, {engine.model_name}")
+    print("wrote " + ", ".join(map(str, files)))
+
+
+def _bench_heldout(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
+    if args.haystack is None:
+        raise ValueError("pd-bench heldout needs --haystack DIR: a folder of .txt essays to split")
+    probes = heldout.probes(engine.tokenizer, args.haystack, args.split, args.lengths, args.shapes, args.samples,
+                            args.seed)
+    records = measure.run(engines, probes, desc="pd-bench heldout", log=log)
+    rows = heldout.summarize(records)
+    files = _write(out, "heldout", command_line, engine, measure.describe(engines), heldout.markdown_table(rows),
+                   heldout.COLUMNS_NOTE, summary=rows, records=records)
     print("wrote " + ", ".join(map(str, files)))
 
 

@@ -9,6 +9,7 @@ after the context (`question_last`) or before it (`question_first`).
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from functools import lru_cache
@@ -80,3 +81,57 @@ def probes(tokenizer, directory: str, split: str, lengths: list[int], shapes: li
 
 def _normalise(text: str) -> str:
     return re.sub(r"[\s,.'-]", "", text).lower()
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a share `successes / n`."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (length, shape, method): answered with its 95% interval, evidence kept, answered when kept,
+    answered where full attention answered, and prefill and KV ratios against full attention on the same probes."""
+    key = lambda r: (r["length"], r["shape"], r["seed"])  # noqa: E731
+    full = {key(r): r for r in records if r["method"] == "full"}
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        cells.setdefault((r["length"], r["shape"], r["method"]), []).append(r)
+    rows = []
+    for (length, shape, method), runs in cells.items():
+        base = [full.get(key(r)) for r in runs]
+        answered = sum(r["score"] for r in runs)
+        kept = [r for r in runs if r["needles_kept"] == 1]
+        row = {"length": length, "shape": shape, "method": method, "prompts": len(runs), "answered": answered,
+               "interval": wilson_interval(answered, len(runs)), "kept": len(kept),
+               "kept_answered": sum(r["score"] for r in kept)}
+        if all(base):
+            row["full_answered"] = sum(b["score"] for b in base)
+            row["both_answered"] = sum(r["score"] * b["score"] for r, b in zip(runs, base))
+            row["prefill_ratio"] = sum(r["prefill_seconds"] for r in runs) / sum(b["prefill_seconds"] for b in base)
+            row["kv_ratio"] = sum(r["kv_cache_bytes"] for r in runs) / sum(b["kv_cache_bytes"] for b in base)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["length"], r["shape"], r["method"] != "full", r["method"]))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The `summarize` rows as a Markdown table."""
+    lines = ["| length | shape | method | answered | 95% interval | evidence kept | answered when kept | "
+             "answered where full did | prefill ÷ full | KV ÷ full |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        low, high = r["interval"]
+        both = f"{r['both_answered']:.0f}/{r['full_answered']:.0f}" if "both_answered" in r else "–"
+        ratios = [f"{r[k]:.2f}×" if k in r else "–" for k in ("prefill_ratio", "kv_ratio")]
+        lines.append(f"| {r['length']} | {r['shape']} | {r['method']} | {r['answered']:.0f}/{r['prompts']} | "
+                     f"{low:.2f}–{high:.2f} | {r['kept']}/{r['prompts']} | {r['kept_answered']:.0f}/{r['kept']} | "
+                     f"{both} | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
+COLUMNS_NOTE = ("*answered*: the needle's answer appears in the greedy output; *95% interval*: Wilson score "
+                "interval of that share; *evidence kept*: selection kept the needle sentence whole; *answered when "
+                "kept*: answered among those; *answered where full did*: answered among the probes full attention "
+                "answered; ratios are sums over the cell's probes against full attention on the same probes.")
