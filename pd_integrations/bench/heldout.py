@@ -89,7 +89,8 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
         return 0.0, 1.0
     p = successes / n
     centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
+    scale = 1 + z * z / n
+    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
 
 
 def summarize(records: list[dict]) -> list[dict]:
