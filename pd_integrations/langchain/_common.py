@@ -13,16 +13,16 @@ from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
-from ..adapter_settings import DistillSettings, unexpected
+from ..adapter_settings import CONFIG_SHORTCUTS, DistillSettings, unexpected
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL, check_load_settings
 
 PROVIDER = "promptdistill"
-# Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones override the
-# constructor's values for that call.
+# Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones and the
+# `PromptDistillConfig` fields (`method`, `budgets`, ...) override the constructor's values for that call.
 SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed")
-CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens")
+CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens", *CONFIG_SHORTCUTS)
 # LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
 _ROUTING_FLAGS = ("stream",)
 class PromptDistillSettings(DistillSettings):
@@ -107,21 +107,21 @@ class PromptDistillSettings(DistillSettings):
         """Token ids of `text` under the model's tokenizer (loads the model on first use)."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return self._engine(self.model).tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._engine(self.model, self._distill_config).tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _stops(self, stop: list[str] | None) -> list[str] | None:
         return stop or self.stop or None
 
-    def _engine(self, model: str) -> PromptDistillEngine:
+    def _engine(self, model: str, config: PromptDistillConfig | None) -> PromptDistillEngine:
         # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
-        return PromptDistillEngine.from_pretrained(model, self._distill_config, device=self.device, dtype=self.dtype,
+        return PromptDistillEngine.from_pretrained(model, config, device=self.device, dtype=self.dtype,
                                                    quantization=self.quantization)
 
     def _prepare_call(self, stop: list[str] | None, kwargs: dict[str, Any],
                       template: dict[str, Any] | None = None) -> Call:
         """Resolve one call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
-        `Document`s or texts), a model override and sampling overrides, each validated like the constructor's
-        arguments. `template` holds the question and documents a `DistillPrompt` tagged onto the messages; a
+        `Document`s or texts), a model override, sampling overrides and `PromptDistillConfig` fields (`method`,
+        `budgets`, ...), each validated like the constructor's arguments. `template` holds the question and documents a `DistillPrompt` tagged onto the messages; a
         call's own `pd_query`/`pd_documents` win over them."""
         owner = type(self).__name__
         unknown = [name for name in kwargs if name not in {*CALL_OPTIONS, *_ROUTING_FLAGS}]
@@ -153,7 +153,8 @@ class PromptDistillSettings(DistillSettings):
         options = {"query": query, "documents": template.get("documents") if from_template else documents,
                    "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
                    "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop)}
-        return Call(self._engine(model), model, options, self.timeout, from_template)
+        config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
+        return Call(self._engine(model, config), model, options, self.timeout, from_template)
 
 
 @dataclasses.dataclass(frozen=True)
