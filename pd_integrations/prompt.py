@@ -27,8 +27,9 @@ class RenderedPrompt:
     don't round-trip through the tokenizer), where each chat message's content lies in `text` (for `messages`
     input), the character ranges of the caller's retrieved documents in `text`, if given, and whether the caller
     passed token ids (`from_ids`) rather than text. With tools, `tools_range` is where their signatures lie in
-    `text` (never pruned) and `tool_format` how tools and tool messages were rendered ("template" or "builtin",
-    see `pd_integrations.tools`)."""
+    `text` (never pruned), `tool_result_ranges` where the tool messages' results lie (pruned only when the caller
+    names them as documents) and `tool_format` how tools and tool messages were rendered ("template" or
+    "builtin", see `pd_integrations.tools`)."""
 
     input_ids: list[int]
     text: str | None
@@ -37,6 +38,7 @@ class RenderedPrompt:
     document_ranges: tuple[tuple[int, int], ...] | None = None
     from_ids: bool = False
     tools_range: tuple[int, int] | None = None
+    tool_result_ranges: tuple[tuple[int, int], ...] = ()
     tool_format: str | None = None
 
     @property
@@ -195,23 +197,27 @@ def _check_messages(messages) -> None:
 def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None,
                        tool_format: str) -> RenderedPrompt:
     """Render a conversation with tools or tool messages in the model's template or the built-in format (see
-    `pd_integrations.tools`); the tools' signatures are located so that layout never prunes them."""
+    `pd_integrations.tools`); the tools' signatures and the tool results are located so that layout does not take
+    them for retrieved context."""
     used = resolve_tool_format(tokenizer, tool_format)
+    rendered_messages = messages
     if used == "template":
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         tools_range = _inserted_range(text, tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)) if tools else None
     else:
-        messages = builtin_messages(messages, tools)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered_messages = builtin_messages(messages, tools)
+        text = tokenizer.apply_chat_template(rendered_messages, tokenize=False, add_generation_prompt=True)
         tools_range = None
         if tools:
             block = builtin_messages([], tools)[0]["content"]
             start = text.find(block)  # the template copies the system message verbatim
             tools_range = (start, start + len(block)) if start >= 0 else None
+    # Both formats copy a result verbatim (the built-in one inside a <tool_response> block).
+    results = tuple(filter(None, locate_documents(text, [m["content"] for m in messages if m["role"] == "tool"])))
     rendered = _tokenize(tokenizer, text, add_special_tokens=False)
-    return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages, tools_range),
-                               tools_range=tools_range, tool_format=used)
+    return dataclasses.replace(rendered, message_ranges=_message_ranges(text, rendered_messages, tools_range),
+                               tools_range=tools_range, tool_result_ranges=results, tool_format=used)
 
 
 def _inserted_range(with_tools: str, without_tools: str) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, create_flexible_model
-from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
 from llama_index.core.schema import BaseNode, NodeWithScore
 
 from ..adapter_settings import CONFIG_SHORTCUTS, DistillSettings, unexpected
@@ -78,7 +78,9 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     Rendering: with `use_chat_template` (the default) a completion prompt is sent as one user turn through the
     tokenizer's chat template, which is what an instruct model is trained on, and chat messages are rendered by the
     same template. With `use_chat_template=False` completion prompts are sent as raw text and chat messages through
-    `messages_to_prompt` (for base models, or prompts you have templated yourself). `complete(prompt)` applies
+    `messages_to_prompt` (for base models, or prompts you have templated yourself). With the chat template, a chat
+    prompt template (a chat engine's, such as `condense_plus_context`'s history turns) is predicted as chat
+    messages even when `is_chat_model` is False, so its turns reach the model as turns, not as "user: ..." text. `complete(prompt)` applies
     `completion_to_prompt` and `system_prompt` first, as `predict` does; `formatted=True` skips them.
 
     What is pruned: only retrieved context; the instructions, the question and earlier turns always reach every
@@ -166,7 +168,9 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
             context_window=self.context_window or self.engine.arch.max_positions,
             num_output=self.max_new_tokens,
             model_name=self.model,
-            is_chat_model=self.is_chat_model,
+            # A chat prompt template being predicted goes to `chat`, whose messages the chat template renders
+            # (LlamaIndex would flatten them into "system: ... user: ..." text for a completion model).
+            is_chat_model=self.is_chat_model or (self.use_chat_template and _template_inputs.get().get("chat", False)),
         )
 
     # ---------------------------------------------------------------- the query channel
@@ -407,7 +411,7 @@ def _query_of(prompt: BasePromptTemplate, prompt_args: dict) -> Iterator[None]:
     context = next((values[name] for name in CONTEXT_VARIABLES if isinstance(values.get(name), str)), "")
     documents = [piece for piece in context.split(NODE_SEPARATOR) if piece.strip()]
     token = _template_inputs.set({"query": query if isinstance(query, str) and query.strip() else None,
-                                  "documents": documents or None})
+                                  "documents": documents or None, "chat": isinstance(prompt, ChatPromptTemplate)})
     try:
         yield
     finally:
