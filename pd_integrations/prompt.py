@@ -90,14 +90,26 @@ class RenderedPrompt:
 
 
 def document_texts(documents) -> list[str]:
-    """`documents` checked to be a list of texts (the adapters turn LangChain `Document`s and LlamaIndex nodes
-    into their texts). Raises `TypeError` naming `documents` for anything else."""
-    if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
-        got = type(documents).__name__ if not isinstance(documents, (list, tuple)) else \
-            f"an item of type {next(type(d).__name__ for d in documents if not isinstance(d, str))}"
-        raise TypeError(f"documents must be a list of str (the retrieved texts; the LangChain and LlamaIndex "
-                        f"adapters' pd_documents also take Documents and nodes), got {got}")
-    return list(documents)
+    """`documents` as a list of texts: str items as they are, LangChain `Document`s as their `page_content`,
+    LlamaIndex nodes (and `NodeWithScore`s) as their `get_content()`. Raises `TypeError` naming `documents` for
+    anything else."""
+    if not isinstance(documents, (list, tuple)):
+        raise TypeError(f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
+                        f"nodes, got {type(documents).__name__}")
+    return [_document_text(document) for document in documents]
+
+
+def _document_text(document) -> str:
+    # Duck-typed, so that the engine imports neither framework.
+    text = document
+    if isinstance(getattr(document, "page_content", None), str):
+        text = document.page_content
+    elif callable(getattr(document, "get_content", None)):
+        text = document.get_content()
+    if not isinstance(text, str):
+        raise TypeError(f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
+                        f"nodes, got an item of type {type(document).__name__}")
+    return text
 
 
 def locate_documents(text: str, documents: list[str]) -> list[tuple[int, int] | None]:

@@ -151,3 +151,23 @@ def test_llama_index_handler_records_structured_calls(tiny_model_dir):
     assert call["context_source"] == "template" and pruned(call) and call["call_seconds"] > 0
     llm.as_structured_llm(Answer).complete(PROMPT)
     assert len(handler.calls) == 2 and handler.calls[1]["context_source"] == "heuristic"
+
+
+def test_engine_documents_take_langchain_documents_and_llama_index_nodes(tiny_model_dir):
+    from langchain_core.documents import Document
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    from pd_integrations import PromptDistillConfig, PromptDistillEngine
+
+    engine = PromptDistillEngine.from_pretrained(tiny_model_dir, PromptDistillConfig(**{
+        k: v for k, v in PRUNING.items() if k != "max_tokens"}))
+    as_texts = engine.generate(PROMPT, documents=DOCUMENTS, max_new_tokens=2)
+    for documents in ([Document(page_content=d) for d in DOCUMENTS],
+                      [TextNode(text=d) for d in DOCUMENTS[:6]] + [NodeWithScore(node=TextNode(text=d), score=0.5)
+                                                                   for d in DOCUMENTS[6:]]):
+        result = engine.generate(PROMPT, documents=documents, max_new_tokens=2)
+        assert result.context_source == "documents"
+        assert (result.kept_token_indices, result.document_retention) == (as_texts.kept_token_indices,
+                                                                           as_texts.document_retention)
+    with pytest.raises(TypeError, match="documents must be a list of str .* got an item of type int"):
+        engine.generate(PROMPT, documents=[3])
