@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
@@ -121,8 +120,32 @@ class PromptDistillSettings(DistillSettings):
                       template: dict[str, Any] | None = None) -> Call:
         """Resolve one call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
         `Document`s or texts), a model override, sampling overrides and `PromptDistillConfig` fields (`method`,
-        `budgets`, ...), each validated like the constructor's arguments. `template` holds the question and documents a `DistillPrompt` tagged onto the messages; a
-        call's own `pd_query`/`pd_documents` win over them."""
+        `budgets`, ...), each validated like the constructor's arguments. `template` holds the question and
+        documents a `DistillPrompt` tagged onto the messages; a call's own `pd_query`/`pd_documents` win."""
+        kwargs = self._checked_call_options(kwargs)
+        settings = self
+        overrides = {name: kwargs[name] for name in SAMPLING_OPTIONS if name in kwargs}
+        if overrides:
+            settings = self.model_copy(update=overrides)
+        model = kwargs.get("model", self.model)
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be a non-empty str, got {model!r}")
+        template = template or {}
+        query = kwargs.get("pd_query", template.get("query"))
+        if query is not None and (not isinstance(query, str) or not query.strip()):
+            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
+        # The engine takes `Document`s as they are (`prompt.document_texts`).
+        documents = kwargs.get("pd_documents")
+        from_template = documents is None and template.get("documents") is not None
+        options = {"query": query, "documents": template.get("documents") if from_template else documents,
+                   "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
+                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop)}
+        config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
+        return Call(self._engine(model, config), model, options, self.timeout, from_template)
+
+    def _checked_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` with `max_new_tokens` as `max_tokens`; `TypeError` for an unknown option (naming the closest,
+        or pointing a constructor setting to the constructor) or for both names of the output length."""
         owner = type(self).__name__
         unknown = [name for name in kwargs if name not in {*CALL_OPTIONS, *_ROUTING_FLAGS}]
         if unknown:
@@ -133,28 +156,7 @@ class PromptDistillSettings(DistillSettings):
             if "max_tokens" in kwargs:
                 raise TypeError(f"{owner} call got both max_tokens= and max_new_tokens= (the same setting); pass one")
             kwargs = {**kwargs, "max_tokens": kwargs["max_new_tokens"]}
-        settings = self
-        overrides = {name: kwargs[name] for name in SAMPLING_OPTIONS if name in kwargs}
-        if overrides:
-            settings = self.model_copy()
-            for name, value in overrides.items():
-                type(self).__pydantic_validator__.validate_assignment(settings, name, value)
-        model = kwargs.get("model", self.model)
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be a non-empty str, got {model!r}")
-        template = template or {}
-        query = kwargs.get("pd_query", template.get("query"))
-        if query is not None and (not isinstance(query, str) or not query.strip()):
-            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
-        documents = kwargs.get("pd_documents")
-        if isinstance(documents, (list, tuple)):
-            documents = [d.page_content if isinstance(d, Document) else d for d in documents]
-        from_template = documents is None and template.get("documents") is not None
-        options = {"query": query, "documents": template.get("documents") if from_template else documents,
-                   "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
-                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop)}
-        config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
-        return Call(self._engine(model, config), model, options, self.timeout, from_template)
+        return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
