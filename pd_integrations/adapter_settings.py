@@ -1,5 +1,7 @@
-"""What the LangChain and LlamaIndex adapters' constructors share: `config` with every `PromptDistillConfig` field
-as a shortcut argument, checked as the config checks it, and unknown arguments rejected with the closest name.
+"""What the LangChain and LlamaIndex adapters' settings share: `config` with every `PromptDistillConfig` field
+as a shortcut argument, checked as the config checks it, unknown arguments rejected with the closest name, and the
+same checks for a call's own config fields (`invoke(..., method="full")`), for attribute assignment and for
+`model_copy(update=...)`.
 
 Pydantic (and LangChain's and LlamaIndex's base classes) would drop unknown arguments silently, so that `budget=`
 or `max_token=` ran with the defaults; here anything that is not a field (the framework's own included), an alias
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from typing import Any, ClassVar, Optional, Tuple, Union
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -113,6 +116,37 @@ class DistillSettings(BaseModel):
         # allowed values), rather than by pydantic's type coercion.
         return None if value is None else PromptDistillConfig.check_field(info.field_name, value)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Pydantic assigns unchecked by default, which left a cached config stale (`llm.method = "full"` still
+        # pruned); our own settings go through validation, which also re-runs the model's after-validators.
+        if name in _own_settings(type(self)):
+            type(self).__pydantic_validator__.validate_assignment(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        """A copy with `update` applied through validation, as at construction (pydantic's own `model_copy`
+        skips it, so a changed `method` or `budgets` would be ignored). Raises `TypeError` for an unknown name and
+        `ValueError`/`ValidationError` for a bad value."""
+        copy = super().model_copy(deep=deep)
+        for name, value in (update or {}).items():
+            name = self.ALIASES.get(name, name)
+            if name not in type(self).model_fields:
+                raise unexpected(f"{type(self).__name__}.model_copy update", [name], type(self).model_fields)
+            setattr(copy, name, value)
+        return copy
+
+    def call_config(self, overrides: dict[str, Any]) -> PromptDistillConfig | None:
+        """The config of one call: this instance's (`distill_config`) with a call's `PromptDistillConfig` fields
+        applied (None restores the model profile's value), checked as the constructor checks them.
+
+        Raises `ValueError` naming the field and its allowed values."""
+        if not overrides:
+            return self.distill_config()
+        checked = {name: None if value is None else PromptDistillConfig.check_field(name, value)
+                   for name, value in overrides.items()}
+        return (self.distill_config() or PromptDistillConfig()).replace(**checked)
+
     def distill_config(self) -> PromptDistillConfig | None:
         """`config` with the shortcuts applied (before profile resolution), or None when neither is set.
         Raises `ValueError` for invalid settings."""
@@ -120,3 +154,10 @@ class DistillSettings(BaseModel):
         if self.config is None and not shortcuts:
             return None
         return (self.config or PromptDistillConfig()).replace(**shortcuts)
+
+
+@functools.cache
+def _own_settings(cls: type[DistillSettings]) -> frozenset[str]:
+    """The fields `DistillSettings` and the adapter classes declare (not the framework base class's)."""
+    return frozenset(name for klass in cls.__mro__ if issubclass(klass, DistillSettings)
+                     for name in klass.__dict__.get("__annotations__", {}) if name in cls.model_fields)

@@ -9,8 +9,9 @@ Where the context is, most precise first (`RowLayout.context_source`):
 - "documents": the retrieved texts a caller names with `documents=` (the adapters fill it from prompt templates);
   only their tokens are prunable.
 - "heuristic": no documents named. The one message (the whole text for a raw prompt) holding the most tokens is
-  the context when it has at least `context_min_tokens`; the tools' signatures lie outside every message's range,
-  so however long they are they never count. In it, the context block runs from the first to the
+  the context when it has at least `context_min_tokens`; the tools' signatures lie outside every message's range
+  and tool results (a tool message's content) don't count either, so however long they are they are never taken
+  for retrieved context: name a tool result in `documents=` to have it pruned. In it, the context block runs from the first to the
   last passage-like line: at least `SHORT_LINE_TOKENS` tokens, not a question line ("Question: ...", "...?")
   under `INSTRUCTION_LINE_TOKENS` tokens, and, unless no other line qualifies, not a first or last line under
   that length (an instruction before or after the context). The block's lines are prunable, except question
@@ -115,7 +116,8 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
     elif rendered.from_ids:
         prunable, source = torch.ones(n, dtype=torch.bool), "positional"
     else:
-        prunable = _heuristic_context(rendered, config.context_min_tokens)
+        prunable = _heuristic_context(rendered, config.context_min_tokens, _tokens_in(rendered,
+                                                                                   rendered.tool_result_ranges))
         source = "heuristic" if bool(prunable.any()) else "none"
     prunable[: config.protect_head] = False
     if rendered.tools_range is not None:  # tool signatures are instructions, however long
@@ -197,11 +199,12 @@ def _tokens_in(rendered: RenderedPrompt, ranges) -> torch.Tensor:
     return inside
 
 
-def _heuristic_context(rendered: RenderedPrompt, min_tokens: int) -> torch.Tensor:
-    """The prunable tokens of the longest message (see the module docstring)."""
+def _heuristic_context(rendered: RenderedPrompt, min_tokens: int, tool_results: torch.Tensor) -> torch.Tensor:
+    """The prunable tokens of the longest message, not counting the `tool_results` tokens, which are never
+    prunable (see the module docstring)."""
     text, starts = rendered.text, rendered.word_starts()
     regions = [(m.start, m.end) for m in rendered.message_ranges] if rendered.message_ranges else [(0, len(text))]
-    sizes = [int(((starts >= a) & (starts < b)).sum()) for a, b in regions]
+    sizes = [int(((starts >= a) & (starts < b) & ~tool_results).sum()) for a, b in regions]
     first, last = regions[max(range(len(regions)), key=sizes.__getitem__)]
     lines, tokens = _lines(rendered, first, last)
     prunable = torch.zeros(len(starts), dtype=torch.bool)
@@ -220,7 +223,7 @@ def _heuristic_context(rendered: RenderedPrompt, min_tokens: int) -> torch.Tenso
     # lines inside it stay protected.
     block = (lines[passages[0]][0], lines[passages[-1]][1])
     questions = [lines[i] for i in asks.nonzero().flatten().tolist()]
-    return _tokens_in(rendered, [block]) & ~_tokens_in(rendered, questions)
+    return _tokens_in(rendered, [block]) & ~_tokens_in(rendered, questions) & ~tool_results
 
 
 def _question_line(rendered: RenderedPrompt, prunable: torch.Tensor) -> tuple[int, int] | None:

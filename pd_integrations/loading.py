@@ -200,8 +200,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         "mps": torch.backends.mps.is_available(),
     }
     if not available[resolved.type]:
-        raise ValueError(f"device={device!r} was requested but {resolved.type} is not available")
+        raise DeviceUnavailableError(_unavailable(device, resolved.type))
     return resolved
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device does not exist here (a RuntimeError, not a ValueError, so that the adapters' pydantic
+    validation passes it through as it is rather than wrapped in a ValidationError)."""
+
+
+def _unavailable(device: str, kind: str) -> str:
+    build = f"torch {torch.__version__}"
+    if kind != "cuda":
+        return f"device={device!r} was requested but {kind} is not available to {build}; use device='auto' or 'cpu'"
+    if torch.version.cuda:
+        return (f"device={device!r} was requested but {build} (CUDA {torch.version.cuda}) finds no CUDA GPU (check "
+                f"nvidia-smi and CUDA_VISIBLE_DEVICES); use device='auto' or 'cpu' to run on the CPU")
+    return (f"device={device!r} was requested but {build} is installed, a CPU-only build. Install a CUDA "
+            f"build, e.g. pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126 "
+            f"(or `make TORCH=torch` in a clone), or use device='auto' or 'cpu'")
 
 
 def resolve_dtype(

@@ -27,8 +27,9 @@ class RenderedPrompt:
     don't round-trip through the tokenizer), where each chat message's content lies in `text` (for `messages`
     input), the character ranges of the caller's retrieved documents in `text`, if given, and whether the caller
     passed token ids (`from_ids`) rather than text. With tools, `tools_range` is where their signatures lie in
-    `text` (never pruned) and `tool_format` how tools and tool messages were rendered ("template" or "builtin",
-    see `pd_integrations.tools`)."""
+    `text` (never pruned), `tool_result_ranges` where the tool messages' results lie (pruned only when the caller
+    names them as documents) and `tool_format` how tools and tool messages were rendered ("template" or
+    "builtin", see `pd_integrations.tools`)."""
 
     input_ids: list[int]
     text: str | None
@@ -37,6 +38,7 @@ class RenderedPrompt:
     document_ranges: tuple[tuple[int, int], ...] | None = None
     from_ids: bool = False
     tools_range: tuple[int, int] | None = None
+    tool_result_ranges: tuple[tuple[int, int], ...] = ()
     tool_format: str | None = None
 
     @property
@@ -88,14 +90,26 @@ class RenderedPrompt:
 
 
 def document_texts(documents) -> list[str]:
-    """`documents` checked to be a list of texts (the adapters turn LangChain `Document`s and LlamaIndex nodes
-    into their texts). Raises `TypeError` naming `documents` for anything else."""
-    if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
-        got = type(documents).__name__ if not isinstance(documents, (list, tuple)) else \
-            f"an item of type {next(type(d).__name__ for d in documents if not isinstance(d, str))}"
-        raise TypeError(f"documents must be a list of str (the retrieved texts; the LangChain and LlamaIndex "
-                        f"adapters' pd_documents also take Documents and nodes), got {got}")
-    return list(documents)
+    """`documents` as a list of texts: str items as they are, LangChain `Document`s as their `page_content`,
+    LlamaIndex nodes (and `NodeWithScore`s) as their `get_content()`. Raises `TypeError` naming `documents` for
+    anything else."""
+    if not isinstance(documents, (list, tuple)):
+        raise TypeError(f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
+                        f"nodes, got {type(documents).__name__}")
+    return [_document_text(document) for document in documents]
+
+
+def _document_text(document) -> str:
+    # Duck-typed, so that the engine imports neither framework.
+    text = document
+    if isinstance(getattr(document, "page_content", None), str):
+        text = document.page_content
+    elif callable(getattr(document, "get_content", None)):
+        text = document.get_content()
+    if not isinstance(text, str):
+        raise TypeError(f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
+                        f"nodes, got an item of type {type(document).__name__}")
+    return text
 
 
 def locate_documents(text: str, documents: list[str]) -> list[tuple[int, int] | None]:
@@ -195,23 +209,27 @@ def _check_messages(messages) -> None:
 def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None,
                        tool_format: str) -> RenderedPrompt:
     """Render a conversation with tools or tool messages in the model's template or the built-in format (see
-    `pd_integrations.tools`); the tools' signatures are located so that layout never prunes them."""
+    `pd_integrations.tools`); the tools' signatures and the tool results are located so that layout does not take
+    them for retrieved context."""
     used = resolve_tool_format(tokenizer, tool_format)
+    rendered_messages = messages
     if used == "template":
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         tools_range = _inserted_range(text, tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)) if tools else None
     else:
-        messages = builtin_messages(messages, tools)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered_messages = builtin_messages(messages, tools)
+        text = tokenizer.apply_chat_template(rendered_messages, tokenize=False, add_generation_prompt=True)
         tools_range = None
         if tools:
             block = builtin_messages([], tools)[0]["content"]
             start = text.find(block)  # the template copies the system message verbatim
             tools_range = (start, start + len(block)) if start >= 0 else None
+    # Both formats copy a result verbatim (the built-in one inside a <tool_response> block).
+    results = tuple(filter(None, locate_documents(text, [m["content"] for m in messages if m["role"] == "tool"])))
     rendered = _tokenize(tokenizer, text, add_special_tokens=False)
-    return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages, tools_range),
-                               tools_range=tools_range, tool_format=used)
+    return dataclasses.replace(rendered, message_ranges=_message_ranges(text, rendered_messages, tools_range),
+                               tools_range=tools_range, tool_result_ranges=results, tool_format=used)
 
 
 def _inserted_range(with_tools: str, without_tools: str) -> tuple[int, int]:

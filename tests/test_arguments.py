@@ -249,9 +249,10 @@ def test_config_scalar_and_list_stages():
     ({"documents": ["x"]}, r"'documents' \(did you mean 'pd_documents'\?\)"),
     ({"max_token": 3}, r"'max_token' \(did you mean 'max_tokens'\?\)"),
     ({"model_name": "x"}, r"'model_name' \(did you mean 'model'\?\)"),
-    ({"budgets": 8}, r"'budgets' \(set it when constructing the model: \w+\(budgets=...\)\)"),
-    ({"foo": 1, "bar": 2}, r"unexpected keyword arguments 'foo', 'bar'; it takes max_new_tokens, max_tokens, "
-                           r"model, pd_documents, pd_query, seed, temperature, top_k, top_p"),
+    ({"device": "cpu"}, r"'device' \(set it when constructing the model: \w+\(device=...\)\)"),
+    ({"foo": 1, "bar": 2}, r"unexpected keyword arguments 'foo', 'bar'; it takes aggregation, budgets, "
+                           r"cache_truncation, .*max_new_tokens, max_probe_tokens, max_tokens, method, model, "
+                           r"pd_documents, pd_query, .*top_k, top_p, unit_score, unit_topk"),
 ])
 def test_langchain_call_rejects_unknown_arguments(cls, kwargs, message):
     # Raised while the call's options are resolved, before the (default) model would load.
@@ -275,9 +276,9 @@ def test_langchain_call_rejects_both_output_length_names(cls):
     ({"max_token": 3}, TypeError, r"PromptDistillLLM call got an unexpected keyword argument 'max_token' "
                                   r"\(did you mean 'max_tokens'\?\)"),
     ({"query": "x"}, TypeError, r"'query' \(did you mean 'pd_query'\?\)"),
-    ({"query_str": "x"}, TypeError, r"'query_str'; it takes max_new_tokens, max_tokens, pd_documents, pd_query, seed, "
-                                    r"stop, temperature, top_k, top_p"),
-    ({"budgets": 8}, TypeError, r"'budgets' \(set it when constructing the model: PromptDistillLLM\(budgets=...\)\)"),
+    ({"xyzzy": "x"}, TypeError, r"'xyzzy'; it takes aggregation, budgets, .*max_new_tokens, max_probe_tokens, "
+                                    r"max_tokens, method, pd_documents, pd_query, .*stop, .*top_k, top_p, unit_score"),
+    ({"device": "cpu"}, TypeError, r"'device' \(set it when constructing the model: PromptDistillLLM\(device=...\)\)"),
     ({"max_tokens": 3, "max_new_tokens": 3}, TypeError, "got both max_new_tokens= and max_tokens="),
     ({"max_tokens": 0}, ValueError, r"max_tokens \(max_new_tokens\) must be an int >= 1, got 0"),
     ({"max_tokens": 2.0}, ValueError, r"max_tokens \(max_new_tokens\) must be an int >= 1, got 2.0"),

@@ -17,6 +17,7 @@ import transformers
 from pd_integrations import loading
 from pd_integrations.loading import (
     DEFAULT_MODEL,
+    DeviceUnavailableError,
     SMOLLM2_CHAT_TEMPLATE,
     ModelNotAvailableError,
     default_model_path,
@@ -112,7 +113,7 @@ def test_resolve_device_and_dtype():
     assert resolve_dtype("fp16", "cpu") == torch.float16
     assert resolve_dtype(torch.float64, "cpu") == torch.float64
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device='cuda'"):
+        with pytest.raises(DeviceUnavailableError, match="device='cuda'"):
             resolve_device("cuda")
 
 

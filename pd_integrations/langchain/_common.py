@@ -9,20 +9,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
-from ..adapter_settings import DistillSettings, unexpected
+from ..adapter_settings import CONFIG_SHORTCUTS, DistillSettings, unexpected
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL, check_load_settings
 
 PROVIDER = "promptdistill"
-# Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones override the
-# constructor's values for that call.
+# Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones and the
+# `PromptDistillConfig` fields (`method`, `budgets`, ...) override the constructor's values for that call.
 SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed")
-CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens")
+CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens", *CONFIG_SHORTCUTS)
 # LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
 _ROUTING_FLAGS = ("stream",)
 class PromptDistillSettings(DistillSettings):
@@ -107,22 +106,46 @@ class PromptDistillSettings(DistillSettings):
         """Token ids of `text` under the model's tokenizer (loads the model on first use)."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        return self._engine(self.model).tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._engine(self.model, self._distill_config).tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _stops(self, stop: list[str] | None) -> list[str] | None:
         return stop or self.stop or None
 
-    def _engine(self, model: str) -> PromptDistillEngine:
+    def _engine(self, model: str, config: PromptDistillConfig | None) -> PromptDistillEngine:
         # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
-        return PromptDistillEngine.from_pretrained(model, self._distill_config, device=self.device, dtype=self.dtype,
+        return PromptDistillEngine.from_pretrained(model, config, device=self.device, dtype=self.dtype,
                                                    quantization=self.quantization)
 
     def _prepare_call(self, stop: list[str] | None, kwargs: dict[str, Any],
                       template: dict[str, Any] | None = None) -> Call:
         """Resolve one call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
-        `Document`s or texts), a model override and sampling overrides, each validated like the constructor's
-        arguments. `template` holds the question and documents a `DistillPrompt` tagged onto the messages; a
-        call's own `pd_query`/`pd_documents` win over them."""
+        `Document`s or texts), a model override, sampling overrides and `PromptDistillConfig` fields (`method`,
+        `budgets`, ...), each validated like the constructor's arguments. `template` holds the question and
+        documents a `DistillPrompt` tagged onto the messages; a call's own `pd_query`/`pd_documents` win."""
+        kwargs = self._checked_call_options(kwargs)
+        settings = self
+        overrides = {name: kwargs[name] for name in SAMPLING_OPTIONS if name in kwargs}
+        if overrides:
+            settings = self.model_copy(update=overrides)
+        model = kwargs.get("model", self.model)
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be a non-empty str, got {model!r}")
+        template = template or {}
+        query = kwargs.get("pd_query", template.get("query"))
+        if query is not None and (not isinstance(query, str) or not query.strip()):
+            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
+        # The engine takes `Document`s as they are (`prompt.document_texts`).
+        documents = kwargs.get("pd_documents")
+        from_template = documents is None and template.get("documents") is not None
+        options = {"query": query, "documents": template.get("documents") if from_template else documents,
+                   "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
+                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop)}
+        config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
+        return Call(self._engine(model, config), model, options, self.timeout, from_template)
+
+    def _checked_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """`kwargs` with `max_new_tokens` as `max_tokens`; `TypeError` for an unknown option (naming the closest,
+        or pointing a constructor setting to the constructor) or for both names of the output length."""
         owner = type(self).__name__
         unknown = [name for name in kwargs if name not in {*CALL_OPTIONS, *_ROUTING_FLAGS}]
         if unknown:
@@ -133,27 +156,7 @@ class PromptDistillSettings(DistillSettings):
             if "max_tokens" in kwargs:
                 raise TypeError(f"{owner} call got both max_tokens= and max_new_tokens= (the same setting); pass one")
             kwargs = {**kwargs, "max_tokens": kwargs["max_new_tokens"]}
-        settings = self
-        overrides = {name: kwargs[name] for name in SAMPLING_OPTIONS if name in kwargs}
-        if overrides:
-            settings = self.model_copy()
-            for name, value in overrides.items():
-                type(self).__pydantic_validator__.validate_assignment(settings, name, value)
-        model = kwargs.get("model", self.model)
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be a non-empty str, got {model!r}")
-        template = template or {}
-        query = kwargs.get("pd_query", template.get("query"))
-        if query is not None and (not isinstance(query, str) or not query.strip()):
-            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
-        documents = kwargs.get("pd_documents")
-        if isinstance(documents, (list, tuple)):
-            documents = [d.page_content if isinstance(d, Document) else d for d in documents]
-        from_template = documents is None and template.get("documents") is not None
-        options = {"query": query, "documents": template.get("documents") if from_template else documents,
-                   "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
-                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop)}
-        return Call(self._engine(model), model, options, self.timeout, from_template)
+        return kwargs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,8 +54,11 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
     `pd_documents` (the retrieved `Document`s or texts, as inserted in the prompt) also keeps span units inside
     document boundaries, is needed by `span="document"` configs, and adds per-document `document_retention`.
 
-    Per call, `model=` runs another model (loaded on first use and shared like the default), and `temperature`,
-    `max_tokens`, `top_p` and `seed` override the constructor's values.
+    Per call (`invoke(..., method="full")` or `.bind(budgets=(0.25,))`), `model=` runs another model (loaded on
+    first use and shared like the default), and `temperature`, `max_tokens`, `top_p`, `top_k`, `seed` and every
+    `PromptDistillConfig` field (`method`, `budgets`, `selection_layers`, ...) override the constructor's values,
+    checked as the constructor checks them. Assigning a setting (`llm.method = "full"`) or
+    `model_copy(update=...)` validates it too and takes effect on the next call.
 
     Each `AIMessage` carries `usage_metadata` and `response_metadata` with `model_name`, `finish_reason` and
     `promptdistill` (prompt/kept tokens, kept ratio, prefill seconds, selection layers, kept character spans of

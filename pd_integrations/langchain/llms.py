@@ -19,8 +19,9 @@ class PromptDistillLLM(PromptDistillSettings, BaseLLM):
     The question that seeds selection comes from `pd_query` (per call or via `.bind(pd_query=...)`), else the
     prompt's last tokens; pass `pd_query` for question-first prompts. `pd_documents` (the retrieved `Document`s
     or texts) keeps span units inside document boundaries and adds per-document `document_retention` to
-    `promptdistill`, as in `ChatPromptDistill`. Per call, `model=` runs another model and
-    `temperature`, `max_tokens`, `top_p` and `seed` override the constructor's values.
+    `promptdistill`, as in `ChatPromptDistill`. Per call, `model=` runs another model, and
+    `temperature`, `max_tokens`, `top_p`, `top_k`, `seed` and every `PromptDistillConfig` field (`method="full"`,
+    `budgets=(0.25,)`, ...) override the constructor's values, as in `ChatPromptDistill`.
 
     `batch` runs the prompts one after another, so each result equals a separate `invoke`. Per prompt,
     `generation_info` holds `finish_reason`, `model_name`, `usage_metadata` and `promptdistill` (prompt/kept

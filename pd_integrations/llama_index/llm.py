@@ -27,15 +27,16 @@ from llama_index.core.base.llms.types import (
     MessageRole,
 )
 from llama_index.core.bridge.pydantic import BaseModel, Field, ValidationError, model_validator
+from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, create_flexible_model
-from llama_index.core.prompts import BasePromptTemplate
-from llama_index.core.schema import BaseNode, NodeWithScore
+from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
 
-from ..adapter_settings import DistillSettings, unexpected
+from ..adapter_settings import CONFIG_SHORTCUTS, DistillSettings, unexpected
+from ..config import PromptDistillConfig
 from ..constraints import Grammars
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL, check_load_settings
@@ -50,9 +51,10 @@ CONTEXT_VARIABLES = ("context_str", "context_msg")
 NODE_SEPARATOR = "\n\n"
 
 # Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` and `pd_documents`
-# as in the LangChain classes); the others override this instance's settings for that call.
-CALL_OPTIONS = ("pd_query", "pd_documents", "max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                "stop")
+# as in the LangChain classes); the others, `PromptDistillConfig` fields included, override this instance's
+# settings for that call.
+SAMPLING_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+CALL_OPTIONS = ("pd_query", "pd_documents", *SAMPLING_OPTIONS, *CONFIG_SHORTCUTS)
 # What LlamaIndex's own text-completion program appends to a prompt: the constraint forces the keys and types, the
 # schema's descriptions tell the model what each value means.
 SCHEMA_INSTRUCTION = ("\n\nHere's a JSON schema to follow:\n{schema}\n\nOutput a valid JSON object but do not repeat "
@@ -75,7 +77,9 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     Rendering: with `use_chat_template` (the default) a completion prompt is sent as one user turn through the
     tokenizer's chat template, which is what an instruct model is trained on, and chat messages are rendered by the
     same template. With `use_chat_template=False` completion prompts are sent as raw text and chat messages through
-    `messages_to_prompt` (for base models, or prompts you have templated yourself). `complete(prompt)` applies
+    `messages_to_prompt` (for base models, or prompts you have templated yourself). With the chat template, a chat
+    prompt template (a chat engine's, such as `condense_plus_context`'s history turns) is predicted as chat
+    messages even when `is_chat_model` is False, so its turns reach the model as turns, not as "user: ..." text. `complete(prompt)` applies
     `completion_to_prompt` and `system_prompt` first, as `predict` does; `formatted=True` skips them.
 
     What is pruned: only retrieved context; the instructions, the question and earlier turns always reach every
@@ -95,7 +99,9 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     query engine.
 
     Per-call keyword arguments: `pd_query`, `pd_documents`, `max_new_tokens` (or `max_tokens`), `temperature`,
-    `top_p`, `top_k`, `seed`, `stop`. Unknown or misspelled arguments, to the constructor or a call, raise
+    `top_p`, `top_k`, `seed`, `stop`, and every `PromptDistillConfig` field (`complete(prompt, method="full")`,
+    `budgets=(0.25,)`), checked as at construction; `structured_predict` takes them in `llm_kwargs`. Assigning a
+    setting (`llm.budgets = 0.5`) or `model_copy(update=...)` is validated too and takes effect. Unknown or misspelled arguments, to the constructor or a call, raise
     `TypeError` naming the closest valid name; `max_tokens` and `model_name` are accepted as the other frameworks'
     names of `max_new_tokens` and `model` (giving both names of one setting is a `TypeError`).
     """
@@ -148,9 +154,12 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     @property
     def engine(self) -> PromptDistillEngine:
         """The engine over the shared weights with this instance's settings (loads the weights on first use)."""
+        return self._engine(self.distill_config())
+
+    def _engine(self, config: Optional[PromptDistillConfig]) -> PromptDistillEngine:
         # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
-        return PromptDistillEngine.from_pretrained(self.model, self.distill_config(), device=self.device,
-                                                   dtype=self.dtype, quantization=self.quantization)
+        return PromptDistillEngine.from_pretrained(self.model, config, device=self.device, dtype=self.dtype,
+                                                   quantization=self.quantization)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -158,7 +167,9 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
             context_window=self.context_window or self.engine.arch.max_positions,
             num_output=self.max_new_tokens,
             model_name=self.model,
-            is_chat_model=self.is_chat_model,
+            # A chat prompt template being predicted goes to `chat`, whose messages the chat template renders
+            # (LlamaIndex would flatten them into "system: ... user: ..." text for a completion model).
+            is_chat_model=self.is_chat_model or (self.use_chat_template and _template_inputs.get().get("chat", False)),
         )
 
     # ---------------------------------------------------------------- the query channel
@@ -233,7 +244,7 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         `query_str` and context seed and bound pruning as in `predict`. `llm_kwargs` are per-call options.
         Raises `ValueError` for a schema the grammar compiler cannot handle (before any model work) and for output
         cut off at `max_new_tokens` (finish_reason "length")."""
-        stream = self._open_structured(output_cls, prompt, llm_kwargs, prompt_args)
+        stream = self._recorded(self._open_structured(output_cls, prompt, llm_kwargs, prompt_args))
         for _ in stream:
             pass
         return _structured_object(output_cls, stream.result)
@@ -248,13 +259,15 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
                                   **prompt_args: Any) -> Iterator[Union[Model, FlexibleModel]]:
         """`structured_predict` as it is generated: a partial object (a `FlexibleModel` of the fields so far) per
         text delta that adds to it, then the complete `output_cls` object."""
-        return _structured_objects(output_cls, self._open_structured(output_cls, prompt, llm_kwargs, prompt_args))
+        return _structured_objects(output_cls,
+                                   self._recorded(self._open_structured(output_cls, prompt, llm_kwargs, prompt_args)))
 
     async def astream_structured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
                                          llm_kwargs: Optional[Dict[str, Any]] = None,
                                          **prompt_args: Any) -> AsyncIterator[Union[Model, FlexibleModel]]:
         """`stream_structured_predict`, each step in a worker thread."""
-        stream = await asyncio.to_thread(self._open_structured, output_cls, prompt, llm_kwargs, prompt_args)
+        stream = self._recorded(
+            await asyncio.to_thread(self._open_structured, output_cls, prompt, llm_kwargs, prompt_args))
 
         async def objects() -> AsyncIterator[Union[Model, FlexibleModel]]:
             iterator, end = _structured_objects(output_cls, stream), object()
@@ -279,11 +292,26 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
                 model_input = self._completion_input(prompt.format(llm=self, **prompt_args) + instruction, False)
         return self._open(model_input, {**options, "constraint": grammar.constraint()})
 
+    def _recorded(self, stream: GenerationStream) -> GenerationStream:
+        """`stream` reported to the callback manager as an LLM event that ends with its response, as `complete`
+        reports itself, so that `PromptDistillStatsHandler` and `TokenCountingHandler` see structured calls too
+        (they do not go through `complete`/`chat`)."""
+        event_id = self.callback_manager.on_event_start(CBEventType.LLM, payload={})
+
+        def report(result: GenerationResult) -> GenerationResult:
+            response = _completion_response(result.text, None, result)
+            self.callback_manager.on_event_end(CBEventType.LLM, event_id=event_id, payload={
+                EventPayload.PROMPT: result.prompt_text or "", EventPayload.COMPLETION: response})
+            return result
+
+        return stream.map_result(report)
+
     # ---------------------------------------------------------------- helpers
 
     def _options(self, kwargs: dict) -> dict:
-        """`engine.stream` arguments: this instance's settings overridden by per-call `kwargs`, and the query from
-        `pd_query` or else from the template being predicted. Raises `TypeError` for unknown arguments."""
+        """`engine.stream` arguments (and the call's `config` and whether its documents came from a template):
+        this instance's settings overridden by per-call `kwargs`, and the query from `pd_query` or else from the
+        template being predicted. Raises `TypeError` for unknown arguments, `ValueError` for bad values."""
         owner = f"{type(self).__name__} call"
         unknown = [name for name in kwargs if name not in CALL_OPTIONS]
         if unknown:
@@ -300,16 +328,16 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         query = kwargs.get("pd_query")
         if "pd_query" in kwargs and query is not None and (not isinstance(query, str) or not query.strip()):
             raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
-        overrides = {name: value for name, value in kwargs.items() if name not in ("pd_query", "pd_documents")}
+        overrides = {name: value for name, value in kwargs.items() if name in SAMPLING_OPTIONS}
+        config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
         template = _template_inputs.get()
         from_template = "pd_documents" not in kwargs and template.get("documents") is not None
-        documents = kwargs.get("pd_documents")
-        if isinstance(documents, (list, tuple)):  # nodes (or NodeWithScore) as their texts
-            documents = [d.get_content() if isinstance(d, (BaseNode, NodeWithScore)) else d for d in documents]
+        documents = kwargs.get("pd_documents")  # the engine takes nodes as they are (`prompt.document_texts`)
         return {"query": kwargs.get("pd_query", template.get("query")),
                 "documents": template.get("documents") if from_template else documents,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "seed": self.seed, "stop": self.stop, **overrides, "from_template": from_template}
+                "top_k": self.top_k, "seed": self.seed, "stop": self.stop, **overrides, "from_template": from_template,
+                "config": config}
 
     def _completion_input(self, prompt: str, formatted: bool) -> dict:
         if not formatted:
@@ -327,7 +355,7 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         """Start a generation; arguments are checked (and weights loaded) now, tokens come as it is iterated."""
         options = dict(options)
         from_template = options.pop("from_template")
-        stream = self.engine.stream(**model_input, **options)
+        stream = self._engine(options.pop("config")).stream(**model_input, **options)
         if from_template:
             stream = stream.map_result(lambda result: dataclasses.replace(result, context_source="template"))
         return stream
@@ -380,7 +408,7 @@ def _query_of(prompt: BasePromptTemplate, prompt_args: dict) -> Iterator[None]:
     context = next((values[name] for name in CONTEXT_VARIABLES if isinstance(values.get(name), str)), "")
     documents = [piece for piece in context.split(NODE_SEPARATOR) if piece.strip()]
     token = _template_inputs.set({"query": query if isinstance(query, str) and query.strip() else None,
-                                  "documents": documents or None})
+                                  "documents": documents or None, "chat": isinstance(prompt, ChatPromptTemplate)})
     try:
         yield
     finally:

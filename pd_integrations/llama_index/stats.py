@@ -6,6 +6,7 @@ LLM response (`additional_kwargs["promptdistill"]`), read by a callback handler 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from llama_index.core.callbacks import CBEventType, EventPayload
@@ -13,30 +14,39 @@ from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 
 
 class PromptDistillStatsHandler(BaseCallbackHandler):
-    """Records `additional_kwargs["promptdistill"]` of every `PromptDistillLLM` call, in call order, in `calls`.
+    """Records what PromptDistill kept in every `PromptDistillLLM` call, in call order, in `calls`: each entry is
+    the response's `additional_kwargs["promptdistill"]` (`prompt_tokens`, `kept_tokens`, `kept_ratio`,
+    `context_source`, `query_free`, `document_retention` when the documents were known, `prefill_seconds`, ...)
+    plus `call_seconds`, the LLM event's wall time. Completions, chats, their streams and structured calls
+    (`structured_predict`, `as_structured_llm`, query engines with `output_cls`) are all recorded.
 
     Install it as you would `TokenCountingHandler`: `Settings.callback_manager = CallbackManager([handler])` before
-    building the query engine (which hands that manager to its LLM), or `callback_manager=` to
+    building the query engine (which hands that manager to its LLM), or `callback_manager=` to the LLM or to
     `RetrieverQueryEngine.from_args`. A streamed call is recorded once its stream has been read to the end.
     """
 
     def __init__(self) -> None:
         super().__init__(event_starts_to_ignore=[], event_ends_to_ignore=[])
         self.calls: list[dict] = []
+        self._started: dict[str, float] = {}
 
     def on_event_start(self, event_type: CBEventType, payload: Optional[dict[str, Any]] = None, event_id: str = "",
                        parent_id: str = "", **kwargs: Any) -> str:
+        if event_type == CBEventType.LLM:
+            self._started[event_id] = time.perf_counter()
         return event_id
 
     def on_event_end(self, event_type: CBEventType, payload: Optional[dict[str, Any]] = None, event_id: str = "",
                      **kwargs: Any) -> None:
-        if event_type != CBEventType.LLM or not payload:
+        if event_type != CBEventType.LLM:
             return
+        started = self._started.pop(event_id, None)
         # Completions end with COMPLETION, chats with RESPONSE.
-        response = payload.get(EventPayload.COMPLETION) or payload.get(EventPayload.RESPONSE)
+        response = (payload or {}).get(EventPayload.COMPLETION) or (payload or {}).get(EventPayload.RESPONSE)
         stats = getattr(response, "additional_kwargs", {}).get("promptdistill")
         if stats is not None:
-            self.calls.append(stats)
+            seconds = None if started is None else time.perf_counter() - started
+            self.calls.append({**stats, "call_seconds": seconds})
 
     def start_trace(self, trace_id: Optional[str] = None) -> None:
         pass
