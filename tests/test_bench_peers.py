@@ -104,6 +104,8 @@ def test_without_peers_the_table_has_our_rows_and_says_what_is_missing(capsys, t
     assert [cell["runs"] for cell in full["lengths"]] == [2, 2]
     assert all(cell["decode_tokens_per_second"] > 0 for cell in full["lengths"])
     assert data["machine"]["cores"] >= 1 and "avx512_bf16" in data["machine"]
+    logged = (tmp_path / "out" / "peers.records.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in logged] == data["records"] and len(logged) == 2 * 2 * len(LENGTHS)
 
 
 def test_a_fake_peer_gets_our_token_ids_and_its_timings_appear_as_ratios(capsys, tmp_path, tiny_model_dir,

@@ -32,10 +32,10 @@ import torch
 
 from ..engine import PromptDistillEngine
 from ..loading import _GGUF_FILE, DEFAULT_MODEL, ModelNotAvailableError, _gguf_dir, default_model_path, load_model
-from .peer_workers.protocol import MISSING
 from ..prompt import render
 from . import measure, tasks
-from .__main__ import SPEED_DEPTH, _counts, _environment, _lengths, _positive, _write
+from .__main__ import SPEED_DEPTH, _counts, _lengths, _positive, _write
+from .peer_workers.protocol import MISSING
 
 WORKERS = Path(__file__).parent / "peer_workers"
 OURS = ("full", "profile")
@@ -121,11 +121,7 @@ def bench(args, engine: PromptDistillEngine, command_line: str) -> None:
                if getattr(args, flag[2:].replace("-", "_")) is None}
     jobs = [_our_job(engines, probes, args.decode_tokens)] + _peer_jobs(args, prompt_ids, out)
     measure._warm_up(engines)
-    records = []
-    for repeat in range(args.repeats):
-        for job in jobs if repeat % 2 == 0 else jobs[::-1]:
-            if job.engine not in missing and job.name not in missing:
-                records += [{**record, "repeat": repeat} for record in job.run(job, missing)]
+    records = _interleave(jobs, args.repeats, missing, out / "peers.records.jsonl")
     rows = summarize(records, args.lengths)
     machine = machine_info()
     note = "\n".join([COLUMNS_NOTE, _machine_line(machine)] + [f"- {job.name}: {_settings_line(job.settings)}"
@@ -136,14 +132,35 @@ def bench(args, engine: PromptDistillEngine, command_line: str) -> None:
     print("wrote " + ", ".join(map(str, files)))
 
 
+def _interleave(jobs: list[Job], repeats: int, missing: dict[str, str], log: Path) -> list[dict]:
+    """Every job's records over `repeats` repetitions, the order reversed on odd ones; each is also appended to
+    `log` (JSON lines) as it comes, so an interrupted run keeps them. A job whose engine turns out absent or
+    broken is noted in `missing` (by engine when not installed, else by job) and not run again."""
+    log.unlink(missing_ok=True)
+    records = []
+    for repeat in range(repeats):
+        for job in jobs if repeat % 2 == 0 else jobs[::-1]:
+            if job.engine in missing or job.name in missing:
+                continue
+            measured, settings, problem = job.run()
+            if problem:
+                missing[job.engine if problem.startswith("not installed") else job.name] = problem
+            job.settings = settings or job.settings
+            measured = [{**record, "repeat": repeat} for record in measured]
+            records += measured
+            with log.open("a") as file:
+                file.writelines(json.dumps(record) + "\n" for record in measured)
+    return records
+
+
 @dataclass
 class Job:
-    """One engine configuration, measured once per repetition by `run(job, missing)`, which returns its records
-    and, when the engine turns out to be absent or broken, says why in `missing[job.engine]`."""
+    """One engine configuration, measured once per repetition by `run()`: (its records, the engine's version and
+    settings, None) or ([], {}, why the engine is not installed or failed)."""
 
     name: str
     engine: str
-    run: Callable[[Job, dict], list[dict]]
+    run: Callable[[], tuple[list[dict], dict, str | None]]
     settings: dict = field(default_factory=dict)
 
 
@@ -153,7 +170,7 @@ def _our_job(engines: dict[str, PromptDistillEngine], probes: list, decode_token
     row = {"dtype": str(some.model.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
     no_eos = _NoEos(torch.tensor(some.runtime.eos_ids, dtype=torch.long, device=some.device))
 
-    def run(job: Job, missing: dict) -> list[dict]:
+    def run() -> tuple[list[dict], dict, None]:
         records = []
         for probe in probes:
             for name, engine in engines.items():
@@ -166,7 +183,7 @@ def _our_job(engines: dict[str, PromptDistillEngine], probes: list, decode_token
                                 "prompt_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
                                 "ttft_seconds": wall - (result.output_tokens - 1) / rate if rate else wall,
                                 "decode_tokens_per_second": rate})
-        return records
+        return records, {}, None
 
     return Job(OUR_NAME, "ours", run)
 
@@ -217,16 +234,14 @@ def _peer_job(engine: str, python: str, request: dict, env: dict, log: Path, len
     worker = WORKERS / f"{engine.replace('.', '')}_worker.py"
     log.unlink(missing_ok=True)
 
-    def run(job: Job, missing: dict) -> list[dict]:
+    def run() -> tuple[list[dict], dict, str | None]:
         result, problem = _run_worker(python, worker, request, env, log)
-        if problem:  # an engine that is not installed is missing for all its jobs, a failure for this one
-            missing[engine if problem.startswith("not installed") else job.name] = problem
-            return []
+        if problem:
+            return [], {}, problem
         name = "vLLM" if engine == "vllm" else "llama.cpp (llama-cpp-python)"
-        job.settings = {"version": result["version"], **result["settings"], **env}
         return [{"engine": f"{name} {result['version']}", "dtype": dtype or f"{result['file_type']} GGUF",
                  "threads": threads or measured["threads"], "length": lengths[measured["prompt"]], **measured}
-                for measured in result["runs"]]
+                for measured in result["runs"]], {"version": result["version"], **result["settings"], **env}, None
 
     return Job(f"{engine} {dtype or Path(request['model']).name}", engine, run)
 
