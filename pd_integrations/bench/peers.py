@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the default model or a local model directory, which vLLM loads too (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="our device: auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default="auto", help="our dtype: auto, float32, bfloat16 or float16 (default: auto)")
-    parser.add_argument("--lengths", type=_lengths, default=[2000, 4000, 8000], help="e.g. 2000,4000,8000")
+    parser.add_argument("--lengths", type=_lengths, default=[2000, 4000, 8000],
+                        help="prompt lengths in tokens (default: 2000,4000,8000)")
     parser.add_argument("--repeats", type=_positive, default=2, help="repetitions; medians are reported (default: 2)")
     parser.add_argument("--decode-tokens", type=_positive, default=32,
                         help="tokens each engine generates per prompt, the first included (default: %(default)s)")
