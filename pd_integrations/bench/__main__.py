@@ -7,6 +7,7 @@
     pd-bench heldout --haystack DIR [--split heldout]      needles in essays calibration never saw, 2 shapes
     pd-bench throughput [--lengths 2k,4k] [--concurrency 1,4,8,16]  concurrent requests vs sequential ones
     pd-bench serve --url URL [--concurrency 1,4,16]          load against a running pd-serve (see --help)
+    pd-bench peers --vllm-python P --llamacpp-python P       TTFT and decode vs vLLM and llama.cpp (see --help)
 
 Each prints a Markdown table (ratios are method ÷ full attention at the same length) and writes
 OUT/<command>.json, OUT/<command>.md and PNG plots to OUT (default bench-results/); OUT/<command>.records.jsonl
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         from . import serve_load  # needs the serve extra's httpx
 
         return serve_load.main(argv[1:])
+    if argv[:1] == ["peers"]:  # its own options: the peers' virtualenvs, repetitions, thread counts
+        from . import peers
+
+        return peers.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
