@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from pd_integrations import PromptDistillEngine
 from pd_integrations.bench import measure, report, tasks
@@ -24,8 +25,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_FLAGS = ["--layer", "1", "--budget", "32", "--max-new-tokens", "3"]
 SELECTING = ("gemfilter", "paper-rule", "single-stage")  # at layer 1 with budget 32; the fallback rule (layer 2,
 # at least 461 tokens) keeps every token of these short prompts
-# A float32 KV cache holds keys and values of every layer's KV heads for each kept token.
-KV_BYTES_PER_TOKEN = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
+# A KV cache holds keys and values of every layer's KV heads for each kept token, in the model's dtype ("auto":
+# bfloat16 on CPUs with bfloat16 instructions).
+KV_VALUES_PER_TOKEN = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"]
+
+
+def kv_bytes_per_token(data: dict) -> int:
+    return KV_VALUES_PER_TOKEN * getattr(torch, data["environment"]["dtype"].removeprefix("torch.")).itemsize
 
 
 def run_cli(capsys, tmp_path, *argv) -> tuple[dict, str]:
@@ -123,7 +129,7 @@ def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_model_dir, tokenizer):
             result.prompt_tokens, len(result.kept_token_indices), result.text)
         assert record["score"] == probe.score(record["output"])
         assert record["needles_kept"] == float(needle_tokens_kept(tokenizer, result, probe.needles[0]))
-        assert record["kv_cache_bytes"] == record["kept_tokens"] * KV_BYTES_PER_TOKEN
+        assert record["kv_cache_bytes"] == record["kept_tokens"] * kv_bytes_per_token(data)
         if record["method"] in SELECTING:
             assert result.kept_prunable_tokens == 32  # the budget, exactly
             assert record["kept_tokens"] == result.protected_tokens + 32 < record["prompt_tokens"]
@@ -145,7 +151,7 @@ def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_model_dir):
     check_summary(data, table, (128,), ("full", "single-stage"))
     for record in data["records"]:
         assert record["prefill_seconds"] > 0
-        assert record["kv_cache_bytes"] == record["kept_tokens"] * KV_BYTES_PER_TOKEN
+        assert record["kv_cache_bytes"] == record["kept_tokens"] * kv_bytes_per_token(data)
         if sys.platform == "linux":
             assert record["peak_memory_bytes"] > 0
     full, pruned = data["records"]
