@@ -20,6 +20,7 @@ from pd_integrations.loading import (
     DeviceUnavailableError,
     SMOLLM2_CHAT_TEMPLATE,
     ModelNotAvailableError,
+    cpu_runs_bfloat16,
     default_model_path,
     load_model,
     resolve_device,
@@ -105,10 +106,18 @@ def test_invalid_arguments_name_the_parameter(parameter, value):
         load_model("nonexistent-org/nonexistent-model-xyz", **{parameter: value})
 
 
+def test_cpu_bfloat16_detection_reads_the_cpu_flags(monkeypatch):
+    for avx512_bf16, amx, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert cpu_runs_bfloat16() is expected
+        assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if expected else torch.float32)
+
+
 def test_resolve_device_and_dtype():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_runs_bfloat16() else torch.float32)
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     assert resolve_dtype("fp16", "cpu") == torch.float16
     assert resolve_dtype(torch.float64, "cpu") == torch.float64
