@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..constraints import TOOL_CALL_BEGIN
+from ..constraints import tool_finish_reason
 from ..results import GenerationResult
 from ..tools import CallDelta, ToolCallStream
 
@@ -248,23 +248,28 @@ class Output:
     def feed(self, text: str) -> list[dict]:
         if self._calls is None:
             return [{"content": text}] if text else []
-        return [_delta(piece) for piece in self._calls.feed(text)]
+        return _deltas(self._calls.feed(text))
 
     def close(self) -> list[dict]:
         """The deltas held back until the output ended."""
-        return [] if self._calls is None else [_delta(piece) for piece in self._calls.close()]
+        return [] if self._calls is None else _deltas(self._calls.close())
 
     def finish_reason(self, result: GenerationResult) -> str:
-        """"tool_calls" when the model called a tool and stopped on its own; "length" stays, complete or not."""
-        called = self._calls is not None and self._calls.calls > 0
-        return "tool_calls" if called and result.finish_reason == "stop" else result.finish_reason
+        """"tool_calls" when the output ends with a complete call (see `tool_finish_reason`); else the engine's
+        ("length" for a call cut off inside its arguments, whose partial arguments were sent)."""
+        if self._calls is None:
+            return result.finish_reason
+        return tool_finish_reason(result.finish_reason, self._calls.calls, self._calls.ends_with_call)
+
+
+def _deltas(pieces: list[str | CallDelta]) -> list[dict]:
+    # A call cut off before its name was complete is no call, and its wrapper text is nobody's content.
+    return [_delta(piece) for piece in pieces if isinstance(piece, str) or piece.name is not None or piece.id is None]
 
 
 def _delta(piece: str | CallDelta) -> dict:
     if isinstance(piece, str):
         return {"content": piece}
-    if piece.name is None and piece.id is not None:  # cut off before its name: no call, only the text it is
-        return {"content": TOOL_CALL_BEGIN + piece.arguments}
     if piece.id is not None:
         return {"tool_calls": [{"index": piece.index, "id": piece.id, "type": "function",
                                 "function": {"name": piece.name, "arguments": piece.arguments}}]}
