@@ -148,12 +148,14 @@ class Grammars:
         return Grammar(self._compile(f"regex {pattern!r}", lambda: self._compiler.compile_regex(pattern)),
                        f"regex {pattern!r}")
 
-    def tool_calls(self, tools: Sequence[ToolSpec], *, required: bool, parallel: bool = False) -> Grammar:
+    def tool_calls(self, tools: Sequence[ToolSpec], *, required: bool, parallel: bool = False,
+                   reply_schema: dict[str, Any] | None = None) -> Grammar:
         """Tool calls of `tools` in the `<tool_call>` format, each call's arguments valid under its tool's schema.
 
         `required`: the output is calls and nothing else; otherwise free text in which each `<tool_call>` the
-        model starts must be a valid call ("auto"). `parallel`: more than one call per turn; off, the output ends
-        after the first call (small models otherwise tend to repeat a call until max_tokens).
+        model starts must be a valid call ("auto"), or, with `reply_schema`, either calls or one JSON value valid
+        under it (OpenAI's tools with `response_format`). `parallel`: more than one call per turn; off, the output
+        ends after the first call (small models otherwise tend to repeat a call until max_tokens).
         """
         if not tools:
             raise ValueError("tools is empty: a tool-call grammar needs at least one tool")
@@ -165,9 +167,13 @@ class Grammars:
                          "content": {"type": "json_schema", "json_schema": tool.parameters,
                                      "max_whitespace_cnt": _MAX_WHITESPACE},
                          "end": CALL_FOOTER})
+        calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+                 "stop_after_first": not parallel}
         if required:
-            structure = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-                         "stop_after_first": not parallel}
+            structure = calls
+        elif reply_schema is not None:
+            structure = {"type": "or", "elements": [calls, {"type": "json_schema", "json_schema": reply_schema,
+                                                            "max_whitespace_cnt": _MAX_WHITESPACE}]}
         else:
             structure = {"type": "triggered_tags", "triggers": [TOOL_CALL_BEGIN], "tags": tags,
                          "stop_after_first": not parallel}
@@ -218,11 +224,12 @@ def new_tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def parse_tool_calls(output: str) -> ParsedToolCalls:
+def parse_tool_calls(output: str, *, cut_off: bool = False) -> ParsedToolCalls:
     """Split `output` into text and `<tool_call>` blocks (see `Grammars.tool_calls`): `ToolCallStream` over the
-    whole text, so that parsed and streamed output agree by construction."""
+    whole text, so that parsed and streamed output agree by construction. `cut_off`: the output ended at
+    max_tokens (see `ToolCallStream.close`)."""
     stream = ToolCallStream()
-    pieces = stream.feed(output) + stream.close()
+    pieces = stream.feed(output) + stream.close(cut_off=cut_off)
     text = "".join(piece for piece in pieces if isinstance(piece, str))
     calls: dict[int, list] = {}
     for piece in pieces:
@@ -302,13 +309,14 @@ class ToolCallStream:
             pass
         return [piece for piece in out if piece]
 
-    def close(self) -> list[str | CallDelta]:
+    def close(self, *, cut_off: bool = False) -> list[str | CallDelta]:
         """What is left once the output has ended: held-back text, or the record of a call cut off (at
-        max_tokens): a nameless call for one cut off in its header, an error in `errors` for either."""
+        max_tokens): a nameless call for one cut off in its header, an error in `errors` for either. `cut_off`:
+        the output ended at max_tokens, so held-back text that begins `<tool_call>` was a call's start, not text."""
         rest, self._buffer = self._buffer, ""
-        if self._state == "text":
+        if self._state == "text" and not (cut_off and rest):
             return [rest] if rest else []
-        if self._state == "header":
+        if self._state in ("text", "header"):
             self._index += 1
             self.errors[self._index] = HEADER_CUT_OFF
             return [CallDelta(self._index, new_tool_call_id(), None, "")]

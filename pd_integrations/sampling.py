@@ -25,6 +25,7 @@ MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty: [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # and for each logit_bias value: [-100, 100]
+MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs range: [0, 20]
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,13 @@ class Sampler:
     stops: list[str]
     constraint: Constraint | None = None
     penalties: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    logprobs: int | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
     def create(cls, tokenizer, eos_ids: list[int], device: torch.device, *, temperature: float, top_p: float,
                top_k: int, seed: int | None, stops: list[str], constraint: Constraint | None = None,
-               penalties: Penalties = Penalties()) -> Sampler:
+               penalties: Penalties = Penalties(), logprobs: int | None = None) -> Sampler:
         processors = LogitsProcessorList()
         if temperature > 0:
             processors.append(TemperatureLogitsWarper(float(temperature)))  # it refuses an int
@@ -129,7 +132,7 @@ class Sampler:
             criteria.append(StopStringCriteria(tokenizer, stops))
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         return cls(processors, criteria, generator, temperature == 0, stops, constraint,
-                   LogitsProcessorList(penalties.processors()))
+                   LogitsProcessorList(penalties.processors()), logprobs)
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`sequence` [1, t] extended by the token chosen from next-token `logits` [vocab], and whether a stopping
@@ -144,12 +147,31 @@ class Sampler:
             token = scores[0].argmax(-1, keepdim=True)
         else:
             token = torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[0]
+        if self.logprobs is not None:
+            self.token_logprobs.append(TokenLogprob.of(logits, int(token), self.logprobs))
         sequence = torch.cat([sequence, token[None]], dim=-1)
         stopped = bool(self.criteria(sequence, scores)[0])
         if self.constraint is not None:
             self.constraint.advance(int(token))
             stopped = stopped or self.constraint.is_finished()
         return sequence, stopped
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability and the `top` most likely tokens' (id, log probability), under the
+    model's own next-token distribution (before penalties, the grammar's mask and temperature), as OpenAI's
+    `logprobs` report them."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), -1)
+        values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+        return cls(token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
 
 
 class TextDeltas:
@@ -220,6 +242,16 @@ def check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop) -> lis
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         raise TypeError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
     return list(stops)
+
+
+def check_logprobs(logprobs) -> int | None:
+    """`logprobs` checked to be None (off) or how many most likely tokens to report per token, in [0, 20];
+    raises `ValueError` naming it."""
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"logprobs must be None (off) or an int in [0, {MAX_TOP_LOGPROBS}] (top tokens per "
+                         f"token), got {logprobs!r}")
+    return logprobs
 
 
 def check_penalties(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None,

@@ -117,9 +117,10 @@ def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, too
                    parallel_tool_calls: bool | None = None, response_format: Any = None) -> Grammar | None:
     """The grammar for `engine`'s model that a call's output options ask for, or None for free text.
 
-    Raises `ValueError` whose message starts with the option it is about (`tools[i]`, `tool_choice`,
-    `response_format`, `parallel_tool_calls`), before any model work: an uncompilable schema, an unknown
-    `tool_choice`, tools together with a non-text `response_format`. `ImportError` without xgrammar.
+    Tools with a non-text `response_format` and `tool_choice` "auto": the output is calls or one JSON value
+    under the format (a forced call has no reply to format). Raises `ValueError` whose message starts with the
+    option it is about (`tools[i]`, `tool_choice`, `response_format`, `parallel_tool_calls`), before any model
+    work: an uncompilable schema, an unknown `tool_choice`. `ImportError` without xgrammar.
     """
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise ValueError(f"parallel_tool_calls must be a bool, got {parallel_tool_calls!r}")
@@ -130,16 +131,14 @@ def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, too
         raise ValueError(f"tool_choice {choice!r} needs tools to choose from; none were given")
     kind = _response_format_kind(response_format)
     calls = bool(tools) and choice != "none"
-    if calls and kind != "text":
-        raise ValueError("response_format cannot be combined with tools: the output is either tool calls or "
-                         "one JSON value; pass one of them (or tool_choice 'none')")
-    if kind == "json_object":
-        return Grammars.of(engine).json_object()
-    if kind == "json_schema":
-        spec = response_format["json_schema"]
-        name = spec.get("name")
-        return Grammars.of(engine).json_schema(spec["schema"], what=f"response_format schema {name!r}" if name
-                                               else "response_format schema")
+    reply_schema = None
+    if kind != "text":
+        spec = response_format.get("json_schema") or {}
+        what = f"response_format schema {spec['name']!r}" if spec.get("name") else "response_format schema"
+        reply_schema = spec["schema"] if kind == "json_schema" else {"type": "object"}
+        reply = Grammars.of(engine).json_schema(reply_schema, what=what if kind == "json_schema" else "JSON mode")
+        if not calls:
+            return reply
     if not calls:
         return None
     grammars = Grammars.of(engine)
@@ -151,7 +150,8 @@ def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, too
             # Compiled on its own first (the compiler caches it for the call grammar), so that an error names it.
             grammars.json_schema(spec.parameters, what=f"tools[{index}] (tool {spec.name!r}) parameters")
             specs.append(spec)
-    return grammars.tool_calls(specs, required=choice != "auto", parallel=bool(parallel_tool_calls))
+    return grammars.tool_calls(specs, required=choice != "auto", parallel=bool(parallel_tool_calls),
+                               reply_schema=reply_schema)
 
 
 def _response_format_kind(response_format: Any) -> str:

@@ -174,7 +174,7 @@ def test_streamed_tool_calls_merge_to_the_parsed_calls_at_every_split():
     for size in range(1, 12):  # deltas of every size from one character up
         splitter, merged = ToolCallStream(), AIMessageChunk(content="")
         pieces = [CALL_OUTPUT[i:i + size] for i in range(0, len(CALL_OUTPUT), size)]
-        for piece in [p for delta in pieces for p in splitter.feed(delta)] + splitter.close():
+        for piece in [p for delta in pieces for p in splitter.feed(delta)] + splitter.close("stop"):
             merged += (AIMessageChunk(content=piece) if isinstance(piece, str)
                        else AIMessageChunk(content="", tool_call_chunks=[piece]))
         assert merged.content == "Let me check.", size
@@ -184,7 +184,7 @@ def test_streamed_tool_calls_merge_to_the_parsed_calls_at_every_split():
 
 def test_streamed_call_cut_off_keeps_its_name_and_partial_arguments():
     splitter = ToolCallStream()
-    pieces = splitter.feed('<tool_call>\n{"name": "set_alarm", "arguments": {"hour": "si') + splitter.close()
+    pieces = splitter.feed('<tool_call>\n{"name": "set_alarm", "arguments": {"hour": "si') + splitter.close("length")
     merged = sum((AIMessageChunk(content="", tool_call_chunks=[p]) for p in pieces), AIMessageChunk(content=""))
     assert merged.tool_call_chunks[0]["name"] == "set_alarm"
     assert merged.tool_call_chunks[0]["args"].startswith('{"hour": "si')

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import xgrammar as xgr
@@ -126,8 +127,8 @@ def test_langchain_chunks_and_server_deltas_merge_to_the_call(call, cuts):
         for chunk in splitter.feed(piece):
             merged += (AIMessageChunk(content=chunk) if isinstance(chunk, str)
                        else AIMessageChunk(content="", tool_call_chunks=[chunk]))
-    deltas += output.close()
-    assert splitter.close() == []
+    deltas += output.close(SimpleNamespace(finish_reason="stop"))
+    assert splitter.close("stop") == []
     assert [(c["name"], c["args"]) for c in merged.tool_calls] == [(name, arguments)]
     message = merged_message(deltas)
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
@@ -183,3 +184,12 @@ def test_tool_call_text_that_is_no_call_stays_text():
     # Chat templates' instructions mention the tags; only a call's header starts a call.
     text = 'Use <tool_call></tool_call> tags: <tool_call>\n{"name": <function-name>}'
     assert parse_tool_calls(text).text == text and parse_tool_calls(text).invalid == []
+
+
+@pytest.mark.parametrize("end", range(1, len("<tool_call>")))
+def test_output_cut_off_in_the_opening_tag_is_a_cut_off_call_not_text(end):
+    # In "auto" mode the grammar makes `<tool_call>` the start of a call: cut off inside it, it is no text.
+    text = "Sure. " + PERSON_OUTPUT[:end]
+    cut = parse_tool_calls(text, cut_off=True)
+    assert cut.text == "Sure." and [i[1:] for i in cut.invalid] == [(None, "", HEADER_CUT_OFF)]
+    assert parse_tool_calls(text).text == text  # ended on its own (EOS), the text is text

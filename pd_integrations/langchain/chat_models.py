@@ -186,9 +186,9 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         for delta in stream:
             for piece in splitter.feed(delta) if splitter else [delta]:
                 yield self._chunk(piece, run_manager)
-        for piece in splitter.close() if splitter else []:
-            yield self._chunk(piece, run_manager)
         result = stream.result
+        for piece in splitter.close(result.finish_reason) if splitter else []:
+            yield self._chunk(piece, run_manager)
         metadata = call.response_metadata(result)
         if splitter:
             metadata["finish_reason"] = splitter.finish_reason(result.finish_reason)

@@ -42,7 +42,7 @@ def message_fields(text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
     `tool_calls`, calls cut off (at max_tokens) as `invalid_tool_calls` with their name and arguments so far;
     and the finish reason ("tool_calls" when the output ends with a complete call, see
     `pd_integrations.constraints.tool_finish_reason`)."""
-    parsed = parse_tool_calls(text)
+    parsed = parse_tool_calls(text, cut_off=finish_reason == "length")
     fields = {"content": parsed.text,
               "tool_calls": [tool_call(name=name, args=args, id=id_) for id_, name, args in parsed.calls],
               "invalid_tool_calls": [invalid_tool_call(name=name, args=raw, id=id_, error=error)
@@ -63,8 +63,9 @@ class ToolCallStream:
     def feed(self, delta: str) -> list[str | ToolCallChunk]:
         return [_chunk(piece) for piece in self._calls.feed(delta)]
 
-    def close(self) -> list[str | ToolCallChunk]:
-        return [_chunk(piece) for piece in self._calls.close()]
+    def close(self, finish_reason: str) -> list[str | ToolCallChunk]:
+        """The chunks held back until the output ended with `finish_reason`."""
+        return [_chunk(piece) for piece in self._calls.close(cut_off=finish_reason == "length")]
 
     def finish_reason(self, finish_reason: str) -> str:
         """The finish reason once the output has ended (see `message_fields`)."""
