@@ -83,3 +83,18 @@ def test_bad_penalties_name_the_parameter_before_any_model_work(engine, kwargs, 
 
 def test_check_penalties_reads_json_token_ids():
     assert check_penalties(logit_bias={"12": -5}, vocab_size=100).logit_bias == {12: -5.0}
+
+
+def test_langchain_models_take_the_penalties_at_construction_and_per_call(tiny_model_dir):
+    from pd_integrations.langchain import ChatPromptDistill
+
+    chat = ChatPromptDistill(model=tiny_model_dir, method="full", max_tokens=24)
+    plain = chat.invoke("The harbour at dawn").content
+    assert ChatPromptDistill(model=tiny_model_dir, method="full", max_tokens=24,
+                             frequency_penalty=2.0).invoke("The harbour at dawn").content != plain
+    assert chat.invoke("The harbour at dawn", presence_penalty=2.0).content != plain
+    assert chat.bind(repetition_penalty=3.0).invoke("The harbour at dawn").content != plain
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        ChatPromptDistill(model=tiny_model_dir, frequency_penalty=5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        chat.invoke("x", logit_bias={10**9: 1.0})
