@@ -42,9 +42,9 @@ try:
 except ImportError:  # the optional `structured` extra; `Grammars.of` says how to install it
     xgr = None
 
-__all__ = ["CALL_FOOTER", "CallDelta", "Grammar", "GrammarConstraint", "Grammars", "ParsedToolCalls", "ToolCallStream", "ToolSpec",
-           "TOOL_CALL_BEGIN", "TOOL_CALL_END", "call_header", "new_tool_call_id",
-           "parse_tool_calls", "tool_finish_reason"]
+__all__ = ["CALL_FOOTER", "CUT_OFF", "CallDelta", "Grammar", "GrammarConstraint", "Grammars", "HEADER_CUT_OFF",
+           "ParsedToolCalls", "ToolCallStream", "ToolSpec", "TOOL_CALL_BEGIN", "TOOL_CALL_END", "call_header",
+           "new_tool_call_id", "parse_tool_calls", "tool_finish_reason"]
 
 TOOL_CALL_BEGIN = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -269,8 +269,11 @@ class CallDelta:
     arguments: str
 
 
-CUT_OFF = "cut off: the output ended inside the tool call (max_tokens or a stop string) before its arguments were complete"
-HEADER_CUT_OFF = "cut off: the output ended inside the tool call (max_tokens or a stop string) before its name was complete"
+# The errors of calls that did not complete: a grammar's output ends inside a call only at max_tokens or a stop string.
+CUT_OFF = ("cut off: the output ended inside the tool call (max_tokens or a stop string) before its arguments were "
+           "complete")
+HEADER_CUT_OFF = ("cut off: the output ended inside the tool call (max_tokens or a stop string) before its name was "
+                  "complete")
 
 
 class ToolCallStream:
