@@ -289,7 +289,8 @@ def measure_adapters(prompts: list[str], max_tokens: int, call_max_tokens: int) 
     counts = {"complete": 0, "reported_cut_off": 0, "other": 0}
     for x in range(len(prompts)):
         message = forced.invoke(f"What is the value of magic_function({3 + 7 * x})? Use the tool.")
-        wrapper = "tool_call" in str(message.content) + str(message.tool_calls) + str(message.invalid_tool_calls)
+        arguments = [call["args"] for call in message.tool_calls + message.invalid_tool_calls]
+        wrapper = "tool_call" in str(message.content) + str(arguments)  # leaked text of the <tool_call> wrapper
         if message.tool_calls and message.response_metadata["finish_reason"] == "tool_calls" and not wrapper:
             counts["complete"] += 1
         elif (message.invalid_tool_calls and "cut off" in message.invalid_tool_calls[0]["error"] and not wrapper
