@@ -30,7 +30,7 @@ from .methods import METHOD_CLASSES, Prefill, PrefillRow, QueryAttentionRecorder
 from .prompt import RenderedPrompt, kept_shares, render
 from .results import BatchStream, GenerationResult, GenerationStream
 from .runtime import Runtime
-from .sampling import Constraint, Sampler, TextDeltas, check_sampling
+from .sampling import Constraint, Sampler, TextDeltas, check_logprobs, check_penalties, check_sampling
 from .scheduler import SchedulerSettings, Request, Scheduler
 from .selection import Selector
 
@@ -113,7 +113,10 @@ class PromptDistillEngine:
                query: str | None = None, documents: list[str] | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: str | list[str] | None = None, constraint: Constraint | None = None,
-               tools: list[dict] | None = None, tool_format: str = "auto") -> GenerationStream:
+               tools: list[dict] | None = None, tool_format: str = "auto", frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0, repetition_penalty: float = 1.0,
+               logit_bias: dict[int, float] | None = None,
+               logprobs: int | None = None) -> GenerationStream:
         """Generate from exactly one of `prompt` (raw text), `messages` (chat template) or `input_ids`.
 
         `query` is the question that seeds selection and is never pruned; `documents` are the retrieved texts as
@@ -124,14 +127,20 @@ class PromptDistillEngine:
         `pd_integrations.tools.output_grammar` for tool calls). `tools` (OpenAI tool dicts) are rendered with
         `messages`, which may hold tool calls and results, in the model's chat template or the built-in format
         (`tool_format`: "auto", "template" or "builtin"; see `pd_integrations.tools`); their signatures are never
-        pruned. Returns a `GenerationStream` of text deltas. Raises `ValueError`/`TypeError` for bad arguments,
+        pruned. `frequency_penalty`, `presence_penalty`, `repetition_penalty` and `logit_bias` discourage
+        repetition or chosen tokens (see `pd_integrations.sampling.Penalties`); `logprobs` (0-20) records each
+        output token's log probability and that many top alternatives in the result's `token_logprobs`. Returns a
+        `GenerationStream` of text deltas. Raises `ValueError`/`TypeError` for bad arguments,
         naming the parameter, before any model work. Concurrent calls share forwards (see `pd_integrations.scheduler`).
         """
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        penalties = check_penalties(frequency_penalty, presence_penalty, repetition_penalty, logit_bias,
+                                    len(self.tokenizer))
         rendered, layout = self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
         events = queue.SimpleQueue()
         request = self._request(rendered, layout, events, 0, max_new_tokens, stops, constraint,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, penalties=penalties,
+                                logprobs=check_logprobs(logprobs))
         return GenerationStream(_deltas(self._run([request], [rendered])))
 
     def generate_batch(self, prompts: list[str] | None = None, **kwargs) -> list[GenerationResult]:
@@ -148,7 +157,9 @@ class PromptDistillEngine:
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                      stop: str | list[str] | None = None,
                      constraints: list[Constraint | None] | None = None, tools: list[list[dict] | None] | None = None,
-                     tool_format: str = "auto") -> BatchStream:
+                     tool_format: str = "auto", frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                     repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
+                     logprobs: int | None = None) -> BatchStream:
         """Generate for several rows at once, from exactly one of the lists `prompts`, `messages` or `input_ids`;
         `queries`, `documents`, `constraints` and `tools` are per-row lists (or None), and the sampling arguments
         and `tool_format` apply to every row (see `stream`). The rows are prefilled and decoded together, each
@@ -156,6 +167,8 @@ class PromptDistillEngine:
         `GenerationResult`s, in row order. Raises `ValueError`/`TypeError` naming the parameter and the row before
         any model work."""
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        penalties = check_penalties(frequency_penalty, presence_penalty, repetition_penalty, logit_bias,
+                                    len(self.tokenizer))
         rows = _batch_rows(prompts, messages, input_ids, queries=queries, documents=documents,
                            constraints=constraints, tools=tools)
         events, requests, rendered = queue.SimpleQueue(), [], []
@@ -164,7 +177,8 @@ class PromptDistillEngine:
                 rendered.append(self._prepare(**{kind: value}, query=query, documents=docs, tools=row_tools,
                                               tool_format=tool_format))
                 requests.append(self._request(*rendered[-1], events, i, max_new_tokens, stops, constraint,
-                                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
+                                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                              penalties=penalties, logprobs=check_logprobs(logprobs)))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"row {i}: {error}") from error
         return BatchStream(self._run(requests, [r for r, _ in rendered]))
@@ -273,10 +287,11 @@ class PromptDistillEngine:
         finally:
             for request in requests:
                 scheduler.cancel(request)  # a no-op for finished rows; frees the rows of a consumer that left
-        return [self._result(r, *p, t, *f) for r, p, t, f in zip(rendered, prefills, texts, finished)]
+        return [self._result(r, *p, t, *f, q.sampler) for r, p, t, f, q in zip(rendered, prefills, texts, finished,
+                                                                               requests)]
 
     def _result(self, rendered: RenderedPrompt, row: PrefillRow, prefill_seconds: float, text: TextDeltas,
-                finish_reason: str, decode_seconds: float) -> GenerationResult:
+                finish_reason: str, decode_seconds: float, sampler: Sampler) -> GenerationResult:
         layout, kept = row.layout, row.kept_indices.cpu()
         kept_spans = rendered.char_spans(kept)
         output = text.tokens
@@ -294,6 +309,7 @@ class PromptDistillEngine:
             document_retention=None if rendered.document_ranges is None else kept_shares(rendered.document_ranges,
                                                                                        kept_spans),
             tool_format=rendered.tool_format,
+            token_logprobs=None if sampler.logprobs is None else sampler.token_logprobs[: len(output)],
         )
 
 

@@ -46,6 +46,7 @@ class GenerationResult:
     document_retention: list[float] | None = None
     query_free: bool = False
     tool_format: str | None = None
+    token_logprobs: list | None = field(default=None, repr=False)  # `sampling.TokenLogprob`s, with logprobs=
 
     def stats(self) -> dict:
         """What PromptDistill kept, as the adapters report it (LangChain `response_metadata["promptdistill"]`,

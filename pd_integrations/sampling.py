@@ -1,15 +1,18 @@
-"""Choosing each next token: argument checks, transformers' logits processors and stopping criteria, and stop
-strings cut from streamed text."""
+"""Choosing each next token: argument checks, transformers' logits processors and stopping criteria, OpenAI's
+repetition penalties and logit bias, and stop strings cut from streamed text."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from transformers import (
     EosTokenCriteria,
+    LogitsProcessor,
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
     StopStringCriteria,
     TemperatureLogitsWarper,
@@ -20,6 +23,68 @@ from transformers import (
 
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
+MAX_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty: [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # and for each logit_bias value: [-100, 100]
+MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs range: [0, 20]
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """What discourages (or encourages) tokens, applied to the logits before the grammar's mask and the warpers.
+
+    `frequency_penalty` and `presence_penalty` as OpenAI defines them: token j's logit minus
+    `c[j] * frequency_penalty + (c[j] > 0) * presence_penalty`, where c[j] counts j in the output so far (not the
+    prompt). `repetition_penalty` as transformers' (CTRL's): the logit of every token in the prompt or output so
+    far divided by it when positive, multiplied when negative; 1 is off. `logit_bias`: token id -> a number added
+    to its logit. Build it with `check_penalties`.
+    """
+
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    def processors(self) -> list[LogitsProcessor]:
+        """The logits processors of the penalties that are on."""
+        processors: list[LogitsProcessor] = []
+        if self.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty)))
+        if self.frequency_penalty or self.presence_penalty:
+            processors.append(OutputPenaltyLogitsProcessor(self.frequency_penalty, self.presence_penalty))
+        if self.logit_bias:
+            processors.append(LogitBiasLogitsProcessor(self.logit_bias))
+        return processors
+
+
+class OutputPenaltyLogitsProcessor(LogitsProcessor):
+    """OpenAI's frequency and presence penalties over the tokens generated so far. One per generation: the first
+    sequence it sees is the prompt, whose tokens it does not count."""
+
+    def __init__(self, frequency_penalty: float, presence_penalty: float):
+        self.frequency, self.presence = float(frequency_penalty), float(presence_penalty)
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        output = input_ids[0, self.prompt_length:]
+        if not output.numel():
+            return scores
+        counts = torch.bincount(output, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+        return scores - (counts * self.frequency + (counts > 0).to(scores.dtype) * self.presence)[None]
+
+
+class LogitBiasLogitsProcessor(LogitsProcessor):
+    """Adds a fixed bias to the logits of chosen token ids (OpenAI's `logit_bias`)."""
+
+    def __init__(self, logit_bias: Mapping[int, float]):
+        self.ids = torch.tensor(list(logit_bias), dtype=torch.long)
+        self.bias = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.ids.to(scores.device)] += self.bias.to(scores.device, scores.dtype)
+        return scores
 
 
 class Constraint(Protocol):
@@ -47,10 +112,14 @@ class Sampler:
     greedy: bool
     stops: list[str]
     constraint: Constraint | None = None
+    penalties: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    logprobs: int | None = None
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
     def create(cls, tokenizer, eos_ids: list[int], device: torch.device, *, temperature: float, top_p: float,
-               top_k: int, seed: int | None, stops: list[str], constraint: Constraint | None = None) -> Sampler:
+               top_k: int, seed: int | None, stops: list[str], constraint: Constraint | None = None,
+               penalties: Penalties = Penalties(), logprobs: int | None = None) -> Sampler:
         processors = LogitsProcessorList()
         if temperature > 0:
             processors.append(TemperatureLogitsWarper(float(temperature)))  # it refuses an int
@@ -62,25 +131,47 @@ class Sampler:
         if stops:
             criteria.append(StopStringCriteria(tokenizer, stops))
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        return cls(processors, criteria, generator, temperature == 0, stops, constraint)
+        return cls(processors, criteria, generator, temperature == 0, stops, constraint,
+                   LogitsProcessorList(penalties.processors()), logprobs)
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`sequence` [1, t] extended by the token chosen from next-token `logits` [vocab], and whether a stopping
         criterion (EOS, a stop string, a finished constraint) ends generation with it."""
-        scores = logits[None].float()
-        if self.constraint is not None:  # before the warpers, so top-k/top-p choose among allowed tokens
+        # Penalties first, as OpenAI applies them to the logits; then the grammar's mask, so that no bias lets a
+        # forbidden token through; then the warpers, so that top-k/top-p choose among allowed tokens.
+        scores = self.penalties(sequence, logits[None].float())
+        if self.constraint is not None:
             scores = self.constraint.mask(scores)
         scores = self.processors(sequence, scores)
         if self.greedy:
             token = scores[0].argmax(-1, keepdim=True)
         else:
             token = torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[0]
+        if self.logprobs is not None:
+            self.token_logprobs.append(TokenLogprob.of(logits, int(token), self.logprobs))
         sequence = torch.cat([sequence, token[None]], dim=-1)
         stopped = bool(self.criteria(sequence, scores)[0])
         if self.constraint is not None:
             self.constraint.advance(int(token))
             stopped = stopped or self.constraint.is_finished()
         return sequence, stopped
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability and the `top` most likely tokens' (id, log probability), under the
+    model's own next-token distribution (before penalties, the grammar's mask and temperature), as OpenAI's
+    `logprobs` report them."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        logprobs = torch.log_softmax(logits.float(), -1)
+        values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+        return cls(token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
 
 
 class TextDeltas:
@@ -151,3 +242,45 @@ def check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop) -> lis
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         raise TypeError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
     return list(stops)
+
+
+def check_logprobs(logprobs) -> int | None:
+    """`logprobs` checked to be None (off) or how many most likely tokens to report per token, in [0, 20];
+    raises `ValueError` naming it."""
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"logprobs must be None (off) or an int in [0, {MAX_TOP_LOGPROBS}] (top tokens per "
+                         f"token), got {logprobs!r}")
+    return logprobs
+
+
+def check_penalties(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None,
+                    vocab_size: int | None = None) -> Penalties:
+    """`Penalties` from validated arguments, raising `ValueError` naming the parameter and its allowed values:
+    frequency and presence penalties in [-2, 2] (OpenAI's range), a repetition penalty > 0, and `logit_bias` a
+    mapping of token ids (ints, or digit strings as JSON sends them; below `vocab_size`) to numbers in
+    [-100, 100]."""
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise ValueError(f"{name} must be a number in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value!r}")
+    if not _is_number(repetition_penalty) or not 0 < repetition_penalty < float("inf"):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
+    bias = {}
+    if logit_bias is not None and not isinstance(logit_bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token ids to numbers in [-{MAX_LOGIT_BIAS}, "
+                         f"{MAX_LOGIT_BIAS}], got {logit_bias!r:.100}")
+    for token, value in (logit_bias or {}).items():
+        token_id = int(token) if isinstance(token, str) and token.isdigit() else token
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0 or (
+                vocab_size is not None and token_id >= vocab_size):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size or 'vocab size'}), got {token!r}")
+        if not _is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got "
+                             f"{value!r} for token {token!r}")
+        bias[token_id] = float(value)
+    return Penalties(float(frequency_penalty), float(presence_penalty), float(repetition_penalty), bias)
+
+
+def _is_number(value) -> bool:
+    # NaN fails every range comparison that follows; bools are not numbers here.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -20,12 +20,11 @@ How tools reach the model (`tool_format`, see `pd_integrations.prompt.render`):
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from .constraints import TOOL_CALL_BEGIN, TOOL_CALL_END, Grammar, Grammars, ToolSpec, new_tool_call_id, parse_tool_calls
+from .constraints import (TOOL_CALL_BEGIN, TOOL_CALL_END, CallDelta, Grammar, Grammars, ToolCallStream, ToolSpec,
+                          parse_tool_calls)
 
 __all__ = ["RESPONSE_FORMATS", "TOOL_CHOICES", "TOOL_FORMATS", "CallDelta", "ToolCallStream", "builtin_messages",
            "check_tool_choice", "check_tool_format", "check_tools", "has_tool_messages", "output_grammar",
@@ -118,9 +117,10 @@ def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, too
                    parallel_tool_calls: bool | None = None, response_format: Any = None) -> Grammar | None:
     """The grammar for `engine`'s model that a call's output options ask for, or None for free text.
 
-    Raises `ValueError` whose message starts with the option it is about (`tools[i]`, `tool_choice`,
-    `response_format`, `parallel_tool_calls`), before any model work: an uncompilable schema, an unknown
-    `tool_choice`, tools together with a non-text `response_format`. `ImportError` without xgrammar.
+    Tools with a non-text `response_format` and `tool_choice` "auto": the output is calls or one JSON value
+    under the format (a forced call has no reply to format). Raises `ValueError` whose message starts with the
+    option it is about (`tools[i]`, `tool_choice`, `response_format`, `parallel_tool_calls`), before any model
+    work: an uncompilable schema, an unknown `tool_choice`. `ImportError` without xgrammar.
     """
     if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
         raise ValueError(f"parallel_tool_calls must be a bool, got {parallel_tool_calls!r}")
@@ -131,16 +131,14 @@ def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, too
         raise ValueError(f"tool_choice {choice!r} needs tools to choose from; none were given")
     kind = _response_format_kind(response_format)
     calls = bool(tools) and choice != "none"
-    if calls and kind != "text":
-        raise ValueError("response_format cannot be combined with tools: the output is either tool calls or "
-                         "one JSON value; pass one of them (or tool_choice 'none')")
-    if kind == "json_object":
-        return Grammars.of(engine).json_object()
-    if kind == "json_schema":
-        spec = response_format["json_schema"]
-        name = spec.get("name")
-        return Grammars.of(engine).json_schema(spec["schema"], what=f"response_format schema {name!r}" if name
-                                               else "response_format schema")
+    reply_schema = None
+    if kind != "text":
+        spec = response_format.get("json_schema") or {}
+        what = f"response_format schema {spec['name']!r}" if spec.get("name") else "response_format schema"
+        reply_schema = spec["schema"] if kind == "json_schema" else {"type": "object"}
+        reply = Grammars.of(engine).json_schema(reply_schema, what=what if kind == "json_schema" else "JSON mode")
+        if not calls:
+            return reply
     if not calls:
         return None
     grammars = Grammars.of(engine)
@@ -152,7 +150,8 @@ def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, too
             # Compiled on its own first (the compiler caches it for the call grammar), so that an error names it.
             grammars.json_schema(spec.parameters, what=f"tools[{index}] (tool {spec.name!r}) parameters")
             specs.append(spec)
-    return grammars.tool_calls(specs, required=choice != "auto", parallel=bool(parallel_tool_calls))
+    return grammars.tool_calls(specs, required=choice != "auto", parallel=bool(parallel_tool_calls),
+                               reply_schema=reply_schema)
 
 
 def _response_format_kind(response_format: Any) -> str:
@@ -250,100 +249,3 @@ def template_supports_tools(tokenizer) -> bool:
         _TEMPLATE_SUPPORT[key] = ("Looks up the probe marker." in text and "Probe result." in text
                                   and ("probe_lookup", {"x": 7}) in [call[1:] for call in parse_tool_calls(text).calls])
     return _TEMPLATE_SUPPORT[key]
-
-
-# ---------------------------------------------------------------- streamed output
-
-
-@dataclass(frozen=True)
-class CallDelta:
-    """A piece of a streamed tool call, as OpenAI and LangChain stream them: the call's first delta has its `id`
-    and `name` (and empty `arguments`), later ones only fragments of its `arguments` JSON. A call cut off before
-    its name was complete comes as one delta with `id`, `name` None and the raw text after `<tool_call>` as
-    `arguments`."""
-
-    index: int
-    id: str | None
-    name: str | None
-    arguments: str
-
-
-class ToolCallStream:
-    """Splits streamed output into text deltas and `CallDelta`s: a call's first delta as soon as its header is
-    complete, then its arguments' JSON in fragments. Text that may be the start of `<tool_call>`, and arguments
-    that may be the end of the call, are held back until known."""
-
-    def __init__(self):
-        self._buffer = ""
-        self._state = "text"  # "text", "header" (inside <tool_call>, before the arguments) or "arguments"
-        self._index = -1
-        self._after_call = False
-        self._arguments_start = False
-
-    @property
-    def calls(self) -> int:
-        """How many calls have started so far."""
-        return self._index + 1
-
-    def feed(self, delta: str) -> list[str | CallDelta]:
-        self._buffer += delta
-        out: list[str | CallDelta] = []
-        while self._step(out):
-            pass
-        return [piece for piece in out if piece]
-
-    def close(self) -> list[str | CallDelta]:
-        """What is left once the output has ended: held-back text, or a call cut off at max_tokens (its partial
-        arguments, or its raw header)."""
-        rest, self._buffer = self._buffer, ""
-        if self._state == "text":
-            return [rest] if rest else []
-        if self._state == "header":
-            self._index += 1
-            return [CallDelta(self._index, new_tool_call_id(), None, rest)]
-        return [CallDelta(self._index, None, None, rest)] if rest else []
-
-    def _step(self, out: list) -> bool:
-        """Consume what the buffer allows in the current state; whether the state changed (step again)."""
-        if self._state == "text":
-            if self._after_call:  # the newline that separates calls is not text
-                self._buffer = self._buffer.lstrip("\n")
-                self._after_call = not self._buffer
-            start = self._buffer.find(TOOL_CALL_BEGIN)
-            if start >= 0:
-                out.append(self._buffer[:start])
-                self._buffer, self._state = self._buffer[start + len(TOOL_CALL_BEGIN):], "header"
-                return True
-            held = next((k for k in range(min(len(TOOL_CALL_BEGIN) - 1, len(self._buffer)), 0, -1)
-                         if self._buffer.endswith(TOOL_CALL_BEGIN[:k])), 0)
-            out.append(self._buffer[: len(self._buffer) - held])
-            self._buffer = self._buffer[len(self._buffer) - held:]
-            return False
-        if self._state == "header":
-            header = _CALL_HEADER.match(self._buffer)
-            if header is None:
-                return False
-            self._index += 1
-            out.append(CallDelta(self._index, new_tool_call_id(), json.loads(header.group(1)), ""))
-            self._buffer, self._state, self._arguments_start = self._buffer[header.end():], "arguments", True
-            return True
-        if self._arguments_start:  # the grammar may put a space before the arguments: not part of them
-            self._buffer = self._buffer.lstrip()
-            self._arguments_start = not self._buffer
-        end = _CALL_END.search(self._buffer)
-        if end is not None:
-            if end.start():
-                out.append(CallDelta(self._index, None, None, self._buffer[: end.start()]))
-            self._buffer, self._state, self._after_call = self._buffer[end.end():], "text", True
-            return True
-        cut = max(0, len(self._buffer) - _CALL_END_LENGTH)
-        if cut:
-            out.append(CallDelta(self._index, None, None, self._buffer[:cut]))
-        self._buffer = self._buffer[cut:]
-        return False
-
-
-# What the tool-call grammar writes around a call's arguments (see `Grammars.tool_calls`).
-_CALL_HEADER = re.compile(r'\s*\{"name":\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments":\s*')
-_CALL_END = re.compile(r"\s*\}\s*" + re.escape(TOOL_CALL_END))
-_CALL_END_LENGTH = len("}\n" + TOOL_CALL_END) + 2  # and the whitespace the grammar allows around them

@@ -178,7 +178,7 @@ BAD_REQUESTS = {
     "unknown model": (404, "model", None, {**chat(), "model": "gpt-4o"}),
     "bad temperature": (400, "temperature", None, chat(temperature=-1)),
     "bad max_tokens": (400, "max_tokens", None, chat(max_tokens=0)),
-    "n above 1": (400, "n", None, chat(n=2)),
+    "n above 16": (400, "n", None, chat(n=17)),
     "prompt over the context window": (400, "messages", None,
                                        chat([{"role": "user", "content": "word " * 9000}])),
     "prompt over the server's max_prompt_tokens": (400, "messages", None,
@@ -205,8 +205,6 @@ BAD_REQUESTS = {
     "tool_choice naming an unknown tool": (400, "tool_choice", None, chat(
         tools=[{"type": "function", "function": {"name": "ok"}}],
         tool_choice={"type": "function", "function": {"name": "missing"}})),
-    "tools and response_format together": (400, "response_format", None, chat(
-        tools=[{"type": "function", "function": {"name": "ok"}}], response_format={"type": "json_object"})),
     "tool call arguments that are not JSON": (400, "messages[1].tool_calls[0].function.arguments", None, chat([
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": None, "tool_calls": [

@@ -6,6 +6,8 @@ extraction over retrieved passages parses and stays accurate when PromptDistill 
 - speed: one extraction prompt, greedy, decoded under the constraint and then free for as many tokens,
   alternating `--repeats` times; the median decode tokens/s of each, and the constraint's own time per token
   (mask + advance);
+- `--adapters`: only LangChain's `with_structured_output` on `--samples` one-sentence extraction prompts at
+  max_tokens=80 and a forced tool call at max_tokens=32: objects and complete calls, cut-off errors, anything else;
 - `--compare-libraries`: only the per-token mask time of xgrammar and, where installed, outlines-core and
   lm-format-enforcer;
 - extraction: `--samples` prompts, each asking for one person's 4-field record (name, city, department, start
@@ -241,6 +243,65 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
             for name, t in times.items()}
 
 
+class Person(BaseModel):
+    """A person mentioned in the text."""
+
+    name: str  # unbounded, as users write schemas: a small model may loop inside it until max_tokens
+    age: int
+
+
+def extraction_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` one-sentence extraction prompts, a few with braces, quotes and tags in them."""
+    rng = random.Random(seed)
+    tails = ["", ' Her badge reads "}</tool_call>".', " He signs notes with {braces}.", ' Her motto: "a \\ b".']
+    return [f"Extract the person: {rng.choice(FIRST)} {rng.choice(LAST)} is {rng.randint(19, 70)} years old and "
+            f"lives in {rng.choice(CITIES)}.{tails[i % len(tails)]}" for i in range(count)]
+
+
+def measure_adapters(prompts: list[str], max_tokens: int, call_max_tokens: int) -> dict:
+    """LangChain's `with_structured_output(Person)` (json_schema and function_calling) at `max_tokens`, and a
+    forced `bind_tools` call at `call_max_tokens`: how many come back as an object or complete call, as a cut-off
+    error saying so, or as anything else (None, leaked wrapper text, a wrong error)."""
+    from langchain_core.tools import tool
+
+    from ..langchain import ChatPromptDistill
+
+    @tool
+    def magic_function(input: int) -> int:
+        """Applies a magic function to an input."""
+        return input + 2
+
+    llm = ChatPromptDistill(max_tokens=max_tokens)
+    results = {}
+    for method in ("json_schema", "function_calling"):
+        runnable = llm.with_structured_output(Person, method=method, include_raw=True)
+        counts = {"object": 0, "cut_off_error": 0, "other": 0}
+        for prompt in prompts:
+            out = runnable.invoke(prompt)
+            if isinstance(out["parsed"], Person):
+                counts["object"] += 1
+            elif out["parsing_error"] is not None and "cut off" in str(out["parsing_error"]):
+                counts["cut_off_error"] += 1
+            else:
+                counts["other"] += 1
+        results[f"with_structured_output {method}, max_tokens={max_tokens}"] = counts
+    forced = ChatPromptDistill(max_tokens=call_max_tokens).bind_tools([magic_function], tool_choice="any")
+    counts = {"complete": 0, "reported_cut_off": 0, "other": 0}
+    for x in range(len(prompts)):
+        message = forced.invoke(f"What is the value of magic_function({3 + 7 * x})? Use the tool.")
+        arguments = [call["args"] for call in message.tool_calls + message.invalid_tool_calls]
+        wrapper = "tool_call" in str(message.content) + str(arguments)  # leaked text of the <tool_call> wrapper
+        if message.tool_calls and message.response_metadata["finish_reason"] == "tool_calls" and not wrapper:
+            counts["complete"] += 1
+        elif (message.invalid_tool_calls and "cut off" in message.invalid_tool_calls[0]["error"] and not wrapper
+              and message.response_metadata["finish_reason"] == "length"):
+            counts["reported_cut_off"] += 1
+        else:
+            counts["other"] += 1
+    results[f"forced tool call, max_tokens={call_max_tokens}"] = counts
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=20)
@@ -251,7 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--compare-libraries", action="store_true",
                         help="only compare the mask time per token of the installed grammar libraries")
+    parser.add_argument("--adapters", action="store_true", help="only count objects, cut-off errors and anything "
+                        "else from LangChain's structured output (max_tokens 80) and forced calls (max_tokens 32)")
     args = parser.parse_args(argv)
+    if args.adapters:
+        print(json.dumps(measure_adapters(extraction_prompts(args.samples), 80, 32), indent=1))
+        return
     engine = PromptDistillEngine.from_pretrained(device="cpu", dtype="float32")
     if args.compare_libraries:
         print(json.dumps(compare_libraries(engine.tokenizer), indent=1))

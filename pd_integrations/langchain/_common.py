@@ -20,10 +20,13 @@ from ..loading import DEFAULT_MODEL, check_load_settings
 PROVIDER = "promptdistill"
 # Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones and the
 # `PromptDistillConfig` fields (`method`, `budgets`, ...) override the constructor's values for that call.
-SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed")
+SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty",
+                    "repetition_penalty", "logit_bias")
 CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens", *CONFIG_SHORTCUTS)
 # LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
 _ROUTING_FLAGS = ("stream",)
+
+
 class PromptDistillSettings(DistillSettings):
     """Settings of a PromptDistill-backed LangChain model. Weights load on the first call, once per process and
     load settings (`model`, `device`, `dtype`, `quantization`), so constructing models is cheap.
@@ -50,6 +53,13 @@ class PromptDistillSettings(DistillSettings):
     """Sample from the `top_k` most likely tokens only (0 = off)."""
     seed: int | None = None
     """Seeds sampling (temperature > 0) for reproducible output."""
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    """OpenAI's penalties on tokens already in the output (see `pd_integrations.sampling.Penalties`)."""
+    repetition_penalty: float = Field(1.0, gt=0)
+    """transformers' repetition penalty over prompt and output (1 = off)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> a number in [-100, 100] added to its logit."""
     stop: list[str] | None = None
     """Stop sequences, cut from the output; a call's own `stop` replaces them."""
     timeout: float | None = Field(None, gt=0)
@@ -108,6 +118,10 @@ class PromptDistillSettings(DistillSettings):
             return self.custom_get_token_ids(text)
         return self._engine(self.model, self._distill_config).tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _penalties(self) -> dict[str, Any]:
+        return {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                "repetition_penalty": self.repetition_penalty, "logit_bias": self.logit_bias}
+
     def _stops(self, stop: list[str] | None) -> list[str] | None:
         return stop or self.stop or None
 
@@ -139,7 +153,8 @@ class PromptDistillSettings(DistillSettings):
         from_template = documents is None and template.get("documents") is not None
         options = {"query": query, "documents": template.get("documents") if from_template else documents,
                    "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
-                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop)}
+                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop),
+                   **settings._penalties()}
         config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
         return Call(self._engine(model, config), model, options, self.timeout, from_template)
 

@@ -175,9 +175,11 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         for _ in stream:
             pass
         result = stream.result
-        fields = message_fields(result.text) if with_tools else {"content": result.text}
-        message = AIMessage(**fields, usage_metadata=usage_metadata(result),
-                            response_metadata=call.response_metadata(result))
+        metadata = call.response_metadata(result)
+        fields = {"content": result.text}
+        if with_tools:
+            fields, metadata["finish_reason"] = message_fields(result.text, result.finish_reason)
+        message = AIMessage(**fields, usage_metadata=usage_metadata(result), response_metadata=metadata)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -187,13 +189,15 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         for delta in stream:
             for piece in splitter.feed(delta) if splitter else [delta]:
                 yield self._chunk(piece, run_manager)
-        for piece in splitter.close() if splitter else []:
-            yield self._chunk(piece, run_manager)
         result = stream.result
+        for piece in splitter.close(result.finish_reason) if splitter else []:
+            yield self._chunk(piece, run_manager)
+        metadata = call.response_metadata(result)
+        if splitter:
+            metadata["finish_reason"] = splitter.finish_reason(result.finish_reason)
         # Usage and metadata once, on the last chunk, so that summing the chunks counts them once.
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage_metadata(result),
-                                                         response_metadata=call.response_metadata(result),
-                                                         chunk_position="last"))
+                                                         response_metadata=metadata, chunk_position="last"))
 
     @staticmethod
     def _chunk(piece, run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:

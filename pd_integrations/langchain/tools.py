@@ -18,7 +18,7 @@ from langchain_core.outputs import Generation
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from .. import tools as core
-from ..constraints import parse_tool_calls
+from ..constraints import parse_tool_calls, tool_finish_reason
 
 # The options bind_tools and with_structured_output bind, taken from a call's kwargs before the others.
 OUTPUT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
@@ -37,20 +37,25 @@ def openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     return core.check_tools(converted)
 
 
-def message_fields(text: str) -> dict[str, Any]:
+def message_fields(text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
     """`AIMessage` fields of output generated with tools bound: the text outside calls as `content`, the calls as
-    `tool_calls`, calls that don't parse (cut off at max_tokens) as `invalid_tool_calls`."""
-    parsed = parse_tool_calls(text)
-    return {"content": parsed.text,
-            "tool_calls": [tool_call(name=name, args=args, id=id_) for id_, name, args in parsed.calls],
-            "invalid_tool_calls": [invalid_tool_call(args=raw, id=id_, error=error)
-                                   for id_, raw, error in parsed.invalid]}
+    `tool_calls`, calls cut off (at max_tokens) as `invalid_tool_calls` with their name and arguments so far;
+    and the finish reason ("tool_calls" when the output ends with a complete call, see
+    `pd_integrations.constraints.tool_finish_reason`)."""
+    parsed = parse_tool_calls(text, cut_off=finish_reason == "length")
+    fields = {"content": parsed.text,
+              "tool_calls": [tool_call(name=name, args=args, id=id_) for id_, name, args in parsed.calls],
+              "invalid_tool_calls": [invalid_tool_call(name=name, args=raw, id=id_, error=error)
+                                     for id_, name, raw, error in parsed.invalid]}
+    return fields, tool_finish_reason(finish_reason, len(parsed.calls), parsed.ends_with_call)
 
 
 class ToolCallStream:
     """Streamed output as text deltas and `ToolCallChunk`s (`pd_integrations.tools.ToolCallStream`'s deltas in
     LangChain's shape): a call's first chunk (name, id, index), then its arguments' JSON in fragments. A call cut
-    off before its name was complete is a chunk without a name, which LangChain makes an invalid tool call."""
+    off before its name was complete is a chunk without a name or arguments, which LangChain makes an invalid
+    tool call; one cut off inside its arguments merges to their partial JSON, which LangChain parses leniently,
+    so the last chunk's finish reason ("length") is what says it was cut off."""
 
     def __init__(self):
         self._calls = core.ToolCallStream()
@@ -58,15 +63,19 @@ class ToolCallStream:
     def feed(self, delta: str) -> list[str | ToolCallChunk]:
         return [_chunk(piece) for piece in self._calls.feed(delta)]
 
-    def close(self) -> list[str | ToolCallChunk]:
-        return [_chunk(piece) for piece in self._calls.close()]
+    def close(self, finish_reason: str) -> list[str | ToolCallChunk]:
+        """The chunks held back until the output ended with `finish_reason`."""
+        return [_chunk(piece) for piece in self._calls.close(cut_off=finish_reason == "length")]
+
+    def finish_reason(self, finish_reason: str) -> str:
+        """The finish reason once the output has ended (see `message_fields`)."""
+        return tool_finish_reason(finish_reason, self._calls.calls, self._calls.ends_with_call)
 
 
 def _chunk(piece: str | core.CallDelta) -> str | ToolCallChunk:
     if isinstance(piece, str):
         return piece
-    arguments = piece.arguments.strip() if piece.id is not None and piece.name is None else piece.arguments
-    return tool_call_chunk(name=piece.name, args=arguments, id=piece.id, index=piece.index)
+    return tool_call_chunk(name=piece.name, args=piece.arguments, id=piece.id, index=piece.index)
 
 
 class _RefusesCutOffOutput:

@@ -1,13 +1,15 @@
 """The OpenAI-compatible FastAPI app over one engine: `create_app(engine, settings)`.
 
-Each request runs the engine in a worker thread of its own (`engine.stream`), so concurrent requests reach the
-engine's runtime together and it schedules their forward steps; the app adds no batching of its own. A request
-holds a `RequestSlots` slot from admission until its response is done. A client that disconnects, streaming or
-not, stops its generation: the engine's stream is closed as soon as the step it is in finishes.
+Each request runs the engine in a worker thread of its own (`engine.stream_batch`, one row per choice: `n` per
+prompt), so concurrent requests reach the engine's runtime together and it schedules their forward steps; the app
+adds no batching of its own. A request holds a `RequestSlots` slot from admission until its response is done. A
+client that disconnects, streaming or not, stops its generation: the engine's stream is closed as soon as the step
+it is in finishes. The fields it takes and refuses: docs/openai-compat.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -21,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..config import PromptDistillConfig
-from ..engine import GenerationStream, PromptDistillEngine
+from ..engine import BatchStream, PromptDistillEngine
 from ..loading import DEFAULT_MODEL
 from ..tools import output_grammar, resolve_tool_format
 from .errors import SERVER_ERROR, RequestError, engine_rejection, install_error_handlers, logger
@@ -86,6 +88,7 @@ def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSet
 
     app.get("/health")(lambda: {"status": "ok"})
     app.get("/v1/models", dependencies=authorized)(server.models)
+    app.get("/v1/models/{model_id:path}", dependencies=authorized)(server.model)
     app.post("/v1/chat/completions", dependencies=authorized)(server.chat_completions)
     app.post("/v1/completions", dependencies=authorized)(server.completions)
     return app
@@ -105,16 +108,29 @@ class _Server:
     def __init__(self, engine: PromptDistillEngine, model_name: str, slots: RequestSlots, tool_format: str):
         self.engine, self.model_name, self.slots, self.tool_format = engine, model_name, slots, tool_format
         self.threads = anyio.CapacityLimiter(slots.capacity)
+        # OpenAI's "backend configuration" for reproducibility: the model and the engine's resolved config.
+        served = f"{model_name}|{engine.model_name}|{engine.config}|{tool_format}"
+        self.fingerprint = "fp_" + hashlib.sha256(served.encode()).hexdigest()[:12]
+
+    def _card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pd-integrations"}
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "pd-integrations"}]}
+        return {"object": "list", "data": [self._card()]}
+
+    def model(self, model_id: str) -> dict:
+        if model_id != self.model_name:
+            raise RequestError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                               param="model", code="model_not_found")
+        return self._card()
 
     async def chat_completions(self, body: ChatCompletionRequest, http: Request):
-        return await self._respond(body, http, ResponseIds("chat", self.model_name))
+        return await self._respond(body, http, ResponseIds("chat", self.model_name, self.fingerprint, body.n,
+                                                           self.engine.tokenizer))
 
     async def completions(self, body: CompletionRequest, http: Request):
-        return await self._respond(body, http, ResponseIds("text", self.model_name))
+        return await self._respond(body, http, ResponseIds("text", self.model_name, self.fingerprint, body.n,
+                                                           self.engine.tokenizer))
 
     async def _respond(self, request: GenerationRequest, http: Request, ids: ResponseIds) -> Response:
         self._check(request)
@@ -124,19 +140,20 @@ class _Server:
         except BaseException:
             self.slots.give_back()
             raise
-        output = request.output()
+        outputs = [request.output() for _ in range(request.rows)]
         if request.stream:
-            return _EventStream(generation, output, ids, request.include_usage())
-        deltas = []
+            return _EventStream(generation, outputs, ids, request.include_usage())
+        deltas: list[list[dict]] = [[] for _ in outputs]
         try:
-            async for text in generation.deltas():
+            async for row, text in generation.deltas():
                 if await http.is_disconnected():
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
-                deltas += output.feed(text)
+                deltas[row] += outputs[row].feed(text)
         finally:
             await generation.close()
-        result = generation.stream.result
-        body = ids.completion(result, deltas + output.close(), output.finish_reason(result))
+        results = generation.stream.result
+        body = ids.completion([(result, row + output.close(result), output.finish_reason(result))
+                               for result, row, output in zip(results, deltas, outputs)])
         # Also as a header, for clients that drop unknown body fields (LangChain's ChatOpenAI shows headers in
         # response_metadata with include_response_headers=True).
         return JSONResponse(body, headers={STATS_HEADER: json.dumps(body["promptdistill"], separators=(",", ":"))})
@@ -145,14 +162,14 @@ class _Server:
         if request.model != self.model_name:
             raise RequestError(404, f"the model {request.model!r} does not exist; this server serves "
                                     f"{self.model_name!r}", param="model", code="model_not_found")
-        refused = request.unsupported()
-        if refused:
-            raise RequestError(400, refused[1], param=refused[0], code="unsupported_parameter")
         invalid = request.invalid()
         if invalid:
             raise RequestError(400, invalid[1], param=invalid[0], code="invalid_value")
+        refused = request.unsupported()
+        if refused:
+            raise RequestError(400, refused[1], param=refused[0], code="unsupported_parameter")
 
-    async def _start(self, request: GenerationRequest) -> GenerationStream:
+    async def _start(self, request: GenerationRequest) -> BatchStream:
         """The engine's stream for `request`, constrained to the output it asks for (`response_format`, tools);
         the grammar and the engine check every argument here, before any model work."""
         options = request.promptdistill
@@ -160,7 +177,8 @@ class _Server:
             engine = self.engine
             if options is not None and options.config_fields():
                 engine = engine.with_config(PromptDistillConfig(**options.config_fields()))
-            selection = {} if options is None else {"query": options.query, "documents": options.documents}
+            selection = {} if options is None else {"queries": [options.query] * request.rows,
+                                                    "documents": [options.documents] * request.rows}
             return await self.in_thread(partial(self._open, engine, request, selection))
         except ImportError as error:  # the grammar library is an optional extra
             param = "tools" if request.output_options().get("tools") else "response_format"
@@ -169,11 +187,12 @@ class _Server:
         except (ValueError, TypeError) as error:
             raise engine_rejection(error, request) from error
 
-    def _open(self, engine: PromptDistillEngine, request: GenerationRequest, selection: dict) -> GenerationStream:
+    def _open(self, engine: PromptDistillEngine, request: GenerationRequest, selection: dict) -> BatchStream:
         # In a worker thread: the first grammar of a model scans its vocabulary (about a second).
         grammar = output_grammar(engine, **request.output_options())
-        return engine.stream(**request.engine_input(), **selection, **request.sampling(), tool_format=self.tool_format,
-                             constraint=grammar.constraint() if grammar else None)
+        constraints = [grammar.constraint() if grammar else None for _ in range(request.rows)]  # a matcher per row
+        return engine.stream_batch(**request.engine_input(), **selection, **request.sampling(),
+                                   tool_format=self.tool_format, constraints=constraints)
 
     async def in_thread(self, call, *args):
         return await anyio.to_thread.run_sync(call, *args, limiter=self.threads)
@@ -184,10 +203,11 @@ class _Generation:
     progress (cancellation waits for a worker thread, so the stream is never closed while a step of it runs) and
     gives the request's slot back."""
 
-    def __init__(self, server: _Server, stream: GenerationStream):
+    def __init__(self, server: _Server, stream: BatchStream):
         self.server, self.stream, self._steps = server, stream, iter(stream)
 
-    async def deltas(self) -> AsyncIterator[str]:
+    async def deltas(self) -> AsyncIterator[tuple[int, str]]:
+        """`(row, text delta)` as the rows generate."""
         finished = object()
         while (text := await self.server.in_thread(next, self._steps, finished)) is not finished:
             yield text
@@ -202,8 +222,8 @@ class _EventStream(StreamingResponse):
     """Server-sent events of one generation in OpenAI's chunk format, ending with `data: [DONE]`. Whichever way
     the response ends (finished, client gone, server stopping), the generation is closed."""
 
-    def __init__(self, generation: _Generation, output: Output, ids: ResponseIds, with_usage: bool):
-        self.generation, self.output, self.ids, self.with_usage = generation, output, ids, with_usage
+    def __init__(self, generation: _Generation, outputs: list[Output], ids: ResponseIds, with_usage: bool):
+        self.generation, self.outputs, self.ids, self.with_usage = generation, outputs, ids, with_usage
         super().__init__(self._events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -213,25 +233,29 @@ class _EventStream(StreamingResponse):
             await self.generation.close()
 
     async def _events(self) -> AsyncIterator[str]:
-        ids, output, first = self.ids, self.output, True
+        ids, outputs, opened = self.ids, self.outputs, [False] * len(self.outputs)
+
+        def chunk(row: int, delta: dict | None = None, **final) -> str:
+            first, opened[row] = not opened[row], True  # the role opens each choice's message
+            return _event(ids.chunk(delta, index=row, first=first, with_usage=self.with_usage, **final))
+
         try:
-            async for text in self.generation.deltas():
-                for delta in output.feed(text):
-                    yield _event(ids.chunk(delta, first=first, with_usage=self.with_usage))
-                    first = False
+            async for row, text in self.generation.deltas():
+                for delta in outputs[row].feed(text):
+                    yield chunk(row, delta)
         except Exception as error:  # the 200 has gone out: a failure can only be reported in the stream
             logger.exception("streaming generation failed", exc_info=error)
             yield _event(SERVER_ERROR.body())
             return
-        result = self.generation.stream.result
-        for delta in output.close():
-            yield _event(ids.chunk(delta, first=first, with_usage=self.with_usage))
-            first = False
-        if first:  # nothing was generated: the role still opens the message
-            yield _event(ids.chunk({"content": ""}, first=True, with_usage=self.with_usage))
-        yield _event(ids.chunk(result=result, finish_reason=output.finish_reason(result), with_usage=self.with_usage))
+        results = self.generation.stream.result
+        for row, (output, result) in enumerate(zip(outputs, results)):
+            for delta in output.close(result):
+                yield chunk(row, delta)
+            if not opened[row]:  # nothing was generated: the role still opens the message
+                yield chunk(row, {"content": ""})
+            yield chunk(row, result=result, finish_reason=output.finish_reason(result))
         if self.with_usage:
-            yield _event(ids.usage_chunk(result))
+            yield _event(ids.usage_chunk(results))
         yield "data: [DONE]\n\n"
 
 

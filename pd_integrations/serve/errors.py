@@ -26,6 +26,8 @@ _ENGINE_ARGUMENTS = {"temperature": "temperature", "top_p": "top_p", "seed": "se
                      "messages": "messages", "prompt": "prompt", "query": "promptdistill.query",
                      "documents": "promptdistill.documents", "tools": "tools", "tool_choice": "tool_choice",
                      "parallel_tool_calls": "parallel_tool_calls", "response_format": "response_format",
+                     "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+                     "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias",
                      **{name: f"promptdistill.{name}" for name in PromptDistillConfig.__dataclass_fields__}}
 
 
@@ -50,7 +52,7 @@ SERVER_ERROR = RequestError(500, "the server failed while generating; see its lo
 
 def engine_rejection(error: ValueError | TypeError, request: GenerationRequest) -> RequestError:
     """The 400 for an argument the engine refused, naming the request field it came from."""
-    message = str(error)
+    message = re.sub(r"^row \d+: ", "", str(error))  # a request's rows are its choices: they share their input
     if "context window" in message or "max_prompt_tokens=" in message:  # the model's limit or the server's
         field = "messages" if "messages" in request.model_fields_set else "prompt"
         return RequestError(400, message, param=field, code="context_length_exceeded")
@@ -80,7 +82,11 @@ def _is_union_member(part) -> bool:
                                       or part[0].isupper())
 
 
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":  # FastAPI then reads no JSON at all
+        return RequestError(400, f"the request body must be JSON sent with 'Content-Type: application/json', got "
+                                 f"{content_type or 'no Content-Type'!r}", code="invalid_content_type").response()
     first = error.errors()[0]
     if first["type"] == "json_invalid":
         reason = first.get("ctx", {}).get("error", first["msg"])

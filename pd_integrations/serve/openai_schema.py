@@ -2,12 +2,14 @@
 chunk and error bodies.
 
 Requests ignore fields they do not know, as OpenAI-compatible servers do, because every client sends a few of its
-own; fields whose meaning the server cannot honour are refused by `ChatCompletionRequest.unsupported` instead of
-being dropped silently. Value ranges (temperature, top_p, ...) are the engine's to check: it names the parameter.
+own; OpenAI fields whose meaning the server cannot honour (`REFUSED_FIELDS`, `logprobs`, ...) are refused by
+`GenerationRequest.unsupported` instead of being dropped silently. OpenAI's own ranges (temperature 0-2, n,
+top_logprobs) are checked here; the engine checks the rest and names the parameter. See docs/openai-compat.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -16,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..constraints import TOOL_CALL_BEGIN
+from ..constraints import tool_finish_reason
 from ..results import GenerationResult
 from ..tools import CallDelta, ToolCallStream
 
@@ -104,10 +106,17 @@ def _json_object(text: str):
         return None
 
 
+# OpenAI request fields this server does not implement: set to anything but null, a 400 names them. (Fields that
+# change nothing a local server does, such as `user`, `store`, `metadata` and `service_tier`, are accepted.)
+REFUSED_FIELDS = ("audio", "modalities", "prediction", "web_search_options", "functions", "function_call",
+                  "reasoning_effort", "best_of", "verbosity")
+MAX_CHOICES = 16  # n per prompt; each choice is a batch row
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to refuse `REFUSED_FIELDS`; other unknown fields are ignored
 
     model: str
     max_tokens: int | None = None
@@ -119,21 +128,39 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None  # not OpenAI's; vLLM's extra field, sent with `extra_body=`
+    logit_bias: dict[str, float] | None = None
     promptdistill: PromptDistillOptions | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first field set to something this server cannot do, else None: such a field
         is refused rather than ignored, since the client asked for it."""
-        if self.n != 1:
-            return "n", f"n must be 1 (one choice per request), got {self.n}"
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported"
+        for name in REFUSED_FIELDS:
+            if (self.model_extra or {}).get(name) not in (None, False, [], ["text"]):
+                return name, f"{name} is not supported by this server"
+        if self.logprobs and self.stream:
+            return "logprobs", "logprobs are not supported with stream: true (only in whole responses)"
         return None
 
     def invalid(self) -> tuple[str, str] | None:
-        """(param, message) for the first field whose value the engine cannot take and would not name, else
-        None."""
+        """(param, message) for the first field outside OpenAI's range, or whose value the engine cannot take and
+        would not name, else None."""
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            return "temperature", f"temperature must be in [0, 2], got {self.temperature}"
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            return "top_p", f"top_p must be in (0, 1], got {self.top_p}"
+        if not 1 <= self.n <= MAX_CHOICES:
+            return "n", f"n must be in [1, {MAX_CHOICES}], got {self.n}"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true"
         return None
+
+    @property
+    def rows(self) -> int:
+        """How many generations the request asks for: `n` per prompt."""
+        return self.n
 
     def output_options(self) -> dict:
         """The arguments of `pd_integrations.tools.output_grammar`: none, free text."""
@@ -151,8 +178,16 @@ class GenerationRequest(BaseModel):
     def sampling(self) -> dict:
         """The engine's sampling and stopping arguments; unset fields keep the engine's defaults (greedy)."""
         given = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                 "seed": self.seed, "stop": self.stop}
+                 "seed": self.seed, "stop": self.stop, "frequency_penalty": self.frequency_penalty,
+                 "presence_penalty": self.presence_penalty, "repetition_penalty": self.repetition_penalty,
+                 "logit_bias": self.logit_bias, "logprobs": self.top_tokens}
         return {name: value for name, value in given.items() if value is not None}
+
+    @property
+    def top_tokens(self) -> int | None:
+        """The engine's `logprobs`: None (off) or how many top alternatives per token (completions: `logprobs`,
+        an int)."""
+        return None if self.logprobs is None or self.logprobs is False else int(self.logprobs)
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -167,7 +202,22 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: bool | None = None  # unset: one call per turn (OpenAI: several; small models repeat one)
     response_format: dict | None = None
 
+    top_logprobs: int | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()
+
+    @property
+    def top_tokens(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def invalid(self) -> tuple[str, str] | None:
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            return "logprobs", f"logprobs must be a boolean in chat completions, got {self.logprobs!r}"
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            return "top_logprobs", f"top_logprobs must be in [0, 20], got {self.top_logprobs}"
         for i, message in enumerate(self.messages):
             if (refused := message.invalid()) is not None:
                 return f"messages[{i}].{refused[0]}", f"messages[{i}].{refused[1]}"
@@ -196,26 +246,40 @@ class ChatCompletionRequest(GenerationRequest):
         return sampling
 
     def engine_input(self) -> dict:
-        return {"messages": [message.as_engine_message() for message in self.messages],
-                "tools": self.tools if self.calls_tools else None}
+        """The engine's `stream_batch` inputs, one row per choice."""
+        messages = [message.as_engine_message() for message in self.messages]
+        return {"messages": [messages] * self.rows, "tools": [self.tools if self.calls_tools else None] * self.rows}
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(min_length=1)
     echo: bool = False
     suffix: str | None = None
 
+    def invalid(self) -> tuple[str, str] | None:
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 5):
+            return "logprobs", f"logprobs must be an int in [0, 5] in completions, got {self.logprobs!r}"
+        return super().invalid()
+
     def unsupported(self) -> tuple[str, str] | None:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            return "prompt", f"prompt must be one string (one completion per request), got {len(self.prompt)}"
         if self.echo:
             return "echo", "echo is not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
         return super().unsupported()
 
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def rows(self) -> int:
+        return self.n * len(self.prompts)
+
     def engine_input(self) -> dict:
-        return {"prompt": self.prompt if isinstance(self.prompt, str) else self.prompt[0]}
+        """The engine's `stream_batch` inputs: prompt i's choices are rows i*n .. i*n+n-1, as OpenAI numbers
+        them."""
+        return {"prompts": [prompt for prompt in self.prompts for _ in range(self.n)]}
 
 
 # ---------------------------------------------------------------- responses
@@ -231,11 +295,6 @@ def reported_stats(result: GenerationResult) -> dict:
     return {name: stats[name] for name in REPORTED_STATS if name in stats}
 
 
-def usage(result: GenerationResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
-            "total_tokens": result.prompt_tokens + result.output_tokens}
-
-
 class Output:
     """What the model generates as OpenAI reports it: `delta`s of the text and, with tools offered, of the tool
     calls split out of the generated `<tool_call>` blocks (`pd_integrations.tools.ToolCallStream`): a call's id,
@@ -248,23 +307,28 @@ class Output:
     def feed(self, text: str) -> list[dict]:
         if self._calls is None:
             return [{"content": text}] if text else []
-        return [_delta(piece) for piece in self._calls.feed(text)]
+        return _deltas(self._calls.feed(text))
 
-    def close(self) -> list[dict]:
-        """The deltas held back until the output ended."""
-        return [] if self._calls is None else [_delta(piece) for piece in self._calls.close()]
+    def close(self, result: GenerationResult) -> list[dict]:
+        """The deltas held back until the output ended in `result`."""
+        return [] if self._calls is None else _deltas(self._calls.close(cut_off=result.finish_reason == "length"))
 
     def finish_reason(self, result: GenerationResult) -> str:
-        """"tool_calls" when the model called a tool and stopped on its own; "length" stays, complete or not."""
-        called = self._calls is not None and self._calls.calls > 0
-        return "tool_calls" if called and result.finish_reason == "stop" else result.finish_reason
+        """"tool_calls" when the output ends with a complete call (see `tool_finish_reason`); else the engine's
+        ("length" for a call cut off inside its arguments, whose partial arguments were sent)."""
+        if self._calls is None:
+            return result.finish_reason
+        return tool_finish_reason(result.finish_reason, self._calls.calls, self._calls.ends_with_call)
+
+
+def _deltas(pieces: list[str | CallDelta]) -> list[dict]:
+    # A call cut off before its name was complete is no call, and its wrapper text is nobody's content.
+    return [_delta(piece) for piece in pieces if isinstance(piece, str) or piece.name is not None or piece.id is None]
 
 
 def _delta(piece: str | CallDelta) -> dict:
     if isinstance(piece, str):
         return {"content": piece}
-    if piece.name is None and piece.id is not None:  # cut off before its name: no call, only the text it is
-        return {"content": TOOL_CALL_BEGIN + piece.arguments}
     if piece.id is not None:
         return {"tool_calls": [{"index": piece.index, "id": piece.id, "type": "function",
                                 "function": {"name": piece.name, "arguments": piece.arguments}}]}
@@ -287,43 +351,85 @@ def merged_message(deltas: Iterable[dict]) -> dict:
     return message
 
 
-class ResponseIds:
-    """The id, creation time and model name that every body of one response repeats."""
+def _chat_logprob(texts: dict[int, str], token: int, logprob: float) -> dict:
+    return {"token": texts[token], "logprob": logprob, "bytes": list(texts[token].encode())}
 
-    def __init__(self, kind: Literal["chat", "text"], model: str):
+
+Choice = tuple[GenerationResult, list[dict], str]  # a row's result, its `Output`'s deltas and its finish reason
+
+
+class ResponseIds:
+    """The id, creation time, model name and system fingerprint that every body of one response repeats; `n`
+    is the request's choices per prompt (a response's rows are prompt-major)."""
+
+    def __init__(self, kind: Literal["chat", "text"], model: str, fingerprint: str, n: int = 1, tokenizer=None):
         self.kind = kind
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.model = model
+        self.model, self.fingerprint, self.n, self.tokenizer = model, fingerprint, n, tokenizer
 
     def _body(self, object_name: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "choices": choices}
+                "system_fingerprint": self.fingerprint, "choices": choices}
 
-    def completion(self, result: GenerationResult, deltas: list[dict], finish_reason: str) -> dict:
-        """The whole response of a non-streaming request, from its `Output`'s deltas and finish reason."""
+    def completion(self, choices: list[Choice]) -> dict:
+        """The whole response of a non-streaming request, from each row's result, deltas and finish reason."""
         if self.kind == "chat":
-            choice = {"index": 0, "message": merged_message(deltas), "finish_reason": finish_reason,
-                      "logprobs": None}
-            body = self._body("chat.completion", [choice])
+            body = self._body("chat.completion", [
+                {"index": i, "message": merged_message(deltas), "finish_reason": finish,
+                 "logprobs": self._logprobs(result)} for i, (result, deltas, finish) in enumerate(choices)])
         else:
-            choice = {"index": 0, "text": result.text, "finish_reason": finish_reason, "logprobs": None}
-            body = self._body("text_completion", [choice])
-        return {**body, "usage": usage(result), "promptdistill": reported_stats(result)}
+            body = self._body("text_completion", [
+                {"index": i, "text": result.text, "finish_reason": finish, "logprobs": self._logprobs(result)}
+                for i, (result, _, finish) in enumerate(choices)])
+        results = [result for result, _, _ in choices]
+        return {**body, "usage": self.usage(results), "promptdistill": self.stats(results)}
 
-    def chunk(self, delta: dict | None = None, *, first: bool = False, result: GenerationResult | None = None,
-              finish_reason: str | None = None, with_usage: bool = False) -> dict:
-        """One streamed chunk: a delta (an `Output`'s), or (with `result`) the final one with the finish reason
-        and the PromptDistill statistics. With `with_usage`, every chunk carries `"usage": null`, as OpenAI's
-        do."""
+    def _logprobs(self, result: GenerationResult) -> dict | None:
+        """OpenAI's `logprobs` of a choice, in the chat or the completions shape, from the result's
+        `token_logprobs` (special tokens such as the end of sequence left out, as OpenAI leaves them out)."""
+        if result.token_logprobs is None:
+            return None
+        special = set(self.tokenizer.all_special_ids)
+        tokens = [entry for entry in result.token_logprobs if entry.token not in special]
+        texts = {token: self.tokenizer.decode([token])
+                 for entry in tokens for token in (entry.token, *(top for top, _ in entry.top))}
+        if self.kind == "chat":
+            return {"content": [{**_chat_logprob(texts, entry.token, entry.logprob),
+                                 "top_logprobs": [_chat_logprob(texts, *top) for top in entry.top]}
+                                for entry in tokens], "refusal": None}
+        offsets = itertools.accumulate((len(texts[entry.token]) for entry in tokens), initial=0)
+        return {"tokens": [texts[entry.token] for entry in tokens],
+                "token_logprobs": [entry.logprob for entry in tokens],
+                "top_logprobs": [{texts[token]: logprob for token, logprob in entry.top} for entry in tokens],
+                "text_offset": list(offsets)[:-1]}
+
+    def stats(self, results: list[GenerationResult]) -> dict | list[dict]:
+        """The PromptDistill statistics: of the prompt, or one entry per prompt of a list of prompts."""
+        stats = [reported_stats(result) for result in results[:: self.n]]
+        return stats[0] if len(stats) == 1 else stats
+
+    def usage(self, results: list[GenerationResult]) -> dict:
+        """OpenAI's usage: each prompt counted once, whatever its `n`, and every choice's output."""
+        prompt = sum(result.prompt_tokens for result in results[:: self.n])
+        completion = sum(result.output_tokens for result in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def chunk(self, delta: dict | None = None, *, index: int = 0, first: bool = False,
+              result: GenerationResult | None = None, finish_reason: str | None = None,
+              with_usage: bool = False) -> dict:
+        """One streamed chunk of choice `index`: a delta (an `Output`'s; the role with the `first`), or (with
+        `result`) the one with its finish reason and PromptDistill statistics. With `with_usage`, every chunk
+        carries `"usage": null`, as OpenAI's do."""
         delta = delta or {}
         if self.kind == "chat":
             if first:
                 delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             body = self._body("chat.completion.chunk", [choice])
         else:
-            choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "text": delta.get("content", ""), "finish_reason": finish_reason,
+                      "logprobs": None}
             body = self._body("text_completion", [choice])
         if result is not None:
             body["promptdistill"] = reported_stats(result)
@@ -331,7 +437,7 @@ class ResponseIds:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, result: GenerationResult) -> dict:
+    def usage_chunk(self, results: list[GenerationResult]) -> dict:
         """The last chunk of a stream that asked for `stream_options: {"include_usage": true}`."""
         object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._body(object_name, []), "usage": usage(result)}
+        return {**self._body(object_name, []), "usage": self.usage(results)}

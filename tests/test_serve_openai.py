@@ -1,0 +1,184 @@
+"""pd-serve as OpenAI documents its API, through the official `openai` client: `n`, list prompts, `/v1/models/{id}`,
+`system_fingerprint`, OpenAI's range checks, repetition penalties and logit bias, tools together with
+`response_format`, and every field the server does not implement refused with a 400 naming it.
+
+The server runs a tiny random model with full attention (a fraction of a second per request): greedy, it repeats
+itself, which is what the penalties must change."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import torch
+import openai
+import pytest
+
+from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.serve import ServerSettings, create_app
+
+from .conftest import tiny_model
+from .serving import running
+from .test_serve_tools import ALARM, MODEL, TICKET, WAKE, check_alarm
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tokenizer):
+    return PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"), model_name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_engine):
+    with running(create_app(tiny_engine, ServerSettings(model=MODEL))) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def chat(client, **fields):
+    return client.chat.completions.create(**{"model": MODEL, "messages": WAKE, "max_tokens": 16, **fields})
+
+
+def test_n_returns_that_many_choices_each_a_batch_row(client, tiny_engine):
+    greedy = chat(client, n=2)
+    assert [choice.index for choice in greedy.choices] == [0, 1]
+    alone = tiny_engine.generate(messages=WAKE, max_new_tokens=16).text
+    assert [choice.message.content for choice in greedy.choices] == [alone, alone]
+    assert greedy.usage.completion_tokens == 2 * chat(client).usage.completion_tokens
+    sampled = chat(client, n=3, temperature=1.0, max_tokens=12)
+    assert len({choice.message.content for choice in sampled.choices}) > 1  # each row samples on its own
+
+
+def test_streamed_choices_are_numbered_and_each_finishes(client):
+    chunks = list(chat(client, n=2, stream=True, stream_options={"include_usage": True}))
+    texts, finished = {0: "", 1: ""}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    whole = chat(client, n=2)
+    assert texts == {c.index: c.message.content for c in whole.choices} and set(finished) == {0, 1}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(chunk.system_fingerprint == whole.system_fingerprint for chunk in chunks)
+
+
+def test_a_list_of_prompts_gets_n_choices_each_in_openais_order(client, tiny_engine):
+    prompts = ["The harbour at dawn", "Seven ships"]
+    response = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=8)
+    assert [choice.index for choice in response.choices] == [0, 1, 2, 3]
+    expected = [tiny_engine.generate(prompt, max_new_tokens=8).text for prompt in prompts]
+    assert [choice.text for choice in response.choices] == [expected[0]] * 2 + [expected[1]] * 2
+    prompt_tokens = sum(len(tiny_engine.tokenizer(p)["input_ids"]) for p in prompts)
+    assert response.usage.prompt_tokens == prompt_tokens  # each prompt counted once, whatever n
+
+
+def test_models_retrieve_returns_the_served_model_and_404s_others(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.models.retrieve("gpt-4o")
+    assert refused.value.body["code"] == "model_not_found"
+
+
+def test_every_response_carries_a_stable_system_fingerprint(client):
+    fingerprints = {chat(client).system_fingerprint, chat(client, max_tokens=4).system_fingerprint,
+                    client.completions.create(model=MODEL, prompt="x", max_tokens=2).system_fingerprint}
+    assert len(fingerprints) == 1 and next(iter(fingerprints)).startswith("fp_")
+
+
+def test_frequency_and_presence_penalties_change_a_repetitive_output(client):
+    plain = chat(client, max_tokens=24).choices[0].message.content
+    for penalty in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.0},
+                    {"extra_body": {"repetition_penalty": 1.5}}):
+        assert chat(client, max_tokens=24, **penalty).choices[0].message.content != plain, penalty
+
+
+def test_logit_bias_forces_a_token(client, tiny_engine):
+    token = tiny_engine.tokenizer(" harbour", add_special_tokens=False)["input_ids"][0]
+    text = chat(client, max_tokens=3, logit_bias={str(token): 100}).choices[0].message.content
+    assert text == tiny_engine.tokenizer.decode([token] * 3)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"temperature": 5}, "temperature"), ({"temperature": -0.5}, "temperature"), ({"top_p": 1.5}, "top_p"),
+    ({"n": 0}, "n"), ({"n": 1000}, "n"), ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"presence_penalty": -2.5}, "presence_penalty"), ({"logit_bias": {"5": 150}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"), ({"max_tokens": 0}, "max_tokens"),
+    ({"logprobs": True, "stream": True}, "logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
+])
+def test_out_of_range_and_unimplemented_fields_are_a_400_naming_them(client, fields, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, **fields)
+    assert refused.value.body["param"] == param, refused.value.body
+
+
+def test_best_of_and_echo_in_completions_are_refused_by_name(client):
+    for fields, param in (({"best_of": 2}, "best_of"), ({"echo": True}, "echo")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, **fields)
+        assert refused.value.body["param"] == param
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_without_a_json_content_type_gets_the_openai_error_shape(url, content_type):
+    body = json.dumps({"model": MODEL, "messages": WAKE}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_content_type" and "application/json" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_tools_with_response_format_answer_with_a_call_or_the_formatted_reply(client):
+    schema = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": TICKET}}
+    for seed in range(4):
+        response = chat(client, tools=[ALARM], response_format=schema, max_tokens=120, temperature=1.0, seed=seed)
+        message = response.choices[0].message
+        if message.tool_calls:
+            check_alarm(message.tool_calls[0].function.arguments)
+            assert response.choices[0].finish_reason == "tool_calls"
+        else:
+            ticket = json.loads(message.content)
+            assert set(ticket) == {"priority", "code", "urgent"}
+    forced = chat(client, tools=[ALARM], tool_choice="required", response_format=schema, max_tokens=120)
+    check_alarm(forced.choices[0].message.tool_calls[0].function.arguments)
+
+
+def test_chat_logprobs_report_each_token_and_its_top_alternatives(client, tiny_engine):
+    response = chat(client, logprobs=True, top_logprobs=3, max_tokens=6)
+    content = response.choices[0].logprobs.content
+    result = tiny_engine.generate(messages=WAKE, max_new_tokens=6, logprobs=3)
+    assert "".join(entry.token for entry in content) == response.choices[0].message.content == result.text
+    for entry, expected in zip(content, result.token_logprobs):
+        assert len(entry.top_logprobs) == 3 and entry.logprob == pytest.approx(expected.logprob)
+        assert entry.top_logprobs[0].logprob >= entry.logprob  # greedy picks the top token, others rank below
+        assert entry.bytes == list(entry.token.encode())
+    assert chat(client, logprobs=True, max_tokens=2).choices[0].logprobs.content[0].top_logprobs == []
+    assert chat(client, max_tokens=2).choices[0].logprobs is None
+
+
+def test_completion_logprobs_use_the_completions_shape(client):
+    choice = client.completions.create(model=MODEL, prompt="The harbour", max_tokens=5, logprobs=2).choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text and len(logprobs.token_logprobs) == len(logprobs.tokens)
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+
+
+def test_logprobs_are_exactly_the_models_log_softmax(tiny_engine):
+    result = tiny_engine.generate("The harbour", max_new_tokens=3, logprobs=2)
+    prefill = tiny_engine.prefill("The harbour")
+    logprobs = torch.log_softmax(prefill.logits[0].float(), -1)
+    first = result.token_logprobs[0]
+    assert first.token == result.output_token_ids[0] and first.logprob == pytest.approx(float(logprobs[first.token]))
+    assert [token for token, _ in first.top] == logprobs.topk(2).indices.tolist()
