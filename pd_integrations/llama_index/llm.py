@@ -34,6 +34,7 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, create_flexible_model
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
+from llama_index.core.schema import BaseNode, NodeWithScore
 
 from ..adapter_settings import CONFIG_SHORTCUTS, DistillSettings, unexpected
 from ..config import PromptDistillConfig
@@ -332,7 +333,9 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
         template = _template_inputs.get()
         from_template = "pd_documents" not in kwargs and template.get("documents") is not None
-        documents = kwargs.get("pd_documents")  # the engine takes nodes as they are (`prompt.document_texts`)
+        documents = kwargs.get("pd_documents")
+        if isinstance(documents, (list, tuple)):  # nodes (or NodeWithScore) as their texts
+            documents = [d.get_content() if isinstance(d, (BaseNode, NodeWithScore)) else d for d in documents]
         return {"query": kwargs.get("pd_query", template.get("query")),
                 "documents": template.get("documents") if from_template else documents,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
