@@ -246,7 +246,7 @@ def test_timeout_stops_generation():
 
 
 def test_llm_batch_equals_separate_invokes():
-    llm = PromptDistillLLM(max_tokens=8)
+    llm = PromptDistillLLM(max_tokens=8, dtype="float32")  # batched equals alone exactly in float32
     batched = llm.batch(SHORT_PROMPTS)
     assert all(batched)
     assert batched == [llm.invoke(prompt) for prompt in SHORT_PROMPTS]
@@ -260,7 +260,8 @@ async def test_abatch_of_16_pruned_prompts_equals_sequential_output():
              "and a few moved their capital during the last century.")
     prompts = [[SystemMessage(notes), HumanMessage(f"What is the capital of {country}?")] for country in COUNTRIES]
     # The notes are named as the retrieved document, so they are the prunable text.
-    chat = ChatPromptDistill(selection_layers=(14,), budgets=(16,), max_tokens=8).bind(pd_documents=[notes])
+    chat = ChatPromptDistill(selection_layers=(14,), budgets=(16,), max_tokens=8,
+                             dtype="float32").bind(pd_documents=[notes])
     concurrent = await chat.abatch(prompts)
     sequential = [chat.invoke(prompt) for prompt in prompts]
     assert [m.content for m in concurrent] == [m.content for m in sequential]

@@ -165,7 +165,8 @@ async def test_concurrent_acomplete_equals_sequential():
     # A 16-token budget prunes these ~80-token prompts (short, so the context minimum is lowered), so concurrent
     # calls run selection, not just decoding.
     llm = PromptDistillLLM(config=PromptDistillConfig(selection_layers=(14,), budgets=(16,), span="token",
-                                                      context_min_tokens=32), max_new_tokens=6)
+                                                      context_min_tokens=32), max_new_tokens=6,
+                           dtype="float32")  # concurrent (batched) equals sequential exactly in float32
     probes = [needle_probe(llm.engine.tokenizer, 48, depth=i / 15, kind=kind, seed=i)
               for i, kind in enumerate(["passcode", "city", "magic_word", "date"] * 4)]
     prompts = [f"{probe.context}\n\nAnswer briefly. {probe.question}" for probe in probes]
