@@ -14,6 +14,7 @@ import pytest
 from pd_integrations.bench.__main__ import main
 from pd_integrations.bench.peers import SPEED_DEPTH
 from pd_integrations.bench.tasks import needle
+from pd_integrations.loading import resolve_dtype
 from pd_integrations.prompt import render
 
 pytestmark = pytest.mark.filterwarnings("ignore:no PromptDistill profile")
@@ -98,7 +99,8 @@ def test_without_peers_the_table_has_our_rows_and_says_what_is_missing(capsys, t
     assert "- vllm: not installed (pass --vllm-python PATH; see docs/peers.md)" in out
     assert "- llama.cpp: not installed (pass --llamacpp-python PATH; see docs/peers.md)" in out
     rows = table_rows(out)
-    assert [name.split(", ")[1] for name in rows] == ["full attention / float32", "profile / float32"]
+    dtype = str(resolve_dtype("auto", "cpu")).removeprefix("torch.")  # the --dtype default: bfloat16 on this CPU
+    assert [name.split(", ")[1] for name in rows] == [f"full attention / {dtype}", f"profile / {dtype}"]
     full = next(row for row in data["summary"] if row["engine"].endswith("full attention"))
     assert [cell["ttft_ratio"] for cell in full["lengths"]] == [1.0, 1.0]
     assert [cell["runs"] for cell in full["lengths"]] == [2, 2]
