@@ -31,8 +31,9 @@ PAPER_SCORING = {"query_source": "last_token", "aggregation": "logits_mean", "po
 
 # Used when a model has no profile (see `fallback_schedule`): what the default model's calibration and its checks
 # on held-out essays found to carry over, in relative terms: one stage at 17/30 of the depth keeping 30% of the
-# context (at least 461 tokens) in 64-token chunks, all heads (there it kept every needle of 48 dev probes). Its
-# earlier stage, calibrated heads and detrending are the model's own, so they are not carried over.
+# context (at least 461 tokens) in 64-token chunks, all heads (there it kept every needle of 48 dev probes, with
+# chunks ranked by their 8 best tokens; the rule ranks them by their best token, the package default). Its earlier
+# stage, calibrated heads and detrending are the model's own, so they are not carried over.
 FALLBACK_DEPTH = 17 / 30
 FALLBACK_BUDGET = {"fraction": 0.3, "floor": 461}
 FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": "chunk",

@@ -47,7 +47,7 @@ class PromptDistill(PrefillMethod):
         if stage is None:
             return
         keeps = [self._keep(state, i, layer_input, b, budget, stage.heads) for b, budget in enumerate(stage.budgets)]
-        truncated = range(i + 1)[slice(self.truncate_from, None) if self.truncate_from is not None else slice(0)]
+        truncated = range(0) if self.truncate_from is None else range(self.truncate_from, i + 1)
         if any(keep is not None for keep in keeps):
             state.gather(keeps, truncated)
         if stage is self.stages[-1]:
