@@ -13,6 +13,8 @@ demo: $(STAMP)
 	$(PY) cookbook/long_context_demo.py
 
 test: $(STAMP) browser
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 $(STAMP): pyproject.toml Makefile

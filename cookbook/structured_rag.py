@@ -40,10 +40,12 @@ HANDBOOK = [
 ]
 QUESTION = "Who signs the release tags, and how often are releases cut?"
 
-PROMPT = ChatPromptTemplate.from_messages([
-    ("system", "Answer from the numbered documents only, and cite the ids of the documents you used."),
-    ("human", "Documents:\n\n{context}\n\nQuestion: {question}"),
-])
+PROMPT = ChatPromptTemplate.from_messages(
+    [
+        ("system", "Answer from the numbered documents only, and cite the ids of the documents you used."),
+        ("human", "Documents:\n\n{context}\n\nQuestion: {question}"),
+    ]
+)
 
 
 class CitedAnswer(BaseModel):
@@ -57,8 +59,11 @@ def cited_answer_over(documents: list[Document]) -> type[CitedAnswer]:
     """`CitedAnswer` whose sources can only be the retrieved documents' ids: the bounds are part of the grammar, so
     the model cannot cite a document it was not given, nor count on through ids until max_tokens."""
     ids = tuple(document.metadata["id"] for document in documents)
-    return create_model("CitedAnswer", __base__=CitedAnswer, sources=(
-        list[Literal[ids]], Field(max_length=3, description="ids of the documents the answer is based on")))
+    return create_model(
+        "CitedAnswer",
+        __base__=CitedAnswer,
+        sources=(list[Literal[ids]], Field(max_length=3, description="ids of the documents the answer is based on")),
+    )
 
 
 def retrieve(question: str, k: int) -> list[Document]:
@@ -77,16 +82,21 @@ def main() -> None:
 
     documents = retrieve(args.question, args.k)
     llm = ChatPromptDistill(budgets=(args.budget,), max_tokens=96)
-    chain = ({"context": lambda _: documents, "question": RunnablePassthrough()} | DistillPrompt(prompt=PROMPT)
-             | llm.with_structured_output(cited_answer_over(documents), include_raw=True))
+    chain = (
+        {"context": lambda _: documents, "question": RunnablePassthrough()}
+        | DistillPrompt(prompt=PROMPT)
+        | llm.with_structured_output(cited_answer_over(documents), include_raw=True)
+    )
     out = chain.invoke(args.question)
     if out["parsing_error"] is not None:  # only when max_tokens cut the object off
         raise SystemExit(f"no answer: {out['parsing_error']}")
     answer: CitedAnswer = out["parsed"]
     stats = out["raw"].response_metadata["promptdistill"]
     print(repr(answer))
-    print(f"\nkept {stats['kept_tokens']} of {stats['prompt_tokens']} prompt tokens "
-          f"(context source: {stats['context_source']})")
+    print(
+        f"\nkept {stats['kept_tokens']} of {stats['prompt_tokens']} prompt tokens "
+        f"(context source: {stats['context_source']})"
+    )
     print("\n id  kept  cited  document")
     for document, kept in zip(documents, stats["document_retention"]):
         cited = "yes" if document.metadata["id"] in answer.sources else ""

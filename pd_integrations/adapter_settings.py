@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from typing import Any, ClassVar, Optional, Tuple, Union
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
@@ -31,8 +31,11 @@ def unexpected(owner: str, unknown: list[str], allowed, hints: dict[str, str] | 
         hint = (hints or {}).get(name) or (f"did you mean {close[0]!r}?" if close else "")
         unexplained |= not hint
         parts.append(f"{name!r}" + (f" ({hint})" if hint else ""))
-    message = (f"{owner} got an unexpected keyword argument {parts[0]}" if len(parts) == 1
-               else f"{owner} got unexpected keyword arguments {', '.join(parts)}")
+    message = (
+        f"{owner} got an unexpected keyword argument {parts[0]}"
+        if len(parts) == 1
+        else f"{owner} got unexpected keyword arguments {', '.join(parts)}"
+    )
     return TypeError(message + (f"; it takes {', '.join(allowed)}" if unexplained else ""))
 
 
@@ -46,36 +49,46 @@ class DistillSettings(BaseModel):
     CALL_HINT: ClassVar[str] = "a per-call option"
     EXTRA_ARGUMENTS: ClassVar[tuple[str, ...]] = ()
 
-    config: Optional[PromptDistillConfig] = Field(
-        default=None, description="PromptDistill settings (a PromptDistillConfig or a dict of its fields); unset "
-                                  "fields come from the model's profile. Each field is also an argument of its own, "
-                                  "which overrides config's.")
-    method: Optional[str] = Field(default=None, description="config.method: promptdistill, gemfilter or full.")
-    selection_layers: Optional[Union[Tuple[int, ...], int]] = Field(
-        default=None, description="config.selection_layers; a single int is one stage.")
+    config: PromptDistillConfig | None = Field(
+        default=None,
+        description="PromptDistill settings (a PromptDistillConfig or a dict of its fields); unset "
+        "fields come from the model's profile. Each field is also an argument of its own, "
+        "which overrides config's.",
+    )
+    method: str | None = Field(default=None, description="config.method: promptdistill, gemfilter or full.")
+    selection_layers: tuple[int, ...] | int | None = Field(
+        default=None, description="config.selection_layers; a single int is one stage."
+    )
     # Any: checked and normalised by PromptDistillConfig.check_field (rules become `BudgetRule`s).
-    budgets: Optional[Any] = Field(
-        default=None, description="config.budgets: retrieved-context tokens kept per stage (ints >= 1), fractions "
-                                  "in (0, 1] of them, or length-aware rules {'fraction', 'floor', 'cap'}; a single "
-                                  "value is one stage (budgets=256 means (256,)).")
-    span: Optional[str] = Field(default=None, description="config.span: token, chunk, sentence or document.")
-    chunk_size: Optional[int] = Field(default=None, description="config.chunk_size.")
-    aggregation: Optional[str] = Field(
-        default=None, description="config.aggregation: softmax_mean, softmax_max or logits_mean.")
-    heads: Optional[Tuple[Optional[Tuple[int, ...]], ...]] = Field(
-        default=None, description="config.heads: per selection layer, the query heads that score (None = all).")
-    pool_kernel: Optional[int] = Field(default=None, description="config.pool_kernel.")
-    unit_score: Optional[str] = Field(default=None, description="config.unit_score: max, mean or topk_mean.")
-    unit_topk: Optional[int] = Field(default=None, description="config.unit_topk.")
-    detrend_window: Optional[int] = Field(
-        default=None, description="config.detrend_window: candidates whose mean score each score is divided by (0 = off).")
-    query_source: Optional[str] = Field(default=None, description="config.query_source: auto or last_token.")
-    tail_tokens: Optional[int] = Field(default=None, description="config.tail_tokens.")
-    max_probe_tokens: Optional[int] = Field(default=None, description="config.max_probe_tokens.")
-    protect_head: Optional[int] = Field(default=None, description="config.protect_head.")
-    cache_truncation: Optional[Union[bool, str]] = Field(
-        default=None, description="config.cache_truncation: True, False or 'after_first_stage'.")
-    context_min_tokens: Optional[int] = Field(default=None, description="config.context_min_tokens.")
+    budgets: Any | None = Field(
+        default=None,
+        description="config.budgets: retrieved-context tokens kept per stage (ints >= 1), fractions "
+        "in (0, 1] of them, or length-aware rules {'fraction', 'floor', 'cap'}; a single "
+        "value is one stage (budgets=256 means (256,)).",
+    )
+    span: str | None = Field(default=None, description="config.span: token, chunk, sentence or document.")
+    chunk_size: int | None = Field(default=None, description="config.chunk_size.")
+    aggregation: str | None = Field(
+        default=None, description="config.aggregation: softmax_mean, softmax_max or logits_mean."
+    )
+    heads: tuple[tuple[int, ...] | None, ...] | None = Field(
+        default=None, description="config.heads: per selection layer, the query heads that score (None = all)."
+    )
+    pool_kernel: int | None = Field(default=None, description="config.pool_kernel.")
+    unit_score: str | None = Field(default=None, description="config.unit_score: max, mean or topk_mean.")
+    unit_topk: int | None = Field(default=None, description="config.unit_topk.")
+    detrend_window: int | None = Field(
+        default=None,
+        description="config.detrend_window: candidates whose mean score each score is divided by (0 = off).",
+    )
+    query_source: str | None = Field(default=None, description="config.query_source: auto or last_token.")
+    tail_tokens: int | None = Field(default=None, description="config.tail_tokens.")
+    max_probe_tokens: int | None = Field(default=None, description="config.max_probe_tokens.")
+    protect_head: int | None = Field(default=None, description="config.protect_head.")
+    cache_truncation: bool | str | None = Field(
+        default=None, description="config.cache_truncation: True, False or 'after_first_stage'."
+    )
+    context_min_tokens: int | None = Field(default=None, description="config.context_min_tokens.")
 
     @model_validator(mode="before")
     @classmethod
@@ -143,8 +156,10 @@ class DistillSettings(BaseModel):
         Raises `ValueError` naming the field and its allowed values."""
         if not overrides:
             return self.distill_config()
-        checked = {name: None if value is None else PromptDistillConfig.check_field(name, value)
-                   for name, value in overrides.items()}
+        checked = {
+            name: None if value is None else PromptDistillConfig.check_field(name, value)
+            for name, value in overrides.items()
+        }
         return (self.distill_config() or PromptDistillConfig()).replace(**checked)
 
     def distill_config(self) -> PromptDistillConfig | None:
@@ -159,5 +174,10 @@ class DistillSettings(BaseModel):
 @functools.cache
 def _own_settings(cls: type[DistillSettings]) -> frozenset[str]:
     """The fields `DistillSettings` and the adapter classes declare (not the framework base class's)."""
-    return frozenset(name for klass in cls.__mro__ if issubclass(klass, DistillSettings)
-                     for name in klass.__dict__.get("__annotations__", {}) if name in cls.model_fields)
+    return frozenset(
+        name
+        for klass in cls.__mro__
+        if issubclass(klass, DistillSettings)
+        for name in klass.__dict__.get("__annotations__", {})
+        if name in cls.model_fields
+    )

@@ -77,22 +77,31 @@ class Architecture:
         shared = rotary(hidden, positions)
         return {kind: shared for kind in set(self.layer_types)}
 
-    def attention_mask(self, layer_idx: int, query_positions: torch.Tensor, key_positions: torch.Tensor,
-                       key_pads: torch.Tensor | None, last_position: int,
-                       dtype: torch.dtype) -> torch.Tensor | None:
+    def attention_mask(
+        self,
+        layer_idx: int,
+        query_positions: torch.Tensor,
+        key_positions: torch.Tensor,
+        key_pads: torch.Tensor | None,
+        last_position: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
         """Additive mask [B, 1, q, k] built from original positions, or None when the backend needs none.
 
-        `query_positions` [B, q] and `key_positions` [B, k] are the rows' original positions; each batch row's
-        keys are left-padded by `key_pads[b]` (see `padding`; None when no row is). Positions, not indices,
-        decide causality and windows, because pruned sequences have gaps. `last_position` (a host int, so no device sync) tells whether a
+        `query_positions` [B, q] and `key_positions` [B, k] are the rows' original positions; each batch row's keys are
+        left-padded by `key_pads[b]` (see `padding`; None when no row is). Positions, not indices, decide causality and
+        windows, because pruned sequences have gaps. `last_position` (a host int, so no device sync) tells whether a
         sliding window can exclude anything yet. Padding query rows see every key, so no row is all masked.
         """
         if self.attn_implementation.startswith("flash"):
             return None  # flash kernels take no dense mask (the scheduler never pads rows for them)
         window = self.windows[layer_idx]
         window_bites = window is not None and last_position >= window
-        if key_pads is None and not window_bites and (query_positions.shape[-1] == 1
-                                                 or self.attn_implementation in _SELF_CAUSAL_BACKENDS):
+        if (
+            key_pads is None
+            and not window_bites
+            and (query_positions.shape[-1] == 1 or self.attn_implementation in _SELF_CAUSAL_BACKENDS)
+        ):
             return None
         # Comparisons, not a position difference: an int64 [B, q, k] difference would be 8x the boolean mask.
         queries, keys = query_positions[:, :, None], key_positions[:, None, :]
@@ -107,13 +116,25 @@ class Architecture:
         blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
         return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), blocked)[:, None]
 
-    def run_layer(self, layer_idx: int, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
-                  cache, position_embeddings: dict) -> torch.Tensor:
+    def run_layer(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        cache,
+        position_embeddings: dict,
+    ) -> torch.Tensor:
         """Decoder layer `layer_idx` over `hidden` [B, q, h] at original `positions` [B, q], appending its keys and
         values to `cache`."""
-        return self.layers[layer_idx](hidden, attention_mask=mask, position_ids=positions, use_cache=True,
-                                      position_embeddings=position_embeddings[self.layer_types[layer_idx]],
-                                      **{self._cache_argument: cache})
+        return self.layers[layer_idx](
+            hidden,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            position_embeddings=position_embeddings[self.layer_types[layer_idx]],
+            **{self._cache_argument: cache},
+        )
 
     def query_states(self, layer_idx: int, layer_input: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
         """Post-RoPE queries [1, heads, s, d] of the query rows, from the layer's input hidden states [1, s, h]."""

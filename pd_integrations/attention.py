@@ -16,18 +16,31 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 CPU_HALF_ATTENTION = "pd_cpu_half_sdpa"
 
 
-def cpu_half_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                       **kwargs) -> tuple[torch.Tensor, None]:
+def cpu_half_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """HF attention-interface signature: query [B, H, q, d], key/value [B, KV, k, d], additive mask [B, 1, q, k]
     or None; returns the output [B, q, H, d] and no weights."""
-    if (query.shape[2] != 1 or query.device.type != "cpu" or query.dtype == torch.float32
-            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if (
+        query.shape[2] != 1
+        or query.device.type != "cpu"
+        or query.dtype == torch.float32
+        or kwargs.get("softcap") is not None
+        or kwargs.get("s_aux") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    scale = dim ** -0.5 if scaling is None else scaling
+    scale = dim**-0.5 if scaling is None else scaling
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # one query row: heads of a group as rows
     logits = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
     if attention_mask is not None:

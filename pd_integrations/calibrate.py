@@ -46,17 +46,23 @@ from tqdm.auto import tqdm
 
 from .config import BudgetRule, Profile, PromptDistillConfig, budget_to_json, cache_dir, profile_key, resolve_budget
 from .engine import PromptDistillEngine
-from .probes import NEEDLE_KINDS, NeedleProbe, needle_probe
-from .spans import row_units
 from .loading import DEFAULT_MODEL
+from .probes import NEEDLE_KINDS, NeedleProbe, needle_probe
 from .prompt import RenderedPrompt
 from .selection import Selector
+from .spans import row_units
 
 BUDGETS = (256, 512, 1024, 2048)
 SPANS = (("token", None), ("chunk", 32), ("chunk", 64))
 # Spans saved with records and searched on RAG probes: the retrieved documents and sentences as units.
-SEARCH_SPANS = (("token", None), ("chunk", 32), ("chunk", 64), ("sentence", None), ("document", None),
-                ("passage", None))
+SEARCH_SPANS = (
+    ("token", None),
+    ("chunk", 32),
+    ("chunk", 64),
+    ("sentence", None),
+    ("document", None),
+    ("passage", None),
+)
 
 
 @dataclass
@@ -83,8 +89,10 @@ class ProbeRecord:
             return self._units["document", None]
         if (span, chunk_size) not in self._units:
             if self.rendered is None:
-                raise ValueError(f"these records were saved without {span!r} units (chunk_size {chunk_size}); "
-                                 f"record them again with that span")
+                raise ValueError(
+                    f"these records were saved without {span!r} units (chunk_size {chunk_size}); "
+                    f"record them again with that span"
+                )
             self._units[span, chunk_size] = row_units(self.rendered, self.prunable, span, chunk_size)
         return self._units[span, chunk_size]
 
@@ -97,9 +105,16 @@ def save_records(records: list[ProbeRecord], path: Path, spans=None) -> None:
     default `SEARCH_SPANS`) to `path` for `load_records`; only tensors and plain values, so it loads with
     `weights_only=True`."""
     spans = spans or SEARCH_SPANS
-    data = [{"labels": r.labels, "scores": r.scores.half(), "evidence": r.needle_tokens, "prunable": r.prunable,
-             "units": {f"{span}:{chunk or 0}": r.units(span, chunk) for span, chunk in spans if span != "token"}}
-            for r in records]
+    data = [
+        {
+            "labels": r.labels,
+            "scores": r.scores.half(),
+            "evidence": r.needle_tokens,
+            "prunable": r.prunable,
+            "units": {f"{span}:{chunk or 0}": r.units(span, chunk) for span, chunk in spans if span != "token"},
+        }
+        for r in records
+    ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"version": RECORDS_VERSION, "records": data}, path)
 
@@ -116,16 +131,20 @@ def load_records(path: Path) -> list[ProbeRecord]:
     for item in data["records"]:
         units = {(key.split(":")[0], int(key.split(":")[1]) or None): value for key, value in item["units"].items()}
         units["token", None] = None
-        records.append(ProbeRecord(None, item["scores"].float(), item["evidence"], item["prunable"], None, units,
-                                   item["labels"]))
+        records.append(
+            ProbeRecord(None, item["scores"].float(), item["evidence"], item["prunable"], None, units, item["labels"])
+        )
     return records
 
 
-def make_probes(engine: PromptDistillEngine, haystack: str | None, lengths, depths, kinds,
-                seed: int) -> list[NeedleProbe]:
+def make_probes(
+    engine: PromptDistillEngine, haystack: str | None, lengths, depths, kinds, seed: int
+) -> list[NeedleProbe]:
     """One needle probe per (length, depth, kind), each from its own seed."""
-    return [needle_probe(engine.tokenizer, length, depth, kind=kind, seed=seed + k, haystack=haystack)
-            for k, (length, depth, kind) in enumerate(itertools.product(lengths, depths, kinds))]
+    return [
+        needle_probe(engine.tokenizer, length, depth, kind=kind, seed=seed + k, haystack=haystack)
+        for k, (length, depth, kind) in enumerate(itertools.product(lengths, depths, kinds))
+    ]
 
 
 def report_budget(lengths) -> int:
@@ -137,14 +156,28 @@ def record_probes(engine: PromptDistillEngine, probes: list[NeedleProbe]) -> lis
     """Run every probe unpruned and keep its per-layer, per-head seed attention."""
     records = []
     for probe in tqdm(probes, desc="recording attention", unit="probe"):
-        rendered, layout, scores = engine.query_attention(messages=probe.messages(), query=probe.question,
-                                                         documents=[probe.context])
+        rendered, layout, scores = engine.query_attention(
+            messages=probe.messages(), query=probe.question, documents=[probe.context]
+        )
         start = rendered.text.rfind(probe.needle)
         end = start + len(probe.needle)
         needle = [i for i, (a, b) in enumerate(rendered.offsets) if a < end and b > start and b > a]
-        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(needle), layout.prunable, rendered,
-                                   labels={"kind": "needle", "length": probe_length(probe), "depth": probe.depth,
-                                           "needle_kind": probe.kind, "prompt_tokens": len(rendered.input_ids)}))
+        records.append(
+            ProbeRecord(
+                probe,
+                scores.float().cpu(),
+                torch.tensor(needle),
+                layout.prunable,
+                rendered,
+                labels={
+                    "kind": "needle",
+                    "length": probe_length(probe),
+                    "depth": probe.depth,
+                    "needle_kind": probe.kind,
+                    "prompt_tokens": len(rendered.input_ids),
+                },
+            )
+        )
     return records
 
 
@@ -158,16 +191,23 @@ def record_rag_probes(engine: PromptDistillEngine, probes: list) -> list[ProbeRe
     records = []
     for probe in tqdm(probes, desc="recording RAG attention", unit="probe"):
         prompt = probe.prompt
-        rendered, layout, scores = engine.query_attention(messages=prompt.messages, query=prompt.query,
-                                                         documents=prompt.documents)
+        rendered, layout, scores = engine.query_attention(
+            messages=prompt.messages, query=prompt.query, documents=prompt.documents
+        )
         start = rendered.document_ranges[prompt.answer_index][0]
         start = rendered.text.index(probe.answer_sentence, start)
         end = start + len(probe.answer_sentence)
         evidence = [i for i, (a, b) in enumerate(rendered.offsets) if a < end and b > start and b > a]
-        labels = {"kind": "rag", "length": probe.labels["length"], "shape": probe.labels["shape"],
-                  "question": probe.labels["question"], "prompt_tokens": len(rendered.input_ids)}
-        records.append(ProbeRecord(probe, scores.float().cpu(), torch.tensor(evidence), layout.prunable, rendered,
-                                   labels=labels))
+        labels = {
+            "kind": "rag",
+            "length": probe.labels["length"],
+            "shape": probe.labels["shape"],
+            "question": probe.labels["question"],
+            "prompt_tokens": len(rendered.input_ids),
+        }
+        records.append(
+            ProbeRecord(probe, scores.float().cpu(), torch.tensor(evidence), layout.prunable, rendered, labels=labels)
+        )
     return records
 
 
@@ -236,11 +276,16 @@ class Schedule:
     detrend_window: int = 0
 
     def settings(self) -> dict:
-        settings = {"selection_layers": [s[0] for s in self.stages],
-                    "budgets": [budget_to_json(s[1]) for s in self.stages],
-                    "heads": None if all(s[2] is None for s in self.stages) else [s[2] for s in self.stages],
-                    "query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": self.span,
-                    "chunk_size": self.chunk_size or 32}
+        settings = {
+            "selection_layers": [s[0] for s in self.stages],
+            "budgets": [budget_to_json(s[1]) for s in self.stages],
+            "heads": None if all(s[2] is None for s in self.stages) else [s[2] for s in self.stages],
+            "query_source": "auto",
+            "aggregation": "softmax_mean",
+            "pool_kernel": 1,
+            "span": self.span,
+            "chunk_size": self.chunk_size or 32,
+        }
         if self.unit_score != "max":
             settings["unit_score"] = self.unit_score
         if self.detrend_window:
@@ -254,18 +299,28 @@ class Schedule:
     def of(cls, config: PromptDistillConfig) -> Schedule:
         """The schedule of a resolved selecting config."""
         heads = config.heads or (None,) * len(config.selection_layers)
-        return cls(tuple(zip(config.selection_layers, config.budgets, heads)), config.span, config.chunk_size,
-                   config.unit_score or "max", config.detrend_window or 0)
+        return cls(
+            tuple(zip(config.selection_layers, config.budgets, heads)),
+            config.span,
+            config.chunk_size,
+            config.unit_score or "max",
+            config.detrend_window or 0,
+        )
 
     def floored(self, length: int) -> Schedule:
         """The schedule with each rule stage keeping at least what it keeps of `length` prunable tokens: shorter
         contexts are pruned as if they were that long, longer ones exactly as before."""
+
         def floored_rule(rule: BudgetRule) -> BudgetRule:
             return BudgetRule(rule.fraction, max(rule.floor, rule.resolve(length)), rule.cap)
 
-        return replace(self, stages=tuple(
-            (layer, floored_rule(budget) if isinstance(budget, BudgetRule) else budget, heads)
-            for layer, budget, heads in self.stages))
+        return replace(
+            self,
+            stages=tuple(
+                (layer, floored_rule(budget) if isinstance(budget, BudgetRule) else budget, heads)
+                for layer, budget, heads in self.stages
+            ),
+        )
 
     def budgets_at(self, prunable: int) -> list[int]:
         """Tokens each stage keeps of `prunable` context tokens (as `RowLayout.stage_budgets` resolves them)."""
@@ -295,8 +350,9 @@ def layer_cost(rows: int, row_cost: float = ROW_COST) -> float:
     return rows * (row_cost + rows / 2)
 
 
-def predicted_prefill_ratio(schedule: Schedule, num_layers: int, length: int, protected: int = 60,
-                            row_cost: float = ROW_COST) -> float:
+def predicted_prefill_ratio(
+    schedule: Schedule, num_layers: int, length: int, protected: int = 60, row_cost: float = ROW_COST
+) -> float:
     """The cost model's prefill time of `schedule` over full attention's at `length` prompt tokens, `protected` of
     them not prunable (selection and gathers are not counted)."""
     rows, total, start = length, 0.0, 0
@@ -307,8 +363,9 @@ def predicted_prefill_ratio(schedule: Schedule, num_layers: int, length: int, pr
     return total / (num_layers * layer_cost(length, row_cost))
 
 
-def predicted_ratio_of(config: PromptDistillConfig, num_layers: int, prompt_tokens: int, protected_tokens: int
-                       ) -> float | None:
+def predicted_ratio_of(
+    config: PromptDistillConfig, num_layers: int, prompt_tokens: int, protected_tokens: int
+) -> float | None:
     """The cost model's prefill ratio for a resolved `config` on a prompt of `prompt_tokens` tokens, `protected_tokens`
     of them not prunable; None for full attention. GemFilter pays its scout layers on every row and then the whole
     model on the kept rows."""
@@ -316,7 +373,7 @@ def predicted_ratio_of(config: PromptDistillConfig, num_layers: int, prompt_toke
         return None
     schedule = Schedule.of(config)
     if config.method == "gemfilter":
-        (layer, _, _), = schedule.stages
+        ((layer, _, _),) = schedule.stages
         kept = min(prompt_tokens, schedule.budgets_at(prompt_tokens - protected_tokens)[0] + protected_tokens)
         full = num_layers * layer_cost(prompt_tokens)
         return ((layer + 1) * layer_cost(prompt_tokens) + num_layers * layer_cost(kept)) / full
@@ -334,14 +391,22 @@ def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
         if budget >= remaining:
             continue
         scores = selector.score(record.scores[layer][:, kept], heads)
-        kept = kept[selector.keep(scores, record.prunable[kept], remaining, budget,
-                                  units[kept] if units is not None else None)]
+        kept = kept[
+            selector.keep(scores, record.prunable[kept], remaining, budget, units[kept] if units is not None else None)
+        ]
         remaining = budget
     return bool(torch.isin(record.needle_tokens, kept).all())
 
 
-def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None, span: str,
-                  chunk_size: int | None, unit_score: str = "max", detrend_window: int = 0) -> int:
+def tokens_needed(
+    record: ProbeRecord,
+    layer: int,
+    heads: tuple[int, ...] | None,
+    span: str,
+    chunk_size: int | None,
+    unit_score: str = "max",
+    detrend_window: int = 0,
+) -> int:
     """The smallest single-stage budget at `layer` from which every larger one keeps every prunable evidence token
     of `record` (0 when no evidence token is prunable): the candidate tokens of every unit the selector ranks before
     the evidence's last unit, plus the shortest window of that unit from which the selector's best window (see
@@ -368,7 +433,7 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
     unit_rows = (rank == last).nonzero().flatten()
     first, size = int(unit_rows[0]), unit_rows.numel()
     # The same prefix sums as the selector's, so the windows compared are the same floats.
-    prefix = score_prefix(scores)[first: first + size + 1]
+    prefix = score_prefix(scores)[first : first + size + 1]
     lengths = torch.arange(1, size + 1)
     starts = best_window_starts(prefix, torch.ones(size, dtype=torch.bool), lengths)
     in_unit = evidence_rows[rank[evidence_rows] == last] - first
@@ -377,11 +442,17 @@ def tokens_needed(record: ProbeRecord, layer: int, heads: tuple[int, ...] | None
     return before + (int(misses[-1]) + 2 if misses.numel() else 1)
 
 
-def rag_search(records: list[ProbeRecord], num_layers: int, plan_lengths=(2000, 4000, 8000),
-               first_fractions=(0.4, 0.5, 0.6, 0.7, 0.8), second_fractions=(0.15, 0.175, 0.2, 0.25, 0.3),
-               shortlist: int = 6,
-               spans=(("passage", None),), scorings=("max", "topk_mean"), detrend_windows=(0, 512, 1024)
-               ) -> list[dict]:
+def rag_search(
+    records: list[ProbeRecord],
+    num_layers: int,
+    plan_lengths=(2000, 4000, 8000),
+    first_fractions=(0.4, 0.5, 0.6, 0.7, 0.8),
+    second_fractions=(0.15, 0.175, 0.2, 0.25, 0.3),
+    shortlist: int = 6,
+    spans=(("passage", None),),
+    scorings=("max", "topk_mean"),
+    detrend_windows=(0, 512, 1024),
+) -> list[dict]:
     """Every schedule tried on the RAG (and needle) `records`, as dicts with the schedule, its kept share and its
     predicted prefill ratio per plan length, cheapest first among equal shares.
 
@@ -393,39 +464,54 @@ def rag_search(records: list[ProbeRecord], num_layers: int, plan_lengths=(2000, 
     heads_options = [None] + [(h,) for h in range(records[0].scores.shape[1])]
     prunable = torch.tensor([int(r.prunable.sum()) for r in records]).float()
     fractions = sorted(set(first_fractions) | set(second_fractions))
-    scoring_options = [(span, chunk, scoring, window) for (span, chunk), scoring, window
-                       in itertools.product(spans, scorings, detrend_windows)]
+    scoring_options = [
+        (span, chunk, scoring, window)
+        for (span, chunk), scoring, window in itertools.product(spans, scorings, detrend_windows)
+    ]
     tried, exact = [], []
     for layer in tqdm(range(2, num_layers - 1), desc="single-stage search", unit="layer", leave=False):
         for heads, (span, chunk, scoring, window) in itertools.product(heads_options, scoring_options):
-            needed = torch.tensor([tokens_needed(r, layer, heads, span, chunk, scoring, window)
-                                   for r in records]) / prunable
+            needed = (
+                torch.tensor([tokens_needed(r, layer, heads, span, chunk, scoring, window) for r in records]) / prunable
+            )
             exact.append((float(needed.max()), layer, heads, (span, chunk, scoring, window)))
             for f in fractions:
                 schedule = Schedule(((layer, BudgetRule(f), heads),), span, chunk, scoring, window)
                 tried.append((schedule, float((needed <= f + 1e-9).float().mean())))
     for scoring in scoring_options:
         options = [e for e in exact if e[3] == scoring]
-        early = sorted((e for e in options if e[1] < num_layers * 2 // 3 and e[0] <= max(first_fractions)),
-                       key=lambda e: (e[1], e[0]))[: shortlist]
-        late = sorted((e for e in options if e[1] >= num_layers // 3), key=lambda e: e[0])[: shortlist]
+        early = sorted(
+            (e for e in options if e[1] < num_layers * 2 // 3 and e[0] <= max(first_fractions)),
+            key=lambda e: (e[1], e[0]),
+        )[:shortlist]
+        late = sorted((e for e in options if e[1] >= num_layers // 3), key=lambda e: e[0])[:shortlist]
         for first, second in itertools.product(early, late):
             if second[1] <= first[1]:
                 continue
             f1 = min(f for f in first_fractions if f >= first[0] - 1e-9)
             for f2 in second_fractions:
-                schedule = Schedule(((first[1], BudgetRule(f1), first[2]), (second[1], BudgetRule(f2), second[2])),
-                                    *scoring)
+                schedule = Schedule(
+                    ((first[1], BudgetRule(f1), first[2]), (second[1], BudgetRule(f2), second[2])), *scoring
+                )
                 tried.append((schedule, sum(keeps_needle(schedule, r) for r in records) / len(records)))
-    rows = [{"schedule": schedule, "kept_share": share,
-             "predicted_prefill_ratio": {n: round(predicted_prefill_ratio(schedule, num_layers, n), 3)
-                                         for n in plan_lengths}} for schedule, share in tried]
-    return sorted(rows, key=lambda row: (-row["kept_share"],
-                                         sum(row["predicted_prefill_ratio"].values()) / len(plan_lengths)))
+    rows = [
+        {
+            "schedule": schedule,
+            "kept_share": share,
+            "predicted_prefill_ratio": {
+                n: round(predicted_prefill_ratio(schedule, num_layers, n), 3) for n in plan_lengths
+            },
+        }
+        for schedule, share in tried
+    ]
+    return sorted(
+        rows, key=lambda row: (-row["kept_share"], sum(row["predicted_prefill_ratio"].values()) / len(plan_lengths))
+    )
 
 
-def candidate_schedules(num_layers: int, retrieval_heads: dict[int, tuple[int, ...]],
-                        max_length: int) -> list[Schedule]:
+def candidate_schedules(
+    num_layers: int, retrieval_heads: dict[int, tuple[int, ...]], max_length: int
+) -> list[Schedule]:
     """Single-stage schedules at every selectable layer from a quarter of the depth, each with all heads or the
     layer's retrieval heads, and two-stage ones that keep twice the budget early and the budget later."""
     budgets = [b for b in BUDGETS if b < max_length]
@@ -447,8 +533,9 @@ def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: st
 
     answered = kept = 0
     for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
-        result = engine.generate(messages=probe.messages(), query=probe.question, documents=[probe.context],
-                                 max_new_tokens=24)
+        result = engine.generate(
+            messages=probe.messages(), query=probe.question, documents=[probe.context], max_new_tokens=24
+        )
         answered += probe.is_answered(result.text)
         kept += needles_kept(result.prompt_text, result.kept_char_spans, (probe.needle,))
     return answered / len(probes), kept / len(probes)
@@ -469,8 +556,9 @@ class Verification(NamedTuple):
     runs: list[dict]
 
 
-def verify_schedules(engine: PromptDistillEngine, ranked: list[Schedule], probes: list,
-                     rate_of: Callable = answer_rate) -> Verification:
+def verify_schedules(
+    engine: PromptDistillEngine, ranked: list[Schedule], probes: list, rate_of: Callable = answer_rate
+) -> Verification:
     """Run `probes` end to end (`rate_of(engine, probes, description)` -> (answered share, evidence-kept share):
     `answer_rate` for needles, `rag_answer_rate` for RAG probes) and choose the first of the five cheapest `ranked`
     schedules that keeps every probe's evidence in a real run (the search replays stage 2 on the unpruned pass,
@@ -482,21 +570,38 @@ def verify_schedules(engine: PromptDistillEngine, ranked: list[Schedule], probes
     runs = []
     for schedule in ranked[:5]:
         settings = schedule.settings()
-        rate, kept = rate_of(engine.with_config(PromptDistillConfig(**settings)), probes,
-                             f"verifying layers {settings['selection_layers']}")
-        runs.append({key: settings[key] for key in ("selection_layers", "budgets", "heads")}
-                    | {"answered": rate, "evidence_kept": kept})
+        rate, kept = rate_of(
+            engine.with_config(PromptDistillConfig(**settings)),
+            probes,
+            f"verifying layers {settings['selection_layers']}",
+        )
+        runs.append(
+            {key: settings[key] for key in ("selection_layers", "budgets", "heads")}
+            | {"answered": rate, "evidence_kept": kept}
+        )
         if kept == 1.0 and rate >= full_rate:
             return Verification(schedule, rate, full_rate, runs)
-    warnings.warn("no candidate kept every verification probe's evidence and matched full attention's accuracy; "
-                  "keeping the cheapest schedule that keeps it in the search", stacklevel=3)
+    warnings.warn(
+        "no candidate kept every verification probe's evidence and matched full attention's accuracy; "
+        "keeping the cheapest schedule that keeps it in the search",
+        stacklevel=3,
+    )
     return Verification(ranked[0], None, full_rate, runs)
 
 
-def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None, haystack: str | None = None,
-              lengths: tuple[int, ...] = (2000, 4000), depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
-              kinds: tuple[str, ...] = ("passcode", "city", "magic_word"), seed: int = 0, verify: int = 10,
-              plan_length: int = 8192, out: Path | None = None) -> Profile:
+def calibrate(
+    model: str = DEFAULT_MODEL,
+    *,
+    engine: PromptDistillEngine | None = None,
+    haystack: str | None = None,
+    lengths: tuple[int, ...] = (2000, 4000),
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    kinds: tuple[str, ...] = ("passcode", "city", "magic_word"),
+    seed: int = 0,
+    verify: int = 10,
+    plan_length: int = 8192,
+    out: Path | None = None,
+) -> Profile:
     """Calibrate `model` (or an already loaded `engine`) and write its profile; returns the `Profile`.
 
     Raises `ValueError` for lengths that don't fit the model or an unknown needle kind.
@@ -510,14 +615,19 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
     table = needle_rank_table(records, report_budget(lengths))
     retrieval_heads = choose_retrieval_heads(table)
     schedules = candidate_schedules(num_layers, retrieval_heads, max(lengths))
-    kept_share = {s: sum(keeps_needle(s, r) for r in records) / len(records)
-                  for s in tqdm(schedules, desc="replaying schedules", unit="schedule")}
+    kept_share = {
+        s: sum(keeps_needle(s, r) for r in records) / len(records)
+        for s in tqdm(schedules, desc="replaying schedules", unit="schedule")
+    }
     best_share = max(kept_share.values())
     if best_share < 1:
-        warnings.warn(f"no schedule kept every probe's needle (best {best_share:.0%}); choosing among the best",
-                      stacklevel=2)
-    ranked = sorted((s for s in schedules if kept_share[s] == best_share),
-                    key=lambda s: (s.cost(num_layers, plan_length), -s.stages[-1][1]))
+        warnings.warn(
+            f"no schedule kept every probe's needle (best {best_share:.0%}); choosing among the best", stacklevel=2
+        )
+    ranked = sorted(
+        (s for s in schedules if kept_share[s] == best_share),
+        key=lambda s: (s.cost(num_layers, plan_length), -s.stages[-1][1]),
+    )
 
     verify_probes = verification_probes(probes, verify)
     chosen, chosen_rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes)
@@ -525,14 +635,20 @@ def calibrate(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None 
     profile = Profile(profile_key(model), num_layers, chosen.settings())
     measurements = {
         "calibration": {
-            "probes": len(probes), "lengths": list(lengths), "depths": list(depths), "kinds": list(kinds),
-            "seed": seed, "plan_length": plan_length,
+            "probes": len(probes),
+            "lengths": list(lengths),
+            "depths": list(depths),
+            "kinds": list(kinds),
+            "seed": seed,
+            "plan_length": plan_length,
             "needle_recall_at_budget": report_budget(lengths),
             "layer_needle_recall": [round(float(v), 3) for v in table.mean(1)],
             "retrieval_heads": {str(k): list(v) for k, v in retrieval_heads.items()},
             "predicted_kept_share": best_share,
             "predicted_prefill_cost": round(chosen.cost(num_layers, plan_length), 3),
-            "verified_accuracy": chosen_rate, "full_attention_accuracy": full_rate, "verification_runs": runs,
+            "verified_accuracy": chosen_rate,
+            "full_attention_accuracy": full_rate,
+            "verification_runs": runs,
             "verification_probes": len(verify_probes),
         }
     }
@@ -550,8 +666,9 @@ def rag_answer_rate(engine: PromptDistillEngine, probes: list, desc: str) -> tup
     answered = kept = 0
     for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
         prompt = probe.prompt
-        result = engine.generate(messages=prompt.messages, query=prompt.query, documents=prompt.documents,
-                                 max_new_tokens=24)
+        result = engine.generate(
+            messages=prompt.messages, query=prompt.query, documents=prompt.documents, max_new_tokens=24
+        )
         answered += contains(result.text, prompt.answer)
         kept += needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,))
     return answered / len(probes), kept / len(probes)
@@ -567,12 +684,18 @@ def rag_probes(tokenizer, lengths, samples: int, seed: int, orders) -> list:
 
     if not orders or set(orders) - set(RAG_ORDERS):
         raise ValueError(f"rag_orders must be one or more of {', '.join(RAG_ORDERS)}, got {list(orders)!r}")
-    return [probe for order in orders for probe in ragbench.probes(
-        tokenizer, list(lengths), list(ragbench.SHAPES), samples, seed, spread=order == "spread")]
+    return [
+        probe
+        for order in orders
+        for probe in ragbench.probes(
+            tokenizer, list(lengths), list(ragbench.SHAPES), samples, seed, spread=order == "spread"
+        )
+    ]
 
 
-def _rag_records(engine: PromptDistillEngine, probes: list, from_records: list[Path] | None,
-                 records_path: Path) -> list[ProbeRecord]:
+def _rag_records(
+    engine: PromptDistillEngine, probes: list, from_records: list[Path] | None, records_path: Path
+) -> list[ProbeRecord]:
     """The records saved at `from_records`, or `probes` recorded now and saved to `records_path`."""
     if from_records:
         return [record for path in from_records for record in load_records(path)]
@@ -597,16 +720,29 @@ def _plot_search(search_path: Path, chosen: Schedule, kept_share: float, num_lay
     from .bench.ragbench import plot_frontier
 
     ratio = predicted_prefill_ratio(chosen, num_layers, length)
-    plot_frontier(json.loads(search_path.read_text()),
-                  search_path.with_name(search_path.name.replace(".search.json", ".frontier.png")), length,
-                  {f"chosen profile (predicted {ratio:.2f})": (ratio, kept_share)})
+    plot_frontier(
+        json.loads(search_path.read_text()),
+        search_path.with_name(search_path.name.replace(".search.json", ".frontier.png")),
+        length,
+        {f"chosen profile (predicted {ratio:.2f})": (ratio, kept_share)},
+    )
 
 
-def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | None = None,
-                  rag_lengths: tuple[int, ...] = (1000, 2000), rag_samples: int = 4, seed: int = 100,
-                  rag_orders: tuple[str, ...] = RAG_ORDERS, records_path: Path | None = None,
-                  from_records: list[Path] | None = None, verify: int = 6, floor_length: int = 1536,
-                  plan_lengths: tuple[int, ...] = (2000, 4000, 8000), out: Path | None = None) -> Profile:
+def calibrate_rag(
+    model: str = DEFAULT_MODEL,
+    *,
+    engine: PromptDistillEngine | None = None,
+    rag_lengths: tuple[int, ...] = (1000, 2000),
+    rag_samples: int = 4,
+    seed: int = 100,
+    rag_orders: tuple[str, ...] = RAG_ORDERS,
+    records_path: Path | None = None,
+    from_records: list[Path] | None = None,
+    verify: int = 6,
+    floor_length: int = 1536,
+    plan_lengths: tuple[int, ...] = (2000, 4000, 8000),
+    out: Path | None = None,
+) -> Profile:
     """Calibrate on RAG-shaped probes: depot notes retrieved by MiniLM (`bench.depots`), in the three prompt shapes,
     in each of `rag_orders`: "spread" moves each sample's answer passage to its own depth, "rank" keeps the
     retriever's order (the answer's passage first, farthest from the question: the hard case for early layers);
@@ -638,14 +774,26 @@ def calibrate_rag(model: str = DEFAULT_MODEL, *, engine: PromptDistillEngine | N
         chosen = chosen.floored(floor_length)
     profile = Profile(key, num_layers, chosen.settings())
     _plot_search(search_path, chosen, best, num_layers, max(plan_lengths))
-    measurements = {"calibration": {
-        "rag_probes": len(records), "rag_lengths": list(rag_lengths), "rag_samples": rag_samples, "seed": seed,
-        "rag_orders": list(rag_orders),
-        "records": str(records_path), "schedules_tried": len(tried), "predicted_kept_share": best,
-        "predicted_prefill_ratio": {str(n): round(predicted_prefill_ratio(chosen, num_layers, n), 3)
-                                    for n in plan_lengths},
-        "verified_accuracy": rate, "full_attention_accuracy": full_rate, "verification_probes": len(verify_probes),
-        "verification_runs": runs, "floor_length": floor_length}}
+    measurements = {
+        "calibration": {
+            "rag_probes": len(records),
+            "rag_lengths": list(rag_lengths),
+            "rag_samples": rag_samples,
+            "seed": seed,
+            "rag_orders": list(rag_orders),
+            "records": str(records_path),
+            "schedules_tried": len(tried),
+            "predicted_kept_share": best,
+            "predicted_prefill_ratio": {
+                str(n): round(predicted_prefill_ratio(chosen, num_layers, n), 3) for n in plan_lengths
+            },
+            "verified_accuracy": rate,
+            "full_attention_accuracy": full_rate,
+            "verification_probes": len(verify_probes),
+            "verification_runs": runs,
+            "floor_length": floor_length,
+        }
+    }
     out = out or cache_dir() / "profiles" / f"{key}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.to_json(out, measurements)
@@ -663,21 +811,45 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", type=int, default=10, help="probes for end-to-end verification (0 = skip)")
     parser.add_argument("--plan-length", type=int, default=8192, help="prompt length the cost model optimises")
     parser.add_argument("--out", type=Path, default=None, help="profile path (default: the cache)")
-    parser.add_argument("--rag", action="store_true",
-                        help="calibrate on RAG-shaped probes (retrieved look-alike passages, three prompt shapes)")
+    parser.add_argument(
+        "--rag",
+        action="store_true",
+        help="calibrate on RAG-shaped probes (retrieved look-alike passages, three prompt shapes)",
+    )
     parser.add_argument("--rag-lengths", type=int, nargs="+", default=[1000, 2000])
     parser.add_argument("--rag-samples", type=int, default=4, help="questions per length and shape")
-    parser.add_argument("--rag-orders", nargs="+", default=list(RAG_ORDERS), choices=RAG_ORDERS,
-                        help="passage orders probed: answer spread over depths, and the retriever's rank order")
-    parser.add_argument("--records", type=Path, default=None,
-                        help="where --rag saves its recorded attention (default: the cache's calibration/)")
-    parser.add_argument("--from-records", type=Path, nargs="+", default=None,
-                        help="re-search saved --rag records instead of running the model on probes")
-    parser.add_argument("--floor-length", type=int, default=1536,
-                        help="--rag profiles keep at least what they keep of this many prunable tokens (0: no floors)")
-    parser.add_argument("--compare-scoring", action="store_true",
-                        help="only measure, per layer, how often each seed/aggregation choice ranks the needle in the "
-                             "top candidates, print it and exit")
+    parser.add_argument(
+        "--rag-orders",
+        nargs="+",
+        default=list(RAG_ORDERS),
+        choices=RAG_ORDERS,
+        help="passage orders probed: answer spread over depths, and the retriever's rank order",
+    )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        default=None,
+        help="where --rag saves its recorded attention (default: the cache's calibration/)",
+    )
+    parser.add_argument(
+        "--from-records",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="re-search saved --rag records instead of running the model on probes",
+    )
+    parser.add_argument(
+        "--floor-length",
+        type=int,
+        default=1536,
+        help="--rag profiles keep at least what they keep of this many prunable tokens (0: no floors)",
+    )
+    parser.add_argument(
+        "--compare-scoring",
+        action="store_true",
+        help="only measure, per layer, how often each seed/aggregation choice ranks the needle in the "
+        "top candidates, print it and exit",
+    )
     return parser
 
 
@@ -687,24 +859,43 @@ def main(argv: list[str] | None = None) -> None:
         engine = PromptDistillEngine.from_pretrained(args.model)
         probes = make_probes(engine, args.haystack, args.lengths, args.depths, args.kinds, args.seed)
         budget = report_budget(args.lengths)
-        print(f"share of {len(probes)} probes whose needle ranks in the top {budget} candidates, layers 0 → "
-              f"{engine.arch.num_layers - 1} (all heads):")
+        print(
+            f"share of {len(probes)} probes whose needle ranks in the top {budget} candidates, layers 0 → "
+            f"{engine.arch.num_layers - 1} (all heads):"
+        )
         for name, recall in compare_scoring(engine, probes, budget).items():
             print(f"{name:>32}: mean {sum(recall) / len(recall):.2f} | " + " ".join(f"{v:.2f}" for v in recall))
         return
     if args.rag or args.from_records:
         started = time.perf_counter()
-        profile = calibrate_rag(args.model, rag_lengths=tuple(args.rag_lengths), rag_samples=args.rag_samples,
-                                seed=args.seed if args.seed else 100, rag_orders=tuple(args.rag_orders),
-                                records_path=args.records,
-                                from_records=args.from_records, verify=args.verify,
-                                floor_length=args.floor_length, out=args.out)
-        print(f"profile written to {profile.source} in {time.perf_counter() - started:.0f} s:\n"
-              f"{Path(profile.source).read_text()}")
+        profile = calibrate_rag(
+            args.model,
+            rag_lengths=tuple(args.rag_lengths),
+            rag_samples=args.rag_samples,
+            seed=args.seed if args.seed else 100,
+            rag_orders=tuple(args.rag_orders),
+            records_path=args.records,
+            from_records=args.from_records,
+            verify=args.verify,
+            floor_length=args.floor_length,
+            out=args.out,
+        )
+        print(
+            f"profile written to {profile.source} in {time.perf_counter() - started:.0f} s:\n"
+            f"{Path(profile.source).read_text()}"
+        )
         return
-    profile = calibrate(args.model, haystack=args.haystack, lengths=tuple(args.lengths), depths=tuple(args.depths),
-                        kinds=tuple(args.kinds), seed=args.seed, verify=args.verify, plan_length=args.plan_length,
-                        out=args.out)
+    profile = calibrate(
+        args.model,
+        haystack=args.haystack,
+        lengths=tuple(args.lengths),
+        depths=tuple(args.depths),
+        kinds=tuple(args.kinds),
+        seed=args.seed,
+        verify=args.verify,
+        plan_length=args.plan_length,
+        out=args.out,
+    )
     print(f"profile written to {profile.source}:\n{Path(profile.source).read_text()}")
 
 

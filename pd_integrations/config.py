@@ -26,8 +26,13 @@ UNIT_SCORES = ("max", "mean", "topk_mean")
 
 # Scoring of the original papers: the last prompt token alone, raw q·k logits averaged over heads (GemFilter sums,
 # which ranks identically), smoothed by avg-pool 5, selected token by token, not detrended.
-PAPER_SCORING = {"query_source": "last_token", "aggregation": "logits_mean", "pool_kernel": 5, "span": "token",
-                 "detrend_window": 0}
+PAPER_SCORING = {
+    "query_source": "last_token",
+    "aggregation": "logits_mean",
+    "pool_kernel": 5,
+    "span": "token",
+    "detrend_window": 0,
+}
 
 # Used when a model has no profile (see `fallback_schedule`): what the default model's calibration and its checks
 # on held-out essays found to carry over, in relative terms: one stage at 17/30 of the depth keeping 30% of the
@@ -36,11 +41,25 @@ PAPER_SCORING = {"query_source": "last_token", "aggregation": "logits_mean", "po
 # stage, calibrated heads and detrending are the model's own, so they are not carried over.
 FALLBACK_DEPTH = 17 / 30
 FALLBACK_BUDGET = {"fraction": 0.3, "floor": 461}
-FALLBACK_SCORING = {"query_source": "auto", "aggregation": "softmax_mean", "pool_kernel": 1, "span": "chunk",
-                    "chunk_size": 64}
+FALLBACK_SCORING = {
+    "query_source": "auto",
+    "aggregation": "softmax_mean",
+    "pool_kernel": 1,
+    "span": "chunk",
+    "chunk_size": 64,
+}
 
-SCORING_FIELDS = ("query_source", "aggregation", "pool_kernel", "span", "chunk_size", "heads", "unit_score",
-                  "unit_topk", "detrend_window")
+SCORING_FIELDS = (
+    "query_source",
+    "aggregation",
+    "pool_kernel",
+    "span",
+    "chunk_size",
+    "heads",
+    "unit_score",
+    "unit_topk",
+    "detrend_window",
+)
 PROFILE_FIELDS = ("selection_layers", "budgets", *SCORING_FIELDS)
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -65,8 +84,7 @@ class BudgetRule:
     KEYS = ("fraction", "floor", "cap")
 
     def __post_init__(self):
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
-                or not 0 < self.fraction <= 1:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
             raise ValueError(f"budgets rule field 'fraction' must be a number in (0, 1], got {self.fraction!r}")
         if not (_is_int(self.floor) and self.floor >= 0):
             raise ValueError(f"budgets rule field 'floor' must be an int >= 0, got {self.floor!r}")
@@ -84,8 +102,10 @@ class BudgetRule:
             return value
         unknown = set(value) - set(cls.KEYS)
         if unknown or "fraction" not in value:
-            raise ValueError(f"budgets rules are dicts with the keys 'fraction' (required), 'floor' and 'cap', e.g. "
-                             f"{{'fraction': 0.25, 'floor': 256, 'cap': 2048}}, got {dict(value)!r}")
+            raise ValueError(
+                f"budgets rules are dicts with the keys 'fraction' (required), 'floor' and 'cap', e.g. "
+                f"{{'fraction': 0.25, 'floor': 256, 'cap': 2048}}, got {dict(value)!r}"
+            )
         return cls(**value)
 
     def resolve(self, n: int) -> int:
@@ -185,13 +205,17 @@ class PromptDistillConfig:
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value) if isinstance(value, (list, range)) else (value,))
         if self.budgets is not None and any(isinstance(b, dict) for b in self.budgets):
-            object.__setattr__(self, "budgets", tuple(BudgetRule.parse(b) if isinstance(b, dict) else b
-                                                      for b in self.budgets))
+            object.__setattr__(
+                self, "budgets", tuple(BudgetRule.parse(b) if isinstance(b, dict) else b for b in self.budgets)
+            )
         if self.heads is not None:
-            if not isinstance(self.heads, (list, tuple)) or not all(h is None or isinstance(h, (list, tuple, range))
-                                                                    for h in self.heads):
-                raise ValueError(f"heads must be a list with one entry (a list of head indices, or None for all "
-                                 f"heads) per selection layer, e.g. [[0, 2, 7]], got {self.heads!r}")
+            if not isinstance(self.heads, (list, tuple)) or not all(
+                h is None or isinstance(h, (list, tuple, range)) for h in self.heads
+            ):
+                raise ValueError(
+                    f"heads must be a list with one entry (a list of head indices, or None for all "
+                    f"heads) per selection layer, e.g. [[0, 2, 7]], got {self.heads!r}"
+                )
             object.__setattr__(self, "heads", tuple(None if h is None else tuple(h) for h in self.heads))
         self._validate()
 
@@ -221,17 +245,27 @@ class PromptDistillConfig:
         if self.detrend_window is not None and not (_is_int(self.detrend_window) and self.detrend_window >= 0):
             raise ValueError(f"detrend_window must be an int >= 0 (0 = off), got {self.detrend_window!r}")
         if self.detrend_window and self.aggregation == "logits_mean":
-            raise ValueError("detrend_window divides by mean scores, which needs positive scores: use aggregation "
-                             "'softmax_mean' or 'softmax_max' with it, not 'logits_mean'")
-        if not any(self.cache_truncation is c or self.cache_truncation == c and isinstance(c, str)
-                   for c in CACHE_TRUNCATIONS):
-            raise ValueError(f"cache_truncation must be True, False or 'after_first_stage', got "
-                             f"{self.cache_truncation!r}")
-        if self.pool_kernel is not None and not (_is_int(self.pool_kernel) and self.pool_kernel >= 1
-                                                 and self.pool_kernel % 2 == 1):
+            raise ValueError(
+                "detrend_window divides by mean scores, which needs positive scores: use aggregation "
+                "'softmax_mean' or 'softmax_max' with it, not 'logits_mean'"
+            )
+        if not any(
+            self.cache_truncation is c or self.cache_truncation == c and isinstance(c, str) for c in CACHE_TRUNCATIONS
+        ):
+            raise ValueError(
+                f"cache_truncation must be True, False or 'after_first_stage', got {self.cache_truncation!r}"
+            )
+        if self.pool_kernel is not None and not (
+            _is_int(self.pool_kernel) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1
+        ):
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {self.pool_kernel!r}")
-        for name, minimum in (("tail_tokens", 1), ("protect_head", 0), ("chunk_size", 1), ("max_probe_tokens", 1),
-                              ("context_min_tokens", 1)):
+        for name, minimum in (
+            ("tail_tokens", 1),
+            ("protect_head", 0),
+            ("chunk_size", 1),
+            ("max_probe_tokens", 1),
+            ("context_min_tokens", 1),
+        ):
             value = getattr(self, name)
             if not (_is_int(value) and value >= minimum or name == "chunk_size" and value is None):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -257,8 +291,10 @@ class PromptDistillConfig:
                 for key in BudgetRule.KEYS:
                     values = [math.inf if getattr(b, key) is None else getattr(b, key) for b in budgets]
                     if any(b > a for a, b in zip(values, values[1:])):
-                        raise ValueError(f"budgets rules must be non-increasing across stages in {key!r}, "
-                                         f"got {[budget_to_json(b) for b in budgets]!r}")
+                        raise ValueError(
+                            f"budgets rules must be non-increasing across stages in {key!r}, "
+                            f"got {[budget_to_json(b) for b in budgets]!r}"
+                        )
             elif any(b > a for a, b in zip(budgets, budgets[1:])):
                 raise ValueError(f"budgets must be non-increasing across stages, got {budgets!r}")
         if layers is not None and budgets is not None and len(layers) != len(budgets):
@@ -281,7 +317,9 @@ class PromptDistillConfig:
                 )
         for heads in self.heads or ():
             if heads is not None and (not heads or not all(_is_int(h) and 0 <= h < num_heads for h in heads)):
-                raise ValueError(f"heads entries must be non-empty lists of ints in [0, {num_heads - 1}], got {heads!r}")
+                raise ValueError(
+                    f"heads entries must be non-empty lists of ints in [0, {num_heads - 1}], got {heads!r}"
+                )
 
     def replace(self, **changes) -> PromptDistillConfig:
         """A copy with `changes` applied and validated."""
@@ -376,8 +414,7 @@ def fallback_schedule(num_hidden_layers: int) -> dict:
     """The documented rule for a model without a profile: select once at `fallback_layer`, keeping 30% of the
     retrieved context (at least 461 tokens) in 64-token chunks, seeded by the question span, scored by all heads.
     Calibrate (`pd-calibrate`) to do better."""
-    return {"selection_layers": (fallback_layer(num_hidden_layers),), "budgets": (FALLBACK_BUDGET,),
-            **FALLBACK_SCORING}
+    return {"selection_layers": (fallback_layer(num_hidden_layers),), "budgets": (FALLBACK_BUDGET,), **FALLBACK_SCORING}
 
 
 def _fit_stages(settings: dict, config: PromptDistillConfig) -> dict:
@@ -395,8 +432,13 @@ def _fit_stages(settings: dict, config: PromptDistillConfig) -> dict:
     return fitted
 
 
-def resolve_config(config: PromptDistillConfig | None, load_profile: Callable[[], Profile | None], model_name: str,
-                   num_hidden_layers: int, num_heads: int) -> PromptDistillConfig:
+def resolve_config(
+    config: PromptDistillConfig | None,
+    load_profile: Callable[[], Profile | None],
+    model_name: str,
+    num_hidden_layers: int,
+    num_heads: int,
+) -> PromptDistillConfig:
     """Fill the unset fields of `config` for this model and validate the result against its shape.
 
     Unset fields come from, in order: the paper's scoring (gemfilter only), the model's profile (`load_profile()`, read
@@ -420,8 +462,10 @@ def resolve_config(config: PromptDistillConfig | None, load_profile: Callable[[]
         sources = [{k: v for k, v in source.items() if k != "heads"} for source in sources]
     if config.method == "gemfilter":
         # GemFilter selects once, scored as in its paper (all heads).
-        sources = [PAPER_SCORING] + [{k: v[:1] if k in ("selection_layers", "budgets") else v
-                                      for k, v in source.items() if k != "heads"} for source in sources]
+        sources = [PAPER_SCORING] + [
+            {k: v[:1] if k in ("selection_layers", "budgets") else v for k, v in source.items() if k != "heads"}
+            for source in sources
+        ]
     if config.aggregation == "logits_mean":
         # Raw logits can be negative: a profile's detrending belongs to its softmax scores, not to the caller's.
         sources = [{"detrend_window": 0}] + sources

@@ -42,9 +42,24 @@ try:
 except ImportError:  # the optional `structured` extra; `Grammars.of` says how to install it
     xgr = None
 
-__all__ = ["CALL_FOOTER", "CUT_OFF", "CallDelta", "Grammar", "GrammarConstraint", "Grammars", "HEADER_CUT_OFF",
-           "ParsedToolCalls", "ToolCallStream", "ToolSpec", "TOOL_CALL_BEGIN", "TOOL_CALL_END", "call_header",
-           "new_tool_call_id", "parse_tool_calls", "tool_finish_reason"]
+__all__ = [
+    "CALL_FOOTER",
+    "CUT_OFF",
+    "CallDelta",
+    "Grammar",
+    "GrammarConstraint",
+    "Grammars",
+    "HEADER_CUT_OFF",
+    "ParsedToolCalls",
+    "ToolCallStream",
+    "ToolSpec",
+    "TOOL_CALL_BEGIN",
+    "TOOL_CALL_END",
+    "call_header",
+    "new_tool_call_id",
+    "parse_tool_calls",
+    "tool_finish_reason",
+]
 
 TOOL_CALL_BEGIN = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -126,16 +141,21 @@ class Grammars:
         """The grammars of `engine`'s model: its tokenizer, output width and end-of-sequence tokens (a grammar's
         output ends with one of them, as the engine's decode loop does)."""
         if xgr is None:
-            raise ImportError("structured output and tool calling need xgrammar: pip install "
-                              "'pd-integrations[structured]'")
+            raise ImportError(
+                "structured output and tool calling need xgrammar: pip install 'pd-integrations[structured]'"
+            )
         width = engine.model.get_output_embeddings().weight.shape[0]
         return cls(_compiler(engine.tokenizer, width, tuple(engine.runtime.eos_ids)))
 
     def json_schema(self, schema: dict[str, Any] | str, *, what: str = "schema") -> Grammar:
         """Output that is one JSON value valid under `schema` (a JSON schema, as a dict or a JSON string)."""
         text = schema if isinstance(schema, str) else _dumps(schema, what)
-        return Grammar(self._compile(what, lambda: self._compiler.compile_json_schema(
-            text, any_whitespace=False, strict_mode=True)), what)
+        return Grammar(
+            self._compile(
+                what, lambda: self._compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+            ),
+            what,
+        )
 
     def json_object(self) -> Grammar:
         """Output that is one JSON object, of any shape (OpenAI's and LangChain's "JSON mode")."""
@@ -145,11 +165,18 @@ class Grammars:
         """Output that matches the regular expression `pattern` in full."""
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"regex must be a non-empty str, got {pattern!r}")
-        return Grammar(self._compile(f"regex {pattern!r}", lambda: self._compiler.compile_regex(pattern)),
-                       f"regex {pattern!r}")
+        return Grammar(
+            self._compile(f"regex {pattern!r}", lambda: self._compiler.compile_regex(pattern)), f"regex {pattern!r}"
+        )
 
-    def tool_calls(self, tools: Sequence[ToolSpec], *, required: bool, parallel: bool = False,
-                   reply_schema: dict[str, Any] | None = None) -> Grammar:
+    def tool_calls(
+        self,
+        tools: Sequence[ToolSpec],
+        *,
+        required: bool,
+        parallel: bool = False,
+        reply_schema: dict[str, Any] | None = None,
+    ) -> Grammar:
         """Tool calls of `tools` in the `<tool_call>` format, each call's arguments valid under its tool's schema.
 
         `required`: the output is calls and nothing else; otherwise free text in which each `<tool_call>` the
@@ -163,23 +190,49 @@ class Grammars:
         for tool in tools:
             # Each tool compiles on its own first, so that a bad schema's error names its tool.
             self.json_schema(tool.parameters, what=f"tool {tool.name!r}'s parameters")
-            tags.append({"type": "tag", "begin": call_header(tool.name),
-                         "content": {"type": "json_schema", "json_schema": tool.parameters,
-                                     "max_whitespace_cnt": _MAX_WHITESPACE},
-                         "end": CALL_FOOTER})
-        calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-                 "stop_after_first": not parallel}
+            tags.append(
+                {
+                    "type": "tag",
+                    "begin": call_header(tool.name),
+                    "content": {
+                        "type": "json_schema",
+                        "json_schema": tool.parameters,
+                        "max_whitespace_cnt": _MAX_WHITESPACE,
+                    },
+                    "end": CALL_FOOTER,
+                }
+            )
+        calls = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": "\n",
+            "at_least_one": True,
+            "stop_after_first": not parallel,
+        }
         if required:
             structure = calls
         elif reply_schema is not None:
-            structure = {"type": "or", "elements": [calls, {"type": "json_schema", "json_schema": reply_schema,
-                                                            "max_whitespace_cnt": _MAX_WHITESPACE}]}
+            structure = {
+                "type": "or",
+                "elements": [
+                    calls,
+                    {"type": "json_schema", "json_schema": reply_schema, "max_whitespace_cnt": _MAX_WHITESPACE},
+                ],
+            }
         else:
-            structure = {"type": "triggered_tags", "triggers": [TOOL_CALL_BEGIN], "tags": tags,
-                         "stop_after_first": not parallel}
+            structure = {
+                "type": "triggered_tags",
+                "triggers": [TOOL_CALL_BEGIN],
+                "tags": tags,
+                "stop_after_first": not parallel,
+            }
         what = "tool calls of " + ", ".join(repr(tool.name) for tool in tools)
-        return Grammar(self._compile(what, lambda: self._compiler.compile_structural_tag(
-            {"type": "structural_tag", "format": structure})), what)
+        return Grammar(
+            self._compile(
+                what, lambda: self._compiler.compile_structural_tag({"type": "structural_tag", "format": structure})
+            ),
+            what,
+        )
 
     @staticmethod
     def _compile(what: str, compile_) -> xgr.CompiledGrammar:
@@ -270,10 +323,12 @@ class CallDelta:
 
 
 # The errors of calls that did not complete: a grammar's output ends inside a call only at max_tokens or a stop string.
-CUT_OFF = ("cut off: the output ended inside the tool call (max_tokens or a stop string) before its arguments were "
-           "complete")
-HEADER_CUT_OFF = ("cut off: the output ended inside the tool call (max_tokens or a stop string) before its name was "
-                  "complete")
+CUT_OFF = (
+    "cut off: the output ended inside the tool call (max_tokens or a stop string) before its arguments were complete"
+)
+HEADER_CUT_OFF = (
+    "cut off: the output ended inside the tool call (max_tokens or a stop string) before its name was complete"
+)
 
 
 class ToolCallStream:
@@ -338,11 +393,11 @@ class ToolCallStream:
         start = self._buffer.find(TOOL_CALL_BEGIN)
         if start >= 0:
             out.append(self._buffer[:start])
-            self._buffer, self._state = self._buffer[start + len(TOOL_CALL_BEGIN):], "header"
+            self._buffer, self._state = self._buffer[start + len(TOOL_CALL_BEGIN) :], "header"
             return True
         held = _prefix_held(self._buffer, TOOL_CALL_BEGIN)
         out.append(self._buffer[: len(self._buffer) - held])
-        self._buffer = self._buffer[len(self._buffer) - held:]
+        self._buffer = self._buffer[len(self._buffer) - held :]
         return False
 
     def _in_header(self, out: list) -> bool:
@@ -355,7 +410,7 @@ class ToolCallStream:
             return False
         self._index += 1
         out.append(CallDelta(self._index, new_tool_call_id(), json.loads(header.group(1)), ""))
-        self._buffer, self._state, self._json = self._buffer[header.end():], "arguments", _JsonEnd()
+        self._buffer, self._state, self._json = self._buffer[header.end() :], "arguments", _JsonEnd()
         return True
 
     def _in_arguments(self, out: list) -> bool:
@@ -391,7 +446,7 @@ class ToolCallStream:
         if len(self._buffer) < len(TOOL_CALL_END) and TOOL_CALL_END.startswith(self._buffer):
             return False  # the end tag, still arriving (or nothing yet)
         if self._buffer.startswith(TOOL_CALL_END):
-            self._buffer = self._buffer[len(TOOL_CALL_END):]
+            self._buffer = self._buffer[len(TOOL_CALL_END) :]
         self._state, self._after_call = "text", True
         return True
 

@@ -42,17 +42,22 @@ class GrowingLayer(DynamicLayer):
             self.keys, self.values, self.is_initialized, self.device = keys, values, True, keys.device
 
     # Each of keys and values knows its own length: callers assign one, then the other.
-    keys = property(lambda self: self._keys[:, :, : self._key_length],
-                    lambda self, keys: self._replace(keys, "_keys", "_key_length"))
-    values = property(lambda self: self._values[:, :, : self._value_length],
-                      lambda self, values: self._replace(values, "_values", "_value_length"))
+    keys = property(
+        lambda self: self._keys[:, :, : self._key_length],
+        lambda self, keys: self._replace(keys, "_keys", "_key_length"),
+    )
+    values = property(
+        lambda self: self._values[:, :, : self._value_length],
+        lambda self, values: self._replace(values, "_values", "_value_length"),
+    )
 
     def _replace(self, tensor: torch.Tensor | None, buffer: str, length: str) -> None:
         setattr(self, buffer, tensor)
         setattr(self, length, 0 if tensor is None else tensor.shape[2])
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
-               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         start = self._key_length
         end = start + key_states.shape[2]
         if end > self._keys.shape[2]:
@@ -86,8 +91,13 @@ class DecodeBatch:
     def after(cls, runtime: Runtime, prefill: Prefill) -> DecodeBatch:
         """The rows of `prefill`, ready to decode (the batch takes over its cache)."""
         prefill.cache.layers = [GrowingLayer(layer.keys, layer.values) for layer in prefill.cache.layers]
-        return cls(runtime, prefill.cache, list(prefill.key_positions), [list(p) for p in prefill.key_pads],
-                   [row.next_position for row in prefill.rows])
+        return cls(
+            runtime,
+            prefill.cache,
+            list(prefill.key_positions),
+            [list(p) for p in prefill.key_pads],
+            [row.next_position for row in prefill.rows],
+        )
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -99,10 +109,12 @@ class DecodeBatch:
             width = max(ours, new)
             mine.keys = torch.cat([_pad_front(mine.keys, 2, width), _pad_front(theirs.keys, 2, width)])
             mine.values = torch.cat([_pad_front(mine.values, 2, width), _pad_front(theirs.values, 2, width)])
-            self.key_positions[i] = torch.cat([_pad_front(self.key_positions[i], 1, width),
-                                               _pad_front(other.key_positions[i], 1, width)])
-            self.key_pads[i] = [p + width - ours for p in self.key_pads[i]] + [p + width - new
-                                                                               for p in other.key_pads[i]]
+            self.key_positions[i] = torch.cat(
+                [_pad_front(self.key_positions[i], 1, width), _pad_front(other.key_positions[i], 1, width)]
+            )
+            self.key_pads[i] = [p + width - ours for p in self.key_pads[i]] + [
+                p + width - new for p in other.key_pads[i]
+            ]
         self.positions += other.positions
 
     def keep(self, rows: list[int]) -> None:
@@ -132,8 +144,9 @@ class DecodeBatch:
             if window is not None or shape not in masks:
                 if layer_pads not in pads:
                     pads[layer_pads] = padding(layer_pads, tokens.device)
-                masks[shape] = arch.attention_mask(i, positions, self.key_positions[i], pads[layer_pads],
-                                                   max(self.positions), hidden.dtype)
+                masks[shape] = arch.attention_mask(
+                    i, positions, self.key_positions[i], pads[layer_pads], max(self.positions), hidden.dtype
+                )
             hidden = arch.run_layer(i, hidden, masks[shape], positions, self.cache, cos_sin)
         self.positions = [p + 1 for p in self.positions]
         return arch.logits(hidden[:, -1])

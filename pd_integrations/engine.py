@@ -31,7 +31,7 @@ from .prompt import RenderedPrompt, kept_shares, render
 from .results import BatchStream, GenerationResult, GenerationStream
 from .runtime import Runtime
 from .sampling import Constraint, Sampler, TextDeltas, check_logprobs, check_penalties, check_sampling
-from .scheduler import SchedulerSettings, Request, Scheduler
+from .scheduler import Request, Scheduler, SchedulerSettings
 from .selection import Selector
 
 __all__ = ["BatchStream", "GenerationResult", "GenerationStream", "Prefill", "PromptDistillEngine"]
@@ -59,8 +59,9 @@ class PromptDistillEngine:
         return engine
 
     @classmethod
-    def from_pretrained(cls, model_name: str = DEFAULT_MODEL, config: PromptDistillConfig | None = None,
-                        **load_kwargs) -> PromptDistillEngine:
+    def from_pretrained(
+        cls, model_name: str = DEFAULT_MODEL, config: PromptDistillConfig | None = None, **load_kwargs
+    ) -> PromptDistillEngine:
         """An engine over `model_name`, loaded once per process and `device`/`dtype`/`quantization` settings
         (`Runtime.load`); other `load_model` arguments (`device_map`, `trust_remote_code`) load a private copy."""
         if set(load_kwargs) <= _RUNTIME_LOAD_SETTINGS:
@@ -70,8 +71,9 @@ class PromptDistillEngine:
     def _setup(self, runtime: Runtime, config: PromptDistillConfig | None) -> None:
         arch = runtime.arch
         self.runtime = runtime
-        self.config = resolve_config(config, lambda: runtime.profile, runtime.model_name, arch.num_layers,
-                                     arch.num_heads)
+        self.config = resolve_config(
+            config, lambda: runtime.profile, runtime.model_name, arch.num_layers, arch.num_heads
+        )
 
     def with_config(self, config: PromptDistillConfig) -> PromptDistillEngine:
         """An engine sharing this one's runtime (weights, tokenizer, scheduler, lock, profile) with another
@@ -109,14 +111,29 @@ class PromptDistillEngine:
             pass
         return stream.result
 
-    def stream(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-               query: str | None = None, documents: list[str] | None = None, max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: str | list[str] | None = None, constraint: Constraint | None = None,
-               tools: list[dict] | None = None, tool_format: str = "auto", frequency_penalty: float = 0.0,
-               presence_penalty: float = 0.0, repetition_penalty: float = 1.0,
-               logit_bias: dict[int, float] | None = None,
-               logprobs: int | None = None) -> GenerationStream:
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list | None = None,
+        input_ids=None,
+        query: str | None = None,
+        documents: list[str] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        constraint: Constraint | None = None,
+        tools: list[dict] | None = None,
+        tool_format: str = "auto",
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+    ) -> GenerationStream:
         """Generate from exactly one of `prompt` (raw text), `messages` (chat template) or `input_ids`.
 
         `query` is the question that seeds selection and is never pruned; `documents` are the retrieved texts as
@@ -134,13 +151,26 @@ class PromptDistillEngine:
         naming the parameter, before any model work. Concurrent calls share forwards (see `pd_integrations.scheduler`).
         """
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        penalties = check_penalties(frequency_penalty, presence_penalty, repetition_penalty, logit_bias,
-                                    len(self.tokenizer))
+        penalties = check_penalties(
+            frequency_penalty, presence_penalty, repetition_penalty, logit_bias, len(self.tokenizer)
+        )
         rendered, layout = self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
         events = queue.SimpleQueue()
-        request = self._request(rendered, layout, events, 0, max_new_tokens, stops, constraint,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, penalties=penalties,
-                                logprobs=check_logprobs(logprobs))
+        request = self._request(
+            rendered,
+            layout,
+            events,
+            0,
+            max_new_tokens,
+            stops,
+            constraint,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            penalties=penalties,
+            logprobs=check_logprobs(logprobs),
+        )
         return GenerationStream(_deltas(self._run([request], [rendered])))
 
     def generate_batch(self, prompts: list[str] | None = None, **kwargs) -> list[GenerationResult]:
@@ -151,15 +181,29 @@ class PromptDistillEngine:
             pass
         return stream.result
 
-    def stream_batch(self, prompts: list[str] | None = None, *, messages: list[list] | None = None,
-                     input_ids: list | None = None, queries: list[str | None] | None = None,
-                     documents: list[list[str] | None] | None = None, max_new_tokens: int = 256,
-                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                     stop: str | list[str] | None = None,
-                     constraints: list[Constraint | None] | None = None, tools: list[list[dict] | None] | None = None,
-                     tool_format: str = "auto", frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                     repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-                     logprobs: int | None = None) -> BatchStream:
+    def stream_batch(
+        self,
+        prompts: list[str] | None = None,
+        *,
+        messages: list[list] | None = None,
+        input_ids: list | None = None,
+        queries: list[str | None] | None = None,
+        documents: list[list[str] | None] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        constraints: list[Constraint | None] | None = None,
+        tools: list[list[dict] | None] | None = None,
+        tool_format: str = "auto",
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
+    ) -> BatchStream:
         """Generate for several rows at once, from exactly one of the lists `prompts`, `messages` or `input_ids`;
         `queries`, `documents`, `constraints` and `tools` are per-row lists (or None), and the sampling arguments
         and `tool_format` apply to every row (see `stream`). The rows are prefilled and decoded together, each
@@ -167,33 +211,67 @@ class PromptDistillEngine:
         `GenerationResult`s, in row order. Raises `ValueError`/`TypeError` naming the parameter and the row before
         any model work."""
         stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        penalties = check_penalties(frequency_penalty, presence_penalty, repetition_penalty, logit_bias,
-                                    len(self.tokenizer))
-        rows = _batch_rows(prompts, messages, input_ids, queries=queries, documents=documents,
-                           constraints=constraints, tools=tools)
+        penalties = check_penalties(
+            frequency_penalty, presence_penalty, repetition_penalty, logit_bias, len(self.tokenizer)
+        )
+        rows = _batch_rows(
+            prompts, messages, input_ids, queries=queries, documents=documents, constraints=constraints, tools=tools
+        )
         events, requests, rendered = queue.SimpleQueue(), [], []
         for i, (kind, value, query, docs, constraint, row_tools) in enumerate(rows):
             try:
-                rendered.append(self._prepare(**{kind: value}, query=query, documents=docs, tools=row_tools,
-                                              tool_format=tool_format))
-                requests.append(self._request(*rendered[-1], events, i, max_new_tokens, stops, constraint,
-                                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                              penalties=penalties, logprobs=check_logprobs(logprobs)))
+                rendered.append(
+                    self._prepare(
+                        **{kind: value}, query=query, documents=docs, tools=row_tools, tool_format=tool_format
+                    )
+                )
+                requests.append(
+                    self._request(
+                        *rendered[-1],
+                        events,
+                        i,
+                        max_new_tokens,
+                        stops,
+                        constraint,
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=top_k,
+                        seed=seed,
+                        penalties=penalties,
+                        logprobs=check_logprobs(logprobs),
+                    )
+                )
             except (ValueError, TypeError) as error:
                 raise type(error)(f"row {i}: {error}") from error
         return BatchStream(self._run(requests, [r for r, _ in rendered]))
 
-    def check(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-              query: str | None = None, documents: list[str] | None = None, tools: list[dict] | None = None,
-              tool_format: str = "auto") -> None:
+    def check(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list | None = None,
+        input_ids=None,
+        query: str | None = None,
+        documents: list[str] | None = None,
+        tools: list[dict] | None = None,
+        tool_format: str = "auto",
+    ) -> None:
         """Raise the `ValueError`/`TypeError` that `generate` would raise for this input (bad arguments, documents
         not in the prompt, a prompt and probe beyond the context window) without running the model: a long job
         can check all its inputs before the first one runs."""
         self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
 
-    def prefill(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-                query: str | None = None, documents: list[str] | None = None, tools: list[dict] | None = None,
-                tool_format: str = "auto") -> Prefill:
+    def prefill(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list | None = None,
+        input_ids=None,
+        query: str | None = None,
+        documents: list[str] | None = None,
+        tools: list[dict] | None = None,
+        tool_format: str = "auto",
+    ) -> Prefill:
         """Run only the prefill of one prompt (a batch of one) and return its `Prefill` (cache, next-token
         logits [1, vocab], and its row: kept indices, layout)."""
         rendered, layout = self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
@@ -201,9 +279,15 @@ class PromptDistillEngine:
         with self.runtime.lock, torch.inference_mode():
             return method.prefill(self.runtime, [self._ids(rendered, layout)], [layout])
 
-    def query_attention(self, prompt: str | None = None, *, messages: list | None = None, input_ids=None,
-                       query: str | None = None,
-                       documents: list[str] | None = None) -> tuple[RenderedPrompt, RowLayout, torch.Tensor]:
+    def query_attention(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list | None = None,
+        input_ids=None,
+        query: str | None = None,
+        documents: list[str] | None = None,
+    ) -> tuple[RenderedPrompt, RowLayout, torch.Tensor]:
         """Per-layer, per-head attention of the seeds to every prompt token in an unpruned pass (for calibration).
 
         Returns the rendered prompt, its row layout and scores [layers, heads, prompt tokens] aggregated over the
@@ -217,8 +301,9 @@ class PromptDistillEngine:
 
     # ---------------------------------------------------------------- render, lay out, request
 
-    def _prepare(self, prompt=None, messages=None, input_ids=None, query=None, documents=None, tools=None,
-                 tool_format="auto") -> tuple[RenderedPrompt, RowLayout]:
+    def _prepare(
+        self, prompt=None, messages=None, input_ids=None, query=None, documents=None, tools=None, tool_format="auto"
+    ) -> tuple[RenderedPrompt, RowLayout]:
         """Render the input, locate its documents and lay out its rows; raises `ValueError`/`TypeError` for bad
         input or a prompt that (with its probe) exceeds the context window."""
         rendered = render(self.tokenizer, prompt, messages, input_ids, tools, tool_format)
@@ -228,8 +313,11 @@ class PromptDistillEngine:
             rendered = rendered.with_documents(documents)
         elif self.config.span == "document" and prunes:
             raise ValueError('span="document" needs documents=[...]: the retrieved texts as they appear in the prompt')
-        layout = plan_layout(self.tokenizer, rendered, query, self.config) if prunes else RowLayout.unpruned(
-            len(rendered.input_ids))
+        layout = (
+            plan_layout(self.tokenizer, rendered, query, self.config)
+            if prunes
+            else RowLayout.unpruned(len(rendered.input_ids))
+        )
         length = len(rendered.input_ids) + len(layout.probe_ids)
         if length > self.arch.max_positions:
             raise ValueError(
@@ -241,20 +329,39 @@ class PromptDistillEngine:
     def _ids(self, rendered: RenderedPrompt, layout: RowLayout) -> torch.Tensor:
         return torch.tensor(rendered.input_ids + list(layout.probe_ids), device=self.device)
 
-    def _request(self, rendered: RenderedPrompt, layout: RowLayout, events: queue.SimpleQueue, tag: int,
-                 max_new_tokens: int, stops: list[str], constraint: Constraint | None, **sampling) -> Request:
+    def _request(
+        self,
+        rendered: RenderedPrompt,
+        layout: RowLayout,
+        events: queue.SimpleQueue,
+        tag: int,
+        max_new_tokens: int,
+        stops: list[str],
+        constraint: Constraint | None,
+        **sampling,
+    ) -> Request:
         """A request for the scheduler; raises `ValueError` when the scheduler's limits refuse it."""
-        sampler = Sampler.create(self.tokenizer, self.runtime.eos_ids, self.device, stops=stops,
-                                 constraint=constraint, **sampling)
-        request = Request(self._ids(rendered, layout), layout, self.config, sampler, max_new_tokens, events,
-                          torch.tensor([rendered.input_ids], device=self.device), tag)
+        sampler = Sampler.create(
+            self.tokenizer, self.runtime.eos_ids, self.device, stops=stops, constraint=constraint, **sampling
+        )
+        request = Request(
+            self._ids(rendered, layout),
+            layout,
+            self.config,
+            sampler,
+            max_new_tokens,
+            events,
+            torch.tensor([rendered.input_ids], device=self.device),
+            tag,
+        )
         self.scheduler.check(request)
         return request
 
     # ---------------------------------------------------------------- run and collect
 
-    def _run(self, requests: list[Request],
-             rendered: list[RenderedPrompt]) -> Generator[tuple[int, str], None, list[GenerationResult]]:
+    def _run(
+        self, requests: list[Request], rendered: list[RenderedPrompt]
+    ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
         """Submit `requests` (sharing one event queue) and turn their events into `(row, text delta)`; returns
         their results. A consumer that leaves early cancels whatever still runs."""
         events, scheduler = requests[0].events, self.scheduler
@@ -287,27 +394,47 @@ class PromptDistillEngine:
         finally:
             for request in requests:
                 scheduler.cancel(request)  # a no-op for finished rows; frees the rows of a consumer that left
-        return [self._result(r, *p, t, *f, q.sampler) for r, p, t, f, q in zip(rendered, prefills, texts, finished,
-                                                                               requests)]
+        return [
+            self._result(r, *p, t, *f, q.sampler)
+            for r, p, t, f, q in zip(rendered, prefills, texts, finished, requests)
+        ]
 
-    def _result(self, rendered: RenderedPrompt, row: PrefillRow, prefill_seconds: float, text: TextDeltas,
-                finish_reason: str, decode_seconds: float, sampler: Sampler) -> GenerationResult:
+    def _result(
+        self,
+        rendered: RenderedPrompt,
+        row: PrefillRow,
+        prefill_seconds: float,
+        text: TextDeltas,
+        finish_reason: str,
+        decode_seconds: float,
+        sampler: Sampler,
+    ) -> GenerationResult:
         layout, kept = row.layout, row.kept_indices.cpu()
         kept_spans = rendered.char_spans(kept)
         output = text.tokens
         return GenerationResult(
-            text=text.text, prompt_tokens=len(rendered.input_ids), kept_tokens=int(kept.numel()),
-            output_tokens=len(output), kept_token_indices=kept.tolist(), kept_char_spans=kept_spans,
+            text=text.text,
+            prompt_tokens=len(rendered.input_ids),
+            kept_tokens=int(kept.numel()),
+            output_tokens=len(output),
+            kept_token_indices=kept.tolist(),
+            kept_char_spans=kept_spans,
             prefill_seconds=prefill_seconds,
             decode_tokens_per_second=(len(output) - 1) / decode_seconds if len(output) > 1 else 0.0,
-            kv_cache_bytes=row.kv_cache_bytes, finish_reason=finish_reason, method=self.config.method,
-            selection_layers=tuple(self.config.selection_layers or ()), prompt_text=rendered.text,
-            output_token_ids=output, decode_start_position=row.next_position,
-            context_source=layout.context_source, **layout.counts(kept),
+            kv_cache_bytes=row.kv_cache_bytes,
+            finish_reason=finish_reason,
+            method=self.config.method,
+            selection_layers=tuple(self.config.selection_layers or ()),
+            prompt_text=rendered.text,
+            output_token_ids=output,
+            decode_start_position=row.next_position,
+            context_source=layout.context_source,
+            **layout.counts(kept),
             protected_char_spans=rendered.char_spans(torch.nonzero(~layout.prunable).flatten()),
             token_scores=None if row.scores is None else row.scores[: len(rendered.input_ids)].tolist(),
-            document_retention=None if rendered.document_ranges is None else kept_shares(rendered.document_ranges,
-                                                                                       kept_spans),
+            document_retention=None
+            if rendered.document_ranges is None
+            else kept_shares(rendered.document_ranges, kept_spans),
             tool_format=rendered.tool_format,
             token_logprobs=None if sampler.logprobs is None else sampler.token_logprobs[: len(output)],
         )
@@ -332,8 +459,10 @@ def _batch_rows(prompts, messages, input_ids, **per_row) -> list[tuple]:
     length."""
     given = [(kind, value) for kind, value in zip(_INPUT_KINDS, (prompts, messages, input_ids)) if value is not None]
     if len(given) != 1:
-        raise ValueError(f"pass exactly one of {', '.join(_INPUT_KINDS)} (a list, one entry per row); "
-                         f"got {', '.join(kind for kind, _ in given) or 'none'}")
+        raise ValueError(
+            f"pass exactly one of {', '.join(_INPUT_KINDS)} (a list, one entry per row); "
+            f"got {', '.join(kind for kind, _ in given) or 'none'}"
+        )
     kind, inputs = given[0]
     if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__len__") or not len(inputs):
         raise ValueError(f"{kind} must be a non-empty list with one entry per row, got {inputs!r:.80}")
@@ -342,8 +471,9 @@ def _batch_rows(prompts, messages, input_ids, **per_row) -> list[tuple]:
         if values is None:
             values = [None] * len(inputs)
         elif isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != len(inputs):
-            raise ValueError(f"{name} must be None or a list with one entry per row of {kind} ({len(inputs)}), "
-                             f"got {values!r:.80}")
+            raise ValueError(
+                f"{name} must be None or a list with one entry per row of {kind} ({len(inputs)}), got {values!r:.80}"
+            )
         columns.append(list(values))
     singular = {"prompts": "prompt", "messages": "messages", "input_ids": "input_ids"}[kind]
     return [(singular, value, *row) for value, *row in zip(inputs, *columns)]

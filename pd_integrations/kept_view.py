@@ -20,8 +20,9 @@ _KEPT_RGB = (34, 139, 34)  # green: kept; darker = higher selection score
 _DROPPED_RGB = (214, 69, 65)  # red tint on grey text: dropped; darker = higher score (a near miss)
 
 
-def document_retention(prompt_text: str, kept_char_spans: list[tuple[int, int]],
-                       documents: list[str]) -> list[float | None]:
+def document_retention(
+    prompt_text: str, kept_char_spans: list[tuple[int, int]], documents: list[str]
+) -> list[float | None]:
     """Share of each document's characters that lie in kept spans of the rendered prompt.
 
     `documents` are the retrieved texts, located as the engine locates `documents=`
@@ -59,15 +60,18 @@ def token_view(result: GenerationResult, tokenizer) -> TokenView:
         if len(encoding["input_ids"]) == result.prompt_tokens:
             break
     else:
-        raise ValueError(f"the prompt text re-tokenizes to {len(encoding['input_ids'])} tokens, not the result's "
-                         f"{result.prompt_tokens}: pass the tokenizer of the engine that produced the result")
+        raise ValueError(
+            f"the prompt text re-tokenizes to {len(encoding['input_ids'])} tokens, not the result's "
+            f"{result.prompt_tokens}: pass the tokenizer of the engine that produced the result"
+        )
     kept_indices = set(result.kept_token_indices)
     kept = [i in kept_indices for i in range(result.prompt_tokens)]
     offsets = [tuple(o) for o in encoding["offset_mapping"]]
     spans = result.protected_char_spans  # sorted and disjoint
     span_starts = [a for a, _ in spans]
-    protected = [(k := bisect.bisect_right(span_starts, start) - 1) >= 0 and start < spans[k][1]
-                 for start, _ in offsets]
+    protected = [
+        (k := bisect.bisect_right(span_starts, start) - 1) >= 0 and start < spans[k][1] for start, _ in offsets
+    ]
     percentiles = None
     if result.token_scores is not None:
         order = sorted(range(len(result.token_scores)), key=result.token_scores.__getitem__)
@@ -77,8 +81,9 @@ def token_view(result: GenerationResult, tokenizer) -> TokenView:
     return TokenView(offsets, kept, protected, percentiles, result.token_scores)
 
 
-def render_html(result: GenerationResult, tokenizer, documents: list[str] | None = None,
-                title: str | None = None) -> str:
+def render_html(
+    result: GenerationResult, tokenizer, documents: list[str] | None = None, title: str | None = None
+) -> str:
     """A self-contained HTML page: the prompt text with each retrieved-context token shaded green (kept) or grey
     (dropped), darker for a higher selection score, and protected text (instructions, question, earlier turns,
     template) in blue, with a legend, the run's figures, the answer and (given the retrieved `documents`)
@@ -99,8 +104,10 @@ def render_html(result: GenerationResult, tokenizer, documents: list[str] | None
             percentile = view.score_percentiles[i]
             shade = f" {state[0]}{min(int(percentile * SHADES), SHADES - 1)}"
             tip = f"{state} · score {view.scores[i]:.4g} · percentile {percentile:.0%}"
-        parts.append(f'<span class="{state}{shade}" data-start="{start}" data-end="{end}" title="{tip}">'
-                     f"{html.escape(text[start:end])}</span>")
+        parts.append(
+            f'<span class="{state}{shade}" data-start="{start}" data-end="{end}" title="{tip}">'
+            f"{html.escape(text[start:end])}</span>"
+        )
         cursor = end
     parts.append(html.escape(text[cursor:]))
     heading = title or f"What {result.method} kept"
@@ -131,7 +138,8 @@ def summary(result: GenerationResult, documents: list[str] | None = None, max_sp
     if documents:
         lines.append("documents kept:")
         for number, (share, document) in enumerate(
-                zip(document_retention(text, result.kept_char_spans, documents), documents), start=1):
+            zip(document_retention(text, result.kept_char_spans, documents), documents), start=1
+        ):
             kept = "not in prompt" if share is None else f"{share:.0%}"
             lines.append(f"  #{number} {kept:>13}  {_preview(document, 50)}")
     return "\n".join(lines)
@@ -140,14 +148,16 @@ def summary(result: GenerationResult, documents: list[str] | None = None, max_sp
 def _headline(result: GenerationResult) -> str:
     layers = f" at layers {', '.join(map(str, result.selection_layers))}" if result.selection_layers else ""
     share = result.kept_tokens / result.prompt_tokens if result.prompt_tokens else 0.0
-    return (f"{result.method}{layers}: kept {result.kept_tokens} of {result.prompt_tokens} prompt tokens ({share:.1%}); "
-            f"prefill {result.prefill_seconds:.2f} s; KV cache {result.kv_cache_bytes / 2**20:.1f} MiB")
+    return (
+        f"{result.method}{layers}: kept {result.kept_tokens} of {result.prompt_tokens} prompt tokens ({share:.1%}); "
+        f"prefill {result.prefill_seconds:.2f} s; KV cache {result.kv_cache_bytes / 2**20:.1f} MiB"
+    )
 
 
 def _preview(text: str, width: int = 70) -> str:
     flat = " ".join(text.split("\n")).replace("\t", " ")
     if len(flat) > width:
-        flat = f"{flat[: width * 2 // 3]} … {flat[-(width // 3):]}"
+        flat = f"{flat[: width * 2 // 3]} … {flat[-(width // 3) :]}"
     return repr(flat)
 
 
@@ -166,12 +176,18 @@ def _stats_table(result: GenerationResult) -> str:
         ("method", result.method),
         ("selection layers", ", ".join(map(str, result.selection_layers)) or "none"),
         ("prompt tokens kept", f"{result.kept_tokens} of {result.prompt_tokens} ({share:.1%})"),
-        ("retrieved context", f"{result.kept_prunable_tokens} of {result.prunable_tokens} tokens kept "
-                              f"(found by: {result.context_source}); {result.protected_tokens} protected"),
+        (
+            "retrieved context",
+            f"{result.kept_prunable_tokens} of {result.prunable_tokens} tokens kept "
+            f"(found by: {result.context_source}); {result.protected_tokens} protected",
+        ),
         ("prefill (time to first token)", f"{result.prefill_seconds:.3f} s"),
         ("KV cache after prefill", f"{result.kv_cache_bytes / 2**20:.2f} MiB"),
-        ("decode", f"{result.output_tokens} tokens at {result.decode_tokens_per_second:.1f} tokens/s "
-                   f"(finish: {result.finish_reason})"),
+        (
+            "decode",
+            f"{result.output_tokens} tokens at {result.decode_tokens_per_second:.1f} tokens/s "
+            f"(finish: {result.finish_reason})",
+        ),
     ]
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
 
@@ -179,12 +195,16 @@ def _stats_table(result: GenerationResult) -> str:
 def _legend(scored: bool) -> str:
     protected = '<span class="protected">protected (never pruned)</span>'
     if not scored:
-        return (f'{protected} <span class="kept k5">kept</span> <span class="dropped">dropped</span> '
-                "— no selection scores: nothing was selected for this prompt")
+        return (
+            f'{protected} <span class="kept k5">kept</span> <span class="dropped">dropped</span> '
+            "— no selection scores: nothing was selected for this prompt"
+        )
     kept = "".join(f'<span class="kept k{d}">&nbsp;{d + 1}&nbsp;</span>' for d in range(SHADES))
     dropped = "".join(f'<span class="dropped d{d}">&nbsp;{d + 1}&nbsp;</span>' for d in range(SHADES))
-    return (f"{protected} &nbsp; kept {kept} &nbsp; dropped {dropped}<br>shade = decile of the token's first-stage "
-            f"selection score among the prompt's tokens (1 = lowest, 10 = highest); hover a token for its score")
+    return (
+        f"{protected} &nbsp; kept {kept} &nbsp; dropped {dropped}<br>shade = decile of the token's first-stage "
+        f"selection score among the prompt's tokens (1 = lowest, 10 = highest); hover a token for its score"
+    )
 
 
 def _documents_table(result: GenerationResult, documents: list[str]) -> str:
@@ -192,7 +212,8 @@ def _documents_table(result: GenerationResult, documents: list[str]) -> str:
     rows = "".join(
         f"<tr><td>{number}</td><td>{'not in prompt' if share is None else f'{share:.0%}'}</td>"
         f"<td>{html.escape(_preview(document, 90))}</td></tr>"
-        for number, (share, document) in enumerate(zip(shares, documents), start=1))
+        for number, (share, document) in enumerate(zip(shares, documents), start=1)
+    )
     return f"<h2>Documents</h2><table><tr><th>#</th><th>kept</th><th>document</th></tr>{rows}</table>"
 
 

@@ -8,14 +8,14 @@ this layout.
 Where the context is, most precise first (`RowLayout.context_source`):
 - "documents": the retrieved texts a caller names with `documents=` (the adapters fill it from prompt templates);
   only their tokens are prunable.
-- "heuristic": no documents named. The one message (the whole text for a raw prompt) holding the most tokens is
-  the context when it has at least `context_min_tokens`; the tools' signatures lie outside every message's range
-  and tool results (a tool message's content) don't count either, so however long they are they are never taken
-  for retrieved context: name a tool result in `documents=` to have it pruned. In it, the context block runs from the first to the
-  last passage-like line: at least `SHORT_LINE_TOKENS` tokens, not a question line ("Question: ...", "...?")
-  under `INSTRUCTION_LINE_TOKENS` tokens, and, unless no other line qualifies, not a first or last line under
-  that length (an instruction before or after the context). The block's lines are prunable, except question
-  lines; labels and instructions outside it are protected.
+- "heuristic": no documents named. The one message (the whole text for a raw prompt) holding the most tokens is the
+  context when it has at least `context_min_tokens`; the tools' signatures lie outside every message's range and tool
+  results (a tool message's content) don't count either, so however long they are they are never taken for retrieved
+  context: name a tool result in `documents=` to have it pruned. In it, the context block runs from the first to the
+  last passage-like line: at least `SHORT_LINE_TOKENS` tokens, not a question line ("Question: ...", "...?") under
+  `INSTRUCTION_LINE_TOKENS` tokens, and, unless no other line qualifies, not a first or last line under that length
+  (an instruction before or after the context). The block's lines are prunable, except question lines; labels and
+  instructions outside it are protected.
 - "positional": `input_ids` without documents (the caller handed over tokens, not their structure): every token
   but the first `protect_head` and the protected tail.
 - "none": no message is long enough to be retrieved context, so nothing is pruned.
@@ -94,8 +94,12 @@ class RowLayout:
     def counts(self, kept_indices: torch.Tensor) -> dict[str, int]:
         """How many prompt tokens were protected, prunable, and kept among the prunable."""
         prunable = self.num_prunable
-        return {"protected_tokens": self.prunable.numel() - prunable, "prunable_tokens": prunable,
-                "kept_prunable_tokens": int(self.prunable[kept_indices.cpu()].sum()), "query_free": self.query_free}
+        return {
+            "protected_tokens": self.prunable.numel() - prunable,
+            "prunable_tokens": prunable,
+            "kept_prunable_tokens": int(self.prunable[kept_indices.cpu()].sum()),
+            "query_free": self.query_free,
+        }
 
 
 def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> RowLayout:
@@ -116,8 +120,9 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
     elif rendered.from_ids:
         prunable, source = torch.ones(n, dtype=torch.bool), "positional"
     else:
-        prunable = _heuristic_context(rendered, config.context_min_tokens, _tokens_in(rendered,
-                                                                                   rendered.tool_result_ranges))
+        prunable = _heuristic_context(
+            rendered, config.context_min_tokens, _tokens_in(rendered, rendered.tool_result_ranges)
+        )
         source = "heuristic" if bool(prunable.any()) else "none"
     prunable[: config.protect_head] = False
     if rendered.tools_range is not None:  # tool signatures are instructions, however long
@@ -129,10 +134,17 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
     elif query is None and source != "positional" and rendered.text is not None:
         question = _question_line(rendered, prunable)
     probe, query_rows, tail, seeds = _query_rows(tokenizer, rendered, query, question, prunable, config)
-    prunable[n - (tail - len(probe)):] = False
+    prunable[n - (tail - len(probe)) :] = False
     units = row_units(rendered, prunable, config.span or "token", config.chunk_size, len(probe))
-    query_free = source != "positional" and bool(prunable.any()) and (
-        seeds == "tail" or seeds == "user" and _SUMMARY.search(rendered.text[rendered.last_user_start:]) is not None)
+    query_free = (
+        source != "positional"
+        and bool(prunable.any())
+        and (
+            seeds == "tail"
+            or seeds == "user"
+            and _SUMMARY.search(rendered.text[rendered.last_user_start :]) is not None
+        )
+    )
     return RowLayout(prunable, source, probe, query_rows, units, query_free)
 
 
@@ -144,8 +156,14 @@ def check_query(query) -> None:
         check_text("query", query)
 
 
-def _query_rows(tokenizer, rendered: RenderedPrompt, query: str | None, question: tuple[int, int] | None,
-           prunable: torch.Tensor, config: PromptDistillConfig) -> tuple[tuple[int, ...], int, int, str]:
+def _query_rows(
+    tokenizer,
+    rendered: RenderedPrompt,
+    query: str | None,
+    question: tuple[int, int] | None,
+    prunable: torch.Tensor,
+    config: PromptDistillConfig,
+) -> tuple[tuple[int, ...], int, int, str]:
     """(probe ids, query rows, protected tail rows including the probe, what seeds: "last_token", "question",
     "user" (the last user message) or "tail"); see `plan_layout`."""
     n = len(rendered.input_ids)
@@ -156,11 +174,13 @@ def _query_rows(tokenizer, rendered: RenderedPrompt, query: str | None, question
         if not bool(prunable[start:].any()) and n - start <= config.max_probe_tokens:
             return (), n - start, n - start, "question"
     if query is not None or question is not None:
-        text = query.strip() if query is not None else rendered.text[question[0]:question[1]].strip()
+        text = query.strip() if query is not None else rendered.text[question[0] : question[1]].strip()
         probe = tuple(tokenizer("\n" + text, add_special_tokens=False)["input_ids"])
         if len(probe) > config.max_probe_tokens:
-            raise ValueError(f"query has {len(probe)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
-                             f"can be used as a probe")
+            raise ValueError(
+                f"query has {len(probe)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
+                f"can be used as a probe"
+            )
         return probe, len(probe), len(probe) + _template_tail(prunable, config.tail_tokens), "question"
     user = rendered.last_user_start
     if user is not None:
@@ -232,8 +252,9 @@ def _question_line(rendered: RenderedPrompt, prunable: torch.Tensor) -> tuple[in
     question-first prompt)."""
     # Within each message's content, so that template markup on the same line ("...?<|im_end|>") doesn't hide
     # the question mark.
-    regions = [(m.start, m.end) for m in rendered.message_ranges] if rendered.message_ranges else [
-        (0, len(rendered.text))]
+    regions = (
+        [(m.start, m.end) for m in rendered.message_ranges] if rendered.message_ranges else [(0, len(rendered.text))]
+    )
     per_region = [_lines(rendered, a, b) for a, b in regions]
     lines = [line for region_lines, _ in per_region for line in region_lines]
     if not lines:

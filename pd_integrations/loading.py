@@ -190,9 +190,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(device, str) or not _DEVICE_PATTERN.fullmatch(device):
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}"
-        )
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
     resolved = torch.device(device)
     available = {
         "cpu": True,
@@ -214,16 +212,18 @@ def _unavailable(device: str, kind: str) -> str:
     if kind != "cuda":
         return f"device={device!r} was requested but {kind} is not available to {build}; use device='auto' or 'cpu'"
     if torch.version.cuda:
-        return (f"device={device!r} was requested but {build} (CUDA {torch.version.cuda}) finds no CUDA GPU (check "
-                f"nvidia-smi and CUDA_VISIBLE_DEVICES); use device='auto' or 'cpu' to run on the CPU")
-    return (f"device={device!r} was requested but {build} is installed, a CPU-only build. Install a CUDA "
-            f"build, e.g. pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126 "
-            f"(or `make TORCH=torch` in a clone), or use device='auto' or 'cpu'")
+        return (
+            f"device={device!r} was requested but {build} (CUDA {torch.version.cuda}) finds no CUDA GPU (check "
+            f"nvidia-smi and CUDA_VISIBLE_DEVICES); use device='auto' or 'cpu' to run on the CPU"
+        )
+    return (
+        f"device={device!r} was requested but {build} is installed, a CPU-only build. Install a CUDA "
+        f"build, e.g. pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126 "
+        f"(or `make TORCH=torch` in a clone), or use device='auto' or 'cpu'"
+    )
 
 
-def resolve_dtype(
-    dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
-) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> torch.dtype:
     """Turn a dtype name or ``"auto"`` into a torch.dtype suited to ``device``."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
@@ -304,8 +304,11 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(directory: Path) -> None:
-    files = {path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
-             for path in sorted(directory.iterdir()) if path.is_file()}
+    files = {
+        path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(directory.iterdir())
+        if path.is_file()
+    }
     (directory / _MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -390,9 +393,7 @@ def _gguf_dir() -> Path:
 def _check_is_smollm2(config: PretrainedConfig, source: str) -> None:
     found = {key: getattr(config, key, None) for key in _SMOLLM2_SHAPE}
     if found != _SMOLLM2_SHAPE:
-        raise RuntimeError(
-            f"{source} is not SmolLM2-135M: expected {_SMOLLM2_SHAPE}, found {found}"
-        )
+        raise RuntimeError(f"{source} is not SmolLM2-135M: expected {_SMOLLM2_SHAPE}, found {found}")
 
 
 def _use_smollm2_chat_format(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -407,8 +408,9 @@ def _use_smollm2_chat_format(model: PreTrainedModel, tokenizer: PreTrainedTokeni
     model.generation_config.pad_token_id = end_of_turn_id
 
 
-def check_load_settings(device: str = "auto", dtype: str | torch.dtype = "auto",
-                        quantization: str | None = None) -> None:
+def check_load_settings(
+    device: str = "auto", dtype: str | torch.dtype = "auto", quantization: str | None = None
+) -> None:
     """Raise `ValueError` naming the parameter when `device`, `dtype` or `quantization` is invalid, without
     loading anything (adapters call it at construction)."""
     resolve_dtype(dtype, resolve_device(device))
@@ -424,8 +426,7 @@ def _quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAn
         import bitsandbytes  # noqa: F401
     except ImportError as err:
         raise ImportError(
-            f"quantization={quantization!r} needs bitsandbytes: "
-            "pip install 'pd-integrations[quant]'"
+            f"quantization={quantization!r} needs bitsandbytes: pip install 'pd-integrations[quant]'"
         ) from err
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)

@@ -15,12 +15,56 @@ from pathlib import Path
 
 NEEDLE_KINDS = ("passcode", "city", "magic_word", "date")
 
-_WORDS = ("amber", "falcon", "quartz", "meadow", "cobalt", "juniper", "lantern", "orchid", "saffron", "tundra",
-          "velvet", "willow", "harbor", "ember", "glacier", "mosaic")
-_CITIES = ("Lisbon", "Nairobi", "Montreal", "Kyoto", "Valparaiso", "Tallinn", "Perth", "Reykjavik", "Cusco",
-           "Zanzibar", "Bergen", "Tbilisi", "Hobart", "Granada", "Quito", "Da Nang")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")
+_WORDS = (
+    "amber",
+    "falcon",
+    "quartz",
+    "meadow",
+    "cobalt",
+    "juniper",
+    "lantern",
+    "orchid",
+    "saffron",
+    "tundra",
+    "velvet",
+    "willow",
+    "harbor",
+    "ember",
+    "glacier",
+    "mosaic",
+)
+_CITIES = (
+    "Lisbon",
+    "Nairobi",
+    "Montreal",
+    "Kyoto",
+    "Valparaiso",
+    "Tallinn",
+    "Perth",
+    "Reykjavik",
+    "Cusco",
+    "Zanzibar",
+    "Bergen",
+    "Tbilisi",
+    "Hobart",
+    "Granada",
+    "Quito",
+    "Da Nang",
+)
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 
 @dataclass(frozen=True)
@@ -49,19 +93,24 @@ def make_needle(kind: str, rng: random.Random) -> tuple[str, str, str]:
     """(needle sentence, question, answer) of `kind`; raises `ValueError` for an unknown kind."""
     if kind == "passcode":
         code = str(rng.randrange(10_000, 100_000))
-        return (f"The secret pass code for the vault is {code}.", "What is the secret pass code for the vault?",
-                code)
+        return (f"The secret pass code for the vault is {code}.", "What is the secret pass code for the vault?", code)
     if kind == "city":
         city, person = rng.choice(_CITIES), rng.choice(("Ada", "Boris", "Chen", "Dalia", "Emeka", "Farah"))
         return (f"{person} moved to the city of {city} last spring.", f"Which city did {person} move to?", city)
     if kind == "magic_word":
         word = rng.choice(_WORDS)
-        return (f"The magic word that opens the archive is {word}.", "What is the magic word that opens the archive?",
-                word)
+        return (
+            f"The magic word that opens the archive is {word}.",
+            "What is the magic word that opens the archive?",
+            word,
+        )
     if kind == "date":
         month, day = rng.choice(_MONTHS), rng.randrange(1, 29)
-        return (f"The launch of the Orion probe is scheduled for {month} {day}.",
-                "When is the launch of the Orion probe scheduled?", f"{month} {day}")
+        return (
+            f"The launch of the Orion probe is scheduled for {month} {day}.",
+            "When is the launch of the Orion probe scheduled?",
+            f"{month} {day}",
+        )
     raise ValueError(f"kind must be one of {', '.join(NEEDLE_KINDS)}, got {kind!r}")
 
 
@@ -81,8 +130,9 @@ def load_haystack(directory: str | None = None) -> str:
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
 
 
-def needle_probe(tokenizer, context_tokens: int, depth: float, *, kind: str = "passcode", seed: int = 0,
-                 haystack: str | None = None) -> NeedleProbe:
+def needle_probe(
+    tokenizer, context_tokens: int, depth: float, *, kind: str = "passcode", seed: int = 0, haystack: str | None = None
+) -> NeedleProbe:
     """A probe whose context is about `context_tokens` tokens of haystack, taken from a seed-chosen offset,
     with the needle inserted at the sentence boundary nearest `depth` (0 = start, 1 = end).
 
@@ -92,8 +142,9 @@ def needle_probe(tokenizer, context_tokens: int, depth: float, *, kind: str = "p
         raise ValueError(f"depth must be in [0, 1], got {depth!r}")
     rng = random.Random(f"{seed}-{kind}-{context_tokens}-{depth}")
     needle, question, answer = make_needle(kind, rng)
-    context = insert_sentences(haystack_window(tokenizer, load_haystack(haystack), context_tokens, rng),
-                               [needle], [depth])
+    context = insert_sentences(
+        haystack_window(tokenizer, load_haystack(haystack), context_tokens, rng), [needle], [depth]
+    )
     return NeedleProbe(context, needle, question, answer, depth, kind)
 
 
@@ -106,11 +157,11 @@ def haystack_window(tokenizer, text: str, tokens: int, rng: random.Random) -> st
     if len(text) < span:
         raise ValueError(f"the haystack has {len(text)} characters; {tokens} tokens need about {span}")
     start = rng.randrange(0, len(text) - span + 1)
-    window = text[start:start + span]
+    window = text[start : start + span]
     offsets = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) < tokens:
         raise ValueError(f"the haystack window holds {len(offsets)} tokens, fewer than {tokens}")
-    return window[:offsets[tokens - 1][1]]
+    return window[: offsets[tokens - 1][1]]
 
 
 def insert_sentences(context: str, sentences: list[str], depths: list[float]) -> str:

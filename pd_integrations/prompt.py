@@ -60,9 +60,11 @@ class RenderedPrompt:
         ranges = locate_documents(self.text, texts)
         missing = [i for i, r in enumerate(ranges) if r is None]
         if missing:
-            raise ValueError(f"documents[{missing[0]}] is empty or does not appear verbatim in the rendered prompt "
-                             f"(apart from the other documents); pass the retrieved texts exactly as they were "
-                             f"inserted")
+            raise ValueError(
+                f"documents[{missing[0]}] is empty or does not appear verbatim in the rendered prompt "
+                f"(apart from the other documents); pass the retrieved texts exactly as they were "
+                f"inserted"
+            )
         return dataclasses.replace(self, document_ranges=tuple(ranges))
 
     def char_spans(self, token_indices: torch.Tensor) -> list[tuple[int, int]]:
@@ -73,7 +75,6 @@ class RenderedPrompt:
         run_starts = [0] + [k for k in range(1, len(indices)) if indices[k] != indices[k - 1] + 1]
         run_ends = run_starts[1:] + [len(indices)]
         return [(self.offsets[indices[a]][0], self.offsets[indices[b - 1]][1]) for a, b in zip(run_starts, run_ends)]
-
 
     def word_starts(self) -> torch.Tensor:
         """Per token, its first non-whitespace character (its start for whitespace-only tokens). Tokenizers attach
@@ -94,8 +95,10 @@ def document_texts(documents) -> list[str]:
     LlamaIndex nodes (and `NodeWithScore`s) as their `get_content()`. Raises `TypeError` naming `documents` for
     anything else."""
     if not isinstance(documents, (list, tuple)):
-        raise TypeError(f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
-                        f"nodes, got {type(documents).__name__}")
+        raise TypeError(
+            f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
+            f"nodes, got {type(documents).__name__}"
+        )
     return [_document_text(document) for document in documents]
 
 
@@ -107,8 +110,10 @@ def _document_text(document) -> str:
     elif callable(getattr(document, "get_content", None)):
         text = document.get_content()
     if not isinstance(text, str):
-        raise TypeError(f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
-                        f"nodes, got an item of type {type(document).__name__}")
+        raise TypeError(
+            f"documents must be a list of str (the retrieved texts), LangChain Documents or LlamaIndex "
+            f"nodes, got an item of type {type(document).__name__}"
+        )
     return text
 
 
@@ -135,15 +140,24 @@ def locate_documents(text: str, documents: list[str]) -> list[tuple[int, int] | 
 
 def kept_shares(ranges: list[tuple[int, int] | None], kept_char_spans: list[tuple[int, int]]) -> list[float | None]:
     """Share of each character range (None stays None) that lies in the kept spans."""
-    return [None if r is None else sum(max(0, min(r[1], b) - max(r[0], a)) for a, b in kept_char_spans)
-            / (r[1] - r[0]) for r in ranges]
+    return [
+        None if r is None else sum(max(0, min(r[1], b) - max(r[0], a)) for a, b in kept_char_spans) / (r[1] - r[0])
+        for r in ranges
+    ]
 
 
 # Code points Python's str.isspace() counts as whitespace (all lie below U+3001).
 _WHITESPACE = torch.tensor([c for c in range(0x3001) if chr(c).isspace()])
 
-def render(tokenizer, prompt: str | None, messages: list | None, input_ids, tools: list | None = None,
-           tool_format: str = "auto") -> RenderedPrompt:
+
+def render(
+    tokenizer,
+    prompt: str | None,
+    messages: list | None,
+    input_ids,
+    tools: list | None = None,
+    tool_format: str = "auto",
+) -> RenderedPrompt:
     """Tokenize exactly one of `prompt` (raw text), `messages` (via the chat template) or `input_ids`.
 
     `tools` (OpenAI tool dicts) go with `messages`, which may then also hold tool calls and results (see
@@ -155,8 +169,11 @@ def render(tokenizer, prompt: str | None, messages: list | None, input_ids, tool
     `ValueError` for tools without messages, malformed tool calls, and `tool_format="template"` with a chat
     template that does not support tools.
     """
-    given = [name for name, value in (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))
-             if value is not None]
+    given = [
+        name
+        for name, value in (("prompt", prompt), ("messages", messages), ("input_ids", input_ids))
+        if value is not None
+    ]
     if len(given) != 1:
         raise ValueError(f"pass exactly one of prompt, messages or input_ids, got {given or 'none'}")
     check_tool_format(tool_format)
@@ -187,9 +204,14 @@ def render(tokenizer, prompt: str | None, messages: list | None, input_ids, tool
 
 
 def _check_messages(messages) -> None:
-    if not isinstance(messages, (list, tuple)) or not messages or not all(
+    if (
+        not isinstance(messages, (list, tuple))
+        or not messages
+        or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
+            for m in messages
+        )
+    ):
         raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
     for i, message in enumerate(messages):
         check_text("messages", message["content"])
@@ -200,14 +222,18 @@ def _check_messages(messages) -> None:
             raise ValueError(f"messages[{i}].tool_calls must be a list, on an assistant message")
         for j, call in enumerate(calls):
             function = call.get("function") if isinstance(call, dict) else None
-            if not (isinstance(function, dict) and isinstance(function.get("name"), str)
-                    and isinstance(function.get("arguments"), dict)):
-                raise ValueError(f"messages[{i}].tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
-                                 f"'function': {{'name': str, 'arguments': dict}}}}, got {call!r:.200}")
+            if not (
+                isinstance(function, dict)
+                and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), dict)
+            ):
+                raise ValueError(
+                    f"messages[{i}].tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
+                    f"'function': {{'name': str, 'arguments': dict}}}}, got {call!r:.200}"
+                )
 
 
-def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None,
-                       tool_format: str) -> RenderedPrompt:
+def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None, tool_format: str) -> RenderedPrompt:
     """Render a conversation with tools or tool messages in the model's template or the built-in format (see
     `pd_integrations.tools`); the tools' signatures and the tool results are located so that layout does not take
     them for retrieved context."""
@@ -215,8 +241,11 @@ def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None
     rendered_messages = messages
     if used == "template":
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        tools_range = _inserted_range(text, tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True)) if tools else None
+        tools_range = (
+            _inserted_range(text, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            if tools
+            else None
+        )
     else:
         rendered_messages = builtin_messages(messages, tools)
         text = tokenizer.apply_chat_template(rendered_messages, tokenize=False, add_generation_prompt=True)
@@ -228,8 +257,13 @@ def _render_with_tools(tokenizer, messages: list[dict], tools: list[dict] | None
     # Both formats copy a result verbatim (the built-in one inside a <tool_response> block).
     results = tuple(filter(None, locate_documents(text, [m["content"] for m in messages if m["role"] == "tool"])))
     rendered = _tokenize(tokenizer, text, add_special_tokens=False)
-    return dataclasses.replace(rendered, message_ranges=_message_ranges(text, rendered_messages, tools_range),
-                               tools_range=tools_range, tool_result_ranges=results, tool_format=used)
+    return dataclasses.replace(
+        rendered,
+        message_ranges=_message_ranges(text, rendered_messages, tools_range),
+        tools_range=tools_range,
+        tool_result_ranges=results,
+        tool_format=used,
+    )
 
 
 def _inserted_range(with_tools: str, without_tools: str) -> tuple[int, int]:
@@ -251,8 +285,10 @@ def check_text(name: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"{name} holds a lone surrogate {text[error.start]!r} at character {error.start}, which is "
-                         f"not a character; decode the source text with errors='replace'") from None
+        raise ValueError(
+            f"{name} holds a lone surrogate {text[error.start]!r} at character {error.start}, which is "
+            f"not a character; decode the source text with errors='replace'"
+        ) from None
 
 
 def _token_ids(input_ids, vocab_size: int) -> list[int]:
@@ -264,12 +300,17 @@ def _token_ids(input_ids, vocab_size: int) -> list[int]:
     vocabulary would then be valid for the model but have no text; they are refused here so that nothing
     downstream (decoding, offsets, the embedding lookup) meets an id without a token.
     """
-    what = ("input_ids must be a flat list of ints or a 1-D (or [1, n]) integer tensor of token ids in "
-            f"[0, {vocab_size - 1}]")
+    what = (
+        "input_ids must be a flat list of ints or a 1-D (or [1, n]) integer tensor of token ids in "
+        f"[0, {vocab_size - 1}]"
+    )
     if isinstance(input_ids, (torch.Tensor, np.ndarray)):
         array = input_ids
-        is_int = (not array.dtype.is_floating_point and not array.dtype.is_complex and array.dtype != torch.bool
-                  if isinstance(array, torch.Tensor) else array.dtype.kind in "iu")
+        is_int = (
+            not array.dtype.is_floating_point and not array.dtype.is_complex and array.dtype != torch.bool
+            if isinstance(array, torch.Tensor)
+            else array.dtype.kind in "iu"
+        )
         if not is_int:
             raise TypeError(f"{what}, got a {type(array).__name__} of dtype {array.dtype}")
         shape = tuple(array.shape)
@@ -282,24 +323,32 @@ def _token_ids(input_ids, vocab_size: int) -> list[int]:
         ids = list(input_ids)
         for position, value in enumerate(ids):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                nested = " (nested lists are not accepted: pass one sequence)" if isinstance(
-                    value, (list, tuple, torch.Tensor, np.ndarray)) else ""
+                nested = (
+                    " (nested lists are not accepted: pass one sequence)"
+                    if isinstance(value, (list, tuple, torch.Tensor, np.ndarray))
+                    else ""
+                )
                 raise TypeError(f"{what}{nested}, got {type(value).__name__} {value!r} at position {position}")
         ids = [int(value) for value in ids]
     else:
-        raise TypeError(f"{what}, got {type(input_ids).__name__}"
-                        + (" (pass encoding['input_ids'])" if hasattr(input_ids, "keys") else ""))
+        raise TypeError(
+            f"{what}, got {type(input_ids).__name__}"
+            + (" (pass encoding['input_ids'])" if hasattr(input_ids, "keys") else "")
+        )
     if not ids:
         raise ValueError("input_ids is empty")
     bad = next((k for k, value in enumerate(ids) if not 0 <= value < vocab_size), None)
     if bad is not None:
-        raise ValueError(f"input_ids must be token ids in [0, {vocab_size - 1}] (the tokenizer's vocabulary), got "
-                         f"{ids[bad]} at position {bad}")
+        raise ValueError(
+            f"input_ids must be token ids in [0, {vocab_size - 1}] (the tokenizer's vocabulary), got "
+            f"{ids[bad]} at position {bad}"
+        )
     return ids
 
 
-def _message_ranges(text: str, messages: list[dict],
-                    tools_range: tuple[int, int] | None = None) -> tuple[MessageRange, ...]:
+def _message_ranges(
+    text: str, messages: list[dict], tools_range: tuple[int, int] | None = None
+) -> tuple[MessageRange, ...]:
     """Each message's content range in the rendered `text`, found in order (templates copy contents verbatim);
     a content the template changed or dropped is left out. None lies in the tools' signatures (`tools_range`): a
     message that holds them (the built-in format's system message) keeps only its part before them."""

@@ -75,7 +75,6 @@ class GenerationResult:
         }
 
 
-
 class GenerationStream:
     """Iterate for text deltas; after exhaustion `result` holds the `GenerationResult`."""
 
@@ -94,9 +93,11 @@ class GenerationStream:
 
     def map_result(self, change: Callable[[GenerationResult], GenerationResult]) -> GenerationStream:
         """The same deltas, with `change(result)` as the result (adapters add what only they know)."""
+
         def events() -> Iterator[str]:
             yield from self
             return change(self.result)
+
         return GenerationStream(events())
 
 

@@ -45,8 +45,9 @@ class Runtime:
         return cls(model, tokenizer, model_name or model.config.name_or_path or model.config.model_type)
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-             quantization: str | None = None) -> Runtime:
+    def load(
+        cls, model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", quantization: str | None = None
+    ) -> Runtime:
         """The process-wide runtime of `model` with these load settings, loading it on first use (see `load_model`
         for what that raises)."""
         key = (model, device, str(dtype), quantization)

@@ -20,7 +20,6 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty: [-2, 2]
@@ -67,7 +66,7 @@ class OutputPenaltyLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
-        output = input_ids[0, self.prompt_length:]
+        output = input_ids[0, self.prompt_length :]
         if not output.numel():
             return scores
         counts = torch.bincount(output, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
@@ -117,9 +116,21 @@ class Sampler:
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
-    def create(cls, tokenizer, eos_ids: list[int], device: torch.device, *, temperature: float, top_p: float,
-               top_k: int, seed: int | None, stops: list[str], constraint: Constraint | None = None,
-               penalties: Penalties = Penalties(), logprobs: int | None = None) -> Sampler:
+    def create(
+        cls,
+        tokenizer,
+        eos_ids: list[int],
+        device: torch.device,
+        *,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        stops: list[str],
+        constraint: Constraint | None = None,
+        penalties: Penalties = Penalties(),
+        logprobs: int | None = None,
+    ) -> Sampler:
         processors = LogitsProcessorList()
         if temperature > 0:
             processors.append(TemperatureLogitsWarper(float(temperature)))  # it refuses an int
@@ -131,8 +142,16 @@ class Sampler:
         if stops:
             criteria.append(StopStringCriteria(tokenizer, stops))
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        return cls(processors, criteria, generator, temperature == 0, stops, constraint,
-                   LogitsProcessorList(penalties.processors()), logprobs)
+        return cls(
+            processors,
+            criteria,
+            generator,
+            temperature == 0,
+            stops,
+            constraint,
+            LogitsProcessorList(penalties.processors()),
+            logprobs,
+        )
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`sequence` [1, t] extended by the token chosen from next-token `logits` [vocab], and whether a stopping
@@ -193,12 +212,12 @@ class TextDeltas:
         safe = safe_length(self.text, self.stops)
         if safe <= self.emitted:
             return "", False
-        delta, self.emitted = self.text[self.emitted:safe], safe
+        delta, self.emitted = self.text[self.emitted : safe], safe
         return delta, False
 
     def flush(self) -> str:
         """The text not handed out yet (at the end of generation)."""
-        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
         return delta
 
 
@@ -228,10 +247,14 @@ def check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop) -> lis
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     # Below MIN_TEMPERATURE, logits / temperature overflow to inf and sampling breaks; NaN fails every comparison.
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        raise ValueError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
-                         f"got {temperature!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)
+    ):
+        raise ValueError(
+            f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {temperature!r}"
+        )
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -247,15 +270,18 @@ def check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop) -> lis
 def check_logprobs(logprobs) -> int | None:
     """`logprobs` checked to be None (off) or how many most likely tokens to report per token, in [0, 20];
     raises `ValueError` naming it."""
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
-        raise ValueError(f"logprobs must be None (off) or an int in [0, {MAX_TOP_LOGPROBS}] (top tokens per "
-                         f"token), got {logprobs!r}")
+    if logprobs is not None and (
+        isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS
+    ):
+        raise ValueError(
+            f"logprobs must be None (off) or an int in [0, {MAX_TOP_LOGPROBS}] (top tokens per token), got {logprobs!r}"
+        )
     return logprobs
 
 
-def check_penalties(frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None,
-                    vocab_size: int | None = None) -> Penalties:
+def check_penalties(
+    frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None, vocab_size: int | None = None
+) -> Penalties:
     """`Penalties` from validated arguments, raising `ValueError` naming the parameter and its allowed values:
     frequency and presence penalties in [-2, 2] (OpenAI's range), a repetition penalty > 0, and `logit_bias` a
     mapping of token ids (ints, or digit strings as JSON sends them; below `vocab_size`) to numbers in
@@ -267,16 +293,24 @@ def check_penalties(frequency_penalty=0.0, presence_penalty=0.0, repetition_pena
         raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
     bias = {}
     if logit_bias is not None and not isinstance(logit_bias, Mapping):
-        raise ValueError(f"logit_bias must be a mapping of token ids to numbers in [-{MAX_LOGIT_BIAS}, "
-                         f"{MAX_LOGIT_BIAS}], got {logit_bias!r:.100}")
+        raise ValueError(
+            f"logit_bias must be a mapping of token ids to numbers in [-{MAX_LOGIT_BIAS}, "
+            f"{MAX_LOGIT_BIAS}], got {logit_bias!r:.100}"
+        )
     for token, value in (logit_bias or {}).items():
         token_id = int(token) if isinstance(token, str) and token.isdigit() else token
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0 or (
-                vocab_size is not None and token_id >= vocab_size):
+        if (
+            isinstance(token_id, bool)
+            or not isinstance(token_id, int)
+            or token_id < 0
+            or (vocab_size is not None and token_id >= vocab_size)
+        ):
             raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size or 'vocab size'}), got {token!r}")
         if not _is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got "
-                             f"{value!r} for token {token!r}")
+            raise ValueError(
+                f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got "
+                f"{value!r} for token {token!r}"
+            )
         bias[token_id] = float(value)
     return Penalties(float(frequency_penalty), float(presence_penalty), float(repetition_penalty), bias)
 

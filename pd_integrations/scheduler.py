@@ -68,8 +68,11 @@ class SchedulerSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 kind = "an int >= 1" if name.startswith("max_batch") else "None or an int >= 1"
                 raise ValueError(f"{name} must be {kind}, got {value!r}")
-        if isinstance(self.batch_wait, bool) or not isinstance(self.batch_wait, (int, float)) or not (
-                0 <= self.batch_wait <= 1):
+        if (
+            isinstance(self.batch_wait, bool)
+            or not isinstance(self.batch_wait, (int, float))
+            or not (0 <= self.batch_wait <= 1)
+        ):
             raise ValueError(f"batch_wait must be a number of seconds in [0, 1], got {self.batch_wait!r}")
 
 
@@ -129,14 +132,17 @@ class Scheduler:
         """Raise `ValueError` if the limits in `settings` refuse `request` (see `SchedulerSettings`)."""
         settings, tokens = self.settings, request.ids.shape[0]
         if settings.max_prompt_tokens is not None and tokens > settings.max_prompt_tokens:
-            raise ValueError(f"the prompt has {tokens} tokens (query probe included), over max_prompt_tokens="
-                             f"{settings.max_prompt_tokens} (see configure_scheduler)")
+            raise ValueError(
+                f"the prompt has {tokens} tokens (query probe included), over max_prompt_tokens="
+                f"{settings.max_prompt_tokens} (see configure_scheduler)"
+            )
         needed = request.tokens_bound * self._kv_bytes_per_token
         if settings.max_kv_bytes is not None and needed > settings.max_kv_bytes:
             raise ValueError(
                 f"this request may need {needed} bytes of KV cache ({tokens} prompt tokens and max_new_tokens="
                 f"{request.max_new_tokens}, unpruned), over max_kv_bytes={settings.max_kv_bytes} (see "
-                f"configure_scheduler); lower max_new_tokens or retrieve less")
+                f"configure_scheduler); lower max_new_tokens or retrieve less"
+            )
 
     @property
     def _kv_bytes_per_token(self) -> int:

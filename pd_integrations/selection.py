@@ -38,11 +38,23 @@ class Selector:
     @classmethod
     def from_config(cls, config) -> Selector:
         """The selector a resolved `PromptDistillConfig` describes."""
-        return cls(config.aggregation or "softmax_mean", config.pool_kernel or 1, config.unit_score or cls.unit_score,
-                   config.unit_topk or cls.unit_topk, config.detrend_window or 0)
+        return cls(
+            config.aggregation or "softmax_mean",
+            config.pool_kernel or 1,
+            config.unit_score or cls.unit_score,
+            config.unit_topk or cls.unit_topk,
+            config.detrend_window or 0,
+        )
 
-    def head_scores(self, arch: Architecture, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
-                    query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    def head_scores(
+        self,
+        arch: Architecture,
+        layer_idx: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_positions: torch.Tensor,
+        key_positions: torch.Tensor,
+    ) -> torch.Tensor:
         """Per-head key scores [H, k] (float32), aggregated over the query rows: post-RoPE `queries`
         [1, H, s, d] against `keys` [1, KV, k, d], causal by original position."""
         logits = arch.attention_logits(layer_idx, queries, keys)[0]  # [H, s, k]
@@ -59,8 +71,14 @@ class Selector:
             head_scores = head_scores[list(heads)]
         return head_scores.amax(0) if self.aggregation == "softmax_max" else head_scores.mean(0)
 
-    def keep(self, scores: torch.Tensor, candidates: torch.Tensor, num_candidates: int, budget: int,
-             unit_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def keep(
+        self,
+        scores: torch.Tensor,
+        candidates: torch.Tensor,
+        num_candidates: int,
+        budget: int,
+        unit_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Sorted row indices to keep: every row that is not a candidate, plus the best `budget` candidates.
 
         `candidates` marks the prunable rows; `num_candidates` is their count, known on the host, so no device
@@ -90,8 +108,9 @@ class Selector:
         return scores
 
 
-def unit_scores(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", topk: int = 8
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_scores(
+    scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", topk: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(score per unit, each token's unit index 0..units-1) for non-decreasing `unit_ids`: the max, mean or
     top-`topk` mean ("topk_mean") of the unit's token `scores`."""
     units, unit_of_token = torch.unique_consecutive(unit_ids, return_inverse=True)
@@ -112,7 +131,8 @@ def unit_scores(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", 
         unit_of_token_used = unit_of_token
     sums = torch.zeros(count, device=scores.device, dtype=scores.dtype).index_add_(0, unit_of_token_used, scores)
     sizes = torch.zeros(count, device=scores.device, dtype=scores.dtype).index_add_(
-        0, unit_of_token_used, torch.ones_like(scores))
+        0, unit_of_token_used, torch.ones_like(scores)
+    )
     return sums / sizes.clamp(min=1), unit_of_token
 
 
@@ -141,15 +161,15 @@ def best_window_starts(prefix: torch.Tensor, inside: torch.Tensor, lengths: torc
     return torch.where(fits, sums, float("-inf")).argmax(1)
 
 
-def _top_units(scores: torch.Tensor, unit_ids: torch.Tensor, budget: int, how: str = "max",
-               topk: int = 8) -> torch.Tensor:
+def _top_units(
+    scores: torch.Tensor, unit_ids: torch.Tensor, budget: int, how: str = "max", topk: int = 8
+) -> torch.Tensor:
     """Indices of `budget` tokens: whole units in the order of their score (`unit_scores`), then, of the first unit
     that does not fit, the best-scoring contiguous window of the tokens left. A passage's answer sentence is rarely
     its first, so the cut unit keeps where its scores peak, and never scattered tokens. No device sync."""
     rank = unit_ranks(scores, unit_ids, how, topk)
     sizes = torch.bincount(rank, minlength=int(unit_ids.numel()))
-    cut_rank = torch.searchsorted(torch.cumsum(sizes, 0), torch.tensor([budget], device=scores.device),
-                                  right=True)
+    cut_rank = torch.searchsorted(torch.cumsum(sizes, 0), torch.tensor([budget], device=scores.device), right=True)
     whole = rank < cut_rank
     left = budget - whole.sum()
     in_cut = rank == cut_rank

@@ -16,17 +16,19 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n+")
 _PARAGRAPH_END = re.compile(r"\n[ \t]*\n\s*")
 
 
-def span_units(rendered: RenderedPrompt, span: str, chunk_size: int | None,
-               regions: torch.Tensor | None = None) -> torch.Tensor | None:
+def span_units(
+    rendered: RenderedPrompt, span: str, chunk_size: int | None, regions: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Per token, the id of the span unit it belongs to (non-decreasing), or None for token-level selection.
 
-    Units never cross the boundaries of `document_ranges`, nor those of `regions` (a non-decreasing id per
-    token, e.g. prunable and protected stretches). "document" makes each document (and each stretch of text
-    between documents) one unit; "passage" does the same and also splits at blank lines, so that passages joined
-    into one context string (a prompt template's `context_str`, or a context the layout's rule found) are units of
-    their own, with or without named documents; "sentence" splits after . ! ? and at line breaks; "chunk" groups whole sentences into chunks of about `chunk_size` tokens (a chunk holds the sentences that start in its
-    `chunk_size`-token window, counted from each document and region start), so chunks never cut a sentence.
-    Without text (raw ids that don't round-trip) sentences and chunks are fixed `chunk_size`-token windows.
+    Units never cross the boundaries of `document_ranges`, nor those of `regions` (a non-decreasing id per token, e.g.
+    prunable and protected stretches). "document" makes each document (and each stretch of text between documents) one
+    unit; "passage" does the same and also splits at blank lines, so that passages joined into one context string (a
+    prompt template's `context_str`, or a context the layout's rule found) are units of their own, with or without named
+    documents; "sentence" splits after . ! ? and at line breaks; "chunk" groups whole sentences into chunks of about
+    `chunk_size` tokens (a chunk holds the sentences that start in its `chunk_size`-token window, counted from each
+    document and region start), so chunks never cut a sentence. Without text (raw ids that don't round-trip) sentences
+    and chunks are fixed `chunk_size`-token windows.
     """
     if span == "token":
         return None
@@ -63,8 +65,9 @@ def _run_starts(ids: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
 
 
-def row_units(rendered: RenderedPrompt, prunable: torch.Tensor, span: str, chunk_size: int | None,
-              probe_rows: int = 0) -> torch.Tensor | None:
+def row_units(
+    rendered: RenderedPrompt, prunable: torch.Tensor, span: str, chunk_size: int | None, probe_rows: int = 0
+) -> torch.Tensor | None:
     """Span unit id per row (prompt, then `probe_rows` probe rows), or None for token-level selection. Units never
     cross the edge of a prunable region, so a protected line never shares a unit with context."""
     regions = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), (prunable[1:] != prunable[:-1]).long()]), 0)

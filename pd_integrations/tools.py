@@ -23,20 +23,45 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .constraints import (TOOL_CALL_BEGIN, TOOL_CALL_END, CallDelta, Grammar, Grammars, ToolCallStream, ToolSpec,
-                          parse_tool_calls)
+from .constraints import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    CallDelta,
+    Grammar,
+    Grammars,
+    ToolCallStream,
+    ToolSpec,
+    parse_tool_calls,
+)
 
-__all__ = ["RESPONSE_FORMATS", "TOOL_CHOICES", "TOOL_FORMATS", "CallDelta", "ToolCallStream", "builtin_messages",
-           "check_tool_choice", "check_tool_format", "check_tools", "has_tool_messages", "output_grammar",
-           "resolve_tool_format", "template_supports_tools", "tool_call_block", "tool_response_block",
-           "tools_system_prompt"]
+__all__ = [
+    "RESPONSE_FORMATS",
+    "TOOL_CHOICES",
+    "TOOL_FORMATS",
+    "CallDelta",
+    "ToolCallStream",
+    "builtin_messages",
+    "check_tool_choice",
+    "check_tool_format",
+    "check_tools",
+    "has_tool_messages",
+    "output_grammar",
+    "resolve_tool_format",
+    "template_supports_tools",
+    "tool_call_block",
+    "tool_response_block",
+    "tools_system_prompt",
+]
 
 TOOL_FORMATS = ("auto", "template", "builtin")
 # tool_choice values besides a tool's name: "auto" lets the model choose between text and calls, "none" hides
 # the tools, "any"/"required" (and True, LangChain's "the one bound tool") force a call.
 TOOL_CHOICES = ("auto", "none", "any", "required")
-RESPONSE_FORMATS = ('{"type": "text"}', '{"type": "json_object"}',
-                    '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+RESPONSE_FORMATS = (
+    '{"type": "text"}',
+    '{"type": "json_object"}',
+    '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+)
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 
 _TOOLS_PROMPT = """# Tools
@@ -65,15 +90,18 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         if not isinstance(function, dict):
-            raise ValueError(f"tools[{index}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
-                             f"\"parameters\": {{...}}}}}}, got {tool!r:.120}")
+            raise ValueError(
+                f'tools[{index}] must be {{"type": "function", "function": {{"name": ..., '
+                f'"parameters": {{...}}}}}}, got {tool!r:.120}'
+            )
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError(f"tools[{index}].function.name must be a non-empty str, got {name!r}")
         parameters = function.get("parameters", _NO_PARAMETERS)
         if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
-            raise ValueError(f"tools[{index}] (tool {name!r}) has parameters that are not a JSON object schema: "
-                             f"{parameters!r:.200}")
+            raise ValueError(
+                f"tools[{index}] (tool {name!r}) has parameters that are not a JSON object schema: {parameters!r:.200}"
+            )
     return list(tools)
 
 
@@ -91,8 +119,10 @@ def check_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
         return "required"
     if isinstance(tool_choice, str) and (tool_choice in TOOL_CHOICES or tool_choice in names):
         return tool_choice
-    raise ValueError(f"tool_choice must be one of {', '.join(map(repr, TOOL_CHOICES))}, True (with one tool), or "
-                     f"a given tool's name ({', '.join(map(repr, names)) or 'no tools given'}), got {tool_choice!r}")
+    raise ValueError(
+        f"tool_choice must be one of {', '.join(map(repr, TOOL_CHOICES))}, True (with one tool), or "
+        f"a given tool's name ({', '.join(map(repr, names)) or 'no tools given'}), got {tool_choice!r}"
+    )
 
 
 def check_tool_format(tool_format: Any) -> str:
@@ -103,18 +133,26 @@ def check_tool_format(tool_format: Any) -> str:
 
 
 def resolve_tool_format(tokenizer, tool_format: str) -> str:
-    """"template" or "builtin": how `tool_format` renders tools with `tokenizer`'s chat template. Raises
+    """ "template" or "builtin": how `tool_format` renders tools with `tokenizer`'s chat template. Raises
     `ValueError` for an unknown `tool_format`, and for "template" with a template that does not support tools."""
     supported = template_supports_tools(tokenizer) if check_tool_format(tool_format) != "builtin" else False
     if tool_format == "template" and not supported:
-        raise ValueError("tool_format='template' but this model's chat template does not support tools (rendering "
-                         "with tools= does not write them, or not in the <tool_call> format); use "
-                         "tool_format='builtin' (or 'auto', which falls back to it) for the built-in format")
+        raise ValueError(
+            "tool_format='template' but this model's chat template does not support tools (rendering "
+            "with tools= does not write them, or not in the <tool_call> format); use "
+            "tool_format='builtin' (or 'auto', which falls back to it) for the built-in format"
+        )
     return "template" if supported else "builtin"
 
 
-def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, tool_choice: Any = None,
-                   parallel_tool_calls: bool | None = None, response_format: Any = None) -> Grammar | None:
+def output_grammar(
+    engine,
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: Any = None,
+    parallel_tool_calls: bool | None = None,
+    response_format: Any = None,
+) -> Grammar | None:
     """The grammar for `engine`'s model that a call's output options ask for, or None for free text.
 
     Tools with a non-text `response_format` and `tool_choice` "auto": the output is calls or one JSON value
@@ -150,12 +188,13 @@ def output_grammar(engine, *, tools: Sequence[dict[str, Any]] | None = None, too
             # Compiled on its own first (the compiler caches it for the call grammar), so that an error names it.
             grammars.json_schema(spec.parameters, what=f"tools[{index}] (tool {spec.name!r}) parameters")
             specs.append(spec)
-    return grammars.tool_calls(specs, required=choice != "auto", parallel=bool(parallel_tool_calls),
-                               reply_schema=reply_schema)
+    return grammars.tool_calls(
+        specs, required=choice != "auto", parallel=bool(parallel_tool_calls), reply_schema=reply_schema
+    )
 
 
 def _response_format_kind(response_format: Any) -> str:
-    """"text", "json_object" or "json_schema" (with a schema dict); raises `ValueError` naming the allowed ones."""
+    """ "text", "json_object" or "json_schema" (with a schema dict); raises `ValueError` naming the allowed ones."""
     if response_format is None:
         return "text"
     kind = response_format.get("type") if isinstance(response_format, dict) else None
@@ -165,8 +204,9 @@ def _response_format_kind(response_format: Any) -> str:
         spec = response_format.get("json_schema")
         if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
             return kind
-        raise ValueError(f"response_format json_schema needs a JSON schema (a dict) at json_schema.schema, got "
-                         f"{spec!r:.200}")
+        raise ValueError(
+            f"response_format json_schema needs a JSON schema (a dict) at json_schema.schema, got {spec!r:.200}"
+        )
     raise ValueError(f"response_format must be {' or '.join(RESPONSE_FORMATS)}, got {response_format!r:.200}")
 
 
@@ -193,8 +233,9 @@ def tool_response_block(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
-def builtin_messages(messages: Sequence[dict[str, Any]],
-                     tools: Sequence[dict[str, Any]] | None) -> list[dict[str, str]]:
+def builtin_messages(
+    messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+) -> list[dict[str, str]]:
     """`messages` (with tool calls and results) as plain `{"role", "content"}` messages in the built-in format:
     calls as `<tool_call>` blocks after the assistant's text, results as `<tool_response>` blocks in user turns,
     consecutive messages of one role merged (many templates require alternating roles), and with `tools` their
@@ -205,8 +246,10 @@ def builtin_messages(messages: Sequence[dict[str, Any]],
         if role == "tool":
             role, text = "user", tool_response_block(text)
         elif message.get("tool_calls"):
-            blocks = [tool_call_block(call["function"]["name"], call["function"]["arguments"])
-                      for call in message["tool_calls"]]
+            blocks = [
+                tool_call_block(call["function"]["name"], call["function"]["arguments"])
+                for call in message["tool_calls"]
+            ]
             text = "\n".join(filter(None, [text, *blocks]))
         if converted and converted[-1]["role"] == role:
             converted[-1]["content"] = "\n\n".join(filter(None, [converted[-1]["content"], text]))
@@ -220,13 +263,23 @@ def builtin_messages(messages: Sequence[dict[str, Any]],
 
 
 # A conversation that exercises everything a template must render for tools, with texts to find in its output.
-_PROBE_TOOL = {"type": "function", "function": {"name": "probe_lookup", "description": "Looks up the probe marker.",
-                                                "parameters": {"type": "object",
-                                                               "properties": {"x": {"type": "integer"}}}}}
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "probe_lookup",
+        "description": "Looks up the probe marker.",
+        "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}},
+    },
+}
 _PROBE_MESSAGES = [
     {"role": "user", "content": "Probe question."},
-    {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_probe", "type": "function", "function": {"name": "probe_lookup", "arguments": {"x": 7}}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call_probe", "type": "function", "function": {"name": "probe_lookup", "arguments": {"x": 7}}}
+        ],
+    },
     {"role": "tool", "content": "Probe result.", "tool_call_id": "call_probe"},
 ]
 _TEMPLATE_SUPPORT: dict[str, bool] = {}
@@ -242,10 +295,14 @@ def template_supports_tools(tokenizer) -> bool:
     key = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
     if key not in _TEMPLATE_SUPPORT:
         try:
-            text = tokenizer.apply_chat_template(_PROBE_MESSAGES, tools=[_PROBE_TOOL], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                _PROBE_MESSAGES, tools=[_PROBE_TOOL], tokenize=False, add_generation_prompt=True
+            )
         except Exception:  # noqa: BLE001 - a template raises whatever its author chose for roles it does not know
             text = ""
-        _TEMPLATE_SUPPORT[key] = ("Looks up the probe marker." in text and "Probe result." in text
-                                  and ("probe_lookup", {"x": 7}) in [call[1:] for call in parse_tool_calls(text).calls])
+        _TEMPLATE_SUPPORT[key] = (
+            "Looks up the probe marker." in text
+            and "Probe result." in text
+            and ("probe_lookup", {"x": 7}) in [call[1:] for call in parse_tool_calls(text).calls]
+        )
     return _TEMPLATE_SUPPORT[key]

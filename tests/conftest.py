@@ -8,9 +8,20 @@ import transformers
 
 from pd_integrations import PromptDistillEngine, load_model
 
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=2, bos_token_id=1,
-            pad_token_id=0, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    eos_token_id=2,
+    bos_token_id=1,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
 
 # One tiny config per supported family. Sliding windows are small so that they exclude keys in the tests' prompts.
 TINY_CONFIGS = {
@@ -19,18 +30,19 @@ TINY_CONFIGS = {
     "qwen2": transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=24, max_window_layers=2),
     "qwen3": transformers.Qwen3Config(**TINY),
     "phi3": transformers.Phi3Config(**{k: v for k, v in TINY.items() if k != "head_dim"}, sliding_window=24),
-    "gemma2": transformers.Gemma2Config(**TINY, sliding_window=24, attn_logit_softcapping=50.0,
-                                        final_logit_softcapping=30.0, query_pre_attn_scalar=16),
-    "gemma3_text": transformers.Gemma3TextConfig(**TINY, sliding_window=24, sliding_window_pattern=2,
-                                                 query_pre_attn_scalar=16),
+    "gemma2": transformers.Gemma2Config(
+        **TINY, sliding_window=24, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16
+    ),
+    "gemma3_text": transformers.Gemma3TextConfig(
+        **TINY, sliding_window=24, sliding_window_pattern=2, query_pre_attn_scalar=16
+    ),
 }
 
 
 def tiny_model(family: str, attn_implementation: str = "eager"):
     """A random tiny `*ForCausalLM` of `family` in fp32, seeded so every run builds the same weights."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[family],
-                                                          attn_implementation=attn_implementation)
+    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[family], attn_implementation=attn_implementation)
     return model.eval()
 
 

@@ -16,23 +16,26 @@ from pd_integrations import (
 from .conftest import tiny_model
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"method": "fast"}, "method must be one of"),
-    ({"selection_layers": (3, 3), "budgets": (10, 5)}, "strictly increasing"),
-    ({"selection_layers": (-1,)}, "selection_layers must be"),
-    ({"budgets": (0,)}, "budgets must be ints >= 1"),
-    ({"budgets": (-5,)}, "budgets must be ints >= 1"),
-    ({"budgets": (1.5,)}, "fractions in (0, 1]"),
-    ({"budgets": (10, 20)}, "non-increasing"),
-    ({"budgets": (10, 0.5)}, "all ints or all fractions"),
-    ({"selection_layers": (1, 2), "budgets": (10,)}, "one entry per stage"),
-    ({"pool_kernel": 4}, "pool_kernel must be an odd int"),
-    ({"aggregation": "sum"}, "aggregation must be one of"),
-    ({"span": "paragraph"}, "span must be one of"),
-    ({"protect_head": -1}, "protect_head must be an int >= 0"),
-    ({"cache_truncation": "yes"}, "cache_truncation must be"),
-    ({"method": "gemfilter", "selection_layers": (1, 2), "budgets": (9, 8)}, "gemfilter selects once"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"method": "fast"}, "method must be one of"),
+        ({"selection_layers": (3, 3), "budgets": (10, 5)}, "strictly increasing"),
+        ({"selection_layers": (-1,)}, "selection_layers must be"),
+        ({"budgets": (0,)}, "budgets must be ints >= 1"),
+        ({"budgets": (-5,)}, "budgets must be ints >= 1"),
+        ({"budgets": (1.5,)}, "fractions in (0, 1]"),
+        ({"budgets": (10, 20)}, "non-increasing"),
+        ({"budgets": (10, 0.5)}, "all ints or all fractions"),
+        ({"selection_layers": (1, 2), "budgets": (10,)}, "one entry per stage"),
+        ({"pool_kernel": 4}, "pool_kernel must be an odd int"),
+        ({"aggregation": "sum"}, "aggregation must be one of"),
+        ({"span": "paragraph"}, "span must be one of"),
+        ({"protect_head": -1}, "protect_head must be an int >= 0"),
+        ({"cache_truncation": "yes"}, "cache_truncation must be"),
+        ({"method": "gemfilter", "selection_layers": (1, 2), "budgets": (9, 8)}, "gemfilter selects once"),
+    ],
+)
 def test_config_rejects_bad_values(fields, message):
     with pytest.raises(ValueError) as error:
         PromptDistillConfig(**fields)
@@ -41,42 +44,45 @@ def test_config_rejects_bad_values(fields, message):
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    return PromptDistillEngine(tiny_model("llama"), tokenizer,
-                               PromptDistillConfig(selection_layers=(1,), budgets=(8,)))
+    return PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(selection_layers=(1,), budgets=(8,)))
 
 
 def test_selection_layer_out_of_range(tokenizer):
     for layer in (3, 7):  # the last layer of 4 cannot select; 7 does not exist
         with pytest.raises(ValueError, match=r"selection_layers entries must be in \[0, 2\]"):
-            PromptDistillEngine(tiny_model("llama"), tokenizer,
-                                PromptDistillConfig(selection_layers=(layer,), budgets=(8,)))
+            PromptDistillEngine(
+                tiny_model("llama"), tokenizer, PromptDistillConfig(selection_layers=(layer,), budgets=(8,))
+            )
 
 
 NOT_DOCUMENTS = r"documents must be a list of str"
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"prompt": ""}, ValueError, "prompt is empty"),
-    ({"prompt": "   \n"}, ValueError, "prompt is empty"),
-    ({}, ValueError, "pass exactly one of prompt, messages or input_ids"),
-    ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, ValueError, "exactly one"),
-    ({"messages": []}, ValueError, "messages must be a non-empty list"),
-    ({"input_ids": []}, ValueError, "input_ids is empty"),
-    ({"prompt": "hi", "stop": 5}, TypeError, "stop must be"),
-    ({"prompt": "hi", "stop": ["ok", 3]}, TypeError, "stop must be"),
-    ({"prompt": "hi", "stop": [""]}, TypeError, "stop must be"),
-    ({"prompt": "hi", "max_new_tokens": 0}, ValueError, "max_new_tokens must be"),
-    ({"prompt": "hi", "temperature": -1}, ValueError, "temperature must be"),
-    ({"prompt": "hi", "top_p": 0}, ValueError, "top_p must be"),
-    ({"prompt": "hi", "top_k": -2}, ValueError, "top_k must be"),
-    ({"prompt": "hi", "query": ""}, ValueError, "query must be a non-empty str"),
-    ({"prompt": "alpha beta", "documents": "alpha"}, TypeError, NOT_DOCUMENTS),
-    ({"prompt": "alpha beta", "documents": [3]}, TypeError, NOT_DOCUMENTS),
-    ({"prompt": "alpha beta", "documents": ["alpha", "gamma"]}, ValueError, r"documents\[1\] is empty or does not"),
-    ({"prompt": "alpha beta", "documents": ["  "]}, ValueError, r"documents\[0\] is empty"),
-    ({"prompt": "alpha beta", "documents": []}, ValueError, "documents is empty"),
-    ({"prompt": "alpha beta", "documents": ["alpha", "alpha"]}, ValueError, r"documents\[1\] is empty or does not"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"prompt": ""}, ValueError, "prompt is empty"),
+        ({"prompt": "   \n"}, ValueError, "prompt is empty"),
+        ({}, ValueError, "pass exactly one of prompt, messages or input_ids"),
+        ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, ValueError, "exactly one"),
+        ({"messages": []}, ValueError, "messages must be a non-empty list"),
+        ({"input_ids": []}, ValueError, "input_ids is empty"),
+        ({"prompt": "hi", "stop": 5}, TypeError, "stop must be"),
+        ({"prompt": "hi", "stop": ["ok", 3]}, TypeError, "stop must be"),
+        ({"prompt": "hi", "stop": [""]}, TypeError, "stop must be"),
+        ({"prompt": "hi", "max_new_tokens": 0}, ValueError, "max_new_tokens must be"),
+        ({"prompt": "hi", "temperature": -1}, ValueError, "temperature must be"),
+        ({"prompt": "hi", "top_p": 0}, ValueError, "top_p must be"),
+        ({"prompt": "hi", "top_k": -2}, ValueError, "top_k must be"),
+        ({"prompt": "hi", "query": ""}, ValueError, "query must be a non-empty str"),
+        ({"prompt": "alpha beta", "documents": "alpha"}, TypeError, NOT_DOCUMENTS),
+        ({"prompt": "alpha beta", "documents": [3]}, TypeError, NOT_DOCUMENTS),
+        ({"prompt": "alpha beta", "documents": ["alpha", "gamma"]}, ValueError, r"documents\[1\] is empty or does not"),
+        ({"prompt": "alpha beta", "documents": ["  "]}, ValueError, r"documents\[0\] is empty"),
+        ({"prompt": "alpha beta", "documents": []}, ValueError, "documents is empty"),
+        ({"prompt": "alpha beta", "documents": ["alpha", "alpha"]}, ValueError, r"documents\[1\] is empty or does not"),
+    ],
+)
 def test_generate_rejects_bad_arguments(engine, kwargs, error, message):
     with pytest.raises(error, match=message):
         engine.generate(**kwargs)

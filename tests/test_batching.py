@@ -18,15 +18,17 @@ from pd_integrations.methods import method_for
 from .conftest import TINY_CONFIGS, tiny_model
 from .test_layout import PASSAGES, QUESTION
 
-SELECTION = dict(protect_head=2, tail_tokens=4, aggregation="softmax_mean", pool_kernel=1, span="sentence",
-                 context_min_tokens=32)
+SELECTION = dict(
+    protect_head=2, tail_tokens=4, aggregation="softmax_mean", pool_kernel=1, span="sentence", context_min_tokens=32
+)
 CONFIGS = {
     "full": PromptDistillConfig(method="full"),
     "gemfilter": PromptDistillConfig(method="gemfilter", selection_layers=(1,), budgets=(0.3,), **SELECTION),
     "single-stage": PromptDistillConfig(selection_layers=(1,), budgets=(0.3,), **SELECTION),
     "two-stage": PromptDistillConfig(selection_layers=(1, 2), budgets=(0.5, 0.25), **SELECTION),
-    "two-stage, no truncation": PromptDistillConfig(selection_layers=(1, 2), budgets=(0.5, 0.25),
-                                                    cache_truncation=False, **SELECTION),
+    "two-stage, no truncation": PromptDistillConfig(
+        selection_layers=(1, 2), budgets=(0.5, 0.25), cache_truncation=False, **SELECTION
+    ),
 }
 CONTEXT = "\n\n".join(PASSAGES[:5])  # ~400 tokens: the tiny models' window is 512
 DOCUMENTS = PASSAGES[:3]
@@ -36,14 +38,18 @@ ROWS = [
     dict(prompt=f"Answer briefly. {QUESTION}", query=None, documents=None),
     dict(prompt=f"Question: {QUESTION}\nContext:\n{CONTEXT}\nAnswer:", query=QUESTION, documents=None),
     dict(prompt=f"{CONTEXT}\n\nQuestion: {QUESTION}\nAnswer:", query=None, documents=None),
-    dict(prompt="Context:\n" + "\n\n".join(DOCUMENTS) + f"\n\nQuestion: {QUESTION}", query=QUESTION,
-         documents=DOCUMENTS),
+    dict(
+        prompt="Context:\n" + "\n\n".join(DOCUMENTS) + f"\n\nQuestion: {QUESTION}", query=QUESTION, documents=DOCUMENTS
+    ),
 ]
 
 
 def batch_arguments(rows: list[dict]) -> dict:
-    return {"prompts": [r["prompt"] for r in rows], "queries": [r["query"] for r in rows],
-            "documents": [r["documents"] for r in rows]}
+    return {
+        "prompts": [r["prompt"] for r in rows],
+        "queries": [r["query"] for r in rows],
+        "documents": [r["documents"] for r in rows],
+    }
 
 
 @pytest.mark.parametrize("family", list(TINY_CONFIGS))
@@ -64,18 +70,25 @@ def test_batched_rows_equal_rows_alone(family, name, tokenizer):
     layouts = [layout for _, layout in prepared]
     with torch.inference_mode():
         together = method_for(engine.config, layouts).prefill(engine.runtime, ids, layouts).logits
-        apart = [method_for(engine.config, [layout]).prefill(engine.runtime, [row], [layout]).logits[0]
-                 for row, layout in zip(ids, layouts)]
+        apart = [
+            method_for(engine.config, [layout]).prefill(engine.runtime, [row], [layout]).logits[0]
+            for row, layout in zip(ids, layouts)
+        ]
     torch.testing.assert_close(together, torch.stack(apart), atol=1e-4, rtol=0)
 
 
 def test_batched_rows_of_the_default_model_equal_rows_alone(default_engine):
     """40- and ~900-token rows of the real model: a question-first row beside a question-last one."""
     engine = default_engine.with_config(PromptDistillConfig(selection_layers=(8,), budgets=(0.25,), span="sentence"))
-    rows = [dict(prompt=f"Answer in one word. {QUESTION}", query=None, documents=None),
-            dict(prompt=f"Question: {QUESTION}\nContext:\n" + "\n\n".join(PASSAGES) + "\nAnswer:", query=QUESTION,
-                 documents=None),
-            ROWS[2]]
+    rows = [
+        dict(prompt=f"Answer in one word. {QUESTION}", query=None, documents=None),
+        dict(
+            prompt=f"Question: {QUESTION}\nContext:\n" + "\n\n".join(PASSAGES) + "\nAnswer:",
+            query=QUESTION,
+            documents=None,
+        ),
+        ROWS[2],
+    ]
     alone = [engine.generate(**row, max_new_tokens=12) for row in rows]
     batched = engine.generate_batch(**batch_arguments(rows), max_new_tokens=12)
     assert [r.text for r in batched] == [r.text for r in alone]
@@ -100,8 +113,9 @@ def test_concurrent_threads_are_batched_and_equal_sequential_calls(tokenizer):
     sequential = [engine.generate(**row, max_new_tokens=10).output_token_ids for row in work]
     engine.scheduler.rows_per_forward.clear()
     with ThreadPoolExecutor(max_workers=16) as pool:
-        concurrent = list(pool.map(lambda row: engine.generate(**row, max_new_tokens=10).output_token_ids, work,
-                                   timeout=120))
+        concurrent = list(
+            pool.map(lambda row: engine.generate(**row, max_new_tokens=10).output_token_ids, work, timeout=120)
+        )
     assert concurrent == sequential
     counts = engine.scheduler.rows_per_forward
     assert max(rows for kind, rows in counts if kind == "decode") > 1
@@ -141,18 +155,21 @@ def test_batch_limits_split_prefills(tokenizer):
         engine.configure_scheduler(batch_wait=5)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(prompts=[]), "prompts must be a non-empty list"),
-    (dict(prompts="one string"), "prompts must be a non-empty list"),
-    (dict(prompts=["a", "b"], queries=["a"]), r"queries must be None or a list with one entry per row"),
-    (dict(prompts=["a"], documents=[["x"], ["y"]]), r"documents must be None or a list"),
-    (dict(prompts=["a"], messages=[[{"role": "user", "content": "a"}]]), "exactly one of prompts, messages"),
-    (dict(), "exactly one of"),
-    (dict(prompts=["fine", "x " * 600]), r"row 1: .*context window"),
-    (dict(prompts=["fine", "Context: abc"], documents=[None, ["not there"]]), r"row 1: .*document"),
-    (dict(prompts=["fine"], queries=[3]), r"row 0: .*query"),
-    (dict(prompts=["fine"], max_new_tokens=0), "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(prompts=[]), "prompts must be a non-empty list"),
+        (dict(prompts="one string"), "prompts must be a non-empty list"),
+        (dict(prompts=["a", "b"], queries=["a"]), r"queries must be None or a list with one entry per row"),
+        (dict(prompts=["a"], documents=[["x"], ["y"]]), r"documents must be None or a list"),
+        (dict(prompts=["a"], messages=[[{"role": "user", "content": "a"}]]), "exactly one of prompts, messages"),
+        (dict(), "exactly one of"),
+        (dict(prompts=["fine", "x " * 600]), r"row 1: .*context window"),
+        (dict(prompts=["fine", "Context: abc"], documents=[None, ["not there"]]), r"row 1: .*document"),
+        (dict(prompts=["fine"], queries=[3]), r"row 0: .*query"),
+        (dict(prompts=["fine"], max_new_tokens=0), "max_new_tokens"),
+    ],
+)
 def test_bad_batches_fail_before_model_work(tokenizer, arguments, message):
     engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["full"])
     with pytest.raises((ValueError, TypeError), match=message):
@@ -181,8 +198,9 @@ def test_a_failing_caller_never_fails_the_others(tokenizer):
 def test_adapter_batches_share_forwards(tiny_model_dir):
     """LangChain `batch` (both classes) and `abatch`, and concurrent LlamaIndex `acomplete`, go through the
     scheduler: equal to sequential calls, with several rows per decode step, and per-input metadata."""
-    settings = dict(model=tiny_model_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32, device="cpu",
-                    dtype="float32")
+    settings = dict(
+        model=tiny_model_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32, device="cpu", dtype="float32"
+    )
     prompts = [f"{CONTEXT}\n\nQuestion {k}: {QUESTION}" for k in range(16)]
     scheduler = PromptDistillEngine.from_pretrained(tiny_model_dir, device="cpu", dtype="float32").scheduler
     chat, llm = ChatPromptDistill(max_tokens=6, **settings), PromptDistillLLM(max_tokens=6, **settings)
@@ -190,16 +208,19 @@ def test_adapter_batches_share_forwards(tiny_model_dir):
     texts = [llm.invoke(p) for p in prompts]
     chat_texts = [chat.invoke(p).content for p in prompts]
     index_texts = [index_llm.complete(p).text for p in prompts]
-    for run, sequential in ((lambda: llm.batch(prompts), texts),
-                            (lambda: [m.content for m in chat.batch(prompts)], chat_texts),
-                            (lambda: [m.content for m in asyncio.run(chat.abatch(prompts))], chat_texts),
-                            (lambda: asyncio.run(_gather(index_llm, prompts)), index_texts)):
+    for run, sequential in (
+        (lambda: llm.batch(prompts), texts),
+        (lambda: [m.content for m in chat.batch(prompts)], chat_texts),
+        (lambda: [m.content for m in asyncio.run(chat.abatch(prompts))], chat_texts),
+        (lambda: asyncio.run(_gather(index_llm, prompts)), index_texts),
+    ):
         scheduler.rows_per_forward.clear()
         assert run() == sequential
         assert max(rows for kind, rows in scheduler.rows_per_forward if kind == "decode") > 1
     results = llm.generate(prompts[:2]).generations
     assert [r[0].generation_info["promptdistill"]["prompt_tokens"] for r in results] == [
-        len(llm.get_token_ids(p)) for p in prompts[:2]]
+        len(llm.get_token_ids(p)) for p in prompts[:2]
+    ]
 
 
 async def _gather(llm, prompts: list[str]) -> list[str]:

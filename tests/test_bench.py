@@ -45,8 +45,11 @@ def run_cli(capsys, tmp_path, *argv) -> tuple[dict, str]:
 
 
 def table_rows(table: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
-            if line.startswith("|") and not line.startswith("|---")]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
 
 
 def capture_generations(monkeypatch) -> list[tuple[dict, list, object]]:
@@ -100,12 +103,16 @@ def check_summary(data: dict, table: str, lengths, methods) -> None:
         assert row["accuracy"] == pytest.approx(mean_of(group, "score"))
         assert row["kv_cache_mib"] == pytest.approx(mean_of(group, "kv_cache_bytes") / 2**20)
         assert row["kv_ratio"] == pytest.approx(mean_of(group, "kv_cache_bytes") / mean_of(full, "kv_cache_bytes"))
-        assert row["prefill_ratio"] == pytest.approx(mean_of(group, "prefill_seconds")
-                                                     / mean_of(full, "prefill_seconds"))
+        assert row["prefill_ratio"] == pytest.approx(
+            mean_of(group, "prefill_seconds") / mean_of(full, "prefill_seconds")
+        )
         if row["method"] == "full":
             assert row["prefill_ratio"] == row["kv_ratio"] == 1.0
-        assert cells[:3] == [str(row["length"]), row["method"],
-                             f"{mean_of(group, 'kept_tokens'):.0f} / {mean_of(group, 'prompt_tokens'):.0f}"]
+        assert cells[:3] == [
+            str(row["length"]),
+            row["method"],
+            f"{mean_of(group, 'kept_tokens'):.0f} / {mean_of(group, 'prompt_tokens'):.0f}",
+        ]
         assert (cells[4], cells[7]) == (f"{row['prefill_ratio']:.2f}×", f"{row['kv_ratio']:.2f}×")
         predicted = mean_of(group, "predicted_prefill_ratio") if row["method"] != "full" else None
         assert cells[5] == ("–" if predicted is None else f"{predicted:.2f}×")
@@ -114,8 +121,9 @@ def check_summary(data: dict, table: str, lengths, methods) -> None:
 
 def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_model_dir, tokenizer):
     calls = capture_generations(monkeypatch)
-    data, table = run_cli(capsys, tmp_path, "needle", "--model", tiny_model_dir, "--lengths", "96,160", "--depths", "0,1",
-                          *TINY_FLAGS)
+    data, table = run_cli(
+        capsys, tmp_path, "needle", "--model", tiny_model_dir, "--lengths", "96,160", "--depths", "0,1", *TINY_FLAGS
+    )
     assert (tmp_path / "needle_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
     records = data["records"]
     assert len(records) == 2 * 2 * len(measure.METHODS)
@@ -126,7 +134,10 @@ def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_model_dir, tokenizer):
         probe = tasks.needle(tokenizer, record["length"], record["depth"], record["seed"])
         result = generation_of(calls, data, record, probe)
         assert (record["prompt_tokens"], record["kept_tokens"], record["output"]) == (
-            result.prompt_tokens, len(result.kept_token_indices), result.text)
+            result.prompt_tokens,
+            len(result.kept_token_indices),
+            result.text,
+        )
         assert record["score"] == probe.score(record["output"])
         assert record["needles_kept"] == float(needle_tokens_kept(tokenizer, result, probe.needles[0]))
         assert record["kv_cache_bytes"] == record["kept_tokens"] * kv_bytes_per_token(data)
@@ -145,8 +156,23 @@ def test_needle_grid(capsys, monkeypatch, tmp_path, tiny_model_dir, tokenizer):
 
 
 def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_model_dir):
-    data, table = run_cli(capsys, tmp_path, "speed", "--model", tiny_model_dir, "--lengths", "128", "--methods",
-                          "full,single-stage", "--max-new-tokens", "6", "--layer", "1", "--budget", "32")
+    data, table = run_cli(
+        capsys,
+        tmp_path,
+        "speed",
+        "--model",
+        tiny_model_dir,
+        "--lengths",
+        "128",
+        "--methods",
+        "full,single-stage",
+        "--max-new-tokens",
+        "6",
+        "--layer",
+        "1",
+        "--budget",
+        "32",
+    )
     assert not (tmp_path / "speed_heatmap.png").exists()
     check_summary(data, table, (128,), ("full", "single-stage"))
     for record in data["records"]:
@@ -160,15 +186,24 @@ def test_speed_measures_memory_and_decode(capsys, tmp_path, tiny_model_dir):
     cells = table_rows(table)[2]
     assert cells[6] == f"{pruned['kv_cache_bytes'] / 2**20:.1f}"
     if sys.platform == "linux":
-        assert pruned_row["peak_memory_ratio"] == pytest.approx(pruned["peak_memory_bytes"]
-                                                                / full["peak_memory_bytes"])
+        assert pruned_row["peak_memory_ratio"] == pytest.approx(pruned["peak_memory_bytes"] / full["peak_memory_bytes"])
         assert cells[9:11] == [f"{pruned['peak_memory_bytes'] / 2**20:.0f}", f"{pruned_row['peak_memory_ratio']:.2f}×"]
         assert full_row["peak_memory_ratio"] == 1.0
 
 
 def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_model_dir, tokenizer):
-    data, table = run_cli(capsys, tmp_path, "tasks", "--model", tiny_model_dir, "--lengths", "128", "--methods",
-                          "full,paper-rule", *TINY_FLAGS)
+    data, table = run_cli(
+        capsys,
+        tmp_path,
+        "tasks",
+        "--model",
+        tiny_model_dir,
+        "--lengths",
+        "128",
+        "--methods",
+        "full,paper-rule",
+        *TINY_FLAGS,
+    )
     assert (tmp_path / "tasks_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
     records = data["records"]
     assert len(records) == len(tasks.TASKS) * 2
@@ -176,10 +211,12 @@ def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_model_dir, tok
     for record in records:
         assert record["score"] == tasks.task(record["task"], tokenizer, 128, record["seed"]).score(record["output"])
     for row, cells in zip(data["summary"], table_rows(table)[1:]):
-        by_task = {name: mean_of([r for r in records if r["method"] == row["method"] and r["task"] == name], "score")
-                   for name in tasks.TASKS}
+        by_task = {
+            name: mean_of([r for r in records if r["method"] == row["method"] and r["task"] == name], "score")
+            for name in tasks.TASKS
+        }
         assert row["accuracy_by_task"] == pytest.approx(by_task)
-        assert cells[-len(tasks.TASKS):] == [f"{by_task[name]:.0%}" for name in tasks.TASKS]
+        assert cells[-len(tasks.TASKS) :] == [f"{by_task[name]:.0%}" for name in tasks.TASKS]
 
 
 def test_bad_flags_exit_with_a_message(capsys):
@@ -222,19 +259,31 @@ def test_task_needles_are_in_the_prompt_and_scored_by_exact_match(name, tokenize
 
 
 def test_probes_are_reproducible_from_their_seed(tokenizer):
-    assert tasks.task("niah-multiquery", tokenizer, 200, seed=1).messages == \
+    assert (
         tasks.task("niah-multiquery", tokenizer, 200, seed=1).messages
-    assert tasks.task("niah-multiquery", tokenizer, 200, seed=1).messages != \
-        tasks.task("niah-multiquery", tokenizer, 200, seed=2).messages
+        == tasks.task("niah-multiquery", tokenizer, 200, seed=1).messages
+    )
+    assert (
+        tasks.task("niah-multiquery", tokenizer, 200, seed=1).messages
+        != tasks.task("niah-multiquery", tokenizer, 200, seed=2).messages
+    )
     assert tasks.needle(tokenizer, 200, 0.5, 4).messages == tasks.needle(tokenizer, 200, 0.5, 4).messages
 
 
 def test_summary_ratios_and_table_without_full_attention():
-    record = {"prompt_tokens": 100, "kept_tokens": 50, "decode_tokens_per_second": None, "peak_memory_bytes": None,
-              "needles_kept": 1.0, "score": 1.0}
-    records = [{**record, "length": 64, "method": "full", "prefill_seconds": 2.0, "kv_cache_bytes": 4 * 2**20},
-               {**record, "length": 64, "method": "profile", "prefill_seconds": 1.0, "kv_cache_bytes": 2**20},
-               {**record, "length": 32, "method": "profile", "prefill_seconds": 0.5, "kv_cache_bytes": 2**20}]
+    record = {
+        "prompt_tokens": 100,
+        "kept_tokens": 50,
+        "decode_tokens_per_second": None,
+        "peak_memory_bytes": None,
+        "needles_kept": 1.0,
+        "score": 1.0,
+    }
+    records = [
+        {**record, "length": 64, "method": "full", "prefill_seconds": 2.0, "kv_cache_bytes": 4 * 2**20},
+        {**record, "length": 64, "method": "profile", "prefill_seconds": 1.0, "kv_cache_bytes": 2**20},
+        {**record, "length": 32, "method": "profile", "prefill_seconds": 0.5, "kv_cache_bytes": 2**20},
+    ]
     rows = report.summarize(records)
     assert [(r["length"], r["method"]) for r in rows] == [(32, "profile"), (64, "full"), (64, "profile")]
     assert rows[0]["prefill_ratio"] is None
@@ -245,14 +294,27 @@ def test_summary_ratios_and_table_without_full_attention():
 
 def test_summary_rows_are_means_of_their_runs():
     def run(method, task, score, kept, kv_mib, prefill, peak_mib, needles):
-        return {"length": 64, "method": method, "task": task, "prompt_tokens": 100, "kept_tokens": kept,
-                "prefill_seconds": prefill, "decode_tokens_per_second": None, "kv_cache_bytes": kv_mib * 2**20,
-                "peak_memory_bytes": None if peak_mib is None else peak_mib * 2**20, "needles_kept": needles,
-                "score": score}
+        return {
+            "length": 64,
+            "method": method,
+            "task": task,
+            "prompt_tokens": 100,
+            "kept_tokens": kept,
+            "prefill_seconds": prefill,
+            "decode_tokens_per_second": None,
+            "kv_cache_bytes": kv_mib * 2**20,
+            "peak_memory_bytes": None if peak_mib is None else peak_mib * 2**20,
+            "needles_kept": needles,
+            "score": score,
+        }
 
-    records = [run("full", "a", 1.0, 100, 4, 2.0, 10, 1.0), run("full", "b", 0.5, 100, 4, 4.0, None, 1.0),
-               run("profile", "a", 0.0, 40, 1, 1.0, 2, 0.5), run("profile", "b", 0.75, 60, 2, 2.0, 4, 0.0),
-               run("profile", "b", 0.25, 50, 3, 0.0, None, 1.0)]
+    records = [
+        run("full", "a", 1.0, 100, 4, 2.0, 10, 1.0),
+        run("full", "b", 0.5, 100, 4, 4.0, None, 1.0),
+        run("profile", "a", 0.0, 40, 1, 1.0, 2, 0.5),
+        run("profile", "b", 0.75, 60, 2, 2.0, 4, 0.0),
+        run("profile", "b", 0.25, 50, 3, 0.0, None, 1.0),
+    ]
     for record, predicted in zip(records, (None, None, 0.4, 0.5, None)):
         record["predicted_prefill_ratio"] = predicted
     full, profile = report.summarize(records, breakdown="task")
@@ -266,23 +328,56 @@ def test_summary_rows_are_means_of_their_runs():
     assert profile["kv_ratio"] == 0.5 and profile["peak_memory_ratio"] == 0.3  # runs without a peak are left out
     cells = table_rows(report.markdown_table([full, profile]))
     assert cells[0][-2:] == ["a", "b"]
-    assert cells[2] == ["64", "profile", "50 / 100", "1.00", "0.33×", "0.45×", "2.0", "0.50×", "–", "3", "0.30×",
-                        "50%", "33%", "0%", "50%"]
+    assert cells[2] == [
+        "64",
+        "profile",
+        "50 / 100",
+        "1.00",
+        "0.33×",
+        "0.45×",
+        "2.0",
+        "0.50×",
+        "–",
+        "3",
+        "0.30×",
+        "50%",
+        "33%",
+        "0%",
+        "50%",
+    ]
     assert cells[1][5] == "–"  # full attention has no prediction
 
 
 def test_needle_demo_cookbook_writes_a_page_per_method(capsys, monkeypatch, tmp_path, tiny_model_dir):
     cookbook = Path(__file__).parents[1] / "cookbook" / "needle_demo.py"
     # 300 tokens: enough for the context heuristic (the demo names no documents) to find prunable context.
-    monkeypatch.setattr(sys, "argv", [str(cookbook), "--model", tiny_model_dir, "--tokens", "300", "--layer", "1",
-                                      "--budget", "32", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(cookbook),
+            "--model",
+            tiny_model_dir,
+            "--tokens",
+            "300",
+            "--layer",
+            "1",
+            "--budget",
+            "32",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     with pytest.warns(UserWarning, match="no PromptDistill profile"):
         runpy.run_path(str(cookbook), run_name="__main__")
     output = capsys.readouterr().out
     assert all(f"wrote {tmp_path / f'{name}.html'}" in output for name in measure.METHODS)
     # The comparison table: method, answered, needle kept, kept/total, TTFT s, ÷ full, KV MiB, ÷ full.
-    rows = {line.split()[0]: line.split() for line in output.splitlines()
-            if line.split() and line.split()[0] in measure.METHODS}
+    rows = {
+        line.split()[0]: line.split()
+        for line in output.splitlines()
+        if line.split() and line.split()[0] in measure.METHODS
+    }
     assert list(rows) == list(measure.METHODS)
     totals = {name: tuple(map(int, row[3].split("/"))) for name, row in rows.items()}
     assert len({total for _, total in totals.values()}) == 1  # one prompt for every method

@@ -77,8 +77,22 @@ FAKE_LLAMA_CPP = {
 
 
 def run_peers(capsys, tmp_path, tiny_model_dir, *flags) -> tuple[dict, str]:
-    main(["peers", "--model", tiny_model_dir, "--lengths", ",".join(map(str, LENGTHS)), "--repeats", "2",
-          "--decode-tokens", "4", "--out", str(tmp_path / "out"), *flags])
+    main(
+        [
+            "peers",
+            "--model",
+            tiny_model_dir,
+            "--lengths",
+            ",".join(map(str, LENGTHS)),
+            "--repeats",
+            "2",
+            "--decode-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            *flags,
+        ]
+    )
     return json.loads((tmp_path / "out" / "peers.json").read_text()), capsys.readouterr().out
 
 
@@ -110,8 +124,7 @@ def test_without_peers_the_table_has_our_rows_and_says_what_is_missing(capsys, t
     assert [json.loads(line) for line in logged] == data["records"] and len(logged) == 2 * 2 * len(LENGTHS)
 
 
-def test_a_fake_peer_gets_our_token_ids_and_its_timings_appear_as_ratios(capsys, tmp_path, tiny_model_dir,
-                                                                          tokenizer):
+def test_a_fake_peer_gets_our_token_ids_and_its_timings_appear_as_ratios(capsys, tmp_path, tiny_model_dir, tokenizer):
     requests = tmp_path / "requests.jsonl"
     peer = tmp_path / "fake-python"
     peer.write_text(FAKE_PEER.format(python=sys.executable, requests=str(requests)))
@@ -120,19 +133,29 @@ def test_a_fake_peer_gets_our_token_ids_and_its_timings_appear_as_ratios(capsys,
 
     seen = [json.loads(line) for line in requests.read_text().splitlines()]
     assert len(seen) == 2 and seen[0]["worker"].endswith("peer_workers/vllm_worker.py")
-    expected = [render(tokenizer, None, needle(tokenizer, n, SPEED_DEPTH, 0).messages, None).input_ids
-                for n in LENGTHS]
+    expected = [render(tokenizer, None, needle(tokenizer, n, SPEED_DEPTH, 0).messages, None).input_ids for n in LENGTHS]
     assert seen[0]["prompts"] == expected and seen[0]["dtype"] == "bfloat16" and seen[0]["decode_tokens"] == 4
 
     full = next(row for row in data["summary"] if row["engine"].endswith("full attention"))
     ours = [cell["ttft_seconds"] for cell in full["lengths"]]
     row = table_rows(out)["vLLM 9.9.9 / bfloat16"]
-    assert row == [str(data["machine"]["cores"]), f"0.50 s ({0.5 / ours[0]:.2f})", f"1.00 s ({1.0 / ours[1]:.2f})",
-                   "40.0", "41.0"]
+    assert row == [
+        str(data["machine"]["cores"]),
+        f"0.50 s ({0.5 / ours[0]:.2f})",
+        f"1.00 s ({1.0 / ours[1]:.2f})",
+        "40.0",
+        "41.0",
+    ]
     assert "- vllm bfloat16: version=9.9.9, dtype=bfloat16, VLLM_CPU_KVCACHE_SPACE=2" in out
     # Interleaved: the second repetition runs the engines in reverse order.
-    assert [(r["repeat"], r["engine"][:4]) for r in data["records"]][::2] == [(0, "pd-i"), (0, "pd-i"), (0, "vLLM"),
-                                                                              (1, "vLLM"), (1, "pd-i"), (1, "pd-i")]
+    assert [(r["repeat"], r["engine"][:4]) for r in data["records"]][::2] == [
+        (0, "pd-i"),
+        (0, "pd-i"),
+        (0, "vLLM"),
+        (1, "vLLM"),
+        (1, "pd-i"),
+        (1, "pd-i"),
+    ]
 
 
 def test_the_workers_run_against_stand_in_engines(capsys, tmp_path, tiny_model_dir, monkeypatch):
@@ -140,8 +163,21 @@ def test_the_workers_run_against_stand_in_engines(capsys, tmp_path, tiny_model_d
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "engines"))
     gguf = tmp_path / "tiny.Q4_1.gguf"
     gguf.write_bytes(b"GGUF")
-    data, out = run_peers(capsys, tmp_path, tiny_model_dir, "--vllm-python", sys.executable, "--vllm-dtypes",
-                          "float32", "--llamacpp-python", sys.executable, "--gguf", str(gguf), "--threads", "1,2")
+    data, out = run_peers(
+        capsys,
+        tmp_path,
+        tiny_model_dir,
+        "--vllm-python",
+        sys.executable,
+        "--vllm-dtypes",
+        "float32",
+        "--llamacpp-python",
+        sys.executable,
+        "--gguf",
+        str(gguf),
+        "--threads",
+        "1,2",
+    )
     rows = table_rows(out)
     assert set(rows) >= {"vLLM 0.0.fake / float32", "llama.cpp (llama-cpp-python) 0.0.fake / Q4_1 GGUF"}
     vllm = next(row for row in data["summary"] if row["engine"].startswith("vLLM"))
@@ -151,8 +187,11 @@ def test_the_workers_run_against_stand_in_engines(capsys, tmp_path, tiny_model_d
     llama = [row for row in data["summary"] if row["engine"].startswith("llama.cpp")]
     assert [row["threads"] for row in llama] == [1, 2]
     assert [c["prompt_tokens"] for c in llama[0]["lengths"]] == [c["prompt_tokens"] for c in vllm["lengths"]]
-    assert re.search(r"- llama.cpp tiny.Q4_1.gguf: version=0\.0\.fake, model_path=\S+tiny\.Q4_1\.gguf, n_ctx=8192, "
-                     r"n_batch=512, flash_attn=True", out)
+    assert re.search(
+        r"- llama.cpp tiny.Q4_1.gguf: version=0\.0\.fake, model_path=\S+tiny\.Q4_1\.gguf, n_ctx=8192, "
+        r"n_batch=512, flash_attn=True",
+        out,
+    )
     assert "not installed" not in out
 
 
@@ -163,12 +202,15 @@ def test_a_python_without_the_peer_says_so(capsys, tmp_path, tiny_model_dir):
     assert len(table_rows(out)) == 2
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--vllm-dtypes", "float8"], "--vllm-dtypes: choose from float32,bfloat16,float16, got 'float8'"),
-    (["--gguf", "/no/such.gguf"], "--gguf: no such file: /no/such.gguf"),
-    (["--llamacpp-python", sys.executable], "llama.cpp needs --gguf FILE"),
-    (["--threads", "0"], "--threads: expected a positive integer, got '0'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--vllm-dtypes", "float8"], "--vllm-dtypes: choose from float32,bfloat16,float16, got 'float8'"),
+        (["--gguf", "/no/such.gguf"], "--gguf: no such file: /no/such.gguf"),
+        (["--llamacpp-python", sys.executable], "llama.cpp needs --gguf FILE"),
+        (["--threads", "0"], "--threads: expected a positive integer, got '0'"),
+    ],
+)
 def test_bad_flags_exit_with_a_message(capsys, tiny_model_dir, flags, message):
     with pytest.raises(SystemExit) as exit:
         main(["peers", "--model", tiny_model_dir, *flags])

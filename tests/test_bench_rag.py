@@ -16,10 +16,13 @@ from pd_integrations.bench import rag, ragbench
 from pd_integrations.bench.__main__ import main
 from pd_integrations.bench.handbook import CITIES, POLICIES
 
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FACT_FORMS = {"person": r"[A-Z][a-z]+ [A-Z][a-z]+", "code": r"[A-Z]{3}-\d{4}", "amount": r"\d,\d{3}",
-              "date": r"\d{1,2} [A-Z][a-z]+"}
+FACT_FORMS = {
+    "person": r"[A-Z][a-z]+ [A-Z][a-z]+",
+    "code": r"[A-Z]{3}-\d{4}",
+    "amount": r"\d,\d{3}",
+    "date": r"\d{1,2} [A-Z][a-z]+",
+}
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +115,9 @@ def test_answer_passage_replaces_the_last_when_ranked_out(corpus, tokenizer):
     unrelated = next(p for p in corpus if topic not in p.text and city not in p.text)
     ranked = rag.retrieve(question.question, corpus, tokenizer, 1000)  # a plain string: no answer to keep
     assert unrelated not in ranked
-    forced = rag.retrieve(rag.RagQuestion(question.question, rag.fact(unrelated, "code"), unrelated.id), corpus,
-                          tokenizer, 1000)
+    forced = rag.retrieve(
+        rag.RagQuestion(question.question, rag.fact(unrelated, "code"), unrelated.id), corpus, tokenizer, 1000
+    )
     assert forced == ranked[:-1] + [unrelated]
     assert rag.retrieve(question, corpus, tokenizer, 1) == [corpus[question.passage_id]]
 
@@ -152,8 +156,9 @@ def test_shapes_put_the_question_in_place_and_every_document_verbatim(shape, cor
     else:
         assert asked > context_end
     if shape == "question_last":
-        assert roles == ["user"] and prompt.messages[0]["content"].endswith(f"Question: {question.question}\n"
-                                                                            "Answer briefly.")
+        assert roles == ["user"] and prompt.messages[0]["content"].endswith(
+            f"Question: {question.question}\nAnswer briefly."
+        )
     if shape == "system_context":
         assert roles == ["system", "user"] and prompt.messages[1]["content"] == question.question
         assert all(document in prompt.messages[0]["content"] for document in prompt.documents)
@@ -171,9 +176,29 @@ def test_rag_prompt_rejects_unknown_shapes_and_missing_answers(corpus):
 def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
     methods = ["full", "gemfilter", "single-stage"]
     with pytest.warns(UserWarning, match="no PromptDistill profile"):
-        main(["rag", "--model", tiny_model_dir, "--lengths", "400", "--samples", "1", "--methods", ",".join(methods),
-              "--layer", "1", "--budget", "64", "--max-new-tokens", "3", "--context-source", source,
-              "--out", str(tmp_path)])
+        main(
+            [
+                "rag",
+                "--model",
+                tiny_model_dir,
+                "--lengths",
+                "400",
+                "--samples",
+                "1",
+                "--methods",
+                ",".join(methods),
+                "--layer",
+                "1",
+                "--budget",
+                "64",
+                "--max-new-tokens",
+                "3",
+                "--context-source",
+                source,
+                "--out",
+                str(tmp_path),
+            ]
+        )
     data = json.loads((tmp_path / "rag.json").read_text())
     table = (tmp_path / "rag.md").read_text()
     assert table.strip() in capsys.readouterr().out
@@ -210,8 +235,11 @@ def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
             assert row["prefill_ratio"] == 1.0 and row["kv_ratio"] == 1.0
         else:  # the KV cache holds the kept tokens only
             assert row["kv_ratio"] == pytest.approx(row["kept_tokens"] / row["prompt_tokens"], rel=0.02)
-    header, *cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
-                      if line.startswith("|") and not line.startswith("|---")]
+    header, *cells = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
     assert header[:3] == ["length", "shape", "method"] and header[-1] == "accuracy"
     assert len(cells) == len(rows) and cells[0][3] == f"{rows[0]['kept_tokens']:.0f} / {rows[0]['prompt_tokens']:.0f}"
     assert [r["method"] for r in data["summary_by_length"]] == methods
@@ -221,8 +249,27 @@ def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
 def test_prompts_over_the_context_window_stop_the_run_before_it_starts(capsys, tmp_path, tiny_model_dir):
     # 400 tokens fit the tiny model's 4096-token window, 4000 (+ template, + probe) do not: nothing may run.
     with pytest.warns(UserWarning, match="no PromptDistill profile"), pytest.raises(SystemExit):
-        main(["rag", "--model", tiny_model_dir, "--lengths", "400,4000", "--samples", "1", "--shapes", "question_first",
-              "--methods", "full,single-stage", "--layer", "1", "--budget", "64", "--out", str(tmp_path)])
+        main(
+            [
+                "rag",
+                "--model",
+                tiny_model_dir,
+                "--lengths",
+                "400,4000",
+                "--samples",
+                "1",
+                "--shapes",
+                "question_first",
+                "--methods",
+                "full,single-stage",
+                "--layer",
+                "1",
+                "--budget",
+                "64",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     error = capsys.readouterr().err
     assert "4000-token question_first prompt: the prompt has" in error and "context window is 4096" in error
     assert not (tmp_path / "rag.records.jsonl").exists()
@@ -238,6 +285,7 @@ def test_rag_flags_are_checked(capsys):
 
 
 # The depot notes: the default corpus, one genre and one fact form, answerable by the default model.
+
 
 def test_depot_notes_are_deterministic_look_alikes_with_unique_answers(tokenizer):
     from pd_integrations.bench.depots import DEPOTS, make_depot_questions, make_depots

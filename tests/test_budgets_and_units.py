@@ -17,8 +17,9 @@ def layout(prunable: int, protected: int = 10, query_free: bool = False) -> RowL
     return RowLayout(mask, "documents", (), 1, None, query_free)
 
 
-@pytest.mark.parametrize("prunable, kept", [(100, 100), (600, 256), (1024, 256), (2000, 500), (4000, 1000),
-                                            (8000, 2000), (20000, 2048)])
+@pytest.mark.parametrize(
+    "prunable, kept", [(100, 100), (600, 256), (1024, 256), (2000, 500), (4000, 1000), (8000, 2000), (20000, 2048)]
+)
 def test_a_rule_keeps_a_fraction_between_its_floor_and_cap_and_never_more_than_the_context(prunable, kept):
     config = PromptDistillConfig(selection_layers=(7,), budgets=RULE)
     assert config.budgets == (BudgetRule(0.25, 256, 2048),)
@@ -39,27 +40,34 @@ def test_a_query_free_layout_keeps_every_prunable_token():
     assert layout(1000, query_free=True).counts(torch.arange(1010))["query_free"] is True
 
 
-@pytest.mark.parametrize("budgets, message", [
-    ({"fraction": 0}, r"budgets rule field 'fraction' must be a number in \(0, 1\], got 0"),
-    ({"fraction": 1.5}, r"'fraction' must be a number in \(0, 1\]"),
-    ({"fraction": 0.2, "floor": -1}, r"'floor' must be an int >= 0, got -1"),
-    ({"fraction": 0.2, "cap": 0}, r"'cap' must be an int >= 1 or null \(no cap\), got 0"),
-    ({"fraction": 0.2, "floor": 512, "cap": 256}, r"floor <= cap, got floor=512 and cap=256"),
-    ({"floor": 256}, r"keys 'fraction' \(required\), 'floor' and 'cap'"),
-    ({"fraction": 0.2, "ceiling": 9}, r"keys 'fraction' \(required\), 'floor' and 'cap'.*'ceiling'"),
-    ([{"fraction": 0.2}, 256], r"budgets must be all ints or all fractions \(or all rules\)"),
-    ([{"fraction": 0.1}, {"fraction": 0.2}], r"non-increasing across stages in 'fraction'"),
-    ([{"fraction": 0.2, "cap": 512}, {"fraction": 0.1}], r"non-increasing across stages in 'cap'"),
-])
+@pytest.mark.parametrize(
+    "budgets, message",
+    [
+        ({"fraction": 0}, r"budgets rule field 'fraction' must be a number in \(0, 1\], got 0"),
+        ({"fraction": 1.5}, r"'fraction' must be a number in \(0, 1\]"),
+        ({"fraction": 0.2, "floor": -1}, r"'floor' must be an int >= 0, got -1"),
+        ({"fraction": 0.2, "cap": 0}, r"'cap' must be an int >= 1 or null \(no cap\), got 0"),
+        ({"fraction": 0.2, "floor": 512, "cap": 256}, r"floor <= cap, got floor=512 and cap=256"),
+        ({"floor": 256}, r"keys 'fraction' \(required\), 'floor' and 'cap'"),
+        ({"fraction": 0.2, "ceiling": 9}, r"keys 'fraction' \(required\), 'floor' and 'cap'.*'ceiling'"),
+        ([{"fraction": 0.2}, 256], r"budgets must be all ints or all fractions \(or all rules\)"),
+        ([{"fraction": 0.1}, {"fraction": 0.2}], r"non-increasing across stages in 'fraction'"),
+        ([{"fraction": 0.2, "cap": 512}, {"fraction": 0.1}], r"non-increasing across stages in 'cap'"),
+    ],
+)
 def test_bad_rules_name_the_field_and_its_allowed_values(budgets, message):
     with pytest.raises(ValueError, match=message):
         PromptDistillConfig(budgets=budgets)
 
 
 def test_profiles_store_rules_as_json_dicts(tmp_path):
-    settings = {"selection_layers": [4, 12], "budgets": [{"fraction": 0.5, "floor": 512},
-                                                          {"fraction": 0.1, "floor": 256, "cap": 1024}],
-                "span": "sentence", "unit_score": "topk_mean", "unit_topk": 4}
+    settings = {
+        "selection_layers": [4, 12],
+        "budgets": [{"fraction": 0.5, "floor": 512}, {"fraction": 0.1, "floor": 256, "cap": 1024}],
+        "span": "sentence",
+        "unit_score": "topk_mean",
+        "unit_topk": 4,
+    }
     Profile("m", 30, settings).to_json(tmp_path / "m.json")
     text = (tmp_path / "m.json").read_text()
     assert '"budgets": [' in text and '"cap": null' in text
@@ -78,26 +86,39 @@ SCORES = torch.tensor([0.0, 0.9, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.
 UNITS = torch.tensor([0, 0, 0, 3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 5])
 
 
-@pytest.mark.parametrize("how, topk, expected", [("max", 8, [0.9, 0.5, 0.95]), ("mean", 8, [0.3, 0.5, 1.45 / 6]),
-                                                 ("topk_mean", 2, [0.45, 0.5, 0.525])])
+@pytest.mark.parametrize(
+    "how, topk, expected",
+    [("max", 8, [0.9, 0.5, 0.95]), ("mean", 8, [0.3, 0.5, 1.45 / 6]), ("topk_mean", 2, [0.45, 0.5, 0.525])],
+)
 def test_unit_scores_aggregate_each_units_tokens(how, topk, expected):
     per_unit, unit_of = unit_scores(SCORES, UNITS, how, topk)
     assert torch.allclose(per_unit, torch.tensor(expected))
     assert unit_of.tolist() == [0] * 3 + [1] * 6 + [2] * 6
 
 
-@pytest.mark.parametrize("how, kept", [("max", [9, 10, 11, 12, 13, 14]),   # the spike's unit first
-                                       ("mean", [3, 4, 5, 6, 7, 8]),       # the steady unit first
-                                       ("topk_mean", [9, 10, 11, 12, 13, 14])])
+@pytest.mark.parametrize(
+    "how, kept",
+    [
+        ("max", [9, 10, 11, 12, 13, 14]),  # the spike's unit first
+        ("mean", [3, 4, 5, 6, 7, 8]),  # the steady unit first
+        ("topk_mean", [9, 10, 11, 12, 13, 14]),
+    ],
+)
 def test_keep_takes_whole_units_in_the_order_of_their_unit_score(how, kept):
     selector = Selector("softmax_mean", 1, how, 2)
     candidates = torch.ones(15, dtype=torch.bool)
     assert selector.keep(SCORES, candidates, 15, 6, UNITS).tolist() == kept
 
 
-@pytest.mark.parametrize("budget, kept", [(8, [9, 10, 11, 12, 13, 14, 0, 1]),      # ties: the earliest
-                                           (4, [11, 12, 13, 14]),                   # the spike's end, not its start
-                                           (1, [14]), (15, list(range(15)))])
+@pytest.mark.parametrize(
+    "budget, kept",
+    [
+        (8, [9, 10, 11, 12, 13, 14, 0, 1]),  # ties: the earliest
+        (4, [11, 12, 13, 14]),  # the spike's end, not its start
+        (1, [14]),
+        (15, list(range(15))),
+    ],
+)
 def test_the_unit_cut_by_the_budget_keeps_its_best_scoring_window(budget, kept):
     selector = Selector("softmax_mean", 1, "max")
     candidates = torch.ones(15, dtype=torch.bool)

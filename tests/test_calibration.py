@@ -48,8 +48,9 @@ def test_calibration_writes_a_profile_engines_use(cache, tokenizer, monkeypatch)
     monkeypatch.setattr(calibration, "choose_retrieval_heads", spy)
     model = tiny_model("qwen3")
     engine = PromptDistillEngine(model, tokenizer, PromptDistillConfig(method="full"), model_name="tiny-qwen3")
-    profile = calibrate("tiny-qwen3", engine=engine, lengths=(300,), depths=(0.2, 0.8), kinds=("passcode",),
-                        verify=1, plan_length=1024)
+    profile = calibrate(
+        "tiny-qwen3", engine=engine, lengths=(300,), depths=(0.2, 0.8), kinds=("passcode",), verify=1, plan_length=1024
+    )
     written = json.loads((cache / "profiles" / "tiny-qwen3.json").read_text())
     assert written["num_hidden_layers"] == 4 and written["calibration"]["probes"] == 2
     [(table, heads)] = chosen_heads
@@ -65,8 +66,9 @@ def test_calibration_writes_a_profile_engines_use(cache, tokenizer, monkeypatch)
 
 
 def test_compare_scoring_ranks_needles_per_layer_for_every_scoring(tokenizer):
-    engine = PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"),
-                                 model_name="tiny-llama")
+    engine = PromptDistillEngine(
+        tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"), model_name="tiny-llama"
+    )
     probes = [needle_probe(tokenizer, 200, depth, seed=k) for k, depth in enumerate((0.2, 0.8))]
     everything = compare_scoring(engine, probes, budget=10_000)
     assert list(everything) == list(SCORINGS)
@@ -80,8 +82,19 @@ def test_compare_scoring_command_prints_every_scoring(tmp_path, tokenizer, capsy
     tiny_model("llama").save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="no PromptDistill profile"):
-        main(["--compare-scoring", "--model", str(tmp_path), "--lengths", "200", "--depths", "0.5",
-              "--kinds", "passcode"])
+        main(
+            [
+                "--compare-scoring",
+                "--model",
+                str(tmp_path),
+                "--lengths",
+                "200",
+                "--depths",
+                "0.5",
+                "--kinds",
+                "passcode",
+            ]
+        )
     lines = capsys.readouterr().out.splitlines()
     assert "share of 1 probes whose needle ranks in the top 50 candidates, layers 0 → 3" in lines[0]
     assert [line.split(":")[0].strip() for line in lines[1:]] == list(SCORINGS)
@@ -89,19 +102,25 @@ def test_compare_scoring_command_prints_every_scoring(tmp_path, tokenizer, capsy
 
 
 def write_profile(cache, name, **fields):
-    data = {"model": name, "num_hidden_layers": 4,
-            "settings": {"selection_layers": [1], "budgets": [64], "span": "token"}}
+    data = {
+        "model": name,
+        "num_hidden_layers": 4,
+        "settings": {"selection_layers": [1], "budgets": [64], "span": "token"},
+    }
     data.update(fields)
     (cache / "profiles").mkdir(exist_ok=True)
     (cache / "profiles" / f"{name}.json").write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"num_hidden_layers": 30}, "calibrated for 30 layers but the model has 4"),
-    ({"settings": {"selection_layers": [1], "budgets": [0]}}, "invalid: budgets must be ints >= 1"),
-    ({"settings": {"selection_layers": [1], "budgets": [8], "speed": "max"}}, "unknown settings"),
-    ({"settings": {"selection_layers": [3], "budgets": [8]}}, r"selection_layers entries must be in \[0, 2\]"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"num_hidden_layers": 30}, "calibrated for 30 layers but the model has 4"),
+        ({"settings": {"selection_layers": [1], "budgets": [0]}}, "invalid: budgets must be ints >= 1"),
+        ({"settings": {"selection_layers": [1], "budgets": [8], "speed": "max"}}, "unknown settings"),
+        ({"settings": {"selection_layers": [3], "budgets": [8]}}, r"selection_layers entries must be in \[0, 2\]"),
+    ],
+)
 def test_bad_profiles_are_rejected(cache, tokenizer, fields, message):
     write_profile(cache, "tiny-bad", **fields)
     with pytest.raises(ValueError, match=message):
@@ -132,8 +151,9 @@ def test_shipped_default_profile_is_used(default_engine):
 
 def test_sentence_spans_keep_the_needle_sentence(default_engine, tokenizer):
     probe = needle_probe(tokenizer, 2000, 0.55, seed=11)
-    engine = default_engine.with_config(default_engine.config.replace(selection_layers=(7,), budgets=(256,),
-                                                                      heads=((0, 2, 7),), span="sentence"))
+    engine = default_engine.with_config(
+        default_engine.config.replace(selection_layers=(7,), budgets=(256,), heads=((0, 2, 7),), span="sentence")
+    )
     result = engine.generate(messages=probe.messages(), query=probe.question, max_new_tokens=16)
     kept_text = "".join(result.prompt_text[a:b] for a, b in result.kept_char_spans)
     assert result.kept_tokens < result.prompt_tokens / 4
@@ -251,14 +271,23 @@ def test_verification_needs_the_evidence_kept_in_a_real_run_and_full_attentions_
     assert (chosen, rate, full_rate) == (schedules[2], 0.5, 0.5)
     # Every candidate run is reported, for the profile's record of why the cheaper ones lost.
     assert [(run["selection_layers"], run["answered"], run["evidence_kept"]) for run in runs] == [
-        ([1], 1.0, 0.9), ([2], 0.25, 1.0), ([3], 0.5, 1.0)]
+        ([1], 1.0, 0.9),
+        ([2], 0.25, 1.0),
+        ([3], 0.5, 1.0),
+    ]
     with pytest.warns(UserWarning, match="no candidate kept every verification probe's evidence"):
-        assert calibration.verify_schedules(Engine(), schedules[:2], ["probe"], rate_of)[:3] == (schedules[0], None, 0.5)
+        assert calibration.verify_schedules(Engine(), schedules[:2], ["probe"], rate_of)[:3] == (
+            schedules[0],
+            None,
+            0.5,
+        )
     assert calibration.verify_schedules(Engine(), schedules, [], rate_of) == (schedules[0], None, None, [])
 
 
 def test_floored_schedules_prune_short_contexts_as_if_they_had_the_floor_length():
-    rules = Schedule(((7, BudgetRule(0.5), (7,)), (17, BudgetRule(0.3, cap=400), None), (20, 64, None)), "passage", None)
+    rules = Schedule(
+        ((7, BudgetRule(0.5), (7,)), (17, BudgetRule(0.3, cap=400), None), (20, 64, None)), "passage", None
+    )
     floored = rules.floored(1536)
     assert [stage[1] for stage in floored.stages] == [BudgetRule(0.5, 768), BudgetRule(0.3, 400, 400), 64]
     assert floored.budgets_at(1000) == [768, 400, 64]  # unfloored: 500, 300, 64
@@ -296,18 +325,24 @@ def test_candidate_schedules_for_an_eight_layer_model():
         mine = [s.stages for s in schedules if (s.span, s.chunk_size) == (span, chunk_size)]
         assert {s[0] for s in mine if len(s) == 1} == (
             {(layer, budget, None) for layer in layers for budget in budgets}
-            | {(2, budget, (0, 3)) for budget in budgets} | {(5, budget, (1,)) for budget in budgets})
+            | {(2, budget, (0, 3)) for budget in budgets}
+            | {(5, budget, (1,)) for budget in budgets}
+        )
         # Two stages: increasing layers, twice the budget first, and that doubled budget below max_length.
         assert {s for s in mine if len(s) == 2} == {
             ((first, 2 * budget, None), (second, budget, None))
-            for first, second in itertools.combinations(layers, 2) for budget in (256, 512)}
+            for first, second in itertools.combinations(layers, 2)
+            for budget in (256, 512)
+        }
 
 
 def test_candidate_budgets_stay_below_the_longest_probe():
     def budgets(max_length):
         schedules = candidate_schedules(8, {}, max_length)
-        return ({s.stages[0][1] for s in schedules if len(s.stages) == 1},
-                {s.stages[0][1] for s in schedules if len(s.stages) == 2})
+        return (
+            {s.stages[0][1] for s in schedules if len(s.stages) == 1},
+            {s.stages[0][1] for s in schedules if len(s.stages) == 2},
+        )
 
     assert budgets(1024) == ({256, 512}, {512})
     assert budgets(1025) == ({256, 512, 1024}, {512, 1024})
@@ -316,13 +351,15 @@ def test_candidate_budgets_stay_below_the_longest_probe():
 
 
 def test_retrieval_heads_are_a_layers_best_third_when_they_beat_its_average():
-    table = torch.tensor([
-        [0.1, 0.9, 0.2, 0.8, 0.3, 0.4],  # heads 1 and 3 lead
-        [0.7, 0.1, 0.1, 0.1, 0.1, 0.6],  # heads 0 and 5, in head order
-        [0.5] * 6,  # no head beats the others
-        [1.0] * 6,
-        [0.2, 0.0, 0.0, 0.0, 0.0, 0.3],
-    ])
+    table = torch.tensor(
+        [
+            [0.1, 0.9, 0.2, 0.8, 0.3, 0.4],  # heads 1 and 3 lead
+            [0.7, 0.1, 0.1, 0.1, 0.1, 0.6],  # heads 0 and 5, in head order
+            [0.5] * 6,  # no head beats the others
+            [1.0] * 6,
+            [0.2, 0.0, 0.0, 0.0, 0.0, 0.3],
+        ]
+    )
     assert choose_retrieval_heads(table) == {0: (1, 3), 1: (0, 5), 4: (0, 5)}
     # At least one head, even with fewer than three.
     assert choose_retrieval_heads(torch.tensor([[0.2, 0.6], [0.4, 0.4]])) == {0: (1,)}
@@ -346,6 +383,7 @@ def test_needle_rank_table_ranks_the_best_prunable_needle_token_among_the_candid
 
 
 # RAG calibration: records saved and re-searched without the model, evidence needs, budget rules, the cost model.
+
 
 def test_tokens_needed_is_the_smallest_single_stage_budget_that_keeps_the_evidence(rendered):
     scores = base_scores()
@@ -373,8 +411,10 @@ def test_tokens_needed_agrees_with_the_selector_at_every_budget(rendered, seed):
     candidates = int(record.prunable.sum())
     for span, chunk in (("token", None), ("sentence", None), ("chunk", 8)):
         needed = calibration.tokens_needed(record, 1, None, span, chunk)
-        kept = [keeps_needle(single(1, budget, span=span, chunk_size=chunk), record)
-                for budget in range(needed - 1, candidates + 1)]
+        kept = [
+            keeps_needle(single(1, budget, span=span, chunk_size=chunk), record)
+            for budget in range(needed - 1, candidates + 1)
+        ]
         assert not kept[0] and all(kept[1:]), (span, needed)
 
 
@@ -392,14 +432,22 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     assert torch.allclose(loaded.scores, scores, atol=1e-3)
     for span in ("token", "sentence", "passage"):
         assert calibration.tokens_needed(loaded, 1, None, span, None) == calibration.tokens_needed(
-            records[0], 1, None, span, None)
+            records[0], 1, None, span, None
+        )
     with pytest.raises(ValueError, match="saved without 'chunk' units"):
         loaded.units("chunk", 7)
     (tmp_path / "junk.pt").write_bytes(b"not a records file")
     with pytest.raises(ValueError, match="is not a pd-calibrate records file"):
         calibration.load_records(tmp_path / "junk.pt")
-    tried = calibration.rag_search([loaded], 4, plan_lengths=(32,), first_fractions=(0.5,), second_fractions=(0.3, 0.4),
-                                   spans=(("sentence", None),), scorings=("max",))
+    tried = calibration.rag_search(
+        [loaded],
+        4,
+        plan_lengths=(32,),
+        first_fractions=(0.5,),
+        second_fractions=(0.3, 0.4),
+        spans=(("sentence", None),),
+        scorings=("max",),
+    )
     assert tried[0]["kept_share"] == 1.0 and all(row["kept_share"] <= 1.0 for row in tried)
     costs = [sum(row["predicted_prefill_ratio"].values()) for row in tried if row["kept_share"] == 1.0]
     assert costs == sorted(costs)
@@ -419,7 +467,9 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
 def test_rules_resolve_per_length_in_schedules_and_the_cost_model():
     rule = calibration.BudgetRule(0.25, 256, 2048)
     schedule = Schedule(((7, rule, None),), "passage", None)
-    assert schedule.budgets_at(8000) == [2000] and schedule.budgets_at(600) == [256] and schedule.budgets_at(100) == [100]
+    assert (
+        schedule.budgets_at(8000) == [2000] and schedule.budgets_at(600) == [256] and schedule.budgets_at(100) == [100]
+    )
     assert schedule.settings()["budgets"] == [{"fraction": 0.25, "floor": 256, "cap": 2048}]
     # The cost model: layers up to the selection see every row, later ones the kept rows (+ protected), each
     # costing rows * (ROW_COST + rows / 2).
@@ -439,33 +489,45 @@ def test_a_budget_alone_selects_at_the_profiles_last_stages(default_engine):
     config = default_engine.with_config(PromptDistillConfig(budgets=256)).config
     assert config.selection_layers == (layers[-1],) and config.budgets == (256,)
     assert config.heads == (None if heads[-1] is None else tuple(heads[-1]),)
-    assert default_engine.with_config(PromptDistillConfig(selection_layers=(12,))).config.budgets[0] == \
-        calibration.BudgetRule(**profile.settings["budgets"][-1])
+    assert default_engine.with_config(PromptDistillConfig(selection_layers=(12,))).config.budgets[
+        0
+    ] == calibration.BudgetRule(**profile.settings["budgets"][-1])
 
 
 def test_the_cost_model_predicts_each_methods_prefill_from_its_resolved_config():
     rule = calibration.BudgetRule(0.25)
-    config = PromptDistillConfig(selection_layers=(7, 17), budgets=(calibration.BudgetRule(0.5), rule),
-                                 heads=((7,), None), span="passage", unit_score="topk_mean", detrend_window=1024)
+    config = PromptDistillConfig(
+        selection_layers=(7, 17),
+        budgets=(calibration.BudgetRule(0.5), rule),
+        heads=((7,), None),
+        span="passage",
+        unit_score="topk_mean",
+        detrend_window=1024,
+    )
     schedule = Schedule.of(config)
-    assert schedule == Schedule(((7, calibration.BudgetRule(0.5), (7,)), (17, rule, None)), "passage", None,
-                                "topk_mean", 1024)
+    assert schedule == Schedule(
+        ((7, calibration.BudgetRule(0.5), (7,)), (17, rule, None)), "passage", None, "topk_mean", 1024
+    )
     assert schedule.settings()["detrend_window"] == 1024
     assert calibration.predicted_ratio_of(config, 30, 8060, 60) == calibration.predicted_prefill_ratio(
-        schedule, 30, 8060, 60)
+        schedule, 30, 8060, 60
+    )
     assert calibration.predicted_ratio_of(PromptDistillConfig(method="full"), 30, 8060, 60) is None
     # GemFilter: its scout layers 0..13 on every row, then all 30 layers on the 2000 + 60 kept rows.
     gemfilter = PromptDistillConfig(method="gemfilter", selection_layers=(13,), budgets=(rule,), span="token")
     cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
     assert calibration.predicted_ratio_of(gemfilter, 30, 8060, 60) == pytest.approx(
-        (14 * cost(8060) + 30 * cost(2060)) / (30 * cost(8060)))
+        (14 * cost(8060) + 30 * cost(2060)) / (30 * cost(8060))
+    )
 
 
 def test_rag_probes_cover_each_passage_order_and_refuse_unknown_ones(tokenizer):
     spread, rank = (calibration.rag_probes(tokenizer, [1000], 1, 0, (order,)) for order in ("spread", "rank"))
     both = calibration.rag_probes(tokenizer, [1000], 1, 0, ("spread", "rank"))
     assert [p.labels for p in both] == [p.labels for p in spread + rank] and len(both) == 6
-    assert {p.labels["answer_position"] for p in spread} == {0.5} and {p.labels["answer_position"] for p in rank} == {None}
+    assert {p.labels["answer_position"] for p in spread} == {0.5} and {p.labels["answer_position"] for p in rank} == {
+        None
+    }
     for orders in ((), ("sorted",)):
         with pytest.raises(ValueError, match=r"rag_orders must be one or more of spread, rank, got"):
             calibration.rag_probes(tokenizer, [1000], 1, 0, orders)

@@ -72,8 +72,15 @@ def test_langchain_full_per_call_equals_a_full_model(tiny_model_dir):
 
 
 @pytest.mark.parametrize("cls", LANGCHAIN_CLASSES)
-@pytest.mark.parametrize("kwargs, message", [({"budgets": 0}, "budgets"), ({"method": "magic"}, "method"),
-                                             ({"span": "para"}, "span"), ({"selection_layers": (9,)}, "layer")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budgets": 0}, "budgets"),
+        ({"method": "magic"}, "method"),
+        ({"span": "para"}, "span"),
+        ({"selection_layers": (9,)}, "layer"),
+    ],
+)
 def test_langchain_bad_per_call_settings_raise_naming_them(cls, tiny_model_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(model=tiny_model_dir, **PRUNING).invoke(PROMPT, **kwargs)
@@ -143,8 +150,14 @@ class Answer(BaseModel):
 
 def test_llama_index_handler_records_structured_calls(tiny_model_dir):
     handler = LlamaIndexStatsHandler()
-    llm = LlamaIndexLLM(model=tiny_model_dir, selection_layers=(2,), budgets=(64,), span="token",
-                        max_new_tokens=24, callback_manager=CallbackManager([handler]))
+    llm = LlamaIndexLLM(
+        model=tiny_model_dir,
+        selection_layers=(2,),
+        budgets=(64,),
+        span="token",
+        max_new_tokens=24,
+        callback_manager=CallbackManager([handler]),
+    )
     template = PromptTemplate("{context_str}\n\nQuery: {query_str}\nAnswer: ")
     llm.structured_predict(Answer, template, context_str=CONTEXT, query_str=QUESTION)
     (call,) = handler.calls
@@ -159,15 +172,20 @@ def test_engine_documents_take_langchain_documents_and_llama_index_nodes(tiny_mo
 
     from pd_integrations import PromptDistillConfig, PromptDistillEngine
 
-    engine = PromptDistillEngine.from_pretrained(tiny_model_dir, PromptDistillConfig(**{
-        k: v for k, v in PRUNING.items() if k != "max_tokens"}))
+    engine = PromptDistillEngine.from_pretrained(
+        tiny_model_dir, PromptDistillConfig(**{k: v for k, v in PRUNING.items() if k != "max_tokens"})
+    )
     as_texts = engine.generate(PROMPT, documents=DOCUMENTS, max_new_tokens=2)
-    for documents in ([Document(page_content=d) for d in DOCUMENTS],
-                      [TextNode(text=d) for d in DOCUMENTS[:6]] + [NodeWithScore(node=TextNode(text=d), score=0.5)
-                                                                   for d in DOCUMENTS[6:]]):
+    for documents in (
+        [Document(page_content=d) for d in DOCUMENTS],
+        [TextNode(text=d) for d in DOCUMENTS[:6]]
+        + [NodeWithScore(node=TextNode(text=d), score=0.5) for d in DOCUMENTS[6:]],
+    ):
         result = engine.generate(PROMPT, documents=documents, max_new_tokens=2)
         assert result.context_source == "documents"
-        assert (result.kept_token_indices, result.document_retention) == (as_texts.kept_token_indices,
-                                                                           as_texts.document_retention)
+        assert (result.kept_token_indices, result.document_retention) == (
+            as_texts.kept_token_indices,
+            as_texts.document_retention,
+        )
     with pytest.raises(TypeError, match="documents must be a list of str .* got an item of type int"):
         engine.generate(PROMPT, documents=[3])

@@ -26,7 +26,7 @@ def python_blocks(page: Path) -> list[tuple[int, str, str | None]]:
     blocks = []
     for match in _FENCE.finditer(text):
         line = text.count("\n", 0, match.start()) + 1
-        before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
         marker = _SKIP.search(before)
         blocks.append((line, match.group(1), marker.group(1) if marker else None))
     return blocks
@@ -36,8 +36,9 @@ BLOCKS = [(page, *block) for page in PAGES for block in python_blocks(page)]
 _NAMESPACES: dict[Path, dict] = {}
 
 
-@pytest.mark.parametrize("page, line, code, skip", BLOCKS,
-                         ids=[f"{page.relative_to(ROOT)}:{line}" for page, line, _, _ in BLOCKS])
+@pytest.mark.parametrize(
+    "page, line, code, skip", BLOCKS, ids=[f"{page.relative_to(ROOT)}:{line}" for page, line, _, _ in BLOCKS]
+)
 def test_docs_python_block_runs(page, line, code, skip, monkeypatch):
     if skip is not None:
         pytest.skip(f"marked in {page.name}:{line}: {skip}")
@@ -50,5 +51,7 @@ def test_docs_blocks_are_counted():
     skipped = [(page.name, line, reason) for page, line, _, reason in BLOCKS if reason is not None]
     assert BLOCKS, "no ```python block found in README.md or docs/"
     assert all(reason for _, _, reason in skipped), f"a docs-test skip marker needs a reason: {skipped}"
-    print(f"\n{len(BLOCKS)} python blocks in {len(PAGES)} pages: {len(BLOCKS) - len(skipped)} run, "
-          f"{len(skipped)} marked not runnable: {skipped}")
+    print(
+        f"\n{len(BLOCKS)} python blocks in {len(PAGES)} pages: {len(BLOCKS) - len(skipped)} run, "
+        f"{len(skipped)} marked not runnable: {skipped}"
+    )

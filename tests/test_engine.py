@@ -16,9 +16,10 @@ N = 64  # longer than the tiny sliding windows, so they exclude keys
 
 
 def hf_greedy(model, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
-    out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
-                         max_new_tokens=max_new_tokens)
-    return out[0, ids.shape[0]:].tolist()
+    out = model.generate(
+        ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False, max_new_tokens=max_new_tokens
+    )
+    return out[0, ids.shape[0] :].tolist()
 
 
 EXACT_CONFIGS = {
@@ -71,9 +72,18 @@ def test_probe_leaves_no_trace(tokenizer, name):
 
 
 def pruning_engine(tokenizer, family="llama", **overrides):
-    config = PromptDistillConfig(**{"selection_layers": (1, 2), "budgets": (20, 10), "protect_head": 2,
-                                    "tail_tokens": 4, "aggregation": "softmax_mean", "pool_kernel": 1,
-                                    "span": "token", **overrides})
+    config = PromptDistillConfig(
+        **{
+            "selection_layers": (1, 2),
+            "budgets": (20, 10),
+            "protect_head": 2,
+            "tail_tokens": 4,
+            "aggregation": "softmax_mean",
+            "pool_kernel": 1,
+            "span": "token",
+            **overrides,
+        }
+    )
     return PromptDistillEngine(tiny_model(family), tokenizer, config)
 
 
@@ -184,7 +194,8 @@ def test_document_span_keeps_whole_documents(tokenizer):
         assert run == list(range(run[0], run[0] + len(run)))
     # The result reports each document's kept share: whole documents 1.0, dropped ones 0.0.
     assert [share == 1.0 for share in result.document_retention] == [
-        d in kept_per_document and d not in partial for d in range(len(DOCUMENTS))]
+        d in kept_per_document and d not in partial for d in range(len(DOCUMENTS))
+    ]
 
 
 def test_gemfilter_reruns_on_kept_tokens_with_renumbered_positions(tokenizer):
@@ -202,8 +213,7 @@ def test_result_reports_sizes(tokenizer):
     engine = pruning_engine(tokenizer)
     full = PromptDistillEngine(engine.model, tokenizer, PromptDistillConfig(method="full"))
     ids = random_ids(N, seed=7)
-    pruned, reference = engine.generate(input_ids=ids, max_new_tokens=2), full.generate(input_ids=ids,
-                                                                                          max_new_tokens=2)
+    pruned, reference = engine.generate(input_ids=ids, max_new_tokens=2), full.generate(input_ids=ids, max_new_tokens=2)
     per_token = reference.kv_cache_bytes / N
     assert reference.kv_cache_bytes == 4 * 2 * 2 * 16 * 4 * N  # layers · (k, v) · kv heads · head dim · fp32
     assert pruned.kv_cache_bytes == per_token * 16
@@ -246,7 +256,7 @@ def test_bfloat16_matches_hf_generate(family, tokenizer):
     ids, steps = random_ids(N, seed=2), 12
     expected_tokens = hf_greedy(reference, ids, steps)
     with torch.inference_mode():
-        expected = reference(torch.cat([ids, torch.tensor(expected_tokens)])[None]).logits[0, N - 1:-1].float()
+        expected = reference(torch.cat([ids, torch.tensor(expected_tokens)])[None]).logits[0, N - 1 : -1].float()
         prefill = engine.prefill(input_ids=ids)
         batch, logits = DecodeBatch.after(engine.runtime, prefill), [prefill.logits[0]]
         for token in expected_tokens[:-1]:

@@ -46,10 +46,14 @@ RANDOM = os.environ.get("PD_FUZZ_RANDOM") == "1"
 
 def fuzz(examples: int):
     """Hypothesis settings: `examples` derandomized examples, no deadline (the machine is shared), no database."""
-    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, derandomize=not RANDOM,
-                    database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,
+        derandomize=not RANDOM,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
 
 
 # ---------------------------------------------------------------- engines
@@ -59,8 +63,9 @@ ENGINE_CONFIGS = {
     "token": PromptDistillConfig(**BASE, span="token"),
     "chunk": PromptDistillConfig(**BASE, span="chunk"),
     "sentence": PromptDistillConfig(**BASE, span="sentence", pool_kernel=3),
-    "fraction-two-stage": PromptDistillConfig(selection_layers=(0, 2), budgets=(0.5, 0.25), span="token",
-                                              context_min_tokens=4, heads=((0, 1), None)),
+    "fraction-two-stage": PromptDistillConfig(
+        selection_layers=(0, 2), budgets=(0.5, 0.25), span="token", context_min_tokens=4, heads=((0, 1), None)
+    ),
     "last-token": PromptDistillConfig(**BASE, query_source="last_token", aggregation="logits_mean"),
     "gemfilter": PromptDistillConfig(method="gemfilter", **BASE),
     "full": PromptDistillConfig(method="full"),
@@ -99,8 +104,9 @@ def tiny(tokenizer) -> Tiny:
 
 @pytest.fixture(scope="module")
 def engines(tiny) -> dict[str, PromptDistillEngine]:
-    return Engines({name: PromptDistillEngine(tiny.model, tiny.tokenizer, config)
-                    for name, config in ENGINE_CONFIGS.items()})
+    return Engines(
+        {name: PromptDistillEngine(tiny.model, tiny.tokenizer, config) for name, config in ENGINE_CONFIGS.items()}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +118,7 @@ ENGINE_NAMES = st.sampled_from(sorted(ENGINE_CONFIGS))
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def names_one_of(error: BaseException, names) -> bool:
     message = str(error)
@@ -152,24 +159,53 @@ def check_result(result, max_new_tokens: int, documents=None) -> None:
 
 # ---------------------------------------------------------------- text strategies
 
-RTL_EMOJI = ("مرحبا بالعالم", "שלום עולם", "\u200f", "\u200e", "\u202e", "\u2067", "\u061c", "👨‍👩‍👧‍👦", "👍🏽", "🇯🇵",
-             "🏳️‍🌈", "e\u0301", "\u0e01\u0e34", "𝕏", "\U0001f600", "\ufeff", "\u200b", "\u00a0", "한국어", "中文", "…")
+RTL_EMOJI = (
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "\u200f",
+    "\u200e",
+    "\u202e",
+    "\u2067",
+    "\u061c",
+    "👨‍👩‍👧‍👦",
+    "👍🏽",
+    "🇯🇵",
+    "🏳️‍🌈",
+    "e\u0301",
+    "\u0e01\u0e34",
+    "𝕏",
+    "\U0001f600",
+    "\ufeff",
+    "\u200b",
+    "\u00a0",
+    "한국어",
+    "中文",
+    "…",
+)
 CONTROL = st.characters(categories=["Cc", "Cf", "Zs", "Zl", "Zp"], codec="utf-8")  # NUL, ESC, \r, bidi marks...
 
 # Any code point of any plane that UTF-8 can encode (lone surrogates have their own test below).
 ANY_TEXT = st.text(st.characters(codec="utf-8"), max_size=30)
 CONTROL_TEXT = st.text(CONTROL, min_size=1, max_size=12)
 RTL_EMOJI_TEXT = st.lists(st.sampled_from(RTL_EMOJI), min_size=1, max_size=6).map("".join)
-WORDS_TEXT = st.lists(st.sampled_from(["the", "fox", "vault", "code", "is", "48213", ".", "?", "\n", "Question:",
-                                       "é", "🙂", "\x00", "  "]), min_size=1, max_size=25).map(" ".join)
+WORDS_TEXT = st.lists(
+    st.sampled_from(
+        ["the", "fox", "vault", "code", "is", "48213", ".", "?", "\n", "Question:", "é", "🙂", "\x00", "  "]
+    ),
+    min_size=1,
+    max_size=25,
+).map(" ".join)
 # One huge run with no whitespace between tokens, or whitespace only: beyond the 512-token window, or empty.
-HUGE_TEXT = st.builds(lambda unit, count: unit * count,
-                      st.sampled_from(["a", "é", "😀", "\x00", "ab1", "\u200b", " ", "\n", "\u3000"]),
-                      st.integers(300, 3000))
+HUGE_TEXT = st.builds(
+    lambda unit, count: unit * count,
+    st.sampled_from(["a", "é", "😀", "\x00", "ab1", "\u200b", " ", "\n", "\u3000"]),
+    st.integers(300, 3000),
+)
 TEXT = st.one_of(ANY_TEXT, CONTROL_TEXT, RTL_EMOJI_TEXT, WORDS_TEXT, HUGE_TEXT)
 
 
 # ---------------------------------------------------------------- 1. PromptDistillConfig fields
+
 
 def mostly(valid, invalid, weight: int = 6):
     """`valid` about `weight` times as often as `invalid`, so that examples with every argument valid are common
@@ -177,19 +213,39 @@ def mostly(valid, invalid, weight: int = 6):
     return st.integers(0, weight).flatmap(lambda n: valid if n < weight else invalid)
 
 
-JUNK = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
-                 st.lists(st.integers(-1, 3), max_size=2))
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.lists(st.integers(-1, 3), max_size=2),
+)
 INT_FIELD = mostly(st.integers(1, 600), st.one_of(st.integers(-3, 0), JUNK))
 CONFIG_FIELDS = {
     "method": mostly(st.sampled_from(METHODS), st.one_of(st.sampled_from(["fast", "", "Full"]), JUNK)),
-    "selection_layers": mostly(st.one_of(st.integers(0, 5), st.lists(st.integers(0, 5), min_size=1, max_size=3,
-                                                                     unique=True).map(sorted)),
-                               st.one_of(st.integers(-2, -1), st.lists(st.integers(-2, 5), max_size=3),
-                                         st.lists(st.integers(0, 5), max_size=3).map(tuple), JUNK)),
-    "budgets": mostly(st.one_of(st.integers(1, 600), st.floats(0.001, 1.0),
-                                st.lists(st.integers(1, 300), min_size=1, max_size=2).map(lambda b: sorted(b)[::-1])),
-                      st.one_of(st.integers(-2, 0), st.floats(-0.5, 1.5), st.floats(allow_nan=True),
-                                st.lists(st.one_of(st.integers(-1, 300), st.floats(0, 1.2)), max_size=3), JUNK)),
+    "selection_layers": mostly(
+        st.one_of(st.integers(0, 5), st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True).map(sorted)),
+        st.one_of(
+            st.integers(-2, -1),
+            st.lists(st.integers(-2, 5), max_size=3),
+            st.lists(st.integers(0, 5), max_size=3).map(tuple),
+            JUNK,
+        ),
+    ),
+    "budgets": mostly(
+        st.one_of(
+            st.integers(1, 600),
+            st.floats(0.001, 1.0),
+            st.lists(st.integers(1, 300), min_size=1, max_size=2).map(lambda b: sorted(b)[::-1]),
+        ),
+        st.one_of(
+            st.integers(-2, 0),
+            st.floats(-0.5, 1.5),
+            st.floats(allow_nan=True),
+            st.lists(st.one_of(st.integers(-1, 300), st.floats(0, 1.2)), max_size=3),
+            JUNK,
+        ),
+    ),
     "pool_kernel": mostly(st.integers(0, 5).map(lambda k: 2 * k + 1), st.one_of(st.integers(-3, 10), JUNK)),
     "cache_truncation": mostly(st.booleans(), st.one_of(st.integers(0, 1), JUNK)),
     "query_source": mostly(st.sampled_from(QUERY_SOURCES), st.one_of(st.sampled_from(["last", ""]), JUNK)),
@@ -198,12 +254,23 @@ CONFIG_FIELDS = {
     "aggregation": mostly(st.sampled_from(AGGREGATIONS), st.one_of(st.sampled_from(["sum", ""]), JUNK)),
     "span": mostly(st.sampled_from(SPANS), st.one_of(st.sampled_from(["paragraph", "Token"]), JUNK)),
     "chunk_size": INT_FIELD,
-    "heads": mostly(st.lists(st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=1, max_size=3)), min_size=1,
-                             max_size=3),
-                    st.one_of(st.none(), st.integers(-1, 3), st.text(max_size=2),
-                              st.lists(st.one_of(st.none(), st.integers(0, 3), st.text(max_size=1),
-                                                 st.lists(st.one_of(st.integers(-1, 5), st.booleans()), max_size=3)),
-                                       max_size=3))),
+    "heads": mostly(
+        st.lists(st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=1, max_size=3)), min_size=1, max_size=3),
+        st.one_of(
+            st.none(),
+            st.integers(-1, 3),
+            st.text(max_size=2),
+            st.lists(
+                st.one_of(
+                    st.none(),
+                    st.integers(0, 3),
+                    st.text(max_size=1),
+                    st.lists(st.one_of(st.integers(-1, 5), st.booleans()), max_size=3),
+                ),
+                max_size=3,
+            ),
+        ),
+    ),
     "max_probe_tokens": INT_FIELD,
     "context_min_tokens": INT_FIELD,
 }
@@ -224,8 +291,11 @@ def test_config_fields_and_adapter_shortcuts_agree(fields):
     if isinstance(outcome, PromptDistillConfig):
         assert hash(outcome) == hash(PromptDistillConfig(**dataclasses.asdict(outcome)))
         assert outcome == PromptDistillConfig(**dataclasses.asdict(outcome))
-        assert all(isinstance(getattr(outcome, name), tuple) for name in ("selection_layers", "budgets", "heads")
-                   if getattr(outcome, name) is not None)
+        assert all(
+            isinstance(getattr(outcome, name), tuple)
+            for name in ("selection_layers", "budgets", "heads")
+            if getattr(outcome, name) is not None
+        )
     for cls in (ChatPromptDistill, LlamaIndexLLM):
         adapted = expect_named_error(lambda: cls(**fields), given_fields)
         if isinstance(outcome, PromptDistillConfig):
@@ -245,11 +315,17 @@ def valid_configs(draw):
     if draw(st.booleans()):
         budgets = tuple(sorted(draw(st.lists(st.integers(1, 40), min_size=stages, max_size=stages)), reverse=True))
     else:
-        budgets = tuple(sorted(draw(st.lists(st.floats(0.01, 1.0), min_size=stages, max_size=stages)),
-                               reverse=True))
-    heads = draw(st.one_of(st.none(), st.lists(st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=1,
-                                                                             max_size=4)),
-                                               min_size=stages, max_size=stages)))
+        budgets = tuple(sorted(draw(st.lists(st.floats(0.01, 1.0), min_size=stages, max_size=stages)), reverse=True))
+    heads = draw(
+        st.one_of(
+            st.none(),
+            st.lists(
+                st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=1, max_size=4)),
+                min_size=stages,
+                max_size=stages,
+            ),
+        )
+    )
     optional = {
         "pool_kernel": st.integers(0, 4).map(lambda k: 2 * k + 1),
         "cache_truncation": st.booleans(),
@@ -266,34 +342,50 @@ def valid_configs(draw):
     return PromptDistillConfig(method=method, selection_layers=layers, budgets=budgets, heads=heads, **extra)
 
 
-PASSAGES = ["The vault code is 48213. It opens at noon.", "Foxes sleep in dens! They hunt at night.",
-            "Paris is in France.\nIt has a river.", "Emoji 🙂 and é accents, also \x00 NUL."]
+PASSAGES = [
+    "The vault code is 48213. It opens at noon.",
+    "Foxes sleep in dens! They hunt at night.",
+    "Paris is in France.\nIt has a river.",
+    "Emoji 🙂 and é accents, also \x00 NUL.",
+]
 QUESTION = "What is the vault code?"
 
 
 @fuzz(200)
-@given(config=valid_configs(), with_documents=st.booleans(), with_query=st.booleans(), as_messages=st.booleans(),
-       max_new_tokens=st.integers(1, 3))
-def test_valid_configs_run_on_the_model(tiny, config, with_documents, with_query, as_messages,
-                                        max_new_tokens):
+@given(
+    config=valid_configs(),
+    with_documents=st.booleans(),
+    with_query=st.booleans(),
+    as_messages=st.booleans(),
+    max_new_tokens=st.integers(1, 3),
+)
+def test_valid_configs_run_on_the_model(tiny, config, with_documents, with_query, as_messages, max_new_tokens):
     """A valid config either doesn't fit the model (ValueError naming the field) or generates a consistent result,
     whatever its span, stages, heads, pooling, seeds and protected lengths."""
-    engine = expect_named_error(lambda: PromptDistillEngine(tiny.model, tiny.tokenizer, config),
-                                ["selection_layers", "heads"])
+    engine = expect_named_error(
+        lambda: PromptDistillEngine(tiny.model, tiny.tokenizer, config), ["selection_layers", "heads"]
+    )
     if isinstance(engine, Exception):
         assert any(layer >= NUM_LAYERS - 1 for layer in config.selection_layers) or any(
-            h >= NUM_HEADS for heads in config.heads or () for h in heads or ())
+            h >= NUM_HEADS for heads in config.heads or () for h in heads or ()
+        )
         return
     text = "Context:\n" + "\n\n".join(PASSAGES) + f"\n\nQuestion: {QUESTION}"
     prompt = {"messages": [{"role": "user", "content": text}]} if as_messages else {"prompt": text}
     documents = PASSAGES if with_documents else None
     result = expect_named_error(
-        lambda: engine.generate(**prompt, documents=documents, query=QUESTION if with_query else None,
-                                max_new_tokens=max_new_tokens),
-        ["span", "documents", "query", "max_probe_tokens"])
+        lambda: engine.generate(
+            **prompt, documents=documents, query=QUESTION if with_query else None, max_new_tokens=max_new_tokens
+        ),
+        ["span", "documents", "query", "max_probe_tokens"],
+    )
     if isinstance(result, Exception):
-        assert (config.span == "document" and not with_documents and config.method != "full"
-                or "max_probe_tokens" in str(result)), result
+        assert (
+            config.span == "document"
+            and not with_documents
+            and config.method != "full"
+            or "max_probe_tokens" in str(result)
+        ), result
         return
     check_result(result, max_new_tokens, documents)
     if config.method == "full":
@@ -303,6 +395,7 @@ def test_valid_configs_run_on_the_model(tiny, config, with_documents, with_query
 
 
 # ---------------------------------------------------------------- 2. sampling arguments
+
 
 def _valid_int(value, minimum):
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
@@ -315,17 +408,33 @@ def _valid_number(value):
 SCALARS = st.one_of(st.booleans(), st.none(), st.text(max_size=2), st.lists(st.integers(0, 2), max_size=1))
 MAX_NEW_TOKENS = mostly(st.integers(1, 3), st.one_of(st.integers(-3, 0), st.floats(-1, 4), SCALARS), weight=10)
 # 0 (greedy) or [MIN_TEMPERATURE, MAX_TEMPERATURE], ints included; NaN, inf, tiny and negative ones are refused.
-TEMPERATURE = mostly(st.one_of(st.just(0), st.just(0.0), st.floats(MIN_TEMPERATURE, MAX_TEMPERATURE),
-                               st.integers(1, 5)),
-                     st.one_of(st.floats(max_value=-1e-300), st.floats(1e-300, MIN_TEMPERATURE / 2),
-                               st.just(math.nan), st.just(math.inf), st.integers(-3, -1), SCALARS), weight=10)
-TOP_P = mostly(st.one_of(st.floats(1e-300, 1), st.just(1)),
-               st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(max_value=0), st.integers(-1, 2),
-                         SCALARS), weight=10)
-TOP_K = mostly(st.one_of(st.integers(0, 10), st.integers(10, 10**9)),
-               st.one_of(st.integers(-3, -1), st.floats(0, 5), SCALARS), weight=10)
-SEED = mostly(st.one_of(st.none(), st.integers(0, 2**63 - 1)),
-              st.one_of(st.integers(-(2**70), -1), st.integers(2**63, 2**70), st.floats(0, 10), SCALARS), weight=10)
+TEMPERATURE = mostly(
+    st.one_of(st.just(0), st.just(0.0), st.floats(MIN_TEMPERATURE, MAX_TEMPERATURE), st.integers(1, 5)),
+    st.one_of(
+        st.floats(max_value=-1e-300),
+        st.floats(1e-300, MIN_TEMPERATURE / 2),
+        st.just(math.nan),
+        st.just(math.inf),
+        st.integers(-3, -1),
+        SCALARS,
+    ),
+    weight=10,
+)
+TOP_P = mostly(
+    st.one_of(st.floats(1e-300, 1), st.just(1)),
+    st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(max_value=0), st.integers(-1, 2), SCALARS),
+    weight=10,
+)
+TOP_K = mostly(
+    st.one_of(st.integers(0, 10), st.integers(10, 10**9)),
+    st.one_of(st.integers(-3, -1), st.floats(0, 5), SCALARS),
+    weight=10,
+)
+SEED = mostly(
+    st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+    st.one_of(st.integers(-(2**70), -1), st.integers(2**63, 2**70), st.floats(0, 10), SCALARS),
+    weight=10,
+)
 
 
 def sampling_errors(max_new_tokens, temperature, top_p, top_k, seed) -> list[str]:
@@ -345,16 +454,28 @@ def sampling_errors(max_new_tokens, temperature, top_p, top_k, seed) -> list[str
 
 
 @fuzz(300)
-@given(engine_name=ENGINE_NAMES, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K,
-       seed=SEED)
+@given(
+    engine_name=ENGINE_NAMES,
+    max_new_tokens=MAX_NEW_TOKENS,
+    temperature=TEMPERATURE,
+    top_p=TOP_P,
+    top_k=TOP_K,
+    seed=SEED,
+)
 def test_sampling_arguments(engines, engine_name, max_new_tokens, temperature, top_p, top_k, seed):
     """Valid sampling arguments generate; invalid ones raise naming one of the invalid arguments."""
     bad = sampling_errors(max_new_tokens, temperature, top_p, top_k, seed)
     outcome = expect_named_error(
-        lambda: engines[engine_name].generate("The vault code is 48213. What is the vault code?",
-                                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                              top_k=top_k, seed=seed),
-        bad or ["<no error expected>"])
+        lambda: engines[engine_name].generate(
+            "The vault code is 48213. What is the vault code?",
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+        ),
+        bad or ["<no error expected>"],
+    )
     if bad:
         assert isinstance(outcome, (ValueError, TypeError)), f"accepted invalid {bad}"
     else:
@@ -367,8 +488,12 @@ PROMPT_NAMES = ["prompt", "messages", "context window", "query"]
 
 
 @fuzz(300)
-@given(engine_name=ENGINE_NAMES, text=TEXT, mode=st.sampled_from(["prompt", "user", "system+user", "turns"]),
-       max_new_tokens=st.integers(1, 3))
+@given(
+    engine_name=ENGINE_NAMES,
+    text=TEXT,
+    mode=st.sampled_from(["prompt", "user", "system+user", "turns"]),
+    max_new_tokens=st.integers(1, 3),
+)
 def test_any_text_as_prompt_or_messages(engines, tokenizer, engine_name, text, mode, max_new_tokens):
     """Unicode of every plane, right-to-left text, emoji, NUL and control characters, whitespace-only and huge
     token-less strings: generation works, or fails naming the prompt (empty, or longer than the window)."""
@@ -379,10 +504,16 @@ def test_any_text_as_prompt_or_messages(engines, tokenizer, engine_name, text, m
     elif mode == "system+user":
         kwargs = {"messages": [{"role": "system", "content": text}, {"role": "user", "content": "Answer: " + text}]}
     else:
-        kwargs = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text},
-                               {"role": "user", "content": "and?"}]}
-    outcome = expect_named_error(lambda: engines[engine_name].generate(**kwargs, max_new_tokens=max_new_tokens),
-                                 PROMPT_NAMES)
+        kwargs = {
+            "messages": [
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": text},
+                {"role": "user", "content": "and?"},
+            ]
+        }
+    outcome = expect_named_error(
+        lambda: engines[engine_name].generate(**kwargs, max_new_tokens=max_new_tokens), PROMPT_NAMES
+    )
     if mode == "prompt" and not text.strip():
         assert isinstance(outcome, ValueError) and "prompt is empty" in str(outcome)
         return
@@ -397,17 +528,26 @@ def test_any_text_as_prompt_or_messages(engines, tokenizer, engine_name, text, m
 
 
 @fuzz(250)
-@given(engine_name=ENGINE_NAMES, query=st.one_of(st.none(), TEXT, st.sampled_from(["vault code", QUESTION, " ? "]),
-                                                 st.integers(), st.lists(st.text(max_size=3), max_size=2),
-                                                 st.binary(max_size=4)),
-       as_messages=st.booleans())
+@given(
+    engine_name=ENGINE_NAMES,
+    query=st.one_of(
+        st.none(),
+        TEXT,
+        st.sampled_from(["vault code", QUESTION, " ? "]),
+        st.integers(),
+        st.lists(st.text(max_size=3), max_size=2),
+        st.binary(max_size=4),
+    ),
+    as_messages=st.booleans(),
+)
 def test_any_query(engines, engine_name, query, as_messages):
     """A query (seed of selection, never pruned) of any text works, or fails naming `query` (not a non-empty str,
     or too long to be a probe), or the window (a probe past 512 positions)."""
     text = "Context:\n" + "\n\n".join(PASSAGES) + f"\n\nQuestion: {QUESTION}"
     prompt = {"messages": [{"role": "user", "content": text}]} if as_messages else {"prompt": text}
-    outcome = expect_named_error(lambda: engines[engine_name].generate(**prompt, query=query, max_new_tokens=1),
-                                 ["query", "context window"])
+    outcome = expect_named_error(
+        lambda: engines[engine_name].generate(**prompt, query=query, max_new_tokens=1), ["query", "context window"]
+    )
     valid = query is None or isinstance(query, str) and query.strip()
     if not valid and engine_name != "full":  # "full" ignores the query: see test_full_method_checks_the_query
         assert isinstance(outcome, (ValueError, TypeError)) and "query" in str(outcome)
@@ -416,6 +556,7 @@ def test_any_query(engines, engine_name, query, as_messages):
 
 
 # ---------------------------------------------------------------- 4. documents
+
 
 class Node:
     """Anything with `get_content()` (LlamaIndex's node interface)."""
@@ -430,48 +571,70 @@ class Node:
 def _document_items(passages):
     exact = st.sampled_from(passages)
     found = st.one_of(
-        exact, exact, exact,
+        exact,
+        exact,
+        exact,
         exact.map(lambda p: p[: max(1, len(p) // 2)]),  # a prefix: overlaps the passage
-        exact.map(lambda p: p[len(p) // 3: 2 * len(p) // 3 + 1]),  # a middle slice
+        exact.map(lambda p: p[len(p) // 3 : 2 * len(p) // 3 + 1]),  # a middle slice
         exact.map(lambda p: f"  {p}\n"),  # padded with whitespace (stripped to find it)
     )
     wrong = st.one_of(
         # Framework objects: the adapters turn them into texts; the engine takes them, or refuses naming documents.
-        exact.map(lambda p: Document(page_content=p)), exact.map(lambda p: TextNode(text=p)), exact.map(Node),
+        exact.map(lambda p: Document(page_content=p)),
+        exact.map(lambda p: TextNode(text=p)),
+        exact.map(Node),
         st.sampled_from(["", "   ", "\n", "not in the prompt", "Question", "\x00"]),
         ANY_TEXT,
-        st.one_of(st.none(), st.integers(), st.binary(max_size=3), st.just({"text": "x"}), st.just(["nested"]),
-                  st.just(Node(5))),
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.binary(max_size=3),
+            st.just({"text": "x"}),
+            st.just(["nested"]),
+            st.just(Node(5)),
+        ),
     )
     return mostly(found, wrong, weight=8)
 
 
 @fuzz(300)
-@given(data=st.data(), engine_name=st.sampled_from(["token", "chunk", "sentence", "gemfilter", "full"]),
-       span_document=st.booleans())
+@given(
+    data=st.data(),
+    engine_name=st.sampled_from(["token", "chunk", "sentence", "gemfilter", "full"]),
+    span_document=st.booleans(),
+)
 def test_any_documents(engines, data, engine_name, span_document):
     """Missing, duplicated, overlapping, empty or non-str documents, in any container: generation works (each named
     document gets a retention share), or fails naming `documents`."""
-    passages = data.draw(st.lists(st.sampled_from(PASSAGES + ["Short one.", "A second short one."]), min_size=1,
-                                  max_size=4, unique=True))
+    passages = data.draw(
+        st.lists(st.sampled_from(PASSAGES + ["Short one.", "A second short one."]), min_size=1, max_size=4, unique=True)
+    )
     prompt = "Context:\n" + "\n\n".join(passages) + f"\n\nQuestion: {QUESTION}"
-    documents = data.draw(st.one_of(
-        st.lists(_document_items(passages), min_size=1, max_size=5),
-        st.lists(_document_items(passages), min_size=1, max_size=5),
-        st.lists(_document_items(passages), max_size=3).map(tuple),
-        st.permutations(passages),
-        st.just(passages), st.just(passages + passages[:1]),
-        st.sampled_from(passages), st.integers(), st.just({"a": "b"}),  # not a list
-    ))
+    documents = data.draw(
+        st.one_of(
+            st.lists(_document_items(passages), min_size=1, max_size=5),
+            st.lists(_document_items(passages), min_size=1, max_size=5),
+            st.lists(_document_items(passages), max_size=3).map(tuple),
+            st.permutations(passages),
+            st.just(passages),
+            st.just(passages + passages[:1]),
+            st.sampled_from(passages),
+            st.integers(),
+            st.just({"a": "b"}),  # not a list
+        )
+    )
     engine = engines[engine_name]
     if span_document:
         engine = engine.with_config(engine.config.replace(span="document"))
-    outcome = expect_named_error(lambda: engine.generate(prompt, documents=documents, max_new_tokens=1),
-                                 ["documents"])
+    outcome = expect_named_error(lambda: engine.generate(prompt, documents=documents, max_new_tokens=1), ["documents"])
     if not isinstance(documents, (list, tuple)):
         assert isinstance(outcome, TypeError) and "documents" in str(outcome)
-    elif documents and all(isinstance(d, str) for d in documents) and sorted(documents) == sorted(set(documents)) \
-            and set(documents) <= set(passages):
+    elif (
+        documents
+        and all(isinstance(d, str) for d in documents)
+        and sorted(documents) == sorted(set(documents))
+        and set(documents) <= set(passages)
+    ):
         # Distinct retrieved texts exactly as inserted, in any order: always located.
         assert not isinstance(outcome, Exception), outcome
     if not isinstance(outcome, Exception):
@@ -481,11 +644,21 @@ def test_any_documents(engines, data, engine_name, span_document):
 
 # ---------------------------------------------------------------- 5. stop lists
 
-STOP_TEXT = st.one_of(st.sampled_from(["", " ", "e", "a", "\n", ".", "the", "😀", "\x00", "é", "\u200f"]),
-                      st.text(st.characters(codec="utf-8"), max_size=3))
-STOP = st.one_of(st.none(), STOP_TEXT, st.lists(STOP_TEXT, max_size=4), st.lists(STOP_TEXT, max_size=3).map(tuple),
-                 st.integers(), st.lists(st.one_of(STOP_TEXT, st.integers(), st.none()), min_size=1, max_size=3),
-                 st.sets(STOP_TEXT, max_size=2), st.just([["nested"]]), st.binary(max_size=2))
+STOP_TEXT = st.one_of(
+    st.sampled_from(["", " ", "e", "a", "\n", ".", "the", "😀", "\x00", "é", "\u200f"]),
+    st.text(st.characters(codec="utf-8"), max_size=3),
+)
+STOP = st.one_of(
+    st.none(),
+    STOP_TEXT,
+    st.lists(STOP_TEXT, max_size=4),
+    st.lists(STOP_TEXT, max_size=3).map(tuple),
+    st.integers(),
+    st.lists(st.one_of(STOP_TEXT, st.integers(), st.none()), min_size=1, max_size=3),
+    st.sets(STOP_TEXT, max_size=2),
+    st.just([["nested"]]),
+    st.binary(max_size=2),
+)
 
 
 def stop_valid(stop) -> bool:
@@ -501,9 +674,11 @@ def stop_valid(stop) -> bool:
 def test_any_stop(engines, engine_name, stop, max_new_tokens, temperature):
     """Valid stop lists are honoured (no stop string survives in the text); invalid ones raise naming `stop`."""
     outcome = expect_named_error(
-        lambda: engines[engine_name].generate("Say something about foxes.", stop=stop, max_new_tokens=max_new_tokens,
-                                              temperature=temperature, seed=0),
-        ["stop"])
+        lambda: engines[engine_name].generate(
+            "Say something about foxes.", stop=stop, max_new_tokens=max_new_tokens, temperature=temperature, seed=0
+        ),
+        ["stop"],
+    )
     if not stop_valid(stop):
         assert isinstance(outcome, (ValueError, TypeError)), f"accepted stop={stop!r}"
         return
@@ -516,11 +691,24 @@ def test_any_stop(engines, engine_name, stop, max_new_tokens, temperature):
 
 ID = st.integers(0, VOCAB - 1)
 ANY_ID = st.one_of(ID, st.integers(-5, -1), st.integers(VOCAB, VOCAB + 100), st.integers(2**31, 2**70))
-NOT_ID = st.one_of(st.floats(allow_nan=True), st.booleans(), st.none(), st.text(max_size=2),
-                   st.lists(ID, max_size=2), st.just(torch.tensor(5)), st.just(np.int64(7)))
-DTYPES = {"int64": (torch.int64, np.int64), "int32": (torch.int32, np.int32), "int16": (torch.int16, np.int16),
-          "uint8": (torch.uint8, np.uint8), "float32": (torch.float32, np.float32),
-          "float16": (torch.float16, np.float16), "bool": (torch.bool, np.bool_)}
+NOT_ID = st.one_of(
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=2),
+    st.lists(ID, max_size=2),
+    st.just(torch.tensor(5)),
+    st.just(np.int64(7)),
+)
+DTYPES = {
+    "int64": (torch.int64, np.int64),
+    "int32": (torch.int32, np.int32),
+    "int16": (torch.int16, np.int16),
+    "uint8": (torch.uint8, np.uint8),
+    "float32": (torch.float32, np.float32),
+    "float16": (torch.float16, np.float16),
+    "bool": (torch.bool, np.bool_),
+}
 
 
 @st.composite
@@ -532,44 +720,60 @@ def arrays(draw):
     high = {"int16": 2**15 - 1, "uint8": 255, "bool": 1}.get(dtype, VOCAB + 50)
     low = 0 if dtype in ("uint8", "bool") else -3
     value = mostly(st.integers(0, min(high, VOCAB - 1)), st.integers(low, high), weight=10)
-    values = np.array(draw(st.lists(value, min_size=math.prod(shape), max_size=math.prod(shape))),
-                      dtype=np.int64).reshape(shape)
+    values = np.array(
+        draw(st.lists(value, min_size=math.prod(shape), max_size=math.prod(shape))), dtype=np.int64
+    ).reshape(shape)
     torch_dtype, numpy_dtype = DTYPES[dtype]
     if draw(st.booleans()):
         array = torch.tensor(values).to(torch_dtype)
     else:
         array = values.astype(numpy_dtype)
     flat = values.reshape(-1)
-    valid = (dtype.startswith(("int", "uint")) and (len(shape) == 1 or shape[:1] == (1,) and len(shape) == 2)
-             and flat.size > 0 and bool(((flat >= 0) & (flat < VOCAB)).all()))
+    valid = (
+        dtype.startswith(("int", "uint"))
+        and (len(shape) == 1 or shape[:1] == (1,) and len(shape) == 2)
+        and flat.size > 0
+        and bool(((flat >= 0) & (flat < VOCAB)).all())
+    )
     return array, valid
 
 
 @st.composite
 def id_lists(draw):
     """(ids, valid) for lists and tuples of ints, with out-of-range ids or non-ints mixed in."""
-    ids = draw(mostly(st.lists(ID, min_size=1, max_size=12),
-                      st.lists(mostly(ID, st.one_of(ANY_ID, NOT_ID), weight=3), max_size=12), weight=2))
+    ids = draw(
+        mostly(
+            st.lists(ID, min_size=1, max_size=12),
+            st.lists(mostly(ID, st.one_of(ANY_ID, NOT_ID), weight=3), max_size=12),
+            weight=2,
+        )
+    )
     if draw(st.booleans()):
         ids = tuple(ids)
-    valid = bool(ids) and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < VOCAB
-                              for i in ids)
+    valid = bool(ids) and all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < VOCAB for i in ids
+    )
     return ids, valid
 
 
 @fuzz(400)
-@given(engine_name=ENGINE_NAMES, case=st.one_of(arrays(), id_lists(),
-                                                st.tuples(st.one_of(st.text(max_size=3), st.integers(),
-                                                                    st.just({"input_ids": [5]})), st.just(False))),
-       with_query=st.booleans())
+@given(
+    engine_name=ENGINE_NAMES,
+    case=st.one_of(
+        arrays(),
+        id_lists(),
+        st.tuples(st.one_of(st.text(max_size=3), st.integers(), st.just({"input_ids": [5]})), st.just(False)),
+    ),
+    with_query=st.booleans(),
+)
 def test_any_input_ids(engines, engine_name, case, with_query):
     """Valid token ids generate (one prompt token per id); anything else raises naming `input_ids` before any model
     work (`stream` returns before the model runs)."""
     input_ids, valid = case
     query = "vault code" if with_query else None
-    outcome = expect_named_error(lambda: engines[engine_name].stream(input_ids=input_ids, query=query,
-                                                                     max_new_tokens=1),
-                                 ["input_ids"])
+    outcome = expect_named_error(
+        lambda: engines[engine_name].stream(input_ids=input_ids, query=query, max_new_tokens=1), ["input_ids"]
+    )
     if not valid:
         assert isinstance(outcome, (ValueError, TypeError)), f"accepted input_ids={input_ids!r}"
         return
@@ -600,21 +804,42 @@ def test_unknown_keyword_arguments_are_named(name, value):
             cls(**{name: value})
         assert f"unexpected keyword argument {name!r}" in str(error.value)
     llm = ChatPromptDistill()
-    if name not in ("pd_query", "pd_documents", "model", "temperature", "max_tokens", "max_new_tokens", "top_p",
-                    "top_k", "seed", "stream"):
+    if name not in (
+        "pd_query",
+        "pd_documents",
+        "model",
+        "temperature",
+        "max_tokens",
+        "max_new_tokens",
+        "top_p",
+        "top_k",
+        "seed",
+        "stream",
+    ):
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
             llm._prepare_call(None, {name: value})
-    if name not in ("pd_query", "pd_documents", "max_new_tokens", "max_tokens", "temperature", "top_p", "top_k",
-                    "seed", "stop"):
+    if name not in (
+        "pd_query",
+        "pd_documents",
+        "max_new_tokens",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+    ):
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
             LlamaIndexLLM()._options({name: value})
 
 
 # ---------------------------------------------------------------- counterexamples, kept as explicit tests
 
+
 def test_documents_as_a_tuple(engine):
-    result = engine.generate("Context:\n" + "\n\n".join(PASSAGES[:2]), max_new_tokens=1,
-                             documents=(PASSAGES[1], PASSAGES[0]))
+    result = engine.generate(
+        "Context:\n" + "\n\n".join(PASSAGES[:2]), max_new_tokens=1, documents=(PASSAGES[1], PASSAGES[0])
+    )
     assert result.context_source == "documents" and len(result.document_retention) == 2
 
 
@@ -648,9 +873,15 @@ def test_input_ids_counterexamples(engine):
     """Found before the input_ids checks: floats (TypeError from `range`-like code), nested lists (AttributeError
     deep in span units), negative ids (OverflowError in the tokenizer), ids >= vocab (IndexError in the embedding),
     batches and 3-D tensors (silently flattened into one prompt)."""
-    for ids, error in (([1.0, 2.0], TypeError), ([[5, 6, 7]], TypeError), ([5, -1, 7], ValueError),
-                       ([5, 60000, 7], ValueError), (torch.tensor([[5, 6, 7], [5, 6, 7]]), ValueError),
-                       (torch.tensor([[[5, 6, 7]]]), ValueError), (torch.tensor([5.0, 6.0]), TypeError)):
+    for ids, error in (
+        ([1.0, 2.0], TypeError),
+        ([[5, 6, 7]], TypeError),
+        ([5, -1, 7], ValueError),
+        ([5, 60000, 7], ValueError),
+        (torch.tensor([[5, 6, 7], [5, 6, 7]]), ValueError),
+        (torch.tensor([[[5, 6, 7]]]), ValueError),
+        (torch.tensor([5.0, 6.0]), TypeError),
+    ):
         with pytest.raises(error, match="input_ids"):
             engine.stream(input_ids=ids)
 
@@ -676,19 +907,29 @@ def test_huge_seed_names_seed(engine):
         engine.stream("Hello", temperature=1.0, seed=2**70, max_new_tokens=1)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"prompt": "a\ud800b"}, "prompt"),
-    ({"messages": [{"role": "user", "content": "a\udc00"}]}, "messages"),
-    ({"prompt": "The vault code is 48213.", "query": "\ud800 code"}, "query"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"prompt": "a\ud800b"}, "prompt"),
+        ({"messages": [{"role": "user", "content": "a\udc00"}]}, "messages"),
+        ({"prompt": "The vault code is 48213.", "query": "\ud800 code"}, "query"),
+    ],
+)
 def test_lone_surrogates_name_the_parameter(engine, kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         engine.stream(**kwargs, max_new_tokens=1)
 
 
-@pytest.mark.parametrize("message", [{"role": "user", "content": 5}, {"role": "user", "content": None},
-                                     {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                                     {"role": 3, "content": "hi"}, {"role": None, "content": "hi"}])
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": 5},
+        {"role": "user", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": 3, "content": "hi"},
+        {"role": None, "content": "hi"},
+    ],
+)
 def test_non_str_message_fields_name_messages(engine, message):
     with pytest.raises((ValueError, TypeError), match="messages"):
         engine.stream(messages=[message], max_new_tokens=1)
@@ -701,14 +942,18 @@ def test_full_method_checks_the_query(engines, query):
 
 
 def test_documents_cannot_make_template_tokens_prunable(tiny):
-    engine = PromptDistillEngine(tiny.model, tiny.tokenizer, PromptDistillConfig(selection_layers=(1,), budgets=(1,),
-                                                                                 span="token", protect_head=0))
+    engine = PromptDistillEngine(
+        tiny.model,
+        tiny.tokenizer,
+        PromptDistillConfig(selection_layers=(1,), budgets=(1,), span="token", protect_head=0),
+    )
     content = "alpha beta gamma delta epsilon zeta eta theta"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
     special = set(tiny.tokenizer.all_special_ids)
     try:
-        result = engine.generate(messages=messages, documents=["<|im_end|>\n<|im_start|>user\n" + content],
-                                 max_new_tokens=1)
+        result = engine.generate(
+            messages=messages, documents=["<|im_end|>\n<|im_start|>user\n" + content], max_new_tokens=1
+        )
     except ValueError as error:
         assert "documents" in str(error)
         return

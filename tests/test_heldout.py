@@ -45,11 +45,23 @@ def test_wilson_interval():
 
 def test_summary_compares_against_full_attention_on_the_same_probes():
     def record(method, seed, score, kept, seconds, kv):
-        return {"length": 2000, "shape": "question_last", "seed": seed, "method": method, "score": score,
-                "needles_kept": kept, "prefill_seconds": seconds, "kv_cache_bytes": kv}
+        return {
+            "length": 2000,
+            "shape": "question_last",
+            "seed": seed,
+            "method": method,
+            "score": score,
+            "needles_kept": kept,
+            "prefill_seconds": seconds,
+            "kv_cache_bytes": kv,
+        }
 
-    records = [record("full", 0, 1.0, 1.0, 2.0, 100), record("full", 1, 0.0, 1.0, 2.0, 100),
-               record("profile", 0, 1.0, 1.0, 1.0, 30), record("profile", 1, 1.0, 0.0, 1.0, 30)]
+    records = [
+        record("full", 0, 1.0, 1.0, 2.0, 100),
+        record("full", 1, 0.0, 1.0, 2.0, 100),
+        record("profile", 0, 1.0, 1.0, 1.0, 30),
+        record("profile", 1, 1.0, 0.0, 1.0, 30),
+    ]
     full, profile = heldout.summarize(records)
     assert full["method"] == "full" and profile["answered"] == 2 and profile["kept"] == 1
     assert profile["kept_answered"] == 1 and profile["both_answered"] == 1 and profile["full_answered"] == 1

@@ -11,15 +11,18 @@ from html.parser import HTMLParser
 import pytest
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.probes import needle_probe
 from pd_integrations.kept_view import document_retention, render_html, summary, token_view
+from pd_integrations.probes import needle_probe
 
 from .conftest import tiny_model
 
-DOCUMENTS = ["Alpha <b>bold</b> & \"quoted\" facts about the vault. " * 4,
-             "Beta notes on the weather in the valley, told twice. " * 4]
-PRUNING = PromptDistillConfig(selection_layers=(1,), budgets=(24,), span="token", pool_kernel=1,
-                              aggregation="softmax_mean")
+DOCUMENTS = [
+    'Alpha <b>bold</b> & "quoted" facts about the vault. ' * 4,
+    "Beta notes on the weather in the valley, told twice. " * 4,
+]
+PRUNING = PromptDistillConfig(
+    selection_layers=(1,), budgets=(24,), span="token", pool_kernel=1, aggregation="softmax_mean"
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +95,25 @@ def test_full_attention_page_says_nothing_was_selected(tokenizer):
 
 def test_summary_lists_spans_and_documents(tiny_result):
     text = summary(tiny_result, DOCUMENTS + ["never retrieved"], max_spans=2)
-    assert text.startswith(f"promptdistill at layers 1: kept {tiny_result.kept_tokens} of "
-                           f"{tiny_result.prompt_tokens} prompt tokens")
+    assert text.startswith(
+        f"promptdistill at layers 1: kept {tiny_result.kept_tokens} of {tiny_result.prompt_tokens} prompt tokens"
+    )
     shares = document_retention(tiny_result.prompt_text, tiny_result.kept_char_spans, DOCUMENTS)
     assert f"#1 {f'{shares[0]:.0%}':>13}" in text
     assert "#3 not in prompt" in text
     assert f"and {len(tiny_result.kept_char_spans) - 2} more" in text
 
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 
 @pytest.mark.slow
@@ -136,7 +148,10 @@ def test_needle_is_shaded_as_kept_in_chromium(default_model, tmp_path):
             return [...document.querySelectorAll('.prompt span[data-start]')].map(span => ({
                 needle: +span.dataset.start < end && +span.dataset.end > start,
                 kept: span.classList.contains('kept'),
-                background: getComputedStyle(span).backgroundColor}));""", start, end)
+                background: getComputedStyle(span).backgroundColor}));""",
+            start,
+            end,
+        )
     finally:
         browser.quit()
     needle = [s for s in styles if s["needle"]]

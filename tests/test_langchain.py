@@ -65,19 +65,44 @@ PRUNING = {"selection_layers": (14,), "budgets": (192,)}
 
 # The classic stuff-documents shape: context first, the question at the tail.
 QUESTION_LAST = ChatPromptTemplate.from_messages(
-    [("human", "Answer the question using only these documents.\n\n{context}\n\nQuestion: {question}")])
+    [("human", "Answer the question using only these documents.\n\n{context}\n\nQuestion: {question}")]
+)
 # The rlm/rag-prompt shape: the question before the context.
-QUESTION_FIRST = ChatPromptTemplate.from_messages([(
-    "human",
-    "You are an assistant for question-answering tasks. Use the following pieces of retrieved context to answer "
-    "the question. If you don't know the answer, just say that you don't know. Use three sentences maximum and "
-    "keep the answer concise.\nQuestion: {question} \nContext: {context} \nAnswer:",
-)])
+QUESTION_FIRST = ChatPromptTemplate.from_messages(
+    [
+        (
+            "human",
+            "You are an assistant for question-answering tasks. Use the following pieces of retrieved context to "
+            "answer "
+            "the question. If you don't know the answer, just say that you don't know. Use three sentences maximum and "
+            "keep the answer concise.\nQuestion: {question} \nContext: {context} \nAnswer:",
+        )
+    ]
+)
 
-COUNTRIES = ["France", "Japan", "Kenya", "Peru", "Canada", "Norway", "Egypt", "India", "Mexico", "Italy", "Chile",
-             "Spain", "Greece", "Brazil", "Turkey", "Vietnam"]
-SHORT_PROMPTS = ["The capital of France is", "Q: What color is the sky?\nA:",
-                 "The largest planet in our solar system is"]
+COUNTRIES = [
+    "France",
+    "Japan",
+    "Kenya",
+    "Peru",
+    "Canada",
+    "Norway",
+    "Egypt",
+    "India",
+    "Mexico",
+    "Italy",
+    "Chile",
+    "Spain",
+    "Greece",
+    "Brazil",
+    "Turkey",
+    "Vietnam",
+]
+SHORT_PROMPTS = [
+    "The capital of France is",
+    "Q: What color is the sky?\nA:",
+    "The largest planet in our solar system is",
+]
 
 
 class Recorder(BaseCallbackHandler):
@@ -170,8 +195,9 @@ def test_bound_pd_documents_keep_whole_documents_and_report_their_retention():
 def test_llm_answers_a_raw_rag_prompt_from_pruned_context():
     """A raw (non-chat) prompt is fragile for an instruct model, so the premise is checked too: full attention
     answers it. The documents are named, so only they are pruned, in whole-passage units."""
-    prompt = PromptTemplate.from_template("Use the documents to answer the question.\n\n{context}\n\n"
-                                          "Question: {question}\nAnswer: ").format(**RAG_INPUT)
+    prompt = PromptTemplate.from_template(
+        "Use the documents to answer the question.\n\n{context}\n\nQuestion: {question}\nAnswer: "
+    ).format(**RAG_INPUT)
     assert ANSWER in PromptDistillLLM(method="full", max_tokens=32).invoke(prompt)
     llm = PromptDistillLLM(**PRUNING, max_tokens=32)
     result = llm.generate([prompt], pd_documents=DOCUMENTS)
@@ -224,8 +250,9 @@ async def test_astream_concatenates_to_the_invoke_text():
 @pytest.mark.parametrize("model_class", [ChatPromptDistill, PromptDistillLLM])
 def test_streaming_invoke_fires_on_llm_new_token(model_class):
     recorder = Recorder()
-    output = model_class(streaming=True, max_tokens=12).invoke("The capital of France is",
-                                                              config={"callbacks": [recorder]})
+    output = model_class(streaming=True, max_tokens=12).invoke(
+        "The capital of France is", config={"callbacks": [recorder]}
+    )
     text = output.content if isinstance(output, AIMessage) else output
     assert len(recorder.tokens) > 1
     assert "".join(recorder.tokens) == text
@@ -256,12 +283,15 @@ def test_llm_batch_equals_separate_invokes():
 async def test_abatch_of_16_pruned_prompts_equals_sequential_output():
     # The notes in the system message are pruned while the human question seeds selection, so the concurrent calls
     # run selection, not only decoding; each answer names its own country, so crossed state would show.
-    notes = ("Reference notes: capitals are usually the seat of government. Some countries have several capitals, "
-             "and a few moved their capital during the last century.")
+    notes = (
+        "Reference notes: capitals are usually the seat of government. Some countries have several capitals, "
+        "and a few moved their capital during the last century."
+    )
     prompts = [[SystemMessage(notes), HumanMessage(f"What is the capital of {country}?")] for country in COUNTRIES]
     # The notes are named as the retrieved document, so they are the prunable text.
-    chat = ChatPromptDistill(selection_layers=(14,), budgets=(16,), max_tokens=8,
-                             dtype="float32").bind(pd_documents=[notes])
+    chat = ChatPromptDistill(selection_layers=(14,), budgets=(16,), max_tokens=8, dtype="float32").bind(
+        pd_documents=[notes]
+    )
     concurrent = await chat.abatch(prompts)
     sequential = [chat.invoke(prompt) for prompt in prompts]
     assert [m.content for m in concurrent] == [m.content for m in sequential]
@@ -275,21 +305,24 @@ async def test_abatch_of_16_pruned_prompts_equals_sequential_output():
 # ---------------------------------------------------------------- settings, messages and laziness
 
 
-@pytest.mark.parametrize("kwargs, parameter", [
-    ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"timeout": 0}, "timeout"),
-    ({"max_retries": -1}, "max_retries"),
-    ({"budgets": (0.5, 3)}, "budgets"),
-    ({"selection_layers": (14, 10)}, "selection_layers"),
-    ({"method": "magic"}, "method"),
-    ({"quantization": "3bit"}, "quantization"),
-    ({"device": "tpu"}, "device"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"stop": ["", "x"]}, "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, parameter",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"budgets": (0.5, 3)}, "budgets"),
+        ({"selection_layers": (14, 10)}, "selection_layers"),
+        ({"method": "magic"}, "method"),
+        ({"quantization": "3bit"}, "quantization"),
+        ({"device": "tpu"}, "device"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"stop": ["", "x"]}, "stop"),
+    ],
+)
 @pytest.mark.parametrize("model_class", [ChatPromptDistill, PromptDistillLLM])
 def test_bad_settings_raise_naming_the_parameter(model_class, kwargs, parameter):
     with pytest.raises(ValueError, match=parameter):
@@ -297,8 +330,9 @@ def test_bad_settings_raise_naming_the_parameter(model_class, kwargs, parameter)
 
 
 def test_shortcuts_override_the_config_fields():
-    chat = ChatPromptDistill(config=PromptDistillConfig(selection_layers=(10,), budgets=(512,), chunk_size=16),
-                             budgets=(64,))
+    chat = ChatPromptDistill(
+        config=PromptDistillConfig(selection_layers=(10,), budgets=(512,), chunk_size=16), budgets=(64,)
+    )
     assert chat._identifying_params["promptdistill"]["selection_layers"] == (10,)
     assert chat._identifying_params["promptdistill"]["budgets"] == (64,)
     assert chat._identifying_params["promptdistill"]["chunk_size"] == 16
@@ -347,8 +381,13 @@ def test_token_counts_use_the_model_tokenizer():
 
 
 def test_messages_become_chat_template_messages():
-    messages = [SystemMessage("Be brief."), SystemMessage("Use the context."), HumanMessage("Hi", name="ann"),
-                AIMessage("Hello!"), ChatMessage(role="user", content="What is 2+2?")]
+    messages = [
+        SystemMessage("Be brief."),
+        SystemMessage("Use the context."),
+        HumanMessage("Hi", name="ann"),
+        AIMessage("Hello!"),
+        ChatMessage(role="user", content="What is 2+2?"),
+    ]
     assert to_engine_messages(messages) == [
         {"role": "system", "content": "Be brief.\n\nUse the context."},
         {"role": "user", "content": "Hi"},
@@ -358,10 +397,12 @@ def test_messages_become_chat_template_messages():
     # A tool's result stays a tool message; the chat template or the built-in format renders it (see
     # tests/test_structured.py).
     assert to_engine_messages([ToolMessage("4", tool_call_id="call-1")]) == [
-        {"role": "tool", "content": "4", "tool_call_id": "call-1"}]
+        {"role": "tool", "content": "4", "tool_call_id": "call-1"}
+    ]
     with pytest.raises(ValueError, match="takes system, human, AI, tool and chat messages, got a 'function'"):
         to_engine_messages([FunctionMessage("4", name="add")])
-    image = HumanMessage([{"type": "text", "text": "What is this?"},
-                          {"type": "image", "url": "https://example.com/cat.png"}])
+    image = HumanMessage(
+        [{"type": "text", "text": "What is this?"}, {"type": "image", "url": "https://example.com/cat.png"}]
+    )
     with pytest.raises(ValueError, match="text content only"):
         to_engine_messages([image])

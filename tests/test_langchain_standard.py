@@ -24,8 +24,11 @@ _STRUCTURED_TESTS = ("tool", "few_shot")
 # model, held to the schema, repeats a phrase inside the joke's first string until max_tokens, which the adapter
 # reports as it should (OutputParserException: cut off at max_tokens). tests/test_structured.py covers the same
 # calls on prompts the model can finish.
-_JOKE_LOOPS = pytest.mark.xfail(raises=OutputParserException, reason="the 135M model loops inside the joke string "
-                                "until max_tokens; the cut-off raises OutputParserException as designed")
+_JOKE_LOOPS = pytest.mark.xfail(
+    raises=OutputParserException,
+    reason="the 135M model loops inside the joke string "
+    "until max_tokens; the cut-off raises OutputParserException as designed",
+)
 
 
 class PromptDistillStandardParams:
@@ -50,8 +53,11 @@ class PromptDistillStandardParams:
 
     @pytest.fixture
     def model(self, request: Any) -> ChatPromptDistill:
-        params = {**self.standard_chat_model_params, **self.chat_model_params,
-                  **(getattr(request, "param", None) or {})}
+        params = {
+            **self.standard_chat_model_params,
+            **self.chat_model_params,
+            **(getattr(request, "param", None) or {}),
+        }
         if any(word in request.node.name for word in _STRUCTURED_TESTS):
             params["max_tokens"] = 96
         return self.chat_model_class(**params)
@@ -82,15 +88,18 @@ class TestChatPromptDistillStandardIntegration(PromptDistillStandardParams, Chat
 
     # With tool_choice="auto" the model chooses; asked about the weather, the 135M model answers in prose instead of
     # calling get_weather (forced calls pass: test_tool_calling, test_tool_choice).
-    @pytest.mark.xfail(raises=AssertionError, reason="with tool_choice='auto' the 135M model answers in text rather "
-                       "than calling the tool")
+    @pytest.mark.xfail(
+        raises=AssertionError,
+        reason="with tool_choice='auto' the 135M model answers in text rather than calling the tool",
+    )
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     def test_agent_loop(self, model) -> None:
         super().test_agent_loop(model)
 
     # JSON mode constrains the reply to an object, not to keys: asked for "setup" and "punchline", the 135M model
     # writes only "setup", so validating the Joke fails (the object itself parses).
-    @pytest.mark.xfail(raises=OutputParserException, reason="JSON mode does not force keys; the 135M model omits "
-                       "'punchline'")
+    @pytest.mark.xfail(
+        raises=OutputParserException, reason="JSON mode does not force keys; the 135M model omits 'punchline'"
+    )
     def test_json_mode(self, model) -> None:
         super().test_json_mode(model)

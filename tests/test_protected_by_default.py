@@ -22,11 +22,21 @@ RESULT = "\n\n".join(PASSAGES[:6])  # a tool result far longer than context_min_
 
 
 def tool_conversation(question: str) -> list[dict]:
-    return [{"role": "user", "content": question},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "set_alarm",
-                                                                  "arguments": {"hour": "six", "loud": True}}}]},
-            {"role": "tool", "content": RESULT, "tool_call_id": "call_1"}]
+    return [
+        {"role": "user", "content": question},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}},
+                }
+            ],
+        },
+        {"role": "tool", "content": RESULT, "tool_call_id": "call_1"},
+    ]
 
 
 def prunable_text(rendered, layout) -> str:
@@ -42,11 +52,9 @@ def test_a_long_tool_result_is_not_taken_for_context(qwen_tokenizer, tiny_qwen, 
     layout = engine.prefill(messages=messages, tools=TOOLS, tool_format=tool_format).rows[0].layout
     assert layout.context_source == "none" and not bool(layout.prunable.any())
     # Named as a document, the result is the retrieved context.
-    named = engine.prefill(messages=messages, tools=TOOLS, tool_format=tool_format,
-                           documents=[RESULT]).rows[0].layout
+    named = engine.prefill(messages=messages, tools=TOOLS, tool_format=tool_format, documents=[RESULT]).rows[0].layout
     assert named.context_source == "documents" and named.num_prunable > 200
-    assert prunable_text(rendered, named).split() == [w for w in prunable_text(rendered, named).split()
-                                                      if w in RESULT]
+    assert prunable_text(rendered, named).split() == [w for w in prunable_text(rendered, named).split() if w in RESULT]
 
 
 @pytest.mark.parametrize("tool_format", ["template", "builtin"])
@@ -54,10 +62,14 @@ def test_retrieved_context_beside_a_tool_result_is_still_pruned(qwen_tokenizer, 
     context = "\n\n".join(PASSAGES[6:])
     messages = tool_conversation(f"Context:\n{context}\n\nQuestion: {QUESTION}")
     rendered = render(qwen_tokenizer, None, messages, None, TOOLS, tool_format)
-    layout = engine_for(tiny_qwen, qwen_tokenizer).prefill(messages=messages, tools=TOOLS,
-                                                           tool_format=tool_format).rows[0].layout
+    layout = (
+        engine_for(tiny_qwen, qwen_tokenizer)
+        .prefill(messages=messages, tools=TOOLS, tool_format=tool_format)
+        .rows[0]
+        .layout
+    )
     assert layout.context_source == "heuristic" and layout.num_prunable > 100
-    (start, end), = rendered.tool_result_ranges
+    ((start, end),) = rendered.tool_result_ranges
     starts = rendered.word_starts()
     assert not bool(layout.prunable[(starts >= start) & (starts < end)].any())
 
@@ -73,27 +85,38 @@ def test_chat_prompt_templates_are_rendered_by_the_chat_template(tiny_model_dir,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(PromptDistillEngine, "stream", recording_stream)
-    template = ChatPromptTemplate([ChatMessage(role=MessageRole.SYSTEM, content="Context: {context_str}"),
-                                   ChatMessage(role=MessageRole.USER, content="Who keeps the lighthouse?"),
-                                   ChatMessage(role=MessageRole.ASSISTANT, content="Ada."),
-                                   ChatMessage(role=MessageRole.USER, content="{query_str}")])
+    template = ChatPromptTemplate(
+        [
+            ChatMessage(role=MessageRole.SYSTEM, content="Context: {context_str}"),
+            ChatMessage(role=MessageRole.USER, content="Who keeps the lighthouse?"),
+            ChatMessage(role=MessageRole.ASSISTANT, content="Ada."),
+            ChatMessage(role=MessageRole.USER, content="{query_str}"),
+        ]
+    )
     llm = LlamaIndexLLM(model=tiny_model_dir, max_new_tokens=2)
     llm.predict(template, context_str="Ada keeps it.", query_str="Where does she live?")
-    assert seen[-1] == [{"role": "system", "content": "Context: Ada keeps it."},
-                        {"role": "user", "content": "Who keeps the lighthouse?"},
-                        {"role": "assistant", "content": "Ada."}, {"role": "user", "content": "Where does she live?"}]
+    assert seen[-1] == [
+        {"role": "system", "content": "Context: Ada keeps it."},
+        {"role": "user", "content": "Who keeps the lighthouse?"},
+        {"role": "assistant", "content": "Ada."},
+        {"role": "user", "content": "Where does she live?"},
+    ]
     assert not llm.metadata.is_chat_model  # only for the call
     list(llm.stream(template, context_str="Ada keeps it.", query_str="Where?"))
     assert seen[-1][-1] == {"role": "user", "content": "Where?"}
     LlamaIndexLLM(model=tiny_model_dir, max_new_tokens=2, use_chat_template=False).predict(
-        template, context_str="Ada keeps it.", query_str="Where?")
+        template, context_str="Ada keeps it.", query_str="Where?"
+    )
     assert seen[-1] is None  # raw text through messages_to_prompt, as asked
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_names_the_torch_build_and_the_fix():
-    for make in (lambda: resolve_device("cuda"), lambda: ChatPromptDistill(device="cuda"),
-                 lambda: LlamaIndexLLM(device="cuda:0")):
+    for make in (
+        lambda: resolve_device("cuda"),
+        lambda: ChatPromptDistill(device="cuda"),
+        lambda: LlamaIndexLLM(device="cuda:0"),
+    ):
         with pytest.raises(DeviceUnavailableError) as error:
             make()
         message = str(error.value)

@@ -35,8 +35,9 @@ def hf_decode(model, prefill, first_token: int, start: int, steps: int) -> list[
     """Greedy tokens from HF's own forward over the engine's returned cache, at positions `start`, `start + 1`..."""
     tokens, cache = [first_token], prefill.cache
     for step in range(steps - 1):
-        out = model(torch.tensor([[tokens[-1]]]), position_ids=torch.tensor([[start + step]]),
-                    cache=cache, use_cache=True)
+        out = model(
+            torch.tensor([[tokens[-1]]]), position_ids=torch.tensor([[start + step]]), cache=cache, use_cache=True
+        )
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
 
@@ -45,8 +46,15 @@ def hf_decode(model, prefill, first_token: int, start: int, steps: int) -> list[
 @pytest.mark.parametrize("truncation", TRUNCATIONS, ids=[str(t) for t in TRUNCATIONS])
 def test_pruned_prefill_and_decode_match_hf_layers(family, truncation, tokenizer):
     model = tiny_model(family, "sdpa")
-    config = PromptDistillConfig(selection_layers=(1, 2), budgets=(40, 20), span="token", pool_kernel=1,
-                                 query_source="auto", aggregation="softmax_mean", cache_truncation=truncation)
+    config = PromptDistillConfig(
+        selection_layers=(1, 2),
+        budgets=(40, 20),
+        span="token",
+        pool_kernel=1,
+        query_source="auto",
+        aggregation="softmax_mean",
+        cache_truncation=truncation,
+    )
     engine = PromptDistillEngine(model, tokenizer, config)
     ids = random_ids(N, seed=5)
     with torch.inference_mode():

@@ -25,8 +25,7 @@ CONTEXT = "\n\n".join(PASSAGES[:6])
 CONFIGS = {
     "full": PromptDistillConfig(method="full"),
     "promptdistill": PromptDistillConfig(selection_layers=(1,), budgets=(0.25,), context_min_tokens=32),
-    "gemfilter": PromptDistillConfig(method="gemfilter", selection_layers=(1,), budgets=(48,),
-                                     context_min_tokens=32),
+    "gemfilter": PromptDistillConfig(method="gemfilter", selection_layers=(1,), budgets=(48,), context_min_tokens=32),
 }
 # Bounded: a deadlock fails the test instead of hanging CI.
 DEADLINE_S = 300
@@ -41,12 +40,13 @@ def engines(tiny_model_dir):
 def requests() -> list[tuple[str, dict]]:
     """32 (engine name, generate arguments) pairs: every method, prompt and message input, question last and
     first, streamed and not."""
-    shapes = [{"prompt": f"{CONTEXT}\n\nQuestion: {QUESTION}\nAnswer:"},
-              {"messages": [{"role": "user", "content": f"Question: {QUESTION}\nContext: {CONTEXT}\nAnswer:"}]},
-              {"messages": [{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}]},
-              {"prompt": f"Passage {QUESTION}", "max_new_tokens": 3}]
-    return [(name, {"max_new_tokens": 6, **shapes[k % 4]}) for k, name in
-            enumerate(list(CONFIGS) * 11) if k < 32]
+    shapes = [
+        {"prompt": f"{CONTEXT}\n\nQuestion: {QUESTION}\nAnswer:"},
+        {"messages": [{"role": "user", "content": f"Question: {QUESTION}\nContext: {CONTEXT}\nAnswer:"}]},
+        {"messages": [{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}]},
+        {"prompt": f"Passage {QUESTION}", "max_new_tokens": 3},
+    ]
+    return [(name, {"max_new_tokens": 6, **shapes[k % 4]}) for k, name in enumerate(list(CONFIGS) * 11) if k < 32]
 
 
 def run(engine: PromptDistillEngine, arguments: dict, streamed: bool) -> tuple[str, list[int]]:
@@ -69,10 +69,24 @@ def test_32_threads_equal_sequential_calls(engines):
 
 
 async def test_32_async_adapter_tasks_equal_sequential_calls(tiny_model_dir):
-    chat = ChatPromptDistill(model=tiny_model_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32,
-                             max_tokens=5, device="cpu", dtype="float32")
-    llm = PromptDistillLLM(model=tiny_model_dir, selection_layers=(1,), budgets=0.25, context_min_tokens=32,
-                           max_new_tokens=5, device="cpu", dtype="float32")
+    chat = ChatPromptDistill(
+        model=tiny_model_dir,
+        selection_layers=(1,),
+        budgets=0.25,
+        context_min_tokens=32,
+        max_tokens=5,
+        device="cpu",
+        dtype="float32",
+    )
+    llm = PromptDistillLLM(
+        model=tiny_model_dir,
+        selection_layers=(1,),
+        budgets=0.25,
+        context_min_tokens=32,
+        max_new_tokens=5,
+        device="cpu",
+        dtype="float32",
+    )
     prompts = [f"{CONTEXT}\n\nQuestion {k}: {QUESTION}" for k in range(16)]
     sequential = [chat.invoke(p).content for p in prompts] + [llm.complete(p).text for p in prompts]
 
@@ -212,8 +226,11 @@ def test_a_kv_limit_queues_requests_instead_of_failing(engines):
         engine.configure_scheduler(max_kv_bytes=engine.scheduler._kv_bytes_per_token * 600, batch_wait=0.05)
         engine.scheduler.rows_per_forward.clear()
         with ThreadPoolExecutor(max_workers=4) as pool:
-            outputs = list(pool.map(lambda _: engine.generate(prompt, max_new_tokens=6).output_token_ids, range(4),
-                                    timeout=DEADLINE_S))
+            outputs = list(
+                pool.map(
+                    lambda _: engine.generate(prompt, max_new_tokens=6).output_token_ids, range(4), timeout=DEADLINE_S
+                )
+            )
     finally:
         engine.scheduler.settings = settings
     assert outputs == [expected] * 4

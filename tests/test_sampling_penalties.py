@@ -42,13 +42,20 @@ def test_logit_bias_adds_to_the_chosen_logits_only():
 
 def test_zero_penalties_generate_exactly_what_no_penalties_do(engine):
     plain = engine.generate("The harbour at dawn", max_new_tokens=12)
-    off = engine.generate("The harbour at dawn", max_new_tokens=12, frequency_penalty=0.0, presence_penalty=0.0,
-                          repetition_penalty=1.0, logit_bias={})
+    off = engine.generate(
+        "The harbour at dawn",
+        max_new_tokens=12,
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        repetition_penalty=1.0,
+        logit_bias={},
+    )
     assert off.output_token_ids == plain.output_token_ids
 
 
-@pytest.mark.parametrize("penalty", [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
-                                     {"repetition_penalty": 3.0}])
+@pytest.mark.parametrize(
+    "penalty", [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 3.0}]
+)
 def test_each_penalty_changes_a_repetitive_output_and_repeats_less(engine, penalty):
     plain = engine.generate("The harbour at dawn", max_new_tokens=24)
     assert len(set(plain.output_token_ids)) < len(plain.output_token_ids), "the random model must repeat itself"
@@ -60,20 +67,31 @@ def test_each_penalty_changes_a_repetitive_output_and_repeats_less(engine, penal
 def test_a_large_logit_bias_forces_its_token_and_a_negative_one_bans_it(engine):
     plain = engine.generate("The harbour at dawn", max_new_tokens=6)
     token = 1234
-    assert engine.generate("The harbour at dawn", max_new_tokens=6,
-                           logit_bias={token: 100}).output_token_ids == [token] * 6
+    assert (
+        engine.generate("The harbour at dawn", max_new_tokens=6, logit_bias={token: 100}).output_token_ids
+        == [token] * 6
+    )
     banned = engine.generate("The harbour at dawn", max_new_tokens=6, logit_bias={str(plain.output_token_ids[0]): -100})
     assert banned.output_token_ids[0] != plain.output_token_ids[0]
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"frequency_penalty": math.nan}, "frequency_penalty"),
-    ({"presence_penalty": -3}, "presence_penalty"), ({"presence_penalty": True}, "presence_penalty"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": math.inf}, "repetition_penalty"),
-    ({"logit_bias": [1, 2]}, "logit_bias"), ({"logit_bias": {-1: 1}}, "logit_bias"),
-    ({"logit_bias": {49152: 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"logit_bias": {5: 101}}, "logit_bias"), ({"logit_bias": {5: "1"}}, "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"frequency_penalty": math.nan}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"presence_penalty": True}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"logit_bias": {49152: 1}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {5: 101}}, "logit_bias"),
+        ({"logit_bias": {5: "1"}}, "logit_bias"),
+    ],
+)
 def test_bad_penalties_name_the_parameter_before_any_model_work(engine, kwargs, name):
     with pytest.raises(ValueError, match=name):
         engine.generate("x", max_new_tokens=1, **kwargs)
@@ -90,8 +108,12 @@ def test_langchain_models_take_the_penalties_at_construction_and_per_call(tiny_m
 
     chat = ChatPromptDistill(model=tiny_model_dir, method="full", max_tokens=24)
     plain = chat.invoke("The harbour at dawn").content
-    assert ChatPromptDistill(model=tiny_model_dir, method="full", max_tokens=24,
-                             frequency_penalty=2.0).invoke("The harbour at dawn").content != plain
+    assert (
+        ChatPromptDistill(model=tiny_model_dir, method="full", max_tokens=24, frequency_penalty=2.0)
+        .invoke("The harbour at dawn")
+        .content
+        != plain
+    )
     assert chat.invoke("The harbour at dawn", presence_penalty=2.0).content != plain
     assert chat.bind(repetition_penalty=3.0).invoke("The harbour at dawn").content != plain
     with pytest.raises(ValueError, match="frequency_penalty"):

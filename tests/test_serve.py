@@ -19,8 +19,11 @@ from .serving import running
 
 API_KEY = "test-key"
 FACT = "The vault's pass code is 48213."
-DOCUMENTS = [FACT, "Paris is the capital of France and home of the Louvre museum.",
-             "The Nile flows north through Egypt into the Mediterranean Sea."]
+DOCUMENTS = [
+    FACT,
+    "Paris is the capital of France and home of the Louvre museum.",
+    "The Nile flows north through Egypt into the Mediterranean Sea.",
+]
 QUESTION = "What is the vault's pass code?"
 ANSWER = "48213"
 CONTEXT = "\n\n".join(DOCUMENTS)
@@ -36,8 +39,9 @@ def engine(default_model):
 
 @pytest.fixture(scope="module")
 def url(engine):
-    settings = ServerSettings(api_key=API_KEY, max_body_bytes=64 * 1024, max_prompt_tokens=2048,
-                              max_kv_bytes=64 * 2**20)  # about 1,400 tokens of the default model's fp32 cache
+    settings = ServerSettings(
+        api_key=API_KEY, max_body_bytes=64 * 1024, max_prompt_tokens=2048, max_kv_bytes=64 * 2**20
+    )  # about 1,400 tokens of the default model's fp32 cache
     with running(create_app(engine, settings)) as base:
         yield base
 
@@ -63,8 +67,13 @@ def test_models_lists_the_served_model(client):
 
 
 def test_chat_completion_answers_from_pruned_documents(client):
-    response = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": RAG_MESSAGE}],
-                                              max_tokens=16, temperature=0, extra_body=PRUNED)
+    response = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": RAG_MESSAGE}],
+        max_tokens=16,
+        temperature=0,
+        extra_body=PRUNED,
+    )
     assert ANSWER in response.choices[0].message.content
     assert response.usage.prompt_tokens == response.promptdistill["prompt_tokens"]
     assert response.usage.completion_tokens > 0
@@ -74,8 +83,13 @@ def test_chat_completion_answers_from_pruned_documents(client):
 async def test_async_streaming_sends_deltas_then_statistics_then_usage(url):
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0) as client:
         stream = await client.chat.completions.create(
-            model=DEFAULT_MODEL, messages=[{"role": "user", "content": RAG_MESSAGE}], max_tokens=16, stream=True,
-            stream_options={"include_usage": True}, extra_body=PRUNED)
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": RAG_MESSAGE}],
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=PRUNED,
+        )
         chunks = [chunk async for chunk in stream]
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert ANSWER in text
@@ -94,12 +108,22 @@ def test_text_completion_stops_at_a_stop_string(client):
 
 def test_default_model_calls_the_tool_with_the_asked_arguments(client):
     # tests/test_serve_tools.py covers the tool-call format on a tiny model; only a trained one picks the values.
-    magic = {"type": "function", "function": {"name": "magic_function", "description": "Applies a magic function "
-             "to an input.", "parameters": {"type": "object", "properties": {"input": {"type": "integer"}},
-                                            "required": ["input"]}}}
+    magic = {
+        "type": "function",
+        "function": {
+            "name": "magic_function",
+            "description": "Applies a magic function to an input.",
+            "parameters": {"type": "object", "properties": {"input": {"type": "integer"}}, "required": ["input"]},
+        },
+    }
     question = "What is the value of magic_function(3)? Use the tool."
-    response = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": question}],
-                                              tools=[magic], tool_choice="required", max_tokens=40)
+    response = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": question}],
+        tools=[magic],
+        tool_choice="required",
+        max_tokens=40,
+    )
     (call,) = response.choices[0].message.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("magic_function", {"input": 3})
     assert response.choices[0].finish_reason == "tool_calls" and response.promptdistill["tool_format"] == "builtin"
@@ -119,10 +143,23 @@ def test_langchain_rag_chain_streams_and_batches(url):
     embeddings = HuggingFaceEmbeddings(model_name=str(get_model_path()), model_kwargs={"device": "cpu"})
     retriever = InMemoryVectorStore.from_texts(DOCUMENTS, embeddings).as_retriever(search_kwargs={"k": 3})
     prompt = ChatPromptTemplate.from_messages([("human", "Context:\n{context}\n\nQuestion: {question}\nAnswer:")])
-    llm = ChatOpenAI(base_url=f"{url}/v1", api_key=API_KEY, model=DEFAULT_MODEL, max_tokens=16, temperature=0,
-                     max_retries=0, include_response_headers=True)
-    answer = ({"context": retriever | (lambda docs: "\n\n".join(d.page_content for d in docs)),
-               "question": RunnablePassthrough()} | prompt | llm)
+    llm = ChatOpenAI(
+        base_url=f"{url}/v1",
+        api_key=API_KEY,
+        model=DEFAULT_MODEL,
+        max_tokens=16,
+        temperature=0,
+        max_retries=0,
+        include_response_headers=True,
+    )
+    answer = (
+        {
+            "context": retriever | (lambda docs: "\n\n".join(d.page_content for d in docs)),
+            "question": RunnablePassthrough(),
+        }
+        | prompt
+        | llm
+    )
 
     streamed = list((answer | StrOutputParser()).stream(QUESTION))
     assert len(streamed) > 1 and ANSWER in "".join(streamed)
@@ -143,6 +180,7 @@ def test_llama_index_query_engine_answers_through_openai_like(url):
 
     class RawResponses(BaseEventHandler):
         """The OpenAI responses behind each LLM call, where the server's `promptdistill` field arrives."""
+
         responses: list = []
 
         def handle(self, event, **kwargs):
@@ -151,8 +189,16 @@ def test_llama_index_query_engine_answers_through_openai_like(url):
 
     embed_model = HuggingFaceEmbedding(model_name=str(get_model_path()), device="cpu")
     index = VectorStoreIndex.from_documents([Document(text=text) for text in DOCUMENTS], embed_model=embed_model)
-    llm = OpenAILike(model=DEFAULT_MODEL, api_base=f"{url}/v1", api_key=API_KEY, is_chat_model=True,
-                     context_window=8192, max_tokens=16, temperature=0, max_retries=0)
+    llm = OpenAILike(
+        model=DEFAULT_MODEL,
+        api_base=f"{url}/v1",
+        api_key=API_KEY,
+        is_chat_model=True,
+        context_window=8192,
+        max_tokens=16,
+        temperature=0,
+        max_retries=0,
+    )
     handler, dispatcher = RawResponses(), get_dispatcher()
     dispatcher.add_event_handler(handler)
     try:
@@ -169,8 +215,12 @@ def test_llama_index_query_engine_answers_through_openai_like(url):
 
 
 def chat(messages=None, **fields) -> dict:
-    return {"model": DEFAULT_MODEL, "messages": messages or [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-            **fields}
+    return {
+        "model": DEFAULT_MODEL,
+        "messages": messages or [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        **fields,
+    }
 
 
 BAD_REQUESTS = {
@@ -179,37 +229,92 @@ BAD_REQUESTS = {
     "bad temperature": (400, "temperature", None, chat(temperature=-1)),
     "bad max_tokens": (400, "max_tokens", None, chat(max_tokens=0)),
     "n above 16": (400, "n", None, chat(n=17)),
-    "prompt over the context window": (400, "messages", None,
-                                       chat([{"role": "user", "content": "word " * 9000}])),
-    "prompt over the server's max_prompt_tokens": (400, "messages", None,
-                                                    chat([{"role": "user", "content": "word " * 3000}])),
+    "prompt over the context window": (400, "messages", None, chat([{"role": "user", "content": "word " * 9000}])),
+    "prompt over the server's max_prompt_tokens": (
+        400,
+        "messages",
+        None,
+        chat([{"role": "user", "content": "word " * 3000}]),
+    ),
     "max_tokens over the server's KV cache bound": (400, "max_tokens", None, chat(max_tokens=3000)),
-    "documents not in the prompt": (400, "promptdistill.documents[0]", None,
-                                    chat(promptdistill={"documents": ["not in the prompt"]})),
+    "documents not in the prompt": (
+        400,
+        "promptdistill.documents[0]",
+        None,
+        chat(promptdistill={"documents": ["not in the prompt"]}),
+    ),
     "bad budget": (400, "promptdistill.budgets", None, chat(promptdistill={"budgets": [0]})),
     "misspelt setting": (422, "promptdistill.budget", None, chat(promptdistill={"budget": [8]})),
     "wrong type": (422, "messages[0].content", None, chat([{"role": "user", "content": 7}])),
     "body too large": (413, None, None, chat([{"role": "user", "content": "x" * 70_000}])),
     # Structured output and tools: refused before any model work, naming the field.
-    "response_format schema that does not compile": (400, "response_format", None, chat(response_format={
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})),
+    "response_format schema that does not compile": (
+        400,
+        "response_format",
+        None,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}),
+    ),
     "unknown response_format type": (400, "response_format", None, chat(response_format={"type": "xml"})),
-    "json_schema without a schema": (400, "response_format", None, chat(response_format={
-        "type": "json_schema", "json_schema": {"name": "x"}})),
-    "tool whose parameters do not compile": (400, "tools[0]", None, chat(tools=[
-        {"type": "function", "function": {"name": "bad", "parameters": {
-            "type": "object", "properties": {"x": {"type": "nope"}}}}}])),
-    "tool whose parameters are not an object": (400, "tools[1]", None, chat(tools=[
-        {"type": "function", "function": {"name": "ok"}},
-        {"type": "function", "function": {"name": "flat", "parameters": {"type": "string"}}}])),
-    "tool_choice naming an unknown tool": (400, "tool_choice", None, chat(
-        tools=[{"type": "function", "function": {"name": "ok"}}],
-        tool_choice={"type": "function", "function": {"name": "missing"}})),
-    "tool call arguments that are not JSON": (400, "messages[1].tool_calls[0].function.arguments", None, chat([
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "ok", "arguments": "{not json"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "done"}])),
+    "json_schema without a schema": (
+        400,
+        "response_format",
+        None,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+    ),
+    "tool whose parameters do not compile": (
+        400,
+        "tools[0]",
+        None,
+        chat(
+            tools=[
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "bad",
+                        "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}},
+                    },
+                }
+            ]
+        ),
+    ),
+    "tool whose parameters are not an object": (
+        400,
+        "tools[1]",
+        None,
+        chat(
+            tools=[
+                {"type": "function", "function": {"name": "ok"}},
+                {"type": "function", "function": {"name": "flat", "parameters": {"type": "string"}}},
+            ]
+        ),
+    ),
+    "tool_choice naming an unknown tool": (
+        400,
+        "tool_choice",
+        None,
+        chat(
+            tools=[{"type": "function", "function": {"name": "ok"}}],
+            tool_choice={"type": "function", "function": {"name": "missing"}},
+        ),
+    ),
+    "tool call arguments that are not JSON": (
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+        None,
+        chat(
+            [
+                {"role": "user", "content": "Hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "ok", "arguments": "{not json"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+            ]
+        ),
+    ),
     "a user message without content": (400, "messages[0].content", None, chat([{"role": "user", "content": None}])),
 }
 
@@ -227,14 +332,19 @@ def test_bad_request_gets_openai_error_naming_the_field(url, case):
 
 
 def test_malformed_json_gets_400(url):
-    response = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": "x",', timeout=60,
-                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=b'{"model": "x",',
+        timeout=60,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
 def test_serves_after_every_refusal(client):
-    response = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=4)
+    response = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
     assert response.choices[0].message.content and response.usage.completion_tokens > 0
 
 

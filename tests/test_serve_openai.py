@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import httpx
-import torch
 import openai
 import pytest
+import torch
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
 from pd_integrations.serve import ServerSettings, create_app
@@ -84,15 +84,17 @@ def test_models_retrieve_returns_the_served_model_and_404s_others(client):
 
 
 def test_every_response_carries_a_stable_system_fingerprint(client):
-    fingerprints = {chat(client).system_fingerprint, chat(client, max_tokens=4).system_fingerprint,
-                    client.completions.create(model=MODEL, prompt="x", max_tokens=2).system_fingerprint}
+    fingerprints = {
+        chat(client).system_fingerprint,
+        chat(client, max_tokens=4).system_fingerprint,
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2).system_fingerprint,
+    }
     assert len(fingerprints) == 1 and next(iter(fingerprints)).startswith("fp_")
 
 
 def test_frequency_and_presence_penalties_change_a_repetitive_output(client):
     plain = chat(client, max_tokens=24).choices[0].message.content
-    for penalty in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.0},
-                    {"extra_body": {"repetition_penalty": 1.5}}):
+    for penalty in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.0}, {"extra_body": {"repetition_penalty": 1.5}}):
         assert chat(client, max_tokens=24, **penalty).choices[0].message.content != plain, penalty
 
 
@@ -102,19 +104,30 @@ def test_logit_bias_forces_a_token(client, tiny_engine):
     assert text == tiny_engine.tokenizer.decode([token] * 3)
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"temperature": 5}, "temperature"), ({"temperature": -0.5}, "temperature"), ({"top_p": 1.5}, "top_p"),
-    ({"n": 0}, "n"), ({"n": 1000}, "n"), ({"frequency_penalty": 3}, "frequency_penalty"),
-    ({"presence_penalty": -2.5}, "presence_penalty"), ({"logit_bias": {"5": 150}}, "logit_bias"),
-    ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"top_logprobs": 3}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"), ({"max_tokens": 0}, "max_tokens"),
-    ({"logprobs": True, "stream": True}, "logprobs"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
-    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
-    ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 1000}, "n"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"logit_bias": {"5": 150}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logprobs": True, "stream": True}, "logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
+    ],
+)
 def test_out_of_range_and_unimplemented_fields_are_a_400_naming_them(client, fields, param):
     with pytest.raises(openai.BadRequestError) as refused:
         chat(client, **fields)

@@ -25,11 +25,15 @@ PROMPTS = [f"Question {i}: in one word, which country is {CITIES[i % len(CITIES)
 
 async def answers(base_url: str) -> list[str]:
     """Every prompt sent at once, greedy and short; the answers in prompt order."""
-    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
-                                  timeout=300) as client:
-        responses = await asyncio.gather(*(
-            client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=6, temperature=0) for prompt in PROMPTS))
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300) as client:
+        responses = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0
+                )
+                for prompt in PROMPTS
+            )
+        )
     return [response.choices[0].message.content for response in responses]
 
 
@@ -58,7 +62,8 @@ def test_two_replicas_answer_32_concurrent_requests_as_one_process_does(ray_url)
     assert serve.status().applications["default"].deployments["pd-serve"].replica_states == {"RUNNING": 2}
     from_ray = asyncio.run(answers(ray_url))
     assert len(from_ray) == REQUESTS and all(from_ray)
-    with running(create_app(PromptDistillEngine.from_pretrained(device=SETTINGS.device, dtype=SETTINGS.dtype),
-                            SETTINGS)) as url:
+    with running(
+        create_app(PromptDistillEngine.from_pretrained(device=SETTINGS.device, dtype=SETTINGS.dtype), SETTINGS)
+    ) as url:
         from_one_process = asyncio.run(answers(url))
     assert from_ray == from_one_process

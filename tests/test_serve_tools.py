@@ -26,21 +26,43 @@ from .serving import running
 from .test_tool_templates import QWEN25_TEMPLATE
 
 MODEL = "tiny"
-TICKET = {"type": "object", "properties": {"priority": {"enum": ["low", "medium", "high"]},
-                                           "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
-                                           "urgent": {"type": "boolean"}},
-          "required": ["priority", "code", "urgent"], "additionalProperties": False}
-ALARM = {"type": "function", "function": {"name": "set_alarm", "description": "Sets an alarm.", "parameters": {
-    "type": "object", "properties": {"hour": {"enum": ["six", "seven", "eight"]}, "loud": {"type": "boolean"}},
-    "required": ["hour", "loud"], "additionalProperties": False}}}
+TICKET = {
+    "type": "object",
+    "properties": {
+        "priority": {"enum": ["low", "medium", "high"]},
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+        "urgent": {"type": "boolean"},
+    },
+    "required": ["priority", "code", "urgent"],
+    "additionalProperties": False,
+}
+ALARM = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "description": "Sets an alarm.",
+        "parameters": {
+            "type": "object",
+            "properties": {"hour": {"enum": ["six", "seven", "eight"]}, "loud": {"type": "boolean"}},
+            "required": ["hour", "loud"],
+            "additionalProperties": False,
+        },
+    },
+}
 NOOP = {"type": "function", "function": {"name": "noop", "description": "Does nothing."}}
 WAKE = [{"role": "user", "content": "Wake me at six."}]
 # An earlier turn's call and its result, as OpenAI clients send them back.
-EARLIER_CALL = {"id": "call_1", "type": "function",
-                "function": {"name": "set_alarm", "arguments": '{"hour": "six", "loud": true}'}}
-ROUND_TRIP = [*WAKE, {"role": "assistant", "content": None, "tool_calls": [EARLIER_CALL]},
-              {"role": "tool", "tool_call_id": "call_1", "content": "alarm set for six"},
-              {"role": "user", "content": "Thanks."}]
+EARLIER_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "set_alarm", "arguments": '{"hour": "six", "loud": true}'},
+}
+ROUND_TRIP = [
+    *WAKE,
+    {"role": "assistant", "content": None, "tool_calls": [EARLIER_CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "alarm set for six"},
+    {"role": "user", "content": "Thanks."},
+]
 
 
 def check_alarm(arguments: str) -> None:
@@ -65,8 +87,12 @@ def create(client, **fields):
 
 
 def test_json_schema_response_format_parses_and_follows_the_schema(client):
-    response = create(client, response_format={"type": "json_schema", "json_schema": {
-        "name": "ticket", "schema": TICKET, "strict": True}}, temperature=1.0, seed=3)
+    response = create(
+        client,
+        response_format={"type": "json_schema", "json_schema": {"name": "ticket", "schema": TICKET, "strict": True}},
+        temperature=1.0,
+        seed=3,
+    )
     ticket = json.loads(response.choices[0].message.content)
     assert set(ticket) == {"priority", "code", "urgent"} and ticket["priority"] in ("low", "medium", "high")
     assert response.choices[0].finish_reason == "stop"
@@ -81,8 +107,9 @@ def test_json_object_response_format_constrains_to_an_object(client):
     assert not create(client, response_format={"type": "text"}, max_tokens=4).choices[0].message.content.startswith("{")
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}],
-                         ids=["required", "named"])
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "set_alarm"}}], ids=["required", "named"]
+)
 def test_forced_tool_choice_returns_a_valid_call_in_openai_format(client, tool_choice):
     response = create(client, tools=[ALARM, NOOP], tool_choice=tool_choice, temperature=1.0, seed=5)
     choice = response.choices[0]
@@ -132,7 +159,8 @@ def test_streamed_tool_calls_add_up_to_the_non_streaming_answer(client):
                 assert part.id is None and part.function.name is None
                 calls[part.index]["arguments"] += part.function.arguments
     assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
-        (c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+        (c["name"], c["arguments"]) for _, c in sorted(calls.items())
+    ]
     assert len(calls) >= 1 and sum(len(delta.tool_calls or []) for delta in deltas) > 2 * len(calls)
     assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "tool_calls"
 
@@ -140,8 +168,17 @@ def test_streamed_tool_calls_add_up_to_the_non_streaming_answer(client):
 def test_earlier_calls_and_tool_results_round_trip_into_the_prompt(client, tiny_engine):
     request = ChatCompletionRequest(model=MODEL, messages=ROUND_TRIP, tools=[ALARM])
     (messages,) = request.engine_input()["messages"]  # one row: n is 1
-    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
-                           "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}}}]}
+    assert messages[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}},
+            }
+        ],
+    }
     assert messages[2] == {"role": "tool", "content": "alarm set for six", "tool_call_id": "call_1"}
     rendered = render(tiny_engine.tokenizer, None, messages, None, [ALARM])
     call = '<tool_call>\n{"name": "set_alarm", "arguments": {"hour": "six", "loud": true}}\n</tool_call>'
@@ -171,8 +208,10 @@ def test_output_cut_off_at_max_tokens_ends_with_length_as_generated(client):
 
 def test_without_xgrammar_structured_requests_say_what_to_install(client, monkeypatch):
     monkeypatch.setattr("pd_integrations.constraints.xgr", None)
-    for fields, param in (({"response_format": {"type": "json_object"}}, "response_format"),
-                          ({"tools": [ALARM]}, "tools")):
+    for fields, param in (
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [ALARM]}, "tools"),
+    ):
         with pytest.raises(openai.BadRequestError) as refused:
             create(client, **fields)
         error = refused.value.body
@@ -190,12 +229,17 @@ def qwen_engine():
 def test_a_template_with_tools_support_renders_the_requests_tools(qwen_engine, tiny_engine):
     with running(create_app(qwen_engine, ServerSettings(model=MODEL, tool_format="template"))) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        response = create(client, messages=ROUND_TRIP, tools=[ALARM], tool_choice={
-            "type": "function", "function": {"name": "set_alarm"}})
+        response = create(
+            client,
+            messages=ROUND_TRIP,
+            tools=[ALARM],
+            tool_choice={"type": "function", "function": {"name": "set_alarm"}},
+        )
     assert response.promptdistill["tool_format"] == "template"
     (messages,) = ChatCompletionRequest(model=MODEL, messages=ROUND_TRIP).engine_input()["messages"]
-    expected = qwen_engine.tokenizer.apply_chat_template(messages, tools=[ALARM], tokenize=False,
-                                                         add_generation_prompt=True)
+    expected = qwen_engine.tokenizer.apply_chat_template(
+        messages, tools=[ALARM], tokenize=False, add_generation_prompt=True
+    )
     assert response.usage.prompt_tokens == len(qwen_engine.tokenizer(expected, add_special_tokens=False).input_ids)
     check_alarm(response.choices[0].message.tool_calls[0].function.arguments)
     with pytest.raises(ValueError, match="chat template does not support tools"):

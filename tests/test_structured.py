@@ -10,6 +10,7 @@ arguments, the right extracted values).
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import pytest
 from langchain_core.exceptions import OutputParserException
@@ -20,7 +21,7 @@ from llama_index.core import SummaryIndex
 from llama_index.core.llms import ChatMessage
 from llama_index.core.prompts import PromptTemplate
 from pydantic import BaseModel, ConfigDict, Field
-from typing_extensions import Literal, TypedDict
+from typing_extensions import TypedDict
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
 from pd_integrations.constraints import CUT_OFF, Grammars, ToolSpec, parse_tool_calls
@@ -97,19 +98,29 @@ def test_unconstrained_random_model_writes_no_json(tiny_engine):
 def test_batched_rows_each_follow_their_own_grammar(tiny_engine):
     # One prefill and decode batch; row 0 under the Ticket schema, row 1 under a regex, row 2 unconstrained.
     grammars = Grammars.of(tiny_engine)
-    results = tiny_engine.generate_batch(["Ticket:", "Code:", "Ticket:"], max_new_tokens=48, constraints=[
-        grammars.json_schema(TICKET_SCHEMA).constraint(), grammars.regex(r"[0-9]{3}-[a-z]{2}").constraint(), None])
+    results = tiny_engine.generate_batch(
+        ["Ticket:", "Code:", "Ticket:"],
+        max_new_tokens=48,
+        constraints=[
+            grammars.json_schema(TICKET_SCHEMA).constraint(),
+            grammars.regex(r"[0-9]{3}-[a-z]{2}").constraint(),
+            None,
+        ],
+    )
     Ticket.model_validate_json(results[0].text)
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", results[1].text) and results[1].finish_reason == "stop"
     assert results[2].text == tiny_engine.generate("Ticket:", max_new_tokens=48).text
-    assert results[0].text == tiny_engine.generate("Ticket:", max_new_tokens=48, constraint=grammars.json_schema(
-        TICKET_SCHEMA).constraint()).text
+    assert (
+        results[0].text
+        == tiny_engine.generate(
+            "Ticket:", max_new_tokens=48, constraint=grammars.json_schema(TICKET_SCHEMA).constraint()
+        ).text
+    )
 
 
 def test_regex_constraint_matches_in_full(tiny_engine):
     grammar = Grammars.of(tiny_engine).regex(r"[0-9]{3}-[a-z]{2}")
-    result = tiny_engine.generate("Code:", max_new_tokens=16, temperature=1.0, seed=3,
-                                  constraint=grammar.constraint())
+    result = tiny_engine.generate("Code:", max_new_tokens=16, temperature=1.0, seed=3, constraint=grammar.constraint())
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", result.text), result.text
     assert result.finish_reason == "stop"
 
@@ -125,11 +136,12 @@ def test_each_generation_gets_its_own_matcher(tiny_engine):
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_required_tool_calls_parse_and_follow_their_tool_schema(tiny_engine, parallel):
-    tools = [ToolSpec("set_alarm", set_alarm.tool_call_schema.model_json_schema()),
-             ToolSpec("noop", {"type": "object", "properties": {}})]
+    tools = [
+        ToolSpec("set_alarm", set_alarm.tool_call_schema.model_json_schema()),
+        ToolSpec("noop", {"type": "object", "properties": {}}),
+    ]
     grammar = Grammars.of(tiny_engine).tool_calls(tools, required=True, parallel=parallel)
-    result = tiny_engine.generate("Call:", max_new_tokens=120, temperature=1.0, seed=5,
-                                  constraint=grammar.constraint())
+    result = tiny_engine.generate("Call:", max_new_tokens=120, temperature=1.0, seed=5, constraint=grammar.constraint())
     parsed = parse_tool_calls(result.text)
     assert result.finish_reason == "stop" and parsed.calls and not parsed.invalid and parsed.text == ""
     assert parallel or len(parsed.calls) == 1
@@ -145,8 +157,9 @@ def test_bad_schemas_and_patterns_raise_naming_them(tiny_engine):
     with pytest.raises(ValueError, match="schema cannot be compiled.*objekt"):
         grammars.json_schema({"type": "objekt"})
     with pytest.raises(ValueError, match="tool 'broken''s parameters cannot be compiled"):
-        grammars.tool_calls([ToolSpec("broken", {"type": "object", "properties": {"x": {"type": "nope"}}})],
-                            required=True)
+        grammars.tool_calls(
+            [ToolSpec("broken", {"type": "object", "properties": {"x": {"type": "nope"}}})], required=True
+        )
     with pytest.raises(ValueError, match="regex must be a non-empty str"):
         grammars.regex("")
     with pytest.raises(ValueError, match="regex '\\[a-' cannot be compiled"):
@@ -155,15 +168,19 @@ def test_bad_schemas_and_patterns_raise_naming_them(tiny_engine):
 
 # ---------------------------------------------------------------- tool-call text: parsing and streaming
 
-CALL_OUTPUT = ('Let me check.<tool_call>\n{"name": "set_alarm", "arguments": {"hour": "six", "loud": true}}\n'
-               '</tool_call>\n<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>')
+CALL_OUTPUT = (
+    'Let me check.<tool_call>\n{"name": "set_alarm", "arguments": {"hour": "six", "loud": true}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>'
+)
 
 
 def test_parse_tool_calls_splits_text_calls_and_cut_off_calls():
     parsed = parse_tool_calls(CALL_OUTPUT)
     assert parsed.text == "Let me check."
-    assert [(name, args) for _, name, args in parsed.calls] == [("set_alarm", {"hour": "six", "loud": True}),
-                                                                 ("noop", {})]
+    assert [(name, args) for _, name, args in parsed.calls] == [
+        ("set_alarm", {"hour": "six", "loud": True}),
+        ("noop", {}),
+    ]
     cut = parse_tool_calls('Hi <tool_call>\n{"name": "set_alarm", "arguments": {"hour": "si')
     assert cut.text == "Hi" and cut.calls == []
     assert [invalid[1:] for invalid in cut.invalid] == [("set_alarm", '{"hour": "si', CUT_OFF)]
@@ -173,10 +190,13 @@ def test_streamed_tool_calls_merge_to_the_parsed_calls_at_every_split():
     expected = parse_tool_calls(CALL_OUTPUT)
     for size in range(1, 12):  # deltas of every size from one character up
         splitter, merged = ToolCallStream(), AIMessageChunk(content="")
-        pieces = [CALL_OUTPUT[i:i + size] for i in range(0, len(CALL_OUTPUT), size)]
+        pieces = [CALL_OUTPUT[i : i + size] for i in range(0, len(CALL_OUTPUT), size)]
         for piece in [p for delta in pieces for p in splitter.feed(delta)] + splitter.close("stop"):
-            merged += (AIMessageChunk(content=piece) if isinstance(piece, str)
-                       else AIMessageChunk(content="", tool_call_chunks=[piece]))
+            merged += (
+                AIMessageChunk(content=piece)
+                if isinstance(piece, str)
+                else AIMessageChunk(content="", tool_call_chunks=[piece])
+            )
         assert merged.content == "Let me check.", size
         assert [(c["name"], c["args"]) for c in merged.tool_calls] == [(n, a) for _, n, a in expected.calls], size
         assert all(c["id"] for c in merged.tool_calls)
@@ -195,12 +215,27 @@ def test_streamed_call_cut_off_keeps_its_name_and_partial_arguments():
 
 def test_tools_and_tool_results_render_in_the_builtin_format(tiny_engine):
     # The default model's template has no tools support: the Hermes text is written into plain messages.
-    tools = [{"type": "function", "function": {"name": "set_alarm", "description": "Sets an alarm.",
-                                               "parameters": set_alarm.tool_call_schema.model_json_schema()}}]
-    call = AIMessage(content="", tool_calls=[{"name": "set_alarm", "args": {"hour": "six", "loud": True},
-                                              "id": "call_1"}])
-    messages = to_engine_messages([SystemMessage("Be brief."), HumanMessage("Wake me at six."), call,
-                                   ToolMessage("alarm at six", tool_call_id="call_1")])
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "set_alarm",
+                "description": "Sets an alarm.",
+                "parameters": set_alarm.tool_call_schema.model_json_schema(),
+            },
+        }
+    ]
+    call = AIMessage(
+        content="", tool_calls=[{"name": "set_alarm", "args": {"hour": "six", "loud": True}, "id": "call_1"}]
+    )
+    messages = to_engine_messages(
+        [
+            SystemMessage("Be brief."),
+            HumanMessage("Wake me at six."),
+            call,
+            ToolMessage("alarm at six", tool_call_id="call_1"),
+        ]
+    )
     assert messages[2]["tool_calls"][0]["function"] == {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}}
     assert messages[3] == {"role": "tool", "content": "alarm at six", "tool_call_id": "call_1"}
     plain = builtin_messages(messages, tools)
@@ -276,8 +311,10 @@ def test_bad_tool_choice_and_tools_raise_before_any_model_work(chat, monkeypatch
     monkeypatch.setattr(PromptDistillEngine, "stream", no_generation)
     with pytest.raises(ValueError, match="tool_choice must be one of .*'set_alarm'.*got 'set_alarms'"):
         chat.bind_tools([set_alarm], tool_choice="set_alarms")
-    bad = {"type": "function", "function": {"name": "bad", "parameters": {"type": "object",
-                                                                          "properties": {"x": {"type": "nope"}}}}}
+    bad = {
+        "type": "function",
+        "function": {"name": "bad", "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}},
+    }
     with pytest.raises(ValueError, match=r"tools\[0\] \(tool 'bad'\) parameters cannot be compiled"):
         chat.bind_tools([bad]).invoke("hi")
     with pytest.raises(ValueError, match=r"tools\[0\] \(tool 'flat'\) has parameters that are not a JSON object"):
@@ -316,7 +353,8 @@ def test_structured_predict_returns_the_object(llama_llm):
 async def test_astructured_predict_equals_structured_predict(llama_llm):
     prompt = PromptTemplate("File a ticket about {topic}.")
     assert await llama_llm.astructured_predict(Ticket, prompt, topic="mail") == llama_llm.structured_predict(
-        Ticket, prompt, topic="mail")
+        Ticket, prompt, topic="mail"
+    )
 
 
 def test_stream_structured_predict_grows_to_the_object(llama_llm):
@@ -353,8 +391,9 @@ def test_structured_predict_rejects_an_uncompilable_schema_naming_it(llama_llm):
 
 
 def test_query_engine_with_output_cls_returns_the_object_and_prunes_only_nodes(llama_llm):
-    index = SummaryIndex.from_documents([LlamaDocument(text="Printer 4 is jammed again."),
-                                         LlamaDocument(text="The mail server is down.")])
+    index = SummaryIndex.from_documents(
+        [LlamaDocument(text="Printer 4 is jammed again."), LlamaDocument(text="The mail server is down.")]
+    )
     response = index.as_query_engine(llm=llama_llm, output_cls=Ticket).query("Which ticket should we file?")
     assert isinstance(response.response, Ticket)
 

@@ -16,8 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessageChunk
 
-from pd_integrations.constraints import (CALL_FOOTER, CUT_OFF, HEADER_CUT_OFF, Grammars, ToolCallStream, ToolSpec,
-                                         call_header, parse_tool_calls)
+from pd_integrations.constraints import (
+    CALL_FOOTER,
+    CUT_OFF,
+    HEADER_CUT_OFF,
+    Grammars,
+    ToolCallStream,
+    ToolSpec,
+    call_header,
+    parse_tool_calls,
+)
 from pd_integrations.langchain import tools as langchain_tools
 from pd_integrations.serve.openai_schema import Output, merged_message
 
@@ -29,8 +37,28 @@ _VOCAB = [chr(i) for i in range(32, 127)] + ["\n", "</s>"]
 _GRAMMARS = Grammars(xgr.GrammarCompiler(xgr.TokenizerInfo(_VOCAB, stop_token_ids=[len(_VOCAB) - 1])))
 
 # Strings that a text search would take for the end of a call, or that a JSON scanner must not be fooled by.
-_TRAPS = ["}", "}}", "</tool_call>", "}</tool_call>", "}\n</tool_call>", '"', "\\", '\\"', "{", "]", "[",
-          "<tool_call>", '{"name":', "\n", "é", "日本", "🙂", "\u2028", "\x00", "'"]
+_TRAPS = [
+    "}",
+    "}}",
+    "</tool_call>",
+    "}</tool_call>",
+    "}\n</tool_call>",
+    '"',
+    "\\",
+    '\\"',
+    "{",
+    "]",
+    "[",
+    "<tool_call>",
+    '{"name":',
+    "\n",
+    "é",
+    "日本",
+    "🙂",
+    "\u2028",
+    "\x00",
+    "'",
+]
 _strings = st.lists(st.one_of(st.sampled_from(_TRAPS), st.text(max_size=6)), max_size=6).map("".join)
 _names = st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=6)
 
@@ -39,11 +67,12 @@ def _schema_and_value(depth: int = 0):
     """A strategy of (JSON schema, a value valid under it)."""
     leaves = [
         _strings.map(lambda s: ({"type": "string"}, s)),
-        st.integers(-10**6, 10**6).map(lambda n: ({"type": "integer"}, n)),
+        st.integers(-(10**6), 10**6).map(lambda n: ({"type": "integer"}, n)),
         st.booleans().map(lambda b: ({"type": "boolean"}, b)),
         # Enum alternatives are literals in the grammar, which writes control characters escaped.
         st.lists(_strings.filter(str.isprintable), min_size=1, max_size=3, unique=True).flatmap(
-            lambda options: st.sampled_from(options).map(lambda s: ({"type": "string", "enum": options}, s))),
+            lambda options: st.sampled_from(options).map(lambda s: ({"type": "string", "enum": options}, s))
+        ),
         st.lists(_strings, max_size=3).map(lambda items: ({"type": "array", "items": {"type": "string"}}, items)),
     ]
     if depth < 2:
@@ -54,8 +83,12 @@ def _schema_and_value(depth: int = 0):
 def _object(depth: int = 0):
     """A strategy of (object schema, a value valid under it) with every property required."""
     fields = st.dictionaries(_names, st.deferred(lambda: _schema_and_value(depth)), max_size=4)
-    return fields.map(lambda props: ({"type": "object", "properties": {k: s for k, (s, _) in props.items()},
-                                      "required": list(props)}, {k: v for k, (_, v) in props.items()}))
+    return fields.map(
+        lambda props: (
+            {"type": "object", "properties": {k: s for k, (s, _) in props.items()}, "required": list(props)},
+            {k: v for k, (_, v) in props.items()},
+        )
+    )
 
 
 @st.composite
@@ -66,8 +99,7 @@ def _calls(draw):
     compact = draw(st.booleans())
     # \u escapes too, except under an enum: its alternatives are literal strings in the grammar.
     escaped = '"enum"' not in json.dumps(schema) and draw(st.booleans())
-    body = json.dumps(arguments, ensure_ascii=escaped,
-                      separators=(",", ":") if compact else (", ", ": "))
+    body = json.dumps(arguments, ensure_ascii=escaped, separators=(",", ":") if compact else (", ", ": "))
     prefix = draw(st.sampled_from(["", "Let me check. ", "a < b and {x} "]))
     return name, schema, arguments, prefix + call_header(name) + body + CALL_FOOTER
 
@@ -96,8 +128,13 @@ def _streamed(pieces: list[str]) -> tuple[str, list[tuple[str, str]], ToolCallSt
     return text, [tuple(call) for call in calls.values()], stream
 
 
-_PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @_PROPERTY
@@ -107,16 +144,24 @@ def test_every_call_the_grammar_allows_round_trips(call, cuts):
     assert _accepted(name, schema, text), "the test must only feed output the grammar produces"
     prefix = text[: text.index("<tool_call>")]
     parsed = parse_tool_calls(text)
-    assert (parsed.text, [(n, a) for _, n, a in parsed.calls], parsed.invalid) == (prefix.strip(),
-                                                                                  [(name, arguments)], [])
+    assert (parsed.text, [(n, a) for _, n, a in parsed.calls], parsed.invalid) == (
+        prefix.strip(),
+        [(name, arguments)],
+        [],
+    )
     assert parsed.ends_with_call
     streamed_text, streamed_calls, stream = _streamed(_pieces(text, cuts))
     assert streamed_text == prefix and [(n, json.loads(a)) for n, a in streamed_calls] == [(name, arguments)]
     assert stream.ends_with_call and not stream.errors
 
 
-@settings(max_examples=max(1, EXAMPLES // 10), deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=max(1, EXAMPLES // 10),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(call=_calls(), cuts=st.lists(st.integers(0, 10**4), max_size=8))
 def test_langchain_chunks_and_server_deltas_merge_to_the_call(call, cuts):
     name, _, arguments, text = call
@@ -125,19 +170,26 @@ def test_langchain_chunks_and_server_deltas_merge_to_the_call(call, cuts):
     for piece in _pieces(text, cuts):
         deltas += output.feed(piece)
         for chunk in splitter.feed(piece):
-            merged += (AIMessageChunk(content=chunk) if isinstance(chunk, str)
-                       else AIMessageChunk(content="", tool_call_chunks=[chunk]))
+            merged += (
+                AIMessageChunk(content=chunk)
+                if isinstance(chunk, str)
+                else AIMessageChunk(content="", tool_call_chunks=[chunk])
+            )
     deltas += output.close(SimpleNamespace(finish_reason="stop"))
     assert splitter.close("stop") == []
     assert [(c["name"], c["args"]) for c in merged.tool_calls] == [(name, arguments)]
     message = merged_message(deltas)
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
-        (name, arguments)]
+        (name, arguments)
+    ]
 
 
 # The issue's case: a string value that holds the closing tag, which a text search ends the call at.
-PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-          "required": ["name", "age"]}
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
 PERSON_OUTPUT = call_header("Person") + '{"name": "}}</tool_call>  # 31", "age": 31}' + CALL_FOOTER
 
 
@@ -151,14 +203,13 @@ def test_a_closing_tag_inside_a_string_stays_in_the_string():
         assert [(n, json.loads(a)) for n, a in calls] == [("Person", {"name": "}}</tool_call>  # 31", "age": 31})]
 
 
-@pytest.mark.parametrize("end", range(len(call_header("Person")),
-                                      PERSON_OUTPUT.index(', "age"') + 8))
+@pytest.mark.parametrize("end", range(len(call_header("Person")), PERSON_OUTPUT.index(', "age"') + 8))
 def test_a_call_cut_inside_its_arguments_is_invalid_and_carries_no_wrapper_text(end):
     parsed = parse_tool_calls(PERSON_OUTPUT[:end])
     assert parsed.calls == [] and not parsed.ends_with_call
-    (_, name, arguments, error), = parsed.invalid
+    ((_, name, arguments, error),) = parsed.invalid
     assert name == "Person" and error == CUT_OFF
-    assert arguments == PERSON_OUTPUT[len(call_header("Person")):end].strip()  # the arguments so far, nothing else
+    assert arguments == PERSON_OUTPUT[len(call_header("Person")) : end].strip()  # the arguments so far, nothing else
     assert parsed.text == ""
 
 

@@ -5,12 +5,13 @@ however long they are."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 import transformers
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
-from typing_extensions import Literal
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
 from pd_integrations.langchain import ChatPromptDistill
@@ -32,12 +33,12 @@ QWEN25_TEMPLATE = (
     "    {%- else %}\n"
     "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n"
     "    {%- endif %}\n"
-    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    '    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}\n'
     "    {%- for tool in tools %}\n"
-    "        {{- \"\\n\" }}\n"
+    '        {{- "\\n" }}\n'
     "        {{- tool | tojson }}\n"
     "    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    '    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}\n'
     "{%- else %}\n"
     "    {%- if messages[0]['role'] == 'system' %}\n"
     "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
@@ -46,9 +47,9 @@ QWEN25_TEMPLATE = (
     "    {%- endif %}\n"
     "{%- endif %}\n"
     "{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}\n'
     "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n"
+    '    {%- elif message.role == "assistant" %}\n'
     "        {{- '<|im_start|>' + message.role }}\n"
     "        {%- if message.content %}\n"
     "            {{- '\\n' + message.content }}\n"
@@ -57,21 +58,21 @@ QWEN25_TEMPLATE = (
     "            {%- if tool_call.function is defined %}\n"
     "                {%- set tool_call = tool_call.function %}\n"
     "            {%- endif %}\n"
-    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n"
+    '            {{- \'\\n<tool_call>\\n{"name": "\' }}\n'
     "            {{- tool_call.name }}\n"
-    "            {{- '\", \"arguments\": ' }}\n"
+    '            {{- \'", "arguments": \' }}\n'
     "            {{- tool_call.arguments | tojson }}\n"
     "            {{- '}\\n</tool_call>' }}\n"
     "        {%- endfor %}\n"
     "        {{- '<|im_end|>\\n' }}\n"
-    "    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    '    {%- elif message.role == "tool" %}\n'
+    '        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\n'
     "            {{- '<|im_start|>user' }}\n"
     "        {%- endif %}\n"
     "        {{- '\\n<tool_response>\\n' }}\n"
     "        {{- message.content }}\n"
     "        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    '        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}\n'
     "            {{- '<|im_end|>\\n' }}\n"
     "        {%- endif %}\n"
     "    {%- endif %}\n"
@@ -88,20 +89,46 @@ def set_alarm(hour: Literal["six", "seven", "eight"], loud: bool) -> str:
     return f"alarm at {hour}"
 
 
-TOOLS = [{"type": "function", "function": {"name": "set_alarm", "description": "Sets an alarm.",
-                                           "parameters": set_alarm.tool_call_schema.model_json_schema()}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "set_alarm",
+            "description": "Sets an alarm.",
+            "parameters": set_alarm.tool_call_schema.model_json_schema(),
+        },
+    }
+]
 # Enough tools, described at length, that their signatures outweigh every message.
-MANY_TOOLS = [{"type": "function", "function": {
-    "name": f"lookup_{k}", "description": f"Looks up record {k} in the archive of the {office} office, with its "
-                                         f"owner, its retention period, its storage room and the forms that "
-                                         f"must accompany any request to read, copy or destroy it.",
-    "parameters": {"type": "object", "properties": {"record": {"type": "integer"}}}}}
-    for k, office in enumerate(["Lisbon", "Nairobi", "Montreal", "Kyoto", "Tallinn", "Perth", "Quito", "Bergen"])]
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wake me at six."},
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}}}]},
-                {"role": "tool", "content": "alarm at six", "tool_call_id": "call_1"}]
+MANY_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": f"lookup_{k}",
+            "description": f"Looks up record {k} in the archive of the {office} office, with its "
+            f"owner, its retention period, its storage room and the forms that "
+            f"must accompany any request to read, copy or destroy it.",
+            "parameters": {"type": "object", "properties": {"record": {"type": "integer"}}},
+        },
+    }
+    for k, office in enumerate(["Lisbon", "Nairobi", "Montreal", "Kyoto", "Tallinn", "Perth", "Quito", "Bergen"])
+]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Wake me at six."},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}},
+            }
+        ],
+    },
+    {"role": "tool", "content": "alarm at six", "tool_call_id": "call_1"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +159,7 @@ def test_templates_with_hermes_tools_support_are_detected(qwen_tokenizer, tokeni
 
 
 def test_template_format_renders_exactly_what_the_template_does_with_tools(qwen_tokenizer, tiny_qwen):
-    expected = qwen_tokenizer.apply_chat_template(CONVERSATION, tools=TOOLS, tokenize=False,
-                                                  add_generation_prompt=True)
+    expected = qwen_tokenizer.apply_chat_template(CONVERSATION, tools=TOOLS, tokenize=False, add_generation_prompt=True)
     for tool_format in ("auto", "template"):
         rendered = render(qwen_tokenizer, None, CONVERSATION, None, TOOLS, tool_format)
         assert (rendered.text, rendered.tool_format) == (expected, "template")
@@ -142,15 +168,17 @@ def test_template_format_renders_exactly_what_the_template_does_with_tools(qwen_
     assert result.prompt_text == expected and result.stats()["tool_format"] == "template"
     # Tool messages without tools (tool_choice "none" on a later turn) go through the template too.
     assert render(qwen_tokenizer, None, CONVERSATION, None).text == qwen_tokenizer.apply_chat_template(
-        CONVERSATION, tokenize=False, add_generation_prompt=True)
+        CONVERSATION, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_builtin_format_writes_the_hermes_text_for_any_template(qwen_tokenizer, tokenizer):
     for tok, tool_format in ((tokenizer, "auto"), (tokenizer, "builtin"), (qwen_tokenizer, "builtin")):
         rendered = render(tok, None, CONVERSATION, None, TOOLS, tool_format)
         assert rendered.tool_format == "builtin"
-        assert rendered.text == tok.apply_chat_template(builtin_messages(CONVERSATION, TOOLS), tokenize=False,
-                                                        add_generation_prompt=True)
+        assert rendered.text == tok.apply_chat_template(
+            builtin_messages(CONVERSATION, TOOLS), tokenize=False, add_generation_prompt=True
+        )
 
 
 def test_template_format_without_tools_support_raises_naming_the_alternative(tokenizer, tiny_qwen):
@@ -180,23 +208,31 @@ def test_the_tools_block_is_never_pruned(qwen_tokenizer, tiny_qwen, tool_format,
     assert not bool(layout.prunable[in_block].any())
     if with_context:  # the retrieved passages are still the context
         assert layout.context_source == "heuristic"
-        assert all(rendered.text[a:b].strip() in context
-                   for (a, b), prunable in zip(rendered.offsets, layout.prunable.tolist()) if prunable)
+        assert all(
+            rendered.text[a:b].strip() in context
+            for (a, b), prunable in zip(rendered.offsets, layout.prunable.tolist())
+            if prunable
+        )
     else:
         assert layout.context_source == "none"
 
 
 def test_chat_model_renders_tools_and_tool_messages_through_the_template(qwen_dir, qwen_tokenizer):
     chat = ChatPromptDistill(model=qwen_dir, method="full", max_tokens=120)
-    history = [HumanMessage("Wake me at six."),
-               AIMessage(content="", tool_calls=[{"name": "set_alarm", "args": {"hour": "six", "loud": True},
-                                                  "id": "call_1"}]),
-               ToolMessage("alarm at six", tool_call_id="call_1"), HumanMessage("And at seven.")]
+    history = [
+        HumanMessage("Wake me at six."),
+        AIMessage(
+            content="", tool_calls=[{"name": "set_alarm", "args": {"hour": "six", "loud": True}, "id": "call_1"}]
+        ),
+        ToolMessage("alarm at six", tool_call_id="call_1"),
+        HumanMessage("And at seven."),
+    ]
     result = chat.bind_tools([set_alarm], tool_choice="set_alarm").invoke(history)
     stats = result.response_metadata["promptdistill"]
     assert stats["tool_format"] == "template"
     assert stats["prompt_text"] == qwen_tokenizer.apply_chat_template(
-        to_engine_messages(history), tools=openai_tools([set_alarm]), tokenize=False, add_generation_prompt=True)
+        to_engine_messages(history), tools=openai_tools([set_alarm]), tokenize=False, add_generation_prompt=True
+    )
     (call,) = result.tool_calls
     assert call["name"] == "set_alarm"
     set_alarm.tool_call_schema.model_validate(call["args"])

@@ -31,8 +31,8 @@ import torch
 import transformers
 
 from ..engine import PromptDistillEngine
-from ..probes import NEEDLE_KINDS
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
+from ..probes import NEEDLE_KINDS
 from . import heldout, measure, ragbench, report, tasks, throughput
 from .rag import SHAPES
 
@@ -63,26 +63,48 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--model", default=DEFAULT_MODEL, help="model name, directory or hub id (default: %(default)s)")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     common.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
-    common.add_argument("--attn", default="auto",
-                        help="attention backend: eager, sdpa, flash_attention_2, ...; auto = flash_attention_2 on "
-                             "CUDA when flash-attn is installed, else the model's default")
-    common.add_argument("--methods", type=_names(measure.METHODS), default=None,
-                        help=f"comma-separated subset of {','.join(measure.METHODS)}")
-    common.add_argument("--layer", type=int, default=None,
-                        help="selection layer of gemfilter, paper-rule and single-stage (default: the profile's first)")
-    common.add_argument("--budget", type=_budget, default=None,
-                        help="context tokens those methods keep, or a fraction in (0, 1] of the prunable tokens "
-                             "(default: the profile's first budget)")
+    common.add_argument(
+        "--attn",
+        default="auto",
+        help="attention backend: eager, sdpa, flash_attention_2, ...; auto = flash_attention_2 on "
+        "CUDA when flash-attn is installed, else the model's default",
+    )
+    common.add_argument(
+        "--methods",
+        type=_names(measure.METHODS),
+        default=None,
+        help=f"comma-separated subset of {','.join(measure.METHODS)}",
+    )
+    common.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="selection layer of gemfilter, paper-rule and single-stage (default: the profile's first)",
+    )
+    common.add_argument(
+        "--budget",
+        type=_budget,
+        default=None,
+        help="context tokens those methods keep, or a fraction in (0, 1] of the prunable tokens "
+        "(default: the profile's first budget)",
+    )
     common.add_argument("--samples", type=_positive, default=1, help="seeds per grid cell (default: %(default)s)")
     common.add_argument("--seed", type=int, default=0, help="first seed; seeds pick haystack windows and needles")
     common.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
-    common.add_argument("--max-new-tokens", type=_positive, default=None,
-                        help="tokens to generate per prompt (default: 24, 80 for multi-answer tasks)")
+    common.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=None,
+        help="tokens to generate per prompt (default: 24, 80 for multi-answer tasks)",
+    )
     common.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
 
-    parser = argparse.ArgumentParser(prog="pd-bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        prog="pd-bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     speed = commands.add_parser("speed", parents=[common], help="prefill, decode, memory and KV cache vs length")
     speed.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
@@ -92,38 +114,76 @@ def _parser() -> argparse.ArgumentParser:
     needle.add_argument("--kind", choices=NEEDLE_KINDS, default="passcode")
     task = commands.add_parser("tasks", parents=[common], help="RULER-style synthetic tasks")
     task.add_argument("--lengths", type=_lengths, default=[1024, 2048], help="e.g. 1k,2k")
-    task.add_argument("--tasks", type=_names(tasks.TASKS), default=list(tasks.TASKS),
-                      help=f"comma-separated subset of {','.join(tasks.TASKS)}")
-    held = commands.add_parser("heldout", parents=[common],
-                               help="needles in a split of essays that calibration never saw, two question shapes")
+    task.add_argument(
+        "--tasks",
+        type=_names(tasks.TASKS),
+        default=list(tasks.TASKS),
+        help=f"comma-separated subset of {','.join(tasks.TASKS)}",
+    )
+    held = commands.add_parser(
+        "heldout", parents=[common], help="needles in a split of essays that calibration never saw, two question shapes"
+    )
     held.add_argument("--lengths", type=_lengths, default=[2000, 4000], help="e.g. 2000,4000,8000")
-    held.add_argument("--shapes", type=_names(heldout.SHAPES), default=list(heldout.SHAPES),
-                      help=f"comma-separated subset of {','.join(heldout.SHAPES)}")
-    held.add_argument("--split", choices=heldout.SPLITS, default="heldout",
-                      help="essay files at odd (heldout) or even (dev) positions of the sorted --haystack folder")
-    throughput = commands.add_parser("throughput", parents=[common],
-                                     help="B concurrent requests vs sequential ones, batched by the scheduler")
+    held.add_argument(
+        "--shapes",
+        type=_names(heldout.SHAPES),
+        default=list(heldout.SHAPES),
+        help=f"comma-separated subset of {','.join(heldout.SHAPES)}",
+    )
+    held.add_argument(
+        "--split",
+        choices=heldout.SPLITS,
+        default="heldout",
+        help="essay files at odd (heldout) or even (dev) positions of the sorted --haystack folder",
+    )
+    throughput = commands.add_parser(
+        "throughput", parents=[common], help="B concurrent requests vs sequential ones, batched by the scheduler"
+    )
     throughput.add_argument("--lengths", type=_lengths, default=[2000, 4000], help="e.g. 2000,4000")
     throughput.add_argument("--concurrency", type=_counts, default=[1, 4, 8, 16], help="values of B, e.g. 1,4,8,16")
-    throughput.add_argument("--sequential", type=_positive, default=4,
-                            help="requests in the sequential baseline (default: %(default)s)")
-    rag = commands.add_parser("rag", parents=[common], help="RAG prompts: retrieved passages that all resemble the "
-                                                             "question, in three prompt shapes")
-    rag.add_argument("--lengths", type=_lengths, default=[1000, 2000, 4000, 8000],
-                     help="context tokens retrieved per prompt, e.g. 1000,2000 (default: 1000,2000,4000,8000)")
-    rag.add_argument("--shapes", type=_names(SHAPES), default=list(SHAPES),
-                     help=f"comma-separated subset of {','.join(SHAPES)}")
-    rag.add_argument("--context-source", choices=ragbench.CONTEXT_SOURCES, default="documents",
-                     help="documents: pass the retrieved passages as documents= (chunks stop at their boundaries); "
-                          "none: don't (default: %(default)s)")
-    rag.add_argument("--answer-depths", type=_depths, default=None,
-                     help="move the answer's passage to these relative depths among the retrieved ones, e.g. "
-                          "0,0.5,1 (default: leave it where the retriever ranked it)")
-    rag.add_argument("--spread", action="store_true",
-                     help="move sample k's answer passage to relative depth (k + 0.5) / samples (the retriever ranks "
-                          "it first otherwise)")
-    rag.add_argument("--corpus", choices=list(ragbench.CORPORA), default="depots",
-                     help="generated corpus: depots (answerable by small models) or handbook (default: %(default)s)")
+    throughput.add_argument(
+        "--sequential", type=_positive, default=4, help="requests in the sequential baseline (default: %(default)s)"
+    )
+    rag = commands.add_parser(
+        "rag",
+        parents=[common],
+        help="RAG prompts: retrieved passages that all resemble the question, in three prompt shapes",
+    )
+    rag.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=[1000, 2000, 4000, 8000],
+        help="context tokens retrieved per prompt, e.g. 1000,2000 (default: 1000,2000,4000,8000)",
+    )
+    rag.add_argument(
+        "--shapes", type=_names(SHAPES), default=list(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)}"
+    )
+    rag.add_argument(
+        "--context-source",
+        choices=ragbench.CONTEXT_SOURCES,
+        default="documents",
+        help="documents: pass the retrieved passages as documents= (chunks stop at their boundaries); "
+        "none: don't (default: %(default)s)",
+    )
+    rag.add_argument(
+        "--answer-depths",
+        type=_depths,
+        default=None,
+        help="move the answer's passage to these relative depths among the retrieved ones, e.g. "
+        "0,0.5,1 (default: leave it where the retriever ranked it)",
+    )
+    rag.add_argument(
+        "--spread",
+        action="store_true",
+        help="move sample k's answer passage to relative depth (k + 0.5) / samples (the retriever ranks "
+        "it first otherwise)",
+    )
+    rag.add_argument(
+        "--corpus",
+        choices=list(ragbench.CORPORA),
+        default="depots",
+        help="generated corpus: depots (answerable by small models) or handbook (default: %(default)s)",
+    )
     rag.add_argument("--corpus-seed", type=int, default=0, help="seed of the generated corpus (default: 0)")
     return parser
 
@@ -132,7 +192,9 @@ def _lengths(text: str) -> list[int]:
     try:
         lengths = [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 1k,2k,4096, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token counts such as 1k,2k,4096, got {text!r}"
+        ) from None
     if any(n < 1 for n in lengths):
         raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
     return lengths
@@ -146,7 +208,7 @@ def _depths(text: str) -> list[float]:
     try:
         depths = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {text!r}") from None
     if not all(0 <= d <= 1 for d in depths):
         raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
     return depths
@@ -194,14 +256,23 @@ def _load(args) -> PromptDistillEngine:
 def _probes(args, tokenizer) -> list[tasks.Probe]:
     seeds = range(args.seed, args.seed + args.samples)
     if args.command == "speed":
-        probes = [tasks.needle(tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack)
-                  for n in args.lengths for s in seeds]
+        probes = [
+            tasks.needle(tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack) for n in args.lengths for s in seeds
+        ]
     elif args.command == "needle":
-        probes = [tasks.needle(tokenizer, n, d, s, kind=args.kind, haystack=args.haystack)
-                  for n in args.lengths for d in args.depths for s in seeds]
+        probes = [
+            tasks.needle(tokenizer, n, d, s, kind=args.kind, haystack=args.haystack)
+            for n in args.lengths
+            for d in args.depths
+            for s in seeds
+        ]
     else:
-        probes = [tasks.task(t, tokenizer, n, s, haystack=args.haystack)
-                  for n in args.lengths for t in args.tasks for s in seeds]
+        probes = [
+            tasks.task(t, tokenizer, n, s, haystack=args.haystack)
+            for n in args.lengths
+            for t in args.tasks
+            for s in seeds
+        ]
     if args.max_new_tokens is not None:
         probes = [replace(p, max_new_tokens=args.max_new_tokens) for p in probes]
     return probes
@@ -209,8 +280,10 @@ def _probes(args, tokenizer) -> list[tasks.Probe]:
 
 def _bench(args, command_line: str) -> None:
     # paper-rule costs what single-stage costs; it matters only where answers are scored.
-    default_methods = {"speed": [m for m in measure.METHODS if m != "paper-rule"],
-                       "throughput": ["full", "profile"]}.get(args.command, measure.METHODS)
+    default_methods = {
+        "speed": [m for m in measure.METHODS if m != "paper-rule"],
+        "throughput": ["full", "profile"],
+    }.get(args.command, measure.METHODS)
     engine, engines, out, log = _start(args, default_methods)
     if args.command == "rag":
         return _bench_rag(args, command_line, engine, engines, out, log)
@@ -221,8 +294,17 @@ def _bench(args, command_line: str) -> None:
     records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}", log=log)
     rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
     methods = measure.describe(engines)
-    files = _write(out, args.command, command_line, engine, methods, report.markdown_table(rows),
-                   report.COLUMNS_NOTE, summary=rows, records=records)
+    files = _write(
+        out,
+        args.command,
+        command_line,
+        engine,
+        methods,
+        report.markdown_table(rows),
+        report.COLUMNS_NOTE,
+        summary=rows,
+        records=records,
+    )
     files.append(out / f"{args.command}_scaling.png")
     report.plot_scaling(rows, files[-1])
     if args.command != "speed":
@@ -233,16 +315,34 @@ def _bench(args, command_line: str) -> None:
 
 
 def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
-    probes = ragbench.probes(engine.tokenizer, args.lengths, args.shapes, args.samples, args.seed,
-                             corpus_seed=args.corpus_seed, answer_depths=args.answer_depths, corpus=args.corpus,
-                             spread=args.spread,
-                             max_new_tokens=args.max_new_tokens or ragbench.MAX_NEW_TOKENS)
+    probes = ragbench.probes(
+        engine.tokenizer,
+        args.lengths,
+        args.shapes,
+        args.samples,
+        args.seed,
+        corpus_seed=args.corpus_seed,
+        answer_depths=args.answer_depths,
+        corpus=args.corpus,
+        spread=args.spread,
+        max_new_tokens=args.max_new_tokens or ragbench.MAX_NEW_TOKENS,
+    )
     records = ragbench.run(engines, probes, context_source=args.context_source, log=log)
     rows = ragbench.summarize(records)
     by_length = report.summarize(records, breakdown="shape")  # all shapes together: the scaling plot
     methods = measure.describe(engines)
-    files = _write(out, "rag", command_line, engine, methods, ragbench.markdown_table(rows), ragbench.COLUMNS_NOTE,
-                   summary=rows, summary_by_length=by_length, records=records)
+    files = _write(
+        out,
+        "rag",
+        command_line,
+        engine,
+        methods,
+        ragbench.markdown_table(rows),
+        ragbench.COLUMNS_NOTE,
+        summary=rows,
+        summary_by_length=by_length,
+        records=records,
+    )
     files += [out / "rag_scaling.png", out / "rag_heatmap.png"]
     report.plot_scaling(by_length, files[2])
     report.plot_heatmaps(records, "shape", files[3], f"RAG answer accuracy, {engine.model_name}")
@@ -252,22 +352,42 @@ def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -
 def _bench_heldout(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
     if args.haystack is None:
         raise ValueError("pd-bench heldout needs --haystack DIR: a folder of .txt essays to split")
-    probes = heldout.probes(engine.tokenizer, args.haystack, args.split, args.lengths, args.shapes, args.samples,
-                            args.seed)
+    probes = heldout.probes(
+        engine.tokenizer, args.haystack, args.split, args.lengths, args.shapes, args.samples, args.seed
+    )
     records = measure.run(engines, probes, desc="pd-bench heldout", log=log)
     rows = heldout.summarize(records)
-    files = _write(out, "heldout", command_line, engine, measure.describe(engines), heldout.markdown_table(rows),
-                   heldout.COLUMNS_NOTE, summary=rows, records=records)
+    files = _write(
+        out,
+        "heldout",
+        command_line,
+        engine,
+        measure.describe(engines),
+        heldout.markdown_table(rows),
+        heldout.COLUMNS_NOTE,
+        summary=rows,
+        records=records,
+    )
     print("wrote " + ", ".join(map(str, files)))
 
 
 def _bench_throughput(args, command_line: str, engine, engines, out: Path) -> None:
     seeds = range(args.seed, args.seed + max(args.concurrency + [args.sequential]))
-    probes = {n: [tasks.needle(engine.tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack) for s in seeds]
-              for n in args.lengths}
+    probes = {
+        n: [tasks.needle(engine.tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack) for s in seeds]
+        for n in args.lengths
+    }
     records = throughput.run(engines, probes, args.concurrency, args.sequential, args.max_new_tokens or 128)
-    files = _write(out, "throughput", command_line, engine, measure.describe(engines),
-                   throughput.markdown_table(records), throughput.COLUMNS_NOTE, records=records)
+    files = _write(
+        out,
+        "throughput",
+        command_line,
+        engine,
+        measure.describe(engines),
+        throughput.markdown_table(records),
+        throughput.COLUMNS_NOTE,
+        records=records,
+    )
     files.append(out / "throughput.png")
     throughput.plot(records, files[-1])
     print("wrote " + ", ".join(map(str, files)))
@@ -284,16 +404,26 @@ def _start(args, default_methods) -> tuple:
     return engine, engines, out, log
 
 
-def _write(out: Path, name: str, command_line: str, engine, methods: dict, table: str, note: str,
-           **data) -> list[Path]:
+def _write(out: Path, name: str, command_line: str, engine, methods: dict, table: str, note: str, **data) -> list[Path]:
     """Print the table and write OUT/<name>.md and OUT/<name>.json (the command, environment, methods and
     `data`); returns their paths."""
     text = "\n\n".join([f"`{command_line}`", table, note, _method_notes(methods)])
     print(f"\n{text}\n")
     files = [out / f"{name}.md", out / f"{name}.json"]
     files[0].write_text(text + "\n")
-    files[1].write_text(json.dumps({"command": command_line, "environment": _environment(engine),
-                                    "peak_memory": measure.PEAK_MEMORY, "methods": methods, **data}, indent=1) + "\n")
+    files[1].write_text(
+        json.dumps(
+            {
+                "command": command_line,
+                "environment": _environment(engine),
+                "peak_memory": measure.PEAK_MEMORY,
+                "methods": methods,
+                **data,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return files
 
 
@@ -301,13 +431,19 @@ def _method_notes(methods: dict[str, dict]) -> str:
     lines = []
     for name, method in methods.items():
         config = method["config"]
-        settings = "" if config["method"] == "full" else (
-            f" (layers {config['selection_layers']}, budgets {config['budgets']}, {config['query_source']} seeds, "
-            f"{config['aggregation']}, pool {config['pool_kernel']}, {config['span']} spans"
-            + (f", chunk_size {config['chunk_size']}" if config["span"] == "chunk" else "")
-            + (f", heads {config['heads']}" if config.get("heads") and any(config["heads"]) else "")
-            + (f", {config['unit_score']} units" if config["span"] != "token" and config.get("unit_score") else "")
-            + (f", detrended over {config['detrend_window']}" if config.get("detrend_window") else "") + ")")
+        settings = (
+            ""
+            if config["method"] == "full"
+            else (
+                f" (layers {config['selection_layers']}, budgets {config['budgets']}, {config['query_source']} seeds, "
+                f"{config['aggregation']}, pool {config['pool_kernel']}, {config['span']} spans"
+                + (f", chunk_size {config['chunk_size']}" if config["span"] == "chunk" else "")
+                + (f", heads {config['heads']}" if config.get("heads") and any(config["heads"]) else "")
+                + (f", {config['unit_score']} units" if config["span"] != "token" and config.get("unit_score") else "")
+                + (f", detrended over {config['detrend_window']}" if config.get("detrend_window") else "")
+                + ")"
+            )
+        )
         shared = f"; same config as {method['measured_as']}, measured once" if method["measured_as"] != name else ""
         lines.append(f"- {name}: {method['description']}{settings}{shared}")
     return "\n".join(lines)

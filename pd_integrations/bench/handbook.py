@@ -18,102 +18,266 @@ from dataclasses import dataclass
 
 FACT_KINDS = ("person", "code", "amount", "date")
 
-CITIES = ("Lisbon", "Porto", "Madrid", "Valencia", "Lyon", "Marseille", "Berlin", "Hamburg", "Munich", "Vienna",
-          "Zurich", "Geneva", "Milan", "Turin", "Prague", "Warsaw", "Krakow", "Dublin", "Oslo", "Stockholm",
-          "Helsinki", "Copenhagen", "Brussels", "Rotterdam", "Athens", "Budapest", "Tallinn", "Riga", "Vilnius",
-          "Ljubljana")
+CITIES = (
+    "Lisbon",
+    "Porto",
+    "Madrid",
+    "Valencia",
+    "Lyon",
+    "Marseille",
+    "Berlin",
+    "Hamburg",
+    "Munich",
+    "Vienna",
+    "Zurich",
+    "Geneva",
+    "Milan",
+    "Turin",
+    "Prague",
+    "Warsaw",
+    "Krakow",
+    "Dublin",
+    "Oslo",
+    "Stockholm",
+    "Helsinki",
+    "Copenhagen",
+    "Brussels",
+    "Rotterdam",
+    "Athens",
+    "Budapest",
+    "Tallinn",
+    "Riga",
+    "Vilnius",
+    "Ljubljana",
+)
 
 
 @dataclass(frozen=True)
 class _Policy:
-    topic: str        # "travel expenses": what the passage is about, in questions and text
-    prefix: str       # form code prefix
-    unit: str         # what the amount limits: "per trip"
-    limit: str        # the amount's name in questions: "the limit per trip for travel expenses"
-    deadline: str     # the date's name: "the filing deadline for travel claims"
+    topic: str  # "travel expenses": what the passage is about, in questions and text
+    prefix: str  # form code prefix
+    unit: str  # what the amount limits: "per trip"
+    limit: str  # the amount's name in questions: "the limit per trip for travel expenses"
+    deadline: str  # the date's name: "the filing deadline for travel claims"
     fillers: tuple[str, ...]
 
 
 POLICIES = (
-    _Policy("travel expenses", "TRV", "per trip", "the limit per trip for travel expenses",
-            "the filing deadline for travel claims",
-            ("Economy class is the default for flights shorter than six hours.",
-             "Hotel bookings go through the company travel portal.")),
-    _Policy("equipment purchases", "EQP", "per item", "the limit per item for equipment purchases",
-            "the closing date for equipment orders",
-            ("Laptops and monitors are ordered from the approved supplier list.",
-             "Returned equipment must be logged with the service desk.")),
-    _Policy("conference attendance", "CNF", "per person per year",
-            "the yearly conference budget per person", "the deadline for conference applications",
-            ("Speakers at a conference are given priority.",
-             "A short trip report is expected after each event.")),
-    _Policy("training courses", "TRN", "per employee per year",
-            "the yearly training allowance per employee", "the registration deadline for training courses",
-            ("Online courses count towards the same allowance.",
-             "Certificates should be uploaded to the learning portal.")),
-    _Policy("relocation support", "RLC", "per move",
-            "the relocation allowance per move", "the deadline for relocation applications",
-            ("Temporary housing can be arranged for the first month.",
-             "Moving companies must be chosen from the approved list.")),
-    _Policy("home office equipment", "HOM", "per employee",
-            "the home office allowance per employee", "the deadline for home office requests",
-            ("Chairs and desks are delivered directly to the employee's address.",
-             "Items bought under the allowance remain company property.")),
-    _Policy("client entertainment", "ENT", "per event",
-            "the limit per event for client entertainment", "the deadline for entertainment claims",
-            ("Guests' names and companies must be listed on every claim.",
-             "Alcohol may not exceed a third of the bill.")),
-    _Policy("software licences", "SWL", "per licence",
-            "the spending limit per software licence", "the renewal deadline for software licences",
-            ("Open-source tools do not need a licence request.",
-             "Unused licences are reclaimed after ninety days.")),
-    _Policy("parking permits", "PKG", "per employee per year", "the yearly parking allowance per employee",
-            "the renewal deadline for parking permits",
-            ("Bicycle spaces in the basement are free of charge.",
-             "Visitors receive day passes from reception.")),
-    _Policy("team events", "EVT", "per team per year", "the yearly budget per team for team events",
-            "the booking deadline for team events",
-            ("Events should take place within working hours where possible.",
-             "Venues must be accessible to every team member.")),
+    _Policy(
+        "travel expenses",
+        "TRV",
+        "per trip",
+        "the limit per trip for travel expenses",
+        "the filing deadline for travel claims",
+        (
+            "Economy class is the default for flights shorter than six hours.",
+            "Hotel bookings go through the company travel portal.",
+        ),
+    ),
+    _Policy(
+        "equipment purchases",
+        "EQP",
+        "per item",
+        "the limit per item for equipment purchases",
+        "the closing date for equipment orders",
+        (
+            "Laptops and monitors are ordered from the approved supplier list.",
+            "Returned equipment must be logged with the service desk.",
+        ),
+    ),
+    _Policy(
+        "conference attendance",
+        "CNF",
+        "per person per year",
+        "the yearly conference budget per person",
+        "the deadline for conference applications",
+        ("Speakers at a conference are given priority.", "A short trip report is expected after each event."),
+    ),
+    _Policy(
+        "training courses",
+        "TRN",
+        "per employee per year",
+        "the yearly training allowance per employee",
+        "the registration deadline for training courses",
+        ("Online courses count towards the same allowance.", "Certificates should be uploaded to the learning portal."),
+    ),
+    _Policy(
+        "relocation support",
+        "RLC",
+        "per move",
+        "the relocation allowance per move",
+        "the deadline for relocation applications",
+        (
+            "Temporary housing can be arranged for the first month.",
+            "Moving companies must be chosen from the approved list.",
+        ),
+    ),
+    _Policy(
+        "home office equipment",
+        "HOM",
+        "per employee",
+        "the home office allowance per employee",
+        "the deadline for home office requests",
+        (
+            "Chairs and desks are delivered directly to the employee's address.",
+            "Items bought under the allowance remain company property.",
+        ),
+    ),
+    _Policy(
+        "client entertainment",
+        "ENT",
+        "per event",
+        "the limit per event for client entertainment",
+        "the deadline for entertainment claims",
+        ("Guests' names and companies must be listed on every claim.", "Alcohol may not exceed a third of the bill."),
+    ),
+    _Policy(
+        "software licences",
+        "SWL",
+        "per licence",
+        "the spending limit per software licence",
+        "the renewal deadline for software licences",
+        ("Open-source tools do not need a licence request.", "Unused licences are reclaimed after ninety days."),
+    ),
+    _Policy(
+        "parking permits",
+        "PKG",
+        "per employee per year",
+        "the yearly parking allowance per employee",
+        "the renewal deadline for parking permits",
+        ("Bicycle spaces in the basement are free of charge.", "Visitors receive day passes from reception."),
+    ),
+    _Policy(
+        "team events",
+        "EVT",
+        "per team per year",
+        "the yearly budget per team for team events",
+        "the booking deadline for team events",
+        (
+            "Events should take place within working hours where possible.",
+            "Venues must be accessible to every team member.",
+        ),
+    ),
 )
 
-_FIRST = ("Maria", "Tomasz", "Aisha", "Lukas", "Sofia", "Mateo", "Ingrid", "Kenji", "Amara", "Pieter", "Elena",
-          "Rafael", "Nadia", "Oskar", "Leila", "Dmitri", "Chiara", "Hamid", "Freya", "Joao", "Yara", "Bence",
-          "Zofia", "Emeka", "Clara", "Nikolai", "Ines", "Arjun", "Greta", "Tariq")
-_LAST = ("Okafor", "Wielgus", "Lindqvist", "Moreau", "Kowalski", "Fischer", "Santos", "Novak", "Brennan",
-         "Haddad", "Rossi", "Jansen", "Petrova", "Andersen", "Costa", "Varga", "Nakamura", "Mensah", "Dubois",
-         "Horvat", "Keller", "Silva", "Bauer", "Ferreira", "Nielsen", "Popescu", "Schmidt", "Ortega", "Laine",
-         "Byrne")
+_FIRST = (
+    "Maria",
+    "Tomasz",
+    "Aisha",
+    "Lukas",
+    "Sofia",
+    "Mateo",
+    "Ingrid",
+    "Kenji",
+    "Amara",
+    "Pieter",
+    "Elena",
+    "Rafael",
+    "Nadia",
+    "Oskar",
+    "Leila",
+    "Dmitri",
+    "Chiara",
+    "Hamid",
+    "Freya",
+    "Joao",
+    "Yara",
+    "Bence",
+    "Zofia",
+    "Emeka",
+    "Clara",
+    "Nikolai",
+    "Ines",
+    "Arjun",
+    "Greta",
+    "Tariq",
+)
+_LAST = (
+    "Okafor",
+    "Wielgus",
+    "Lindqvist",
+    "Moreau",
+    "Kowalski",
+    "Fischer",
+    "Santos",
+    "Novak",
+    "Brennan",
+    "Haddad",
+    "Rossi",
+    "Jansen",
+    "Petrova",
+    "Andersen",
+    "Costa",
+    "Varga",
+    "Nakamura",
+    "Mensah",
+    "Dubois",
+    "Horvat",
+    "Keller",
+    "Silva",
+    "Bauer",
+    "Ferreira",
+    "Nielsen",
+    "Popescu",
+    "Schmidt",
+    "Ortega",
+    "Laine",
+    "Byrne",
+)
 _NAMES = tuple(f"{first} {last}" for first in _FIRST for last in _LAST)
 _ROLES = ("office manager", "finance lead", "site lead", "controller", "HR lead")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 # One template per sentence kind is drawn per passage; {Topic} is the topic capitalised.
-_OPENINGS = ("This note covers {topic} for staff based at the {city} office.",
-             "Staff at the {city} office follow these rules for {topic}.",
-             "Rules for {topic} at the {city} office.",
-             "The {city} office handles {topic} as follows.")
+_OPENINGS = (
+    "This note covers {topic} for staff based at the {city} office.",
+    "Staff at the {city} office follow these rules for {topic}.",
+    "Rules for {topic} at the {city} office.",
+    "The {city} office handles {topic} as follows.",
+)
 # Each fact sentence names the office and the policy, so the passages differ only in those names and the facts.
 _SENTENCES = {
-    "person": ("Requests for {topic} at the {city} office are approved by {person}, the local {role}.",
-               "At the {city} office, {person} ({role}) approves all {topic}.",
-               "{person} is the {role} who approves {topic} at the {city} office."),
-    "code": ("Requests for {topic} at the {city} office are filed on form {code}.",
-             "At the {city} office, form {code} is used for {topic}.",
-             "The {city} office uses form {code} for {topic}."),
-    "amount": ("{Limit} at the {city} office is {amount} euros.",
-               "At the {city} office, {limit} is {amount} euros.",
-               "At the {city} office, up to {amount} euros {unit} is paid for {topic}."),
-    "date": ("{Deadline} at the {city} office is {date}.",
-             "At the {city} office, {deadline} is {date}.",
-             "The {city} office sets {deadline} to {date}."),
+    "person": (
+        "Requests for {topic} at the {city} office are approved by {person}, the local {role}.",
+        "At the {city} office, {person} ({role}) approves all {topic}.",
+        "{person} is the {role} who approves {topic} at the {city} office.",
+    ),
+    "code": (
+        "Requests for {topic} at the {city} office are filed on form {code}.",
+        "At the {city} office, form {code} is used for {topic}.",
+        "The {city} office uses form {code} for {topic}.",
+    ),
+    "amount": (
+        "{Limit} at the {city} office is {amount} euros.",
+        "At the {city} office, {limit} is {amount} euros.",
+        "At the {city} office, up to {amount} euros {unit} is paid for {topic}.",
+    ),
+    "date": (
+        "{Deadline} at the {city} office is {date}.",
+        "At the {city} office, {deadline} is {date}.",
+        "The {city} office sets {deadline} to {date}.",
+    ),
 }
 _MAX_CHARS = 440
-_COMMON_FILLERS = ("Keep all receipts for at least seven years.",
-                   "Managers are notified automatically once a request is filed.",
-                   "Questions about the process go to the local service desk.",
-                   "The policy is reviewed once a year by the finance committee.")
+_COMMON_FILLERS = (
+    "Keep all receipts for at least seven years.",
+    "Managers are notified automatically once a request is filed.",
+    "Questions about the process go to the local service desk.",
+    "The policy is reviewed once a year by the finance committee.",
+)
 
 _QUESTIONS = {
     "person": "Who approves {topic} at the {city} office?",
@@ -159,11 +323,21 @@ def make_handbook(seed: int = 0, size: int = 240) -> list[Passage]:
     for i, (city, policy) in enumerate(pairs):
         amount = amounts[i] * 10
         month, day = days[i]
-        slots = {"city": city, "topic": policy.topic, "Topic": _capital(policy.topic),
-                 "unit": policy.unit, "limit": policy.limit, "Limit": _capital(policy.limit),
-                 "deadline": policy.deadline, "Deadline": _capital(policy.deadline),
-                 "person": people[i], "role": rng.choice(_ROLES), "code": f"{policy.prefix}-{numbers[i]}",
-                 "amount": f"{amount // 1000},{amount % 1000:03d}", "date": f"{day} {month}"}
+        slots = {
+            "city": city,
+            "topic": policy.topic,
+            "Topic": _capital(policy.topic),
+            "unit": policy.unit,
+            "limit": policy.limit,
+            "Limit": _capital(policy.limit),
+            "deadline": policy.deadline,
+            "Deadline": _capital(policy.deadline),
+            "person": people[i],
+            "role": rng.choice(_ROLES),
+            "code": f"{policy.prefix}-{numbers[i]}",
+            "amount": f"{amount // 1000},{amount % 1000:03d}",
+            "date": f"{day} {month}",
+        }
         facts = [rng.choice(_SENTENCES[kind]) for kind in FACT_KINDS]
         rng.shuffle(facts)
         fillers = rng.sample(policy.fillers + _COMMON_FILLERS, rng.randint(0, 2))
@@ -186,9 +360,11 @@ def fact(passage: Passage, kind: str) -> str:
     """The passage's fact of `kind` (one of FACT_KINDS), read back from its text."""
     if kind == "person":
         return next(name for name in _NAMES if name in passage.text)
-    pattern = {"code": r"\b[A-Z]{3}-\d{4}\b",
-               "amount": r"\b\d,\d{3}(?= euros)",
-               "date": r"\b\d{1,2} (?:" + "|".join(_MONTHS) + r")\b"}[kind]
+    pattern = {
+        "code": r"\b[A-Z]{3}-\d{4}\b",
+        "amount": r"\b\d,\d{3}(?= euros)",
+        "date": r"\b\d{1,2} (?:" + "|".join(_MONTHS) + r")\b",
+    }[kind]
     return re.search(pattern, passage.text).group(0)
 
 
@@ -209,12 +385,11 @@ def make_questions(corpus: list[Passage], n: int, seed: int) -> list[RagQuestion
             break
         kind = FACT_KINDS[(seed + len(questions)) % len(FACT_KINDS)]
         policy = next(p for p in POLICIES if passage.title.lower().startswith(p.topic))
-        city = passage.title[passage.title.index("(") + 1: passage.title.index(" office)")]
+        city = passage.title[passage.title.index("(") + 1 : passage.title.index(" office)")]
         answer = fact(passage, kind)
         if sum(contains(p.text, answer) for p in corpus) != 1:
             continue
-        question = _QUESTIONS[kind].format(topic=policy.topic, city=city, limit=policy.limit,
-                                           deadline=policy.deadline)
+        question = _QUESTIONS[kind].format(topic=policy.topic, city=city, limit=policy.limit, deadline=policy.deadline)
         questions.append(RagQuestion(question, answer, passage.id))
     if len(questions) < n:
         raise ValueError(f"the corpus holds only {len(questions)} answerable questions, asked for {n}")

@@ -31,18 +31,23 @@ def _needle(rng: random.Random) -> tuple[str, str, str]:
     name = rng.choice(_NAMES)
     if kind == 0:
         code = str(rng.randrange(1000, 10000))
-        return (f"The door code for the east workshop is {code}.", "What is the door code for the east workshop?",
-                code)
+        return (f"The door code for the east workshop is {code}.", "What is the door code for the east workshop?", code)
     if kind == 1:
         ship = rng.choice(_SHIPS)
         return (f"{name}'s sailboat is named the {ship}.", f"What is the name of {name}'s sailboat?", ship)
     if kind == 2:
         number = str(rng.randrange(100, 1000))
-        return (f"{name} keeps the spare key in locker number {number}.",
-                f"Which locker number does {name} keep the spare key in?", number)
+        return (
+            f"{name} keeps the spare key in locker number {number}.",
+            f"Which locker number does {name} keep the spare key in?",
+            number,
+        )
     fruit = rng.choice(_FRUITS)
-    return (f"At the reunion, {name} brought a basket of {fruit} jam.", f"What kind of jam did {name} bring to the "
-            "reunion?", fruit)
+    return (
+        f"At the reunion, {name} brought a basket of {fruit} jam.",
+        f"What kind of jam did {name} bring to the reunion?",
+        fruit,
+    )
 
 
 @lru_cache(maxsize=4)
@@ -53,7 +58,7 @@ def split_text(directory: str, split: str) -> str:
     files = sorted(Path(directory).glob("*.txt"))
     if len(files) < 2:
         raise ValueError(f"haystack directory {directory!r} needs at least two .txt files to split")
-    return "\n\n".join(f.read_text(errors="replace").strip() for f in files[SPLITS.index(split)::2])
+    return "\n\n".join(f.read_text(errors="replace").strip() for f in files[SPLITS.index(split) :: 2])
 
 
 def probe(tokenizer, directory: str, split: str, length: int, depth: float, shape: str, seed: int) -> Probe:
@@ -63,20 +68,36 @@ def probe(tokenizer, directory: str, split: str, length: int, depth: float, shap
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     rng = random.Random(f"heldout-{split}-{length}-{depth}-{shape}-{seed}")
     sentence, question, answer = _needle(rng)
-    context = insert_sentences(haystack_window(tokenizer, split_text(directory, split), length, rng), [sentence],
-                               [depth])
-    content = (f"{context}\n\nAnswer briefly. {question}" if shape == "question_last"
-               else f"Answer briefly. {question}\n\n{context}")
+    context = insert_sentences(
+        haystack_window(tokenizer, split_text(directory, split), length, rng), [sentence], [depth]
+    )
+    content = (
+        f"{context}\n\nAnswer briefly. {question}"
+        if shape == "question_last"
+        else f"Answer briefly. {question}\n\n{context}"
+    )
     labels = {"length": length, "depth": depth, "shape": shape, "seed": seed, "split": split}
-    return Probe(labels, [{"role": "user", "content": content}], question, (sentence,), 24,
-                 lambda text: float(_normalise(answer) in _normalise(text)), context)
+    return Probe(
+        labels,
+        [{"role": "user", "content": content}],
+        question,
+        (sentence,),
+        24,
+        lambda text: float(_normalise(answer) in _normalise(text)),
+        context,
+    )
 
 
-def probes(tokenizer, directory: str, split: str, lengths: list[int], shapes: list[str], samples: int,
-           seed: int = 0) -> list[Probe]:
+def probes(
+    tokenizer, directory: str, split: str, lengths: list[int], shapes: list[str], samples: int, seed: int = 0
+) -> list[Probe]:
     """`samples` probes per length and shape, their needles spread over depths (k + 0.5) / samples."""
-    return [probe(tokenizer, directory, split, n, (k + 0.5) / samples, shape, seed + k)
-            for n in lengths for shape in shapes for k in range(samples)]
+    return [
+        probe(tokenizer, directory, split, n, (k + 0.5) / samples, shape, seed + k)
+        for n in lengths
+        for shape in shapes
+        for k in range(samples)
+    ]
 
 
 def _normalise(text: str) -> str:
@@ -106,9 +127,16 @@ def summarize(records: list[dict]) -> list[dict]:
         base = [full.get(key(r)) for r in runs]
         answered = sum(r["score"] for r in runs)
         kept = [r for r in runs if r["needles_kept"] == 1]
-        row = {"length": length, "shape": shape, "method": method, "prompts": len(runs), "answered": answered,
-               "interval": wilson_interval(answered, len(runs)), "kept": len(kept),
-               "kept_answered": sum(r["score"] for r in kept)}
+        row = {
+            "length": length,
+            "shape": shape,
+            "method": method,
+            "prompts": len(runs),
+            "answered": answered,
+            "interval": wilson_interval(answered, len(runs)),
+            "kept": len(kept),
+            "kept_answered": sum(r["score"] for r in kept),
+        }
         if all(base):
             row["full_answered"] = sum(b["score"] for b in base)
             row["both_answered"] = sum(r["score"] * b["score"] for r, b in zip(runs, base))
@@ -120,19 +148,26 @@ def summarize(records: list[dict]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     """The `summarize` rows as a Markdown table."""
-    lines = ["| length | shape | method | answered | 95% interval | evidence kept | answered when kept | "
-             "answered where full did | prefill ÷ full | KV ÷ full |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| length | shape | method | answered | 95% interval | evidence kept | answered when kept | "
+        "answered where full did | prefill ÷ full | KV ÷ full |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         low, high = r["interval"]
         both = f"{r['both_answered']:.0f}/{r['full_answered']:.0f}" if "both_answered" in r else "–"
         ratios = [f"{r[k]:.2f}×" if k in r else "–" for k in ("prefill_ratio", "kv_ratio")]
-        lines.append(f"| {r['length']} | {r['shape']} | {r['method']} | {r['answered']:.0f}/{r['prompts']} | "
-                     f"{low:.2f}–{high:.2f} | {r['kept']}/{r['prompts']} | {r['kept_answered']:.0f}/{r['kept']} | "
-                     f"{both} | {ratios[0]} | {ratios[1]} |")
+        lines.append(
+            f"| {r['length']} | {r['shape']} | {r['method']} | {r['answered']:.0f}/{r['prompts']} | "
+            f"{low:.2f}–{high:.2f} | {r['kept']}/{r['prompts']} | {r['kept_answered']:.0f}/{r['kept']} | "
+            f"{both} | {ratios[0]} | {ratios[1]} |"
+        )
     return "\n".join(lines)
 
 
-COLUMNS_NOTE = ("*answered*: the needle's answer appears in the greedy output; *95% interval*: Wilson score "
-                "interval of that share; *evidence kept*: selection kept the needle sentence whole; *answered when "
-                "kept*: answered among those; *answered where full did*: answered among the probes full attention "
-                "answered; ratios are sums over the cell's probes against full attention on the same probes.")
+COLUMNS_NOTE = (
+    "*answered*: the needle's answer appears in the greedy output; *95% interval*: Wilson score "
+    "interval of that share; *evidence kept*: selection kept the needle sentence whole; *answered when "
+    "kept*: answered among those; *answered where full did*: answered among the probes full attention "
+    "answered; ratios are sums over the cell's probes against full attention on the same probes."
+)

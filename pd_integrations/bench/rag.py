@@ -18,17 +18,34 @@ from functools import lru_cache
 
 from .handbook import FACT_KINDS, Passage, RagQuestion, contains, fact, make_handbook, make_questions
 
-__all__ = ["FACT_KINDS", "SHAPES", "Passage", "RagPrompt", "RagQuestion", "contains", "embed", "fact",
-           "make_handbook", "make_questions", "move_answer", "rag_prompt", "retrieve"]
+__all__ = [
+    "FACT_KINDS",
+    "SHAPES",
+    "Passage",
+    "RagPrompt",
+    "RagQuestion",
+    "contains",
+    "embed",
+    "fact",
+    "make_handbook",
+    "make_questions",
+    "move_answer",
+    "rag_prompt",
+    "retrieve",
+]
 
 SHAPES = ("question_last", "question_first", "system_context")
 SEPARATOR = "\n\n"  # between passages in every shape
 
-QUESTION_LAST = "Answer the question using only the documents below.\n\n{context}\n\nQuestion: {question}\nAnswer briefly."
+QUESTION_LAST = (
+    "Answer the question using only the documents below.\n\n{context}\n\nQuestion: {question}\nAnswer briefly."
+)
 # rlm/rag-prompt on the LangChain hub, word for word.
-QUESTION_FIRST = ("You are an assistant for question-answering tasks. Use the following pieces of retrieved context to "
-                  "answer the question. If you don't know the answer, just say that you don't know. Use three "
-                  "sentences maximum and keep the answer concise.\nQuestion: {question} \nContext: {context} \nAnswer:")
+QUESTION_FIRST = (
+    "You are an assistant for question-answering tasks. Use the following pieces of retrieved context to "
+    "answer the question. If you don't know the answer, just say that you don't know. Use three "
+    "sentences maximum and keep the answer concise.\nQuestion: {question} \nContext: {context} \nAnswer:"
+)
 # langchain's create_retrieval_chain example system prompt.
 SYSTEM_CONTEXT = "Use the following pieces of retrieved context to answer the user's question.\n\n{context}"
 
@@ -114,8 +131,10 @@ def rag_prompt(shape: str, question: RagQuestion, passages: list[Passage]) -> Ra
     elif shape == "question_first":
         messages = [{"role": "user", "content": QUESTION_FIRST.format(context=context, question=question.question)}]
     elif shape == "system_context":
-        messages = [{"role": "system", "content": SYSTEM_CONTEXT.format(context=context)},
-                    {"role": "user", "content": question.question}]
+        messages = [
+            {"role": "system", "content": SYSTEM_CONTEXT.format(context=context)},
+            {"role": "user", "content": question.question},
+        ]
     else:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     return RagPrompt(messages, documents, question.question, question.answer, index)

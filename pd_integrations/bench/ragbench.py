@@ -28,11 +28,13 @@ CORPORA = {"depots": (make_depots, make_depot_questions), "handbook": (make_hand
 
 CONTEXT_SOURCES = ("documents", "none")
 MAX_NEW_TOKENS = 32  # room for a sentence around the answer: question-first asks for up to three
-COLUMNS_NOTE = ("Means over the questions of each row. ÷ full: the method's figure divided by full attention's on the "
-                "same prompts (same length and shape). Answer passage kept: share of the answer passage's "
-                "characters that selection kept; answer sentence kept: share of runs that kept the sentence stating "
-                "the answer whole. Accuracy: runs whose greedy answer contains the expected answer "
-                "(case-insensitive).")
+COLUMNS_NOTE = (
+    "Means over the questions of each row. ÷ full: the method's figure divided by full attention's on the "
+    "same prompts (same length and shape). Answer passage kept: share of the answer passage's "
+    "characters that selection kept; answer sentence kept: share of runs that kept the sentence stating "
+    "the answer whole. Accuracy: runs whose greedy answer contains the expected answer "
+    "(case-insensitive)."
+)
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,19 @@ class RagProbe:
     max_new_tokens: int
 
 
-def probes(tokenizer, lengths: list[int], shapes: list[str], samples: int, seed: int = 0, *, corpus_seed: int = 0,
-           answer_depths: list[float] | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-           corpus: str = "depots", spread: bool = False) -> list[RagProbe]:
+def probes(
+    tokenizer,
+    lengths: list[int],
+    shapes: list[str],
+    samples: int,
+    seed: int = 0,
+    *,
+    corpus_seed: int = 0,
+    answer_depths: list[float] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    corpus: str = "depots",
+    spread: bool = False,
+) -> list[RagProbe]:
     """`samples` questions (drawn by `seed`) per length and shape, each over the passages of `corpus` (a name in
     CORPORA) retrieved for it up to `length` context tokens, in rank order, or with the answer's passage moved to
     each of `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape.
@@ -72,12 +84,26 @@ def probes(tokenizer, lengths: list[int], shapes: list[str], samples: int, seed:
                 passages = ranked if depth is None else move_answer(ranked, question.passage_id, depth)
                 for shape in shapes:
                     prompt = rag_prompt(shape, question, passages)
-                    labels = {"corpus": name, "length": length, "shape": shape, "sample": seed + sample,
-                              "question": question.question, "answer": question.answer, "passages": len(passages),
-                              "answer_depth": depth, "answer_position": position,
-                              "answer_index": prompt.answer_index}
-                    result.append(RagProbe(labels, prompt, _sentence(prompt.documents[prompt.answer_index],
-                                                                     question.answer), max_new_tokens))
+                    labels = {
+                        "corpus": name,
+                        "length": length,
+                        "shape": shape,
+                        "sample": seed + sample,
+                        "question": question.question,
+                        "answer": question.answer,
+                        "passages": len(passages),
+                        "answer_depth": depth,
+                        "answer_position": position,
+                        "answer_index": prompt.answer_index,
+                    }
+                    result.append(
+                        RagProbe(
+                            labels,
+                            prompt,
+                            _sentence(prompt.documents[prompt.answer_index], question.answer),
+                            max_new_tokens,
+                        )
+                    )
     return result
 
 
@@ -85,8 +111,14 @@ def _sentence(text: str, answer: str) -> str:
     return next(s for s in re.split(r"(?<=[.;])\s+", text) if answer in s)
 
 
-def run(engines: dict[str, PromptDistillEngine], probes: list[RagProbe], *, context_source: str = "documents",
-        desc: str = "pd-bench rag", log: Path | None = None) -> list[dict]:
+def run(
+    engines: dict[str, PromptDistillEngine],
+    probes: list[RagProbe],
+    *,
+    context_source: str = "documents",
+    desc: str = "pd-bench rag",
+    log: Path | None = None,
+) -> list[dict]:
     """Generate every probe with every method (probe-major; equal configs run once and share the record), passing
     the retrieved passages as `documents=` when `context_source` is "documents". Each record is also appended to
     `log` (JSON lines) as soon as it exists."""
@@ -97,21 +129,35 @@ def run(engines: dict[str, PromptDistillEngine], probes: list[RagProbe], *, cont
         prompt = probe.prompt
         for engine in distinct:
             try:
-                engine.check(messages=prompt.messages, query=prompt.query,
-                             documents=prompt.documents if context_source == "documents" else None)
+                engine.check(
+                    messages=prompt.messages,
+                    query=prompt.query,
+                    documents=prompt.documents if context_source == "documents" else None,
+                )
             except ValueError as error:
                 raise ValueError(f"{probe.labels['length']}-token {probe.labels['shape']} prompt: {error}") from None
-    return measure.run(engines, probes, desc=desc, log=log, labels={"context_source": context_source},
-                       measure_one=lambda engine, probe, device: _measure(engine, probe, device, context_source))
+    return measure.run(
+        engines,
+        probes,
+        desc=desc,
+        log=log,
+        labels={"context_source": context_source},
+        measure_one=lambda engine, probe, device: _measure(engine, probe, device, context_source),
+    )
 
 
 def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_source: str) -> dict:
     prompt = probe.prompt
     documents = prompt.documents if context_source == "documents" else None
-    result, peak = measure._with_peak_memory(device, lambda: engine.generate(
-        messages=prompt.messages, query=prompt.query, documents=documents, max_new_tokens=probe.max_new_tokens))
-    retention = result.document_retention or document_retention(result.prompt_text, result.kept_char_spans,
-                                                                prompt.documents)
+    result, peak = measure._with_peak_memory(
+        device,
+        lambda: engine.generate(
+            messages=prompt.messages, query=prompt.query, documents=documents, max_new_tokens=probe.max_new_tokens
+        ),
+    )
+    retention = result.document_retention or document_retention(
+        result.prompt_text, result.kept_char_spans, prompt.documents
+    )
     return {
         **measure.timing_record(engine, result, peak),
         "score": float(contains(result.text, prompt.answer)),
@@ -125,38 +171,68 @@ def summarize(records: list[dict]) -> list[dict]:
     """One row per (length, shape, answer depth, method) in that order, with `report.summarize`'s means and ratios
     against full attention on the same prompts, plus `answer_kept`, `documents_kept` and `correct` (a count)."""
     rows = []
-    cells = sorted({(r["shape"], r["answer_depth"]) for r in records},
-                   key=lambda cell: (SHAPES.index(cell[0]), -1 if cell[1] is None else cell[1]))
+    cells = sorted(
+        {(r["shape"], r["answer_depth"]) for r in records},
+        key=lambda cell: (SHAPES.index(cell[0]), -1 if cell[1] is None else cell[1]),
+    )
     for shape, depth in cells:
         subset = [r for r in records if r["shape"] == shape and r["answer_depth"] == depth]
         for row in report.summarize(subset):
             group = [r for r in subset if r["length"] == row["length"] and r["method"] == row["method"]]
-            rows.append({"shape": shape, "answer_depth": depth, **row, "correct": int(sum(r["score"] for r in group)),
-                         "answer_kept": mean(r["answer_kept"] for r in group),
-                         "documents_kept": mean(r["documents_kept"] for r in group)})
+            rows.append(
+                {
+                    "shape": shape,
+                    "answer_depth": depth,
+                    **row,
+                    "correct": int(sum(r["score"] for r in group)),
+                    "answer_kept": mean(r["answer_kept"] for r in group),
+                    "documents_kept": mean(r["documents_kept"] for r in group),
+                }
+            )
     return sorted(rows, key=lambda row: row["length"])  # stable: shapes, depths and methods keep their order
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a Markdown table (with an answer-depth column when the answer was moved)."""
     depths = any(row["answer_depth"] is not None for row in rows)
-    header = ["length", "shape", *(["answer depth"] if depths else []), "method", "kept / prompt", "prefill s",
-              "÷ full", "predicted", "KV ÷ full", "passages kept", "answer passage kept", "answer sentence kept", "accuracy"]
+    header = [
+        "length",
+        "shape",
+        *(["answer depth"] if depths else []),
+        "method",
+        "kept / prompt",
+        "prefill s",
+        "÷ full",
+        "predicted",
+        "KV ÷ full",
+        "passages kept",
+        "answer passage kept",
+        "answer sentence kept",
+        "accuracy",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join([
-            str(row["length"]), row["shape"], *([report._fmt(row["answer_depth"], ".0%")] if depths else []),
-            row["method"],
-            f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
-            report._fmt(row["prefill_seconds"], ".2f"),
-            report._fmt(row["prefill_ratio"], ".2f", "×"),
-            report._fmt(row["predicted_prefill_ratio"], ".2f", "×"),
-            report._fmt(row["kv_ratio"], ".2f", "×"),
-            report._fmt(row["documents_kept"], ".0%"),
-            report._fmt(row["answer_kept"], ".0%"),
-            report._fmt(row["needles_kept"], ".0%"),
-            f"{row['correct']}/{row['runs']} ({row['accuracy']:.0%})",
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(row["length"]),
+                    row["shape"],
+                    *([report._fmt(row["answer_depth"], ".0%")] if depths else []),
+                    row["method"],
+                    f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
+                    report._fmt(row["prefill_seconds"], ".2f"),
+                    report._fmt(row["prefill_ratio"], ".2f", "×"),
+                    report._fmt(row["predicted_prefill_ratio"], ".2f", "×"),
+                    report._fmt(row["kv_ratio"], ".2f", "×"),
+                    report._fmt(row["documents_kept"], ".0%"),
+                    report._fmt(row["answer_kept"], ".0%"),
+                    report._fmt(row["needles_kept"], ".0%"),
+                    f"{row['correct']}/{row['runs']} ({row['accuracy']:.0%})",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -169,8 +245,11 @@ def plot_frontier(tried: list[dict], path, length: int, marks: dict[str, tuple[f
     figure, axis = plt.subplots(figsize=(7, 4.5))
     key = str(length)
     for stages, colour, label in ((1, "tab:blue", "one stage"), (2, "tab:orange", "two stages")):
-        points = [(row["predicted_prefill_ratio"][key], row["kept_share"]) for row in tried
-                  if len(row["schedule"]["selection_layers"]) == stages]
+        points = [
+            (row["predicted_prefill_ratio"][key], row["kept_share"])
+            for row in tried
+            if len(row["schedule"]["selection_layers"]) == stages
+        ]
         if points:
             axis.scatter(*zip(*points), s=6, alpha=0.35, color=colour, label=f"{label} ({len(points)})")
     frontier, best = [], -1.0

@@ -5,10 +5,12 @@ from __future__ import annotations
 from statistics import mean
 
 MIB = 2**20
-COLUMNS_NOTE = ("Means over the runs of each row. ÷ full: the method's figure divided by full attention's at the same "
-                "length (below 1 is better). Peak MiB: memory a call held at its peak above what the process held "
-                "before it. Needles kept: share of needle sentences that selection kept whole. Accuracy: share of "
-                "expected answers found verbatim in the output.")
+COLUMNS_NOTE = (
+    "Means over the runs of each row. ÷ full: the method's figure divided by full attention's at the same "
+    "length (below 1 is better). Peak MiB: memory a call held at its peak above what the process held "
+    "before it. Needles kept: share of needle sentences that selection kept whole. Accuracy: share of "
+    "expected answers found verbatim in the output."
+)
 
 
 def summarize(records: list[dict], breakdown: str | None = None) -> list[dict]:
@@ -37,13 +39,17 @@ def summarize(records: list[dict], breakdown: str | None = None) -> list[dict]:
         if breakdown:
             values = dict.fromkeys(r[breakdown] for r in group)
             row[f"accuracy_by_{breakdown}"] = {
-                value: _mean([r for r in group if r[breakdown] == value], "score") for value in values}
+                value: _mean([r for r in group if r[breakdown] == value], "score") for value in values
+            }
         rows.append(row)
     full_rows = {row["length"]: row for row in rows if row["method"] == "full"}
     for row in rows:
         full = full_rows.get(row["length"])
-        for field, ratio in (("prefill_seconds", "prefill_ratio"), ("kv_cache_mib", "kv_ratio"),
-                             ("peak_memory_mib", "peak_memory_ratio")):
+        for field, ratio in (
+            ("prefill_seconds", "prefill_ratio"),
+            ("kv_cache_mib", "kv_ratio"),
+            ("peak_memory_mib", "peak_memory_ratio"),
+        ):
             row[ratio] = None if full is None or not full[field] or row[field] is None else row[field] / full[field]
     return rows
 
@@ -57,8 +63,22 @@ def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a Markdown table; ratios are method ÷ full attention (below 1 is better)."""
     breakdown = next((key for key in rows[0] if key.startswith("accuracy_by_")), None) if rows else None
     extra = list(rows[0][breakdown]) if breakdown else []
-    header = ["length", "method", "kept / prompt", "prefill s", "÷ full", "predicted", "KV MiB", "÷ full", "decode tok/s",
-              "peak MiB", "÷ full", "needles kept", "accuracy", *extra]
+    header = [
+        "length",
+        "method",
+        "kept / prompt",
+        "prefill s",
+        "÷ full",
+        "predicted",
+        "KV MiB",
+        "÷ full",
+        "decode tok/s",
+        "peak MiB",
+        "÷ full",
+        "needles kept",
+        "accuracy",
+        *extra,
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
@@ -128,25 +148,49 @@ def plot_heatmaps(records: list[dict], row_label: str, path, title: str) -> None
     if all(isinstance(v, (int, float)) for v in row_values):
         row_values.sort()
     panel_width = max(2.2, 0.7 * len(lengths))
-    figure, axes = plt.subplots(1, len(methods), figsize=(1.5 + panel_width * len(methods),
-                                                          1.8 + 0.45 * len(row_values)),
-                                squeeze=False, sharey=True, layout="constrained")
+    figure, axes = plt.subplots(
+        1,
+        len(methods),
+        figsize=(1.5 + panel_width * len(methods), 1.8 + 0.45 * len(row_values)),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     for axis, method in zip(axes[0], methods):
-        grid = [[_mean([r for r in records if r["method"] == method and r["length"] == length
-                        and r[row_label] == value], "score") for length in lengths] for value in row_values]
-        image = axis.imshow([[float("nan") if v is None else v for v in line] for line in grid], vmin=0, vmax=1,
-                            cmap="RdYlGn", aspect="auto")
+        grid = [
+            [
+                _mean(
+                    [r for r in records if r["method"] == method and r["length"] == length and r[row_label] == value],
+                    "score",
+                )
+                for length in lengths
+            ]
+            for value in row_values
+        ]
+        image = axis.imshow(
+            [[float("nan") if v is None else v for v in line] for line in grid],
+            vmin=0,
+            vmax=1,
+            cmap="RdYlGn",
+            aspect="auto",
+        )
         for y, line in enumerate(grid):
             for x, value in enumerate(line):
                 if value is not None:
                     # White on the saturated ends of the colour map, black on its pale middle.
-                    axis.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=8,
-                              color="white" if abs(value - 0.5) > 0.3 else "black")
+                    axis.text(
+                        x,
+                        y,
+                        f"{value:.0%}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if abs(value - 0.5) > 0.3 else "black",
+                    )
         axis.set_title(method)
         axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
         axis.set_xlabel("context tokens")
-    axes[0][0].set_yticks(range(len(row_values)),
-                          [f"{v:.0%}" if isinstance(v, float) else str(v) for v in row_values])
+    axes[0][0].set_yticks(range(len(row_values)), [f"{v:.0%}" if isinstance(v, float) else str(v) for v in row_values])
     axes[0][0].set_ylabel(row_label)
     figure.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
     figure.suptitle(title)

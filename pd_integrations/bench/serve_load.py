@@ -26,8 +26,9 @@ DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pd-bench serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pd-bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     parser.add_argument("--api-key", help="the server's --api-key, if it has one")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the served model's name (default: %(default)s)")
@@ -56,9 +57,14 @@ def make_probes(tokenizer, count: int, tokens: int) -> list[NeedleProbe]:
 
 
 def request_body(args: argparse.Namespace, probe: NeedleProbe, method: str) -> dict:
-    return {"model": args.model, "messages": probe.messages(), "max_tokens": args.max_tokens, "stream": True,
-            "temperature": 0,
-            "promptdistill": {"query": probe.question, "documents": [probe.context], "method": method}}
+    return {
+        "model": args.model,
+        "messages": probe.messages(),
+        "max_tokens": args.max_tokens,
+        "stream": True,
+        "temperature": 0,
+        "promptdistill": {"query": probe.question, "documents": [probe.context], "method": method},
+    }
 
 
 async def one_request(http: httpx.AsyncClient, args: argparse.Namespace, probe: NeedleProbe, method: str) -> dict:
@@ -66,14 +72,15 @@ async def one_request(http: httpx.AsyncClient, args: argparse.Namespace, probe: 
     started = time.perf_counter()
     first_text, text, stats = None, "", {}
     try:
-        async with http.stream("POST", f"{args.url}/v1/chat/completions", json=request_body(args, probe, method),
-                               timeout=args.timeout) as response:
+        async with http.stream(
+            "POST", f"{args.url}/v1/chat/completions", json=request_body(args, probe, method), timeout=args.timeout
+        ) as response:
             if response.status_code != 200:
                 return {"method": method, "error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"}
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data: "):])
+                chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
                     return {"method": method, "error": chunk["error"]["message"]}
                 delta = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
@@ -83,9 +90,16 @@ async def one_request(http: httpx.AsyncClient, args: argparse.Namespace, probe: 
                 stats = chunk.get("promptdistill", stats)
     except httpx.HTTPError as error:
         return {"method": method, "error": f"{type(error).__name__}: {error}"}
-    return {"method": method, "error": None, "ttft_seconds": first_text, "seconds": time.perf_counter() - started,
-            "answered": probe.is_answered(text), "text": text, "depth": probe.depth,
-            **{k: stats.get(k) for k in ("prompt_tokens", "kept_tokens", "prefill_seconds")}}
+    return {
+        "method": method,
+        "error": None,
+        "ttft_seconds": first_text,
+        "seconds": time.perf_counter() - started,
+        "answered": probe.is_answered(text),
+        "text": text,
+        "depth": probe.depth,
+        **{k: stats.get(k) for k in ("prompt_tokens", "kept_tokens", "prefill_seconds")},
+    }
 
 
 async def run_level(args: argparse.Namespace, probes: list[NeedleProbe], method: str, concurrency: int) -> dict:
@@ -95,6 +109,7 @@ async def run_level(args: argparse.Namespace, probes: list[NeedleProbe], method:
     limits = httpx.Limits(max_connections=concurrency)
 
     async with httpx.AsyncClient(headers=headers, limits=limits) as http:
+
         async def gated(probe: NeedleProbe) -> dict:
             async with gate:
                 return await one_request(http, args, probe, method)
@@ -104,12 +119,20 @@ async def run_level(args: argparse.Namespace, probes: list[NeedleProbe], method:
         wall = time.perf_counter() - started
     done = [r for r in records if r["error"] is None]
     ttfts = sorted(r["ttft_seconds"] for r in done if r["ttft_seconds"] is not None)
-    return {"method": method, "concurrency": concurrency, "requests": len(records), "seconds": wall,
-            "requests_per_second": len(done) / wall, "ttft_p50": _percentile(ttfts, 0.50),
-            "ttft_p95": _percentile(ttfts, 0.95), "errors": len(records) - len(done),
-            "answered": sum(r["answered"] for r in done),
-            "prompt_tokens": _mean(r["prompt_tokens"] for r in done), "kept_tokens": _mean(r["kept_tokens"] for r in done),
-            "records": records}
+    return {
+        "method": method,
+        "concurrency": concurrency,
+        "requests": len(records),
+        "seconds": wall,
+        "requests_per_second": len(done) / wall,
+        "ttft_p50": _percentile(ttfts, 0.50),
+        "ttft_p95": _percentile(ttfts, 0.95),
+        "errors": len(records) - len(done),
+        "answered": sum(r["answered"] for r in done),
+        "prompt_tokens": _mean(r["prompt_tokens"] for r in done),
+        "kept_tokens": _mean(r["kept_tokens"] for r in done),
+        "records": records,
+    }
 
 
 def _percentile(sorted_values: list[float], share: float) -> float | None:
@@ -133,13 +156,17 @@ def server_rss_mib(pid: int | None) -> float | None:
 
 
 def table(levels: list[dict]) -> str:
-    lines = ["| concurrency | method | kept / prompt | requests/s | TTFT p50 s | TTFT p95 s | errors | answered |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| concurrency | method | kept / prompt | requests/s | TTFT p50 s | TTFT p95 s | errors | answered |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for level in levels:
-        kept = (f"{level['kept_tokens']:.0f} / {level['prompt_tokens']:.0f}" if level["prompt_tokens"] else "–")
-        lines.append(f"| {level['concurrency']} | {level['method']} | {kept} | {level['requests_per_second']:.3f} | "
-                     f"{_seconds(level['ttft_p50'])} | {_seconds(level['ttft_p95'])} | {level['errors']} | "
-                     f"{level['answered']}/{level['requests']} |")
+        kept = f"{level['kept_tokens']:.0f} / {level['prompt_tokens']:.0f}" if level["prompt_tokens"] else "–"
+        lines.append(
+            f"| {level['concurrency']} | {level['method']} | {kept} | {level['requests_per_second']:.3f} | "
+            f"{_seconds(level['ttft_p50'])} | {_seconds(level['ttft_p95'])} | {level['errors']} | "
+            f"{level['answered']}/{level['requests']} |"
+        )
     return "\n".join(lines)
 
 
@@ -155,9 +182,15 @@ async def run(args: argparse.Namespace) -> dict:
         for method in METHODS:  # both methods at each level, so machine load drifts equally on both
             levels.append(await run_level(args, probes, method, concurrency))
             print(table(levels[-1:]).splitlines()[-1], flush=True)
-    return {"url": args.url, "model": args.model, "context_tokens": args.tokens, "max_tokens": args.max_tokens,
-            "server_rss_mib_before": rss_before, "server_rss_mib_after": server_rss_mib(args.server_pid),
-            "levels": levels}
+    return {
+        "url": args.url,
+        "model": args.model,
+        "context_tokens": args.tokens,
+        "max_tokens": args.max_tokens,
+        "server_rss_mib_before": rss_before,
+        "server_rss_mib_after": server_rss_mib(args.server_pid),
+        "levels": levels,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table(report["levels"]))
     if args.server_pid is not None:
-        print(f"\nserver RSS: {report['server_rss_mib_before']:.0f} MiB before, "
-              f"{report['server_rss_mib_after']:.0f} MiB after")
+        print(
+            f"\nserver RSS: {report['server_rss_mib_before']:.0f} MiB before, "
+            f"{report['server_rss_mib_after']:.0f} MiB after"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -30,15 +30,78 @@ from pydantic import BaseModel, Field, ValidationError
 from .. import PromptDistillConfig, PromptDistillEngine
 from ..constraints import Grammars
 
-FIRST = ["Maria", "Tomas", "Aiko", "Samuel", "Leila", "Viktor", "Nadia", "Oscar", "Priya", "Jonas", "Elena", "Kofi",
-         "Ines", "Rafael", "Mei", "Lukas", "Sara", "Dmitri", "Amara", "Hugo", "Freya", "Omar", "Clara", "Yusuf"]
-LAST = ["Okafor", "Lindqvist", "Tanaka", "Moreau", "Haddad", "Novak", "Petrov", "Silva", "Raman", "Becker",
-        "Rossi", "Mensah", "Duarte", "Kowalski", "Chen", "Weber", "Nilsen", "Ivanov", "Diallo", "Laurent"]
-CITIES = ["Lisbon", "Oslo", "Nairobi", "Montreal", "Osaka", "Krakow", "Lyon", "Denver", "Porto", "Tallinn", "Accra",
-          "Seville", "Bergen", "Leeds", "Graz", "Malmo"]
+FIRST = [
+    "Maria",
+    "Tomas",
+    "Aiko",
+    "Samuel",
+    "Leila",
+    "Viktor",
+    "Nadia",
+    "Oscar",
+    "Priya",
+    "Jonas",
+    "Elena",
+    "Kofi",
+    "Ines",
+    "Rafael",
+    "Mei",
+    "Lukas",
+    "Sara",
+    "Dmitri",
+    "Amara",
+    "Hugo",
+    "Freya",
+    "Omar",
+    "Clara",
+    "Yusuf",
+]
+LAST = [
+    "Okafor",
+    "Lindqvist",
+    "Tanaka",
+    "Moreau",
+    "Haddad",
+    "Novak",
+    "Petrov",
+    "Silva",
+    "Raman",
+    "Becker",
+    "Rossi",
+    "Mensah",
+    "Duarte",
+    "Kowalski",
+    "Chen",
+    "Weber",
+    "Nilsen",
+    "Ivanov",
+    "Diallo",
+    "Laurent",
+]
+CITIES = [
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Montreal",
+    "Osaka",
+    "Krakow",
+    "Lyon",
+    "Denver",
+    "Porto",
+    "Tallinn",
+    "Accra",
+    "Seville",
+    "Bergen",
+    "Leeds",
+    "Graz",
+    "Malmo",
+]
 DEPARTMENTS = ["logistics", "finance", "research", "marketing", "security", "legal", "support", "design"]
-CONFIGS = {"full": PromptDistillConfig(method="full"), "profile": None,
-           "profile 25%": PromptDistillConfig(budgets=(0.25,))}
+CONFIGS = {
+    "full": PromptDistillConfig(method="full"),
+    "profile": None,
+    "profile 25%": PromptDistillConfig(budgets=(0.25,)),
+}
 
 
 class StaffRecord(BaseModel):
@@ -63,31 +126,52 @@ def make_samples(count: int, passages: int, seed: int = 0) -> list[Sample]:
     rng = random.Random(seed)
     samples = []
     for _ in range(count):
-        names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], passages)
-        records = [StaffRecord(name=n, city=rng.choice(CITIES), department=rng.choice(DEPARTMENTS),
-                               start_year=rng.randint(1995, 2023)) for n in names]
-        notes = [f"{r.name} joined the {r.department} department in {r.start_year} and works from the {r.city} "
-                 f"office. {r.name.split()[0]} {rng.choice(_HABITS)}." for r in records]
+        names = rng.sample([f"{first} {last}" for first in FIRST for last in LAST], passages)
+        records = [
+            StaffRecord(
+                name=n, city=rng.choice(CITIES), department=rng.choice(DEPARTMENTS), start_year=rng.randint(1995, 2023)
+            )
+            for n in names
+        ]
+        notes = [
+            f"{r.name} joined the {r.department} department in {r.start_year} and works from the {r.city} "
+            f"office. {r.name.split()[0]} {rng.choice(_HABITS)}."
+            for r in records
+        ]
         target = rng.randrange(passages)
         samples.append(Sample(notes, f"What is the staff record of {records[target].name}?", records[target], target))
     return samples
 
 
-_HABITS = ["keeps a plant on every desk", "cycles to work in all weather", "runs the quarterly quiz",
-           "speaks four languages", "mentors new hires", "organises the winter party", "collects old maps",
-           "bakes bread for the team on Fridays"]
+_HABITS = [
+    "keeps a plant on every desk",
+    "cycles to work in all weather",
+    "runs the quarterly quiz",
+    "speaks four languages",
+    "mentors new hires",
+    "organises the winter party",
+    "collects old maps",
+    "bakes bread for the team on Fridays",
+]
 
 
 def messages_for(sample: Sample) -> list[dict[str, str]]:
     context = "\n\n".join(sample.passages)
-    return [{"role": "system", "content": "You extract staff records from the notes you are given."},
-            {"role": "user", "content": f"Staff notes:\n\n{context}\n\n{sample.question} Reply with JSON: name, "
-                                        f"city, department and start_year."}]
+    return [
+        {"role": "system", "content": "You extract staff records from the notes you are given."},
+        {
+            "role": "user",
+            "content": f"Staff notes:\n\n{context}\n\n{sample.question} Reply with JSON: name, "
+            f"city, department and start_year.",
+        },
+    ]
 
 
 def field_matches(record: StaffRecord, truth: StaffRecord) -> list[bool]:
-    return [str(getattr(record, f)).strip().lower() == str(getattr(truth, f)).strip().lower()
-            for f in StaffRecord.model_fields]
+    return [
+        str(getattr(record, f)).strip().lower() == str(getattr(truth, f)).strip().lower()
+        for f in StaffRecord.model_fields
+    ]
 
 
 class _TimedConstraint:
@@ -125,10 +209,14 @@ def measure_speed(engine: PromptDistillEngine, sample: Sample, repeats: int, max
         free.append((result.decode_tokens_per_second, result.output_tokens))
     free_tps = statistics.median(t for t, _ in free)
     constrained_tps = statistics.median(t for t, _ in constrained)
-    return {"free_tokens_per_second": free_tps, "constrained_tokens_per_second": constrained_tps,
-            "slowdown": 1 - constrained_tps / free_tps, "free_output_tokens": [n for _, n in free],
-            "constrained_output_tokens": [n for _, n in constrained],
-            "constraint_ms_per_token": 1000 * statistics.median(per_token)}
+    return {
+        "free_tokens_per_second": free_tps,
+        "constrained_tokens_per_second": constrained_tps,
+        "slowdown": 1 - constrained_tps / free_tps,
+        "free_output_tokens": [n for _, n in free],
+        "constrained_output_tokens": [n for _, n in constrained],
+        "constraint_ms_per_token": 1000 * statistics.median(per_token),
+    }
 
 
 def measure_extraction(engine: PromptDistillEngine, samples: list[Sample], max_new_tokens: int) -> dict:
@@ -138,28 +226,42 @@ def measure_extraction(engine: PromptDistillEngine, samples: list[Sample], max_n
         configured = engine.with_config(config) if config is not None else engine
         rows = []
         for sample in samples:
-            result = configured.generate(messages=messages_for(sample), documents=sample.passages,
-                                         query=sample.question, max_new_tokens=max_new_tokens,
-                                         constraint=grammar.constraint())
+            result = configured.generate(
+                messages=messages_for(sample),
+                documents=sample.passages,
+                query=sample.question,
+                max_new_tokens=max_new_tokens,
+                constraint=grammar.constraint(),
+            )
             try:
                 record = StaffRecord.model_validate_json(result.text)
             except ValidationError:
                 record = None
-            rows.append({"text": result.text, "finish_reason": result.finish_reason, "parsed": record is not None,
-                         "fields": field_matches(record, sample.truth) if record else [False] * 4,
-                         "answer_passage_kept": result.document_retention[sample.answer_passage],
-                         "kept_tokens": result.kept_tokens, "prompt_tokens": result.prompt_tokens})
+            rows.append(
+                {
+                    "text": result.text,
+                    "finish_reason": result.finish_reason,
+                    "parsed": record is not None,
+                    "fields": field_matches(record, sample.truth) if record else [False] * 4,
+                    "answer_passage_kept": result.document_retention[sample.answer_passage],
+                    "kept_tokens": result.kept_tokens,
+                    "prompt_tokens": result.prompt_tokens,
+                }
+            )
         runs[label] = rows
     summary = {}
     for label, rows in runs.items():
         fields = [f for row in rows for f in row["fields"]]
         same_as_full = [row["text"] == full["text"] for row, full in zip(rows, runs["full"])]
-        summary[label] = {"parsed": sum(row["parsed"] for row in rows), "samples": len(rows),
-                          "field_accuracy": sum(fields) / len(fields),
-                          "same_output_as_full": sum(same_as_full),
-                          "answer_passage_kept": statistics.mean(row["answer_passage_kept"] for row in rows),
-                          "kept_tokens": statistics.mean(row["kept_tokens"] for row in rows),
-                          "prompt_tokens": statistics.mean(row["prompt_tokens"] for row in rows)}
+        summary[label] = {
+            "parsed": sum(row["parsed"] for row in rows),
+            "samples": len(rows),
+            "field_accuracy": sum(fields) / len(fields),
+            "same_output_as_full": sum(same_as_full),
+            "answer_passage_kept": statistics.mean(row["answer_passage_kept"] for row in rows),
+            "kept_tokens": statistics.mean(row["kept_tokens"] for row in rows),
+            "prompt_tokens": statistics.mean(row["prompt_tokens"] for row in rows),
+        }
     return {"summary": summary, "runs": runs}
 
 
@@ -174,13 +276,16 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
     import xgrammar as xgr
 
     schema = json.dumps(StaffRecord.model_json_schema())
-    ids = tokenizer('{"name": "Maria Okafor", "city": "Lisbon", "department": "logistics", "start_year": 2014}',
-                    add_special_tokens=False)["input_ids"]
+    ids = tokenizer(
+        '{"name": "Maria Okafor", "city": "Lisbon", "department": "logistics", "start_year": 2014}',
+        add_special_tokens=False,
+    )["input_ids"]
     width, scores = len(tokenizer), torch.randn(1, len(tokenizer))
     runs = {}
 
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer)).compile_json_schema(
-        schema, any_whitespace=False)
+        schema, any_whitespace=False
+    )
     bitmask = xgr.allocate_token_bitmask(1, width)
 
     def xgrammar_run():
@@ -189,13 +294,17 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
             matcher.fill_next_token_bitmask(bitmask)
             xgr.apply_token_bitmask_inplace(scores.clone(), bitmask)
             matcher.accept_token(token)
+
     runs["xgrammar"] = xgrammar_run
 
     try:
         from outlines_core import Guide, Index, Vocabulary
         from outlines_core.json_schema import build_regex_from_schema
-        from outlines_core.kernels.torch import (allocate_token_bitmask, apply_token_bitmask_inplace,
-                                                 fill_next_token_bitmask)
+        from outlines_core.kernels.torch import (
+            allocate_token_bitmask,
+            apply_token_bitmask_inplace,
+            fill_next_token_bitmask,
+        )
     except ImportError:
         pass
     else:
@@ -212,10 +321,12 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
                 fill_next_token_bitmask(guide, outlines_mask)
                 apply_token_bitmask_inplace(scores.clone(), outlines_mask)
                 guide.advance(token)
+
         runs["outlines-core"] = outlines_run
 
     try:
         import transformers.tokenization_utils_base
+
         # lm-format-enforcer 0.11 imports a module transformers 5 no longer has; alias it to measure the library.
         sys.modules.setdefault("transformers.tokenization_utils", transformers.tokenization_utils_base)
         from lmformatenforcer import JsonSchemaParser, TokenEnforcer
@@ -231,6 +342,7 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
                 allowed = enforcer.get_allowed_tokens(ids[:k]).allowed_tokens  # a list of token ids
                 masked = torch.full_like(scores, float("-inf"))
                 masked[0, allowed] = scores[0, allowed]
+
         runs["lm-format-enforcer"] = lmfe_run
 
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -239,8 +351,9 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
             started = time.perf_counter()
             run()
             times[name].append((time.perf_counter() - started) / len(ids))
-    return {name: {"median_ms": 1000 * statistics.median(t[1:]), "best_ms": 1000 * min(t[1:])}
-            for name, t in times.items()}
+    return {
+        name: {"median_ms": 1000 * statistics.median(t[1:]), "best_ms": 1000 * min(t[1:])} for name, t in times.items()
+    }
 
 
 class Person(BaseModel):
@@ -254,8 +367,11 @@ def extraction_prompts(count: int, seed: int = 0) -> list[str]:
     """`count` one-sentence extraction prompts, a few with braces, quotes and tags in them."""
     rng = random.Random(seed)
     tails = ["", ' Her badge reads "}</tool_call>".', " He signs notes with {braces}.", ' Her motto: "a \\ b".']
-    return [f"Extract the person: {rng.choice(FIRST)} {rng.choice(LAST)} is {rng.randint(19, 70)} years old and "
-            f"lives in {rng.choice(CITIES)}.{tails[i % len(tails)]}" for i in range(count)]
+    return [
+        f"Extract the person: {rng.choice(FIRST)} {rng.choice(LAST)} is {rng.randint(19, 70)} years old and "
+        f"lives in {rng.choice(CITIES)}.{tails[i % len(tails)]}"
+        for i in range(count)
+    ]
 
 
 def measure_adapters(prompts: list[str], max_tokens: int, call_max_tokens: int) -> dict:
@@ -293,8 +409,12 @@ def measure_adapters(prompts: list[str], max_tokens: int, call_max_tokens: int) 
         wrapper = "tool_call" in str(message.content) + str(arguments)  # leaked text of the <tool_call> wrapper
         if message.tool_calls and message.response_metadata["finish_reason"] == "tool_calls" and not wrapper:
             counts["complete"] += 1
-        elif (message.invalid_tool_calls and "cut off" in message.invalid_tool_calls[0]["error"] and not wrapper
-              and message.response_metadata["finish_reason"] == "length"):
+        elif (
+            message.invalid_tool_calls
+            and "cut off" in message.invalid_tool_calls[0]["error"]
+            and not wrapper
+            and message.response_metadata["finish_reason"] == "length"
+        ):
             counts["reported_cut_off"] += 1
         else:
             counts["other"] += 1
@@ -307,13 +427,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--passages", type=int, default=10, help="staff notes per prompt (~32 tokens each)")
     parser.add_argument("--repeats", type=int, default=3, help="speed runs with and without the constraint")
-    parser.add_argument("--max-new-tokens", type=int, default=160, help="room for the longest record the schema "
-                        "allows")
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="room for the longest record the schema allows")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--compare-libraries", action="store_true",
-                        help="only compare the mask time per token of the installed grammar libraries")
-    parser.add_argument("--adapters", action="store_true", help="only count objects, cut-off errors and anything "
-                        "else from LangChain's structured output (max_tokens 80) and forced calls (max_tokens 32)")
+    parser.add_argument(
+        "--compare-libraries",
+        action="store_true",
+        help="only compare the mask time per token of the installed grammar libraries",
+    )
+    parser.add_argument(
+        "--adapters",
+        action="store_true",
+        help="only count objects, cut-off errors and anything "
+        "else from LangChain's structured output (max_tokens 80) and forced calls (max_tokens 32)",
+    )
     args = parser.parse_args(argv)
     if args.adapters:
         print(json.dumps(measure_adapters(extraction_prompts(args.samples), 80, 32), indent=1))

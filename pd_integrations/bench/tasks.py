@@ -20,10 +20,42 @@ from ..probes import haystack_window, insert_sentences, load_haystack, needle_pr
 TASKS = ("niah-single", "niah-multikey", "niah-multivalue", "niah-multiquery")
 NEEDLES_PER_TASK = 4  # keys in multikey/multiquery, values in multivalue
 
-_ADJECTIVES = ("crimson", "silent", "brave", "hollow", "gentle", "rapid", "frozen", "golden", "quiet", "bitter",
-               "lucky", "narrow", "ancient", "curious", "distant", "humble")
-_NOUNS = ("lantern", "harbor", "violin", "meadow", "compass", "glacier", "orchard", "falcon", "ribbon", "canyon",
-          "teapot", "beacon", "pebble", "saddle", "thistle", "anchor")
+_ADJECTIVES = (
+    "crimson",
+    "silent",
+    "brave",
+    "hollow",
+    "gentle",
+    "rapid",
+    "frozen",
+    "golden",
+    "quiet",
+    "bitter",
+    "lucky",
+    "narrow",
+    "ancient",
+    "curious",
+    "distant",
+    "humble",
+)
+_NOUNS = (
+    "lantern",
+    "harbor",
+    "violin",
+    "meadow",
+    "compass",
+    "glacier",
+    "orchard",
+    "falcon",
+    "ribbon",
+    "canyon",
+    "teapot",
+    "beacon",
+    "pebble",
+    "saddle",
+    "thistle",
+    "anchor",
+)
 
 
 @dataclass(frozen=True)
@@ -41,12 +73,20 @@ class Probe:
     context: str
 
 
-def needle(tokenizer, length: int, depth: float, seed: int, *, kind: str = "passcode",
-           haystack: str | None = None) -> Probe:
+def needle(
+    tokenizer, length: int, depth: float, seed: int, *, kind: str = "passcode", haystack: str | None = None
+) -> Probe:
     """A single-needle probe of `kind` at `depth` in about `length` tokens of haystack (see `needle_probe`)."""
     probe = needle_probe(tokenizer, length, depth, kind=kind, seed=seed, haystack=haystack)
-    return Probe({"length": length, "depth": depth, "seed": seed}, probe.messages(), probe.question,
-                 (probe.needle,), 24, lambda text: float(probe.is_answered(text)), probe.context)
+    return Probe(
+        {"length": length, "depth": depth, "seed": seed},
+        probe.messages(),
+        probe.question,
+        (probe.needle,),
+        24,
+        lambda text: float(probe.is_answered(text)),
+        probe.context,
+    )
 
 
 def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None = None) -> Probe:
@@ -65,21 +105,31 @@ def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None =
         expected = values
     elif name == "niah-multiquery":
         facts = list(zip(keys, values))
-        question = (f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in "
-                    f"the text? List them.")
+        question = (
+            f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in "
+            f"the text? List them."
+        )
         expected = values
     else:
         facts = list(zip(keys, values))[: 1 if name == "niah-single" else NEEDLES_PER_TASK]
         question = f"What is the special magic number for {keys[0]} mentioned in the text?"
         expected = values[:1]
     needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in facts]
-    context = insert_sentences(haystack_window(tokenizer, load_haystack(haystack), length, rng), needles,
-                               [rng.random() for _ in needles])
+    context = insert_sentences(
+        haystack_window(tokenizer, load_haystack(haystack), length, rng), needles, [rng.random() for _ in needles]
+    )
     messages = [{"role": "user", "content": f"{context}\n\nAnswer briefly. {question}"}]
     # Multi-answer tasks list four 7-digit numbers; a digit is one token for most tokenizers.
     max_new_tokens = 24 if len(expected) == 1 else 80
-    return Probe({"length": length, "task": name, "seed": seed}, messages, question, tuple(needles), max_new_tokens,
-                 lambda text: _share_found(expected, text), context)
+    return Probe(
+        {"length": length, "task": name, "seed": seed},
+        messages,
+        question,
+        tuple(needles),
+        max_new_tokens,
+        lambda text: _share_found(expected, text),
+        context,
+    )
 
 
 def _share_found(expected: list[str], text: str) -> float:

@@ -21,9 +21,11 @@ from ..engine import PromptDistillEngine
 from . import measure, report
 from .tasks import Probe
 
-COLUMNS_NOTE = ("req/s and output tok/s over the run's wall time; ÷ seq: against the same method's sequential "
-                "calls (B = 1 at a time, no overlap); TTFT from submission to first text, so it includes waiting "
-                "for other requests' prefills; prefill share: the scheduler's forward time spent in prefill.")
+COLUMNS_NOTE = (
+    "req/s and output tok/s over the run's wall time; ÷ seq: against the same method's sequential "
+    "calls (B = 1 at a time, no overlap); TTFT from submission to first text, so it includes waiting "
+    "for other requests' prefills; prefill share: the scheduler's forward time spent in prefill."
+)
 
 
 class GenerateEveryToken:
@@ -43,8 +45,13 @@ class GenerateEveryToken:
         return False
 
 
-def run(engines: dict[str, PromptDistillEngine], probes_by_length: dict[int, list[Probe]],
-        concurrency: list[int], sequential: int, max_new_tokens: int) -> list[dict]:
+def run(
+    engines: dict[str, PromptDistillEngine],
+    probes_by_length: dict[int, list[Probe]],
+    concurrency: list[int],
+    sequential: int,
+    max_new_tokens: int,
+) -> list[dict]:
     """One record per (length, method, B), B = "sequential" for the baseline; probes are reused round-robin."""
     records = []
     for length, probes in probes_by_length.items():
@@ -62,8 +69,13 @@ def run(engines: dict[str, PromptDistillEngine], probes_by_length: dict[int, lis
 def _call(engine: PromptDistillEngine, probe: Probe, max_new_tokens: int) -> tuple[float, object]:
     """(seconds to the first text, the result) of one streamed request."""
     started, first = time.perf_counter(), None
-    stream = engine.stream(messages=probe.messages, query=probe.question, documents=[probe.context],
-                           max_new_tokens=max_new_tokens, constraint=GenerateEveryToken(engine.runtime.eos_ids))
+    stream = engine.stream(
+        messages=probe.messages,
+        query=probe.question,
+        documents=[probe.context],
+        max_new_tokens=max_new_tokens,
+        constraint=GenerateEveryToken(engine.runtime.eos_ids),
+    )
     for _ in stream:
         first = first or time.perf_counter() - started
     return first, stream.result
@@ -87,10 +99,14 @@ def _measure(engine: PromptDistillEngine, work: list[Probe], max_new_tokens: int
     ttfts = sorted(t for t, _ in outcomes)
     tokens = sum(result.output_tokens for _, result in outcomes)
     return {
-        "requests": len(work), "wall_seconds": wall, "requests_per_second": len(work) / wall,
-        "output_tokens_per_second": tokens / wall, "mean_ttft_seconds": statistics.fmean(ttfts),
+        "requests": len(work),
+        "wall_seconds": wall,
+        "requests_per_second": len(work) / wall,
+        "output_tokens_per_second": tokens / wall,
+        "mean_ttft_seconds": statistics.fmean(ttfts),
         "p95_ttft_seconds": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
-        "prefill_seconds": forward["prefill"], "decode_seconds": forward["decode"],
+        "prefill_seconds": forward["prefill"],
+        "decode_seconds": forward["decode"],
         "prompt_tokens": statistics.fmean(result.prompt_tokens for _, result in outcomes),
         "kept_tokens": statistics.fmean(result.kept_tokens for _, result in outcomes),
         "peak_memory_bytes": peak,
@@ -98,23 +114,43 @@ def _measure(engine: PromptDistillEngine, work: list[Probe], max_new_tokens: int
 
 
 def _baseline(record: dict, records: list[dict]) -> dict:
-    return next(r for r in records if r["length"] == record["length"] and r["method"] == record["method"]
-                and r["B"] == "sequential")
+    return next(
+        r
+        for r in records
+        if r["length"] == record["length"] and r["method"] == record["method"] and r["B"] == "sequential"
+    )
 
 
-HEADER = ["length", "method", "B", "kept / prompt", "req/s", "÷ seq", "out tok/s", "TTFT mean s", "TTFT p95 s",
-          "prefill share", "peak MiB"]
+HEADER = [
+    "length",
+    "method",
+    "B",
+    "kept / prompt",
+    "req/s",
+    "÷ seq",
+    "out tok/s",
+    "TTFT mean s",
+    "TTFT p95 s",
+    "prefill share",
+    "peak MiB",
+]
 
 
 def _row(record: dict, records: list[dict]) -> str:
     forward = record["prefill_seconds"] + record["decode_seconds"]
-    cells = [record["length"], record["method"], record["B"],
-             f"{record['kept_tokens']:.0f} / {record['prompt_tokens']:.0f}",
-             f"{record['requests_per_second']:.3f}",
-             f"{record['requests_per_second'] / _baseline(record, records)['requests_per_second']:.2f}×",
-             f"{record['output_tokens_per_second']:.1f}", f"{record['mean_ttft_seconds']:.2f}",
-             f"{record['p95_ttft_seconds']:.2f}", f"{record['prefill_seconds'] / forward:.0%}" if forward else "–",
-             "–" if record["peak_memory_bytes"] is None else f"{record['peak_memory_bytes'] / 2**20:.0f}"]
+    cells = [
+        record["length"],
+        record["method"],
+        record["B"],
+        f"{record['kept_tokens']:.0f} / {record['prompt_tokens']:.0f}",
+        f"{record['requests_per_second']:.3f}",
+        f"{record['requests_per_second'] / _baseline(record, records)['requests_per_second']:.2f}×",
+        f"{record['output_tokens_per_second']:.1f}",
+        f"{record['mean_ttft_seconds']:.2f}",
+        f"{record['p95_ttft_seconds']:.2f}",
+        f"{record['prefill_seconds'] / forward:.0%}" if forward else "–",
+        "–" if record["peak_memory_bytes"] is None else f"{record['peak_memory_bytes'] / 2**20:.0f}",
+    ]
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
@@ -131,10 +167,15 @@ def plot(records: list[dict], path) -> None:
         for method in dict.fromkeys(r["method"] for r in records):
             runs = [r for r in records if r["length"] == length and r["method"] == method]
             batched = [r for r in runs if r["B"] != "sequential"]
-            line, = axis.plot([r["B"] for r in batched], [r["requests_per_second"] for r in batched], marker="o",
-                              label=f"{method}, {length} tokens")
-            axis.axhline(_baseline(runs[0], runs)["requests_per_second"], color=line.get_color(), linestyle="--",
-                         linewidth=0.8)
+            (line,) = axis.plot(
+                [r["B"] for r in batched],
+                [r["requests_per_second"] for r in batched],
+                marker="o",
+                label=f"{method}, {length} tokens",
+            )
+            axis.axhline(
+                _baseline(runs[0], runs)["requests_per_second"], color=line.get_color(), linestyle="--", linewidth=0.8
+            )
     axis.set_xlabel("concurrent requests B")
     axis.set_ylabel("requests / s (dashed: sequential)")
     axis.legend(fontsize=7)

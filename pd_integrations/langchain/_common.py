@@ -20,8 +20,17 @@ from ..loading import DEFAULT_MODEL, check_load_settings
 PROVIDER = "promptdistill"
 # Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones and the
 # `PromptDistillConfig` fields (`method`, `budgets`, ...) override the constructor's values for that call.
-SAMPLING_OPTIONS = ("temperature", "max_tokens", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty",
-                    "repetition_penalty", "logit_bias")
+SAMPLING_OPTIONS = (
+    "temperature",
+    "max_tokens",
+    "top_p",
+    "top_k",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logit_bias",
+)
 CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens", *CONFIG_SHORTCUTS)
 # LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
 _ROUTING_FLAGS = ("stream",)
@@ -119,19 +128,25 @@ class PromptDistillSettings(DistillSettings):
         return self._engine(self.model, self._distill_config).tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _penalties(self) -> dict[str, Any]:
-        return {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
-                "repetition_penalty": self.repetition_penalty, "logit_bias": self.logit_bias}
+        return {
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
+        }
 
     def _stops(self, stop: list[str] | None) -> list[str] | None:
         return stop or self.stop or None
 
     def _engine(self, model: str, config: PromptDistillConfig | None) -> PromptDistillEngine:
         # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
-        return PromptDistillEngine.from_pretrained(model, config, device=self.device, dtype=self.dtype,
-                                                   quantization=self.quantization)
+        return PromptDistillEngine.from_pretrained(
+            model, config, device=self.device, dtype=self.dtype, quantization=self.quantization
+        )
 
-    def _prepare_call(self, stop: list[str] | None, kwargs: dict[str, Any],
-                      template: dict[str, Any] | None = None) -> Call:
+    def _prepare_call(
+        self, stop: list[str] | None, kwargs: dict[str, Any], template: dict[str, Any] | None = None
+    ) -> Call:
         """Resolve one call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
         `Document`s or texts), a model override, sampling overrides and `PromptDistillConfig` fields (`method`,
         `budgets`, ...), each validated like the constructor's arguments. `template` holds the question and
@@ -151,10 +166,17 @@ class PromptDistillSettings(DistillSettings):
         # The engine takes `Document`s as they are (`prompt.document_texts`).
         documents = kwargs.get("pd_documents")
         from_template = documents is None and template.get("documents") is not None
-        options = {"query": query, "documents": template.get("documents") if from_template else documents,
-                   "max_new_tokens": settings.max_tokens, "temperature": settings.temperature,
-                   "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed, "stop": self._stops(stop),
-                   **settings._penalties()}
+        options = {
+            "query": query,
+            "documents": template.get("documents") if from_template else documents,
+            "max_new_tokens": settings.max_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+            "seed": settings.seed,
+            "stop": self._stops(stop),
+            **settings._penalties(),
+        }
         config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
         return Call(self._engine(model, config), model, options, self.timeout, from_template)
 
@@ -164,8 +186,11 @@ class PromptDistillSettings(DistillSettings):
         owner = type(self).__name__
         unknown = [name for name in kwargs if name not in {*CALL_OPTIONS, *_ROUTING_FLAGS}]
         if unknown:
-            hints = {name: f"set it when constructing the model: {owner}({name}=...)"
-                     for name in unknown if name in type(self).model_fields}
+            hints = {
+                name: f"set it when constructing the model: {owner}({name}=...)"
+                for name in unknown
+                if name in type(self).model_fields
+            }
             raise unexpected(f"{owner} call", unknown, CALL_OPTIONS, hints)
         if "max_new_tokens" in kwargs:
             if "max_tokens" in kwargs:
@@ -196,8 +221,12 @@ class Call:
         return stream
 
     def response_metadata(self, result: GenerationResult) -> dict[str, Any]:
-        return {"model_name": self.model_name, "model_provider": PROVIDER, "finish_reason": result.finish_reason,
-                "promptdistill": result.stats()}
+        return {
+            "model_name": self.model_name,
+            "model_provider": PROVIDER,
+            "finish_reason": result.finish_reason,
+            "promptdistill": result.stats(),
+        }
 
 
 def _within_timeout(stream: GenerationStream, timeout: float | None) -> Iterator[str]:
@@ -211,5 +240,8 @@ def _within_timeout(stream: GenerationStream, timeout: float | None) -> Iterator
 
 def usage_metadata(result: GenerationResult) -> dict[str, int]:
     """LangChain `UsageMetadata`: every prompt token counts as input, pruned or not."""
-    return {"input_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
-            "total_tokens": result.prompt_tokens + result.output_tokens}
+    return {
+        "input_tokens": result.prompt_tokens,
+        "output_tokens": result.output_tokens,
+        "total_tokens": result.prompt_tokens + result.output_tokens,
+    }

@@ -92,9 +92,14 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
 
     # ---------------------------------------------------------------- tools and structured output
 
-    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
-                   tool_choice: dict | str | bool | None = None, parallel_tool_calls: bool = False,
-                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind `tools` (BaseTools, functions, Pydantic models, TypedDicts or OpenAI tool dicts): their signatures
         reach the model through its chat template or the built-in format (`tool_format`) and calls come back in
         `AIMessage.tool_calls` (`tool_call_chunks` when streaming).
@@ -110,10 +115,15 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         choice = check_tool_choice(tool_choice, [tool["function"]["name"] for tool in formatted])
         return super().bind(tools=formatted, tool_choice=choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
 
-    def with_structured_output(self, schema: dict | type | None = None, *,
-                               method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
-                               include_raw: bool = False, strict: bool | None = None,
-                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+    def with_structured_output(
+        self,
+        schema: dict | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
         """A runnable returning `schema` (a Pydantic class, a TypedDict, a JSON schema or an OpenAI tool dict) as
         a Pydantic object (Pydantic classes) or a dict, generated under a grammar so that it always parses.
 
@@ -127,24 +137,31 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         if kwargs:
             raise ValueError(f"with_structured_output got unexpected arguments {sorted(kwargs)}")
         if method not in STRUCTURED_OUTPUT_METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, STRUCTURED_OUTPUT_METHODS))}, "
-                             f"got {method!r}")
+            raise ValueError(f"method must be one of {', '.join(map(repr, STRUCTURED_OUTPUT_METHODS))}, got {method!r}")
         if schema is None and method != "json_mode":
             raise ValueError(f"schema is required for method={method!r} (only json_mode takes none)")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         # What LangChain's tracing records of the call (BaseChatModel takes it out of the call's options).
-        traced = {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}
-                  } if schema is not None else {}
+        traced = (
+            {"ls_structured_output_format": {"kwargs": {"method": method}, "schema": schema}}
+            if schema is not None
+            else {}
+        )
         if method == "function_calling":
             name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, **traced)
-            parser = (CompletePydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
-                      else CompleteJsonToolParser(key_name=name, first_tool_only=True))
+            parser = (
+                CompletePydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else CompleteJsonToolParser(key_name=name, first_tool_only=True)
+            )
         else:
             if method == "json_schema":
                 json_schema = convert_to_json_schema(schema)
-                response_format = {"type": "json_schema",
-                                   "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema}}
+                response_format = {
+                    "type": "json_schema",
+                    "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema},
+                }
             else:
                 response_format = {"type": "json_object"}
             llm = self.bind(response_format=response_format, **traced)
@@ -165,12 +182,21 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
         grammar = output_grammar(call.engine, **output)
         rendered_tools = output.get("tools") if output.get("tool_choice") != "none" else None
-        stream = call.stream(messages=to_engine_messages(messages), tools=rendered_tools,
-                             tool_format=self.tool_format, constraint=grammar.constraint() if grammar else None)
+        stream = call.stream(
+            messages=to_engine_messages(messages),
+            tools=rendered_tools,
+            tool_format=self.tool_format,
+            constraint=grammar.constraint() if grammar else None,
+        )
         return call, stream, bool(rendered_tools)
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         call, stream, with_tools = self._start(messages, stop, kwargs)
         for _ in stream:
             pass
@@ -182,8 +208,13 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         message = AIMessage(**fields, usage_metadata=usage_metadata(result), response_metadata=metadata)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         call, stream, with_tools = self._start(messages, stop, kwargs)
         splitter = ToolCallStream() if with_tools else None
         for delta in stream:
@@ -196,8 +227,11 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         if splitter:
             metadata["finish_reason"] = splitter.finish_reason(result.finish_reason)
         # Usage and metadata once, on the last chunk, so that summing the chunks counts them once.
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage_metadata(result),
-                                                         response_metadata=metadata, chunk_position="last"))
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="", usage_metadata=usage_metadata(result), response_metadata=metadata, chunk_position="last"
+            )
+        )
 
     @staticmethod
     def _chunk(piece, run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:
@@ -224,23 +258,37 @@ def to_engine_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     for message in messages:
         role = _role(message)
         if role is None:
-            raise ValueError(f"ChatPromptDistill takes system, human, AI, tool and chat messages, got a "
-                             f"{message.type!r} message")
+            raise ValueError(
+                f"ChatPromptDistill takes system, human, AI, tool and chat messages, got a {message.type!r} message"
+            )
         # An AI message's calls are rendered from `tool_calls`; provider-specific blocks that repeat them
         # (Anthropic's "tool_use", seen as "non_standard") are not content.
-        rendered = _RENDERED_BLOCKS | ({"non_standard"} if isinstance(message, AIMessage) and message.tool_calls
-                                       else set())
+        rendered = _RENDERED_BLOCKS | (
+            {"non_standard"} if isinstance(message, AIMessage) and message.tool_calls else set()
+        )
         other = [block["type"] for block in message.content_blocks if block["type"] not in rendered]
         if other:
-            raise ValueError(f"ChatPromptDistill takes text content only, got {other[0]!r} content in a "
-                             f"{message.type!r} message")
+            raise ValueError(
+                f"ChatPromptDistill takes text content only, got {other[0]!r} content in a {message.type!r} message"
+            )
         if isinstance(message, ToolMessage):
             error = "Error: " if message.status == "error" else ""
             converted.append({"role": "tool", "content": error + message.text, "tool_call_id": message.tool_call_id})
         elif isinstance(message, AIMessage) and message.tool_calls:
-            converted.append({"role": "assistant", "content": message.text, "tool_calls": [
-                {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["args"]}}
-                for call in message.tool_calls]})
+            converted.append(
+                {
+                    "role": "assistant",
+                    "content": message.text,
+                    "tool_calls": [
+                        {
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": call["name"], "arguments": call["args"]},
+                        }
+                        for call in message.tool_calls
+                    ],
+                }
+            )
         elif converted and converted[-1]["role"] == role and set(converted[-1]) == {"role", "content"}:
             converted[-1]["content"] = "\n\n".join(filter(None, [converted[-1]["content"], message.text]))
         else:

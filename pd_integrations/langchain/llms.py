@@ -34,8 +34,13 @@ class PromptDistillLLM(PromptDistillSettings, BaseLLM):
     def _llm_type(self) -> str:
         return "promptdistill"
 
-    def _generate(self, prompts: list[str], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
         call = self._prepare_call(stop, kwargs)
 
         def generate(prompt: str) -> Generation:
@@ -51,11 +56,17 @@ class PromptDistillLLM(PromptDistillSettings, BaseLLM):
             generations = [[generation] for generation in pool.map(generate, prompts)]
         usages = [generation.generation_info["usage_metadata"] for [generation] in generations]
         token_usage = {key: sum(usage[key] for usage in usages) for key in usages[0]} if usages else {}
-        return LLMResult(generations=generations, llm_output={"model_name": call.model_name,
-                                                              "token_usage": token_usage})
+        return LLMResult(
+            generations=generations, llm_output={"model_name": call.model_name, "token_usage": token_usage}
+        )
 
-    def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
         call = self._prepare_call(stop, kwargs)
         stream = call.stream(prompt=prompt)
         for delta in stream:
@@ -65,5 +76,6 @@ class PromptDistillLLM(PromptDistillSettings, BaseLLM):
             yield chunk
         result = stream.result
         # Metadata once, on the last chunk, so that merging the chunks' generation_info keeps it intact.
-        yield GenerationChunk(text="", generation_info={**call.response_metadata(result),
-                                                        "usage_metadata": usage_metadata(result)})
+        yield GenerationChunk(
+            text="", generation_info={**call.response_metadata(result), "usage_metadata": usage_metadata(result)}
+        )

@@ -54,8 +54,10 @@ class DistillPrompt(BasePromptTemplate):
     def _check_keys(self) -> DistillPrompt:
         for name in ("question_key", "context_key"):
             if getattr(self, name) not in self.input_variables:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not an input variable of the prompt; its "
-                                 f"variables are {self.input_variables}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not an input variable of the prompt; its "
+                    f"variables are {self.input_variables}"
+                )
         if not self.document_separator:
             raise ValueError("document_separator must be a non-empty str")
         return self
@@ -72,8 +74,10 @@ class DistillPrompt(BasePromptTemplate):
         kwargs, documents = self._with_context_text(kwargs)
         messages = self.prompt.format_prompt(**kwargs).to_messages()
         question = kwargs[self.question_key]
-        tag = {"query": question if isinstance(question, str) and question.strip() else None,
-               "documents": documents or None}
+        tag = {
+            "query": question if isinstance(question, str) and question.strip() else None,
+            "documents": documents or None,
+        }
         last = messages[-1]
         messages[-1] = last.model_copy(update={"additional_kwargs": {**last.additional_kwargs, TAG: tag}})
         return ChatPromptValue(messages=messages)
@@ -85,11 +89,14 @@ class DistillPrompt(BasePromptTemplate):
             documents = [piece for piece in context.split(self.document_separator) if piece.strip()]
             return kwargs, documents
         if not isinstance(context, (list, tuple)) or not all(isinstance(d, (Document, str)) for d in context):
-            raise TypeError(f"the {self.context_key!r} input must be a str or a list of Documents or str, got "
-                            f"{type(context).__name__}")
+            raise TypeError(
+                f"the {self.context_key!r} input must be a str or a list of Documents or str, got "
+                f"{type(context).__name__}"
+            )
         documents = [d.page_content if isinstance(d, Document) else d for d in context]
-        return {**kwargs, self.context_key: self.document_separator.join(documents)}, \
-            [d for d in documents if d.strip()]
+        return {**kwargs, self.context_key: self.document_separator.join(documents)}, [
+            d for d in documents if d.strip()
+        ]
 
 
 def tagged_inputs(messages: list[BaseMessage]) -> dict[str, Any]:

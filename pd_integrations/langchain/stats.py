@@ -30,8 +30,7 @@ class PromptDistillStatsHandler(BaseCallbackHandler):
         self.calls: list[dict[str, Any]] = []
         self._started: dict[UUID, float] = {}
 
-    def on_chat_model_start(self, serialized: dict[str, Any], messages: list, *, run_id: UUID,
-                            **kwargs: Any) -> None:
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list, *, run_id: UUID, **kwargs: Any) -> None:
         self._started[run_id] = time.perf_counter()
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID, **kwargs: Any) -> None:
@@ -44,8 +43,9 @@ class PromptDistillStatsHandler(BaseCallbackHandler):
             for generation in generations:
                 metadata = _metadata(generation)
                 if "promptdistill" in metadata:
-                    self.calls.append({**metadata["promptdistill"], "model_name": metadata.get("model_name"),
-                                       "call_seconds": seconds})
+                    self.calls.append(
+                        {**metadata["promptdistill"], "model_name": metadata.get("model_name"), "call_seconds": seconds}
+                    )
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._started.pop(run_id, None)

@@ -43,10 +43,13 @@ def message_fields(text: str, finish_reason: str) -> tuple[dict[str, Any], str]:
     and the finish reason ("tool_calls" when the output ends with a complete call, see
     `pd_integrations.constraints.tool_finish_reason`)."""
     parsed = parse_tool_calls(text, cut_off=finish_reason == "length")
-    fields = {"content": parsed.text,
-              "tool_calls": [tool_call(name=name, args=args, id=id_) for id_, name, args in parsed.calls],
-              "invalid_tool_calls": [invalid_tool_call(name=name, args=raw, id=id_, error=error)
-                                     for id_, name, raw, error in parsed.invalid]}
+    fields = {
+        "content": parsed.text,
+        "tool_calls": [tool_call(name=name, args=args, id=id_) for id_, name, args in parsed.calls],
+        "invalid_tool_calls": [
+            invalid_tool_call(name=name, args=raw, id=id_, error=error) for id_, name, raw, error in parsed.invalid
+        ],
+    }
     return fields, tool_finish_reason(finish_reason, len(parsed.calls), parsed.ends_with_call)
 
 
@@ -119,7 +122,9 @@ def _raise_if_cut_off(metadata: dict[str, Any], text: str) -> None:
     if metadata.get("finish_reason") == "length":
         raise OutputParserException(
             "the structured output was cut off at max_tokens (finish_reason='length') before the schema was "
-            "complete; raise max_tokens", llm_output=text)
+            "complete; raise max_tokens",
+            llm_output=text,
+        )
 
 
 class CompleteJsonParser(_RefusesCutOffOutput, JsonOutputParser):

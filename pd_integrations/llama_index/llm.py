@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -45,7 +45,7 @@ from ..loading import DEFAULT_MODEL, check_load_settings
 # The question and retrieved context of the prompt template being predicted in this thread or task. `predict`
 # sets them around the base class's `predict`, which calls `complete`/`chat` in the same context; a context
 # variable (not an attribute) keeps concurrent calls on one instance apart.
-_template_inputs: ContextVar[dict] = ContextVar("pd_integrations_template_inputs", default={})
+_template_inputs: ContextVar[dict | None] = ContextVar("pd_integrations_template_inputs", default=None)
 # Template variables that hold retrieved context: text-QA and tree-summarize use context_str, refine context_msg.
 CONTEXT_VARIABLES = ("context_str", "context_msg")
 # LlamaIndex joins retrieved nodes' texts with a blank line.
@@ -58,9 +58,12 @@ SAMPLING_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top
 CALL_OPTIONS = ("pd_query", "pd_documents", *SAMPLING_OPTIONS, *CONFIG_SHORTCUTS)
 # What LlamaIndex's own text-completion program appends to a prompt: the constraint forces the keys and types, the
 # schema's descriptions tell the model what each value means.
-SCHEMA_INSTRUCTION = ("\n\nHere's a JSON schema to follow:\n{schema}\n\nOutput a valid JSON object but do not repeat "
-                      "the schema.")
+SCHEMA_INSTRUCTION = (
+    "\n\nHere's a JSON schema to follow:\n{schema}\n\nOutput a valid JSON object but do not repeat the schema."
+)
 Model = TypeVar("Model", bound=BaseModel)
+
+
 class PromptDistillLLM(DistillSettings, CustomLLM):
     """A local Hugging Face model that prunes the retrieved context inside itself during prefill.
 
@@ -79,9 +82,10 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     tokenizer's chat template, which is what an instruct model is trained on, and chat messages are rendered by the
     same template. With `use_chat_template=False` completion prompts are sent as raw text and chat messages through
     `messages_to_prompt` (for base models, or prompts you have templated yourself). With the chat template, a chat
-    prompt template (a chat engine's, such as `condense_plus_context`'s history turns) is predicted as chat
-    messages even when `is_chat_model` is False, so its turns reach the model as turns, not as "user: ..." text. `complete(prompt)` applies
-    `completion_to_prompt` and `system_prompt` first, as `predict` does; `formatted=True` skips them.
+    prompt template (a chat engine's, such as `condense_plus_context`'s history turns) is predicted as chat messages
+    even when `is_chat_model` is False, so its turns reach the model as turns, not as "user: ..." text.
+    `complete(prompt)` applies `completion_to_prompt` and `system_prompt` first, as `predict` does; `formatted=True`
+    skips them.
 
     What is pruned: only retrieved context; the instructions, the question and earlier turns always reach every
     layer (see `pd_integrations.layout`). `predict`, `stream`, `apredict` and `astream` pass a template's
@@ -99,12 +103,13 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     Streams carry both on their last chunk, whose delta is empty. `PromptDistillStatsHandler` collects them from a
     query engine.
 
-    Per-call keyword arguments: `pd_query`, `pd_documents`, `max_new_tokens` (or `max_tokens`), `temperature`,
-    `top_p`, `top_k`, `seed`, `stop`, and every `PromptDistillConfig` field (`complete(prompt, method="full")`,
-    `budgets=(0.25,)`), checked as at construction; `structured_predict` takes them in `llm_kwargs`. Assigning a
-    setting (`llm.budgets = 0.5`) or `model_copy(update=...)` is validated too and takes effect. Unknown or misspelled arguments, to the constructor or a call, raise
-    `TypeError` naming the closest valid name; `max_tokens` and `model_name` are accepted as the other frameworks'
-    names of `max_new_tokens` and `model` (giving both names of one setting is a `TypeError`).
+    Per-call keyword arguments: `pd_query`, `pd_documents`, `max_new_tokens` (or `max_tokens`), `temperature`, `top_p`,
+    `top_k`, `seed`, `stop`, and every `PromptDistillConfig` field (`complete(prompt, method="full")`,
+    `budgets=(0.25,)`), checked as at construction; `structured_predict` takes them in `llm_kwargs`. Assigning a setting
+    (`llm.budgets = 0.5`) or `model_copy(update=...)` is validated too and takes effect. Unknown or misspelled
+    arguments, to the constructor or a call, raise `TypeError` naming the closest valid name; `max_tokens` and
+    `model_name` are accepted as the other frameworks' names of `max_new_tokens` and `model` (giving both names of one
+    setting is a `TypeError`).
     """
 
     ALIASES = {"max_tokens": "max_new_tokens", "model_name": "model"}
@@ -118,24 +123,26 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
     top_k: int = Field(default=0, ge=0, description="Sample from the top_k most likely tokens only (0 = off).")
     max_new_tokens: int = Field(
-        default=DEFAULT_NUM_OUTPUTS, gt=0,
-        description="Most tokens generated per call; max_tokens (the LangChain/OpenAI name) is accepted too.")
-    context_window: Optional[int] = Field(
-        default=None, gt=0,
+        default=DEFAULT_NUM_OUTPUTS,
+        gt=0,
+        description="Most tokens generated per call; max_tokens (the LangChain/OpenAI name) is accepted too.",
+    )
+    context_window: int | None = Field(
+        default=None,
+        gt=0,
         description="Tokens LlamaIndex may pack into a prompt; default the model's raw (pre-pruning) window.",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = Field(default="auto", description="auto, float32, bfloat16 or float16.")
-    quantization: Optional[str] = Field(default=None, description="None, 4bit or 8bit (bitsandbytes).")
-    stop: Optional[Union[str, List[str]]] = Field(default=None, description="Stop strings, cut from the output.")
-    seed: Optional[int] = Field(default=None, description="Sampling seed when temperature > 0.")
+    quantization: str | None = Field(default=None, description="None, 4bit or 8bit (bitsandbytes).")
+    stop: str | list[str] | None = Field(default=None, description="Stop strings, cut from the output.")
+    seed: int | None = Field(default=None, description="Sampling seed when temperature > 0.")
     is_chat_model: bool = Field(
         default=False, description="Let LlamaIndex send chat messages (chat prompt templates) instead of text."
     )
     use_chat_template: bool = Field(
         default=True, description="Render prompts through the tokenizer's chat template (see the class docstring)."
     )
-
 
     @model_validator(mode="after")
     def _check_settings(self) -> PromptDistillLLM:
@@ -157,10 +164,11 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         """The engine over the shared weights with this instance's settings (loads the weights on first use)."""
         return self._engine(self.distill_config())
 
-    def _engine(self, config: Optional[PromptDistillConfig]) -> PromptDistillEngine:
+    def _engine(self, config: PromptDistillConfig | None) -> PromptDistillEngine:
         # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
-        return PromptDistillEngine.from_pretrained(self.model, config, device=self.device, dtype=self.dtype,
-                                                   quantization=self.quantization)
+        return PromptDistillEngine.from_pretrained(
+            self.model, config, device=self.device, dtype=self.dtype, quantization=self.quantization
+        )
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -170,7 +178,8 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
             model_name=self.model,
             # A chat prompt template being predicted goes to `chat`, whose messages the chat template renders
             # (LlamaIndex would flatten them into "system: ... user: ..." text for a completion model).
-            is_chat_model=self.is_chat_model or (self.use_chat_template and _template_inputs.get().get("chat", False)),
+            is_chat_model=self.is_chat_model
+            or (self.use_chat_template and (_template_inputs.get() or {}).get("chat", False)),
         )
 
     # ---------------------------------------------------------------- the query channel
@@ -209,8 +218,7 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         return _completion_response(*await asyncio.to_thread(self._generate, model_input, options))
 
     @llm_completion_callback()
-    async def astream_complete(self, prompt: str, formatted: bool = False,
-                               **kwargs: Any) -> CompletionResponseAsyncGen:
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         stream = await self._aopen(self._completion_input(prompt, formatted), self._options(kwargs))
         return _amap(_completion_response, _chunks(stream))
 
@@ -237,8 +245,13 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
 
     # ---------------------------------------------------------------- structured output
 
-    def structured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
-                           llm_kwargs: Optional[Dict[str, Any]] = None, **prompt_args: Any) -> Model:
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
         """An `output_cls` object generated under a grammar compiled from its JSON schema, so the reply parses
         every time (`as_structured_llm` and query engines with `output_cls=` come here). The prompt is rendered as
         `predict` renders it, with the schema appended as LlamaIndex's text-completion program does; its
@@ -250,35 +263,55 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
             pass
         return _structured_object(output_cls, stream.result)
 
-    async def astructured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
-                                  llm_kwargs: Optional[Dict[str, Any]] = None, **prompt_args: Any) -> Model:
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
         """`structured_predict` in a worker thread."""
         return await asyncio.to_thread(self.structured_predict, output_cls, prompt, llm_kwargs, **prompt_args)
 
-    def stream_structured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
-                                  llm_kwargs: Optional[Dict[str, Any]] = None,
-                                  **prompt_args: Any) -> Iterator[Union[Model, FlexibleModel]]:
+    def stream_structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Iterator[Model | FlexibleModel]:
         """`structured_predict` as it is generated: a partial object (a `FlexibleModel` of the fields so far) per
         text delta that adds to it, then the complete `output_cls` object."""
-        return _structured_objects(output_cls,
-                                   self._recorded(self._open_structured(output_cls, prompt, llm_kwargs, prompt_args)))
+        return _structured_objects(
+            output_cls, self._recorded(self._open_structured(output_cls, prompt, llm_kwargs, prompt_args))
+        )
 
-    async def astream_structured_predict(self, output_cls: Type[Model], prompt: BasePromptTemplate,
-                                         llm_kwargs: Optional[Dict[str, Any]] = None,
-                                         **prompt_args: Any) -> AsyncIterator[Union[Model, FlexibleModel]]:
+    async def astream_structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncIterator[Model | FlexibleModel]:
         """`stream_structured_predict`, each step in a worker thread."""
         stream = self._recorded(
-            await asyncio.to_thread(self._open_structured, output_cls, prompt, llm_kwargs, prompt_args))
+            await asyncio.to_thread(self._open_structured, output_cls, prompt, llm_kwargs, prompt_args)
+        )
 
-        async def objects() -> AsyncIterator[Union[Model, FlexibleModel]]:
+        async def objects() -> AsyncIterator[Model | FlexibleModel]:
             iterator, end = _structured_objects(output_cls, stream), object()
             while (item := await asyncio.to_thread(next, iterator, end)) is not end:
                 yield item
 
         return objects()
 
-    def _open_structured(self, output_cls: Type[BaseModel], prompt: BasePromptTemplate,
-                         llm_kwargs: Optional[Dict[str, Any]], prompt_args: dict) -> GenerationStream:
+    def _open_structured(
+        self,
+        output_cls: type[BaseModel],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None,
+        prompt_args: dict,
+    ) -> GenerationStream:
         schema = output_cls.model_json_schema()
         grammar = Grammars.of(self.engine).json_schema(schema, what=f"output_cls {output_cls.__name__}")
         instruction = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
@@ -301,8 +334,11 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
 
         def report(result: GenerationResult) -> GenerationResult:
             response = _completion_response(result.text, None, result)
-            self.callback_manager.on_event_end(CBEventType.LLM, event_id=event_id, payload={
-                EventPayload.PROMPT: result.prompt_text or "", EventPayload.COMPLETION: response})
+            self.callback_manager.on_event_end(
+                CBEventType.LLM,
+                event_id=event_id,
+                payload={EventPayload.PROMPT: result.prompt_text or "", EventPayload.COMPLETION: response},
+            )
             return result
 
         return stream.map_result(report)
@@ -316,8 +352,11 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         owner = f"{type(self).__name__} call"
         unknown = [name for name in kwargs if name not in CALL_OPTIONS]
         if unknown:
-            hints = {name: f"set it when constructing the model: {type(self).__name__}({name}=...)"
-                     for name in unknown if name in type(self).model_fields}
+            hints = {
+                name: f"set it when constructing the model: {type(self).__name__}({name}=...)"
+                for name in unknown
+                if name in type(self).model_fields
+            }
             raise unexpected(owner, unknown, CALL_OPTIONS, hints)
         if "max_tokens" in kwargs:
             if "max_new_tokens" in kwargs:
@@ -331,16 +370,24 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
             raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
         overrides = {name: value for name, value in kwargs.items() if name in SAMPLING_OPTIONS}
         config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
-        template = _template_inputs.get()
+        template = _template_inputs.get() or {}
         from_template = "pd_documents" not in kwargs and template.get("documents") is not None
         documents = kwargs.get("pd_documents")
         if isinstance(documents, (list, tuple)):  # nodes (or NodeWithScore) as their texts
             documents = [d.get_content() if isinstance(d, (BaseNode, NodeWithScore)) else d for d in documents]
-        return {"query": kwargs.get("pd_query", template.get("query")),
-                "documents": template.get("documents") if from_template else documents,
-                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "seed": self.seed, "stop": self.stop, **overrides, "from_template": from_template,
-                "config": config}
+        return {
+            "query": kwargs.get("pd_query", template.get("query")),
+            "documents": template.get("documents") if from_template else documents,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,
+            **overrides,
+            "from_template": from_template,
+            "config": config,
+        }
 
     def _completion_input(self, prompt: str, formatted: bool) -> dict:
         if not formatted:
@@ -374,19 +421,20 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         return stream.result.text, None, stream.result
 
 
-def _structured_object(output_cls: Type[Model], result: GenerationResult) -> Model:
+def _structured_object(output_cls: type[Model], result: GenerationResult) -> Model:
     """`output_cls` parsed from a generation's text; `ValueError` when the output was cut off."""
     if result.finish_reason == "length":
-        raise ValueError(f"the {output_cls.__name__} output was cut off at max_new_tokens ({result.output_tokens} "
-                         f"tokens, finish_reason='length') before the schema was complete; raise max_new_tokens")
+        raise ValueError(
+            f"the {output_cls.__name__} output was cut off at max_new_tokens ({result.output_tokens} "
+            f"tokens, finish_reason='length') before the schema was complete; raise max_new_tokens"
+        )
     try:
         return output_cls.model_validate_json(result.text)
     except ValidationError as error:  # the grammar rules this out, short of schema features it cannot enforce
         raise ValueError(f"the output does not validate as {output_cls.__name__}: {error}") from None
 
 
-def _structured_objects(output_cls: Type[Model],
-                        stream: GenerationStream) -> Iterator[Union[Model, FlexibleModel]]:
+def _structured_objects(output_cls: type[Model], stream: GenerationStream) -> Iterator[Model | FlexibleModel]:
     partial_cls, text, last = create_flexible_model(output_cls), "", None
     for delta in stream:
         text += delta
@@ -410,15 +458,20 @@ def _query_of(prompt: BasePromptTemplate, prompt_args: dict) -> Iterator[None]:
     query = values.get("query_str")
     context = next((values[name] for name in CONTEXT_VARIABLES if isinstance(values.get(name), str)), "")
     documents = [piece for piece in context.split(NODE_SEPARATOR) if piece.strip()]
-    token = _template_inputs.set({"query": query if isinstance(query, str) and query.strip() else None,
-                                  "documents": documents or None, "chat": isinstance(prompt, ChatPromptTemplate)})
+    token = _template_inputs.set(
+        {
+            "query": query if isinstance(query, str) and query.strip() else None,
+            "documents": documents or None,
+            "chat": isinstance(prompt, ChatPromptTemplate),
+        }
+    )
     try:
         yield
     finally:
         _template_inputs.reset(token)
 
 
-def _chunks(stream: GenerationStream) -> Iterator[tuple[str, str, Optional[GenerationResult]]]:
+def _chunks(stream: GenerationStream) -> Iterator[tuple[str, str, GenerationResult | None]]:
     """(cumulative text, delta, None) per text delta, then (text, "", result) once the generation has ended."""
     text = ""
     for delta in stream:
@@ -435,21 +488,27 @@ async def _amap(convert, chunks: Iterator) -> AsyncIterator:
 
 
 def _usage(result: GenerationResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
-            "total_tokens": result.prompt_tokens + result.output_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.output_tokens,
+        "total_tokens": result.prompt_tokens + result.output_tokens,
+    }
 
 
-def _result_fields(result: Optional[GenerationResult]) -> dict:
+def _result_fields(result: GenerationResult | None) -> dict:
     if result is None:
         return {}
-    return {"raw": {"usage": _usage(result), "finish_reason": result.finish_reason},
-            "additional_kwargs": {"promptdistill": result.stats()}}
+    return {
+        "raw": {"usage": _usage(result), "finish_reason": result.finish_reason},
+        "additional_kwargs": {"promptdistill": result.stats()},
+    }
 
 
-def _completion_response(text: str, delta: Optional[str], result: Optional[GenerationResult]) -> CompletionResponse:
+def _completion_response(text: str, delta: str | None, result: GenerationResult | None) -> CompletionResponse:
     return CompletionResponse(text=text, delta=delta, **_result_fields(result))
 
 
-def _chat_response(text: str, delta: Optional[str], result: Optional[GenerationResult]) -> ChatResponse:
-    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta,
-                        **_result_fields(result))
+def _chat_response(text: str, delta: str | None, result: GenerationResult | None) -> ChatResponse:
+    return ChatResponse(
+        message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, **_result_fields(result)
+    )

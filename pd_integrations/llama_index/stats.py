@@ -7,7 +7,7 @@ LLM response (`additional_kwargs["promptdistill"]`), read by a callback handler 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
@@ -30,14 +30,21 @@ class PromptDistillStatsHandler(BaseCallbackHandler):
         self.calls: list[dict] = []
         self._started: dict[str, float] = {}
 
-    def on_event_start(self, event_type: CBEventType, payload: Optional[dict[str, Any]] = None, event_id: str = "",
-                       parent_id: str = "", **kwargs: Any) -> str:
+    def on_event_start(
+        self,
+        event_type: CBEventType,
+        payload: dict[str, Any] | None = None,
+        event_id: str = "",
+        parent_id: str = "",
+        **kwargs: Any,
+    ) -> str:
         if event_type == CBEventType.LLM:
             self._started[event_id] = time.perf_counter()
         return event_id
 
-    def on_event_end(self, event_type: CBEventType, payload: Optional[dict[str, Any]] = None, event_id: str = "",
-                     **kwargs: Any) -> None:
+    def on_event_end(
+        self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "", **kwargs: Any
+    ) -> None:
         if event_type != CBEventType.LLM:
             return
         started = self._started.pop(event_id, None)
@@ -48,10 +55,10 @@ class PromptDistillStatsHandler(BaseCallbackHandler):
             seconds = None if started is None else time.perf_counter() - started
             self.calls.append({**stats, "call_seconds": seconds})
 
-    def start_trace(self, trace_id: Optional[str] = None) -> None:
+    def start_trace(self, trace_id: str | None = None) -> None:
         pass
 
-    def end_trace(self, trace_id: Optional[str] = None, trace_map: Optional[dict[str, list[str]]] = None) -> None:
+    def end_trace(self, trace_id: str | None = None, trace_map: dict[str, list[str]] | None = None) -> None:
         pass
 
     def reset(self) -> None:

@@ -24,5 +24,16 @@ def method_for(config: PromptDistillConfig, layouts: list[RowLayout]) -> Prefill
     return cls.from_config(config, layouts) if cls.prunes else cls()
 
 
-__all__ = ["FullAttention", "GemFilter", "METHOD_CLASSES", "Prefill", "PrefillMethod", "PrefillRow", "PrefillState",
-           "PromptDistill", "QueryAttentionRecorder", "Stage", "method_for"]
+__all__ = [
+    "FullAttention",
+    "GemFilter",
+    "METHOD_CLASSES",
+    "Prefill",
+    "PrefillMethod",
+    "PrefillRow",
+    "PrefillState",
+    "PromptDistill",
+    "QueryAttentionRecorder",
+    "Stage",
+    "method_for",
+]

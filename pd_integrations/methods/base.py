@@ -55,17 +55,20 @@ def left_pad(rows: list[torch.Tensor], fill=0) -> torch.Tensor:
     width = max(row.shape[0] for row in rows)
     padded = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), fill)
     for b, row in enumerate(rows):
-        padded[b, width - row.shape[0]:] = row
+        padded[b, width - row.shape[0] :] = row
     return padded
 
 
-def _padded_index(width: int, lengths: list[int], keeps: list[torch.Tensor | None],
-                  device: torch.device) -> tuple[torch.Tensor, list[int]]:
+def _padded_index(
+    width: int, lengths: list[int], keeps: list[torch.Tensor | None], device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
     """A gather index [B, new width] that keeps, per batch row, `keeps[b]` (indices into its `lengths[b]` real
     rows, on `device`; None: all of them) left-padded (padding points at index 0), and the new lengths (from
     shapes, so no device sync)."""
-    rows = [torch.arange(width - n, width, device=device) if keep is None else keep + (width - n)
-            for n, keep in zip(lengths, keeps)]
+    rows = [
+        torch.arange(width - n, width, device=device) if keep is None else keep + (width - n)
+        for n, keep in zip(lengths, keeps)
+    ]
     return left_pad(rows), [row.shape[0] for row in rows]
 
 
@@ -107,10 +110,18 @@ class PrefillState:
         positions = left_pad([torch.arange(row.shape[0], device=row.device) for row in ids])
         hidden = arch.decoder.embed_tokens(left_pad(ids))
         candidates = left_pad([layout.candidates().to(row.device) for row, layout in zip(ids, layouts)], False)
-        return cls(runtime, layouts, hidden, positions, [row.shape[0] for row in ids],
-                   arch.position_embeddings(hidden, positions), candidates,
-                   [layout.num_prunable for layout in layouts], stage_kept=[[] for _ in ids],
-                   scores=[None for _ in ids])
+        return cls(
+            runtime,
+            layouts,
+            hidden,
+            positions,
+            [row.shape[0] for row in ids],
+            arch.position_embeddings(hidden, positions),
+            candidates,
+            [layout.num_prunable for layout in layouts],
+            stage_kept=[[] for _ in ids],
+            scores=[None for _ in ids],
+        )
 
     @property
     def pads(self) -> list[int]:
@@ -121,9 +132,14 @@ class PrefillState:
         arch, layer_input = self.runtime.arch, self.hidden
         window = arch.windows[i]
         if window not in self.masks:
-            self.masks[window] = arch.attention_mask(i, self.positions, self.positions,
-                                                     padding(self.pads, self.hidden.device), self._last_position(),
-                                                     self.hidden.dtype)
+            self.masks[window] = arch.attention_mask(
+                i,
+                self.positions,
+                self.positions,
+                padding(self.pads, self.hidden.device),
+                self._last_position(),
+                self.hidden.dtype,
+            )
         self.hidden = arch.run_layer(i, self.hidden, self.masks[window], self.positions, self.cache, self.cos_sin)
         self.key_positions.append(self.positions)
         self.key_lengths.append(list(self.lengths))
@@ -138,9 +154,15 @@ class PrefillState:
         arch, rows = self.runtime.arch, self.real_rows(b)
         query = slice(self.hidden.shape[1] - self.layouts[b].query_rows, None)
         cos, sin = self.cos_sin[arch.layer_types[i]]
-        queries = arch.query_states(i, layer_input[b:b + 1, query], (cos[b:b + 1, query], sin[b:b + 1, query]))
-        return selector.head_scores(arch, i, queries, self.cache.layers[i].keys[b:b + 1, :, rows],
-                                    self.positions[b, query], self.positions[b, rows])
+        queries = arch.query_states(i, layer_input[b : b + 1, query], (cos[b : b + 1, query], sin[b : b + 1, query]))
+        return selector.head_scores(
+            arch,
+            i,
+            queries,
+            self.cache.layers[i].keys[b : b + 1, :, rows],
+            self.positions[b, query],
+            self.positions[b, rows],
+        )
 
     def units(self, b: int) -> torch.Tensor | None:
         """Span unit id of each of batch row `b`'s real rows, or None for token-level selection."""
@@ -154,8 +176,10 @@ class PrefillState:
         self.hidden = _gather_rows(self.hidden, index, 1)
         self.positions = _gather_rows(self.positions, index, 1)
         self.candidates = _gather_rows(self.candidates, index, 1)
-        self.cos_sin = {kind: (_gather_rows(cos, index, 1), _gather_rows(sin, index, 1))
-                        for kind, (cos, sin) in self.cos_sin.items()}
+        self.cos_sin = {
+            kind: (_gather_rows(cos, index, 1), _gather_rows(sin, index, 1))
+            for kind, (cos, sin) in self.cos_sin.items()
+        }
         self.masks = {}
         for j in truncated:
             layer = self.cache.layers[j]
@@ -175,12 +199,15 @@ class PrefillState:
             layer = self.cache.layers[j]
             if len(set(probes)) == 1:
                 layer.crop(-probes[0])
-                self.key_positions[j] = self.key_positions[j][:, :-probes[0]]
+                self.key_positions[j] = self.key_positions[j][:, : -probes[0]]
                 self.key_lengths[j] = [n - probes[0] for n in self.key_lengths[j]]
                 continue
             index, self.key_lengths[j] = _padded_index(
-                layer.keys.shape[2], self.key_lengths[j],
-                [torch.arange(n - p, device=device) for n, p in zip(self.key_lengths[j], probes)], device)
+                layer.keys.shape[2],
+                self.key_lengths[j],
+                [torch.arange(n - p, device=device) for n, p in zip(self.key_lengths[j], probes)],
+                device,
+            )
             layer.keys, layer.values = _gather_rows(layer.keys, index, 2), _gather_rows(layer.values, index, 2)
             self.key_positions[j] = _gather_rows(self.key_positions[j], index, 1)
 
@@ -192,10 +219,20 @@ class PrefillState:
         pads = [[width - n for n in lengths] for width, lengths in zip(widths, self.key_lengths)]
         rows = []
         for b, layout in enumerate(self.layouts):
-            kv_bytes = sum(lengths[b] * (layer.keys[:1, :, :1].nbytes + layer.values[:1, :, :1].nbytes)
-                           for lengths, layer in zip(self.key_lengths, self.cache.layers))
-            rows.append(PrefillRow(layout, self.positions[b, self.real_rows(b)], self.stage_kept[b],
-                                   self.scores[b], len(layout.prunable), kv_bytes))
+            kv_bytes = sum(
+                lengths[b] * (layer.keys[:1, :, :1].nbytes + layer.values[:1, :, :1].nbytes)
+                for lengths, layer in zip(self.key_lengths, self.cache.layers)
+            )
+            rows.append(
+                PrefillRow(
+                    layout,
+                    self.positions[b, self.real_rows(b)],
+                    self.stage_kept[b],
+                    self.scores[b],
+                    len(layout.prunable),
+                    kv_bytes,
+                )
+            )
         return Prefill(self.cache, self.key_positions, pads, logits, rows)
 
     def _last_position(self) -> int:
@@ -213,8 +250,9 @@ class PrefillMethod:
 
     prunes = False
 
-    def prefill(self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout],
-                last_layer: int | None = None) -> Prefill:
+    def prefill(
+        self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
+    ) -> Prefill:
         """Run each row's `ids` (prompt, then probe) through layers 0..`last_layer` (default: all) as one batch;
         returns the `Prefill`, with empty logits when it stops early."""
         state = PrefillState.start(runtime, ids, layouts)

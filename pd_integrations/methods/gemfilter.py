@@ -25,12 +25,16 @@ class GemFilter(PrefillMethod):
     def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> GemFilter:
         return cls(PromptDistill.from_config(config, layouts))
 
-    def prefill(self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout],
-                last_layer: int | None = None) -> Prefill:
+    def prefill(
+        self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
+    ) -> Prefill:
         scouted = self.scout.prefill(runtime, ids, layouts, last_layer=self.scout.stages[0].layer)
         kept = [row.kept_indices for row in scouted.rows]
-        rerun = FullAttention().prefill(runtime, [row[k] for row, k in zip(ids, kept)],
-                                        [RowLayout.unpruned(k.shape[0]) for k in kept])
-        rerun.rows = [replace(row, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
-                      for row, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)]
+        rerun = FullAttention().prefill(
+            runtime, [row[k] for row, k in zip(ids, kept)], [RowLayout.unpruned(k.shape[0]) for k in kept]
+        )
+        rerun.rows = [
+            replace(row, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
+            for row, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)
+        ]
         return rerun

@@ -55,8 +55,9 @@ class PromptDistill(PrefillMethod):
         for b, kept in enumerate(state.stage_kept):
             kept.append(state.positions[b, state.real_rows(b)])
 
-    def _keep(self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, budget: int,
-              heads: tuple[int, ...] | None) -> torch.Tensor | None:
+    def _keep(
+        self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, budget: int, heads: tuple[int, ...] | None
+    ) -> torch.Tensor | None:
         """Batch row `b`'s real rows to keep at layer `i` (None: all, the budget covers its candidates)."""
         if budget >= state.remaining[b]:
             return None
@@ -64,8 +65,9 @@ class PromptDistill(PrefillMethod):
         scores = self.selector.score(state.query_head_scores(self.selector, i, layer_input, b), heads)
         if state.scores[b] is None:
             layout = state.layouts[b]
-            state.scores[b] = torch.zeros(len(layout.prunable) + len(layout.probe_ids),
-                                          device=scores.device).index_put_((state.positions[b, rows],), scores)
+            state.scores[b] = torch.zeros(
+                len(layout.prunable) + len(layout.probe_ids), device=scores.device
+            ).index_put_((state.positions[b, rows],), scores)
         keep = self.selector.keep(scores, state.candidates[b, rows], state.remaining[b], budget, state.units(b))
         state.remaining[b] = budget
         return keep

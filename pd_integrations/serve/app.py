@@ -60,13 +60,17 @@ class ServerSettings:
     tool_format: str = "auto"
 
     def scheduler_settings(self) -> dict:
-        given = {"max_batch_size": self.max_batch_size, "max_prompt_tokens": self.max_prompt_tokens,
-                 "max_kv_bytes": self.max_kv_bytes}
+        given = {
+            "max_batch_size": self.max_batch_size,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "max_kv_bytes": self.max_kv_bytes,
+        }
         return {name: value for name, value in given.items() if value is not None}
 
     def load_engine(self) -> PromptDistillEngine:
-        return PromptDistillEngine.from_pretrained(self.model, device=self.device, dtype=self.dtype,
-                                                   quantization=self.quantization)
+        return PromptDistillEngine.from_pretrained(
+            self.model, device=self.device, dtype=self.dtype, quantization=self.quantization
+        )
 
 
 def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
@@ -81,8 +85,12 @@ def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSet
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     server = _Server(engine, settings.model, RequestSlots(settings.max_queued_requests), settings.tool_format)
     authorized = [Depends(partial(_check_api_key, settings.api_key))] if settings.api_key else []
 
@@ -97,8 +105,12 @@ def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSet
 def _check_api_key(api_key: str, request: Request) -> None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), api_key.encode()):
-        raise RequestError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise RequestError(
+            401,
+            "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 class _Server:
@@ -120,17 +132,23 @@ class _Server:
 
     def model(self, model_id: str) -> dict:
         if model_id != self.model_name:
-            raise RequestError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                               param="model", code="model_not_found")
+            raise RequestError(
+                404,
+                f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return self._card()
 
     async def chat_completions(self, body: ChatCompletionRequest, http: Request):
-        return await self._respond(body, http, ResponseIds("chat", self.model_name, self.fingerprint, body.n,
-                                                           self.engine.tokenizer))
+        return await self._respond(
+            body, http, ResponseIds("chat", self.model_name, self.fingerprint, body.n, self.engine.tokenizer)
+        )
 
     async def completions(self, body: CompletionRequest, http: Request):
-        return await self._respond(body, http, ResponseIds("text", self.model_name, self.fingerprint, body.n,
-                                                           self.engine.tokenizer))
+        return await self._respond(
+            body, http, ResponseIds("text", self.model_name, self.fingerprint, body.n, self.engine.tokenizer)
+        )
 
     async def _respond(self, request: GenerationRequest, http: Request, ids: ResponseIds) -> Response:
         self._check(request)
@@ -152,16 +170,24 @@ class _Server:
         finally:
             await generation.close()
         results = generation.stream.result
-        body = ids.completion([(result, row + output.close(result), output.finish_reason(result))
-                               for result, row, output in zip(results, deltas, outputs)])
+        body = ids.completion(
+            [
+                (result, row + output.close(result), output.finish_reason(result))
+                for result, row, output in zip(results, deltas, outputs)
+            ]
+        )
         # Also as a header, for clients that drop unknown body fields (LangChain's ChatOpenAI shows headers in
         # response_metadata with include_response_headers=True).
         return JSONResponse(body, headers={STATS_HEADER: json.dumps(body["promptdistill"], separators=(",", ":"))})
 
     def _check(self, request: GenerationRequest) -> None:
         if request.model != self.model_name:
-            raise RequestError(404, f"the model {request.model!r} does not exist; this server serves "
-                                    f"{self.model_name!r}", param="model", code="model_not_found")
+            raise RequestError(
+                404,
+                f"the model {request.model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         invalid = request.invalid()
         if invalid:
             raise RequestError(400, invalid[1], param=invalid[0], code="invalid_value")
@@ -177,13 +203,17 @@ class _Server:
             engine = self.engine
             if options is not None and options.config_fields():
                 engine = engine.with_config(PromptDistillConfig(**options.config_fields()))
-            selection = {} if options is None else {"queries": [options.query] * request.rows,
-                                                    "documents": [options.documents] * request.rows}
+            selection = (
+                {}
+                if options is None
+                else {"queries": [options.query] * request.rows, "documents": [options.documents] * request.rows}
+            )
             return await self.in_thread(partial(self._open, engine, request, selection))
         except ImportError as error:  # the grammar library is an optional extra
             param = "tools" if request.output_options().get("tools") else "response_format"
-            raise RequestError(400, f"this server cannot constrain output: {error}", param=param,
-                               code="unsupported_parameter") from error
+            raise RequestError(
+                400, f"this server cannot constrain output: {error}", param=param, code="unsupported_parameter"
+            ) from error
         except (ValueError, TypeError) as error:
             raise engine_rejection(error, request) from error
 
@@ -191,8 +221,13 @@ class _Server:
         # In a worker thread: the first grammar of a model scans its vocabulary (about a second).
         grammar = output_grammar(engine, **request.output_options())
         constraints = [grammar.constraint() if grammar else None for _ in range(request.rows)]  # a matcher per row
-        return engine.stream_batch(**request.engine_input(), **selection, **request.sampling(),
-                                   tool_format=self.tool_format, constraints=constraints)
+        return engine.stream_batch(
+            **request.engine_input(),
+            **selection,
+            **request.sampling(),
+            tool_format=self.tool_format,
+            constraints=constraints,
+        )
 
     async def in_thread(self, call, *args):
         return await anyio.to_thread.run_sync(call, *args, limiter=self.threads)

@@ -22,20 +22,40 @@ logger = logging.getLogger("pd_integrations.serve")
 
 # The engine's messages start with the argument they are about ("temperature must be ...", "documents[2] is
 # empty ..."); these are the request fields each argument comes from.
-_ENGINE_ARGUMENTS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
-                     "messages": "messages", "prompt": "prompt", "query": "promptdistill.query",
-                     "documents": "promptdistill.documents", "tools": "tools", "tool_choice": "tool_choice",
-                     "parallel_tool_calls": "parallel_tool_calls", "response_format": "response_format",
-                     "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
-                     "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias",
-                     **{name: f"promptdistill.{name}" for name in PromptDistillConfig.__dataclass_fields__}}
+_ENGINE_ARGUMENTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+    "messages": "messages",
+    "prompt": "prompt",
+    "query": "promptdistill.query",
+    "documents": "promptdistill.documents",
+    "tools": "tools",
+    "tool_choice": "tool_choice",
+    "parallel_tool_calls": "parallel_tool_calls",
+    "response_format": "response_format",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "logit_bias": "logit_bias",
+    **{name: f"promptdistill.{name}" for name in PromptDistillConfig.__dataclass_fields__},
+}
 
 
 class RequestError(Exception):
     """A request the server refuses, with OpenAI's error fields and the HTTP status to send."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
@@ -78,15 +98,20 @@ def _field_path(location: tuple) -> str | None:
 def _is_union_member(part) -> bool:
     """Whether a location part names the member of a union that failed ("str", "list[TextPart]", "TextPart"),
     not a field: every field of the request models is a lower-case identifier other than a type's name."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or not part.isidentifier()
-                                      or part[0].isupper())
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool") or not part.isidentifier() or part[0].isupper()
+    )
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "application/json":  # FastAPI then reads no JSON at all
-        return RequestError(400, f"the request body must be JSON sent with 'Content-Type: application/json', got "
-                                 f"{content_type or 'no Content-Type'!r}", code="invalid_content_type").response()
+        return RequestError(
+            400,
+            f"the request body must be JSON sent with 'Content-Type: application/json', got "
+            f"{content_type or 'no Content-Type'!r}",
+            code="invalid_content_type",
+        ).response()
     first = error.errors()[0]
     if first["type"] == "json_invalid":
         reason = first.get("ctx", {}).get("error", first["msg"])

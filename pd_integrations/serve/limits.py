@@ -44,8 +44,11 @@ class BodySizeLimit:
         await self.app(scope, replayed, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = RequestError(413, f"the request body exceeds {self.max_bytes} bytes (the server's --max-body-bytes)",
-                             code="request_too_large")
+        error = RequestError(
+            413,
+            f"the request body exceeds {self.max_bytes} bytes (the server's --max-body-bytes)",
+            code="request_too_large",
+        )
         await error.response()(scope, receive, send)
 
 
@@ -64,9 +67,13 @@ class RequestSlots:
     def take(self) -> None:
         """Admit one request (release it with `give_back`); raises the 429 `RequestError` when all are taken."""
         if self.taken >= self.capacity:
-            raise RequestError(429, f"the server already has {self.capacity} requests queued (its "
-                                    f"--max-queued-requests); retry later", type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)})
+            raise RequestError(
+                429,
+                f"the server already has {self.capacity} requests queued (its --max-queued-requests); retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(self.RETRY_AFTER_SECONDS)},
+            )
         self.taken += 1
 
     def give_back(self) -> None:

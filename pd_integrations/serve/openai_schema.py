@@ -24,9 +24,20 @@ from ..tools import CallDelta, ToolCallStream
 
 # The statistics each response reports under "promptdistill"; the kept character spans and the rendered prompt
 # are left out because they grow with the prompt.
-REPORTED_STATS = ("prompt_tokens", "kept_tokens", "kept_ratio", "prefill_seconds", "selection_layers", "method",
-                  "context_source", "protected_tokens", "prunable_tokens", "kept_prunable_tokens",
-                  "document_retention", "tool_format")
+REPORTED_STATS = (
+    "prompt_tokens",
+    "kept_tokens",
+    "kept_ratio",
+    "prefill_seconds",
+    "selection_layers",
+    "method",
+    "context_source",
+    "protected_tokens",
+    "prunable_tokens",
+    "kept_prunable_tokens",
+    "document_retention",
+    "tool_format",
+)
 
 
 class PromptDistillOptions(BaseModel):
@@ -80,8 +91,11 @@ class ChatMessage(BaseModel):
             return "content", "content is required (it may be null only on an assistant message with tool_calls)"
         for j, call in enumerate(self.tool_calls or ()):
             if not isinstance(_json_object(call.function.arguments), dict):
-                return (f"tool_calls[{j}].function.arguments", f"tool_calls[{j}].function.arguments must be a JSON "
-                        f"object as a string, got {call.function.arguments!r:.100}")
+                return (
+                    f"tool_calls[{j}].function.arguments",
+                    f"tool_calls[{j}].function.arguments must be a JSON "
+                    f"object as a string, got {call.function.arguments!r:.100}",
+                )
         return None
 
     def as_engine_message(self) -> dict:
@@ -91,9 +105,14 @@ class ChatMessage(BaseModel):
         text = content if isinstance(content, str) else "".join(part.text for part in content)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.tool_calls:
-            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
-                "name": call.function.name, "arguments": json.loads(call.function.arguments)}}
-                for call in self.tool_calls]
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)},
+                }
+                for call in self.tool_calls
+            ]
         if self.role == "tool":
             message["tool_call_id"] = self.tool_call_id
         return message
@@ -108,8 +127,17 @@ def _json_object(text: str):
 
 # OpenAI request fields this server does not implement: set to anything but null, a 400 names them. (Fields that
 # change nothing a local server does, such as `user`, `store`, `metadata` and `service_tier`, are accepted.)
-REFUSED_FIELDS = ("audio", "modalities", "prediction", "web_search_options", "functions", "function_call",
-                  "reasoning_effort", "best_of", "verbosity")
+REFUSED_FIELDS = (
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+    "functions",
+    "function_call",
+    "reasoning_effort",
+    "best_of",
+    "verbosity",
+)
 MAX_CHOICES = 16  # n per prompt; each choice is a batch row
 
 
@@ -177,10 +205,18 @@ class GenerationRequest(BaseModel):
 
     def sampling(self) -> dict:
         """The engine's sampling and stopping arguments; unset fields keep the engine's defaults (greedy)."""
-        given = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                 "seed": self.seed, "stop": self.stop, "frequency_penalty": self.frequency_penalty,
-                 "presence_penalty": self.presence_penalty, "repetition_penalty": self.repetition_penalty,
-                 "logit_bias": self.logit_bias, "logprobs": self.top_tokens}
+        given = {
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": self.stop,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
+            "logprobs": self.top_tokens,
+        }
         return {name: value for name, value in given.items() if value is not None}
 
     @property
@@ -229,8 +265,12 @@ class ChatCompletionRequest(GenerationRequest):
         return bool(self.tools) and self.tool_choice != "none"
 
     def output_options(self) -> dict:
-        return {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls,
-                "response_format": self.response_format}
+        return {
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "response_format": self.response_format,
+        }
 
     def output(self) -> Output:
         return Output(with_tools=self.calls_tools)
@@ -285,8 +325,9 @@ class CompletionRequest(GenerationRequest):
 # ---------------------------------------------------------------- responses
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -314,7 +355,7 @@ class Output:
         return [] if self._calls is None else _deltas(self._calls.close(cut_off=result.finish_reason == "length"))
 
     def finish_reason(self, result: GenerationResult) -> str:
-        """"tool_calls" when the output ends with a complete call (see `tool_finish_reason`); else the engine's
+        """ "tool_calls" when the output ends with a complete call (see `tool_finish_reason`); else the engine's
         ("length" for a call cut off inside its arguments, whose partial arguments were sent)."""
         if self._calls is None:
             return result.finish_reason
@@ -330,8 +371,16 @@ def _delta(piece: str | CallDelta) -> dict:
     if isinstance(piece, str):
         return {"content": piece}
     if piece.id is not None:
-        return {"tool_calls": [{"index": piece.index, "id": piece.id, "type": "function",
-                                "function": {"name": piece.name, "arguments": piece.arguments}}]}
+        return {
+            "tool_calls": [
+                {
+                    "index": piece.index,
+                    "id": piece.id,
+                    "type": "function",
+                    "function": {"name": piece.name, "arguments": piece.arguments},
+                }
+            ]
+        }
     return {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.arguments}}]}
 
 
@@ -369,19 +418,38 @@ class ResponseIds:
         self.model, self.fingerprint, self.n, self.tokenizer = model, fingerprint, n, tokenizer
 
     def _body(self, object_name: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint, "choices": choices}
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        }
 
     def completion(self, choices: list[Choice]) -> dict:
         """The whole response of a non-streaming request, from each row's result, deltas and finish reason."""
         if self.kind == "chat":
-            body = self._body("chat.completion", [
-                {"index": i, "message": merged_message(deltas), "finish_reason": finish,
-                 "logprobs": self._logprobs(result)} for i, (result, deltas, finish) in enumerate(choices)])
+            body = self._body(
+                "chat.completion",
+                [
+                    {
+                        "index": i,
+                        "message": merged_message(deltas),
+                        "finish_reason": finish,
+                        "logprobs": self._logprobs(result),
+                    }
+                    for i, (result, deltas, finish) in enumerate(choices)
+                ],
+            )
         else:
-            body = self._body("text_completion", [
-                {"index": i, "text": result.text, "finish_reason": finish, "logprobs": self._logprobs(result)}
-                for i, (result, _, finish) in enumerate(choices)])
+            body = self._body(
+                "text_completion",
+                [
+                    {"index": i, "text": result.text, "finish_reason": finish, "logprobs": self._logprobs(result)}
+                    for i, (result, _, finish) in enumerate(choices)
+                ],
+            )
         results = [result for result, _, _ in choices]
         return {**body, "usage": self.usage(results), "promptdistill": self.stats(results)}
 
@@ -392,17 +460,29 @@ class ResponseIds:
             return None
         special = set(self.tokenizer.all_special_ids)
         tokens = [entry for entry in result.token_logprobs if entry.token not in special]
-        texts = {token: self.tokenizer.decode([token])
-                 for entry in tokens for token in (entry.token, *(top for top, _ in entry.top))}
+        texts = {
+            token: self.tokenizer.decode([token])
+            for entry in tokens
+            for token in (entry.token, *(top for top, _ in entry.top))
+        }
         if self.kind == "chat":
-            return {"content": [{**_chat_logprob(texts, entry.token, entry.logprob),
-                                 "top_logprobs": [_chat_logprob(texts, *top) for top in entry.top]}
-                                for entry in tokens], "refusal": None}
+            return {
+                "content": [
+                    {
+                        **_chat_logprob(texts, entry.token, entry.logprob),
+                        "top_logprobs": [_chat_logprob(texts, *top) for top in entry.top],
+                    }
+                    for entry in tokens
+                ],
+                "refusal": None,
+            }
         offsets = itertools.accumulate((len(texts[entry.token]) for entry in tokens), initial=0)
-        return {"tokens": [texts[entry.token] for entry in tokens],
-                "token_logprobs": [entry.logprob for entry in tokens],
-                "top_logprobs": [{texts[token]: logprob for token, logprob in entry.top} for entry in tokens],
-                "text_offset": list(offsets)[:-1]}
+        return {
+            "tokens": [texts[entry.token] for entry in tokens],
+            "token_logprobs": [entry.logprob for entry in tokens],
+            "top_logprobs": [{texts[token]: logprob for token, logprob in entry.top} for entry in tokens],
+            "text_offset": list(offsets)[:-1],
+        }
 
     def stats(self, results: list[GenerationResult]) -> dict | list[dict]:
         """The PromptDistill statistics: of the prompt, or one entry per prompt of a list of prompts."""
@@ -415,9 +495,16 @@ class ResponseIds:
         completion = sum(result.output_tokens for result in results)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def chunk(self, delta: dict | None = None, *, index: int = 0, first: bool = False,
-              result: GenerationResult | None = None, finish_reason: str | None = None,
-              with_usage: bool = False) -> dict:
+    def chunk(
+        self,
+        delta: dict | None = None,
+        *,
+        index: int = 0,
+        first: bool = False,
+        result: GenerationResult | None = None,
+        finish_reason: str | None = None,
+        with_usage: bool = False,
+    ) -> dict:
         """One streamed chunk of choice `index`: a delta (an `Output`'s; the role with the `first`), or (with
         `result`) the one with its finish reason and PromptDistill statistics. With `with_usage`, every chunk
         carries `"usage": null`, as OpenAI's do."""
@@ -428,8 +515,12 @@ class ResponseIds:
             choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             body = self._body("chat.completion.chunk", [choice])
         else:
-            choice = {"index": index, "text": delta.get("content", ""), "finish_reason": finish_reason,
-                      "logprobs": None}
+            choice = {
+                "index": index,
+                "text": delta.get("content", ""),
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
             body = self._body("text_completion", [choice])
         if result is not None:
             body["promptdistill"] = reported_stats(result)

@@ -17,8 +17,12 @@ from ray.serve import Application
 from .app import ServerSettings, create_app
 
 
-def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor_options: dict | None = None,
-                autoscaling_config: dict | None = None) -> Application:
+def application(
+    settings: ServerSettings,
+    num_replicas: int | str = 1,
+    ray_actor_options: dict | None = None,
+    autoscaling_config: dict | None = None,
+) -> Application:
     """The Ray Serve application of `settings`: `num_replicas` replicas (or "auto" with `autoscaling_config`),
     each placed with `ray_actor_options`. Ray sends each replica up to `settings.max_queued_requests` requests at
     once, all of which it admits, and queues as many more at each proxy before it answers 503."""
@@ -28,9 +32,12 @@ def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor
         # pickled across the cluster.
         return create_app(settings.load_engine(), settings)
 
-    options = {"name": "pd-serve", "num_replicas": num_replicas,
-               "max_ongoing_requests": settings.max_queued_requests,
-               "max_queued_requests": settings.max_queued_requests}
+    options = {
+        "name": "pd-serve",
+        "num_replicas": num_replicas,
+        "max_ongoing_requests": settings.max_queued_requests,
+        "max_queued_requests": settings.max_queued_requests,
+    }
     if ray_actor_options is not None:
         options["ray_actor_options"] = ray_actor_options
     if autoscaling_config is not None:
@@ -41,9 +48,10 @@ def application(settings: ServerSettings, num_replicas: int | str = 1, ray_actor
 def build(args: dict[str, str]) -> Application:
     """The application builder of `serve run pd_integrations.serve.ray_app:build key=value ...`: `model`,
     `device`, `dtype`, `tool_format`, `api_key`, `max_queued_requests`, `num_replicas` and `num_gpus`."""
-    settings = ServerSettings(**{key: value for key, value in args.items()
-                                 if key in ("model", "device", "dtype", "tool_format")},
-                              api_key=args.get("api_key"),
-                              max_queued_requests=int(args.get("max_queued_requests", 64)))
+    settings = ServerSettings(
+        **{key: value for key, value in args.items() if key in ("model", "device", "dtype", "tool_format")},
+        api_key=args.get("api_key"),
+        max_queued_requests=int(args.get("max_queued_requests", 64)),
+    )
     actor = {"num_gpus": float(args["num_gpus"])} if "num_gpus" in args else None
     return application(settings, int(args.get("num_replicas", 1)), actor)

@@ -17,8 +17,14 @@ N_BATCH = 512  # with flash attention, the fastest prompt batch measured on this
 def measure(llama_cpp, request: dict) -> dict:
     runs, settings = [], {}
     for threads in request["threads"]:
-        settings = {"model_path": request["model"], "n_ctx": request["context"], "n_batch": N_BATCH,
-                    "flash_attn": True, "n_threads": threads, "n_threads_batch": threads}
+        settings = {
+            "model_path": request["model"],
+            "n_ctx": request["context"],
+            "n_batch": N_BATCH,
+            "flash_attn": True,
+            "n_threads": threads,
+            "n_threads_batch": threads,
+        }
         llm = llama_cpp.Llama(**settings, verbose=False)
         _generate(llm, request["prompts"][0][:WARM_UP_TOKENS], 2)  # one-off costs stay out of the first run
         for prompt, ids in enumerate(request["prompts"]):
@@ -39,14 +45,21 @@ def _generate(llm, ids: list[int], tokens: int) -> dict:
         llm.eval([token])
         token = llm.sample(temp=0.0)
     decode = time.perf_counter() - started - ttft
-    return {"prompt_tokens": len(ids), "ttft_seconds": ttft, "output_tokens": tokens,
-            "decode_tokens_per_second": decode_rate(tokens, decode)}
+    return {
+        "prompt_tokens": len(ids),
+        "ttft_seconds": ttft,
+        "output_tokens": tokens,
+        "decode_tokens_per_second": decode_rate(tokens, decode),
+    }
 
 
 def _file_type(llama_cpp, value: str | None) -> str | None:
     """The GGUF's `general.file_type` as llama.cpp names it (F32, Q4_1, ...)."""
-    names = {getattr(llama_cpp, name): name.split("_", 3)[-1] for name in dir(llama_cpp)
-             if name.startswith(("LLAMA_FTYPE_ALL_", "LLAMA_FTYPE_MOSTLY_"))}
+    names = {
+        getattr(llama_cpp, name): name.split("_", 3)[-1]
+        for name in dir(llama_cpp)
+        if name.startswith(("LLAMA_FTYPE_ALL_", "LLAMA_FTYPE_MOSTLY_"))
+    }
     return None if value is None else names.get(int(value), f"file type {value}")
 
 

@@ -3,8 +3,8 @@
 The worker runs as `PYTHON WORKER.py REQUEST.json RESULT.json`. The request holds `model` (a directory or a GGUF
 file), `prompts` (token id lists, shortest first), `decode_tokens`, `context` (the context window to allocate)
 and engine settings (`dtype`, `threads`). The result holds the engine's `version`, the `settings` it ran with
-and `runs`: per prompt (and thread count) its index `prompt`, `prompt_tokens`, `ttft_seconds` (call to first token, wall clock),
-`decode_tokens_per_second` (after the first token; null for `decode_tokens` 1) and `output_tokens`.
+and `runs`: per prompt (and thread count) its index `prompt`, `prompt_tokens`, `ttft_seconds` (call to first token,
+wall clock), `decode_tokens_per_second` (after the first token; null for `decode_tokens` 1) and `output_tokens`.
 A worker whose engine does not import writes `{"missing": "<the import error>"}` and exits with `MISSING`.
 Standard library only: the peer's virtualenv has no pd-integrations.
 """

@@ -17,9 +17,13 @@ WARM_UP_TOKENS = 128
 def measure(vllm, request: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
-    settings = {"model": request["model"], "dtype": request["dtype"], "max_model_len": request["context"],
-                "enable_prefix_caching": False,
-                "disable_log_stats": False}  # the stats time each request's first and last token
+    settings = {
+        "model": request["model"],
+        "dtype": request["dtype"],
+        "max_model_len": request["context"],
+        "enable_prefix_caching": False,
+        "disable_log_stats": False,
+    }  # the stats time each request's first and last token
     llm = vllm.LLM(**settings)
     first = vllm.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     longer = vllm.SamplingParams(max_tokens=request["decode_tokens"], temperature=0.0, ignore_eos=True)
@@ -36,8 +40,15 @@ def measure(vllm, request: dict) -> dict:
         total, output = seconds(ids, longer)
         tokens, stats = len(output.outputs[0].token_ids), output.metrics
         decode = stats.last_token_ts - stats.first_token_ts if stats and stats.last_token_ts else total - ttft
-        runs.append({"prompt": prompt, "prompt_tokens": len(ids), "ttft_seconds": ttft, "output_tokens": tokens,
-                     "decode_tokens_per_second": decode_rate(tokens, decode)})
+        runs.append(
+            {
+                "prompt": prompt,
+                "prompt_tokens": len(ids),
+                "ttft_seconds": ttft,
+                "output_tokens": tokens,
+                "decode_tokens_per_second": decode_rate(tokens, decode),
+            }
+        )
     return {"version": vllm.__version__, "settings": settings, "runs": runs}
 
 
