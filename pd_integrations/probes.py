@@ -2,7 +2,7 @@
 
 The built-in haystack is the English help text that ships with CPython (`pydoc_data.topics`), so nothing is
 downloaded; `--haystack DIR` swaps in any folder of `.txt` files. Used by the demo, tests, benchmarks and
-calibration.
+calibration, as is `needles_kept`, which tells whether a run kept a probe's evidence.
 """
 
 from __future__ import annotations
@@ -174,3 +174,12 @@ def insert_sentences(context: str, sentences: list[str], depths: list[float]) ->
     for at, sentence in sorted(zip(cuts, sentences), key=lambda item: item[0], reverse=True):
         context = f"{context[:at]}{sentence} {context[at:]}"
     return context
+
+
+def needles_kept(prompt_text: str, kept_spans: list[tuple[int, int]], needles: tuple[str, ...]) -> float:
+    """Share of needle sentences wholly inside one kept span (whether selection kept the evidence)."""
+    kept = 0
+    for sentence in needles:
+        start = prompt_text.find(sentence)
+        kept += any(a <= start and start + len(sentence) <= b for a, b in kept_spans)
+    return kept / len(needles)

@@ -12,9 +12,10 @@ from statistics import mean
 
 import pytest
 
-from pd_integrations.bench import rag, ragbench
+from pd_integrations.bench import ragbench
 from pd_integrations.bench.__main__ import main
-from pd_integrations.bench.handbook import CITIES, POLICIES
+from pd_integrations.corpora import rag
+from pd_integrations.corpora.handbook import CITIES, POLICIES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FACT_FORMS = {
@@ -288,7 +289,7 @@ def test_rag_flags_are_checked(capsys):
 
 
 def test_depot_notes_are_deterministic_look_alikes_with_unique_answers(tokenizer):
-    from pd_integrations.bench.depots import DEPOTS, make_depot_questions, make_depots
+    from pd_integrations.corpora.depots import DEPOTS, make_depot_questions, make_depots
 
     corpus = make_depots()
     assert corpus == make_depots(seed=0) and [p.text for p in make_depots(seed=1)] != [p.text for p in corpus]
@@ -310,8 +311,8 @@ def test_depot_notes_are_deterministic_look_alikes_with_unique_answers(tokenizer
 
 
 def test_spread_moves_each_samples_answer_to_its_own_depth(tokenizer):
-    plain = ragbench.probes(tokenizer, [1000], ["question_last"], 4, seed=5)
-    spread = ragbench.probes(tokenizer, [1000], ["question_last"], 4, seed=5, spread=True)
+    plain = rag.probes(tokenizer, [1000], ["question_last"], 4, seed=5)
+    spread = rag.probes(tokenizer, [1000], ["question_last"], 4, seed=5, spread=True)
     assert [p.labels["answer_index"] for p in plain] == [0, 0, 0, 0]  # the retriever ranks the answer first
     positions = [p.labels["answer_position"] for p in spread]
     assert positions == [0.125, 0.375, 0.625, 0.875]
@@ -321,4 +322,4 @@ def test_spread_moves_each_samples_answer_to_its_own_depth(tokenizer):
         assert p.answer_sentence in p.prompt.documents[p.labels["answer_index"]] and p.answer_sentence.endswith(".")
     assert sorted(spread[0].prompt.documents) == sorted(plain[0].prompt.documents)
     with pytest.raises(ValueError, match="corpus must be one of depots, handbook"):
-        ragbench.probes(tokenizer, [1000], ["question_last"], 1, corpus="essays")
+        rag.probes(tokenizer, [1000], ["question_last"], 1, corpus="essays")

@@ -9,9 +9,10 @@ import warnings
 import pytest
 import torch
 
-import pd_integrations.calibrate as calibration
+import pd_integrations.calibration as calibration
+import pd_integrations.calibration.run as calibration_run
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.calibrate import (
+from pd_integrations.calibration import (
     SCORINGS,
     SPANS,
     ProbeRecord,
@@ -21,9 +22,9 @@ from pd_integrations.calibrate import (
     choose_retrieval_heads,
     compare_scoring,
     keeps_needle,
-    main,
     needle_rank_table,
 )
+from pd_integrations.calibration.__main__ import main
 from pd_integrations.config import PROFILES_DIR, BudgetRule, budget_to_json
 from pd_integrations.probes import NeedleProbe, needle_probe
 from pd_integrations.prompt import render
@@ -45,7 +46,7 @@ def test_calibration_writes_a_profile_engines_use(cache, tokenizer, monkeypatch)
         chosen_heads.append((table.clone(), choose_retrieval_heads(table)))
         return chosen_heads[-1][1]
 
-    monkeypatch.setattr(calibration, "choose_retrieval_heads", spy)
+    monkeypatch.setattr(calibration_run, "choose_retrieval_heads", spy)
     model = tiny_model("qwen3")
     engine = PromptDistillEngine(model, tokenizer, PromptDistillConfig(method="full"), model_name="tiny-qwen3")
     profile = calibrate(
@@ -452,20 +453,20 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     costs = [sum(row["predicted_prefill_ratio"].values()) for row in tried if row["kept_share"] == 1.0]
     assert costs == sorted(costs)
     # The search starts at layer 2, where the needle (10 of 26 candidates) is kept from a fraction of 0.4.
-    assert tried[0]["schedule"].stages == ((2, calibration.BudgetRule(0.4), None),)
+    assert tried[0]["schedule"].stages == ((2, BudgetRule(0.4), None),)
     assert {row["kept_share"] for row in tried if row["schedule"].stages[0][1].fraction < 0.38} == {0.0}
     # Every detrend window is searched, and the exact single-stage judgement agrees with a replay of each schedule.
     single = [row for row in tried if len(row["schedule"].stages) == 1]
     assert {row["schedule"].detrend_window for row in single} == {0, 512, 1024}
     assert all(keeps_needle(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
     # The frontier plot `pd-calibrate --rag` writes beside the search it saved.
-    search = calibration._save_search(tried, tmp_path / "records.search.json")
-    calibration._plot_search(search, tried[0]["schedule"], 1.0, 4, 32)
+    search = calibration_run._save_search(tried, tmp_path / "records.search.json")
+    calibration_run._plot_search(search, tried[0]["schedule"], 1.0, 4, 32)
     assert (tmp_path / "records.frontier.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_rules_resolve_per_length_in_schedules_and_the_cost_model():
-    rule = calibration.BudgetRule(0.25, 256, 2048)
+    rule = BudgetRule(0.25, 256, 2048)
     schedule = Schedule(((7, rule, None),), "passage", None)
     assert (
         schedule.budgets_at(8000) == [2000] and schedule.budgets_at(600) == [256] and schedule.budgets_at(100) == [100]
@@ -476,7 +477,7 @@ def test_rules_resolve_per_length_in_schedules_and_the_cost_model():
     cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
     expected = (8 * cost(8060) + 22 * cost(2000 + 60)) / (30 * cost(8060))
     assert calibration.predicted_prefill_ratio(schedule, 30, 8060) == pytest.approx(expected)
-    two = Schedule(((7, calibration.BudgetRule(0.7), (7,)), (17, calibration.BudgetRule(0.2), None)), "passage", None)
+    two = Schedule(((7, BudgetRule(0.7), (7,)), (17, BudgetRule(0.2), None)), "passage", None)
     assert two.budgets_at(1000) == [700, 200]
     ratios = [calibration.predicted_prefill_ratio(two, 30, n) for n in (1000, 2000, 4000, 8000)]
     assert ratios == sorted(ratios, reverse=True) and 0.4 < ratios[-1] < ratios[0] < 0.7
@@ -489,25 +490,23 @@ def test_a_budget_alone_selects_at_the_profiles_last_stages(default_engine):
     config = default_engine.with_config(PromptDistillConfig(budgets=256)).config
     assert config.selection_layers == (layers[-1],) and config.budgets == (256,)
     assert config.heads == (None if heads[-1] is None else tuple(heads[-1]),)
-    assert default_engine.with_config(PromptDistillConfig(selection_layers=(12,))).config.budgets[
-        0
-    ] == calibration.BudgetRule(**profile.settings["budgets"][-1])
+    assert default_engine.with_config(PromptDistillConfig(selection_layers=(12,))).config.budgets[0] == BudgetRule(
+        **profile.settings["budgets"][-1]
+    )
 
 
 def test_the_cost_model_predicts_each_methods_prefill_from_its_resolved_config():
-    rule = calibration.BudgetRule(0.25)
+    rule = BudgetRule(0.25)
     config = PromptDistillConfig(
         selection_layers=(7, 17),
-        budgets=(calibration.BudgetRule(0.5), rule),
+        budgets=(BudgetRule(0.5), rule),
         heads=((7,), None),
         span="passage",
         unit_score="topk_mean",
         detrend_window=1024,
     )
     schedule = Schedule.of(config)
-    assert schedule == Schedule(
-        ((7, calibration.BudgetRule(0.5), (7,)), (17, rule, None)), "passage", None, "topk_mean", 1024
-    )
+    assert schedule == Schedule(((7, BudgetRule(0.5), (7,)), (17, rule, None)), "passage", None, "topk_mean", 1024)
     assert schedule.settings()["detrend_window"] == 1024
     assert calibration.predicted_ratio_of(config, 30, 8060, 60) == calibration.predicted_prefill_ratio(
         schedule, 30, 8060, 60

@@ -214,8 +214,8 @@ def test_exact_when_the_budget_covers_the_context(tiny_llama, tokenizer, shape, 
 def test_default_model_keeps_question_and_instruction_in_every_rag_shape(default_engine, tokenizer, budget):
     """Handbook questions over MiniLM-retrieved passages that all resemble each other, the context found by the rule
     alone (no documents, no query): in every shape the question and the instruction survive pruning whole."""
-    from pd_integrations.bench.handbook import make_handbook, make_questions
-    from pd_integrations.bench.rag import QUESTION_FIRST, QUESTION_LAST, SHAPES, SYSTEM_CONTEXT, rag_prompt, retrieve
+    from pd_integrations.corpora.handbook import make_handbook, make_questions
+    from pd_integrations.corpora.rag import QUESTION_FIRST, QUESTION_LAST, SHAPES, SYSTEM_CONTEXT, rag_prompt, retrieve
 
     instructions = {
         "question_last": QUESTION_LAST.split("\n")[0],

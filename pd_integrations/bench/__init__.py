@@ -2,11 +2,12 @@
 RAG-shaped prompts.
 
 - `tasks.py`: the prompts (needle probes and synthetic long-context tasks) and their exact-match scoring;
-- `handbook.py`, `rag.py`, `ragbench.py`: a generated handbook of look-alike passages, MiniLM retrieval, the three
-  common RAG prompt shapes, and the `rag` command's measurements;
+- `ragbench.py`: the `rag` command's measurements, on the RAG probes of `pd_integrations.corpora` (generated
+  corpora of look-alike passages, MiniLM retrieval, the three common RAG prompt shapes);
 - `measure.py`: the compared methods, and running prompts through them with timings and peak memory;
 - `report.py`: the summary table, JSON and PNG plots;
 - `__main__.py`: the command line.
 
-Nothing in the package imports `bench`.
+Nothing in the package imports `bench`: what it shares with calibration lives below both (`pd_integrations.probes`,
+`pd_integrations.corpora`, `pd_integrations.calibration.cost`).
 """

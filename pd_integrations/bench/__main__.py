@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..corpora import rag as corpora_rag
 from ..engine import PromptDistillEngine
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
 from ..probes import NEEDLE_KINDS
 from . import heldout, measure, ragbench, report, tasks, throughput
-from .rag import SHAPES
 
 SPEED_DEPTH = 0.5  # the speed runs hide a needle too, so that their answers can be checked
 
@@ -156,7 +156,10 @@ def _parser() -> argparse.ArgumentParser:
         help="context tokens retrieved per prompt, e.g. 1000,2000 (default: 1000,2000,4000,8000)",
     )
     rag.add_argument(
-        "--shapes", type=_names(SHAPES), default=list(SHAPES), help=f"comma-separated subset of {','.join(SHAPES)}"
+        "--shapes",
+        type=_names(corpora_rag.SHAPES),
+        default=list(corpora_rag.SHAPES),
+        help=f"comma-separated subset of {','.join(corpora_rag.SHAPES)}",
     )
     rag.add_argument(
         "--context-source",
@@ -180,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rag.add_argument(
         "--corpus",
-        choices=list(ragbench.CORPORA),
+        choices=list(corpora_rag.CORPORA),
         default="depots",
         help="generated corpus: depots (answerable by small models) or handbook (default: %(default)s)",
     )
@@ -315,7 +318,7 @@ def _bench(args, command_line: str) -> None:
 
 
 def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
-    probes = ragbench.probes(
+    probes = corpora_rag.probes(
         engine.tokenizer,
         args.lengths,
         args.shapes,
@@ -325,7 +328,7 @@ def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -
         answer_depths=args.answer_depths,
         corpus=args.corpus,
         spread=args.spread,
-        max_new_tokens=args.max_new_tokens or ragbench.MAX_NEW_TOKENS,
+        max_new_tokens=args.max_new_tokens or corpora_rag.MAX_NEW_TOKENS,
     )
     records = ragbench.run(engines, probes, context_source=args.context_source, log=log)
     rows = ragbench.summarize(records)

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..calibrate import predicted_ratio_of
+from ..calibration.cost import predicted_ratio_of
 from ..config import PAPER_SCORING, PromptDistillConfig
 from ..engine import PromptDistillEngine
+from ..probes import needles_kept
 from .tasks import Probe, needle
 
 PEAK_MEMORY = (
@@ -156,15 +157,6 @@ def timing_record(engine: PromptDistillEngine, result, peak_memory_bytes: int | 
         "peak_memory_bytes": peak_memory_bytes,
         "output": result.text,
     }
-
-
-def needles_kept(prompt_text: str, kept_spans: list[tuple[int, int]], needles: tuple[str, ...]) -> float:
-    """Share of needle sentences wholly inside one kept span (whether selection kept the evidence)."""
-    kept = 0
-    for sentence in needles:
-        start = prompt_text.find(sentence)
-        kept += any(a <= start and start + len(sentence) <= b for a, b in kept_spans)
-    return kept / len(needles)
 
 
 def _warm_up(engines: dict[str, PromptDistillEngine]) -> None:

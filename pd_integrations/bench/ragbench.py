@@ -1,4 +1,4 @@
-"""`pd-bench rag`: RAG-shaped prompts (see `rag.py`) through every method, with answer accuracy and what selection
+"""`pd-bench rag`: RAG-shaped prompts (`corpora/rag.py`) through every method, with answer accuracy and what
 kept of the answer's passage.
 
 Per (length, shape, sample) one question is asked over passages retrieved up to `length` context tokens, in rank
@@ -11,23 +11,16 @@ every length and shape. Records hold, besides the timings `measure` records:
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from ..corpora.rag import SHAPES, RagProbe, contains
 from ..engine import PromptDistillEngine
 from ..kept_view import document_retention
+from ..probes import needles_kept
 from . import measure, report
-from .depots import make_depot_questions, make_depots
-from .rag import SHAPES, RagPrompt, contains, make_handbook, make_questions, move_answer, rag_prompt, retrieve
-
-# name: (corpus maker(seed), question maker(corpus, n, seed)). "depots" is the default: one genre, one fact form,
-# answerable by the default model with full attention; "handbook" is harder (city and policy both to match).
-CORPORA = {"depots": (make_depots, make_depot_questions), "handbook": (make_handbook, make_questions)}
 
 CONTEXT_SOURCES = ("documents", "none")
-MAX_NEW_TOKENS = 32  # room for a sentence around the answer: question-first asks for up to three
 COLUMNS_NOTE = (
     "Means over the questions of each row. ÷ full: the method's figure divided by full attention's on the "
     "same prompts (same length and shape). Answer passage kept: share of the answer passage's "
@@ -35,80 +28,6 @@ COLUMNS_NOTE = (
     "the answer whole. Accuracy: runs whose greedy answer contains the expected answer "
     "(case-insensitive)."
 )
-
-
-@dataclass(frozen=True)
-class RagProbe:
-    """One benchmark prompt: its place in the grid (`labels`), the prompt, and the answer's sentence."""
-
-    labels: dict
-    prompt: RagPrompt
-    answer_sentence: str
-    max_new_tokens: int
-
-
-def probes(
-    tokenizer,
-    lengths: list[int],
-    shapes: list[str],
-    samples: int,
-    seed: int = 0,
-    *,
-    corpus_seed: int = 0,
-    answer_depths: list[float] | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    corpus: str = "depots",
-    spread: bool = False,
-) -> list[RagProbe]:
-    """`samples` questions (drawn by `seed`) per length and shape, each over the passages of `corpus` (a name in
-    CORPORA) retrieved for it up to `length` context tokens, in rank order, or with the answer's passage moved to
-    each of `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape.
-
-    The retriever ranks the answer's passage first for nearly every question, which lets a selector that favours
-    the start of the context look right. With `spread`, sample k's answer passage is moved to relative depth
-    (k + 0.5) / samples instead (labelled `answer_position`; rows still aggregate over samples)."""
-    if corpus not in CORPORA:
-        raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
-    make_corpus, make_qs = CORPORA[corpus]
-    name = corpus
-    corpus = make_corpus(corpus_seed)
-    questions = make_qs(corpus, samples, seed)
-    result = []
-    for length in lengths:
-        for sample, question in enumerate(questions):
-            ranked = retrieve(question, corpus, tokenizer, length)
-            position = (sample + 0.5) / samples if spread else None
-            if spread:
-                ranked = move_answer(ranked, question.passage_id, position)
-            for depth in answer_depths or [None]:
-                passages = ranked if depth is None else move_answer(ranked, question.passage_id, depth)
-                for shape in shapes:
-                    prompt = rag_prompt(shape, question, passages)
-                    labels = {
-                        "corpus": name,
-                        "length": length,
-                        "shape": shape,
-                        "sample": seed + sample,
-                        "question": question.question,
-                        "answer": question.answer,
-                        "passages": len(passages),
-                        "answer_depth": depth,
-                        "answer_position": position,
-                        "answer_index": prompt.answer_index,
-                    }
-                    result.append(
-                        RagProbe(
-                            labels,
-                            prompt,
-                            _sentence(prompt.documents[prompt.answer_index], question.answer),
-                            max_new_tokens,
-                        )
-                    )
-    return result
-
-
-def _sentence(text: str, answer: str) -> str:
-    return next(s for s in re.split(r"(?<=[.;])\s+", text) if answer in s)
 
 
 def run(
@@ -163,7 +82,7 @@ def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_sourc
         "score": float(contains(result.text, prompt.answer)),
         "answer_kept": retention[prompt.answer_index],
         "documents_kept": mean(r for r in retention if r is not None),
-        "needles_kept": measure.needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,)),
+        "needles_kept": needles_kept(result.prompt_text, result.kept_char_spans, (probe.answer_sentence,)),
     }
 
 
@@ -234,40 +153,3 @@ def markdown_table(rows: list[dict]) -> str:
             + " |"
         )
     return "\n".join(lines)
-
-
-def plot_frontier(tried: list[dict], path, length: int, marks: dict[str, tuple[float, float]] | None = None) -> None:
-    """The accuracy/speed frontier of a RAG calibration search (`calibrate.rag_search` rows, as written to its
-    `.search.json`): every schedule tried as a point (predicted prefill ratio at `length` tokens, share of probes
-    whose answer sentence it keeps), one-stage and two-stage in two colours, the frontier drawn as a step line, and
-    `marks` (label: (ratio, share)) such as the shipped profile's measured point. Written as a PNG to `path`."""
-    plt = report._pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    key = str(length)
-    for stages, colour, label in ((1, "tab:blue", "one stage"), (2, "tab:orange", "two stages")):
-        points = [
-            (row["predicted_prefill_ratio"][key], row["kept_share"])
-            for row in tried
-            if len(row["schedule"]["selection_layers"]) == stages
-        ]
-        if points:
-            axis.scatter(*zip(*points), s=6, alpha=0.35, color=colour, label=f"{label} ({len(points)})")
-    frontier, best = [], -1.0
-    for ratio, share in sorted((row["predicted_prefill_ratio"][key], row["kept_share"]) for row in tried):
-        if share > best:
-            frontier.append((ratio, share))
-            best = share
-    if frontier:
-        axis.step(*zip(*frontier), where="post", color="black", linewidth=1, label="frontier")
-    for label, (ratio, share) in (marks or {}).items():
-        axis.scatter([ratio], [share], s=60, marker="*", zorder=3)
-        axis.annotate(label, (ratio, share), textcoords="offset points", xytext=(6, -12), fontsize=8)
-    axis.set_xlabel(f"predicted prefill time ÷ full attention at {length} tokens (cost model)")
-    axis.set_ylabel("share of RAG probes whose answer sentence is kept")
-    axis.set_xlim(0, 1.02)
-    axis.set_ylim(-0.02, 1.05)
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)

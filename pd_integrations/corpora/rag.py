@@ -8,14 +8,18 @@ and fills a token budget in rank order; `rag_prompt` renders one of `SHAPES`:
 - `question_last`: the classic stuff-documents / LlamaIndex text-QA prompt: context, then the question;
 - `question_first`: the rlm/rag-prompt template: instruction, question, then the context;
 - `system_context`: `create_retrieval_chain`: the context in the system message, the question as the user's.
+
+`probes` builds the grid of RAG probes (lengths × samples × shapes) that `pd-bench rag` and `pd-calibrate --rag` run.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .depots import make_depot_questions, make_depots
 from .handbook import FACT_KINDS, Passage, RagQuestion, contains, fact, make_handbook, make_questions
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     "SHAPES",
     "Passage",
     "RagPrompt",
+    "RagProbe",
     "RagQuestion",
     "contains",
     "embed",
@@ -30,12 +35,14 @@ __all__ = [
     "make_handbook",
     "make_questions",
     "move_answer",
+    "probes",
     "rag_prompt",
     "retrieve",
 ]
 
 SHAPES = ("question_last", "question_first", "system_context")
 SEPARATOR = "\n\n"  # between passages in every shape
+MAX_NEW_TOKENS = 32  # room for a sentence around the answer: question-first asks for up to three
 
 QUESTION_LAST = (
     "Answer the question using only the documents below.\n\n{context}\n\nQuestion: {question}\nAnswer briefly."
@@ -138,3 +145,82 @@ def rag_prompt(shape: str, question: RagQuestion, passages: list[Passage]) -> Ra
     else:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     return RagPrompt(messages, documents, question.question, question.answer, index)
+
+
+# name: (corpus maker(seed), question maker(corpus, n, seed)). "depots" is the default: one genre, one fact form,
+# answerable by the default model with full attention; "handbook" is harder (city and policy both to match).
+CORPORA = {"depots": (make_depots, make_depot_questions), "handbook": (make_handbook, make_questions)}
+
+
+@dataclass(frozen=True)
+class RagProbe:
+    """One benchmark prompt: its place in the grid (`labels`), the prompt, and the answer's sentence."""
+
+    labels: dict
+    prompt: RagPrompt
+    answer_sentence: str
+    max_new_tokens: int
+
+
+def probes(
+    tokenizer,
+    lengths: list[int],
+    shapes: list[str],
+    samples: int,
+    seed: int = 0,
+    *,
+    corpus_seed: int = 0,
+    answer_depths: list[float] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    corpus: str = "depots",
+    spread: bool = False,
+) -> list[RagProbe]:
+    """`samples` questions (drawn by `seed`) per length and shape, each over the passages of `corpus` (a name in
+    CORPORA) retrieved for it up to `length` context tokens, in rank order, or with the answer's passage moved to
+    each of `answer_depths` (relative, 0 = first); length-major, then sample, then depth, then shape.
+
+    The retriever ranks the answer's passage first for nearly every question, which lets a selector that favours
+    the start of the context look right. With `spread`, sample k's answer passage is moved to relative depth
+    (k + 0.5) / samples instead (labelled `answer_position`; rows still aggregate over samples).
+
+    Raises `ValueError` for a corpus not in CORPORA."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {corpus!r}")
+    make_corpus, make_qs = CORPORA[corpus]
+    name = corpus
+    corpus = make_corpus(corpus_seed)
+    questions = make_qs(corpus, samples, seed)
+    result = []
+    for length in lengths:
+        for sample, question in enumerate(questions):
+            ranked = retrieve(question, corpus, tokenizer, length)
+            position = (sample + 0.5) / samples if spread else None
+            if spread:
+                ranked = move_answer(ranked, question.passage_id, position)
+            for depth in answer_depths or [None]:
+                passages = ranked if depth is None else move_answer(ranked, question.passage_id, depth)
+                cell = {"corpus": name, "length": length, "sample": seed + sample, "depth": depth, "position": position}
+                result += [_probe(shape, question, passages, cell, max_new_tokens) for shape in shapes]
+    return result
+
+
+def _probe(shape: str, question: RagQuestion, passages: list[Passage], cell: dict, max_new_tokens: int) -> RagProbe:
+    """`question` over `passages` in `shape`, labelled with its grid `cell` and what the prompt holds."""
+    prompt = rag_prompt(shape, question, passages)
+    labels = {
+        "corpus": cell["corpus"],
+        "length": cell["length"],
+        "shape": shape,
+        "sample": cell["sample"],
+        "question": question.question,
+        "answer": question.answer,
+        "passages": len(passages),
+        "answer_depth": cell["depth"],
+        "answer_position": cell["position"],
+        "answer_index": prompt.answer_index,
+    }
+    return RagProbe(labels, prompt, _sentence(prompt.documents[prompt.answer_index], question.answer), max_new_tokens)
+
+
+def _sentence(text: str, answer: str) -> str:
+    return next(s for s in re.split(r"(?<=[.;])\s+", text) if answer in s)

@@ -1,0 +1,196 @@
+"""Schedules (candidate profiles) and the one prefill cost model that prices them and any resolved config; `bench`
+prints its predictions beside the prefill times it measures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from ..config import BudgetRule, PromptDistillConfig, budget_to_json, resolve_budget
+from ..selection import Selector
+
+# The prefill cost model: a layer processing `rows` rows costs rows * (ROW_COST + rows / 2), a per-row term (the
+# projections and MLP) plus causal attention to rows / 2 keys on average, in units of one key's attention. Fitted to
+# SmolLM2-135M on this project's 2-core CPU (full attention's 8k/4k prefill-time ratio, 2.9); it predicted the old
+# profile's measured prefill ratios (0.37 at 8k, 0.58 at 4k) within 0.02.
+ROW_COST = 2300
+
+
+def layer_cost(rows: int, row_cost: float = ROW_COST) -> float:
+    """The cost model's time for one layer over `rows` rows.
+
+    Args:
+        rows: the rows (prompt tokens) the layer processes.
+        row_cost: the per-row term, in units of one key's attention.
+
+    Returns:
+        `rows * (row_cost + rows / 2)`.
+    """
+    return rows * (row_cost + rows / 2)
+
+
+def stage_budgets(budgets: Sequence[int | float | BudgetRule], prunable: int) -> list[int]:
+    """Tokens each stage keeps of `prunable` context tokens, as `RowLayout.stage_budgets` resolves them.
+
+    Args:
+        budgets: each stage's budget: an int, a fraction or a `BudgetRule`.
+        prunable: the prunable tokens of the prompt.
+
+    Returns:
+        Each stage's resolved budget, never above an earlier stage's.
+    """
+    resolved = [resolve_budget(budget, prunable) for budget in budgets]
+    return [min(resolved[: i + 1]) for i in range(len(resolved))]
+
+
+def prefill_cost(
+    stages: Sequence[tuple[int, int | float | BudgetRule]],
+    num_layers: int,
+    length: int,
+    protected: int,
+    cost_of: Callable[[int], float],
+) -> float:
+    """The cost model: a schedule's prefill over full attention's, summing `cost_of(rows)` over the layers.
+
+    Args:
+        stages: (selection layer, budget) per stage; rows after a stage are its budget plus `protected`.
+        num_layers: the model's layers.
+        length: the prompt's tokens.
+        protected: the prompt's tokens that are not prunable.
+        cost_of: one layer's cost over a number of rows.
+
+    Returns:
+        The schedule's summed layer costs divided by `num_layers * cost_of(length)`.
+    """
+    budgets = stage_budgets([budget for _, budget in stages], max(0, length - protected))
+    rows, total, start = length, 0, 0
+    for (layer, _), budget in zip(stages, budgets):
+        total += (layer + 1 - start) * cost_of(rows)
+        rows, start = min(rows, budget + protected), layer + 1
+    total += (num_layers - start) * cost_of(rows)
+    return total / (num_layers * cost_of(length))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A candidate profile: stages of (layer, budget, heads) with one span mode, unit scoring and detrend window.
+    Budgets are ints, fractions or length-aware `BudgetRule`s (see `config.BudgetRule`)."""
+
+    stages: tuple[tuple[int, int | float | BudgetRule, tuple[int, ...] | None], ...]
+    span: str
+    chunk_size: int | None
+    unit_score: str = "max"
+    detrend_window: int = 0
+
+    def settings(self) -> dict:
+        """The profile settings of this schedule (what `Profile` writes and `PromptDistillConfig` takes)."""
+        settings = {
+            "selection_layers": [s[0] for s in self.stages],
+            "budgets": [budget_to_json(s[1]) for s in self.stages],
+            "heads": None if all(s[2] is None for s in self.stages) else [s[2] for s in self.stages],
+            "query_source": "auto",
+            "aggregation": "softmax_mean",
+            "pool_kernel": 1,
+            "span": self.span,
+            "chunk_size": self.chunk_size or 32,
+        }
+        if self.unit_score != "max":
+            settings["unit_score"] = self.unit_score
+        if self.detrend_window:
+            settings["detrend_window"] = self.detrend_window
+        return settings
+
+    def selector(self) -> Selector:
+        """The selector this schedule's stages rank with."""
+        return Selector("softmax_mean", 1, self.unit_score, detrend_window=self.detrend_window)
+
+    @classmethod
+    def of(cls, config: PromptDistillConfig) -> Schedule:
+        """The schedule of a resolved selecting config."""
+        heads = config.heads or (None,) * len(config.selection_layers)
+        return cls(
+            tuple(zip(config.selection_layers, config.budgets, heads)),
+            config.span,
+            config.chunk_size,
+            config.unit_score or "max",
+            config.detrend_window or 0,
+        )
+
+    def floored(self, length: int) -> Schedule:
+        """The schedule with each rule stage keeping at least what it keeps of `length` prunable tokens: shorter
+        contexts are pruned as if they were that long, longer ones exactly as before."""
+
+        def floored_rule(rule: BudgetRule) -> BudgetRule:
+            return BudgetRule(rule.fraction, max(rule.floor, rule.resolve(length)), rule.cap)
+
+        return replace(
+            self,
+            stages=tuple(
+                (layer, floored_rule(budget) if isinstance(budget, BudgetRule) else budget, heads)
+                for layer, budget, heads in self.stages
+            ),
+        )
+
+    def budgets_at(self, prunable: int) -> list[int]:
+        """Tokens each stage keeps of `prunable` context tokens (`stage_budgets`)."""
+        return stage_budgets([budget for _, budget, _ in self.stages], prunable)
+
+    def cost(self, num_layers: int, length: int, protected: int = 20) -> float:
+        """Share of full attention's layer-rows the schedule processes at `length` prompt tokens, `protected` of
+        them not prunable (`prefill_cost` with every row costing the same)."""
+        return prefill_cost(self._layer_budgets(), num_layers, length, protected, lambda rows: rows)
+
+    def _layer_budgets(self) -> list[tuple[int, int | float | BudgetRule]]:
+        return [(layer, budget) for layer, budget, _ in self.stages]
+
+
+def predicted_prefill_ratio(
+    schedule: Schedule, num_layers: int, length: int, protected: int = 60, row_cost: float = ROW_COST
+) -> float:
+    """The cost model's prefill time of `schedule` over full attention's (selection and gathers are not counted).
+
+    Args:
+        schedule: the schedule priced.
+        num_layers: the model's layers.
+        length: the prompt's tokens.
+        protected: the prompt's tokens that are not prunable.
+        row_cost: `layer_cost`'s per-row term.
+
+    Returns:
+        The predicted prefill-time ratio (1.0 when nothing is pruned).
+    """
+    return prefill_cost(
+        schedule._layer_budgets(), num_layers, length, protected, lambda rows: layer_cost(rows, row_cost)
+    )
+
+
+def predicted_ratio_of(
+    config: PromptDistillConfig, num_layers: int, prompt_tokens: int, protected_tokens: int
+) -> float | None:
+    """The cost model's prefill ratio for a resolved `config`: its schedule's, GemFilter's own, none for full attention.
+
+    Args:
+        config: a resolved config of any method.
+        num_layers: the model's layers.
+        prompt_tokens: the prompt's tokens.
+        protected_tokens: the prompt's tokens that are not prunable.
+
+    Returns:
+        The predicted prefill-time ratio, or None for full attention.
+    """
+    # The one place that tells methods apart by their names; the method registry (`pd_integrations.methods`) is to
+    # say what each method pays instead.
+    if config.method == "full":
+        return None
+    schedule = Schedule.of(config)
+    if config.method == "gemfilter":
+        return _gemfilter_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
+    return predicted_prefill_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
+
+
+def _gemfilter_ratio(schedule: Schedule, num_layers: int, prompt_tokens: int, protected_tokens: int) -> float:
+    """GemFilter pays its scout layers on every row and then the whole model on the kept rows."""
+    ((layer, _, _),) = schedule.stages
+    kept = min(prompt_tokens, schedule.budgets_at(prompt_tokens - protected_tokens)[0] + protected_tokens)
+    full = num_layers * layer_cost(prompt_tokens)
+    return ((layer + 1) * layer_cost(prompt_tokens) + num_layers * layer_cost(kept)) / full
