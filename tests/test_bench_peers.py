@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from pd_integrations.bench.__main__ import main
-from pd_integrations.bench.peers import SPEED_DEPTH
+from pd_integrations.bench.cli import SPEED_DEPTH
 from pd_integrations.bench.tasks import needle
 from pd_integrations.loading import resolve_dtype
 from pd_integrations.prompt import render

@@ -6,7 +6,7 @@ RAG-shaped prompts.
   corpora of look-alike passages, MiniLM retrieval, the three common RAG prompt shapes);
 - `measure.py`: the compared methods, and running prompts through them with timings and peak memory;
 - `report.py`: the summary table, JSON and PNG plots;
-- `__main__.py`: the command line.
+- `__main__.py`: the command line; `cli.py`: its argument types and result files, shared with `peers.py`.
 
 Nothing in the package imports `bench`: what it shares with calibration lives below both (`pd_integrations.probes`,
 `pd_integrations.corpora`, `pd_integrations.calibration.cost`).

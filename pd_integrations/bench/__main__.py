@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import platform
 import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-import transformers
-
 from ..corpora import rag as corpora_rag
 from ..engine import PromptDistillEngine
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
 from ..probes import NEEDLE_KINDS
-from . import heldout, measure, ragbench, report, tasks, throughput
-
-SPEED_DEPTH = 0.5  # the speed runs hide a needle too, so that their answers can be checked
+from . import cli, heldout, measure, ragbench, report, tasks, throughput
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--methods",
-        type=_names(measure.METHODS),
+        type=cli.names(measure.METHODS),
         default=None,
         help=f"comma-separated subset of {','.join(measure.METHODS)}",
     )
@@ -83,17 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--budget",
-        type=_budget,
+        type=cli.budget,
         default=None,
         help="context tokens those methods keep, or a fraction in (0, 1] of the prunable tokens "
         "(default: the profile's first budget)",
     )
-    common.add_argument("--samples", type=_positive, default=1, help="seeds per grid cell (default: %(default)s)")
+    common.add_argument("--samples", type=cli.positive, default=1, help="seeds per grid cell (default: %(default)s)")
     common.add_argument("--seed", type=int, default=0, help="first seed; seeds pick haystack windows and needles")
     common.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
     common.add_argument(
         "--max-new-tokens",
-        type=_positive,
+        type=cli.positive,
         default=None,
         help="tokens to generate per prompt (default: 24, 80 for multi-answer tasks)",
     )
@@ -107,26 +99,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     speed = commands.add_parser("speed", parents=[common], help="prefill, decode, memory and KV cache vs length")
-    speed.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
+    speed.add_argument("--lengths", type=cli.lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
     needle = commands.add_parser("needle", parents=[common], help="needle-in-a-haystack grid")
-    needle.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
-    needle.add_argument("--depths", type=_depths, default=[0.0, 0.5, 1.0], help="e.g. 0,0.25,0.5,0.75,1")
+    needle.add_argument("--lengths", type=cli.lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
+    needle.add_argument("--depths", type=cli.depths, default=[0.0, 0.5, 1.0], help="e.g. 0,0.25,0.5,0.75,1")
     needle.add_argument("--kind", choices=NEEDLE_KINDS, default="passcode")
     task = commands.add_parser("tasks", parents=[common], help="RULER-style synthetic tasks")
-    task.add_argument("--lengths", type=_lengths, default=[1024, 2048], help="e.g. 1k,2k")
+    task.add_argument("--lengths", type=cli.lengths, default=[1024, 2048], help="e.g. 1k,2k")
     task.add_argument(
         "--tasks",
-        type=_names(tasks.TASKS),
+        type=cli.names(tasks.TASKS),
         default=list(tasks.TASKS),
         help=f"comma-separated subset of {','.join(tasks.TASKS)}",
     )
     held = commands.add_parser(
         "heldout", parents=[common], help="needles in a split of essays that calibration never saw, two question shapes"
     )
-    held.add_argument("--lengths", type=_lengths, default=[2000, 4000], help="e.g. 2000,4000,8000")
+    held.add_argument("--lengths", type=cli.lengths, default=[2000, 4000], help="e.g. 2000,4000,8000")
     held.add_argument(
         "--shapes",
-        type=_names(heldout.SHAPES),
+        type=cli.names(heldout.SHAPES),
         default=list(heldout.SHAPES),
         help=f"comma-separated subset of {','.join(heldout.SHAPES)}",
     )
@@ -139,10 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     throughput = commands.add_parser(
         "throughput", parents=[common], help="B concurrent requests vs sequential ones, batched by the scheduler"
     )
-    throughput.add_argument("--lengths", type=_lengths, default=[2000, 4000], help="e.g. 2000,4000")
-    throughput.add_argument("--concurrency", type=_counts, default=[1, 4, 8, 16], help="values of B, e.g. 1,4,8,16")
+    throughput.add_argument("--lengths", type=cli.lengths, default=[2000, 4000], help="e.g. 2000,4000")
+    throughput.add_argument("--concurrency", type=cli.counts, default=[1, 4, 8, 16], help="values of B, e.g. 1,4,8,16")
     throughput.add_argument(
-        "--sequential", type=_positive, default=4, help="requests in the sequential baseline (default: %(default)s)"
+        "--sequential", type=cli.positive, default=4, help="requests in the sequential baseline (default: %(default)s)"
     )
     rag = commands.add_parser(
         "rag",
@@ -151,13 +143,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     rag.add_argument(
         "--lengths",
-        type=_lengths,
+        type=cli.lengths,
         default=[1000, 2000, 4000, 8000],
         help="context tokens retrieved per prompt, e.g. 1000,2000 (default: 1000,2000,4000,8000)",
     )
     rag.add_argument(
         "--shapes",
-        type=_names(corpora_rag.SHAPES),
+        type=cli.names(corpora_rag.SHAPES),
         default=list(corpora_rag.SHAPES),
         help=f"comma-separated subset of {','.join(corpora_rag.SHAPES)}",
     )
@@ -170,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rag.add_argument(
         "--answer-depths",
-        type=_depths,
+        type=cli.depths,
         default=None,
         help="move the answer's passage to these relative depths among the retrieved ones, e.g. "
         "0,0.5,1 (default: leave it where the retriever ranked it)",
@@ -191,61 +183,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lengths(text: str) -> list[int]:
-    try:
-        lengths = [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated token counts such as 1k,2k,4096, got {text!r}"
-        ) from None
-    if any(n < 1 for n in lengths):
-        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
-    return lengths
-
-
-def _counts(text: str) -> list[int]:
-    return [_positive(v) for v in text.split(",")]
-
-
-def _depths(text: str) -> list[float]:
-    try:
-        depths = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {text!r}") from None
-    if not all(0 <= d <= 1 for d in depths):
-        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
-    return depths
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _budget(text: str) -> int | float:
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    try:
-        fraction = float(text)
-    except ValueError:
-        fraction = 0.0
-    if not 0 < fraction <= 1:
-        raise argparse.ArgumentTypeError(f"expected a token count >= 1 or a fraction in (0, 1], got {text!r}")
-    return fraction
-
-
-def _names(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        names = [v.strip() for v in text.split(",") if v.strip()]
-        unknown = [n for n in names if n not in allowed]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}, got {text!r}")
-        return names
-
-    return parse
-
-
 def _load(args) -> PromptDistillEngine:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     attn = args.attn
@@ -260,7 +197,7 @@ def _probes(args, tokenizer) -> list[tasks.Probe]:
     seeds = range(args.seed, args.seed + args.samples)
     if args.command == "speed":
         probes = [
-            tasks.needle(tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack) for n in args.lengths for s in seeds
+            tasks.needle(tokenizer, n, cli.SPEED_DEPTH, s, haystack=args.haystack) for n in args.lengths for s in seeds
         ]
     elif args.command == "needle":
         probes = [
@@ -297,7 +234,7 @@ def _bench(args, command_line: str) -> None:
     records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}", log=log)
     rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
     methods = measure.describe(engines)
-    files = _write(
+    files = cli.write(
         out,
         args.command,
         command_line,
@@ -334,7 +271,7 @@ def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -
     rows = ragbench.summarize(records)
     by_length = report.summarize(records, breakdown="shape")  # all shapes together: the scaling plot
     methods = measure.describe(engines)
-    files = _write(
+    files = cli.write(
         out,
         "rag",
         command_line,
@@ -360,7 +297,7 @@ def _bench_heldout(args, command_line: str, engine, engines, out: Path, log: Pat
     )
     records = measure.run(engines, probes, desc="pd-bench heldout", log=log)
     rows = heldout.summarize(records)
-    files = _write(
+    files = cli.write(
         out,
         "heldout",
         command_line,
@@ -377,11 +314,11 @@ def _bench_heldout(args, command_line: str, engine, engines, out: Path, log: Pat
 def _bench_throughput(args, command_line: str, engine, engines, out: Path) -> None:
     seeds = range(args.seed, args.seed + max(args.concurrency + [args.sequential]))
     probes = {
-        n: [tasks.needle(engine.tokenizer, n, SPEED_DEPTH, s, haystack=args.haystack) for s in seeds]
+        n: [tasks.needle(engine.tokenizer, n, cli.SPEED_DEPTH, s, haystack=args.haystack) for s in seeds]
         for n in args.lengths
     }
     records = throughput.run(engines, probes, args.concurrency, args.sequential, args.max_new_tokens or 128)
-    files = _write(
+    files = cli.write(
         out,
         "throughput",
         command_line,
@@ -405,65 +342,6 @@ def _start(args, default_methods) -> tuple:
     log = out / f"{args.command}.records.jsonl"
     log.unlink(missing_ok=True)
     return engine, engines, out, log
-
-
-def _write(out: Path, name: str, command_line: str, engine, methods: dict, table: str, note: str, **data) -> list[Path]:
-    """Print the table and write OUT/<name>.md and OUT/<name>.json (the command, environment, methods and
-    `data`); returns their paths."""
-    text = "\n\n".join([f"`{command_line}`", table, note, _method_notes(methods)])
-    print(f"\n{text}\n")
-    files = [out / f"{name}.md", out / f"{name}.json"]
-    files[0].write_text(text + "\n")
-    files[1].write_text(
-        json.dumps(
-            {
-                "command": command_line,
-                "environment": _environment(engine),
-                "peak_memory": measure.PEAK_MEMORY,
-                "methods": methods,
-                **data,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    return files
-
-
-def _method_notes(methods: dict[str, dict]) -> str:
-    lines = []
-    for name, method in methods.items():
-        config = method["config"]
-        settings = (
-            ""
-            if config["method"] == "full"
-            else (
-                f" (layers {config['selection_layers']}, budgets {config['budgets']}, {config['query_source']} seeds, "
-                f"{config['aggregation']}, pool {config['pool_kernel']}, {config['span']} spans"
-                + (f", chunk_size {config['chunk_size']}" if config["span"] == "chunk" else "")
-                + (f", heads {config['heads']}" if config.get("heads") and any(config["heads"]) else "")
-                + (f", {config['unit_score']} units" if config["span"] != "token" and config.get("unit_score") else "")
-                + (f", detrended over {config['detrend_window']}" if config.get("detrend_window") else "")
-                + ")"
-            )
-        )
-        shared = f"; same config as {method['measured_as']}, measured once" if method["measured_as"] != name else ""
-        lines.append(f"- {name}: {method['description']}{settings}{shared}")
-    return "\n".join(lines)
-
-
-def _environment(engine: PromptDistillEngine) -> dict:
-    return {
-        "model": engine.model_name,
-        "device": str(engine.device),
-        "dtype": str(engine.model.dtype),
-        "attn_implementation": engine.arch.attn_implementation,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
 
 
 if __name__ == "__main__":

