@@ -13,7 +13,6 @@ import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
@@ -24,56 +23,17 @@ from starlette.types import Receive, Scope, Send
 
 from ..config import PromptDistillConfig
 from ..engine import BatchStream, PromptDistillEngine
-from ..loading import DEFAULT_MODEL
 from ..tools import output_grammar, resolve_tool_format
 from .errors import SERVER_ERROR, RequestError, engine_rejection, install_error_handlers, logger
 from .limits import BodySizeLimit, RequestSlots
 from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest, Output, ResponseIds
+from .settings import ServerSettings
 
-API_KEY_ENVIRONMENT = "PD_SERVE_API_KEY"
 STATS_HEADER = "x-promptdistill"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response; only logs see it
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """What `pd-serve` is told: the model and how to load it, and the server's limits.
-
-    `api_key` None serves without authentication; `cors_origins` empty sends no CORS headers. The scheduler
-    fields set the engine's (`engine.configure_scheduler`): rows decoded together, and the prompts and KV cache
-    it refuses; None keeps the engine's own. `tool_format` is how requests' tools reach the model (see
-    `pd_integrations.tools`): "auto", "template" (the model's chat template; checked when the app is created) or
-    "builtin".
-    """
-
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
-    quantization: str | None = None
-    api_key: str | None = None
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_queued_requests: int = 64
-    cors_origins: tuple[str, ...] = field(default_factory=tuple)
-    max_batch_size: int | None = None
-    max_prompt_tokens: int | None = None
-    max_kv_bytes: int | None = None
-    tool_format: str = "auto"
-
-    def scheduler_settings(self) -> dict:
-        given = {
-            "max_batch_size": self.max_batch_size,
-            "max_prompt_tokens": self.max_prompt_tokens,
-            "max_kv_bytes": self.max_kv_bytes,
-        }
-        return {name: value for name, value in given.items() if value is not None}
-
-    def load_engine(self) -> PromptDistillEngine:
-        return PromptDistillEngine.from_pretrained(
-            self.model, device=self.device, dtype=self.dtype, quantization=self.quantization
-        )
-
-
-def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
+def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:  # noqa: B008 (frozen, so sharing one default is safe)
     """The server's app: OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models` over `engine`,
     served under `settings.model`'s name, and an unauthenticated `/health`. The settings' scheduler fields apply
     to the engine's runtime, which every engine over it shares. Raises `ValueError` for a `tool_format` the
