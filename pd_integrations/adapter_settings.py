@@ -123,7 +123,10 @@ class DistillSettings(BaseModel):
     def _check_sampling(cls, value: Any, info: ValidationInfo) -> Any:
         # Checked and normalised as `SamplingParams` does it, so that errors name the allowed values.
         name = cls.SAMPLING_FIELDS.get(info.field_name)
-        return value if name is None else check_sampling_field(name, value, label=info.field_name)
+        try:
+            return value if name is None else check_sampling_field(name, value, label=info.field_name)
+        except TypeError as error:  # pydantic reports only a ValueError as a validation error naming the field
+            raise ValueError(str(error)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Pydantic assigns unchecked by default, which left a cached config stale (`llm.method = "full"` still
