@@ -7,6 +7,7 @@ context tokens that later layers see, so time to first token and KV cache shrink
 from .arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 from .config import PromptDistillConfig
 from .engine import BatchStream, GenerationResult, GenerationStream, Prefill, PromptDistillEngine
+from .inputs import PromptInput, SamplingParams
 from .loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "Prefill",
     "PromptDistillConfig",
     "PromptDistillEngine",
+    "PromptInput",
     "SUPPORTED_MODEL_TYPES",
+    "SamplingParams",
     "UnsupportedArchitectureError",
     "load_model",
 ]

@@ -11,43 +11,32 @@ or a listed extra is a `TypeError`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
+import typing
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator, model_validator
 
+from .call_options import CallOptions
 from .config import PromptDistillConfig
+from .inputs import SamplingParams, check_sampling_field, sampling_params, unexpected
 
 CONFIG_SHORTCUTS = tuple(f.name for f in dataclasses.fields(PromptDistillConfig))
 
 
-def unexpected(owner: str, unknown: list[str], allowed, hints: dict[str, str] | None = None) -> TypeError:
-    """A `TypeError` naming each unknown keyword argument with the closest allowed name (or a hint)."""
-    allowed = sorted(allowed)
-    parts, unexplained = [], False
-    for name in unknown:
-        close = difflib.get_close_matches(name, allowed, n=1)
-        hint = (hints or {}).get(name) or (f"did you mean {close[0]!r}?" if close else "")
-        unexplained |= not hint
-        parts.append(f"{name!r}" + (f" ({hint})" if hint else ""))
-    message = (
-        f"{owner} got an unexpected keyword argument {parts[0]}"
-        if len(parts) == 1
-        else f"{owner} got unexpected keyword arguments {', '.join(parts)}"
-    )
-    return TypeError(message + (f"; it takes {', '.join(allowed)}" if unexplained else ""))
-
-
 class DistillSettings(BaseModel):
-    """Mixed in before an adapter's framework base class. Subclasses set `ALIASES` (other frameworks' names of
-    their fields), `CALL_OPTIONS` and `CALL_HINT` (to point a per-call option given to the constructor to its
-    place) and `EXTRA_ARGUMENTS` (accepted though not fields)."""
+    """Mixed in before an adapter's framework base class (through `sampling_settings`, which adds the sampling
+    fields). Subclasses set `ALIASES` (other frameworks' names of their fields), `CALL_OPTIONS` (what a call may
+    pass) and `CALL_HINT` (to point a per-call option given to the constructor to its place), `ROUTING_FLAGS`
+    (call arguments the framework passes that mean nothing here) and `EXTRA_ARGUMENTS` (accepted though not
+    fields)."""
 
     ALIASES: ClassVar[dict[str, str]] = {}
     CALL_OPTIONS: ClassVar[tuple[str, ...]] = ()
     CALL_HINT: ClassVar[str] = "a per-call option"
+    ROUTING_FLAGS: ClassVar[tuple[str, ...]] = ()
     EXTRA_ARGUMENTS: ClassVar[tuple[str, ...]] = ()
+    SAMPLING_FIELDS: ClassVar[dict[str, str]] = {}  # own field -> `SamplingParams` field; set by sampling_settings
 
     config: PromptDistillConfig | None = Field(
         default=None,
@@ -129,6 +118,16 @@ class DistillSettings(BaseModel):
         # allowed values), rather than by pydantic's type coercion.
         return None if value is None else PromptDistillConfig.check_field(info.field_name, value)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _check_sampling(cls, value: Any, info: ValidationInfo) -> Any:
+        # Checked and normalised as `SamplingParams` does it, so that errors name the allowed values.
+        name = cls.SAMPLING_FIELDS.get(info.field_name)
+        try:
+            return value if name is None else check_sampling_field(name, value, label=info.field_name)
+        except TypeError as error:  # pydantic reports only a ValueError as a validation error naming the field
+            raise ValueError(str(error)) from None
+
     def __setattr__(self, name: str, value: Any) -> None:
         # Pydantic assigns unchecked by default, which left a cached config stale (`llm.method = "full"` still
         # pruned); our own settings go through validation, which also re-runs the model's after-validators.
@@ -162,6 +161,54 @@ class DistillSettings(BaseModel):
         }
         return (self.distill_config() or PromptDistillConfig()).replace(**checked)
 
+    def resolve_call(
+        self, kwargs: dict[str, Any], *, template: dict[str, Any] | None = None, stop: list[str] | None = None
+    ) -> CallOptions:
+        """One call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
+        `Document`s, nodes or texts), sampling overrides (under this class's names, `stop` a call's own stop
+        strings) and `PromptDistillConfig` fields, each checked as the constructor checks them. `template` holds
+        the question and documents a prompt template tagged; a call's own `pd_query`/`pd_documents` win.
+
+        Raises `TypeError` for an unknown option (naming the closest, or pointing a constructor setting to the
+        constructor) or both names of one setting; `ValueError` naming a bad value."""
+        kwargs, labels = self._known_call_options(kwargs)
+        values = {name: kwargs.get(own, getattr(self, own)) for own, name in self.SAMPLING_FIELDS.items()}
+        if stop:
+            values["stop"] = stop
+        template = template or {}
+        query = kwargs.get("pd_query", template.get("query"))
+        if "pd_query" in kwargs and query is not None and (not isinstance(query, str) or not query.strip()):
+            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
+        from_template = "pd_documents" not in kwargs and template.get("documents") is not None
+        return CallOptions(
+            query,
+            template.get("documents") if from_template else kwargs.get("pd_documents"),
+            sampling_params(values, labels),
+            self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs}),
+            from_template,
+        )
+
+    def _known_call_options(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """`kwargs` with the other framework's names as this class's, and the `SamplingParams` fields' labels in
+        errors (a field given by another name is named by both); `TypeError` for an unknown option or both names
+        of one setting."""
+        owner = f"{type(self).__name__} call"
+        if unknown := [name for name in kwargs if name not in {*self.CALL_OPTIONS, *self.ROUTING_FLAGS}]:
+            hints = {
+                name: f"set it when constructing the model: {type(self).__name__}({name}=...)"
+                for name in unknown
+                if name in type(self).model_fields
+            }
+            raise unexpected(owner, unknown, self.CALL_OPTIONS, hints)
+        labels = {name: own for own, name in self.SAMPLING_FIELDS.items()}
+        for alias, own in self.ALIASES.items():
+            if alias in kwargs and alias in self.CALL_OPTIONS:
+                if own in kwargs:
+                    raise TypeError(f"{owner} got both {own}= and {alias}= (the same setting); pass one")
+                kwargs = {**{k: v for k, v in kwargs.items() if k != alias}, own: kwargs[alias]}
+                labels[self.SAMPLING_FIELDS[own]] = f"{alias} ({own})"
+        return kwargs, labels
+
     def distill_config(self) -> PromptDistillConfig | None:
         """`config` with the shortcuts applied (before profile resolution), or None when neither is set.
         Raises `ValueError` for invalid settings."""
@@ -169,6 +216,28 @@ class DistillSettings(BaseModel):
         if self.config is None and not shortcuts:
             return None
         return (self.config or PromptDistillConfig()).replace(**shortcuts)
+
+
+def sampling_fields(fields: dict[str, str], *, optional: bool = False) -> dict[str, Any]:
+    """`create_model` definitions of the `SamplingParams` fields `fields` names (own name -> its field), with
+    its types, defaults and docs; `optional`: None by default (unset), for request models."""
+    hints = typing.get_type_hints(SamplingParams)
+    params = {field.name: field for field in dataclasses.fields(SamplingParams)}
+    return {
+        own: (
+            hints[name] | None if optional else hints[name],
+            Field(None if optional else params[name].default, description=params[name].metadata["doc"]),
+        )
+        for own, name in fields.items()
+    }
+
+
+def sampling_settings(fields: dict[str, str]) -> type[DistillSettings]:
+    """`DistillSettings` with the `SamplingParams` fields that `fields` names (own name -> its field) as settings,
+    checked as `SamplingParams` checks them."""
+    settings = create_model("SamplingSettings", __base__=DistillSettings, **sampling_fields(fields))
+    settings.SAMPLING_FIELDS = dict(fields)
+    return settings
 
 
 @functools.cache

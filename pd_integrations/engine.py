@@ -24,20 +24,28 @@ from collections.abc import Generator
 import torch
 
 from .config import PromptDistillConfig, resolve_config
-from .layout import RowLayout, check_query, plan_layout
+from .inputs import PromptInput, SamplingParams, batch_inputs, call_inputs, prompt_input
+from .layout import RowLayout, plan_layout
 from .loading import DEFAULT_MODEL, load_model
 from .methods import METHOD_CLASSES, Prefill, PrefillRow, QueryAttentionRecorder, method_for
 from .prompt import RenderedPrompt, kept_shares, render
 from .results import BatchStream, GenerationResult, GenerationStream
 from .runtime import Runtime
-from .sampling import Constraint, Sampler, TextDeltas, check_logprobs, check_penalties, check_sampling
+from .sampling import Sampler, TextDeltas
 from .scheduler import Request, Scheduler, SchedulerSettings
 from .selection import Selector
 
-__all__ = ["BatchStream", "GenerationResult", "GenerationStream", "Prefill", "PromptDistillEngine"]
+__all__ = [
+    "BatchStream",
+    "GenerationResult",
+    "GenerationStream",
+    "Prefill",
+    "PromptDistillEngine",
+    "PromptInput",
+    "SamplingParams",
+]
 
 _RUNTIME_LOAD_SETTINGS = {"device", "dtype", "quantization"}
-_INPUT_KINDS = ("prompts", "messages", "input_ids")
 
 
 class PromptDistillEngine:
@@ -104,196 +112,97 @@ class PromptDistillEngine:
 
     # ---------------------------------------------------------------- public API
 
-    def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
+    def generate(
+        self, prompt: str | PromptInput | None = None, *, sampling: SamplingParams | None = None, **arguments
+    ) -> GenerationResult:
         """Generate a completion; takes the same arguments as `stream`. Returns a `GenerationResult`."""
-        stream = self.stream(prompt, **kwargs)
+        stream = self.stream(prompt, sampling=sampling, **arguments)
         for _ in stream:
             pass
         return stream.result
 
     def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list | None = None,
-        input_ids=None,
-        query: str | None = None,
-        documents: list[str] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        constraint: Constraint | None = None,
-        tools: list[dict] | None = None,
-        tool_format: str = "auto",
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        logit_bias: dict[int, float] | None = None,
-        logprobs: int | None = None,
+        self, prompt: str | PromptInput | None = None, *, sampling: SamplingParams | None = None, **arguments
     ) -> GenerationStream:
-        """Generate from exactly one of `prompt` (raw text), `messages` (chat template) or `input_ids`.
+        """Generate one completion, as text deltas: `engine.stream("...", query=..., max_new_tokens=64)`.
 
-        `query` is the question that seeds selection and is never pruned; `documents` are the retrieved texts as
-        they appear in the prompt, the only text then pruned (see `pd_integrations.layout` for what is pruned
-        without them). Greedy when `temperature == 0`. Generation ends at EOS, at a `stop` string (removed from
-        the text) or after `max_new_tokens`. A `constraint` (see `pd_integrations.sampling.Constraint`) restricts
-        each next token to a grammar and ends generation when its output is complete (see
-        `pd_integrations.tools.output_grammar` for tool calls). `tools` (OpenAI tool dicts) are rendered with
-        `messages`, which may hold tool calls and results, in the model's chat template or the built-in format
-        (`tool_format`: "auto", "template" or "builtin"; see `pd_integrations.tools`); their signatures are never
-        pruned. `frequency_penalty`, `presence_penalty`, `repetition_penalty` and `logit_bias` discourage
-        repetition or chosen tokens (see `pd_integrations.sampling.Penalties`); `logprobs` (0-20) records each
-        output token's log probability and that many top alternatives in the result's `token_logprobs`. Returns a
-        `GenerationStream` of text deltas. Raises `ValueError`/`TypeError` for bad arguments,
-        naming the parameter, before any model work. Concurrent calls share forwards (see `pd_integrations.scheduler`).
+        Args:
+            prompt: the raw-text prompt, or a `PromptInput` (chat `messages`, `input_ids`, query, documents, tools).
+            sampling: a `SamplingParams` (greedy, 256 tokens when omitted).
+            **arguments: fields of either by name (`messages=`, `query=`, `documents=`, `temperature=`, `stop=`,
+                `constraint=`, ...), replacing those of `prompt` and `sampling`; see `PromptInput` and
+                `SamplingParams` for what each does.
+
+        Returns a `GenerationStream` of text deltas (its `result` once exhausted). Raises `ValueError`/`TypeError`
+        naming the parameter before any model work. Concurrent calls share forwards (see
+        `pd_integrations.scheduler`).
         """
-        stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        penalties = check_penalties(
-            frequency_penalty, presence_penalty, repetition_penalty, logit_bias, len(self.tokenizer)
-        )
-        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
-        events = queue.SimpleQueue()
-        request = self._request(
-            rendered,
-            layout,
-            events,
-            0,
-            max_new_tokens,
-            stops,
-            constraint,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            penalties=penalties,
-            logprobs=check_logprobs(logprobs),
-        )
+        prompt, sampling = call_inputs("stream", prompt, sampling, arguments)
+        rendered, layout = self._prepare(prompt)
+        request = self._request(rendered, layout, queue.SimpleQueue(), 0, sampling)
         return GenerationStream(_deltas(self._run([request], [rendered])))
 
-    def generate_batch(self, prompts: list[str] | None = None, **kwargs) -> list[GenerationResult]:
+    def generate_batch(
+        self, prompts: list | None = None, *, sampling: SamplingParams | None = None, **arguments
+    ) -> list[GenerationResult]:
         """Generate a completion per row; takes the same arguments as `stream_batch`. Returns one
         `GenerationResult` per row, in order."""
-        stream = self.stream_batch(prompts, **kwargs)
+        stream = self.stream_batch(prompts, sampling=sampling, **arguments)
         for _ in stream:
             pass
         return stream.result
 
     def stream_batch(
-        self,
-        prompts: list[str] | None = None,
-        *,
-        messages: list[list] | None = None,
-        input_ids: list | None = None,
-        queries: list[str | None] | None = None,
-        documents: list[list[str] | None] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        constraints: list[Constraint | None] | None = None,
-        tools: list[list[dict] | None] | None = None,
-        tool_format: str = "auto",
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        logit_bias: dict[int, float] | None = None,
-        logprobs: int | None = None,
+        self, prompts: list | None = None, *, sampling: SamplingParams | None = None, **arguments
     ) -> BatchStream:
-        """Generate for several rows at once, from exactly one of the lists `prompts`, `messages` or `input_ids`;
-        `queries`, `documents`, `constraints` and `tools` are per-row lists (or None), and the sampling arguments
-        and `tool_format` apply to every row (see `stream`). The rows are prefilled and decoded together, each
-        selecting and stopping on its own. Yields `(row, text_delta)`; the stream's `result` is the list of
-        `GenerationResult`s, in row order. Raises `ValueError`/`TypeError` naming the parameter and the row before
-        any model work."""
-        stops = check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        penalties = check_penalties(
-            frequency_penalty, presence_penalty, repetition_penalty, logit_bias, len(self.tokenizer)
-        )
-        rows = _batch_rows(
-            prompts, messages, input_ids, queries=queries, documents=documents, constraints=constraints, tools=tools
-        )
+        """Generate for several rows at once; the rows are prefilled and decoded together, each selecting and
+        stopping on its own.
+
+        Args:
+            prompts: a list of raw-text prompts or of `PromptInput`s; or pass `messages=` or `input_ids=` lists.
+            sampling: a `SamplingParams` every row shares (a `constraint` in it must be a `Grammar`, which gives
+                each row its own matcher).
+            **arguments: per-row lists `queries`, `documents`, `tools` and `constraints` (or None), the shared
+                `tool_format`, and `SamplingParams` fields by name (see `stream`).
+
+        Returns a `BatchStream` yielding `(row, text_delta)`, whose `result` is the list of `GenerationResult`s in
+        row order. Raises `ValueError`/`TypeError` naming the parameter and the row before any model work.
+        """
         events, requests, rendered = queue.SimpleQueue(), [], []
-        for i, (kind, value, query, docs, constraint, row_tools) in enumerate(rows):
+        for i, (prompt, row_sampling) in enumerate(batch_inputs("stream_batch", prompts, sampling, arguments)):
             try:
-                rendered.append(
-                    self._prepare(
-                        **{kind: value}, query=query, documents=docs, tools=row_tools, tool_format=tool_format
-                    )
-                )
-                requests.append(
-                    self._request(
-                        *rendered[-1],
-                        events,
-                        i,
-                        max_new_tokens,
-                        stops,
-                        constraint,
-                        temperature=temperature,
-                        top_p=top_p,
-                        top_k=top_k,
-                        seed=seed,
-                        penalties=penalties,
-                        logprobs=check_logprobs(logprobs),
-                    )
-                )
+                rendered.append(self._prepare(prompt))
+                requests.append(self._request(*rendered[-1], events, i, row_sampling))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"row {i}: {error}") from error
         return BatchStream(self._run(requests, [r for r, _ in rendered]))
 
-    def check(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list | None = None,
-        input_ids=None,
-        query: str | None = None,
-        documents: list[str] | None = None,
-        tools: list[dict] | None = None,
-        tool_format: str = "auto",
-    ) -> None:
+    def check(self, prompt: str | PromptInput | None = None, **arguments) -> None:
         """Raise the `ValueError`/`TypeError` that `generate` would raise for this input (bad arguments, documents
         not in the prompt, a prompt and probe beyond the context window) without running the model: a long job
-        can check all its inputs before the first one runs."""
-        self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
+        can check all its inputs before the first one runs. Takes `prompt` and `PromptInput` fields as `stream`
+        does."""
+        self._prepare(prompt_input("check", prompt, arguments))
 
-    def prefill(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list | None = None,
-        input_ids=None,
-        query: str | None = None,
-        documents: list[str] | None = None,
-        tools: list[dict] | None = None,
-        tool_format: str = "auto",
-    ) -> Prefill:
+    def prefill(self, prompt: str | PromptInput | None = None, **arguments) -> Prefill:
         """Run only the prefill of one prompt (a batch of one) and return its `Prefill` (cache, next-token
-        logits [1, vocab], and its row: kept indices, layout)."""
-        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents, tools, tool_format)
+        logits [1, vocab], and its row: kept indices, layout). Takes `prompt` and `PromptInput` fields as `stream`
+        does."""
+        rendered, layout = self._prepare(prompt_input("prefill", prompt, arguments))
         method = method_for(self.config, [layout])
         with self.runtime.lock, torch.inference_mode():
             return method.prefill(self.runtime, [self._ids(rendered, layout)], [layout])
 
     def query_attention(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list | None = None,
-        input_ids=None,
-        query: str | None = None,
-        documents: list[str] | None = None,
+        self, prompt: str | PromptInput | None = None, **arguments
     ) -> tuple[RenderedPrompt, RowLayout, torch.Tensor]:
         """Per-layer, per-head attention of the seeds to every prompt token in an unpruned pass (for calibration).
+        Takes `prompt` and `PromptInput` fields as `stream` does.
 
         Returns the rendered prompt, its row layout and scores [layers, heads, prompt tokens] aggregated over the
         seeds with the config's aggregation.
         """
-        rendered, layout = self._prepare(prompt, messages, input_ids, query, documents)
+        rendered, layout = self._prepare(prompt_input("query_attention", prompt, arguments))
         recorder = QueryAttentionRecorder(Selector(self.config.aggregation or "softmax_mean", 1))
         with self.runtime.lock, torch.inference_mode():
             recorder.prefill(self.runtime, [self._ids(rendered, layout)], [layout])
@@ -301,20 +210,19 @@ class PromptDistillEngine:
 
     # ---------------------------------------------------------------- render, lay out, request
 
-    def _prepare(
-        self, prompt=None, messages=None, input_ids=None, query=None, documents=None, tools=None, tool_format="auto"
-    ) -> tuple[RenderedPrompt, RowLayout]:
+    def _prepare(self, prompt: PromptInput) -> tuple[RenderedPrompt, RowLayout]:
         """Render the input, locate its documents and lay out its rows; raises `ValueError`/`TypeError` for bad
         input or a prompt that (with its probe) exceeds the context window."""
-        rendered = render(self.tokenizer, prompt, messages, input_ids, tools, tool_format)
-        check_query(query)  # also for methods that ignore it: a bad query is a caller's bug either way
+        rendered = render(
+            self.tokenizer, prompt.prompt, prompt.messages, prompt.input_ids, prompt.tools, prompt.tool_format
+        )
         prunes = METHOD_CLASSES[self.config.method].prunes
-        if documents is not None:
-            rendered = rendered.with_documents(documents)
+        if prompt.documents is not None:
+            rendered = rendered.with_documents(prompt.documents)
         elif self.config.span == "document" and prunes:
             raise ValueError('span="document" needs documents=[...]: the retrieved texts as they appear in the prompt')
         layout = (
-            plan_layout(self.tokenizer, rendered, query, self.config)
+            plan_layout(self.tokenizer, rendered, prompt.query, self.config)
             if prunes
             else RowLayout.unpruned(len(rendered.input_ids))
         )
@@ -330,26 +238,17 @@ class PromptDistillEngine:
         return torch.tensor(rendered.input_ids + list(layout.probe_ids), device=self.device)
 
     def _request(
-        self,
-        rendered: RenderedPrompt,
-        layout: RowLayout,
-        events: queue.SimpleQueue,
-        tag: int,
-        max_new_tokens: int,
-        stops: list[str],
-        constraint: Constraint | None,
-        **sampling,
+        self, rendered: RenderedPrompt, layout: RowLayout, events: queue.SimpleQueue, tag: int, sampling: SamplingParams
     ) -> Request:
-        """A request for the scheduler; raises `ValueError` when the scheduler's limits refuse it."""
-        sampler = Sampler.create(
-            self.tokenizer, self.runtime.eos_ids, self.device, stops=stops, constraint=constraint, **sampling
-        )
+        """A request for the scheduler; raises `ValueError` for a `logit_bias` id outside the vocabulary and when
+        the scheduler's limits refuse it."""
+        sampler = Sampler.create(self.tokenizer, self.runtime.eos_ids, self.device, sampling)
         request = Request(
             self._ids(rendered, layout),
             layout,
             self.config,
             sampler,
-            max_new_tokens,
+            sampling.max_new_tokens,
             events,
             torch.tensor([rendered.input_ids], device=self.device),
             tag,
@@ -451,29 +350,3 @@ def _deltas(events: Generator[tuple[int, str], None, list[GenerationResult]]):
             yield delta
     finally:
         events.close()
-
-
-def _batch_rows(prompts, messages, input_ids, **per_row) -> list[tuple]:
-    """Per row: (input kind as `_prepare` names it, the input, query, documents, constraint, tools); raises naming
-    the parameter (and the row) for a missing or mixed input kind, an empty list, or per-row lists of another
-    length."""
-    given = [(kind, value) for kind, value in zip(_INPUT_KINDS, (prompts, messages, input_ids)) if value is not None]
-    if len(given) != 1:
-        raise ValueError(
-            f"pass exactly one of {', '.join(_INPUT_KINDS)} (a list, one entry per row); "
-            f"got {', '.join(kind for kind, _ in given) or 'none'}"
-        )
-    kind, inputs = given[0]
-    if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__len__") or not len(inputs):
-        raise ValueError(f"{kind} must be a non-empty list with one entry per row, got {inputs!r:.80}")
-    columns = []
-    for name, values in per_row.items():
-        if values is None:
-            values = [None] * len(inputs)
-        elif isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != len(inputs):
-            raise ValueError(
-                f"{name} must be None or a list with one entry per row of {kind} ({len(inputs)}), got {values!r:.80}"
-            )
-        columns.append(list(values))
-    singular = {"prompts": "prompt", "messages": "messages", "input_ids": "input_ids"}[kind]
-    return [(singular, value, *row) for value, *row in zip(inputs, *columns)]

@@ -48,6 +48,14 @@ class GenerationResult:
     tool_format: str | None = None
     token_logprobs: list | None = field(default=None, repr=False)  # `sampling.TokenLogprob`s, with logprobs=
 
+    def usage(self) -> dict[str, int]:
+        """OpenAI's usage counts: every prompt token counts, pruned or not."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.output_tokens,
+            "total_tokens": self.prompt_tokens + self.output_tokens,
+        }
+
     def stats(self) -> dict:
         """What PromptDistill kept, as the adapters report it (LangChain `response_metadata["promptdistill"]`,
         LlamaIndex `additional_kwargs["promptdistill"]`). `kept_char_spans` index `prompt_text`; for a call that

@@ -1,11 +1,11 @@
-"""Choosing each next token: argument checks, transformers' logits processors and stopping criteria, OpenAI's
+"""Choosing each next token: transformers' logits processors and stopping criteria, OpenAI's
 repetition penalties and logit bias, and stop strings cut from streamed text."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import (
@@ -19,6 +19,9 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+if TYPE_CHECKING:
+    from .inputs import SamplingParams
 
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
@@ -35,7 +38,7 @@ class Penalties:
     `c[j] * frequency_penalty + (c[j] > 0) * presence_penalty`, where c[j] counts j in the output so far (not the
     prompt). `repetition_penalty` as transformers' (CTRL's): the logit of every token in the prompt or output so
     far divided by it when positive, multiplied when negative; 1 is off. `logit_bias`: token id -> a number added
-    to its logit. Build it with `check_penalties`.
+    to its logit. Built by `pd_integrations.inputs.SamplingParams.penalties`, which checks them.
     """
 
     frequency_penalty: float = 0.0
@@ -103,7 +106,7 @@ class Constraint(Protocol):
 @dataclass
 class Sampler:
     """Greedy when `temperature == 0`, else temperature / top-k / top-p sampling seeded by `seed`; stops at EOS or
-    a stop string. Build it with `Sampler.create`, which validates the arguments."""
+    a stop string. Build it with `Sampler.create` from checked `SamplingParams`."""
 
     processors: LogitsProcessorList
     criteria: StoppingCriteriaList
@@ -116,41 +119,30 @@ class Sampler:
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
-    def create(
-        cls,
-        tokenizer,
-        eos_ids: list[int],
-        device: torch.device,
-        *,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int | None,
-        stops: list[str],
-        constraint: Constraint | None = None,
-        penalties: Penalties = Penalties(),
-        logprobs: int | None = None,
-    ) -> Sampler:
+    def create(cls, tokenizer, eos_ids: list[int], device: torch.device, sampling: SamplingParams) -> Sampler:
+        """One generation's sampler under `sampling`; raises `ValueError` for a `logit_bias` token id outside the
+        tokenizer's vocabulary."""
+        penalties = sampling.penalties(len(tokenizer))
         processors = LogitsProcessorList()
-        if temperature > 0:
-            processors.append(TemperatureLogitsWarper(float(temperature)))  # it refuses an int
-            if top_k > 0:
-                processors.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
+        if sampling.temperature > 0:
+            processors.append(TemperatureLogitsWarper(float(sampling.temperature)))  # it refuses an int
+            if sampling.top_k > 0:
+                processors.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                processors.append(TopPLogitsWarper(sampling.top_p))
         criteria = StoppingCriteriaList([EosTokenCriteria(eos_ids)] if eos_ids else [])
-        if stops:
-            criteria.append(StopStringCriteria(tokenizer, stops))
-        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        if sampling.stop:
+            criteria.append(StopStringCriteria(tokenizer, sampling.stops))
+        generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
         return cls(
             processors,
             criteria,
             generator,
-            temperature == 0,
-            stops,
-            constraint,
+            sampling.temperature == 0,
+            sampling.stops,
+            sampling.new_constraint(),
             LogitsProcessorList(penalties.processors()),
-            logprobs,
+            sampling.logprobs,
         )
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -239,82 +231,3 @@ def safe_length(text: str, stops: list[str]) -> int:
     if text.endswith("\ufffd"):
         safe = min(safe, len(text) - 1)
     return safe
-
-
-def check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop) -> list[str]:
-    """Validate sampling arguments, raising `ValueError`/`TypeError` naming the parameter; returns the stop strings
-    as a list."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    # Below MIN_TEMPERATURE, logits / temperature overflow to inf and sampling breaks; NaN fails every comparison.
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)
-    ):
-        raise ValueError(
-            f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {temperature!r}"
-        )
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-        raise TypeError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
-    return list(stops)
-
-
-def check_logprobs(logprobs) -> int | None:
-    """`logprobs` checked to be None (off) or how many most likely tokens to report per token, in [0, 20];
-    raises `ValueError` naming it."""
-    if logprobs is not None and (
-        isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS
-    ):
-        raise ValueError(
-            f"logprobs must be None (off) or an int in [0, {MAX_TOP_LOGPROBS}] (top tokens per token), got {logprobs!r}"
-        )
-    return logprobs
-
-
-def check_penalties(
-    frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias=None, vocab_size: int | None = None
-) -> Penalties:
-    """`Penalties` from validated arguments, raising `ValueError` naming the parameter and its allowed values:
-    frequency and presence penalties in [-2, 2] (OpenAI's range), a repetition penalty > 0, and `logit_bias` a
-    mapping of token ids (ints, or digit strings as JSON sends them; below `vocab_size`) to numbers in
-    [-100, 100]."""
-    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
-        if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
-            raise ValueError(f"{name} must be a number in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value!r}")
-    if not _is_number(repetition_penalty) or not 0 < repetition_penalty < float("inf"):
-        raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
-    bias = {}
-    if logit_bias is not None and not isinstance(logit_bias, Mapping):
-        raise ValueError(
-            f"logit_bias must be a mapping of token ids to numbers in [-{MAX_LOGIT_BIAS}, "
-            f"{MAX_LOGIT_BIAS}], got {logit_bias!r:.100}"
-        )
-    for token, value in (logit_bias or {}).items():
-        token_id = int(token) if isinstance(token, str) and token.isdigit() else token
-        if (
-            isinstance(token_id, bool)
-            or not isinstance(token_id, int)
-            or token_id < 0
-            or (vocab_size is not None and token_id >= vocab_size)
-        ):
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab_size or 'vocab size'}), got {token!r}")
-        if not _is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise ValueError(
-                f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got "
-                f"{value!r} for token {token!r}"
-            )
-        bias[token_id] = float(value)
-    return Penalties(float(frequency_penalty), float(presence_penalty), float(repetition_penalty), bias)
-
-
-def _is_number(value) -> bool:
-    # NaN fails every range comparison that follows; bools are not numbers here.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

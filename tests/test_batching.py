@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.inputs import PromptInput
 from pd_integrations.langchain import ChatPromptDistill, PromptDistillLLM
 from pd_integrations.llama_index import PromptDistillLLM as LlamaIndexLLM
 from pd_integrations.methods import method_for
@@ -65,7 +66,7 @@ def test_batched_rows_equal_rows_alone(family, name, tokenizer):
     if name != "full":
         assert len({r.kept_tokens for r in batched}) > 1 and batched[1].kept_tokens < batched[1].prompt_tokens
     # The same rows' next-token logits from one batched prefill and from prefills of their own.
-    prepared = [engine._prepare(r["prompt"], query=r["query"], documents=r["documents"]) for r in ROWS]
+    prepared = [engine._prepare(PromptInput(r["prompt"], query=r["query"], documents=r["documents"])) for r in ROWS]
     ids = [engine._ids(*p) for p in prepared]
     layouts = [layout for _, layout in prepared]
     with torch.inference_mode():

@@ -817,7 +817,7 @@ def test_unknown_keyword_arguments_are_named(name, value):
         "stream",
     ):
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
-            llm._prepare_call(None, {name: value})
+            llm.resolve_call({name: value})
     if name not in (
         "pd_query",
         "pd_documents",
@@ -830,7 +830,7 @@ def test_unknown_keyword_arguments_are_named(name, value):
         "stop",
     ):
         with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
-            LlamaIndexLLM()._options({name: value})
+            LlamaIndexLLM().resolve_call({name: value})
 
 
 # ---------------------------------------------------------------- counterexamples, kept as explicit tests

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.inputs import PromptInput
 from pd_integrations.kept_view import document_retention
 
 from .conftest import TINY
@@ -292,7 +293,7 @@ def test_a_question_line_ending_the_user_turn_is_found(tiny_llama, tokenizer):
     """The chat template closes the turn on the question's own line ("...?<|im_end|>"); the question is still
     found, protected and seeds selection, so the prompt is not taken as query-free."""
     messages = [{"role": "user", "content": f"{CONTEXT}\n\nAnswer briefly. {QUESTION}"}]
-    rendered, layout = engine_for(tiny_llama, tokenizer)._prepare(messages=messages)
+    rendered, layout = engine_for(tiny_llama, tokenizer)._prepare(PromptInput(messages=messages))
     assert not layout.query_free and layout.num_prunable > 0
     question = rendered.text.rindex(QUESTION)
     protected = rendered.char_spans(torch.nonzero(~layout.prunable).flatten())

@@ -14,6 +14,7 @@ from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from pd_integrations import ModelNotAvailableError, PromptDistillConfig, PromptDistillEngine
+from pd_integrations.inputs import call_inputs
 from pd_integrations.llama_index import PromptDistillLLM
 from pd_integrations.probes import needle_probe
 
@@ -227,14 +228,14 @@ def test_token_counting_handler_reads_usage():
 
 @pytest.fixture(params=[False, True], ids=["completion", "chat"])
 def recorded(request, monkeypatch):
-    """(llm, calls): a one-token LLM (completion or chat model) and the keyword arguments of each engine call."""
+    """(llm, calls): a one-token LLM (completion or chat model) and the `PromptInput` of each engine call."""
     llm = PromptDistillLLM(max_new_tokens=1, is_chat_model=request.param)
     calls = []
     stream = PromptDistillEngine.stream
 
-    def recording_stream(engine, *args, **kwargs):
-        calls.append(kwargs)
-        return stream(engine, *args, **kwargs)
+    def recording_stream(engine, prompt=None, *, sampling=None, **arguments):
+        calls.append(call_inputs("stream", prompt, sampling, arguments)[0])
+        return stream(engine, prompt, sampling=sampling, **arguments)
 
     # The adapter builds a (cheap) engine per call over the shared runtime, so the method is patched on the class.
     monkeypatch.setattr(PromptDistillEngine, "stream", recording_stream)
@@ -250,8 +251,8 @@ def test_predict_seeds_selection_with_query_str(recorded):
     llm.predict(refine, existing_answer="It is 48213.", context_msg=CONTEXT)
     llm.predict(PromptTemplate("Summarize in one line: {text}"), text=CONTEXT)
     llm.complete(PROMPT)
-    assert [call["query"] for call in calls] == [QUESTION, QUESTION, None, None]
-    refine_prompt = calls[1]["messages"][-1]["content"]
+    assert [call.query for call in calls] == [QUESTION, QUESTION, None, None]
+    refine_prompt = calls[1].messages[-1]["content"]
     assert refine_prompt.index(QUESTION) < refine_prompt.index(CONTEXT)
 
 
@@ -262,7 +263,7 @@ async def test_stream_and_async_predict_seed_selection_with_query_str(recorded):
     await llm.apredict(template, context_str=CONTEXT)
     async for _ in await llm.astream(template, context_str=CONTEXT):
         pass
-    assert [call["query"] for call in calls] == [QUESTION] * 4
+    assert [call.query for call in calls] == [QUESTION] * 4
 
 
 async def test_concurrent_predicts_keep_their_own_query(recorded):
@@ -271,14 +272,14 @@ async def test_concurrent_predicts_keep_their_own_query(recorded):
     await asyncio.gather(
         *(llm.apredict(DEFAULT_TEXT_QA_PROMPT_SEL, context_str=CONTEXT, query_str=question) for question in questions)
     )
-    assert sorted(call["query"] for call in calls) == questions
-    assert all(call["query"] in call["messages"][-1]["content"] for call in calls)
+    assert sorted(call.query for call in calls) == questions
+    assert all(call.query in call.messages[-1]["content"] for call in calls)
 
 
 def test_pd_query_argument_overrides_the_template_question(recorded):
     llm, calls = recorded
     llm.complete(f"{CONTEXT}\n{QUESTION}", pd_query=QUESTION)
-    assert calls[-1]["query"] == QUESTION
+    assert calls[-1].query == QUESTION
 
 
 def test_pd_documents_reach_the_engine_as_nodes_or_texts(recorded):
@@ -286,7 +287,7 @@ def test_pd_documents_reach_the_engine_as_nodes_or_texts(recorded):
     sentences = CONTEXT.split(". ")
     nodes = [NodeWithScore(node=TextNode(text=s)) for s in sentences]
     response = llm.complete(f"{CONTEXT}\n{QUESTION}", pd_documents=nodes)
-    assert calls[-1]["documents"] == sentences  # the adapter unwraps nodes; the engine takes texts
+    assert list(calls[-1].documents) == sentences  # the adapter unwraps nodes; the engine takes texts
     assert len(response.additional_kwargs["promptdistill"]["document_retention"]) == len(nodes)
     # The engine reads the nodes' text; one that is not in the prompt is named in the error.
     with pytest.raises(ValueError, match=r"documents\[1\] is empty or does not appear"):

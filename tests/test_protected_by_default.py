@@ -10,6 +10,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import ChatPromptTemplate
 
 from pd_integrations import PromptDistillEngine
+from pd_integrations.inputs import call_inputs
 from pd_integrations.langchain import ChatPromptDistill
 from pd_integrations.llama_index import PromptDistillLLM as LlamaIndexLLM
 from pd_integrations.loading import DeviceUnavailableError, resolve_device
@@ -80,9 +81,9 @@ def test_chat_prompt_templates_are_rendered_by_the_chat_template(tiny_model_dir,
     seen = []
     original = PromptDistillEngine.stream
 
-    def recording_stream(self, *args, **kwargs):
-        seen.append(kwargs.get("messages"))
-        return original(self, *args, **kwargs)
+    def recording_stream(self, prompt=None, *, sampling=None, **arguments):
+        seen.append(call_inputs("stream", prompt, sampling, arguments)[0].messages)
+        return original(self, prompt, sampling=sampling, **arguments)
 
     monkeypatch.setattr(PromptDistillEngine, "stream", recording_stream)
     template = ChatPromptTemplate(

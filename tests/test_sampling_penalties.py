@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.sampling import LogitBiasLogitsProcessor, OutputPenaltyLogitsProcessor, check_penalties
+from pd_integrations.inputs import SamplingParams
+from pd_integrations.sampling import LogitBiasLogitsProcessor, OutputPenaltyLogitsProcessor
 
 from .conftest import tiny_model
 
@@ -99,8 +100,8 @@ def test_bad_penalties_name_the_parameter_before_any_model_work(engine, kwargs, 
         engine.generate_batch(["x"], max_new_tokens=1, **kwargs)
 
 
-def test_check_penalties_reads_json_token_ids():
-    assert check_penalties(logit_bias={"12": -5}, vocab_size=100).logit_bias == {12: -5.0}
+def test_logit_bias_reads_json_token_ids():
+    assert SamplingParams(logit_bias={"12": -5}).penalties(vocab_size=100).logit_bias == {12: -5.0}
 
 
 def test_langchain_models_take_the_penalties_at_construction_and_per_call(tiny_model_dir):

@@ -167,7 +167,8 @@ def test_streamed_tool_calls_add_up_to_the_non_streaming_answer(client):
 
 def test_earlier_calls_and_tool_results_round_trip_into_the_prompt(client, tiny_engine):
     request = ChatCompletionRequest(model=MODEL, messages=ROUND_TRIP, tools=[ALARM])
-    (messages,) = request.engine_input()["messages"]  # one row: n is 1
+    (row,) = request.prompt_inputs()  # one row: n is 1
+    messages = row.messages
     assert messages[1] == {
         "role": "assistant",
         "content": "",
@@ -236,7 +237,8 @@ def test_a_template_with_tools_support_renders_the_requests_tools(qwen_engine, t
             tool_choice={"type": "function", "function": {"name": "set_alarm"}},
         )
     assert response.promptdistill["tool_format"] == "template"
-    (messages,) = ChatCompletionRequest(model=MODEL, messages=ROUND_TRIP).engine_input()["messages"]
+    (row,) = ChatCompletionRequest(model=MODEL, messages=ROUND_TRIP).prompt_inputs()
+    messages = row.messages
     expected = qwen_engine.tokenizer.apply_chat_template(
         messages, tools=[ALARM], tokenize=False, add_generation_prompt=True
     )

@@ -12,31 +12,27 @@ from typing import Any
 from langchain_core.language_models import LangSmithParams
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
-from ..adapter_settings import CONFIG_SHORTCUTS, DistillSettings, unexpected
+from ..adapter_settings import CONFIG_SHORTCUTS, sampling_settings
+from ..call_options import CallOptions
 from ..config import PromptDistillConfig
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
+from ..inputs import SAMPLING_SETTINGS
 from ..loading import DEFAULT_MODEL, check_load_settings
 
 PROVIDER = "promptdistill"
+# The sampling settings, by their LangChain names (`max_tokens` is `SamplingParams.max_new_tokens`; logprobs are
+# not reported in LangChain's messages, so not offered).
+SAMPLING_SETTINGS = {
+    "max_tokens" if name == "max_new_tokens" else name: name for name in SAMPLING_SETTINGS if name != "logprobs"
+}
 # Options a single call may pass (`invoke(..., pd_query=...)` or `.bind(...)`); the sampling ones and the
-# `PromptDistillConfig` fields (`method`, `budgets`, ...) override the constructor's values for that call.
-SAMPLING_OPTIONS = (
-    "temperature",
-    "max_tokens",
-    "top_p",
-    "top_k",
-    "seed",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "logit_bias",
-)
+# `PromptDistillConfig` fields (`method`, `budgets`, ...) override the constructor's values for that call. Stop
+# strings come as LangChain's own `stop` argument.
+SAMPLING_OPTIONS = tuple(name for name in SAMPLING_SETTINGS if name != "stop")
 CALL_OPTIONS = ("pd_query", "pd_documents", "model", *SAMPLING_OPTIONS, "max_new_tokens", *CONFIG_SHORTCUTS)
-# LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
-_ROUTING_FLAGS = ("stream",)
 
 
-class PromptDistillSettings(DistillSettings):
+class PromptDistillSettings(sampling_settings(SAMPLING_SETTINGS)):
     """Settings of a PromptDistill-backed LangChain model. Weights load on the first call, once per process and
     load settings (`model`, `device`, `dtype`, `quantization`), so constructing models is cheap.
 
@@ -50,27 +46,13 @@ class PromptDistillSettings(DistillSettings):
     ALIASES = {"max_new_tokens": "max_tokens", "model_name": "model"}
     CALL_OPTIONS = CALL_OPTIONS
     CALL_HINT = "a per-call option: invoke(..., {name}=...) or .bind({name}=...)"
+    # LangChain's own flag choosing between `_generate` and `_stream`; it may reach both and means nothing to us.
+    ROUTING_FLAGS = ("stream",)
 
     model: str = Field(DEFAULT_MODEL, min_length=1)
     """The embedded default, a local directory or a Hugging Face hub id (see `pd_integrations.load_model`)."""
-    temperature: float = Field(0.0, ge=0)
-    """0 decodes greedily."""
-    max_tokens: int = Field(256, ge=1)
-    """Most tokens generated per call; `max_new_tokens` (the transformers/LlamaIndex name) is accepted too."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    """Sample from the `top_k` most likely tokens only (0 = off)."""
-    seed: int | None = None
-    """Seeds sampling (temperature > 0) for reproducible output."""
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    """OpenAI's penalties on tokens already in the output (see `pd_integrations.sampling.Penalties`)."""
-    repetition_penalty: float = Field(1.0, gt=0)
-    """transformers' repetition penalty over prompt and output (1 = off)."""
-    logit_bias: dict[int, float] | None = None
-    """Token id -> a number in [-100, 100] added to its logit."""
-    stop: list[str] | None = None
-    """Stop sequences, cut from the output; a call's own `stop` replaces them."""
+    # The sampling settings (`temperature`, `max_tokens`, `top_p`, `top_k`, `seed`, `stop`, the penalties and
+    # `logit_bias`) come from `SamplingParams` through `sampling_settings`; a call's own `stop` replaces `stop`.
     timeout: float | None = Field(None, gt=0)
     """Seconds a call may run before it raises `TimeoutError`; checked as text arrives (prefill and a decode step
     are not interrupted)."""
@@ -93,8 +75,6 @@ class PromptDistillSettings(DistillSettings):
         # Errors here name the parameter; settings that depend on the model (layer ranges) are checked on first use.
         self._distill_config = self.distill_config()
         check_load_settings(self.device, self.dtype, self.quantization)
-        if self.stop is not None and not all(self.stop):
-            raise ValueError(f"stop entries must be non-empty strings, got {self.stop!r}")
         return self
 
     @property
@@ -127,16 +107,8 @@ class PromptDistillSettings(DistillSettings):
             return self.custom_get_token_ids(text)
         return self._engine(self.model, self._distill_config).tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _penalties(self) -> dict[str, Any]:
-        return {
-            "frequency_penalty": self.frequency_penalty,
-            "presence_penalty": self.presence_penalty,
-            "repetition_penalty": self.repetition_penalty,
-            "logit_bias": self.logit_bias,
-        }
-
     def _stops(self, stop: list[str] | None) -> list[str] | None:
-        return stop or self.stop or None
+        return list(stop or self.stop) or None
 
     def _engine(self, model: str, config: PromptDistillConfig | None) -> PromptDistillEngine:
         # Cheap after the first call: the weights load once per process and load settings (`Runtime.load`).
@@ -147,78 +119,32 @@ class PromptDistillSettings(DistillSettings):
     def _prepare_call(
         self, stop: list[str] | None, kwargs: dict[str, Any], template: dict[str, Any] | None = None
     ) -> Call:
-        """Resolve one call's options: the query channel (`pd_query`), the retrieved documents (`pd_documents`:
-        `Document`s or texts), a model override, sampling overrides and `PromptDistillConfig` fields (`method`,
-        `budgets`, ...), each validated like the constructor's arguments. `template` holds the question and
-        documents a `DistillPrompt` tagged onto the messages; a call's own `pd_query`/`pd_documents` win."""
-        kwargs = self._checked_call_options(kwargs)
-        settings = self
-        overrides = {name: kwargs[name] for name in SAMPLING_OPTIONS if name in kwargs}
-        if overrides:
-            settings = self.model_copy(update=overrides)
+        """Resolve one call's options (see `DistillSettings.resolve_call`; `template` holds what a `DistillPrompt`
+        tagged onto the messages) and its model: `model=` runs another one, loaded on first use."""
         model = kwargs.get("model", self.model)
+        options = self.resolve_call(kwargs, template=template, stop=stop)
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty str, got {model!r}")
-        template = template or {}
-        query = kwargs.get("pd_query", template.get("query"))
-        if query is not None and (not isinstance(query, str) or not query.strip()):
-            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
-        # The engine takes `Document`s as they are (`prompt.document_texts`).
-        documents = kwargs.get("pd_documents")
-        from_template = documents is None and template.get("documents") is not None
-        options = {
-            "query": query,
-            "documents": template.get("documents") if from_template else documents,
-            "max_new_tokens": settings.max_tokens,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "top_k": settings.top_k,
-            "seed": settings.seed,
-            "stop": self._stops(stop),
-            **settings._penalties(),
-        }
-        config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
-        return Call(self._engine(model, config), model, options, self.timeout, from_template)
-
-    def _checked_call_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """`kwargs` with `max_new_tokens` as `max_tokens`; `TypeError` for an unknown option (naming the closest,
-        or pointing a constructor setting to the constructor) or for both names of the output length."""
-        owner = type(self).__name__
-        unknown = [name for name in kwargs if name not in {*CALL_OPTIONS, *_ROUTING_FLAGS}]
-        if unknown:
-            hints = {
-                name: f"set it when constructing the model: {owner}({name}=...)"
-                for name in unknown
-                if name in type(self).model_fields
-            }
-            raise unexpected(f"{owner} call", unknown, CALL_OPTIONS, hints)
-        if "max_new_tokens" in kwargs:
-            if "max_tokens" in kwargs:
-                raise TypeError(f"{owner} call got both max_tokens= and max_new_tokens= (the same setting); pass one")
-            kwargs = {**kwargs, "max_tokens": kwargs["max_new_tokens"]}
-        return kwargs
+        return Call(self._engine(model, options.config), model, options, self.timeout)
 
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """One call's engine, model name, `engine.stream` options, and whether its documents came from a prompt
-    template (a `DistillPrompt`)."""
+    """One call's engine, model name, resolved options and timeout."""
 
     engine: PromptDistillEngine
     model_name: str
-    options: dict[str, Any]
+    options: CallOptions
     timeout: float | None
-    from_template: bool = False
 
-    def stream(self, **prompt: Any) -> GenerationStream:
-        """Generate from `prompt=` text or `messages=`; iterate for text deltas, then read `.result`.
+    def stream(self, constraint: Any = None, **prompt: Any) -> GenerationStream:
+        """Generate from `prompt=` text or `messages=` (and `tools=`, `tool_format=`) under `constraint`; iterate
+        for text deltas, then read `.result`.
 
         Raises `ValueError`/`TypeError` for bad input before any model work.
         """
-        stream = GenerationStream(_within_timeout(self.engine.stream(**prompt, **self.options), self.timeout))
-        if self.from_template:
-            stream = stream.map_result(lambda result: dataclasses.replace(result, context_source="template"))
-        return stream
+        stream = self.options.stream(self.engine, self.options.prompt(**prompt), constraint)
+        return GenerationStream(_within_timeout(stream, self.timeout))
 
     def response_metadata(self, result: GenerationResult) -> dict[str, Any]:
         return {
@@ -239,9 +165,10 @@ def _within_timeout(stream: GenerationStream, timeout: float | None) -> Iterator
 
 
 def usage_metadata(result: GenerationResult) -> dict[str, int]:
-    """LangChain `UsageMetadata`: every prompt token counts as input, pruned or not."""
+    """LangChain `UsageMetadata`: `GenerationResult.usage` under LangChain's names."""
+    usage = result.usage()
     return {
-        "input_tokens": result.prompt_tokens,
-        "output_tokens": result.output_tokens,
-        "total_tokens": result.prompt_tokens + result.output_tokens,
+        "input_tokens": usage["prompt_tokens"],
+        "output_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"],
     }

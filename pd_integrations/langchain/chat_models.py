@@ -23,11 +23,11 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from ..tools import check_tool_choice, output_grammar
+from ..call_options import OutputOptions
+from ..tools import check_tool_choice
 from ._common import PromptDistillSettings, usage_metadata
 from .prompts import tagged_inputs
 from .tools import (
-    OUTPUT_OPTIONS,
     CompleteJsonParser,
     CompleteJsonToolParser,
     CompletePydanticParser,
@@ -175,20 +175,18 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
     # ---------------------------------------------------------------- generation
 
     def _start(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]):
-        """Open one call's generation: its bound output options (tools, response_format) become the grammar that
-        constrains decoding, the rest are `_prepare_call`'s options. Returns (call, stream, whether tools are
-        bound and so the output is parsed for calls)."""
-        output = {name: kwargs.pop(name) for name in OUTPUT_OPTIONS if name in kwargs}
+        """Open one call's generation: its bound output options (tools, response_format) become the tools shown
+        and the grammar that constrains decoding, the rest are `_prepare_call`'s options. Returns (call, stream,
+        whether tools are offered and so the output is parsed for calls)."""
+        output = OutputOptions.take(kwargs)
         call = self._prepare_call(stop, kwargs, tagged_inputs(messages))
-        grammar = output_grammar(call.engine, **output)
-        rendered_tools = output.get("tools") if output.get("tool_choice") != "none" else None
         stream = call.stream(
+            output.grammar(call.engine),
             messages=to_engine_messages(messages),
-            tools=rendered_tools,
+            tools=output.offered_tools,
             tool_format=self.tool_format,
-            constraint=grammar.constraint() if grammar else None,
         )
-        return call, stream, bool(rendered_tools)
+        return call, stream, bool(output.offered_tools)
 
     def _generate(
         self,

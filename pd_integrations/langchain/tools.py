@@ -20,9 +20,6 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from .. import tools as core
 from ..constraints import parse_tool_calls, tool_finish_reason
 
-# The options bind_tools and with_structured_output bind, taken from a call's kwargs before the others.
-OUTPUT_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
-
 
 def openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     """`tools` (BaseTools, functions, Pydantic models, TypedDicts, OpenAI tool dicts) as OpenAI tool dicts.

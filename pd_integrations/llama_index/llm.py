@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextvars import ContextVar
@@ -28,15 +27,14 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.bridge.pydantic import BaseModel, Field, ValidationError, model_validator
 from llama_index.core.callbacks import CBEventType, EventPayload
-from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, create_flexible_model
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
-from llama_index.core.schema import BaseNode, NodeWithScore
 
-from ..adapter_settings import CONFIG_SHORTCUTS, DistillSettings, unexpected
+from ..adapter_settings import CONFIG_SHORTCUTS, sampling_settings
+from ..call_options import CallOptions
 from ..config import PromptDistillConfig
 from ..constraints import Grammars
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
@@ -51,11 +49,12 @@ CONTEXT_VARIABLES = ("context_str", "context_msg")
 # LlamaIndex joins retrieved nodes' texts with a blank line.
 NODE_SEPARATOR = "\n\n"
 
+# The sampling settings, by `SamplingParams`' names.
+SAMPLING_SETTINGS = {name: name for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
 # Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` and `pd_documents`
 # as in the LangChain classes); the others, `PromptDistillConfig` fields included, override this instance's
 # settings for that call.
-SAMPLING_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-CALL_OPTIONS = ("pd_query", "pd_documents", *SAMPLING_OPTIONS, *CONFIG_SHORTCUTS)
+CALL_OPTIONS = ("pd_query", "pd_documents", *SAMPLING_SETTINGS, "max_tokens", *CONFIG_SHORTCUTS)
 # What LlamaIndex's own text-completion program appends to a prompt: the constraint forces the keys and types, the
 # schema's descriptions tell the model what each value means.
 SCHEMA_INSTRUCTION = (
@@ -64,7 +63,7 @@ SCHEMA_INSTRUCTION = (
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class PromptDistillLLM(DistillSettings, CustomLLM):
+class PromptDistillLLM(sampling_settings(SAMPLING_SETTINGS), CustomLLM):
     """A local Hugging Face model that prunes the retrieved context inside itself during prefill.
 
     Weights load lazily, on the first generation or `metadata` read, and are shared per process and load settings
@@ -119,14 +118,8 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     EXTRA_ARGUMENTS = ("class_name",)
 
     model: str = Field(default=DEFAULT_MODEL, description="Embedded default model, local directory or hub id.")
-    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
-    top_k: int = Field(default=0, ge=0, description="Sample from the top_k most likely tokens only (0 = off).")
-    max_new_tokens: int = Field(
-        default=DEFAULT_NUM_OUTPUTS,
-        gt=0,
-        description="Most tokens generated per call; max_tokens (the LangChain/OpenAI name) is accepted too.",
-    )
+    # `max_new_tokens` (max_tokens, the LangChain/OpenAI name, is accepted too), `temperature`, `top_p`, `top_k`,
+    # `seed` and `stop` come from `SamplingParams` through `sampling_settings`.
     context_window: int | None = Field(
         default=None,
         gt=0,
@@ -135,8 +128,6 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = Field(default="auto", description="auto, float32, bfloat16 or float16.")
     quantization: str | None = Field(default=None, description="None, 4bit or 8bit (bitsandbytes).")
-    stop: str | list[str] | None = Field(default=None, description="Stop strings, cut from the output.")
-    seed: int | None = Field(default=None, description="Sampling seed when temperature > 0.")
     is_chat_model: bool = Field(
         default=False, description="Let LlamaIndex send chat messages (chat prompt templates) instead of text."
     )
@@ -150,9 +141,6 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         # when the weights load.
         self.distill_config()
         check_load_settings(self.device, self.dtype, self.quantization)
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if not all(stops):
-            raise ValueError(f"stop entries must be non-empty strings, got {self.stop!r}")
         return self
 
     @classmethod
@@ -316,7 +304,7 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
         grammar = Grammars.of(self.engine).json_schema(schema, what=f"output_cls {output_cls.__name__}")
         instruction = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema))
         with _query_of(prompt, prompt_args):
-            options = self._options(llm_kwargs or {})
+            call = self._options(llm_kwargs or {})
             if self.metadata.is_chat_model:
                 messages = prompt.format_messages(llm=self, **prompt_args)
                 last = messages[-1]
@@ -324,7 +312,7 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
                 model_input = self._chat_input(messages)
             else:
                 model_input = self._completion_input(prompt.format(llm=self, **prompt_args) + instruction, False)
-        return self._open(model_input, {**options, "constraint": grammar.constraint()})
+        return self._open(model_input, call, grammar)
 
     def _recorded(self, stream: GenerationStream) -> GenerationStream:
         """`stream` reported to the callback manager as an LLM event that ends with its response, as `complete`
@@ -345,49 +333,11 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
 
     # ---------------------------------------------------------------- helpers
 
-    def _options(self, kwargs: dict) -> dict:
-        """`engine.stream` arguments (and the call's `config` and whether its documents came from a template):
-        this instance's settings overridden by per-call `kwargs`, and the query from `pd_query` or else from the
-        template being predicted. Raises `TypeError` for unknown arguments, `ValueError` for bad values."""
-        owner = f"{type(self).__name__} call"
-        unknown = [name for name in kwargs if name not in CALL_OPTIONS]
-        if unknown:
-            hints = {
-                name: f"set it when constructing the model: {type(self).__name__}({name}=...)"
-                for name in unknown
-                if name in type(self).model_fields
-            }
-            raise unexpected(owner, unknown, CALL_OPTIONS, hints)
-        if "max_tokens" in kwargs:
-            if "max_new_tokens" in kwargs:
-                raise TypeError(f"{owner} got both max_new_tokens= and max_tokens= (the same setting); pass one")
-            kwargs = dict(kwargs)
-            value = kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"max_tokens (max_new_tokens) must be an int >= 1, got {value!r}")
-        query = kwargs.get("pd_query")
-        if "pd_query" in kwargs and query is not None and (not isinstance(query, str) or not query.strip()):
-            raise ValueError(f"pd_query must be a non-empty str, got {query!r}")
-        overrides = {name: value for name, value in kwargs.items() if name in SAMPLING_OPTIONS}
-        config = self.call_config({name: kwargs[name] for name in CONFIG_SHORTCUTS if name in kwargs})
-        template = _template_inputs.get() or {}
-        from_template = "pd_documents" not in kwargs and template.get("documents") is not None
-        documents = kwargs.get("pd_documents")
-        if isinstance(documents, (list, tuple)):  # nodes (or NodeWithScore) as their texts
-            documents = [d.get_content() if isinstance(d, (BaseNode, NodeWithScore)) else d for d in documents]
-        return {
-            "query": kwargs.get("pd_query", template.get("query")),
-            "documents": template.get("documents") if from_template else documents,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": self.stop,
-            **overrides,
-            "from_template": from_template,
-            "config": config,
-        }
+    def _options(self, kwargs: dict) -> CallOptions:
+        """This instance's settings overridden by per-call `kwargs`, the query from `pd_query` or else from the
+        template being predicted (see `DistillSettings.resolve_call`). Raises `TypeError` for unknown arguments,
+        `ValueError` for bad values."""
+        return self.resolve_call(kwargs, template=_template_inputs.get())
 
     def _completion_input(self, prompt: str, formatted: bool) -> dict:
         if not formatted:
@@ -401,21 +351,16 @@ class PromptDistillLLM(DistillSettings, CustomLLM):
             return {"messages": [{"role": m.role.value, "content": m.content or ""} for m in messages]}
         return {"prompt": self.messages_to_prompt(messages)}
 
-    def _open(self, model_input: dict, options: dict) -> GenerationStream:
+    def _open(self, model_input: dict, call: CallOptions, constraint: Any = None) -> GenerationStream:
         """Start a generation; arguments are checked (and weights loaded) now, tokens come as it is iterated."""
-        options = dict(options)
-        from_template = options.pop("from_template")
-        stream = self._engine(options.pop("config")).stream(**model_input, **options)
-        if from_template:
-            stream = stream.map_result(lambda result: dataclasses.replace(result, context_source="template"))
-        return stream
+        return call.stream(self._engine(call.config), call.prompt(**model_input), constraint)
 
-    async def _aopen(self, model_input: dict, options: dict) -> GenerationStream:
-        return await asyncio.to_thread(self._open, model_input, options)
+    async def _aopen(self, model_input: dict, call: CallOptions) -> GenerationStream:
+        return await asyncio.to_thread(self._open, model_input, call)
 
-    def _generate(self, model_input: dict, options: dict) -> tuple[str, None, GenerationResult]:
+    def _generate(self, model_input: dict, call: CallOptions) -> tuple[str, None, GenerationResult]:
         """(text, no delta, result) of a whole generation."""
-        stream = self._open(model_input, options)
+        stream = self._open(model_input, call)
         for _ in stream:
             pass
         return stream.result.text, None, stream.result
@@ -487,19 +432,11 @@ async def _amap(convert, chunks: Iterator) -> AsyncIterator:
         yield convert(*chunk)
 
 
-def _usage(result: GenerationResult) -> dict:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.output_tokens,
-        "total_tokens": result.prompt_tokens + result.output_tokens,
-    }
-
-
 def _result_fields(result: GenerationResult | None) -> dict:
     if result is None:
         return {}
     return {
-        "raw": {"usage": _usage(result), "finish_reason": result.finish_reason},
+        "raw": {"usage": result.usage(), "finish_reason": result.finish_reason},
         "additional_kwargs": {"promptdistill": result.stats()},
     }
 

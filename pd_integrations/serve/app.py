@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 
 from ..config import PromptDistillConfig
 from ..engine import BatchStream, PromptDistillEngine
-from ..tools import output_grammar, resolve_tool_format
+from ..inputs import SamplingParams
+from ..tools import resolve_tool_format
 from .errors import SERVER_ERROR, RequestError, engine_rejection, install_error_handlers, logger
 from .limits import BodySizeLimit, RequestSlots
 from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest, Output, ResponseIds
@@ -163,31 +164,21 @@ class _Server:
             engine = self.engine
             if options is not None and options.config_fields():
                 engine = engine.with_config(PromptDistillConfig(**options.config_fields()))
-            selection = (
-                {}
-                if options is None
-                else {"queries": [options.query] * request.rows, "documents": [options.documents] * request.rows}
-            )
-            return await self.in_thread(partial(self._open, engine, request, selection))
+            return await self.in_thread(partial(self._open, engine, request))
         except ImportError as error:  # the grammar library is an optional extra
-            param = "tools" if request.output_options().get("tools") else "response_format"
+            param = "tools" if request.output_options().tools else "response_format"
             raise RequestError(
                 400, f"this server cannot constrain output: {error}", param=param, code="unsupported_parameter"
             ) from error
         except (ValueError, TypeError) as error:
             raise engine_rejection(error, request) from error
 
-    def _open(self, engine: PromptDistillEngine, request: GenerationRequest, selection: dict) -> BatchStream:
-        # In a worker thread: the first grammar of a model scans its vocabulary (about a second).
-        grammar = output_grammar(engine, **request.output_options())
-        constraints = [grammar.constraint() if grammar else None for _ in range(request.rows)]  # a matcher per row
-        return engine.stream_batch(
-            **request.engine_input(),
-            **selection,
-            **request.sampling(),
-            tool_format=self.tool_format,
-            constraints=constraints,
-        )
+    def _open(self, engine: PromptDistillEngine, request: GenerationRequest) -> BatchStream:
+        # In a worker thread: the first grammar of a model scans its vocabulary (about a second). The grammar
+        # gives each row a matcher of its own.
+        grammar = request.output_options().grammar(engine)
+        sampling = SamplingParams(**request.sampling(), constraint=grammar)
+        return engine.stream_batch(request.prompt_inputs(self.tool_format), sampling=sampling)
 
     async def in_thread(self, call, *args):
         return await anyio.to_thread.run_sync(call, *args, limiter=self.threads)

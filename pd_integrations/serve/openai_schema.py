@@ -16,9 +16,12 @@ import uuid
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ..adapter_settings import sampling_fields
+from ..call_options import OutputOptions
 from ..constraints import tool_finish_reason
+from ..inputs import PromptInput
 from ..results import GenerationResult
 from ..tools import CallDelta, ToolCallStream
 
@@ -139,27 +142,38 @@ REFUSED_FIELDS = (
     "verbosity",
 )
 MAX_CHOICES = 16  # n per prompt; each choice is a batch row
+# The sampling fields a request may set, by their OpenAI names (`max_tokens` is `max_new_tokens`;
+# `repetition_penalty` is vLLM's extra field, sent with `extra_body=`), declared from `SamplingParams`; unset ones
+# keep its defaults (greedy). `logprobs` is OpenAI's own shape, declared below.
+SAMPLING_FIELDS = {
+    "max_tokens": "max_new_tokens",
+    **{
+        name: name
+        for name in (
+            "temperature",
+            "top_p",
+            "seed",
+            "stop",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+            "logit_bias",
+        )
+    },
+}
+_SamplingFields = create_model("SamplingFields", **sampling_fields(SAMPLING_FIELDS, optional=True))
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(_SamplingFields):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="allow")  # kept to refuse `REFUSED_FIELDS`; other unknown fields are ignored
 
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None  # not OpenAI's; vLLM's extra field, sent with `extra_body=`
-    logit_bias: dict[str, float] | None = None
     promptdistill: PromptDistillOptions | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -190,9 +204,9 @@ class GenerationRequest(BaseModel):
         """How many generations the request asks for: `n` per prompt."""
         return self.n
 
-    def output_options(self) -> dict:
-        """The arguments of `pd_integrations.tools.output_grammar`: none, free text."""
-        return {}
+    def output_options(self) -> OutputOptions:
+        """What the output must be: none, free text."""
+        return OutputOptions()
 
     def output(self) -> Output:
         """How the response reports what the model generates."""
@@ -204,20 +218,14 @@ class GenerationRequest(BaseModel):
         return "max_tokens"
 
     def sampling(self) -> dict:
-        """The engine's sampling and stopping arguments; unset fields keep the engine's defaults (greedy)."""
-        given = {
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": self.stop,
-            "frequency_penalty": self.frequency_penalty,
-            "presence_penalty": self.presence_penalty,
-            "repetition_penalty": self.repetition_penalty,
-            "logit_bias": self.logit_bias,
-            "logprobs": self.top_tokens,
-        }
-        return {name: value for name, value in given.items() if value is not None}
+        """The `SamplingParams` fields the request sets (unset ones keep its defaults)."""
+        given = {name: getattr(self, own) for own, name in SAMPLING_FIELDS.items()}
+        return {name: value for name, value in {**given, "logprobs": self.top_tokens}.items() if value is not None}
+
+    def selection(self) -> dict:
+        """The `PromptInput` fields of the `promptdistill` options: what seeds selection, what is pruned."""
+        options = self.promptdistill
+        return {} if options is None else {"query": options.query, "documents": options.documents}
 
     @property
     def top_tokens(self) -> int | None:
@@ -232,7 +240,7 @@ class GenerationRequest(BaseModel):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    # Checked by pd_integrations.tools.output_grammar, whose errors name the field.
+    # Checked by `OutputOptions.grammar` (pd_integrations.tools.output_grammar), whose errors name the field.
     tools: list | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None  # unset: one call per turn (OpenAI: several; small models repeat one)
@@ -259,21 +267,11 @@ class ChatCompletionRequest(GenerationRequest):
                 return f"messages[{i}].{refused[0]}", f"messages[{i}].{refused[1]}"
         return super().invalid()
 
-    @property
-    def calls_tools(self) -> bool:
-        """Whether tools are offered to the model (given, and tool_choice is not "none")."""
-        return bool(self.tools) and self.tool_choice != "none"
-
-    def output_options(self) -> dict:
-        return {
-            "tools": self.tools,
-            "tool_choice": self.tool_choice,
-            "parallel_tool_calls": self.parallel_tool_calls,
-            "response_format": self.response_format,
-        }
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format)
 
     def output(self) -> Output:
-        return Output(with_tools=self.calls_tools)
+        return Output(with_tools=bool(self.output_options().offered_tools))
 
     @property
     def max_tokens_param(self) -> str:
@@ -285,10 +283,11 @@ class ChatCompletionRequest(GenerationRequest):
             sampling["max_new_tokens"] = self.max_completion_tokens
         return sampling
 
-    def engine_input(self) -> dict:
-        """The engine's `stream_batch` inputs, one row per choice."""
+    def prompt_inputs(self, tool_format: str = "auto") -> list[PromptInput]:
+        """The engine's rows, one per choice; `tool_format` is how the server renders tools."""
         messages = [message.as_engine_message() for message in self.messages]
-        return {"messages": [messages] * self.rows, "tools": [self.tools if self.calls_tools else None] * self.rows}
+        tools = self.output_options().offered_tools
+        return [PromptInput(messages=messages, tools=tools, tool_format=tool_format, **self.selection())] * self.rows
 
 
 class CompletionRequest(GenerationRequest):
@@ -316,10 +315,10 @@ class CompletionRequest(GenerationRequest):
     def rows(self) -> int:
         return self.n * len(self.prompts)
 
-    def engine_input(self) -> dict:
-        """The engine's `stream_batch` inputs: prompt i's choices are rows i*n .. i*n+n-1, as OpenAI numbers
-        them."""
-        return {"prompts": [prompt for prompt in self.prompts for _ in range(self.n)]}
+    def prompt_inputs(self, tool_format: str = "auto") -> list[PromptInput]:
+        """The engine's rows: prompt i's choices are rows i*n .. i*n+n-1, as OpenAI numbers them (no tools, so
+        `tool_format` does not apply)."""
+        return [PromptInput(prompt, **self.selection()) for prompt in self.prompts for _ in range(self.n)]
 
 
 # ---------------------------------------------------------------- responses
@@ -490,9 +489,10 @@ class ResponseIds:
         return stats[0] if len(stats) == 1 else stats
 
     def usage(self, results: list[GenerationResult]) -> dict:
-        """OpenAI's usage: each prompt counted once, whatever its `n`, and every choice's output."""
-        prompt = sum(result.prompt_tokens for result in results[:: self.n])
-        completion = sum(result.output_tokens for result in results)
+        """OpenAI's usage: the rows' `GenerationResult.usage` summed, each prompt counted once whatever its `n`."""
+        usages = [result.usage() for result in results]
+        prompt = sum(usage["prompt_tokens"] for usage in usages[:: self.n])
+        completion = sum(usage["completion_tokens"] for usage in usages)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def chunk(
