@@ -242,7 +242,7 @@ class PromptDistillEngine:
     ) -> Request:
         """A request for the scheduler; raises `ValueError` for a `logit_bias` id outside the vocabulary and when
         the scheduler's limits refuse it."""
-        sampler = Sampler.create(self.tokenizer, self.runtime.eos_ids, self.device, sampling)
+        sampler = sampling.sampler(self.tokenizer, self.runtime.eos_ids, self.device)
         request = Request(
             self._ids(rendered, layout),
             layout,

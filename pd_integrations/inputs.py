@@ -22,6 +22,7 @@ from .sampling import (
     MIN_TEMPERATURE,
     Constraint,
     Penalties,
+    Sampler,
 )
 from .tools import check_tool_format
 
@@ -127,6 +128,26 @@ class SamplingParams:
             float(self.presence_penalty),
             float(self.repetition_penalty),
             dict(self.logit_bias or {}),
+        )
+
+    def sampler(self, tokenizer, eos_ids: list[int], device) -> Sampler:
+        """One generation's sampler under these settings.
+
+        Raises:
+            ValueError: a `logit_bias` token id outside the tokenizer's vocabulary.
+        """
+        return Sampler.create(
+            tokenizer,
+            eos_ids,
+            device,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stops=self.stops,
+            constraint=self.new_constraint(),
+            penalties=self.penalties(len(tokenizer)),
+            logprobs=self.logprobs,
         )
 
     def new_constraint(self) -> Constraint | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -19,9 +19,6 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-
-if TYPE_CHECKING:
-    from .inputs import SamplingParams
 
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 100.0
@@ -106,7 +103,7 @@ class Constraint(Protocol):
 @dataclass
 class Sampler:
     """Greedy when `temperature == 0`, else temperature / top-k / top-p sampling seeded by `seed`; stops at EOS or
-    a stop string. Build it with `Sampler.create` from checked `SamplingParams`."""
+    a stop string. Built by `SamplingParams.sampler`."""
 
     processors: LogitsProcessorList
     criteria: StoppingCriteriaList
@@ -119,30 +116,42 @@ class Sampler:
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @classmethod
-    def create(cls, tokenizer, eos_ids: list[int], device: torch.device, sampling: SamplingParams) -> Sampler:
-        """One generation's sampler under `sampling`; raises `ValueError` for a `logit_bias` token id outside the
-        tokenizer's vocabulary."""
-        penalties = sampling.penalties(len(tokenizer))
+    def create(
+        cls,
+        tokenizer,
+        eos_ids: list[int],
+        device: torch.device,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        stops: list[str],
+        constraint: Constraint | None,
+        penalties: Penalties,
+        logprobs: int | None,
+    ) -> Sampler:
+        """One generation's sampler from checked settings (see `SamplingParams.sampler`)."""
         processors = LogitsProcessorList()
-        if sampling.temperature > 0:
-            processors.append(TemperatureLogitsWarper(float(sampling.temperature)))  # it refuses an int
-            if sampling.top_k > 0:
-                processors.append(TopKLogitsWarper(sampling.top_k))
-            if sampling.top_p < 1.0:
-                processors.append(TopPLogitsWarper(sampling.top_p))
+        if temperature > 0:
+            processors.append(TemperatureLogitsWarper(float(temperature)))  # it refuses an int
+            if top_k > 0:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
         criteria = StoppingCriteriaList([EosTokenCriteria(eos_ids)] if eos_ids else [])
-        if sampling.stop:
-            criteria.append(StopStringCriteria(tokenizer, sampling.stops))
-        generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
+        if stops:
+            criteria.append(StopStringCriteria(tokenizer, stops))
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         return cls(
             processors,
             criteria,
             generator,
-            sampling.temperature == 0,
-            sampling.stops,
-            sampling.new_constraint(),
+            temperature == 0,
+            stops,
+            constraint,
             LogitsProcessorList(penalties.processors()),
-            sampling.logprobs,
+            logprobs,
         )
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
