@@ -148,7 +148,8 @@ class PromptDistillConfig:
 
     method: one of `methods.registry.METHODS`. "promptdistill" keeps the selected tokens' hidden states and
         original positions; "gemfilter" selects at the first selection layer, then re-runs the whole model on the
-        kept tokens with renumbered positions; "full" is the unmodified model (it resolves to no stages).
+        kept tokens with renumbered positions; "full" is the unmodified model (it resolves to no stages);
+        "random" keeps PromptDistill's budgets but uniformly random context tokens (the baseline to beat).
     selection_layers: strictly increasing decoder-layer indices at which tokens are selected (not the last layer).
     budgets: prunable (retrieved-context) tokens kept at each stage, as ints >= 1, fractions in (0, 1] of the
         prunable tokens, or length-aware rules `{"fraction": f, "floor": a, "cap": b}` keeping

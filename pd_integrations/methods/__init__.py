@@ -6,6 +6,7 @@ Adding a method is adding its class and its line in `registry.METHOD_CLASSES`, t
 from .base import FullAttention, Prefill, PrefillMethod, PrefillRow, PrefillState
 from .gemfilter import GemFilter
 from .promptdistill import PromptDistill, Stage
+from .random import RandomSelection
 from .recorder import QueryAttentionRecorder
 from .registry import METHOD_CLASSES, METHODS, method_class, method_for
 
@@ -20,6 +21,7 @@ __all__ = [
     "PrefillState",
     "PromptDistill",
     "QueryAttentionRecorder",
+    "RandomSelection",
     "Stage",
     "method_class",
     "method_for",

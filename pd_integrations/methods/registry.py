@@ -12,6 +12,7 @@ from ..layout import RowLayout
 from .base import FullAttention, PrefillMethod
 from .gemfilter import GemFilter
 from .promptdistill import PromptDistill
+from .random import RandomSelection
 
 METHOD_CLASSES: dict[str, type[PrefillMethod]] = {
     cls.name: cls
@@ -19,6 +20,7 @@ METHOD_CLASSES: dict[str, type[PrefillMethod]] = {
         PromptDistill,
         GemFilter,
         FullAttention,
+        RandomSelection,
     )
 }
 METHODS = tuple(METHOD_CLASSES)
