@@ -27,7 +27,7 @@ class Stage:
 class PromptDistill(PrefillMethod):
     """Multi-stage selection with optional cache truncation: at each stage, the KV of the layers from
     `truncate_from` (None: none) to the stage's layer is gathered to its kept rows. The transient probe, if any, is
-    dropped after the last stage. Subclasses change which rows a stage keeps through `scores` and `choose`."""
+    dropped after the last stage. Subclasses change which rows a stage keeps through `scores` and `units`."""
 
     stages: list[Stage]
     selector: Selector
@@ -69,17 +69,9 @@ class PromptDistill(PrefillMethod):
         """Scores [real rows] of batch row `b`'s real rows at layer `i`: its query rows' attention over `heads`."""
         return self.selector.score(state.query_head_scores(self.selector, i, layer_input, b), heads)
 
-    def choose(
-        self,
-        scores: torch.Tensor,
-        candidates: torch.Tensor,
-        num_candidates: int,
-        budget: int,
-        units: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Sorted row indices to keep: every protected row and `budget` of the `candidates` by `scores` (whole
-        span `units` where given; see `Selector.keep`)."""
-        return self.selector.keep(scores, candidates, num_candidates, budget, units)
+    def units(self, state: PrefillState, b: int) -> torch.Tensor | None:
+        """Span unit ids of batch row `b`'s real rows, which the selector keeps whole (None: token by token)."""
+        return state.units(b)
 
     def _keep(
         self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, budget: int, heads: tuple[int, ...] | None
@@ -94,6 +86,6 @@ class PromptDistill(PrefillMethod):
             state.scores[b] = torch.zeros(
                 len(layout.prunable) + len(layout.probe_ids), device=scores.device
             ).index_put_((state.positions[b, rows],), scores)
-        keep = self.choose(scores, state.candidates[b, rows], state.remaining[b], budget, state.units(b))
+        keep = self.selector.keep(scores, state.candidates[b, rows], state.remaining[b], budget, self.units(state, b))
         state.remaining[b] = budget
         return keep

@@ -31,7 +31,7 @@ class RandomSelection(PromptDistill):
     @classmethod
     def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> RandomSelection:
         """PromptDistill's stages for `config`, with a selector that ranks the draws as they are (no pooling or
-        detrending, which would correlate neighbouring draws)."""
+        detrending, which would correlate neighbouring draws): the `budget` highest draws are a uniform subset."""
         method = super().from_config(config, layouts)
         return replace(method, selector=Selector(config.aggregation, pool_kernel=1))
 
@@ -42,14 +42,6 @@ class RandomSelection(PromptDistill):
         generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + i)
         return torch.rand(state.lengths[b], generator=generator).to(state.hidden.device)
 
-    def choose(
-        self,
-        scores: torch.Tensor,
-        candidates: torch.Tensor,
-        num_candidates: int,
-        budget: int,
-        units: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The `budget` candidates with the highest draws, a uniform subset, and every protected row; span units
-        are ignored, so the baseline is the same whatever the span."""
-        return self.selector.keep(scores, candidates, num_candidates, budget)
+    def units(self, state: PrefillState, b: int) -> None:
+        """None: the draws pick tokens one by one whatever the span, so the baseline is the same for every span."""
+        return None
