@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationInfo, create_model, field_valid
 from .call_options import CallOptions
 from .config import PromptDistillConfig
 from .inputs import SamplingParams, check_sampling_field, sampling_params, unexpected
+from .methods.registry import METHODS
 
 CONFIG_SHORTCUTS = tuple(f.name for f in dataclasses.fields(PromptDistillConfig))
 
@@ -44,7 +45,7 @@ class DistillSettings(BaseModel):
         "fields come from the model's profile. Each field is also an argument of its own, "
         "which overrides config's.",
     )
-    method: str | None = Field(default=None, description="config.method: promptdistill, gemfilter or full.")
+    method: str | None = Field(default=None, description=f"config.method: one of {', '.join(METHODS)}.")
     selection_layers: tuple[int, ...] | int | None = Field(
         default=None, description="config.selection_layers; a single int is one stage."
     )

@@ -1,8 +1,9 @@
 """Validated PromptDistill settings and per-model profiles.
 
 A `PromptDistillConfig` may leave its schedule (`selection_layers`, `budgets`) and its scoring fields as `None`;
-`resolve_config` fills them from the model's profile (calibrated settings, shipped in `profiles/` or written to the
-cache by `pd-calibrate`), from the GemFilter paper for `method="gemfilter"`, or from a documented fallback rule.
+`resolve_config` fills every one of them, as the config's method says (`methods.registry`): from the model's
+profile (calibrated settings, shipped in `profiles/` or written to the cache by `pd-calibrate`), from the GemFilter
+paper for `method="gemfilter"`, from a documented fallback rule, and from the package `DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("promptdistill", "gemfilter", "full")
 QUERY_SOURCES = ("auto", "last_token")
 AGGREGATIONS = ("softmax_mean", "softmax_max", "logits_mean")
 SPANS = ("token", "chunk", "sentence", "document", "passage")
@@ -61,6 +61,11 @@ SCORING_FIELDS = (
     "detrend_window",
 )
 PROFILE_FIELDS = ("selection_layers", "budgets", *SCORING_FIELDS)
+
+# What fills the fields that neither the caller, the profile nor the fallback rule sets (resolution ends with it):
+# the unit scoring and detrending of `Selector`'s defaults, and the fallback rule's scoring for a method that reads no
+# profile. Unset heads become all heads at every stage (`fill_unset`).
+DEFAULTS = {**FALLBACK_SCORING, "unit_score": "max", "unit_topk": 8, "detrend_window": 0}
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -138,11 +143,13 @@ def budget_to_json(budget):
 class PromptDistillConfig:
     """How a prompt is distilled during prefill.
 
-    Fields left `None` are filled per model by `resolve_config` (profile, paper settings or fallback rule).
+    Fields left `None` are filled per model by `resolve_config` (profile, paper settings, fallback rule and
+    `DEFAULTS`): a resolved config has no `None` field.
 
-    method: "promptdistill" keeps the selected tokens' hidden states and original positions; "gemfilter" selects
-        at the first selection layer, then re-runs the whole model on the kept tokens with renumbered positions;
-        "full" is the unmodified model.
+    method: one of `methods.registry.METHODS`. "promptdistill" keeps the selected tokens' hidden states and
+        original positions; "gemfilter" selects at the first selection layer, then re-runs the whole model on the
+        kept tokens with renumbered positions; "full" is the unmodified model (it resolves to no stages);
+        "random" keeps PromptDistill's budgets but uniformly random context tokens (the baseline to beat).
     selection_layers: strictly increasing decoder-layer indices at which tokens are selected (not the last layer).
     budgets: prunable (retrieved-context) tokens kept at each stage, as ints >= 1, fractions in (0, 1] of the
         prunable tokens, or length-aware rules `{"fraction": f, "floor": a, "cap": b}` keeping
@@ -167,7 +174,9 @@ class PromptDistillConfig:
         `documents=` (a context of passages joined by blank lines); unit scores rank them (`unit_score`).
         Chunks and sentences never cross the boundaries of documents that a call names. Sentence spans need the
         prompt text; raw `input_ids` that don't round-trip through the tokenizer use chunks instead.
-    heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration.
+    chunk_size: tokens per chunk (the profile's, else 64 as the fallback rule).
+    heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration;
+        unset, every stage scores with all heads.
     unit_score: how a span unit (chunk, sentence, document) is ranked from its tokens' scores: "max" (its best
         token, the default), "mean", or "topk_mean" (the mean of its `unit_topk` best tokens).
     unit_topk: tokens averaged per unit by "topk_mean" (default 8).
@@ -235,26 +244,30 @@ class PromptDistillConfig:
         return 0
 
     def _validate(self) -> None:
-        _check_choice("method", self.method, METHODS)
+        method = _method_class(self.method)
+        self._check_choices()
+        self._check_ints()
+        self._check_schedule()
+        self._check_heads()
+        method.check_config(self)
+
+    def _check_choices(self) -> None:
         _check_choice("query_source", self.query_source, QUERY_SOURCES, optional=True)
         _check_choice("aggregation", self.aggregation, AGGREGATIONS, optional=True)
         _check_choice("span", self.span, SPANS, optional=True)
         _check_choice("unit_score", self.unit_score, UNIT_SCORES, optional=True)
-        if self.unit_topk is not None and not (_is_int(self.unit_topk) and self.unit_topk >= 1):
-            raise ValueError(f"unit_topk must be an int >= 1, got {self.unit_topk!r}")
-        if self.detrend_window is not None and not (_is_int(self.detrend_window) and self.detrend_window >= 0):
-            raise ValueError(f"detrend_window must be an int >= 0 (0 = off), got {self.detrend_window!r}")
-        if self.detrend_window and self.aggregation == "logits_mean":
-            raise ValueError(
-                "detrend_window divides by mean scores, which needs positive scores: use aggregation "
-                "'softmax_mean' or 'softmax_max' with it, not 'logits_mean'"
-            )
         if not any(
             self.cache_truncation is c or self.cache_truncation == c and isinstance(c, str) for c in CACHE_TRUNCATIONS
         ):
             raise ValueError(
                 f"cache_truncation must be True, False or 'after_first_stage', got {self.cache_truncation!r}"
             )
+
+    def _check_ints(self) -> None:
+        if self.unit_topk is not None and not (_is_int(self.unit_topk) and self.unit_topk >= 1):
+            raise ValueError(f"unit_topk must be an int >= 1, got {self.unit_topk!r}")
+        if self.detrend_window is not None and not (_is_int(self.detrend_window) and self.detrend_window >= 0):
+            raise ValueError(f"detrend_window must be an int >= 0 (0 = off), got {self.detrend_window!r}")
         if self.pool_kernel is not None and not (
             _is_int(self.pool_kernel) and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1
         ):
@@ -269,42 +282,34 @@ class PromptDistillConfig:
             value = getattr(self, name)
             if not (_is_int(value) and value >= minimum or name == "chunk_size" and value is None):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if self.detrend_window and self.aggregation == "logits_mean":
+            raise ValueError(
+                "detrend_window divides by mean scores, which needs positive scores: use aggregation "
+                "'softmax_mean' or 'softmax_max' with it, not 'logits_mean'"
+            )
+
+    def _check_schedule(self) -> None:
+        # An empty schedule is the method's to refuse (`PrefillMethod.check_config`): full attention has no stages.
         layers, budgets = self.selection_layers, self.budgets
         if layers is not None:
-            if not layers or not all(_is_int(i) and i >= 0 for i in layers):
+            if not all(_is_int(i) and i >= 0 for i in layers):
                 raise ValueError(f"selection_layers must be one or more ints >= 0, got {layers!r}")
             if any(b <= a for a, b in zip(layers, layers[1:])):
                 raise ValueError(f"selection_layers must be strictly increasing, got {layers!r}")
         if budgets is not None:
-            if not budgets:
-                raise ValueError(f"budgets must be one or more ints >= 1 or fractions in (0, 1], got {budgets!r}")
-            for b in budgets:
-                if isinstance(b, BudgetRule):
-                    continue
-                if isinstance(b, bool) or not isinstance(b, (int, float)):
-                    raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
-                if _is_int(b) and b < 1 or isinstance(b, float) and not 0 < b <= 1:
-                    raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
-            if any(type(b) is not type(budgets[0]) and not (_is_int(b) and _is_int(budgets[0])) for b in budgets):
-                raise ValueError(f"budgets must be all ints or all fractions (or all rules), got {budgets!r}")
-            if isinstance(budgets[0], BudgetRule):
-                for key in BudgetRule.KEYS:
-                    values = [math.inf if getattr(b, key) is None else getattr(b, key) for b in budgets]
-                    if any(b > a for a, b in zip(values, values[1:])):
-                        raise ValueError(
-                            f"budgets rules must be non-increasing across stages in {key!r}, "
-                            f"got {[budget_to_json(b) for b in budgets]!r}"
-                        )
-            elif any(b > a for a, b in zip(budgets, budgets[1:])):
-                raise ValueError(f"budgets must be non-increasing across stages, got {budgets!r}")
+            _check_budgets(budgets)
         if layers is not None and budgets is not None and len(layers) != len(budgets):
             raise ValueError(f"selection_layers and budgets need one entry per stage, got {layers!r} and {budgets!r}")
-        if self.method == "gemfilter" and layers is not None and len(layers) != 1:
-            raise ValueError(f"gemfilter selects once: selection_layers must have one layer, got {layers!r}")
+
+    def _check_heads(self) -> None:
         for heads in self.heads or ():
             if heads is not None and (not heads or not all(_is_int(h) and h >= 0 for h in heads)):
                 raise ValueError(f"heads entries must be None or non-empty lists of ints >= 0, got {heads!r}")
-        if self.heads is not None and layers is not None and len(self.heads) != len(layers):
+        if (
+            self.heads is not None
+            and self.selection_layers is not None
+            and len(self.heads) != len(self.selection_layers)
+        ):
             raise ValueError(f"heads needs one entry (a head list or None) per selection layer, got {self.heads!r}")
 
     def validate_for(self, num_layers: int, num_heads: int) -> None:
@@ -328,6 +333,38 @@ class PromptDistillConfig:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _method_class(name):
+    """The registered method class `name` names; raises `ValueError` listing the registered names."""
+    # Imported on use: the method modules import this one, and a config is built only after both have loaded.
+    from .methods.registry import method_class
+
+    return method_class(name)
+
+
+def _check_budgets(budgets: tuple) -> None:
+    """Raise `ValueError` unless `budgets` are stage budgets of one kind, non-increasing across stages (empty ones
+    are the method's to refuse)."""
+    for b in budgets:
+        if isinstance(b, BudgetRule):
+            continue
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
+        if _is_int(b) and b < 1 or isinstance(b, float) and not 0 < b <= 1:
+            raise ValueError(f"budgets must be ints >= 1 or fractions in (0, 1], got {b!r}")
+    if any(type(b) is not type(budgets[0]) and not (_is_int(b) and _is_int(budgets[0])) for b in budgets):
+        raise ValueError(f"budgets must be all ints or all fractions (or all rules), got {budgets!r}")
+    if budgets and isinstance(budgets[0], BudgetRule):
+        for key in BudgetRule.KEYS:
+            values = [math.inf if getattr(b, key) is None else getattr(b, key) for b in budgets]
+            if any(b > a for a, b in zip(values, values[1:])):
+                raise ValueError(
+                    f"budgets rules must be non-increasing across stages in {key!r}, "
+                    f"got {[budget_to_json(b) for b in budgets]!r}"
+                )
+    elif any(b > a for a, b in zip(budgets, budgets[1:])):
+        raise ValueError(f"budgets must be non-increasing across stages, got {budgets!r}")
 
 
 def _check_choice(name: str, value, allowed: tuple[str, ...], optional: bool = False) -> None:
@@ -432,6 +469,22 @@ def _fit_stages(settings: dict, config: PromptDistillConfig) -> dict:
     return fitted
 
 
+def fill_unset(config: PromptDistillConfig, sources: list[dict]) -> PromptDistillConfig:
+    """`config` with each unset field taken from the first of the settings dicts `sources`, then `DEFAULTS`, that
+    sets it (to something other than None); unset heads become all heads (None) at every stage. Method classes
+    call it from their `resolve` hook.
+
+    Raises:
+        ValueError: the filled config does not validate (e.g. a stage count that does not match).
+    """
+    fill = {}
+    for source in reversed([*sources, DEFAULTS]):
+        fill.update({k: v for k, v in source.items() if getattr(config, k) is None and v is not None})
+    if config.heads is None and "heads" not in fill:
+        fill["heads"] = (None,) * len(fill.get("selection_layers", config.selection_layers))
+    return config.replace(**fill)
+
+
 def resolve_config(
     config: PromptDistillConfig | None,
     load_profile: Callable[[], Profile | None],
@@ -439,39 +492,41 @@ def resolve_config(
     num_hidden_layers: int,
     num_heads: int,
 ) -> PromptDistillConfig:
-    """Fill the unset fields of `config` for this model and validate the result against its shape.
+    """Fill every unset field of `config` for this model and validate the result against its shape.
 
-    Unset fields come from, in order: the paper's scoring (gemfilter only), the model's profile (`load_profile()`, read
-    only for a method that selects), the fallback rule (with a warning when the schedule itself comes from it).
-    Raises `ValueError` for settings that don't fit the model or a bad profile.
+    The config's method says where unset fields come from (`PrefillMethod.resolve`); for a method that prunes, the
+    sources are the model's profile (`load_profile()`, read only for such a method) and then the fallback rule (with
+    a warning when the schedule itself comes from it); `DEFAULTS` fill what is left.
+
+    Raises:
+        ValueError: settings that don't fit the model, or a bad profile.
     """
     config = config or PromptDistillConfig()
-    if config.method == "full":
-        return config
+    method = _method_class(config.method)
+    sources = _pruning_sources(config, load_profile, model_name, num_hidden_layers) if method.prunes else []
+    config = method.resolve(config, sources)
+    config.validate_for(num_hidden_layers, num_heads)
+    return config
+
+
+def _pruning_sources(
+    config: PromptDistillConfig, load_profile: Callable[[], Profile | None], model_name: str, num_hidden_layers: int
+) -> list[dict]:
+    """The settings that fill a pruning method's unset fields, first source first: the profile's (fitted to the
+    caller's stage count), then the fallback rule's."""
     profile = load_profile()
     if profile is None and (config.selection_layers is None or config.budgets is None):
         warnings.warn(
             f"no PromptDistill profile for {model_name!r}: using the fallback rule (layer "
             f"{fallback_layer(num_hidden_layers)}, 30% of the context with a floor of 461 tokens, 64-token chunks). "
             f"Run `pd-calibrate --model {model_name}` to measure better settings.",
-            stacklevel=3,
+            stacklevel=4,
         )
     sources = [_fit_stages(profile.settings, config) if profile else {}, fallback_schedule(num_hidden_layers)]
     if config.selection_layers is not None:
         # Head subsets were calibrated for the profile's layers, not for layers chosen by the caller.
         sources = [{k: v for k, v in source.items() if k != "heads"} for source in sources]
-    if config.method == "gemfilter":
-        # GemFilter selects once, scored as in its paper (all heads).
-        sources = [PAPER_SCORING] + [
-            {k: v[:1] if k in ("selection_layers", "budgets") else v for k, v in source.items() if k != "heads"}
-            for source in sources
-        ]
     if config.aggregation == "logits_mean":
         # Raw logits can be negative: a profile's detrending belongs to its softmax scores, not to the caller's.
-        sources = [{"detrend_window": 0}] + sources
-    fill = {}
-    for source in reversed(sources):
-        fill.update({k: v for k, v in source.items() if getattr(config, k) is None})
-    config = config.replace(**fill)
-    config.validate_for(num_hidden_layers, num_heads)
-    return config
+        sources = [{"detrend_window": 0}, *sources]
+    return sources

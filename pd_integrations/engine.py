@@ -203,7 +203,7 @@ class PromptDistillEngine:
         seeds with the config's aggregation.
         """
         rendered, layout = self._prepare(prompt_input("query_attention", prompt, arguments))
-        recorder = QueryAttentionRecorder(Selector(self.config.aggregation or "softmax_mean", 1))
+        recorder = QueryAttentionRecorder(Selector(self.config.aggregation, 1))
         with self.runtime.lock, torch.inference_mode():
             recorder.prefill(self.runtime, [self._ids(rendered, layout)], [layout])
         return rendered, layout, torch.stack(recorder.layers)[..., : len(rendered.input_ids)]
@@ -323,7 +323,7 @@ class PromptDistillEngine:
             kv_cache_bytes=row.kv_cache_bytes,
             finish_reason=finish_reason,
             method=self.config.method,
-            selection_layers=tuple(self.config.selection_layers or ()),
+            selection_layers=self.config.selection_layers,
             prompt_text=rendered.text,
             output_token_ids=output,
             decode_start_position=row.next_position,

@@ -38,13 +38,7 @@ class Selector:
     @classmethod
     def from_config(cls, config) -> Selector:
         """The selector a resolved `PromptDistillConfig` describes."""
-        return cls(
-            config.aggregation or "softmax_mean",
-            config.pool_kernel or 1,
-            config.unit_score or cls.unit_score,
-            config.unit_topk or cls.unit_topk,
-            config.detrend_window or 0,
-        )
+        return cls(config.aggregation, config.pool_kernel, config.unit_score, config.unit_topk, config.detrend_window)
 
     def head_scores(
         self,

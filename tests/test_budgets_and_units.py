@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd_integrations.config import BudgetRule, Profile, PromptDistillConfig
+from pd_integrations.config import BudgetRule, Profile, PromptDistillConfig, resolve_config
 from pd_integrations.layout import RowLayout
 from pd_integrations.selection import Selector, unit_scores
 
@@ -74,7 +74,9 @@ def test_profiles_store_rules_as_json_dicts(tmp_path):
     config = Profile.from_json(tmp_path / "m.json").config()
     assert config.budgets == (BudgetRule(0.5, 512), BudgetRule(0.1, 256, 1024))
     assert (config.unit_score, config.unit_topk) == ("topk_mean", 4)
-    assert Selector.from_config(config) == Selector("softmax_mean", 1, "topk_mean", 4)
+    # The selector of the resolved config: resolution fills the scoring the profile leaves out.
+    resolved = resolve_config(config, lambda: None, "m", 30, 9)
+    assert Selector.from_config(resolved) == Selector("softmax_mean", 1, "topk_mean", 4)
     with pytest.raises(ValueError, match=r"unit_score must be one of 'max', 'mean', 'topk_mean', got 'median'"):
         PromptDistillConfig(unit_score="median")
     with pytest.raises(ValueError, match=r"unit_topk must be an int >= 1, got 0"):

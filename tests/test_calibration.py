@@ -164,8 +164,9 @@ def test_sentence_spans_keep_the_needle_sentence(default_engine, tokenizer):
 
 def test_profile_heads_do_not_follow_caller_chosen_layers(default_engine):
     """Retrieval heads are calibrated per layer: choosing other layers must not inherit them."""
-    assert default_engine.config.heads is not None
-    assert default_engine.with_config(PromptDistillConfig(selection_layers=(14,), budgets=(512,))).config.heads is None
+    assert any(heads is not None for heads in default_engine.config.heads)
+    chosen = default_engine.with_config(PromptDistillConfig(selection_layers=(14,), budgets=(512,)))
+    assert chosen.config.heads == (None,)  # every head scores
 
 
 # Calibration's decisions on hand-built scores, without a model. The prompt's tokens (SmolLM2's tokenizer, no special

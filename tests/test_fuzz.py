@@ -26,10 +26,11 @@ from langchain_core.documents import Document
 from llama_index.core.schema import TextNode
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.config import AGGREGATIONS, METHODS, QUERY_SOURCES, SPANS
+from pd_integrations.config import AGGREGATIONS, QUERY_SOURCES, SPANS
 from pd_integrations.langchain import ChatPromptDistill
 from pd_integrations.langchain import PromptDistillLLM as LangChainLLM
 from pd_integrations.llama_index import PromptDistillLLM as LlamaIndexLLM
+from pd_integrations.methods import METHODS
 from pd_integrations.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 from .conftest import tiny_model

@@ -108,7 +108,7 @@ def _method_notes(methods: dict[str, dict]) -> str:
         config = method["config"]
         settings = (
             ""
-            if config["method"] == "full"
+            if not config["selection_layers"]
             else (
                 f" (layers {config['selection_layers']}, budgets {config['budgets']}, {config['query_source']} seeds, "
                 f"{config['aggregation']}, pool {config['pool_kernel']}, {config['span']} spans"

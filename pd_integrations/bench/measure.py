@@ -32,10 +32,11 @@ PEAK_MEMORY = (
     "max_memory_allocated after a reset; on Linux CPUs the peak RSS (VmHWM, reset through "
     "/proc/self/clear_refs after malloc_trim) minus the RSS before; null elsewhere"
 )
-METHODS = ("full", "gemfilter", "paper-rule", "single-stage", "profile")
+METHODS = ("full", "gemfilter", "random", "paper-rule", "single-stage", "profile")
 DESCRIPTIONS = {
     "full": "full attention, the unmodified model",
     "gemfilter": "GemFilter: select at the layer, then re-run the whole model on the kept tokens",
+    "random": "the profile's schedule and budgets keeping uniformly random context tokens: the floor to beat",
     "paper-rule": "PromptDistill with the paper's scoring (last token, logit mean, pool 5, tokens)",
     "single-stage": "PromptDistill with the profile's scoring, one selection at the layer",
     "profile": "PromptDistill with the model's profile (the engine's default settings)",
@@ -57,14 +58,12 @@ def method_engines(
     layer = profile.selection_layers[0] if layer is None else layer
     budget = profile.budgets[0] if budget is None else budget
     stage = {"selection_layers": (layer,), "budgets": (budget,)}
-    # A profile's calibrated heads belong to its own first layer; elsewhere every head scores. Without calibrated
-    # heads, `None` keeps the single-stage config equal to a single-stage profile's, so it is measured once.
-    first_heads = (
-        None if profile.heads is None else ((profile.heads[0] if layer == profile.selection_layers[0] else None),)
-    )
+    # A profile's calibrated heads belong to its own first layer; elsewhere every head scores.
+    first_heads = (profile.heads[0] if layer == profile.selection_layers[0] else None,)
     configs = {
         "full": PromptDistillConfig(method="full"),
         "gemfilter": PromptDistillConfig(method="gemfilter", **stage, heads=(None,)),
+        "random": profile.replace(method="random"),
         "paper-rule": PromptDistillConfig(**stage, **PAPER_SCORING, heads=(None,)),
         "single-stage": profile.replace(**stage, heads=first_heads),
         "profile": profile,

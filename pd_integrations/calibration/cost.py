@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from ..config import BudgetRule, PromptDistillConfig, budget_to_json, resolve_budget
+from ..methods.registry import method_class
 from ..selection import Selector
 
 # The prefill cost model: a layer processing `rows` rows costs rows * (ROW_COST + rows / 2), a per-row term (the
@@ -107,13 +108,12 @@ class Schedule:
     @classmethod
     def of(cls, config: PromptDistillConfig) -> Schedule:
         """The schedule of a resolved selecting config."""
-        heads = config.heads or (None,) * len(config.selection_layers)
         return cls(
-            tuple(zip(config.selection_layers, config.budgets, heads)),
+            tuple(zip(config.selection_layers, config.budgets, config.heads)),
             config.span,
             config.chunk_size,
-            config.unit_score or "max",
-            config.detrend_window or 0,
+            config.unit_score,
+            config.detrend_window,
         )
 
     def floored(self, length: int) -> Schedule:
@@ -178,12 +178,11 @@ def predicted_ratio_of(
     Returns:
         The predicted prefill-time ratio, or None for full attention.
     """
-    # The one place that tells methods apart by their names; the method registry (`pd_integrations.methods`) is to
-    # say what each method pays instead.
-    if config.method == "full":
+    method = method_class(config.method)
+    if not method.prunes:
         return None
     schedule = Schedule.of(config)
-    if config.method == "gemfilter":
+    if method.reruns:
         return _gemfilter_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
     return predicted_prefill_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
 

@@ -12,11 +12,13 @@ The same holds for each layer's cached keys (`key_lengths`), which is what `Deco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import DynamicCache
 
 from ..arch import padding
+from ..config import PromptDistillConfig, fill_unset
 from ..layout import RowLayout
 from ..runtime import Runtime
 from ..selection import Selector
@@ -244,11 +246,35 @@ class PrefillMethod:
     """One way to prefill a batch of prompts: the layer loop, with `after_layer` for what a method does between
     layers.
 
-    Subclasses set `prunes` (whether the engine lays out prunable context for them) and override `after_layer`
-    or, for passes of their own, `prefill`.
+    A registered method (see `methods.registry`) owns its settings through class-level hooks: `name` (the
+    `config.method` that selects it), `prunes` (whether the engine lays out prunable context for it),
+    `reruns` (whether it prefills the kept tokens again from the first layer, which the cost model prices),
+    `check_config` (what it refuses), `resolve` (where its unset fields come from) and `from_config` (the method for
+    a batch). Subclasses override
+    `after_layer` or, for passes of their own, `prefill`.
     """
 
-    prunes = False
+    name: ClassVar[str] = ""
+    prunes: ClassVar[bool] = False
+    reruns: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, config: PromptDistillConfig) -> None:
+        """Raise `ValueError` naming the field for settings this method cannot run; the checks every config passes
+        (`PromptDistillConfig`) have run already. The base method refuses nothing."""
+
+    @classmethod
+    def resolve(cls, config: PromptDistillConfig, sources: list[dict]) -> PromptDistillConfig:
+        """`config` with its unset fields filled from the settings dicts `sources`, first source first (for a method
+        that prunes: the model's profile, then the fallback rule; see `config.resolve_config`), then the package
+        `DEFAULTS` (`config.fill_unset`). Raises `ValueError` for a filled config that does not validate."""
+        return fill_unset(config, sources)
+
+    @classmethod
+    def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> PrefillMethod:
+        """The method for a batch of rows with `layouts` under the resolved `config`; the base method needs
+        neither."""
+        return cls()
 
     def prefill(
         self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
@@ -267,4 +293,14 @@ class PrefillMethod:
 
 
 class FullAttention(PrefillMethod):
-    """The unmodified model: every token through every layer."""
+    """The unmodified model: every token through every layer.
+
+    Nothing is selected, so its config resolves to no stages (`selection_layers`, `budgets` and `heads` are empty
+    whatever was given) and the profile is not read; the scoring fields get the package `DEFAULTS` (the fallback
+    rule's scoring), of which only `PromptDistillEngine.query_attention` reads one (the aggregation)."""
+
+    name = "full"
+
+    @classmethod
+    def resolve(cls, config: PromptDistillConfig, sources: list[dict]) -> PromptDistillConfig:
+        return fill_unset(config.replace(selection_layers=(), budgets=(), heads=()), sources)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import PromptDistillConfig
+from ..config import PAPER_SCORING, PromptDistillConfig, fill_unset
 from ..layout import RowLayout
 from ..runtime import Runtime
 from .base import FullAttention, Prefill, PrefillMethod
@@ -19,7 +19,29 @@ class GemFilter(PrefillMethod):
     """A scout pass that stops at its selection layer, then a fresh full pass over each row's kept tokens."""
 
     scout: PromptDistill
+    name = "gemfilter"
     prunes = True
+    reruns = True
+
+    @classmethod
+    def check_config(cls, config: PromptDistillConfig) -> None:
+        """Raise `ValueError` unless the schedule, where given, has exactly one stage: GemFilter selects once."""
+        PromptDistill.check_config(config)
+        if config.selection_layers is not None and len(config.selection_layers) != 1:
+            raise ValueError(
+                f"gemfilter selects once: selection_layers must have one layer, got {config.selection_layers!r}"
+            )
+
+    @classmethod
+    def resolve(cls, config: PromptDistillConfig, sources: list[dict]) -> PromptDistillConfig:
+        """Unset fields come from the paper's scoring first, then from the first stage of `sources` (the
+        profile's and the fallback rule's schedules) without their heads: GemFilter selects once, scored by all
+        heads as in its paper."""
+        first_stage = [
+            {k: v[:1] if k in ("selection_layers", "budgets") else v for k, v in source.items() if k != "heads"}
+            for source in sources
+        ]
+        return fill_unset(config, [PAPER_SCORING, *first_stage])
 
     @classmethod
     def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> GemFilter:

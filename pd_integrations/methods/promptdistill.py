@@ -27,19 +27,27 @@ class Stage:
 class PromptDistill(PrefillMethod):
     """Multi-stage selection with optional cache truncation: at each stage, the KV of the layers from
     `truncate_from` (None: none) to the stage's layer is gathered to its kept rows. The transient probe, if any, is
-    dropped after the last stage."""
+    dropped after the last stage. Subclasses change which rows a stage keeps through `scores` and `units`."""
 
     stages: list[Stage]
     selector: Selector
     truncate_from: int | None
+    name = "promptdistill"
     prunes = True
+
+    @classmethod
+    def check_config(cls, config: PromptDistillConfig) -> None:
+        """Raise `ValueError` for an empty schedule: a selecting method needs at least one stage."""
+        if config.selection_layers == ():
+            raise ValueError(f"selection_layers must be one or more ints >= 0, got {config.selection_layers!r}")
+        if config.budgets == ():
+            raise ValueError(f"budgets must be one or more ints >= 1 or fractions in (0, 1], got {config.budgets!r}")
 
     @classmethod
     def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> PromptDistill:
         """The config's stages, with fractional budgets resolved against each row layout's prunable tokens."""
-        heads = config.heads or (None,) * len(config.budgets)
         budgets = zip(*(layout.stage_budgets(config.budgets) for layout in layouts))
-        stages = [Stage(*stage) for stage in zip(config.selection_layers, budgets, heads)]
+        stages = [Stage(*stage) for stage in zip(config.selection_layers, budgets, config.heads)]
         return cls(stages, Selector.from_config(config), config.truncated_from_layer())
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
@@ -55,6 +63,16 @@ class PromptDistill(PrefillMethod):
         for b, kept in enumerate(state.stage_kept):
             kept.append(state.positions[b, state.real_rows(b)])
 
+    def scores(
+        self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, heads: tuple[int, ...] | None
+    ) -> torch.Tensor:
+        """Scores [real rows] of batch row `b`'s real rows at layer `i`: its query rows' attention over `heads`."""
+        return self.selector.score(state.query_head_scores(self.selector, i, layer_input, b), heads)
+
+    def units(self, state: PrefillState, b: int) -> torch.Tensor | None:
+        """Span unit ids of batch row `b`'s real rows, which the selector keeps whole (None: token by token)."""
+        return state.units(b)
+
     def _keep(
         self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, budget: int, heads: tuple[int, ...] | None
     ) -> torch.Tensor | None:
@@ -62,12 +80,12 @@ class PromptDistill(PrefillMethod):
         if budget >= state.remaining[b]:
             return None
         rows = state.real_rows(b)
-        scores = self.selector.score(state.query_head_scores(self.selector, i, layer_input, b), heads)
+        scores = self.scores(state, i, layer_input, b, heads)
         if state.scores[b] is None:
             layout = state.layouts[b]
             state.scores[b] = torch.zeros(
                 len(layout.prunable) + len(layout.probe_ids), device=scores.device
             ).index_put_((state.positions[b, rows],), scores)
-        keep = self.selector.keep(scores, state.candidates[b, rows], state.remaining[b], budget, state.units(b))
+        keep = self.selector.keep(scores, state.candidates[b, rows], state.remaining[b], budget, self.units(state, b))
         state.remaining[b] = budget
         return keep
