@@ -1,43 +1,33 @@
-"""The one list of prefill methods: `config.method` names a key of `METHOD_CLASSES`, and config validation,
+"""The one list of prefill methods: `config.method` names a key of `METHOD_PATHS`, and config validation,
 resolution, the adapters, the server and the benchmarks take the names from here.
 
-Adding a method is one class (a `PrefillMethod` with its `name`, see `base.PrefillMethod` for its hooks), imported
-here, and its line in `METHOD_CLASSES`.
+Adding a method is one module with its `PrefillMethod` class (see `base.PrefillMethod` for its hooks) and its line
+in `METHOD_PATHS`. Classes are named by import path and loaded on first use, so that `config` can validate names
+and ask a method for its rules without importing the method modules, which import `config`.
 """
 
 from __future__ import annotations
 
-from ..config import PromptDistillConfig
-from ..layout import RowLayout
-from .base import FullAttention, PrefillMethod
-from .gemfilter import GemFilter
-from .promptdistill import PromptDistill
-from .random import RandomSelection
+import functools
+import importlib
 
-METHOD_CLASSES: dict[str, type[PrefillMethod]] = {
-    cls.name: cls
-    for cls in (
-        PromptDistill,
-        GemFilter,
-        FullAttention,
-        RandomSelection,
-    )
+METHOD_PATHS = {
+    "promptdistill": "pd_integrations.methods.promptdistill:PromptDistill",
+    "gemfilter": "pd_integrations.methods.gemfilter:GemFilter",
+    "full": "pd_integrations.methods.base:FullAttention",
+    "random": "pd_integrations.methods.random:RandomSelection",
 }
-METHODS = tuple(METHOD_CLASSES)
+METHODS = tuple(METHOD_PATHS)
 
 
-def method_class(name) -> type[PrefillMethod]:
-    """The method class registered as `name`.
+@functools.cache
+def method_class(name):
+    """The method class registered as `name` (a `PrefillMethod` subclass).
 
     Raises:
         ValueError: `name` is not a registered method; the message lists them.
     """
-    if name not in METHODS:
+    if name not in METHOD_PATHS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {name!r}")
-    return METHOD_CLASSES[name]
-
-
-def method_for(config: PromptDistillConfig, layouts: list[RowLayout]) -> PrefillMethod:
-    """The prefill method `config.method` names, set up for a batch of rows with `layouts` (fractional budgets
-    resolve against each)."""
-    return method_class(config.method).from_config(config, layouts)
+    module, attribute = METHOD_PATHS[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
