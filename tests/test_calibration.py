@@ -514,7 +514,16 @@ def test_the_cost_model_predicts_each_methods_prefill_from_its_resolved_config()
     )
     assert calibration.predicted_ratio_of(PromptDistillConfig(method="full"), 30, 8060, 60) is None
     # GemFilter: its scout layers 0..13 on every row, then all 30 layers on the 2000 + 60 kept rows.
-    gemfilter = PromptDistillConfig(method="gemfilter", selection_layers=(13,), budgets=(rule,), span="token")
+    # The fields as resolution leaves them (the cost model takes resolved configs).
+    gemfilter = PromptDistillConfig(
+        method="gemfilter",
+        selection_layers=(13,),
+        budgets=(rule,),
+        span="token",
+        heads=(None,),
+        unit_score="max",
+        detrend_window=0,
+    )
     cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
     assert calibration.predicted_ratio_of(gemfilter, 30, 8060, 60) == pytest.approx(
         (14 * cost(8060) + 30 * cost(2060)) / (30 * cost(8060))

@@ -13,6 +13,7 @@ import torch
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
 from pd_integrations.config import find_profile, resolve_config
+from pd_integrations.inputs import PromptInput
 from pd_integrations.loading import DEFAULT_MODEL
 from pd_integrations.methods import METHOD_CLASSES, METHODS, RandomSelection, method_for
 
@@ -109,7 +110,7 @@ def test_every_method_equals_the_model_when_nothing_is_pruned(method, family, to
 
 def random_kept(engine: PromptDistillEngine, seed: int, rows: list[torch.Tensor]) -> list[list[int]]:
     """Each row's kept indices from one batched prefill of the random baseline with `seed`."""
-    prepared = [engine._prepare(input_ids=ids) for ids in rows]
+    prepared = [engine._prepare(PromptInput(input_ids=ids)) for ids in rows]
     layouts = [layout for _, layout in prepared]
     method = dataclasses.replace(method_for(engine.config, layouts), seed=seed)
     assert isinstance(method, RandomSelection)
