@@ -80,8 +80,8 @@ def needle_tokens_kept(tokenizer, result, needle: str) -> bool:
     assert len(offsets) == result.prompt_tokens
     start = result.prompt_text.find(needle)
     assert start >= 0
-    needle_tokens = {i for i, (a, b) in enumerate(offsets) if a < start + len(needle) and b > start}
-    return needle_tokens <= set(result.kept_token_indices)
+    evidence_tokens = {i for i, (a, b) in enumerate(offsets) if a < start + len(needle) and b > start}
+    return evidence_tokens <= set(result.kept_token_indices)
 
 
 def mean_of(records: list[dict], field: str) -> float:

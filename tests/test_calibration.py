@@ -21,7 +21,7 @@ from pd_integrations.calibration import (
     candidate_schedules,
     choose_retrieval_heads,
     compare_scoring,
-    keeps_needle,
+    keeps_evidence,
     needle_rank_table,
 )
 from pd_integrations.calibration.__main__ import main
@@ -211,11 +211,11 @@ def test_keeps_needle_when_it_tops_the_selection_layer_within_the_budget(rendere
     scores[1, :, NEEDLE_SPAN], scores[1, :, FIRST] = 1.0, 0.5
     scores[2, :, THIRD], scores[2, :, FIRST], scores[2, :, FOURTH] = 1.0, 0.5, 0.25  # the needle scores lowest
     record = probe_record(rendered, scores)
-    assert keeps_needle(single(1, 10), record)  # exactly the needle's 10 tokens
-    assert not keeps_needle(single(1, 9), record)
-    assert not keeps_needle(single(2, 10), record)  # at layer 2 the third and first sentences outrank it
-    assert not keeps_needle(single(2, 25), record)  # 25 of 26 candidates: one needle token goes
-    assert keeps_needle(single(2, 26), record)  # a budget covering every candidate prunes nothing
+    assert keeps_evidence(single(1, 10), record)  # exactly the needle's 10 tokens
+    assert not keeps_evidence(single(1, 9), record)
+    assert not keeps_evidence(single(2, 10), record)  # at layer 2 the third and first sentences outrank it
+    assert not keeps_evidence(single(2, 25), record)  # 25 of 26 candidates: one needle token goes
+    assert keeps_evidence(single(2, 26), record)  # a budget covering every candidate prunes nothing
 
 
 def test_keeps_needle_scores_with_the_schedules_heads(rendered):
@@ -223,9 +223,9 @@ def test_keeps_needle_scores_with_the_schedules_heads(rendered):
     scores[3, 0, NEEDLE_SPAN] = 1.0  # head 0 finds the needle
     scores[3, 1:, THIRD] = 1.0  # heads 1 and 2 prefer the third sentence
     record = probe_record(rendered, scores)
-    assert keeps_needle(single(3, 10, (0,)), record)
-    assert not keeps_needle(single(3, 10), record)  # averaged over all heads the third sentence wins
-    assert not keeps_needle(single(3, 10, (1, 2)), record)
+    assert keeps_evidence(single(3, 10, (0,)), record)
+    assert not keeps_evidence(single(3, 10), record)  # averaged over all heads the third sentence wins
+    assert not keeps_evidence(single(3, 10, (1, 2)), record)
 
 
 def test_two_stage_schedules_keep_the_needle_only_through_both_stages(rendered):
@@ -235,11 +235,11 @@ def test_two_stage_schedules_keep_the_needle_only_through_both_stages(rendered):
     scores[3, :, THIRD], scores[3, :, FIRST], scores[3, :, NEEDLE_SPAN] = 1.0, 1.0, 0.5
     record = probe_record(rendered, scores)
     two_stage = lambda second, budget: Schedule(((1, 16, None), (second, budget, None)), "token", None)  # noqa: E731
-    assert not keeps_needle(single(2, 10), record)  # alone, layer 2 keeps the third sentence
-    assert keeps_needle(two_stage(2, 10), record)  # after stage 1 only the needle and the first sentence compete
-    assert not keeps_needle(two_stage(3, 10), record)  # the second stage keeps the first sentence instead
-    assert keeps_needle(two_stage(3, 16), record)  # a second budget as large as the first drops nothing more
-    assert not keeps_needle(Schedule(((1, 9, None), (2, 9, None)), "token", None), record)  # the first drops it
+    assert not keeps_evidence(single(2, 10), record)  # alone, layer 2 keeps the third sentence
+    assert keeps_evidence(two_stage(2, 10), record)  # after stage 1 only the needle and the first sentence compete
+    assert not keeps_evidence(two_stage(3, 10), record)  # the second stage keeps the first sentence instead
+    assert keeps_evidence(two_stage(3, 16), record)  # a second budget as large as the first drops nothing more
+    assert not keeps_evidence(Schedule(((1, 9, None), (2, 9, None)), "token", None), record)  # the first drops it
 
 
 def test_chunk_spans_keep_the_needle_unit_whole_and_cut_the_last_unit_to_its_best_window(rendered):
@@ -251,12 +251,12 @@ def test_chunk_spans_keep_the_needle_unit_whole_and_cut_the_last_unit_to_its_bes
     sentences, pairs = record.units("chunk", 4), record.units("chunk", 8)
     assert len(set(sentences[NEEDLE_SPAN].tolist())) == 1 and sentences[8] != sentences[9] != sentences[19]
     assert len(set(pairs[3:19].tolist())) == 1 and pairs[19] != pairs[18]
-    assert not keeps_needle(single(1, 10), record)  # token spans keep the digit and the third sentence
-    assert keeps_needle(single(1, 10, span="chunk", chunk_size=4), record)  # the needle's unit ranks first
-    assert not keeps_needle(single(1, 9, span="chunk", chunk_size=4), record)  # cut: its last token goes
+    assert not keeps_evidence(single(1, 10), record)  # token spans keep the digit and the third sentence
+    assert keeps_evidence(single(1, 10, span="chunk", chunk_size=4), record)  # the needle's unit ranks first
+    assert not keeps_evidence(single(1, 9, span="chunk", chunk_size=4), record)  # cut: its last token goes
     # Cut to 10 of 16: every window holding the digit ties, so the earliest (rows 5-14) is kept; the needle's end goes.
-    assert not keeps_needle(single(1, 10, span="chunk", chunk_size=8), record)
-    assert keeps_needle(single(1, 16, span="chunk", chunk_size=8), record)
+    assert not keeps_evidence(single(1, 10, span="chunk", chunk_size=8), record)
+    assert keeps_evidence(single(1, 16, span="chunk", chunk_size=8), record)
 
 
 def test_verification_needs_the_evidence_kept_in_a_real_run_and_full_attentions_accuracy():
@@ -394,8 +394,8 @@ def test_tokens_needed_is_the_smallest_single_stage_budget_that_keeps_the_eviden
     for span, chunk in (("token", None), ("sentence", None), ("chunk", 4)):
         needed = calibration.tokens_needed(record, 1, None, span, chunk)
         assert needed == 17  # the third sentence (7 tokens) outranks the needle (10)
-        assert keeps_needle(single(1, needed, span=span, chunk_size=chunk), record)
-        assert not keeps_needle(single(1, needed - 1, span=span, chunk_size=chunk), record)
+        assert keeps_evidence(single(1, needed, span=span, chunk_size=chunk), record)
+        assert not keeps_evidence(single(1, needed - 1, span=span, chunk_size=chunk), record)
     # Unit scoring changes the order: one hot token makes the first sentence the best by max, not by mean.
     scores[2, :, NEEDLE_SPAN], scores[2, :, 3] = 0.5, 0.9
     record = probe_record(rendered, scores)
@@ -414,7 +414,7 @@ def test_tokens_needed_agrees_with_the_selector_at_every_budget(rendered, seed):
     for span, chunk in (("token", None), ("sentence", None), ("chunk", 8)):
         needed = calibration.tokens_needed(record, 1, None, span, chunk)
         kept = [
-            keeps_needle(single(1, budget, span=span, chunk_size=chunk), record)
+            keeps_evidence(single(1, budget, span=span, chunk_size=chunk), record)
             for budget in range(needed - 1, candidates + 1)
         ]
         assert not kept[0] and all(kept[1:]), (span, needed)
@@ -459,7 +459,7 @@ def test_records_round_trip_and_re_search_without_the_model(rendered, tmp_path):
     # Every detrend window is searched, and the exact single-stage judgement agrees with a replay of each schedule.
     single = [row for row in tried if len(row["schedule"].stages) == 1]
     assert {row["schedule"].detrend_window for row in single} == {0, 512, 1024}
-    assert all(keeps_needle(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
+    assert all(keeps_evidence(row["schedule"], loaded) == (row["kept_share"] == 1.0) for row in single)
     # The frontier plot `pd-calibrate --rag` writes beside the search it saved.
     search = calibration_run._save_search(tried, tmp_path / "records.search.json")
     calibration_run._plot_search(search, tried[0]["schedule"], 1.0, 4, 32)

@@ -31,7 +31,7 @@ RAG_ORDERS = ("spread", "rank")
 
 @dataclass
 class ProbeRecord:
-    """One probe's unpruned seed attention [layers, heads, tokens], its evidence tokens (`needle_tokens`: the
+    """One probe's unpruned seed attention [layers, heads, tokens], its evidence tokens (`evidence_tokens`: the
     needle, or for a RAG probe the sentence of the answer's passage that states the answer), its prunable tokens and
     its rendered prompt (the row layout's, so replayed selection drops what the engine would, in the same units).
     Records loaded from disk (`load_records`) have no rendered prompt, only the units saved with them. `labels`
@@ -39,7 +39,7 @@ class ProbeRecord:
 
     probe: object
     scores: torch.Tensor
-    needle_tokens: torch.Tensor
+    evidence_tokens: torch.Tensor
     prunable: torch.Tensor
     rendered: RenderedPrompt | None
     _units: dict = field(default_factory=dict, repr=False)
@@ -85,7 +85,7 @@ def save_records(records: list[ProbeRecord], path: Path, spans=None) -> None:
         {
             "labels": r.labels,
             "scores": r.scores.half(),
-            "evidence": r.needle_tokens,
+            "evidence": r.evidence_tokens,
             "prunable": r.prunable,
             "units": {f"{span}:{chunk or 0}": r.units(span, chunk) for span, chunk in spans if span != "token"},
         }

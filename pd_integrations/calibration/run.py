@@ -28,7 +28,7 @@ from .records import (
 from .search import (
     candidate_schedules,
     choose_retrieval_heads,
-    keeps_needle,
+    keeps_evidence,
     needle_rank_table,
     rag_search,
     report_budget,
@@ -100,7 +100,7 @@ def _search_needles(
     retrieval_heads = choose_retrieval_heads(table)
     schedules = candidate_schedules(num_layers, retrieval_heads, max(lengths))
     kept_share = {
-        s: sum(keeps_needle(s, r) for r in records) / len(records)
+        s: sum(keeps_evidence(s, r) for r in records) / len(records)
         for s in tqdm(schedules, desc="replaying schedules", unit="schedule")
     }
     best_share = max(kept_share.values())

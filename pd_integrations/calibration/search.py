@@ -1,5 +1,5 @@
 """The schedule search on recorded probes: where the needle ranks per layer and head, retrieval heads, candidate
-schedules, their exact or replayed verdicts (`tokens_needed`, `keeps_needle`), and the RAG search over them."""
+schedules, their exact or replayed verdicts (`tokens_needed`, `keeps_evidence`), and the RAG search over them."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def needle_rank_table(records: list[ProbeRecord], budget: int) -> torch.Tensor:
     for record in records:
         candidates = record.scores[..., record.prunable]
         # Needle tokens the layout protects are always kept; rank the prunable ones among the candidates.
-        needle = record.needle_tokens[record.prunable[record.needle_tokens]]
+        needle = record.evidence_tokens[record.prunable[record.evidence_tokens]]
         if needle.numel() == 0:
             hits.append(torch.ones(record.scores.shape[:2]))
             continue
@@ -104,7 +104,7 @@ def compare_scoring(engine: PromptDistillEngine, probes: list[NeedleProbe], budg
     return recall
 
 
-def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
+def keeps_evidence(schedule: Schedule, record: ProbeRecord) -> bool:
     """Replay `schedule` on the recorded scores (later stages scored from the unpruned pass: an approximation).
 
     Args:
@@ -126,7 +126,7 @@ def keeps_needle(schedule: Schedule, record: ProbeRecord) -> bool:
             selector.keep(scores, record.prunable[kept], remaining, budget, units[kept] if units is not None else None)
         ]
         remaining = budget
-    return bool(torch.isin(record.needle_tokens, kept).all())
+    return bool(torch.isin(record.evidence_tokens, kept).all())
 
 
 def tokens_needed(
@@ -158,7 +158,7 @@ def tokens_needed(
     """
     selector = Selector("softmax_mean", 1, detrend_window=detrend_window)
     candidates = record.prunable.nonzero().flatten()
-    evidence = record.needle_tokens[record.prunable[record.needle_tokens]]
+    evidence = record.evidence_tokens[record.prunable[record.evidence_tokens]]
     if evidence.numel() == 0:
         return 0
     scores = selector.candidate_scores(selector.score(record.scores[layer], heads)[candidates])
@@ -219,7 +219,7 @@ def rag_search(
     """Every schedule tried on the RAG (and needle) `records`, cheapest first among equal kept shares: single-stage
     ones (every layer from 2, all heads and each head, every scoring option and fraction) judged exactly from
     `tokens_needed`, and two-stage pairs of the `shortlist` cheapest early stages (layer < 2/3 of the depth) that keep
-    every record within `first_fractions` with the `shortlist` best later ones, replayed with `keeps_needle`.
+    every record within `first_fractions` with the `shortlist` best later ones, replayed with `keeps_evidence`.
 
     Args:
         records: the probes' records.
@@ -299,5 +299,5 @@ def _two_stage(
         for f2 in second_fractions:
             stages = ((first[1], BudgetRule(f1), first[2]), (second[1], BudgetRule(f2), second[2]))
             schedule = Schedule(stages, *first[3])
-            tried.append((schedule, sum(keeps_needle(schedule, r) for r in records) / len(records)))
+            tried.append((schedule, sum(keeps_evidence(schedule, r) for r in records) / len(records)))
     return tried
