@@ -1,7 +1,8 @@
 """The PromptDistill inference path, top to bottom: render → lay out rows → scheduled prefill and decode → result.
 
 - render (`prompt.py`): the prompt, chat messages or token ids as tokens with character offsets;
-- lay out rows (`layout.py`): which tokens are retrieved context (prunable), which rows seed selection, the probe;
+- lay out rows (`layout.py`): which tokens are retrieved context (prunable), which rows seed selection, the
+  query suffix;
 - prefill (`methods/`): full attention, PromptDistill or GemFilter over HF's own layers, a batch of rows at once;
   at a selection layer each row keeps its own kept rows (original order, original RoPE positions) and every
   protected row;
@@ -179,7 +180,7 @@ class PromptDistillEngine:
 
     def check(self, prompt: str | PromptInput | None = None, **arguments) -> None:
         """Raise the `ValueError`/`TypeError` that `generate` would raise for this input (bad arguments, documents
-        not in the prompt, a prompt and probe beyond the context window) without running the model: a long job
+        not in the prompt, a prompt and query suffix beyond the context window) without running the model: a long job
         can check all its inputs before the first one runs. Takes `prompt` and `PromptInput` fields as `stream`
         does."""
         self._prepare(prompt_input("check", prompt, arguments))
@@ -212,7 +213,7 @@ class PromptDistillEngine:
 
     def _prepare(self, prompt: PromptInput) -> tuple[RenderedPrompt, RowLayout]:
         """Render the input, locate its documents and lay out its rows; raises `ValueError`/`TypeError` for bad
-        input or a prompt that (with its probe) exceeds the context window."""
+        input or a prompt that (with its query suffix) exceeds the context window."""
         rendered = render(
             self.tokenizer, prompt.prompt, prompt.messages, prompt.input_ids, prompt.tools, prompt.tool_format
         )
@@ -226,16 +227,16 @@ class PromptDistillEngine:
             if prunes
             else RowLayout.unpruned(len(rendered.input_ids))
         )
-        length = len(rendered.input_ids) + len(layout.probe_ids)
+        length = len(rendered.input_ids) + len(layout.query_suffix_ids)
         if length > self.arch.max_positions:
             raise ValueError(
-                f"the prompt has {length} tokens (query probe included) but {self.model_name}'s context window is "
+                f"the prompt has {length} tokens (query suffix included) but {self.model_name}'s context window is "
                 f"{self.arch.max_positions}; retrieve fewer or shorter documents"
             )
         return rendered, layout
 
     def _ids(self, rendered: RenderedPrompt, layout: RowLayout) -> torch.Tensor:
-        return torch.tensor(rendered.input_ids + list(layout.probe_ids), device=self.device)
+        return torch.tensor(rendered.input_ids + list(layout.query_suffix_ids), device=self.device)
 
     def _request(
         self, rendered: RenderedPrompt, layout: RowLayout, events: queue.SimpleQueue, tag: int, sampling: SamplingParams

@@ -1,4 +1,4 @@
-"""The row layout of a prefill: which prompt tokens selection may drop, which query rows score it, and the probe.
+"""The row layout of a prefill: which prompt tokens selection may drop, which query rows score it, and the query suffix.
 
 Only retrieved context is prunable. Chat-template tokens and role headers, the system prompt (unless it holds the
 context), the tools' signatures, instructions, the question wherever it stands, earlier turns of a conversation and
@@ -28,7 +28,7 @@ resolve to every prunable token (full attention) and `query_free` is True, repor
 Raw `input_ids` (context "positional") and `query_source="last_token"` (the paper's rule) keep selecting.
 
 Seeds are always the last rows of the sequence the model sees, so that their attention reaches the whole context:
-the question plus the template tokens after it when no context follows the question, otherwise a transient probe
+the question plus the template tokens after it when no context follows the question, otherwise a transient query suffix
 (the question's tokens appended after the prompt and dropped after the last selection stage).
 """
 
@@ -57,13 +57,13 @@ _SUMMARY = re.compile(r"\b(summar|overview|tl;?dr|outline|key points|main points
 @dataclass(frozen=True)
 class RowLayout:
     """Per prompt token whether selection may drop it (`prunable`), where the context came from, the transient
-    `probe_ids` appended after the prompt, how many of the last rows seed selection (`query_rows`), each row's
-    span unit (`units`, prompt and probe rows; None for token-level selection), and whether the prompt is
+    `query_suffix_ids` appended after the prompt, how many of the last rows seed selection (`query_rows`), each row's
+    span unit (`units`, prompt and query suffix rows; None for token-level selection), and whether the prompt is
     query-free (`query_free`: nothing to seed selection with, so nothing is pruned; see the module docstring)."""
 
     prunable: torch.Tensor
     context_source: str
-    probe_ids: tuple[int, ...]
+    query_suffix_ids: tuple[int, ...]
     query_rows: int
     units: torch.Tensor | None
     query_free: bool = False
@@ -78,8 +78,8 @@ class RowLayout:
         return int(self.prunable.sum())
 
     def candidates(self) -> torch.Tensor:
-        """Per row (prompt, then probe): whether selection may drop it."""
-        return torch.cat([self.prunable, torch.zeros(len(self.probe_ids), dtype=torch.bool)])
+        """Per row (prompt, then query suffix): whether selection may drop it."""
+        return torch.cat([self.prunable, torch.zeros(len(self.query_suffix_ids), dtype=torch.bool)])
 
     def stage_budgets(self, budgets: tuple) -> list[int]:
         """Context tokens kept per stage: ints as given, fractions of the prunable tokens (rounded up), length-aware
@@ -104,13 +104,13 @@ class RowLayout:
 
 def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> RowLayout:
     """The layout of `rendered` for a method that prunes, under `config`: what is prunable (see the module
-    docstring), the query rows and the probe.
+    docstring), the query rows and the query suffix.
 
     Query rows: the last prompt token for `query_source="last_token"` (the paper's rule); else the question (`query`,
     or a question line the heuristic found) from its start to the end when no prunable token follows it, else a
-    probe of its tokens; with no question, the last user message when it is short and follows the context, else
+    query suffix of its tokens; with no question, the last user message when it is short and follows the context, else
     the last `tail_tokens` tokens. Raises `ValueError` for an empty query, or one longer than `max_probe_tokens`
-    that needs a probe.
+    that needs a query suffix.
     """
     n = len(rendered.input_ids)
     check_query(query)
@@ -133,9 +133,9 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         prunable &= ~_tokens_in(rendered, [question])
     elif query is None and source != "positional" and rendered.text is not None:
         question = _question_line(rendered, prunable)
-    probe, query_rows, tail, seeds = _query_rows(tokenizer, rendered, query, question, prunable, config)
-    prunable[n - (tail - len(probe)) :] = False
-    units = row_units(rendered, prunable, config.span or "token", config.chunk_size, len(probe))
+    suffix, query_rows, tail, seeds = _query_rows(tokenizer, rendered, query, question, prunable, config)
+    prunable[n - (tail - len(suffix)) :] = False
+    units = row_units(rendered, prunable, config.span or "token", config.chunk_size, len(suffix))
     query_free = (
         source != "positional"
         and bool(prunable.any())
@@ -145,7 +145,7 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
             and _SUMMARY.search(rendered.text[rendered.last_user_start :]) is not None
         )
     )
-    return RowLayout(prunable, source, probe, query_rows, units, query_free)
+    return RowLayout(prunable, source, suffix, query_rows, units, query_free)
 
 
 def check_query(query) -> None:
@@ -164,8 +164,8 @@ def _query_rows(
     prunable: torch.Tensor,
     config: PromptDistillConfig,
 ) -> tuple[tuple[int, ...], int, int, str]:
-    """(probe ids, query rows, protected tail rows including the probe, what seeds: "last_token", "question",
-    "user" (the last user message) or "tail"); see `plan_layout`."""
+    """(query suffix ids, query rows, protected tail rows including the query suffix, what seeds: "last_token",
+    "question", "user" (the last user message) or "tail"); see `plan_layout`."""
     n = len(rendered.input_ids)
     if config.query_source == "last_token":
         return (), 1, 1, "last_token"
@@ -175,13 +175,13 @@ def _query_rows(
             return (), n - start, n - start, "question"
     if query is not None or question is not None:
         text = query.strip() if query is not None else rendered.text[question[0] : question[1]].strip()
-        probe = tuple(tokenizer("\n" + text, add_special_tokens=False)["input_ids"])
-        if len(probe) > config.max_probe_tokens:
+        suffix = tuple(tokenizer("\n" + text, add_special_tokens=False)["input_ids"])
+        if len(suffix) > config.max_probe_tokens:
             raise ValueError(
-                f"query has {len(probe)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
-                f"can be used as a probe"
+                f"query has {len(suffix)} tokens; at most max_probe_tokens={config.max_probe_tokens} "
+                f"can be used as a query suffix"
             )
-        return probe, len(probe), len(probe) + _template_tail(prunable, config.tail_tokens), "question"
+        return suffix, len(suffix), len(suffix) + _template_tail(prunable, config.tail_tokens), "question"
     user = rendered.last_user_start
     if user is not None:
         start = _first_token_at_or_after(rendered, user)

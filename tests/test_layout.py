@@ -174,8 +174,8 @@ def test_the_question_seeds_selection_from_the_tail_or_as_a_probe(tiny_llama, to
     engine = engine_for(tiny_llama, tokenizer)
     for query in (None, QUESTION):
         layout = engine.prefill(messages=messages, query=query).rows[0].layout
-        probe_text = tokenizer.decode(layout.probe_ids)
-        assert (QUESTION in probe_text) if probe else layout.probe_ids == ()
+        probe_text = tokenizer.decode(layout.query_suffix_ids)
+        assert (QUESTION in probe_text) if probe else layout.query_suffix_ids == ()
         if not probe:
             seed_ids = rendered_ids(tokenizer, messages)[-layout.query_rows :]
             assert QUESTION in tokenizer.decode(seed_ids)

@@ -28,7 +28,7 @@ from ..selection import Selector
 class PrefillRow:
     """One prompt's part of a prefill. `kept_indices` are prompt token indices whose states reached the last
     layer; `stage_kept` holds the kept indices after each selection stage; `scores` are first-stage selection
-    scores per row (prompt, then probe; 0 before the first stage's selection); `layout` says what was prunable.
+    scores per row (prompt, then query suffix; 0 before the first stage's selection); `layout` says what was prunable.
     Decoding continues at `next_position` (the original prompt length, or the kept length after GemFilter's
     re-run). `kv_cache_bytes` counts this row's cached keys and values (not the batch's padding)."""
 
@@ -88,7 +88,7 @@ class PrefillState:
     """The rows of one batched prefill as it runs: hidden states [B, rows, h], original positions [B, rows] and
     RoPE tables of the current rows, how many are real per batch row (`lengths`, host ints), which are candidates
     for pruning (and how many per batch row), the cache and each layer's cached key positions and per-row key
-    counts. `gather` and `drop_probe` are the only ways rows leave."""
+    counts. `gather` and `drop_query_suffix` are the only ways rows leave."""
 
     runtime: Runtime
     layouts: list[RowLayout]
@@ -107,7 +107,7 @@ class PrefillState:
 
     @classmethod
     def start(cls, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout]) -> PrefillState:
-        """Embed each row's `ids` (prompt, then probe) at positions 0..n-1, left-padded to one batch."""
+        """Embed each row's `ids` (prompt, then query suffix) at positions 0..n-1, left-padded to one batch."""
         arch = runtime.arch
         positions = left_pad([torch.arange(row.shape[0], device=row.device) for row in ids])
         hidden = arch.decoder.embed_tokens(left_pad(ids))
@@ -188,26 +188,26 @@ class PrefillState:
             layer.keys, layer.values = _gather_rows(layer.keys, index, 2), _gather_rows(layer.values, index, 2)
             self.key_positions[j], self.key_lengths[j] = self.positions, list(self.lengths)
 
-    def drop_probe(self, through_layer: int, truncated: range) -> None:
-        """Remove the probe rows (each row's last ones): they only score selection. The `truncated` layers lose
-        them with the rows; the other layers up to `through_layer` drop them too (a crop when every row's probe is
-        as long)."""
-        probes = [len(layout.probe_ids) for layout in self.layouts]
-        if not any(probes):
+    def drop_query_suffix(self, through_layer: int, truncated: range) -> None:
+        """Remove the query suffix rows (each row's last ones): they only score selection. The `truncated` layers
+        lose them with the rows; the other layers up to `through_layer` drop them too (a crop when every row's query
+        suffix is as long)."""
+        suffixes = [len(layout.query_suffix_ids) for layout in self.layouts]
+        if not any(suffixes):
             return
         device = self.hidden.device
-        self.gather([torch.arange(n - p, device=device) for n, p in zip(self.lengths, probes)], truncated)
+        self.gather([torch.arange(n - p, device=device) for n, p in zip(self.lengths, suffixes)], truncated)
         for j in (j for j in range(through_layer + 1) if j not in truncated):
             layer = self.cache.layers[j]
-            if len(set(probes)) == 1:
-                layer.crop(-probes[0])
-                self.key_positions[j] = self.key_positions[j][:, : -probes[0]]
-                self.key_lengths[j] = [n - probes[0] for n in self.key_lengths[j]]
+            if len(set(suffixes)) == 1:
+                layer.crop(-suffixes[0])
+                self.key_positions[j] = self.key_positions[j][:, : -suffixes[0]]
+                self.key_lengths[j] = [n - suffixes[0] for n in self.key_lengths[j]]
                 continue
             index, self.key_lengths[j] = _padded_index(
                 layer.keys.shape[2],
                 self.key_lengths[j],
-                [torch.arange(n - p, device=device) for n, p in zip(self.key_lengths[j], probes)],
+                [torch.arange(n - p, device=device) for n, p in zip(self.key_lengths[j], suffixes)],
                 device,
             )
             layer.keys, layer.values = _gather_rows(layer.keys, index, 2), _gather_rows(layer.values, index, 2)
@@ -239,7 +239,7 @@ class PrefillState:
 
     def _last_position(self) -> int:
         # A host int (no device sync): tells the mask whether a sliding window can exclude anything yet.
-        return max(len(layout.prunable) + len(layout.probe_ids) for layout in self.layouts) - 1
+        return max(len(layout.prunable) + len(layout.query_suffix_ids) for layout in self.layouts) - 1
 
 
 class PrefillMethod:
@@ -279,7 +279,7 @@ class PrefillMethod:
     def prefill(
         self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
     ) -> Prefill:
-        """Run each row's `ids` (prompt, then probe) through layers 0..`last_layer` (default: all) as one batch;
+        """Run each row's `ids` (prompt, then query suffix) through layers 0..`last_layer` (default: all) as one batch;
         returns the `Prefill`, with empty logits when it stops early."""
         state = PrefillState.start(runtime, ids, layouts)
         layers = runtime.arch.num_layers if last_layer is None else last_layer + 1

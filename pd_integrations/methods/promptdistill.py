@@ -26,8 +26,8 @@ class Stage:
 @dataclass
 class PromptDistill(PrefillMethod):
     """Multi-stage selection with optional cache truncation: at each stage, the KV of the layers from
-    `truncate_from` (None: none) to the stage's layer is gathered to its kept rows. The transient probe, if any, is
-    dropped after the last stage. Subclasses change which rows a stage keeps through `scores` and `units`."""
+    `truncate_from` (None: none) to the stage's layer is gathered to its kept rows. The transient query suffix, if
+    any, is dropped after the last stage. Subclasses change which rows a stage keeps through `scores` and `units`."""
 
     stages: list[Stage]
     selector: Selector
@@ -59,7 +59,7 @@ class PromptDistill(PrefillMethod):
         if any(keep is not None for keep in keeps):
             state.gather(keeps, truncated)
         if stage is self.stages[-1]:
-            state.drop_probe(i, truncated)
+            state.drop_query_suffix(i, truncated)
         for b, kept in enumerate(state.stage_kept):
             kept.append(state.positions[b, state.real_rows(b)])
 
@@ -84,7 +84,7 @@ class PromptDistill(PrefillMethod):
         if state.scores[b] is None:
             layout = state.layouts[b]
             state.scores[b] = torch.zeros(
-                len(layout.prunable) + len(layout.probe_ids), device=scores.device
+                len(layout.prunable) + len(layout.query_suffix_ids), device=scores.device
             ).index_put_((state.positions[b, rows],), scores)
         keep = self.selector.keep(scores, state.candidates[b, rows], state.remaining[b], budget, self.units(state, b))
         state.remaining[b] = budget
