@@ -15,17 +15,35 @@ import functools
 import typing
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
 from .call_options import CallOptions
 from .config import PromptDistillConfig
 from .inputs import SamplingParams, check_sampling_field, sampling_params, unexpected
-from .methods.registry import METHODS
 
 CONFIG_SHORTCUTS = tuple(f.name for f in dataclasses.fields(PromptDistillConfig))
 
 
-class DistillSettings(BaseModel):
+# Each `PromptDistillConfig` field is also a setting of its own (None: the config's, or the profile's, value), derived
+# from the dataclass so a new field needs no second declaration; `_check_shortcut` checks it as the config does.
+_ConfigShortcuts = create_model(
+    "ConfigShortcuts",
+    **{
+        name: (
+            Any,
+            Field(
+                None,
+                description=f"PromptDistillConfig.{name}; a single value is one stage."
+                if name in ("selection_layers", "budgets")
+                else f"PromptDistillConfig.{name}.",
+            ),
+        )
+        for name in CONFIG_SHORTCUTS
+    },
+)
+
+
+class DistillSettings(_ConfigShortcuts):
     """Mixed in before an adapter's framework base class (through `sampling_settings`, which adds the sampling
     fields). Subclasses set `ALIASES` (other frameworks' names of their fields), `CALL_OPTIONS` (what a call may
     pass) and `CALL_HINT` (to point a per-call option given to the constructor to its place), `ROUTING_FLAGS`
@@ -45,40 +63,6 @@ class DistillSettings(BaseModel):
         "fields come from the model's profile. Each field is also an argument of its own, "
         "which overrides config's.",
     )
-    method: str | None = Field(default=None, description=f"config.method: one of {', '.join(METHODS)}.")
-    selection_layers: tuple[int, ...] | int | None = Field(
-        default=None, description="config.selection_layers; a single int is one stage."
-    )
-    # Any: checked and normalised by PromptDistillConfig.check_field (rules become `BudgetRule`s).
-    budgets: Any | None = Field(
-        default=None,
-        description="config.budgets: retrieved-context tokens kept per stage (ints >= 1), fractions "
-        "in (0, 1] of them, or length-aware rules {'fraction', 'floor', 'cap'}; a single "
-        "value is one stage (budgets=256 means (256,)).",
-    )
-    span: str | None = Field(default=None, description="config.span: token, chunk, sentence or document.")
-    chunk_size: int | None = Field(default=None, description="config.chunk_size.")
-    aggregation: str | None = Field(
-        default=None, description="config.aggregation: softmax_mean, softmax_max or logits_mean."
-    )
-    heads: tuple[tuple[int, ...] | None, ...] | None = Field(
-        default=None, description="config.heads: per selection layer, the query heads that score (None = all)."
-    )
-    pool_kernel: int | None = Field(default=None, description="config.pool_kernel.")
-    unit_score: str | None = Field(default=None, description="config.unit_score: max, mean or topk_mean.")
-    unit_topk: int | None = Field(default=None, description="config.unit_topk.")
-    detrend_window: int | None = Field(
-        default=None,
-        description="config.detrend_window: candidates whose mean score each score is divided by (0 = off).",
-    )
-    query_source: str | None = Field(default=None, description="config.query_source: auto or last_token.")
-    tail_tokens: int | None = Field(default=None, description="config.tail_tokens.")
-    max_probe_tokens: int | None = Field(default=None, description="config.max_probe_tokens.")
-    protect_head: int | None = Field(default=None, description="config.protect_head.")
-    cache_truncation: bool | str | None = Field(
-        default=None, description="config.cache_truncation: True, False or 'after_first_stage'."
-    )
-    context_min_tokens: int | None = Field(default=None, description="config.context_min_tokens.")
 
     @model_validator(mode="before")
     @classmethod
@@ -244,10 +228,11 @@ def sampling_settings(fields: dict[str, str]) -> type[DistillSettings]:
 @functools.cache
 def _own_settings(cls: type[DistillSettings]) -> frozenset[str]:
     """The fields `DistillSettings` and the adapter classes declare (not the framework base class's)."""
-    return frozenset(
+    declared = {
         name
         for klass in cls.__mro__
         if issubclass(klass, DistillSettings)
         for name in klass.__dict__.get("__annotations__", {})
         if name in cls.model_fields
-    )
+    }
+    return frozenset(declared | set(CONFIG_SHORTCUTS))

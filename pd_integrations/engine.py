@@ -230,7 +230,8 @@ class PromptDistillEngine:
         length = len(rendered.input_ids) + len(layout.query_suffix_ids)
         if length > self.arch.max_positions:
             raise ValueError(
-                f"the prompt has {length} tokens (query suffix included) but {self.model_name}'s context window is "
+                f"the prompt has {length} tokens (including the query, appended to score selection) but "
+                f"{self.model_name}'s context window is "
                 f"{self.arch.max_positions}; retrieve fewer or shorter documents"
             )
         return rendered, layout

@@ -48,7 +48,7 @@ class SchedulerSettings:
     step takes at most `max_batch_tokens` tokens, padding included (a longer prompt still runs, alone); an idle
     scheduler waits `batch_wait` seconds for company before prefilling.
 
-    Limits (None: none): a prompt (probe included) over `max_prompt_tokens` is refused; `max_kv_bytes` bounds the
+    Limits (None: none): a prompt (with its query suffix) over `max_prompt_tokens` is refused; `max_kv_bytes` bounds the
     KV cache of all running rows, each counted as if nothing were pruned (prompt and `max_new_tokens` in every
     layer), so admission is safe whatever selection keeps: a request that alone exceeds it is refused, others
     wait for room. Refusals are `ValueError`s raised to the caller before any model work.
@@ -133,8 +133,8 @@ class Scheduler:
         settings, tokens = self.settings, request.ids.shape[0]
         if settings.max_prompt_tokens is not None and tokens > settings.max_prompt_tokens:
             raise ValueError(
-                f"the prompt has {tokens} tokens (query probe included), over max_prompt_tokens="
-                f"{settings.max_prompt_tokens} (see configure_scheduler)"
+                f"the prompt has {tokens} tokens (including the query, appended to score selection), over "
+                f"max_prompt_tokens={settings.max_prompt_tokens} (see configure_scheduler)"
             )
         needed = request.tokens_bound * self._kv_bytes_per_token
         if settings.max_kv_bytes is not None and needed > settings.max_kv_bytes:

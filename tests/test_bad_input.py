@@ -101,7 +101,7 @@ def test_prompt_longer_than_context_window(engine):
 
 def test_probe_that_overflows_the_window(engine, tokenizer):
     ids = list(range(3, 3 + 510))
-    with pytest.raises(ValueError, match="query probe included"):
+    with pytest.raises(ValueError, match="including the query, appended to score selection"):
         engine.generate(input_ids=ids, query="what is the secret pass code of the vault")
 
 

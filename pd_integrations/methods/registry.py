@@ -20,14 +20,18 @@ METHOD_PATHS = {
 METHODS = tuple(METHOD_PATHS)
 
 
-@functools.cache
 def method_class(name):
     """The method class registered as `name` (a `PrefillMethod` subclass).
 
     Raises:
         ValueError: `name` is not a registered method; the message lists them.
     """
-    if name not in METHOD_PATHS:
+    if not isinstance(name, str) or name not in METHOD_PATHS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {name!r}")
+    return _load(name)
+
+
+@functools.cache
+def _load(name: str):
     module, attribute = METHOD_PATHS[name].split(":")
     return getattr(importlib.import_module(module), attribute)
