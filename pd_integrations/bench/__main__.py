@@ -51,6 +51,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = _common_arguments()
+    parser = argparse.ArgumentParser(
+        prog="pd-bench",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments in _SUBCOMMANDS:
+        add_arguments(commands.add_parser(name, parents=[common], help=help_text))
+    return parser
+
+
+def _common_arguments() -> argparse.ArgumentParser:
+    """The model, method and output options every subcommand of `_parser` takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL, help="model name, directory or hub id (default: %(default)s)")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
@@ -90,21 +105,20 @@ def _parser() -> argparse.ArgumentParser:
         help="tokens to generate per prompt (default: 24, 80 for multi-answer tasks)",
     )
     common.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
+    return common
 
-    parser = argparse.ArgumentParser(
-        prog="pd-bench",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    speed = commands.add_parser("speed", parents=[common], help="prefill, decode, memory and KV cache vs length")
+
+def _speed_arguments(speed: argparse.ArgumentParser) -> None:
     speed.add_argument("--lengths", type=cli.lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
-    needle = commands.add_parser("needle", parents=[common], help="needle-in-a-haystack grid")
+
+
+def _needle_arguments(needle: argparse.ArgumentParser) -> None:
     needle.add_argument("--lengths", type=cli.lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
     needle.add_argument("--depths", type=cli.depths, default=[0.0, 0.5, 1.0], help="e.g. 0,0.25,0.5,0.75,1")
     needle.add_argument("--kind", choices=NEEDLE_KINDS, default="passcode")
-    task = commands.add_parser("tasks", parents=[common], help="RULER-style synthetic tasks")
+
+
+def _tasks_arguments(task: argparse.ArgumentParser) -> None:
     task.add_argument("--lengths", type=cli.lengths, default=[1024, 2048], help="e.g. 1k,2k")
     task.add_argument(
         "--tasks",
@@ -112,9 +126,9 @@ def _parser() -> argparse.ArgumentParser:
         default=list(tasks.TASKS),
         help=f"comma-separated subset of {','.join(tasks.TASKS)}",
     )
-    held = commands.add_parser(
-        "heldout", parents=[common], help="needles in a split of essays that calibration never saw, two question shapes"
-    )
+
+
+def _heldout_arguments(held: argparse.ArgumentParser) -> None:
     held.add_argument("--lengths", type=cli.lengths, default=[2000, 4000], help="e.g. 2000,4000,8000")
     held.add_argument(
         "--shapes",
@@ -128,19 +142,17 @@ def _parser() -> argparse.ArgumentParser:
         default="heldout",
         help="essay files at odd (heldout) or even (dev) positions of the sorted --haystack folder",
     )
-    throughput = commands.add_parser(
-        "throughput", parents=[common], help="B concurrent requests vs sequential ones, batched by the scheduler"
-    )
+
+
+def _throughput_arguments(throughput: argparse.ArgumentParser) -> None:
     throughput.add_argument("--lengths", type=cli.lengths, default=[2000, 4000], help="e.g. 2000,4000")
     throughput.add_argument("--concurrency", type=cli.counts, default=[1, 4, 8, 16], help="values of B, e.g. 1,4,8,16")
     throughput.add_argument(
         "--sequential", type=cli.positive, default=4, help="requests in the sequential baseline (default: %(default)s)"
     )
-    rag = commands.add_parser(
-        "rag",
-        parents=[common],
-        help="RAG prompts: retrieved passages that all resemble the question, in three prompt shapes",
-    )
+
+
+def _rag_arguments(rag: argparse.ArgumentParser) -> None:
     rag.add_argument(
         "--lengths",
         type=cli.lengths,
@@ -180,7 +192,21 @@ def _parser() -> argparse.ArgumentParser:
         help="generated corpus: depots (answerable by small models) or handbook (default: %(default)s)",
     )
     rag.add_argument("--corpus-seed", type=int, default=0, help="seed of the generated corpus (default: 0)")
-    return parser
+
+
+# (name, help, adds its own arguments), in the order `pd-bench --help` lists them
+_SUBCOMMANDS = (
+    ("speed", "prefill, decode, memory and KV cache vs length", _speed_arguments),
+    ("needle", "needle-in-a-haystack grid", _needle_arguments),
+    ("tasks", "RULER-style synthetic tasks", _tasks_arguments),
+    (
+        "heldout",
+        "needles in a split of essays that calibration never saw, two question shapes",
+        _heldout_arguments,
+    ),
+    ("throughput", "B concurrent requests vs sequential ones, batched by the scheduler", _throughput_arguments),
+    ("rag", "RAG prompts: retrieved passages that all resemble the question, in three prompt shapes", _rag_arguments),
+)
 
 
 def _load(args) -> PromptDistillEngine:

@@ -157,42 +157,42 @@ def plot_heatmaps(records: list[dict], row_label: str, path, title: str) -> None
         layout="constrained",
     )
     for axis, method in zip(axes[0], methods):
-        grid = [
-            [
-                _mean(
-                    [r for r in records if r["method"] == method and r["length"] == length and r[row_label] == value],
-                    "score",
-                )
-                for length in lengths
-            ]
-            for value in row_values
-        ]
-        image = axis.imshow(
-            [[float("nan") if v is None else v for v in line] for line in grid],
-            vmin=0,
-            vmax=1,
-            cmap="RdYlGn",
-            aspect="auto",
-        )
-        for y, line in enumerate(grid):
-            for x, value in enumerate(line):
-                if value is not None:
-                    # White on the saturated ends of the colour map, black on its pale middle.
-                    axis.text(
-                        x,
-                        y,
-                        f"{value:.0%}",
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="white" if abs(value - 0.5) > 0.3 else "black",
-                    )
+        image = _heatmap_panel(axis, [r for r in records if r["method"] == method], row_label, lengths, row_values)
         axis.set_title(method)
-        axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
-        axis.set_xlabel("context tokens")
     axes[0][0].set_yticks(range(len(row_values)), [f"{v:.0%}" if isinstance(v, float) else str(v) for v in row_values])
     axes[0][0].set_ylabel(row_label)
     figure.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
     figure.suptitle(title)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _heatmap_panel(axis, records: list[dict], row_label: str, lengths: list, row_values: list):
+    """Draw one method's `records` on `axis` as a grid of mean scores, each cell labelled; return the image."""
+    grid = [
+        [_mean([r for r in records if r["length"] == length and r[row_label] == value], "score") for length in lengths]
+        for value in row_values
+    ]
+    image = axis.imshow(
+        [[float("nan") if v is None else v for v in line] for line in grid],
+        vmin=0,
+        vmax=1,
+        cmap="RdYlGn",
+        aspect="auto",
+    )
+    for y, line in enumerate(grid):
+        for x, value in enumerate(line):
+            if value is not None:
+                # White on the saturated ends of the colour map, black on its pale middle.
+                axis.text(
+                    x,
+                    y,
+                    f"{value:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if abs(value - 0.5) > 0.3 else "black",
+                )
+    axis.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+    axis.set_xlabel("context tokens")
+    return image

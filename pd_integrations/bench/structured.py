@@ -270,8 +270,6 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
     xgrammar and, where installed, outlines-core and lm-format-enforcer (not dependencies: install them to
     compare). The libraries alternate each round, so that load from other processes hits all alike; the first
     round warms up."""
-    import sys
-
     import torch
     import xgrammar as xgr
 
@@ -281,8 +279,16 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
         add_special_tokens=False,
     )["input_ids"]
     width, scores = len(tokenizer), torch.randn(1, len(tokenizer))
-    runs = {}
+    runs = {"xgrammar": _xgrammar_run(xgr, tokenizer, schema, ids, scores, width)}
+    for name, make_run in (("outlines-core", _outlines_run), ("lm-format-enforcer", _lmfe_run)):
+        run = make_run(tokenizer, schema, ids, scores, width)
+        if run is not None:
+            runs[name] = run
+    return _time_runs(runs, len(ids), rounds)
 
+
+def _xgrammar_run(xgr, tokenizer, schema: str, ids: list[int], scores, width: int):
+    """One pass of `compare_libraries` with xgrammar: a fresh matcher masks `scores` before each token of `ids`."""
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer)).compile_json_schema(
         schema, any_whitespace=False
     )
@@ -295,8 +301,11 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
             xgr.apply_token_bitmask_inplace(scores.clone(), bitmask)
             matcher.accept_token(token)
 
-    runs["xgrammar"] = xgrammar_run
+    return xgrammar_run
 
+
+def _outlines_run(tokenizer, schema: str, ids: list[int], scores, width: int):
+    """The same pass with outlines-core, or None where it isn't installed."""
     try:
         from outlines_core import Guide, Index, Vocabulary
         from outlines_core.json_schema import build_regex_from_schema
@@ -306,23 +315,29 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
             fill_next_token_bitmask,
         )
     except ImportError:
-        pass
-    else:
-        tokens: dict[str, list[int]] = {}
-        for token, i in tokenizer.get_vocab().items():
-            if i != tokenizer.eos_token_id:
-                tokens.setdefault(tokenizer.convert_tokens_to_string([token]), []).append(i)
-        index = Index(build_regex_from_schema(schema), Vocabulary(tokenizer.eos_token_id, tokens))
-        outlines_mask = allocate_token_bitmask(width)
+        return None
+    tokens: dict[str, list[int]] = {}
+    for token, i in tokenizer.get_vocab().items():
+        if i != tokenizer.eos_token_id:
+            tokens.setdefault(tokenizer.convert_tokens_to_string([token]), []).append(i)
+    index = Index(build_regex_from_schema(schema), Vocabulary(tokenizer.eos_token_id, tokens))
+    outlines_mask = allocate_token_bitmask(width)
 
-        def outlines_run():
-            guide = Guide(index)
-            for token in ids:
-                fill_next_token_bitmask(guide, outlines_mask)
-                apply_token_bitmask_inplace(scores.clone(), outlines_mask)
-                guide.advance(token)
+    def outlines_run():
+        guide = Guide(index)
+        for token in ids:
+            fill_next_token_bitmask(guide, outlines_mask)
+            apply_token_bitmask_inplace(scores.clone(), outlines_mask)
+            guide.advance(token)
 
-        runs["outlines-core"] = outlines_run
+    return outlines_run
+
+
+def _lmfe_run(tokenizer, schema: str, ids: list[int], scores, width: int):
+    """The same pass with lm-format-enforcer (allowed token ids, then a -inf mask), or None where it isn't installed."""
+    import sys
+
+    import torch
 
     try:
         import transformers.tokenization_utils_base
@@ -332,25 +347,27 @@ def compare_libraries(tokenizer, rounds: int = 8) -> dict[str, dict[str, float]]
         from lmformatenforcer import JsonSchemaParser, TokenEnforcer
         from lmformatenforcer.integrations.transformers import build_token_enforcer_tokenizer_data
     except ImportError:
-        pass
-    else:
-        data = build_token_enforcer_tokenizer_data(tokenizer)
+        return None
+    data = build_token_enforcer_tokenizer_data(tokenizer)
 
-        def lmfe_run():
-            enforcer = TokenEnforcer(data, JsonSchemaParser(json.loads(schema)))
-            for k in range(len(ids)):
-                allowed = enforcer.get_allowed_tokens(ids[:k]).allowed_tokens  # a list of token ids
-                masked = torch.full_like(scores, float("-inf"))
-                masked[0, allowed] = scores[0, allowed]
+    def lmfe_run():
+        enforcer = TokenEnforcer(data, JsonSchemaParser(json.loads(schema)))
+        for k in range(len(ids)):
+            allowed = enforcer.get_allowed_tokens(ids[:k]).allowed_tokens  # a list of token ids
+            masked = torch.full_like(scores, float("-inf"))
+            masked[0, allowed] = scores[0, allowed]
 
-        runs["lm-format-enforcer"] = lmfe_run
+    return lmfe_run
 
+
+def _time_runs(runs: dict, tokens: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Run each of `runs` once per round, alternating; median and best ms per token, skipping the warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
             started = time.perf_counter()
             run()
-            times[name].append((time.perf_counter() - started) / len(ids))
+            times[name].append((time.perf_counter() - started) / tokens)
     return {
         name: {"median_ms": 1000 * statistics.median(t[1:]), "best_ms": 1000 * min(t[1:])} for name, t in times.items()
     }
