@@ -186,46 +186,12 @@ class Grammars:
         """
         if not tools:
             raise ValueError("tools is empty: a tool-call grammar needs at least one tool")
-        tags = []
         for tool in tools:
             # Each tool compiles on its own first, so that a bad schema's error names its tool.
             self.json_schema(tool.parameters, what=f"tool {tool.name!r}'s parameters")
-            tags.append(
-                {
-                    "type": "tag",
-                    "begin": call_header(tool.name),
-                    "content": {
-                        "type": "json_schema",
-                        "json_schema": tool.parameters,
-                        "max_whitespace_cnt": _MAX_WHITESPACE,
-                    },
-                    "end": CALL_FOOTER,
-                }
-            )
-        calls = {
-            "type": "tags_with_separator",
-            "tags": tags,
-            "separator": "\n",
-            "at_least_one": True,
-            "stop_after_first": not parallel,
-        }
-        if required:
-            structure = calls
-        elif reply_schema is not None:
-            structure = {
-                "type": "or",
-                "elements": [
-                    calls,
-                    {"type": "json_schema", "json_schema": reply_schema, "max_whitespace_cnt": _MAX_WHITESPACE},
-                ],
-            }
-        else:
-            structure = {
-                "type": "triggered_tags",
-                "triggers": [TOOL_CALL_BEGIN],
-                "tags": tags,
-                "stop_after_first": not parallel,
-            }
+        structure = _tool_call_structure(
+            [_tool_tag(tool) for tool in tools], required=required, parallel=parallel, reply_schema=reply_schema
+        )
         what = "tool calls of " + ", ".join(repr(tool.name) for tool in tools)
         return Grammar(
             self._compile(
@@ -240,6 +206,51 @@ class Grammars:
             return compile_()
         except (RuntimeError, ValueError, TypeError) as error:  # xgrammar reports bad schemas as RuntimeError
             raise ValueError(f"{what} cannot be compiled into a grammar: {error}") from None
+
+
+def _tool_tag(tool: ToolSpec) -> dict[str, Any]:
+    """The structural tag of one call of `tool`: its header, arguments valid under its schema, the footer."""
+    return {
+        "type": "tag",
+        "begin": call_header(tool.name),
+        "content": {
+            "type": "json_schema",
+            "json_schema": tool.parameters,
+            "max_whitespace_cnt": _MAX_WHITESPACE,
+        },
+        "end": CALL_FOOTER,
+    }
+
+
+def _tool_call_structure(
+    tags: list[dict[str, Any]], *, required: bool, parallel: bool, reply_schema: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The structural-tag format of `Grammars.tool_calls` (same arguments) for the tags of its tools."""
+    calls = {
+        "type": "tags_with_separator",
+        "tags": tags,
+        "separator": "\n",
+        "at_least_one": True,
+        "stop_after_first": not parallel,
+    }
+    if required:
+        return calls
+    if reply_schema is not None:
+        # Either calls or one reply under the schema (OpenAI's tools with response_format).
+        return {
+            "type": "or",
+            "elements": [
+                calls,
+                {"type": "json_schema", "json_schema": reply_schema, "max_whitespace_cnt": _MAX_WHITESPACE},
+            ],
+        }
+    # "auto": free text, each call the model starts with the trigger must then be a valid call.
+    return {
+        "type": "triggered_tags",
+        "triggers": [TOOL_CALL_BEGIN],
+        "tags": tags,
+        "stop_after_first": not parallel,
+    }
 
 
 @functools.lru_cache(maxsize=8)

@@ -113,9 +113,8 @@ def load_model(
             call converts it, ~30 s), a local directory, or a Hugging Face hub
             id. Weights must be safetensors. Hub ids come from the local
             Hugging Face cache; they are downloaded only if ``HF_HUB_OFFLINE=0``.
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``,
-            ``"cuda"``, ``"cuda:N"`` or ``"mps"``. Ignored when ``device_map``
-            is given.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` or ``"mps"``; ignored when ``device_map`` is given.
         dtype: ``"auto"`` (bfloat16 or float16 on CUDA; bfloat16 on CPUs with
             AVX512-BF16 or AMX, see `cpu_runs_bfloat16`; float32 elsewhere),
             ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
@@ -144,9 +143,19 @@ def load_model(
         RuntimeError: the default model's damaged cache cannot be removed
             (the message says which directory to delete).
     """
+    options = _from_pretrained_options(device, dtype, quantization, device_map, trust_remote_code)
+    loaded, tokenizer = _load_from_source(model, options)
+    use_cpu_half_attention(loaded)
+    return loaded.eval(), tokenizer
+
+
+def _from_pretrained_options(
+    device: str, dtype: str | torch.dtype, quantization: str | None, device_map, trust_remote_code: bool
+) -> dict:
+    """The ``from_pretrained`` options of `load_model`'s arguments, checked (raises as it documents)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    options = {
+    return {
         "dtype": torch_dtype,
         # Load straight onto the device; bitsandbytes also needs this to place
         # quantized weights on the requested device.
@@ -154,10 +163,6 @@ def load_model(
         "quantization_config": _quantization_config(quantization, torch_dtype),
         "trust_remote_code": trust_remote_code,
     }
-
-    loaded, tokenizer = _load_from_source(model, options)
-    use_cpu_half_attention(loaded)
-    return loaded.eval(), tokenizer
 
 
 def _load_from_source(model: str, options: dict):

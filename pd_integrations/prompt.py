@@ -180,20 +180,35 @@ def render(
     if tools and messages is None:
         raise ValueError("tools need messages: they are rendered by the chat template")
     if prompt is not None:
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
-        check_text("prompt", prompt)
-        return _tokenize(tokenizer, prompt, add_special_tokens=True)
+        return _render_prompt(tokenizer, prompt)
     if messages is not None:
-        _check_messages(messages)
-        tools = check_tools(tools) if tools else None
-        if tools or has_tool_messages(messages):
-            return _render_with_tools(tokenizer, messages, tools, tool_format)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        rendered = _tokenize(tokenizer, text, add_special_tokens=False)
-        return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages))
+        return _render_messages(tokenizer, messages, tools, tool_format)
+    return _render_ids(tokenizer, input_ids)
+
+
+def _render_prompt(tokenizer, prompt) -> RenderedPrompt:
+    """Raw text `prompt`, checked, tokenized with the tokenizer's special tokens (BOS and the like)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError("prompt is empty")
+    check_text("prompt", prompt)
+    return _tokenize(tokenizer, prompt, add_special_tokens=True)
+
+
+def _render_messages(tokenizer, messages, tools: list | None, tool_format: str) -> RenderedPrompt:
+    """`messages` (and `tools`) through the chat template, with each message's character range."""
+    _check_messages(messages)
+    tools = check_tools(tools) if tools else None
+    if tools or has_tool_messages(messages):
+        return _render_with_tools(tokenizer, messages, tools, tool_format)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = _tokenize(tokenizer, text, add_special_tokens=False)
+    return dataclasses.replace(rendered, message_ranges=_message_ranges(text, messages))
+
+
+def _render_ids(tokenizer, input_ids) -> RenderedPrompt:
+    """Token ids `input_ids`, checked, kept as given; with offsets when their text has them."""
     ids = _token_ids(input_ids, len(tokenizer))
     # Offsets exist only when the decoded text tokenizes back to the same ids.
     text = tokenizer.decode(ids)
@@ -305,31 +320,9 @@ def _token_ids(input_ids, vocab_size: int) -> list[int]:
         f"[0, {vocab_size - 1}]"
     )
     if isinstance(input_ids, (torch.Tensor, np.ndarray)):
-        array = input_ids
-        is_int = (
-            not array.dtype.is_floating_point and not array.dtype.is_complex and array.dtype != torch.bool
-            if isinstance(array, torch.Tensor)
-            else array.dtype.kind in "iu"
-        )
-        if not is_int:
-            raise TypeError(f"{what}, got a {type(array).__name__} of dtype {array.dtype}")
-        shape = tuple(array.shape)
-        if len(shape) == 2 and shape[0] == 1:
-            array = array[0]
-        elif len(shape) != 1:
-            raise ValueError(f"{what} (one sequence: batches are not supported), got shape {list(shape)}")
-        ids = array.tolist()
+        ids = _array_ids(input_ids, what)
     elif isinstance(input_ids, (list, tuple, range)):
-        ids = list(input_ids)
-        for position, value in enumerate(ids):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                nested = (
-                    " (nested lists are not accepted: pass one sequence)"
-                    if isinstance(value, (list, tuple, torch.Tensor, np.ndarray))
-                    else ""
-                )
-                raise TypeError(f"{what}{nested}, got {type(value).__name__} {value!r} at position {position}")
-        ids = [int(value) for value in ids]
+        ids = _sequence_ids(input_ids, what)
     else:
         raise TypeError(
             f"{what}, got {type(input_ids).__name__}"
@@ -344,6 +337,38 @@ def _token_ids(input_ids, vocab_size: int) -> list[int]:
             f"{ids[bad]} at position {bad}"
         )
     return ids
+
+
+def _array_ids(array, what: str) -> list[int]:
+    """The ids of an integer tensor or NumPy array of one sequence (1-D or [1, n]); `what` opens the errors."""
+    is_int = (
+        not array.dtype.is_floating_point and not array.dtype.is_complex and array.dtype != torch.bool
+        if isinstance(array, torch.Tensor)
+        else array.dtype.kind in "iu"
+    )
+    if not is_int:
+        raise TypeError(f"{what}, got a {type(array).__name__} of dtype {array.dtype}")
+    shape = tuple(array.shape)
+    if len(shape) == 2 and shape[0] == 1:
+        array = array[0]
+    elif len(shape) != 1:
+        raise ValueError(f"{what} (one sequence: batches are not supported), got shape {list(shape)}")
+    return array.tolist()
+
+
+def _sequence_ids(sequence, what: str) -> list[int]:
+    """The ids of a flat list/tuple/range as Python ints; `what` opens the error naming the first non-int."""
+    ids = list(sequence)
+    for position, value in enumerate(ids):
+        # bool is an int subclass, but True is no token id.
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            nested = (
+                " (nested lists are not accepted: pass one sequence)"
+                if isinstance(value, (list, tuple, torch.Tensor, np.ndarray))
+                else ""
+            )
+            raise TypeError(f"{what}{nested}, got {type(value).__name__} {value!r} at position {position}")
+    return [int(value) for value in ids]
 
 
 def _message_ranges(

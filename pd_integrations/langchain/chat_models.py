@@ -148,29 +148,27 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
             else {}
         )
         if method == "function_calling":
-            name = convert_to_openai_tool(schema)["function"]["name"]
-            llm = self.bind_tools([schema], tool_choice=name, **traced)
-            parser = (
-                CompletePydanticToolsParser(tools=[schema], first_tool_only=True)
-                if is_pydantic
-                else CompleteJsonToolParser(key_name=name, first_tool_only=True)
-            )
+            llm, parser = self._forced_tool_call(schema, is_pydantic, traced)
         else:
-            if method == "json_schema":
-                json_schema = convert_to_json_schema(schema)
-                response_format = {
-                    "type": "json_schema",
-                    "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema},
-                }
-            else:
-                response_format = {"type": "json_object"}
-            llm = self.bind(response_format=response_format, **traced)
+            llm = self.bind(response_format=_response_format(schema, method), **traced)
             parser = CompletePydanticParser(pydantic_object=schema) if is_pydantic else CompleteJsonParser()
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
+
+    def _forced_tool_call(self, schema: dict | type, is_pydantic: bool, traced: dict[str, Any]):
+        """`with_structured_output`'s "function_calling": (this model forced to call a tool with `schema`'s
+        parameters, the parser of that call's arguments)."""
+        name = convert_to_openai_tool(schema)["function"]["name"]
+        llm = self.bind_tools([schema], tool_choice=name, **traced)
+        parser = (
+            CompletePydanticToolsParser(tools=[schema], first_tool_only=True)
+            if is_pydantic
+            else CompleteJsonToolParser(key_name=name, first_tool_only=True)
+        )
+        return llm, parser
 
     # ---------------------------------------------------------------- generation
 
@@ -240,6 +238,17 @@ class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
         if run_manager:
             run_manager.on_llm_new_token(piece, chunk=chunk)
         return chunk
+
+
+def _response_format(schema: dict | type | None, method: str) -> dict[str, Any]:
+    """The OpenAI `response_format` of `with_structured_output`'s "json_schema" or "json_mode" `method`."""
+    if method == "json_schema":
+        json_schema = convert_to_json_schema(schema)
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": json_schema.get("title", "output"), "schema": json_schema},
+        }
+    return {"type": "json_object"}
 
 
 _ROLES = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant", ToolMessage: "tool"}
