@@ -141,51 +141,28 @@ def budget_to_json(budget):
 
 @dataclass(frozen=True)
 class PromptDistillConfig:
-    """How a prompt is distilled during prefill.
+    """How a prompt is distilled during prefill: a validated, frozen config.
 
-    Fields left `None` are filled per model by `resolve_config` (profile, paper settings, fallback rule and
-    `DEFAULTS`): a resolved config has no `None` field.
+    Fields left `None` are filled per model by `resolve_config`. Details and ranges: docs/design.md#configuration.
 
-    method: one of `methods.registry.METHODS`. "promptdistill" keeps the selected tokens' hidden states and
-        original positions; "gemfilter" selects at the first selection layer, then re-runs the whole model on the
-        kept tokens with renumbered positions; "full" is the unmodified model (it resolves to no stages);
-        "random" keeps PromptDistill's budgets but uniformly random context tokens (the baseline to beat).
-    selection_layers: strictly increasing decoder-layer indices at which tokens are selected (not the last layer).
-    budgets: prunable (retrieved-context) tokens kept at each stage, as ints >= 1, fractions in (0, 1] of the
-        prunable tokens, or length-aware rules `{"fraction": f, "floor": a, "cap": b}` keeping
-        max(a, min(b, ceil(f * n))) of n prunable tokens (see `BudgetRule`); all stages of one kind,
-        non-increasing (rules: each of fraction, floor and cap). Resolved budgets never grow from one stage to the
-        next. Protected tokens (see `pd_integrations.layout`) are kept on top of it.
-    pool_kernel: odd avg-pool width that smooths token scores before selection (1 = no smoothing).
-    cache_truncation: True gathers the KV of the layers up to each selection layer down to that stage's kept
-        tokens; "after_first_stage" does so only for the layers after the first selection layer, so the layers up
-        to it keep every token's KV; False keeps each layer's KV of every token that reached it.
-    query_source: "auto" seeds selection with the question span (the `query` when given, else the last user
-        message or the last `tail_tokens` tokens); "last_token" seeds with the last prompt token, as the paper.
-    tail_tokens: seed/protected tail length when no query span is known.
-    protect_head: leading tokens always kept (attention sinks).
-    aggregation: "softmax_mean"/"softmax_max" take the attention softmax over keys, then the mean/max over heads
-        and seed tokens; "logits_mean" averages raw scaled q·k logits (the paper).
-    span: "token" selects tokens; "chunk" keeps whole `chunk_size`-token chunks, "sentence" whole sentences
-        (split after . ! ? and at line breaks) and "document" whole retrieved documents (the `documents=` of a
-        call), ranked by their best token; the budget still counts tokens, so of the first unit that does not fit,
-        its best-scoring run of the tokens left is kept.
-        "passage" keeps whole paragraphs (text between blank lines) within documents, so it also works without
-        `documents=` (a context of passages joined by blank lines); unit scores rank them (`unit_score`).
-        Chunks and sentences never cross the boundaries of documents that a call names. Sentence spans need the
-        prompt text; raw `input_ids` that don't round-trip through the tokenizer use chunks instead.
-    chunk_size: tokens per chunk (the profile's, else 64 as the fallback rule).
-    heads: per selection layer, the query heads that score (None = all heads), e.g. retrieval heads from calibration;
-        unset, every stage scores with all heads.
-    unit_score: how a span unit (chunk, sentence, document) is ranked from its tokens' scores: "max" (its best
-        token, the default), "mean", or "topk_mean" (the mean of its `unit_topk` best tokens).
-    unit_topk: tokens averaged per unit by "topk_mean" (default 8).
-    detrend_window: rank each candidate by its score over the mean score of the `detrend_window` candidates around
-        it (0 = off, the default), so that early layers' decay of attention with distance does not bury the
-        passages farthest from the question (see `Selector`). Needs a softmax aggregation.
-    max_probe_tokens: longest `query` accepted as a transient probe.
-    context_min_tokens: without `documents=`, the fewest tokens a message needs to be taken as the retrieved
-        context (see `pd_integrations.layout`); shorter prompts are not pruned.
+    Args:
+        method: one of `methods.registry.METHODS` ("promptdistill", "gemfilter", "full", "random").
+        selection_layers: strictly increasing decoder-layer indices at which tokens are selected (not the last).
+        budgets: prunable tokens kept per stage: ints, fractions in (0, 1] or `BudgetRule`s; non-increasing.
+        pool_kernel: odd avg-pool width smoothing token scores before selection (1 = none).
+        cache_truncation: True, "after_first_stage" or False: which earlier layers' KV is cut to the kept tokens.
+        query_source: "auto" (the question span) or "last_token" (the paper) seeds selection.
+        tail_tokens: seed and protected tail length when no query span is known.
+        protect_head: leading tokens always kept (attention sinks).
+        aggregation: "softmax_mean", "softmax_max" or "logits_mean" (the paper): how scores combine.
+        span: "token", "chunk", "sentence", "passage" or "document": the unit kept whole.
+        chunk_size: tokens per chunk.
+        heads: per selection layer, the query heads that score (None = all heads).
+        unit_score: "max", "mean" or "topk_mean": how a span unit is ranked from its tokens' scores.
+        unit_topk: tokens averaged per unit by "topk_mean".
+        detrend_window: candidates around each whose mean score it is ranked over (0 = off; softmax only).
+        max_probe_tokens: longest `query` accepted as a transient probe.
+        context_min_tokens: without `documents=`, the fewest tokens a message needs to be the retrieved context.
     """
 
     method: str = "promptdistill"

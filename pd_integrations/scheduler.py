@@ -1,25 +1,7 @@
 """The scheduler every generation on a runtime goes through, so that concurrent calls share forwards.
 
-Callers (`engine.generate`/`stream`/`generate_batch`, the adapters, the server, from any thread) submit requests;
-one worker thread per runtime runs the loop a serving engine runs:
-
-1. admit waiting requests while the decode batch has room (`max_batch_size`) and their padded prefill stays
-   within `max_batch_tokens`; when nothing is decoding, first wait `batch_wait` seconds so that requests arriving
-   together share one prefill;
-2. prefill the admitted requests, one batched prefill per config (rows of different lengths, each selecting on
-   its own), sample each row's first token, and join the rows to the running decode batch;
-3. run one decode step for every running row, sample, emit, and let finished or abandoned rows leave.
-
-Events go back to each caller through its request's queue; text, stop strings and results are the caller's work.
-The worker holds the runtime's lock for each forward only, exits when idle, and never dies with a request: an
-exception fails exactly the requests of the forward that raised it.
-
-transformers has continuous batching too (`transformers.generation.continuous_batching`: a FIFO scheduler over a
-paged KV cache, fed by the model's own forward). It does not fit a pruned prefill: its scheduler plans chunked
-prefills of whole prompts through the model's forward, while ours changes the row set between layers; its paged
-cache allocates the same blocks per request in every layer, while a pruned row holds n keys in the layers before
-a selection and k after it; and its attention indexes positions by cache offset, while kept keys carry their
-original, gapped positions. The loop and admission rules here follow its FIFO scheduler.
+One worker thread per runtime admits requests, prefills them together and runs one decode batch; see
+docs/batching.md.
 """
 
 from __future__ import annotations

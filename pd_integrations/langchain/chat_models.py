@@ -41,43 +41,17 @@ STRUCTURED_OUTPUT_METHODS = ("json_schema", "function_calling", "json_mode")
 
 
 class ChatPromptDistill(PromptDistillSettings, BaseChatModel):
-    """A Hugging Face chat model run through PromptDistill: at the selection layers the question's attention picks
-    the context tokens that later layers see, so time to first token and KV cache shrink on long RAG prompts.
+    """A Hugging Face chat model run through PromptDistill: the question's attention prunes the retrieved context
+    during prefill, so time to first token and KV cache shrink on long RAG prompts. See docs/design.md.
 
-    Only retrieved context is pruned; the instructions, the question and earlier turns always reach every layer
-    (see `pd_integrations.layout`). The model learns which text is the context and which the question, most
-    precise first, from: a `DistillPrompt` wrapping the chain's prompt template (per input, no rebinding);
-    `pd_query` and `pd_documents` (per call or via `.bind(...)`); else a rule that takes the body of the one long
-    message as the context and a "Question: ..." or "...?" line (else the last short human message) as the
-    question. `response_metadata["promptdistill"]["context_source"]` says which: "template", "documents",
-    "heuristic" or "none". A question that precedes the context seeds selection as a transient probe.
-    `pd_documents` (the retrieved `Document`s or texts, as inserted in the prompt) also keeps span units inside
-    document boundaries, is needed by `span="document"` configs, and adds per-document `document_retention`.
+    Args:
+        model: embedded default model, local directory or hub id; `device`, `dtype`, `quantization` load it.
+        config: a `PromptDistillConfig`; each of its fields is also an argument of its own, overriding it.
+        temperature, max_tokens, top_p, top_k, seed, stop: sampling defaults, each overridable per call.
+        tool_format: how tools reach the model: "auto", "template" or "builtin".
 
-    Per call (`invoke(..., method="full")` or `.bind(budgets=(0.25,))`), `model=` runs another model (loaded on
-    first use and shared like the default), and `temperature`, `max_tokens`, `top_p`, `top_k`, `seed` and every
-    `PromptDistillConfig` field (`method`, `budgets`, `selection_layers`, ...) override the constructor's values,
-    checked as the constructor checks them. Assigning a setting (`llm.method = "full"`) or
-    `model_copy(update=...)` validates it too and takes effect on the next call.
-
-    Each `AIMessage` carries `usage_metadata` and `response_metadata` with `model_name`, `finish_reason` and
-    `promptdistill` (prompt/kept tokens, kept ratio, prefill seconds, selection layers, kept character spans of
-    the rendered `prompt_text`, method). `ainvoke`/`astream`/`abatch` run generation in worker threads; the engine
-    serialises forward steps, so concurrent calls interleave safely.
-
-    Example:
-        ```python
-        from langchain_core.output_parsers import StrOutputParser
-        from langchain_core.prompts import ChatPromptTemplate
-        from langchain_core.runnables import RunnablePassthrough
-        from pd_integrations.langchain import ChatPromptDistill, DistillPrompt
-
-        prompt = DistillPrompt(prompt=ChatPromptTemplate.from_messages(
-            [("human", "Question: {question}\\nContext: {context}\\nAnswer:")]))
-        llm = ChatPromptDistill(budgets=0.25, max_tokens=64)
-        chain = {"context": retriever, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()
-        chain.invoke("Who keeps the lighthouse?")
-        ```
+    Raises:
+        TypeError: an unknown argument, to the constructor or a call, naming the closest valid name.
     """
 
     tool_format: Literal["auto", "template", "builtin"] = "auto"

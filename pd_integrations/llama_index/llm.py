@@ -64,51 +64,17 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class PromptDistillLLM(sampling_settings(SAMPLING_SETTINGS), CustomLLM):
-    """A local Hugging Face model that prunes the retrieved context inside itself during prefill.
+    """A local Hugging Face model that prunes the retrieved context inside itself during prefill. See
+    docs/design.md.
 
-    Weights load lazily, on the first generation or `metadata` read, and are shared per process and load settings
-    (`model`, `device`, `dtype`, `quantization`) with every other instance and with the LangChain classes.
+    Args:
+        model: embedded default model, local directory or hub id; `device`, `dtype`, `quantization` load it.
+        config: a `PromptDistillConfig`; each of its fields is also an argument of its own, overriding it.
+        max_new_tokens, temperature, top_p, top_k, seed, stop: sampling defaults, each overridable per call.
+        use_chat_template: render prompts and messages through the tokenizer's chat template (default True).
 
-    `metadata.context_window` is the model's raw (pre-pruning) window, so query engines pack the whole retrieved
-    context into one prompt rather than refine over several. LlamaIndex counts tokens for packing with
-    `Settings.tokenizer` (tiktoken by default); `Settings.tokenizer = llm.engine.tokenizer` counts the model's own.
-
-    Distillation settings: `config` (a `PromptDistillConfig`), and every one of its fields as an argument of its own
-    (`method`, `selection_layers`, `budgets`, `span`, `chunk_size`, ...) overriding `config`'s; fields left unset
-    come from the model's profile.
-
-    Rendering: with `use_chat_template` (the default) a completion prompt is sent as one user turn through the
-    tokenizer's chat template, which is what an instruct model is trained on, and chat messages are rendered by the
-    same template. With `use_chat_template=False` completion prompts are sent as raw text and chat messages through
-    `messages_to_prompt` (for base models, or prompts you have templated yourself). With the chat template, a chat
-    prompt template (a chat engine's, such as `condense_plus_context`'s history turns) is predicted as chat messages
-    even when `is_chat_model` is False, so its turns reach the model as turns, not as "user: ..." text.
-    `complete(prompt)` applies `completion_to_prompt` and `system_prompt` first, as `predict` does; `formatted=True`
-    skips them.
-
-    What is pruned: only retrieved context; the instructions, the question and earlier turns always reach every
-    layer (see `pd_integrations.layout`). `predict`, `stream`, `apredict` and `astream` pass a template's
-    `query_str` to the engine as the question that seeds selection, whether it ends the prompt (text-QA) or
-    precedes the context (refine), and its `context_str` or `context_msg` (split into the nodes' texts) as the
-    only prunable text, so query engines (text-QA, refine, tree-summarize) prune just the nodes
-    (`context_source` "template"). `complete`/`chat` also take `pd_query=` and `pd_documents=` (the retrieved
-    nodes or their texts, as inserted in the prompt) directly. With neither, a rule finds the context (the body
-    of the one long message) and the question (see `ChatPromptDistill`). Span units stay inside node boundaries.
-
-    Each response's `raw` holds `usage` (prompt/completion/total tokens, every prompt token counted whether pruned
-    or not; `TokenCountingHandler` reads it) and `finish_reason`; `additional_kwargs["promptdistill"]` holds what
-    was kept, as the LangChain classes report it (`GenerationResult.stats()`): prompt and kept tokens, kept ratio,
-    prefill seconds, selection layers, method, and kept character spans of `prompt_text`, the prompt as rendered.
-    Streams carry both on their last chunk, whose delta is empty. `PromptDistillStatsHandler` collects them from a
-    query engine.
-
-    Per-call keyword arguments: `pd_query`, `pd_documents`, `max_new_tokens` (or `max_tokens`), `temperature`, `top_p`,
-    `top_k`, `seed`, `stop`, and every `PromptDistillConfig` field (`complete(prompt, method="full")`,
-    `budgets=(0.25,)`), checked as at construction; `structured_predict` takes them in `llm_kwargs`. Assigning a setting
-    (`llm.budgets = 0.5`) or `model_copy(update=...)` is validated too and takes effect. Unknown or misspelled
-    arguments, to the constructor or a call, raise `TypeError` naming the closest valid name; `max_tokens` and
-    `model_name` are accepted as the other frameworks' names of `max_new_tokens` and `model` (giving both names of one
-    setting is a `TypeError`).
+    Raises:
+        TypeError: an unknown argument, to the constructor or a call, naming the closest valid name.
     """
 
     ALIASES = {"max_tokens": "max_new_tokens", "model_name": "model"}
