@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pd_integrations.calibration as calibration
+import pd_integrations.calibration.mixed as calibration_mixed
 import pd_integrations.calibration.run as calibration_run
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
 from pd_integrations.calibration import (
@@ -540,3 +541,44 @@ def test_rag_probes_cover_each_passage_order_and_refuse_unknown_ones(tokenizer):
     for orders in ((), ("sorted",)):
         with pytest.raises(ValueError, match=r"rag_orders must be one or more of spread, rank, got"):
             calibration.rag_probes(tokenizer, [1000], 1, 0, orders)
+
+
+def test_wilson_interval_matches_the_published_table():
+    low, high = calibration_mixed.wilson_interval(17, 30)
+    assert (round(low, 2), round(high, 2)) == (0.39, 0.73)
+    assert calibration_mixed.wilson_interval(0, 30)[0] == 0.0 and calibration_mixed.wilson_interval(0, 0) == (0, 1)
+
+
+def test_quick_calibration_never_sees_its_held_out_half(cache, tokenizer, monkeypatch):
+    mixed = calibration_mixed
+    seen = []  # every probe that recording or verification ran on
+
+    def spy(original):
+        def wrapped(engine, probes, *args):
+            seen.extend(probes)
+            return original(engine, probes, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(mixed, "record_probes", spy(mixed.record_probes))
+    monkeypatch.setattr(mixed, "record_rag_probes", spy(mixed.record_rag_probes))
+    verify = mixed.verify_schedules
+    monkeypatch.setattr(
+        mixed, "verify_schedules", lambda e, ranked, probes, r: spy(lambda *a: verify(*a, r))(e, ranked, probes)
+    )
+    model = tiny_model("qwen3")
+    engine = PromptDistillEngine(model, tokenizer, PromptDistillConfig(method="full"), model_name="tiny-qwen3")
+    profile, measured = mixed.calibrate_mixed(
+        "tiny-qwen3", engine=engine, lengths=(300,), samples=1, verify_candidates=1
+    )
+    kinds = {kind: mixed.split_probes(p) for kind, p in mixed.mixed_probes(engine, (300,), 1, 300, None).items()}
+    held_out = [p for _, heldout in kinds.values() for p in heldout]
+    assert seen and not any(p in held_out for p in seen)
+    assert set(measured["answers"]) == {"depots", "handbook", "needles"}
+    assert measured["split_sizes"] == {"calibration": 6, "heldout": 3}
+    for name in ("profile", "full"):
+        rates = {s: measured["totals"][s][name] / measured["split_sizes"][s] for s in ("calibration", "heldout")}
+        assert measured["generalization_gap"][name] == pytest.approx(rates["calibration"] - rates["heldout"])
+    written = json.loads((cache / "profiles" / "tiny-qwen3.json").read_text())
+    assert written["settings"] == profile.settings and written["calibration"]["generalization_gap"]
+    assert "generalization gap" in mixed.report(measured)

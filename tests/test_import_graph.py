@@ -83,3 +83,13 @@ def test_the_graph_reads_relative_and_lazy_imports():
     graph = import_graph()
     assert "pd_integrations.calibration.cost" in graph["pd_integrations.bench.measure"]
     assert "pd_integrations.bench.serve_load" in graph["pd_integrations.bench.__main__"]  # imported in a function
+
+
+def test_no_package_function_is_over_fifty_lines():
+    long = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 50
+    ]
+    assert not long, "split these functions: " + ", ".join(long)

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..engine import PromptDistillEngine
 from ..loading import DEFAULT_MODEL
 from ..probes import NEEDLE_KINDS
+from .mixed import calibrate_mixed, report
 from .records import RAG_ORDERS, make_probes
 from .run import calibrate, calibrate_rag
 from .search import compare_scoring, report_budget
@@ -44,8 +45,16 @@ def _add_rag_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="calibrate on RAG-shaped probes (retrieved look-alike passages, three prompt shapes)",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="calibrate on several kinds of text (two RAG corpora in three shapes, needles) with a held-out "
+        "split, and print the generalization gap: about 10 minutes for a 135M model on 2 CPU cores",
+    )
     parser.add_argument("--rag-lengths", type=int, nargs="+", default=[1000, 2000])
-    parser.add_argument("--rag-samples", type=int, default=4, help="questions per length and shape")
+    parser.add_argument(
+        "--rag-samples", type=int, default=None, help="questions per length and shape (default: 4; --quick: 2)"
+    )
     parser.add_argument(
         "--rag-orders",
         nargs="+",
@@ -83,12 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.compare_scoring:
         _compare_scoring(args)
+    elif args.quick:
+        _quick(args)
     elif args.rag or args.from_records:
         started = time.perf_counter()
         profile = calibrate_rag(
             args.model,
             rag_lengths=tuple(args.rag_lengths),
-            rag_samples=args.rag_samples,
+            rag_samples=args.rag_samples or 4,
             seed=args.seed if args.seed else 100,
             rag_orders=tuple(args.rag_orders),
             records_path=args.records,
@@ -114,6 +125,20 @@ def main(argv: list[str] | None = None) -> None:
             out=args.out,
         )
         print(f"profile written to {profile.source}:\n{Path(profile.source).read_text()}")
+
+
+def _quick(args: argparse.Namespace) -> None:
+    """Calibrate on several kinds of text with a held-out split (`calibrate_mixed`) and print what it measured."""
+    profile, measurements = calibrate_mixed(
+        args.model,
+        lengths=tuple(args.rag_lengths),
+        samples=args.rag_samples or 2,
+        seed=args.seed if args.seed else 300,
+        haystack=args.haystack,
+        floor_length=args.floor_length,
+        out=args.out,
+    )
+    print(f"profile written to {profile.source}:\n{Path(profile.source).read_text()}\n{report(measurements)}")
 
 
 def _compare_scoring(args: argparse.Namespace) -> None:

@@ -88,7 +88,7 @@ def calibrate(
         "verification_runs": runs,
         "verification_probes": len(verify_probes),
     }
-    return _write_profile(Profile(profile_key(model), num_layers, chosen.settings()), measurements, out)
+    return write_profile(Profile(profile_key(model), num_layers, chosen.settings()), measurements, out)
 
 
 def _search_needles(
@@ -120,7 +120,7 @@ def _search_needles(
     }
 
 
-def _write_profile(profile: Profile, calibration: dict, out: Path | None) -> Profile:
+def write_profile(profile: Profile, calibration: dict, out: Path | None) -> Profile:
     """Write `profile` with its `calibration` measurements to `out` (default: the cache) and read it back."""
     out = out or cache_dir() / "profiles" / f"{profile.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def calibrate_rag(
     Raises:
         ValueError: a `floor_length` that is not an int >= 0, or an unknown passage order.
     """
-    _check_floor_length(floor_length)
+    check_floor_length(floor_length)
     engine = engine or PromptDistillEngine.from_pretrained(model)
     records_path = records_path or cache_dir() / "calibration" / f"{profile_key(model)}.rag.pt"
     probes = rag_probes(engine.tokenizer, rag_lengths, rag_samples, seed, rag_orders)
@@ -177,10 +177,10 @@ def calibrate_rag(
         **search,
         "floor_length": floor_length,
     }
-    return _write_profile(Profile(profile_key(model), engine.arch.num_layers, chosen.settings()), measurements, out)
+    return write_profile(Profile(profile_key(model), engine.arch.num_layers, chosen.settings()), measurements, out)
 
 
-def _check_floor_length(floor_length) -> None:
+def check_floor_length(floor_length) -> None:
     """Raise `ValueError` unless `floor_length` is an int >= 0."""
     if isinstance(floor_length, bool) or not isinstance(floor_length, int) or floor_length < 0:
         raise ValueError(f"floor_length must be an int >= 0 (0: no floors), got {floor_length!r}")
