@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .corpora.names import MONTHS
+
 NEEDLE_KINDS = ("passcode", "city", "magic_word", "date")
 
 _WORDS = (
@@ -50,20 +52,6 @@ _CITIES = (
     "Granada",
     "Quito",
     "Da Nang",
-)
-_MONTHS = (
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
 )
 
 
@@ -105,7 +93,7 @@ def make_needle(kind: str, rng: random.Random) -> tuple[str, str, str]:
             word,
         )
     if kind == "date":
-        month, day = rng.choice(_MONTHS), rng.randrange(1, 29)
+        month, day = rng.choice(MONTHS), rng.randrange(1, 29)
         return (
             f"The launch of the Orion probe is scheduled for {month} {day}.",
             "When is the launch of the Orion probe scheduled?",

@@ -219,13 +219,22 @@ def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_model_dir, tok
         assert cells[-len(tasks.TASKS) :] == [f"{by_task[name]:.0%}" for name in tasks.TASKS]
 
 
-def test_bad_flags_exit_with_a_message(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["needle", "--depths", "0,2"], "depths must be in [0, 1]"),
+        (["speed", "--methods", "full,fastest"], "choose from full,gemfilter"),
+        (
+            ["rag", "--shapes", "question_last,question_middle"],
+            "choose from question_last,question_first,system_context",
+        ),
+        (["rag", "--context-source", "retriever"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_with_a_message(capsys, argv, message):
     with pytest.raises(SystemExit):
-        main(["needle", "--depths", "0,2"])
-    assert "depths must be in [0, 1]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["speed", "--methods", "full,fastest"])
-    assert "choose from full,gemfilter" in capsys.readouterr().err
+        main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_single_stage_equal_to_profile_is_measured_once(tokenizer):

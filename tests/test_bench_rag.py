@@ -276,15 +276,6 @@ def test_prompts_over_the_context_window_stop_the_run_before_it_starts(capsys, t
     assert not (tmp_path / "rag.records.jsonl").exists()
 
 
-def test_rag_flags_are_checked(capsys):
-    with pytest.raises(SystemExit):
-        main(["rag", "--shapes", "question_last,question_middle"])
-    assert "choose from question_last,question_first,system_context" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["rag", "--context-source", "retriever"])
-    assert "invalid choice" in capsys.readouterr().err
-
-
 # The depot notes: the default corpus, one genre and one fact form, answerable by the default model.
 
 

@@ -76,12 +76,7 @@ def _common_arguments() -> argparse.ArgumentParser:
         help="attention backend: eager, sdpa, flash_attention_2, ...; auto = flash_attention_2 on "
         "CUDA when flash-attn is installed, else the model's default",
     )
-    common.add_argument(
-        "--methods",
-        type=cli.names(measure.METHODS),
-        default=None,
-        help=f"comma-separated subset of {','.join(measure.METHODS)}",
-    )
+    _add_subset(common, "--methods", measure.METHODS, None)
     common.add_argument(
         "--layer",
         type=int,
@@ -108,6 +103,12 @@ def _common_arguments() -> argparse.ArgumentParser:
     return common
 
 
+def _add_subset(parser: argparse.ArgumentParser, flag: str, names: tuple[str, ...], default: list[str] | None) -> None:
+    """Add the option `flag`: a comma-separated subset of `names`."""
+    help_text = f"comma-separated subset of {','.join(names)}"
+    parser.add_argument(flag, type=cli.names(names), default=default, help=help_text)
+
+
 def _speed_arguments(speed: argparse.ArgumentParser) -> None:
     speed.add_argument("--lengths", type=cli.lengths, default=[1024, 2048, 4096], help="e.g. 1k,2k,4k")
 
@@ -120,22 +121,12 @@ def _needle_arguments(needle: argparse.ArgumentParser) -> None:
 
 def _tasks_arguments(task: argparse.ArgumentParser) -> None:
     task.add_argument("--lengths", type=cli.lengths, default=[1024, 2048], help="e.g. 1k,2k")
-    task.add_argument(
-        "--tasks",
-        type=cli.names(tasks.TASKS),
-        default=list(tasks.TASKS),
-        help=f"comma-separated subset of {','.join(tasks.TASKS)}",
-    )
+    _add_subset(task, "--tasks", tasks.TASKS, list(tasks.TASKS))
 
 
 def _heldout_arguments(held: argparse.ArgumentParser) -> None:
     held.add_argument("--lengths", type=cli.lengths, default=[2000, 4000], help="e.g. 2000,4000,8000")
-    held.add_argument(
-        "--shapes",
-        type=cli.names(heldout.SHAPES),
-        default=list(heldout.SHAPES),
-        help=f"comma-separated subset of {','.join(heldout.SHAPES)}",
-    )
+    _add_subset(held, "--shapes", heldout.SHAPES, list(heldout.SHAPES))
     held.add_argument(
         "--split",
         choices=heldout.SPLITS,
@@ -159,12 +150,7 @@ def _rag_arguments(rag: argparse.ArgumentParser) -> None:
         default=[1000, 2000, 4000, 8000],
         help="context tokens retrieved per prompt, e.g. 1000,2000 (default: 1000,2000,4000,8000)",
     )
-    rag.add_argument(
-        "--shapes",
-        type=cli.names(corpora_rag.SHAPES),
-        default=list(corpora_rag.SHAPES),
-        help=f"comma-separated subset of {','.join(corpora_rag.SHAPES)}",
-    )
+    _add_subset(rag, "--shapes", corpora_rag.SHAPES, list(corpora_rag.SHAPES))
     rag.add_argument(
         "--context-source",
         choices=ragbench.CONTEXT_SOURCES,

@@ -33,7 +33,7 @@ import torch
 from ..engine import PromptDistillEngine
 from ..loading import _GGUF_FILE, DEFAULT_MODEL, ModelNotAvailableError, _gguf_dir, default_model_path, load_model
 from ..prompt import render
-from . import cli, measure, tasks
+from . import cli, measure, report, tasks
 from .peer_workers.protocol import MISSING
 
 WORKERS = Path(__file__).parent / "peer_workers"
@@ -410,7 +410,7 @@ def markdown_table(rows: list[dict], lengths: list[int]) -> str:
         + [f"TTFT, {n} tokens" for n in lengths]
         + [f"decode tok/s after {n}" for n in lengths]
     )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table_rows = []
     for row in rows:
         cells = {cell["length"]: cell for cell in row["lengths"]}
         ttft = [_ttft_cell(cells.get(n)) for n in lengths]
@@ -420,8 +420,8 @@ def markdown_table(rows: list[dict], lengths: list[int]) -> str:
             else "–"
             for n in lengths
         ]
-        lines.append("| " + " | ".join([row["engine"], row["dtype"], str(row["threads"])] + ttft + decode) + " |")
-    return "\n".join(lines)
+        table_rows.append([row["engine"], row["dtype"], str(row["threads"])] + ttft + decode)
+    return report.markdown(header, table_rows)
 
 
 def _ttft_cell(cell: dict | None) -> str:

@@ -129,27 +129,23 @@ def markdown_table(rows: list[dict]) -> str:
         "answer sentence kept",
         "accuracy",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    str(row["length"]),
-                    row["shape"],
-                    *([report._fmt(row["answer_depth"], ".0%")] if depths else []),
-                    row["method"],
-                    f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
-                    report._fmt(row["prefill_seconds"], ".2f"),
-                    report._fmt(row["prefill_ratio"], ".2f", "×"),
-                    report._fmt(row["predicted_prefill_ratio"], ".2f", "×"),
-                    report._fmt(row["kv_ratio"], ".2f", "×"),
-                    report._fmt(row["documents_kept"], ".0%"),
-                    report._fmt(row["answer_kept"], ".0%"),
-                    report._fmt(row["needles_kept"], ".0%"),
-                    f"{row['correct']}/{row['runs']} ({row['accuracy']:.0%})",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+    return report.markdown(header, [_cells(row, depths) for row in rows])
+
+
+def _cells(row: dict, depths: bool) -> list[str]:
+    """One summary row's table cells, with its answer depth when `depths`."""
+    return [
+        str(row["length"]),
+        row["shape"],
+        *([report._fmt(row["answer_depth"], ".0%")] if depths else []),
+        row["method"],
+        f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
+        report._fmt(row["prefill_seconds"], ".2f"),
+        report._fmt(row["prefill_ratio"], ".2f", "×"),
+        report._fmt(row["predicted_prefill_ratio"], ".2f", "×"),
+        report._fmt(row["kv_ratio"], ".2f", "×"),
+        report._fmt(row["documents_kept"], ".0%"),
+        report._fmt(row["answer_kept"], ".0%"),
+        report._fmt(row["needles_kept"], ".0%"),
+        f"{row['correct']}/{row['runs']} ({row['accuracy']:.0%})",
+    ]

@@ -79,26 +79,37 @@ def markdown_table(rows: list[dict]) -> str:
         "accuracy",
         *extra,
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            str(row["length"]),
-            row["method"],
-            f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
-            _fmt(row["prefill_seconds"], ".2f"),
-            _fmt(row["prefill_ratio"], ".2f", "×"),
-            _fmt(row["predicted_prefill_ratio"], ".2f", "×"),
-            _fmt(row["kv_cache_mib"], ".1f"),
-            _fmt(row["kv_ratio"], ".2f", "×"),
-            _fmt(row["decode_tokens_per_second"], ".1f"),
-            _fmt(row["peak_memory_mib"], ".0f"),
-            _fmt(row["peak_memory_ratio"], ".2f", "×"),
-            _fmt(row["needles_kept"], ".0%"),
-            _fmt(row["accuracy"], ".0%"),
-            *(_fmt(row[breakdown][value], ".0%") for value in extra),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown(header, [_cells(row, breakdown, extra) for row in rows])
+
+
+def _cells(row: dict, breakdown: str | None, extra: list) -> list[str]:
+    """One summary row's table cells; `extra` are the values of its `breakdown` label."""
+    return [
+        str(row["length"]),
+        row["method"],
+        f"{row['kept_tokens']:.0f} / {row['prompt_tokens']:.0f}",
+        _fmt(row["prefill_seconds"], ".2f"),
+        _fmt(row["prefill_ratio"], ".2f", "×"),
+        _fmt(row["predicted_prefill_ratio"], ".2f", "×"),
+        _fmt(row["kv_cache_mib"], ".1f"),
+        _fmt(row["kv_ratio"], ".2f", "×"),
+        _fmt(row["decode_tokens_per_second"], ".1f"),
+        _fmt(row["peak_memory_mib"], ".0f"),
+        _fmt(row["peak_memory_ratio"], ".2f", "×"),
+        _fmt(row["needles_kept"], ".0%"),
+        _fmt(row["accuracy"], ".0%"),
+        *(_fmt(row[breakdown][value], ".0%") for value in extra),
+    ]
+
+
+def markdown(header: list[str], rows) -> str:
+    """A Markdown table: the `header` line, its rule, and a `table_line` per row of cells."""
+    return "\n".join([table_line(header), "|" + "---|" * len(header), *map(table_line, rows)])
+
+
+def table_line(cells) -> str:
+    """One Markdown table line of `cells` (each as `str`)."""
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

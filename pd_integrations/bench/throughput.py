@@ -62,7 +62,7 @@ def run(
                 work = [probes[k % len(probes)] for k in range(count)]
                 record = _measure(engine, work, max_new_tokens, concurrent=b != "sequential")
                 records.append({"length": length, "method": name, "B": b, **record})
-                print(_row(records[-1], records), flush=True)
+                print(report.table_line(_cells(records[-1], records)), flush=True)
     return records
 
 
@@ -136,9 +136,10 @@ HEADER = [
 ]
 
 
-def _row(record: dict, records: list[dict]) -> str:
+def _cells(record: dict, records: list[dict]) -> list:
+    """One record's table cells; its ÷ seq is against the sequential record of its length and method in `records`."""
     forward = record["prefill_seconds"] + record["decode_seconds"]
-    cells = [
+    return [
         record["length"],
         record["method"],
         record["B"],
@@ -151,12 +152,10 @@ def _row(record: dict, records: list[dict]) -> str:
         f"{record['prefill_seconds'] / forward:.0%}" if forward else "–",
         "–" if record["peak_memory_bytes"] is None else f"{record['peak_memory_bytes'] / 2**20:.0f}",
     ]
-    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def markdown_table(records: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    return "\n".join(lines + [_row(r, records) for r in records])
+    return report.markdown(HEADER, [_cells(r, records) for r in records])
 
 
 def plot(records: list[dict], path) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import random
 
-from .handbook import Passage, RagQuestion, contains
+from . import names
+from .passages import Passage, RagQuestion, arrange_sentences, check_size, draw_questions
 
 FACT_KINDS = ("code", "person")
 
@@ -157,73 +158,9 @@ DEPOTS = (
     "Blizzard",
     "Monsoon",
 )
-CITIES = (
-    "Lisbon",
-    "Porto",
-    "Madrid",
-    "Valencia",
-    "Lyon",
-    "Marseille",
-    "Berlin",
-    "Hamburg",
-    "Munich",
-    "Vienna",
-    "Zurich",
-    "Geneva",
-    "Milan",
-    "Turin",
-    "Prague",
-    "Warsaw",
-    "Dublin",
-    "Oslo",
-    "Stockholm",
-    "Helsinki",
-)
-_FIRST = (
-    "Maria",
-    "Tomasz",
-    "Aisha",
-    "Lukas",
-    "Sofia",
-    "Mateo",
-    "Ingrid",
-    "Kenji",
-    "Amara",
-    "Pieter",
-    "Elena",
-    "Rafael",
-    "Nadia",
-    "Oskar",
-    "Leila",
-    "Dmitri",
-    "Chiara",
-    "Hamid",
-    "Freya",
-    "Joao",
-    "Yara",
-    "Bence",
-)
-_LAST = (
-    "Okafor",
-    "Wielgus",
-    "Lindqvist",
-    "Moreau",
-    "Kowalski",
-    "Fischer",
-    "Santos",
-    "Novak",
-    "Brennan",
-    "Haddad",
-    "Rossi",
-    "Jansen",
-    "Petrova",
-    "Andersen",
-    "Costa",
-    "Varga",
-    "Nakamura",
-    "Mensah",
-    "Dubois",
-)
+# The depot log's pools: cuts of the shared tables, in their order (the generated notes depend on both).
+CITIES = tuple(city for city in names.CITIES[:21] if city != "Krakow")
+_PEOPLE = tuple(f"{first} {last}" for first in names.FIRST_NAMES[:22] for last in names.LAST_NAMES[:19])
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 
 _SENTENCES = {
@@ -254,12 +191,11 @@ def make_depots(seed: int = 0, size: int = len(DEPOTS)) -> list[Passage]:
     """`size` depot notes (at most len(DEPOTS)), the same for the same seed; each about 65–95 tokens of SmolLM2's
     tokenizer, with a unique depot name, access code and site manager. Raises `ValueError` for a size out of
     range."""
-    if not 1 <= size <= len(DEPOTS):
-        raise ValueError(f"size must be between 1 and {len(DEPOTS)}, got {size}")
+    check_size(size, len(DEPOTS))
     rng = random.Random(f"depots-{seed}")
     depots = rng.sample(DEPOTS, size)
     codes = rng.sample(range(1000, 10_000), size)
-    people = rng.sample([f"{a} {b}" for a in _FIRST for b in _LAST], size)
+    people = rng.sample(_PEOPLE, size)
     passages = []
     for i, depot in enumerate(depots):
         slots = {
@@ -271,11 +207,7 @@ def make_depots(seed: int = 0, size: int = len(DEPOTS)) -> list[Passage]:
             "day": rng.choice(_DAYS),
         }
         facts = [_SENTENCES[kind] for kind in FACT_KINDS] + rng.sample(_EXTRAS, 2)
-        rng.shuffle(facts)
-        fillers = rng.sample(_FILLERS, rng.randint(1, 2))
-        sentences = [rng.choice(_OPENINGS), *facts]
-        for filler in fillers:
-            sentences.insert(rng.randint(1, len(sentences)), filler)
+        sentences, _ = arrange_sentences(rng, _OPENINGS, facts, _FILLERS, (1, 2), 1)
         passages.append(Passage(i, f"{depot} depot ({slots['city']})", " ".join(sentences).format(**slots)))
     return passages
 
@@ -284,20 +216,13 @@ def make_depot_questions(corpus: list[Passage], n: int, seed: int) -> list[RagQu
     """`n` questions about distinct passages of `corpus`, drawn by `seed`, alternating the fact kinds (access code,
     site manager). Each answer occurs in exactly one passage (checked; raises `ValueError` if the corpus can't give
     `n` such questions)."""
-    rng = random.Random(f"depot-questions-{seed}")
-    questions = []
-    for passage in rng.sample(corpus, len(corpus)):
-        if len(questions) == n:
-            break
-        kind = FACT_KINDS[(seed + len(questions)) % len(FACT_KINDS)]
-        depot = passage.title.split(" depot")[0]
-        answer = _fact(passage, kind, depot)
-        if sum(contains(p.text, answer) for p in corpus) != 1:
-            continue
-        questions.append(RagQuestion(_QUESTIONS[kind].format(depot=depot), answer, passage.id))
-    if len(questions) < n:
-        raise ValueError(f"the corpus holds only {len(questions)} answerable questions, asked for {n}")
-    return questions
+    return draw_questions(corpus, n, seed, "depot-questions", FACT_KINDS, _ask)
+
+
+def _ask(passage: Passage, kind: str) -> tuple[str, str]:
+    """(the question about `passage`'s fact of `kind`, its answer)."""
+    depot = passage.title.split(" depot")[0]
+    return _QUESTIONS[kind].format(depot=depot), _fact(passage, kind, depot)
 
 
 def _fact(passage: Passage, kind: str, depot: str) -> str:

@@ -16,40 +16,10 @@ import random
 import re
 from dataclasses import dataclass
 
-FACT_KINDS = ("person", "code", "amount", "date")
+from .names import CITIES, FIRST_NAMES, LAST_NAMES, MONTHS
+from .passages import Passage, RagQuestion, arrange_sentences, check_size, draw_questions
 
-CITIES = (
-    "Lisbon",
-    "Porto",
-    "Madrid",
-    "Valencia",
-    "Lyon",
-    "Marseille",
-    "Berlin",
-    "Hamburg",
-    "Munich",
-    "Vienna",
-    "Zurich",
-    "Geneva",
-    "Milan",
-    "Turin",
-    "Prague",
-    "Warsaw",
-    "Krakow",
-    "Dublin",
-    "Oslo",
-    "Stockholm",
-    "Helsinki",
-    "Copenhagen",
-    "Brussels",
-    "Rotterdam",
-    "Athens",
-    "Budapest",
-    "Tallinn",
-    "Riga",
-    "Vilnius",
-    "Ljubljana",
-)
+FACT_KINDS = ("person", "code", "amount", "date")
 
 
 @dataclass(frozen=True)
@@ -160,87 +130,8 @@ POLICIES = (
     ),
 )
 
-_FIRST = (
-    "Maria",
-    "Tomasz",
-    "Aisha",
-    "Lukas",
-    "Sofia",
-    "Mateo",
-    "Ingrid",
-    "Kenji",
-    "Amara",
-    "Pieter",
-    "Elena",
-    "Rafael",
-    "Nadia",
-    "Oskar",
-    "Leila",
-    "Dmitri",
-    "Chiara",
-    "Hamid",
-    "Freya",
-    "Joao",
-    "Yara",
-    "Bence",
-    "Zofia",
-    "Emeka",
-    "Clara",
-    "Nikolai",
-    "Ines",
-    "Arjun",
-    "Greta",
-    "Tariq",
-)
-_LAST = (
-    "Okafor",
-    "Wielgus",
-    "Lindqvist",
-    "Moreau",
-    "Kowalski",
-    "Fischer",
-    "Santos",
-    "Novak",
-    "Brennan",
-    "Haddad",
-    "Rossi",
-    "Jansen",
-    "Petrova",
-    "Andersen",
-    "Costa",
-    "Varga",
-    "Nakamura",
-    "Mensah",
-    "Dubois",
-    "Horvat",
-    "Keller",
-    "Silva",
-    "Bauer",
-    "Ferreira",
-    "Nielsen",
-    "Popescu",
-    "Schmidt",
-    "Ortega",
-    "Laine",
-    "Byrne",
-)
-_NAMES = tuple(f"{first} {last}" for first in _FIRST for last in _LAST)
+_NAMES = tuple(f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES)
 _ROLES = ("office manager", "finance lead", "site lead", "controller", "HR lead")
-_MONTHS = (
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-)
-
 # One template per sentence kind is drawn per passage; {Topic} is the topic capitalised.
 _OPENINGS = (
     "This note covers {topic} for staff based at the {city} office.",
@@ -287,38 +178,19 @@ _QUESTIONS = {
 }
 
 
-@dataclass(frozen=True)
-class Passage:
-    """One handbook passage: `id` is its position in the corpus, `title` names its policy and office."""
-
-    id: int
-    title: str
-    text: str
-
-
-@dataclass(frozen=True)
-class RagQuestion:
-    """A question whose `answer` appears verbatim (as a whole word or phrase) in exactly one passage, `passage_id`."""
-
-    question: str
-    answer: str
-    passage_id: int
-
-
 def make_handbook(seed: int = 0, size: int = 240) -> list[Passage]:
     """`size` handbook passages (one per office and policy, at most len(CITIES) * len(POLICIES) = 300), the same for
     the same seed. Each passage is 75–125 tokens of SmolLM2's tokenizer (about 95 on average) and holds one
     person, form code, amount and date, none of which appears in another passage. Raises `ValueError` for a size
     out of range."""
     pairs = [(city, policy) for city in CITIES for policy in POLICIES]
-    if not 1 <= size <= len(pairs):
-        raise ValueError(f"size must be between 1 and {len(pairs)}, got {size}")
+    check_size(size, len(pairs))
     rng = random.Random(f"handbook-{seed}")
     pairs = rng.sample(pairs, size)
     people = rng.sample(_NAMES, size)
     numbers = rng.sample(range(1000, 10_000), size)
     amounts = rng.sample(range(100, 1000), size)  # in tens of euros: 1,000 to 9,990
-    days = rng.sample([(month, day) for month in _MONTHS for day in range(1, 29)], size)
+    days = rng.sample([(month, day) for month in MONTHS for day in range(1, 29)], size)
     passages = []
     for i, (city, policy) in enumerate(pairs):
         amount = amounts[i] * 10
@@ -339,11 +211,7 @@ def make_handbook(seed: int = 0, size: int = 240) -> list[Passage]:
             "date": f"{day} {month}",
         }
         facts = [rng.choice(_SENTENCES[kind]) for kind in FACT_KINDS]
-        rng.shuffle(facts)
-        fillers = rng.sample(policy.fillers + _COMMON_FILLERS, rng.randint(0, 2))
-        sentences = [rng.choice(_OPENINGS), *facts]
-        for filler in fillers:
-            sentences.insert(rng.randint(2, len(sentences)), filler)
+        sentences, fillers = arrange_sentences(rng, _OPENINGS, facts, policy.fillers + _COMMON_FILLERS, (0, 2), 2)
         # Drop fillers from passages longer than _MAX_CHARS (about 120 tokens: names and digits tokenize finely).
         while len(text := " ".join(sentences).format(**slots)) > _MAX_CHARS and fillers:
             sentences.remove(fillers.pop())
@@ -363,34 +231,21 @@ def fact(passage: Passage, kind: str) -> str:
     pattern = {
         "code": r"\b[A-Z]{3}-\d{4}\b",
         "amount": r"\b\d,\d{3}(?= euros)",
-        "date": r"\b\d{1,2} (?:" + "|".join(_MONTHS) + r")\b",
+        "date": r"\b\d{1,2} (?:" + "|".join(MONTHS) + r")\b",
     }[kind]
     return re.search(pattern, passage.text).group(0)
-
-
-def contains(text: str, answer: str) -> bool:
-    """Whether `answer` occurs in `text` case-insensitively as a whole phrase ("4 March" not inside "14 March")."""
-    return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def make_questions(corpus: list[Passage], n: int, seed: int) -> list[RagQuestion]:
     """`n` questions about distinct passages of `corpus`, drawn by `seed`, cycling through the fact kinds (person,
     code, amount, date). Each answer occurs in exactly one passage (checked; raises `ValueError` if the corpus
     can't give `n` such questions)."""
-    rng = random.Random(f"questions-{seed}")
-    order = rng.sample(corpus, len(corpus))
-    questions = []
-    for passage in order:
-        if len(questions) == n:
-            break
-        kind = FACT_KINDS[(seed + len(questions)) % len(FACT_KINDS)]
-        policy = next(p for p in POLICIES if passage.title.lower().startswith(p.topic))
-        city = passage.title[passage.title.index("(") + 1 : passage.title.index(" office)")]
-        answer = fact(passage, kind)
-        if sum(contains(p.text, answer) for p in corpus) != 1:
-            continue
-        question = _QUESTIONS[kind].format(topic=policy.topic, city=city, limit=policy.limit, deadline=policy.deadline)
-        questions.append(RagQuestion(question, answer, passage.id))
-    if len(questions) < n:
-        raise ValueError(f"the corpus holds only {len(questions)} answerable questions, asked for {n}")
-    return questions
+    return draw_questions(corpus, n, seed, "questions", FACT_KINDS, _ask)
+
+
+def _ask(passage: Passage, kind: str) -> tuple[str, str]:
+    """(the question about `passage`'s fact of `kind`, its answer)."""
+    policy = next(p for p in POLICIES if passage.title.lower().startswith(p.topic))
+    city = passage.title[passage.title.index("(") + 1 : passage.title.index(" office)")]
+    question = _QUESTIONS[kind].format(topic=policy.topic, city=city, limit=policy.limit, deadline=policy.deadline)
+    return question, fact(passage, kind)

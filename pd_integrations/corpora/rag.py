@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .depots import make_depot_questions, make_depots
-from .handbook import FACT_KINDS, Passage, RagQuestion, contains, fact, make_handbook, make_questions
+from .handbook import FACT_KINDS, fact, make_handbook, make_questions
+from .passages import Passage, RagQuestion, contains
 
 __all__ = [
     "FACT_KINDS",
