@@ -9,12 +9,12 @@ after the context (`question_last`) or before it (`question_first`).
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from functools import lru_cache
 from pathlib import Path
 
+from ..calibration.mixed import wilson_interval
 from ..probes import haystack_window, insert_sentences
 from .tasks import Probe
 
@@ -102,16 +102,6 @@ def probes(
 
 def _normalise(text: str) -> str:
     return re.sub(r"[\s,.'-]", "", text).lower()
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of a share `successes / n`."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    scale = 1 + z * z / n
-    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
 
 
 def summarize(records: list[dict]) -> list[dict]:
