@@ -14,6 +14,7 @@ import pytest
 
 from pd_integrations.bench import ragbench
 from pd_integrations.bench.__main__ import main
+from pd_integrations.calibration.mixed import wilson_interval
 from pd_integrations.corpora import rag
 from pd_integrations.corpora.handbook import CITIES, POLICIES
 
@@ -232,6 +233,11 @@ def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
         group = [r for r in records if r["shape"] == row["shape"] and r["method"] == row["method"]]
         assert row["correct"] == sum(r["score"] for r in group) and row["runs"] == 1
         assert row["answer_kept"] == group[0]["answer_kept"]
+        assert row["interval"] == pytest.approx(wilson_interval(row["correct"], 1))
+        assert row["kept_runs"] == sum(r["needles_kept"] == 1 for r in group)
+        assert row["kept_answered"] == sum(r["score"] for r in group if r["needles_kept"] == 1)
+        full = next(r for r in records if r["shape"] == row["shape"] and r["method"] == "full")
+        assert row["full_answered"] == full["score"] and row["both_answered"] == group[0]["score"] * full["score"]
         if row["method"] == "full":
             assert row["prefill_ratio"] == 1.0 and row["kv_ratio"] == 1.0
         else:  # the KV cache holds the kept tokens only
@@ -241,7 +247,11 @@ def test_pd_bench_rag_end_to_end(source, capsys, tmp_path, tiny_model_dir):
         for line in table.splitlines()
         if line.startswith("|") and not line.startswith("|---")
     ]
-    assert header[:3] == ["length", "shape", "method"] and header[-1] == "accuracy"
+    assert header[:3] == ["length", "shape", "method"] and header[-3:] == [
+        "accuracy (95% interval)",
+        "answered when kept",
+        "answered where full did",
+    ]
     assert len(cells) == len(rows) and cells[0][3] == f"{rows[0]['kept_tokens']:.0f} / {rows[0]['prompt_tokens']:.0f}"
     assert [r["method"] for r in data["summary_by_length"]] == methods
     assert data["command"].startswith("pd-bench rag --model")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
+from ..calibration.mixed import wilson_interval
 from ..corpora.rag import SHAPES, RagProbe, contains
 from ..engine import PromptDistillEngine
 from ..kept_view import document_retention
@@ -26,7 +27,8 @@ COLUMNS_NOTE = (
     "same prompts (same length and shape). Answer passage kept: share of the answer passage's "
     "characters that selection kept; answer sentence kept: share of runs that kept the sentence stating "
     "the answer whole. Accuracy: runs whose greedy answer contains the expected answer "
-    "(case-insensitive)."
+    "(case-insensitive), with the Wilson score interval of that share. Answered when kept: among the runs that "
+    "kept the answer sentence; answered where full did: among the prompts full attention answered."
 )
 
 
@@ -88,7 +90,10 @@ def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_sourc
 
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (length, shape, answer depth, method) in that order, with `report.summarize`'s means and ratios
-    against full attention on the same prompts, plus `answer_kept`, `documents_kept` and `correct` (a count)."""
+    against full attention on the same prompts, plus `answer_kept`, `documents_kept`, `correct` (a count) with its
+    95% `interval`, `kept_answered` (correct among the runs that kept the answer sentence) and `both_answered`
+    (correct among the prompts full attention answered, against `full_answered`)."""
+    full = {_prompt_key(r): r["score"] for r in records if r["method"] == "full"}
     rows = []
     cells = sorted(
         {(r["shape"], r["answer_depth"]) for r in records},
@@ -104,11 +109,28 @@ def summarize(records: list[dict]) -> list[dict]:
                     "answer_depth": depth,
                     **row,
                     "correct": int(sum(r["score"] for r in group)),
+                    "interval": wilson_interval(sum(r["score"] for r in group), len(group)),
+                    **_answered_where(group, full),
                     "answer_kept": mean(r["answer_kept"] for r in group),
                     "documents_kept": mean(r["documents_kept"] for r in group),
                 }
             )
     return sorted(rows, key=lambda row: row["length"])  # stable: shapes, depths and methods keep their order
+
+
+def _prompt_key(record: dict) -> tuple:
+    return record["length"], record["shape"], record["answer_depth"], record["sample"]
+
+
+def _answered_where(group: list[dict], full: dict) -> dict:
+    """Of `group`'s runs: answered among those that kept the answer sentence, and among the prompts full attention
+    answered (`full`: prompt key -> its score; absent when full attention did not run every prompt)."""
+    kept = [r for r in group if r["needles_kept"] == 1]
+    counts = {"kept_runs": len(kept), "kept_answered": int(sum(r["score"] for r in kept))}
+    if all(_prompt_key(r) in full for r in group):
+        counts["full_answered"] = int(sum(full[_prompt_key(r)] for r in group))
+        counts["both_answered"] = int(sum(r["score"] * full[_prompt_key(r)] for r in group))
+    return counts
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -127,7 +149,9 @@ def markdown_table(rows: list[dict]) -> str:
         "passages kept",
         "answer passage kept",
         "answer sentence kept",
-        "accuracy",
+        "accuracy (95% interval)",
+        "answered when kept",
+        "answered where full did",
     ]
     return report.markdown(header, [_cells(row, depths) for row in rows])
 
@@ -147,5 +171,7 @@ def _cells(row: dict, depths: bool) -> list[str]:
         report._fmt(row["documents_kept"], ".0%"),
         report._fmt(row["answer_kept"], ".0%"),
         report._fmt(row["needles_kept"], ".0%"),
-        f"{row['correct']}/{row['runs']} ({row['accuracy']:.0%})",
+        f"{row['correct']}/{row['runs']} ({row['interval'][0]:.2f}–{row['interval'][1]:.2f})",
+        f"{row['kept_answered']}/{row['kept_runs']}",
+        f"{row['both_answered']}/{row['full_answered']}" if "both_answered" in row else "–",
     ]
