@@ -1,12 +1,13 @@
 """Schedules (candidate profiles) and the one prefill cost model that prices them and any resolved config; `bench`
-prints its predictions beside the prefill times it measures."""
+prints its predictions beside the prefill times it measures. A layer's cost is `layer_cost`'s; what a prefill runs
+is its method's to say (`PrefillMethod.cost`; a schedule is priced as PromptDistill's stages, `staged_cost`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from ..config import BudgetRule, PromptDistillConfig, budget_to_json, resolve_budget
+from ..config import BudgetRule, PromptDistillConfig, budget_to_json
+from ..methods.promptdistill import stage_budgets, staged_cost
 from ..methods.registry import method_class
 from ..selection import Selector
 
@@ -28,48 +29,6 @@ def layer_cost(rows: int, row_cost: float = ROW_COST) -> float:
         `rows * (row_cost + rows / 2)`.
     """
     return rows * (row_cost + rows / 2)
-
-
-def stage_budgets(budgets: Sequence[int | float | BudgetRule], prunable: int) -> list[int]:
-    """Tokens each stage keeps of `prunable` context tokens, as `RowLayout.stage_budgets` resolves them.
-
-    Args:
-        budgets: each stage's budget: an int, a fraction or a `BudgetRule`.
-        prunable: the prunable tokens of the prompt.
-
-    Returns:
-        Each stage's resolved budget, never above an earlier stage's.
-    """
-    resolved = [resolve_budget(budget, prunable) for budget in budgets]
-    return [min(resolved[: i + 1]) for i in range(len(resolved))]
-
-
-def prefill_cost(
-    stages: Sequence[tuple[int, int | float | BudgetRule]],
-    num_layers: int,
-    length: int,
-    protected: int,
-    cost_of: Callable[[int], float],
-) -> float:
-    """The cost model: a schedule's prefill over full attention's, summing `cost_of(rows)` over the layers.
-
-    Args:
-        stages: (selection layer, budget) per stage; rows after a stage are its budget plus `protected`.
-        num_layers: the model's layers.
-        length: the prompt's tokens.
-        protected: the prompt's tokens that are not prunable.
-        cost_of: one layer's cost over a number of rows.
-
-    Returns:
-        The schedule's summed layer costs divided by `num_layers * cost_of(length)`.
-    """
-    budgets = stage_budgets([budget for _, budget in stages], max(0, length - protected))
-    rows, total, start = length, 0, 0
-    for (layer, _), budget in zip(stages, budgets):
-        total += (layer + 1 - start) * cost_of(rows)
-        rows, start = min(rows, budget + protected), layer + 1
-    total += (num_layers - start) * cost_of(rows)
-    return total / (num_layers * cost_of(length))
 
 
 @dataclass(frozen=True)
@@ -137,8 +96,8 @@ class Schedule:
 
     def cost(self, num_layers: int, length: int, protected: int = 20) -> float:
         """Share of full attention's layer-rows the schedule processes at `length` prompt tokens, `protected` of
-        them not prunable (`prefill_cost` with every row costing the same)."""
-        return prefill_cost(self._layer_budgets(), num_layers, length, protected, lambda rows: rows)
+        them not prunable (`staged_cost` with every row costing the same)."""
+        return staged_cost(self._layer_budgets(), num_layers, length, protected, lambda rows: rows)
 
     def _layer_budgets(self) -> list[tuple[int, int | float | BudgetRule]]:
         return [(layer, budget) for layer, budget, _ in self.stages]
@@ -159,7 +118,7 @@ def predicted_prefill_ratio(
     Returns:
         The predicted prefill-time ratio (1.0 when nothing is pruned).
     """
-    return prefill_cost(
+    return staged_cost(
         schedule._layer_budgets(), num_layers, length, protected, lambda rows: layer_cost(rows, row_cost)
     )
 
@@ -167,7 +126,7 @@ def predicted_prefill_ratio(
 def predicted_ratio_of(
     config: PromptDistillConfig, num_layers: int, prompt_tokens: int, protected_tokens: int
 ) -> float | None:
-    """The cost model's prefill ratio for a resolved `config`: its schedule's, GemFilter's own, none for full attention.
+    """The cost model's prefill ratio for a resolved `config`: its method's `PrefillMethod.cost`, with `layer_cost`.
 
     Args:
         config: a resolved config of any method.
@@ -178,18 +137,4 @@ def predicted_ratio_of(
     Returns:
         The predicted prefill-time ratio, or None for full attention.
     """
-    method = method_class(config.method)
-    if not method.prunes:
-        return None
-    schedule = Schedule.of(config)
-    if method.reruns:
-        return _gemfilter_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
-    return predicted_prefill_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
-
-
-def _gemfilter_ratio(schedule: Schedule, num_layers: int, prompt_tokens: int, protected_tokens: int) -> float:
-    """GemFilter pays its scout layers on every row and then the whole model on the kept rows."""
-    ((layer, _, _),) = schedule.stages
-    kept = min(prompt_tokens, schedule.budgets_at(prompt_tokens - protected_tokens)[0] + protected_tokens)
-    full = num_layers * layer_cost(prompt_tokens)
-    return ((layer + 1) * layer_cost(prompt_tokens) + num_layers * layer_cost(kept)) / full
+    return method_class(config.method).cost(config, num_layers, prompt_tokens, protected_tokens, layer_cost)

@@ -11,6 +11,7 @@ The same holds for each layer's cached keys (`key_lengths`), which is what `Deco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -248,15 +249,13 @@ class PrefillMethod:
 
     A registered method (see `methods.registry`) owns its settings through class-level hooks: `name` (the
     `config.method` that selects it), `prunes` (whether the engine lays out prunable context for it),
-    `reruns` (whether it prefills the kept tokens again from the first layer, which the cost model prices),
-    `check_config` (what it refuses), `resolve` (where its unset fields come from) and `from_config` (the method for
-    a batch). Subclasses override
-    `after_layer` or, for passes of their own, `prefill`.
+    `check_config` (what it refuses), `resolve` (where its unset fields come from), `from_config` (the method for
+    a batch) and `cost` (its prefill's price in the cost model). Subclasses override `after_layer` or, for passes of
+    their own, `prefill`.
     """
 
     name: ClassVar[str] = ""
     prunes: ClassVar[bool] = False
-    reruns: ClassVar[bool] = False
 
     @classmethod
     def check_config(cls, config: PromptDistillConfig) -> None:
@@ -275,6 +274,21 @@ class PrefillMethod:
         """The method for a batch of rows with `layouts` under the resolved `config`; the base method needs
         neither."""
         return cls()
+
+    @classmethod
+    def cost(
+        cls,
+        config: PromptDistillConfig,
+        num_layers: int,
+        prompt_tokens: int,
+        protected_tokens: int,
+        layer_cost: Callable[[int], float],
+    ) -> float | None:
+        """The cost model's prefill time for a prompt of `prompt_tokens` tokens, `protected_tokens` of them not
+        prunable, under the resolved `config`, over full attention's, one layer over n tokens costing `layer_cost(n)`
+        (`calibration.cost.predicted_ratio_of` calls it). None for the base method: it is full attention, every layer
+        over every token, the prefill the ratio is taken against."""
+        return None
 
     def prefill(
         self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None

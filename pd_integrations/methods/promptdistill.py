@@ -4,14 +4,59 @@ Each batch row selects on its own: its own query rows, candidates and budget."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..config import PromptDistillConfig
+from ..config import BudgetRule, PromptDistillConfig, resolve_budget
 from ..layout import RowLayout
 from ..selection import Selector
 from .base import PrefillMethod, PrefillState
+
+
+def stage_budgets(budgets: Sequence[int | float | BudgetRule], prunable: int) -> list[int]:
+    """Tokens each stage keeps of `prunable` context tokens, as `RowLayout.stage_budgets` resolves them.
+
+    Args:
+        budgets: each stage's budget: an int, a fraction or a `BudgetRule`.
+        prunable: the prunable tokens of the prompt.
+
+    Returns:
+        Each stage's resolved budget, never above an earlier stage's.
+    """
+    resolved = [resolve_budget(budget, prunable) for budget in budgets]
+    return [min(resolved[: i + 1]) for i in range(len(resolved))]
+
+
+def staged_cost(
+    stages: Sequence[tuple[int, int | float | BudgetRule]],
+    num_layers: int,
+    length: int,
+    protected: int,
+    layer_cost: Callable[[int], float],
+) -> float:
+    """A staged prefill's cost over full attention's: each layer through a stage's selection layer runs over the
+    tokens the stage before kept (every token before the first stage), the layers after the last stage over the last
+    stage's; what the cost model prices `PromptDistill` and calibration's schedules with.
+
+    Args:
+        stages: (selection layer, budget) per stage; the tokens after a stage are its budget plus `protected`.
+        num_layers: the model's layers.
+        length: the prompt's tokens.
+        protected: the prompt's tokens that are not prunable.
+        layer_cost: one layer's cost over a number of tokens.
+
+    Returns:
+        The stages' summed layer costs divided by `num_layers * layer_cost(length)`.
+    """
+    budgets = stage_budgets([budget for _, budget in stages], max(0, length - protected))
+    tokens, total, start = length, 0, 0
+    for (layer, _), budget in zip(stages, budgets):
+        total += (layer + 1 - start) * layer_cost(tokens)
+        tokens, start = min(tokens, budget + protected), layer + 1
+    total += (num_layers - start) * layer_cost(tokens)
+    return total / (num_layers * layer_cost(length))
 
 
 @dataclass(frozen=True)
@@ -49,6 +94,19 @@ class PromptDistill(PrefillMethod):
         budgets = zip(*(layout.stage_budgets(config.budgets) for layout in layouts))
         stages = [Stage(*stage) for stage in zip(config.selection_layers, budgets, config.heads)]
         return cls(stages, Selector.from_config(config), config.truncated_from_layer())
+
+    @classmethod
+    def cost(
+        cls,
+        config: PromptDistillConfig,
+        num_layers: int,
+        prompt_tokens: int,
+        protected_tokens: int,
+        layer_cost: Callable[[int], float],
+    ) -> float:
+        """The config's stages priced by `staged_cost` (selection and gathers are not counted)."""
+        stages = list(zip(config.selection_layers, config.budgets))
+        return staged_cost(stages, num_layers, prompt_tokens, protected_tokens, layer_cost)
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
         stage = next((s for s in self.stages if s.layer == i), None)
