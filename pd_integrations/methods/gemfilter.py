@@ -17,7 +17,7 @@ from .promptdistill import PromptDistill
 
 @dataclass
 class GemFilter(PrefillMethod):
-    """A scout pass that stops at its selection layer, then a fresh full pass over each row's kept tokens."""
+    """A scout pass that stops at its selection layer, then a fresh full pass over each sequence's kept tokens."""
 
     scout: PromptDistill
     name = "gemfilter"
@@ -67,12 +67,12 @@ class GemFilter(PrefillMethod):
         self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
     ) -> Prefill:
         scouted = self.scout.prefill(runtime, ids, layouts, last_layer=self.scout.stages[0].layer)
-        kept = [row.kept_indices for row in scouted.rows]
+        kept = [sequence.kept_indices for sequence in scouted.rows]
         rerun = FullAttention().prefill(
-            runtime, [row[k] for row, k in zip(ids, kept)], [RowLayout.unpruned(k.shape[0]) for k in kept]
+            runtime, [sequence[k] for sequence, k in zip(ids, kept)], [RowLayout.unpruned(k.shape[0]) for k in kept]
         )
         rerun.rows = [
-            replace(row, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
-            for row, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)
+            replace(sequence, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
+            for sequence, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)
         ]
         return rerun
