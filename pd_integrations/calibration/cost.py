@@ -11,24 +11,24 @@ from ..methods.promptdistill import stage_budgets, staged_cost
 from ..methods.registry import method_class
 from ..selection import Selector
 
-# The prefill cost model: a layer processing `rows` rows costs rows * (ROW_COST + rows / 2), a per-row term (the
-# projections and MLP) plus causal attention to rows / 2 keys on average, in units of one key's attention. Fitted to
+# The prefill cost model: a layer processing n tokens costs n * (ROW_COST + n / 2), a per-token term (the
+# projections and MLP) plus causal attention to n / 2 keys on average, in units of one key's attention. Fitted to
 # SmolLM2-135M on this project's 2-core CPU (full attention's 8k/4k prefill-time ratio, 2.9); it predicted the old
 # profile's measured prefill ratios (0.37 at 8k, 0.58 at 4k) within 0.02.
 ROW_COST = 2300
 
 
-def layer_cost(rows: int, row_cost: float = ROW_COST) -> float:
-    """The cost model's time for one layer over `rows` rows.
+def layer_cost(tokens: int, token_cost: float = ROW_COST) -> float:
+    """The cost model's time for one layer over `tokens` tokens.
 
     Args:
-        rows: the rows (prompt tokens) the layer processes.
-        row_cost: the per-row term, in units of one key's attention.
+        tokens: the prompt tokens the layer processes.
+        token_cost: the per-token term, in units of one key's attention.
 
     Returns:
-        `rows * (row_cost + rows / 2)`.
+        `tokens * (token_cost + tokens / 2)`.
     """
-    return rows * (row_cost + rows / 2)
+    return tokens * (token_cost + tokens / 2)
 
 
 @dataclass(frozen=True)
@@ -95,16 +95,16 @@ class Schedule:
         return stage_budgets([budget for _, budget, _ in self.stages], prunable)
 
     def cost(self, num_layers: int, length: int, protected: int = 20) -> float:
-        """Share of full attention's layer-rows the schedule processes at `length` prompt tokens, `protected` of
-        them not prunable (`staged_cost` with every row costing the same)."""
-        return staged_cost(self._layer_budgets(), num_layers, length, protected, lambda rows: rows)
+        """Share of full attention's layer-tokens (tokens summed over layers) the schedule processes at `length`
+        prompt tokens, `protected` of them not prunable (`staged_cost` with every token costing the same)."""
+        return staged_cost(self._layer_budgets(), num_layers, length, protected, lambda tokens: tokens)
 
     def _layer_budgets(self) -> list[tuple[int, int | float | BudgetRule]]:
         return [(layer, budget) for layer, budget, _ in self.stages]
 
 
 def predicted_prefill_ratio(
-    schedule: Schedule, num_layers: int, length: int, protected: int = 60, row_cost: float = ROW_COST
+    schedule: Schedule, num_layers: int, length: int, protected: int = 60, token_cost: float = ROW_COST
 ) -> float:
     """The cost model's prefill time of `schedule` over full attention's (selection and gathers are not counted).
 
@@ -113,13 +113,13 @@ def predicted_prefill_ratio(
         num_layers: the model's layers.
         length: the prompt's tokens.
         protected: the prompt's tokens that are not prunable.
-        row_cost: `layer_cost`'s per-row term.
+        token_cost: `layer_cost`'s per-token term.
 
     Returns:
         The predicted prefill-time ratio (1.0 when nothing is pruned).
     """
     return staged_cost(
-        schedule._layer_budgets(), num_layers, length, protected, lambda rows: layer_cost(rows, row_cost)
+        schedule._layer_budgets(), num_layers, length, protected, lambda tokens: layer_cost(tokens, token_cost)
     )
 
 
