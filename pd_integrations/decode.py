@@ -1,10 +1,10 @@
-"""The running decode batch: every generating row's cache, advanced one token per row per step.
+"""The running decode batch: every generating sequence's cache, advanced one token per sequence per step.
 
-Rows come from prefills (each a batch of its own), join the running batch at a step boundary and leave it when
-done: iteration-level ("continuous") batching. Every layer's keys are left-padded per row (`key_pads`), so a
-row's real keys are a suffix and each step's new key lands at the end for every row; masks come from the pads
-and each key's original position. Each row continues at its own original position (its prompt's length plus the
-tokens generated so far), whatever it kept.
+Sequences come from prefills (each a batch of its own), join the running batch at a step boundary and leave it when
+done: iteration-level ("continuous") batching. Every layer's keys are left-padded per sequence (`key_pads`), so a
+sequence's real keys are a suffix and each step's new key lands at the end for every sequence; masks come from the
+pads and each key's original position. Each sequence continues at its own original position (its prompt's length
+plus the tokens generated so far), whatever it kept.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _pad_front(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:
 class GrowingLayer(DynamicLayer):
     """A cache layer with room to grow: its keys and values are the front of longer buffers, so a decode step
     writes its new key in place instead of copying the whole cache, as `DynamicLayer`'s concatenation does (for
-    a batch of long rows that copy is most of a CPU decode step). Assigning `keys`/`values` (rows joining or
-    leaving) replaces the buffers; the next step makes room again, a quarter more at a time."""
+    a batch of long sequences that copy is most of a CPU decode step). Assigning `keys`/`values` (sequences joining
+    or leaving) replaces the buffers; the next step makes room again, a quarter more at a time."""
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
         super().__init__()
@@ -78,8 +78,8 @@ def _pad_back(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 @dataclass
 class DecodeBatch:
-    """The caches of the rows being decoded: per layer, keys/values [B, kv heads, K, d] left-padded by
-    `key_pads[layer][b]` keys and their original positions [B, K]; and each row's next position."""
+    """The caches of the sequences being decoded: per layer, keys/values [B, kv heads, K, d] left-padded by
+    `key_pads[layer][b]` keys and their original positions [B, K]; and each sequence's next position."""
 
     runtime: Runtime
     cache: DynamicCache
@@ -89,21 +89,21 @@ class DecodeBatch:
 
     @classmethod
     def after(cls, runtime: Runtime, prefill: Prefill) -> DecodeBatch:
-        """The rows of `prefill`, ready to decode (the batch takes over its cache)."""
+        """The sequences of `prefill`, ready to decode (the batch takes over its cache)."""
         prefill.cache.layers = [GrowingLayer(layer.keys, layer.values) for layer in prefill.cache.layers]
         return cls(
             runtime,
             prefill.cache,
             list(prefill.key_positions),
             [list(p) for p in prefill.key_pads],
-            [row.next_position for row in prefill.rows],
+            [sequence.next_position for sequence in prefill.rows],
         )
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def join(self, other: DecodeBatch) -> None:
-        """Append `other`'s rows (after this batch's), left-padding each layer's keys to the longer of the two."""
+        """Append `other`'s sequences (after this batch's), left-padding each layer's keys to the longer of the two."""
         for i, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
             ours, new = mine.keys.shape[2], theirs.keys.shape[2]
             width = max(ours, new)
@@ -117,21 +117,22 @@ class DecodeBatch:
             ]
         self.positions += other.positions
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only batch rows `rows` (in that order), then drop the padding every remaining row has."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.key_positions[0].device)
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the sequences at `indices` (in that order), then drop the padding every remaining sequence
+        has."""
+        index = torch.tensor(indices, dtype=torch.long, device=self.key_positions[0].device)
         for i, layer in enumerate(self.cache.layers):
             layer.batch_select_indices(index)
-            pads = [self.key_pads[i][r] for r in rows]
+            pads = [self.key_pads[i][b] for b in indices]
             common = min(pads)
             layer.keys, layer.values = layer.keys[:, :, common:], layer.values[:, :, common:]
             self.key_positions[i] = self.key_positions[i][index, common:]
             self.key_pads[i] = [p - common for p in pads]
-        self.positions = [self.positions[r] for r in rows]
+        self.positions = [self.positions[b] for b in indices]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run one token per row (`tokens` [B]) at each row's position through every layer, extending the caches;
-        returns next-token logits [B, vocab]."""
+        """Run one token per sequence (`tokens` [B]) at each sequence's position through every layer, extending the
+        caches; returns next-token logits [B, vocab]."""
         arch = self.runtime.arch
         hidden = arch.decoder.embed_tokens(tokens.view(-1, 1))
         positions = torch.tensor(self.positions, device=tokens.device)[:, None]

@@ -1,12 +1,13 @@
-"""The PromptDistill inference path, top to bottom: render → lay out rows → scheduled prefill and decode → result.
+"""The PromptDistill inference path, top to bottom: render → lay out tokens → scheduled prefill and decode → result.
 
 - render (`prompt.py`): the prompt, chat messages or token ids as tokens with character offsets;
-- lay out rows (`layout.py`): which tokens are retrieved context (prunable), which rows seed selection, the
+- lay out tokens (`layout.py`): which tokens are retrieved context (prunable), which tokens seed selection, the
   query suffix;
-- prefill (`methods/`): full attention, PromptDistill or GemFilter over HF's own layers, a batch of rows at once;
-  at a selection layer each row keeps its own kept rows (original order, original RoPE positions) and every
-  protected row;
-- decode (`decode.py`): the running batch, one token per row per step, each row at its own original position;
+- prefill (`methods/`): full attention, PromptDistill or GemFilter over HF's own layers, a batch of sequences at
+  once; at a selection layer each sequence keeps its own selected tokens (original order, original RoPE positions)
+  and every protected token;
+- decode (`decode.py`): the running batch, one token per sequence per step, each sequence at its own original
+  position;
 - schedule (`scheduler.py`): every generation is a request to the runtime's scheduler, so concurrent calls share
   prefills and decode steps without asking;
 - result (here): the text, cut at stop strings and streamed as deltas, and what was kept.
@@ -28,7 +29,7 @@ from .config import PromptDistillConfig, resolve_config
 from .inputs import PromptInput, SamplingParams, batch_inputs, call_inputs, prompt_input
 from .layout import RowLayout, plan_layout
 from .loading import DEFAULT_MODEL, load_model
-from .methods import METHOD_CLASSES, Prefill, PrefillRow, QueryAttentionRecorder, method_for
+from .methods import METHOD_CLASSES, Prefill, PrefillSequence, QueryAttentionRecorder, method_for
 from .prompt import RenderedPrompt, kept_shares, render
 from .results import BatchStream, GenerationResult, GenerationStream
 from .runtime import Runtime
@@ -146,8 +147,8 @@ class PromptDistillEngine:
     def generate_batch(
         self, prompts: list | None = None, *, sampling: SamplingParams | None = None, **arguments
     ) -> list[GenerationResult]:
-        """Generate a completion per row; takes the same arguments as `stream_batch`. Returns one
-        `GenerationResult` per row, in order."""
+        """Generate a completion per prompt; takes the same arguments as `stream_batch`. Returns one
+        `GenerationResult` per prompt, in order."""
         stream = self.stream_batch(prompts, sampling=sampling, **arguments)
         for _ in stream:
             pass
@@ -156,24 +157,25 @@ class PromptDistillEngine:
     def stream_batch(
         self, prompts: list | None = None, *, sampling: SamplingParams | None = None, **arguments
     ) -> BatchStream:
-        """Generate for several rows at once; the rows are prefilled and decoded together, each selecting and
+        """Generate for several prompts at once; they are prefilled and decoded together, each selecting and
         stopping on its own.
 
         Args:
             prompts: a list of raw-text prompts or of `PromptInput`s; or pass `messages=` or `input_ids=` lists.
-            sampling: a `SamplingParams` every row shares (a `constraint` in it must be a `Grammar`, which gives
-                each row its own matcher).
-            **arguments: per-row lists `queries`, `documents`, `tools` and `constraints` (or None), the shared
+            sampling: a `SamplingParams` every prompt shares (a `constraint` in it must be a `Grammar`, which gives
+                each prompt its own matcher).
+            **arguments: per-prompt lists `queries`, `documents`, `tools` and `constraints` (or None), the shared
                 `tool_format`, and `SamplingParams` fields by name (see `stream`).
 
-        Returns a `BatchStream` yielding `(row, text_delta)`, whose `result` is the list of `GenerationResult`s in
-        row order. Raises `ValueError`/`TypeError` naming the parameter and the row before any model work.
+        Returns a `BatchStream` yielding `(i, text_delta)` for prompt i, whose `result` is the list of
+        `GenerationResult`s in prompt order. Raises `ValueError`/`TypeError` naming the parameter and the prompt
+        ("row i: ...") before any model work.
         """
         events, requests, rendered = queue.SimpleQueue(), [], []
-        for i, (prompt, row_sampling) in enumerate(batch_inputs("stream_batch", prompts, sampling, arguments)):
+        for i, (prompt, prompt_sampling) in enumerate(batch_inputs("stream_batch", prompts, sampling, arguments)):
             try:
                 rendered.append(self._prepare(prompt))
-                requests.append(self._request(*rendered[-1], events, i, row_sampling))
+                requests.append(self._request(*rendered[-1], events, i, prompt_sampling))
             except (ValueError, TypeError) as error:
                 raise type(error)(f"row {i}: {error}") from error
         return BatchStream(self._run(requests, [r for r, _ in rendered]))
@@ -187,8 +189,8 @@ class PromptDistillEngine:
 
     def prefill(self, prompt: str | PromptInput | None = None, **arguments) -> Prefill:
         """Run only the prefill of one prompt (a batch of one) and return its `Prefill` (cache, next-token
-        logits [1, vocab], and its row: kept indices, layout). Takes `prompt` and `PromptInput` fields as `stream`
-        does."""
+        logits [1, vocab], and its `PrefillSequence`: kept indices, layout). Takes `prompt` and `PromptInput` fields
+        as `stream` does."""
         rendered, layout = self._prepare(prompt_input("prefill", prompt, arguments))
         method = method_for(self.config, [layout])
         with self.runtime.lock, torch.inference_mode():
@@ -200,7 +202,7 @@ class PromptDistillEngine:
         """Per-layer, per-head attention of the seeds to every prompt token in an unpruned pass (for calibration).
         Takes `prompt` and `PromptInput` fields as `stream` does.
 
-        Returns the rendered prompt, its row layout and scores [layers, heads, prompt tokens] aggregated over the
+        Returns the rendered prompt, its layout and scores [layers, heads, prompt tokens] aggregated over the
         seeds with the config's aggregation.
         """
         rendered, layout = self._prepare(prompt_input("query_attention", prompt, arguments))
@@ -212,7 +214,7 @@ class PromptDistillEngine:
     # ---------------------------------------------------------------- render, lay out, request
 
     def _prepare(self, prompt: PromptInput) -> tuple[RenderedPrompt, RowLayout]:
-        """Render the input, locate its documents and lay out its rows; raises `ValueError`/`TypeError` for bad
+        """Render the input, locate its documents and lay out its tokens; raises `ValueError`/`TypeError` for bad
         input or a prompt that (with its query suffix) exceeds the context window."""
         rendered = render(
             self.tokenizer, prompt.prompt, prompt.messages, prompt.input_ids, prompt.tools, prompt.tool_format
@@ -263,38 +265,38 @@ class PromptDistillEngine:
     def _run(
         self, requests: list[Request], rendered: list[RenderedPrompt]
     ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
-        """Submit `requests` (sharing one event queue) and turn their events into `(row, text delta)`; returns
-        their results. A consumer that leaves early cancels whatever still runs."""
+        """Submit `requests` (sharing one event queue) and turn their events into `(i, text delta)`, i a request's
+        tag (its index); returns their results. A consumer that leaves early cancels whatever still runs."""
         events, scheduler = requests[0].events, self.scheduler
         texts = [TextDeltas(self.tokenizer, r.sampler.stops) for r in requests]
-        prefills: list[tuple[PrefillRow, float] | None] = [None] * len(requests)
+        prefills: list[tuple[PrefillSequence, float] | None] = [None] * len(requests)
         started = [0.0] * len(requests)
         finished: list[tuple[str, float] | None] = [None] * len(requests)
         scheduler.submit(requests)
         try:
             while any(f is None for f in finished):
-                kind, row, payload = events.get()
-                if finished[row] is not None:
+                kind, i, payload = events.get()
+                if finished[i] is not None:
                     continue  # tokens generated after the text already reached a stop string
                 if kind == "error":
                     raise payload
                 if kind == "prefill":
-                    prefills[row], started[row] = payload, time.perf_counter()
+                    prefills[i], started[i] = payload, time.perf_counter()
                     continue
                 if kind == "token":
-                    delta, cut = texts[row].add(payload)
+                    delta, cut = texts[i].add(payload)
                     if delta:
-                        yield row, delta
+                        yield i, delta
                     if not cut:
                         continue
-                    scheduler.cancel(requests[row])
+                    scheduler.cancel(requests[i])
                     payload = "stop"
-                finished[row] = payload, time.perf_counter() - started[row]
-                if tail := texts[row].flush():
-                    yield row, tail
+                finished[i] = payload, time.perf_counter() - started[i]
+                if tail := texts[i].flush():
+                    yield i, tail
         finally:
             for request in requests:
-                scheduler.cancel(request)  # a no-op for finished rows; frees the rows of a consumer that left
+                scheduler.cancel(request)  # a no-op for finished ones; frees the sequences of a consumer that left
         return [
             self._result(r, *p, t, *f, q.sampler)
             for r, p, t, f, q in zip(rendered, prefills, texts, finished, requests)
@@ -303,14 +305,14 @@ class PromptDistillEngine:
     def _result(
         self,
         rendered: RenderedPrompt,
-        row: PrefillRow,
+        prefilled: PrefillSequence,
         prefill_seconds: float,
         text: TextDeltas,
         finish_reason: str,
         decode_seconds: float,
         sampler: Sampler,
     ) -> GenerationResult:
-        layout, kept = row.layout, row.kept_indices.cpu()
+        layout, kept = prefilled.layout, prefilled.kept_indices.cpu()
         kept_spans = rendered.char_spans(kept)
         output = text.tokens
         return GenerationResult(
@@ -322,17 +324,17 @@ class PromptDistillEngine:
             kept_char_spans=kept_spans,
             prefill_seconds=prefill_seconds,
             decode_tokens_per_second=(len(output) - 1) / decode_seconds if len(output) > 1 else 0.0,
-            kv_cache_bytes=row.kv_cache_bytes,
+            kv_cache_bytes=prefilled.kv_cache_bytes,
             finish_reason=finish_reason,
             method=self.config.method,
             selection_layers=self.config.selection_layers,
             prompt_text=rendered.text,
             output_token_ids=output,
-            decode_start_position=row.next_position,
+            decode_start_position=prefilled.next_position,
             context_source=layout.context_source,
             **layout.counts(kept),
             protected_char_spans=rendered.char_spans(torch.nonzero(~layout.prunable).flatten()),
-            token_scores=None if row.scores is None else row.scores[: len(rendered.input_ids)].tolist(),
+            token_scores=None if prefilled.scores is None else prefilled.scores[: len(rendered.input_ids)].tolist(),
             document_retention=None
             if rendered.document_ranges is None
             else kept_shares(rendered.document_ranges, kept_spans),
@@ -342,7 +344,7 @@ class PromptDistillEngine:
 
 
 def _deltas(events: Generator[tuple[int, str], None, list[GenerationResult]]):
-    """One row's events as its text deltas; returns its result. Closing it closes `events` (which cancels)."""
+    """One prompt's events as its text deltas; returns its result. Closing it closes `events` (which cancels)."""
     try:
         while True:
             try:

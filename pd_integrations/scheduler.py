@@ -26,12 +26,12 @@ from .sampling import Sampler
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    """How the scheduler batches and what it refuses. At most `max_batch_size` rows decode together; one prefill
+    """How the scheduler batches and what it refuses. At most `max_batch_size` sequences decode together; one prefill
     step takes at most `max_batch_tokens` tokens, padding included (a longer prompt still runs, alone); an idle
     scheduler waits `batch_wait` seconds for company before prefilling.
 
     Limits (None: none): a prompt (with its query suffix) over `max_prompt_tokens` is refused; `max_kv_bytes` bounds the
-    KV cache of all running rows, each counted as if nothing were pruned (prompt and `max_new_tokens` in every
+    KV cache of all running sequences, each counted as if nothing were pruned (prompt and `max_new_tokens` in every
     layer), so admission is safe whatever selection keeps: a request that alone exceeds it is refused, others
     wait for room. Refusals are `ValueError`s raised to the caller before any model work.
     """
@@ -60,9 +60,10 @@ class SchedulerSettings:
 
 @dataclass(eq=False)
 class Request:
-    """One generation: its prefill input (prompt then probe ids, and the row layout), its config and sampler, and
-    the queue its events go to, each `(kind, tag, payload)`: ("prefill", tag, (PrefillRow, seconds)), ("token",
-    tag, id), ("end", tag, finish reason) or ("error", tag, exception). `tag` tells rows of one call apart."""
+    """One generation: its prefill input (prompt then probe ids, and their layout), its config and sampler, and
+    the queue its events go to, each `(kind, tag, payload)`: ("prefill", tag, (PrefillSequence, seconds)),
+    ("token", tag, id), ("end", tag, finish reason) or ("error", tag, exception). `tag` tells the prompts of one call
+    apart."""
 
     ids: torch.Tensor
     layout: RowLayout
@@ -85,8 +86,8 @@ class Request:
 @dataclass(eq=False)
 class Scheduler:
     """The runtime's request queue, decode batch and worker (see the module docstring). `rows_per_forward`
-    counts forwards by (kind, rows), kind "prefill" or "decode": what batching did; `forward_seconds` sums their
-    time by kind."""
+    counts forwards by (kind, sequences in the forward), kind "prefill" or "decode": what batching did;
+    `forward_seconds` sums their time by kind."""
 
     runtime: Runtime
     settings: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -106,7 +107,7 @@ class Scheduler:
             if runtime.scheduler is None:
                 runtime.scheduler = cls(runtime)
                 if runtime.arch.attn_implementation.startswith("flash"):
-                    # Flash kernels take no dense mask, so padded rows cannot share a forward.
+                    # Flash kernels take no dense mask, so padded sequences cannot share a forward.
                     runtime.scheduler.settings = SchedulerSettings(max_batch_size=1)
             return runtime.scheduler
 
@@ -235,9 +236,9 @@ class Scheduler:
             return
         self.rows_per_forward["prefill", len(group)] += 1
         self.forward_seconds["prefill"] += seconds
-        for request, row in zip(group, prefill.rows):
-            request.events.put(("prefill", request.tag, (row, seconds)))
-            request.position = row.next_position
+        for request, prefilled in zip(group, prefill.rows):
+            request.events.put(("prefill", request.tag, (prefilled, seconds)))
+            request.position = prefilled.next_position
         batch = DecodeBatch.after(runtime, prefill)
         continuing = self._sample(group, prefill.logits)
         if len(continuing) < len(group):
@@ -268,27 +269,28 @@ class Scheduler:
         self._keep_running(self._sample(running, logits))
 
     def _drop_cancelled(self) -> None:
-        """Let rows whose callers left leave the decode batch."""
+        """Let sequences whose callers left leave the decode batch."""
         self._keep_running([i for i, r in enumerate(self._running) if not r.cancelled])
 
-    def _keep_running(self, rows: list[int]) -> None:
-        """Keep only running rows `rows` in the decode batch."""
-        if len(rows) == len(self._running):
+    def _keep_running(self, indices: list[int]) -> None:
+        """Keep only the running sequences at `indices` in the decode batch."""
+        if len(indices) == len(self._running):
             return
-        self._running = [self._running[i] for i in rows]
-        if rows:
-            self._batch.keep(rows)
+        self._running = [self._running[i] for i in indices]
+        if indices:
+            self._batch.keep(indices)
         else:
             self._batch = None
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """Choose each row's next token from `logits` [B, vocab] and emit it; returns the rows that go on."""
+        """Choose each sequence's next token from `logits` [B, vocab] and emit it; returns the indices of the
+        sequences that go on."""
         continuing, max_positions = [], self.runtime.arch.max_positions
-        for i, (request, row_logits) in enumerate(zip(requests, logits)):
+        for i, (request, next_logits) in enumerate(zip(requests, logits)):
             if request.cancelled:
                 continue
             with torch.inference_mode():  # the logits are inference tensors; constraints mask them in place
-                request.sequence, stopped = request.sampler.next_token(request.sequence, row_logits)
+                request.sequence, stopped = request.sampler.next_token(request.sequence, next_logits)
             request.generated += 1
             request.events.put(("token", request.tag, int(request.sequence[0, -1])))
             if stopped:

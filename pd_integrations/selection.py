@@ -1,8 +1,9 @@
 """Which context tokens survive a selection layer.
 
-The rows at a selection layer are candidates (retrieved context, see `pd_integrations.layout`) and protected rows;
-the query rows are the last ones, always protected. Scores come from the query rows' post-RoPE attention to every
-key; the budget picks candidates; every protected row is kept; the kept rows stay in their original order.
+The tokens at a selection layer are candidates (retrieved context, see `pd_integrations.layout`) and protected
+tokens; the query tokens are the last ones, always protected. Scores come from the query tokens' post-RoPE attention
+to every key; the budget picks candidates; every protected token is kept; the kept tokens stay in their original
+order.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from .arch import Architecture
 
 @dataclass(frozen=True)
 class Selector:
-    """Scores candidates from query-row attention and keeps the best `budget` of them.
+    """Scores candidates from query-token attention and keeps the best `budget` of them.
 
-    aggregation: "softmax_mean" | "softmax_max" | "logits_mean" over heads and query rows.
+    aggregation: "softmax_mean" | "softmax_max" | "logits_mean" over heads and query tokens.
     pool_kernel: odd avg-pool width over candidate scores (1 = none).
     unit_score: how span units are ranked from their tokens' scores: "max", "mean" or "topk_mean" (the mean of the
         unit's `unit_topk` best tokens, all of them in shorter units).
@@ -49,10 +50,10 @@ class Selector:
         query_positions: torch.Tensor,
         key_positions: torch.Tensor,
     ) -> torch.Tensor:
-        """Per-head key scores [H, k] (float32), aggregated over the query rows: post-RoPE `queries`
+        """Per-head key scores [H, k] (float32), aggregated over the query tokens: post-RoPE `queries`
         [1, H, s, d] against `keys` [1, KV, k, d], causal by original position."""
         logits = arch.attention_logits(layer_idx, queries, keys)[0]  # [H, s, k]
-        hidden = key_positions[None, :] > query_positions[:, None]  # a query row sees only earlier keys
+        hidden = key_positions[None, :] > query_positions[:, None]  # a query token sees only earlier keys
         if self.aggregation == "logits_mean":
             visible = (~hidden).float()
             return (logits * visible).sum(1) / visible.sum(0).clamp(min=1)
@@ -73,26 +74,26 @@ class Selector:
         budget: int,
         unit_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sorted row indices to keep: every row that is not a candidate, plus the best `budget` candidates.
+        """Sorted token indices to keep: every token that is not a candidate, plus the best `budget` candidates.
 
-        `candidates` marks the prunable rows; `num_candidates` is their count, known on the host, so no device
-        sync is needed. With `unit_ids` (one id per row, non-decreasing), whole units (chunks, sentences,
+        `candidates` marks the prunable tokens; `num_candidates` is their count, known on the host, so no device
+        sync is needed. With `unit_ids` (one id per token, non-decreasing), whole units (chunks, sentences,
         documents) are taken in the order of their `unit_score` (by default their best token's score); of the first
         unit that does not fit, its best-scoring contiguous window of the tokens left is kept, so the budget is met
         exactly. Pooling smooths scores along the candidates only.
         """
-        # Candidates first, each group in row order.
+        # Candidates first, each group in token order.
         order = torch.argsort((~candidates).to(torch.uint8), stable=True)
-        candidate_rows, protected_rows = order[:num_candidates], order[num_candidates:]
-        candidate_scores = self.candidate_scores(scores[candidate_rows])
+        candidate_tokens, protected_tokens = order[:num_candidates], order[num_candidates:]
+        candidate_scores = self.candidate_scores(scores[candidate_tokens])
         if unit_ids is None:
             chosen = torch.topk(candidate_scores, budget, sorted=False).indices
         else:
-            chosen = _top_units(candidate_scores, unit_ids[candidate_rows], budget, self.unit_score, self.unit_topk)
-        return torch.sort(torch.cat([protected_rows, candidate_rows[chosen]])).values
+            chosen = _top_units(candidate_scores, unit_ids[candidate_tokens], budget, self.unit_score, self.unit_topk)
+        return torch.sort(torch.cat([protected_tokens, candidate_tokens[chosen]])).values
 
     def candidate_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """The candidates' `scores` (in row order) as ranked: smoothed by the pool, then detrended."""
+        """The candidates' `scores` (in token order) as ranked: smoothed by the pool, then detrended."""
         if self.pool_kernel > 1:
             scores = F.avg_pool1d(scores[None, None], self.pool_kernel, 1, self.pool_kernel // 2)[0, 0]
         if self.detrend_window > 1:
@@ -140,17 +141,17 @@ def unit_ranks(scores: torch.Tensor, unit_ids: torch.Tensor, how: str = "max", t
 
 
 def score_prefix(scores: torch.Tensor) -> torch.Tensor:
-    """Prefix sums of `scores` starting at 0 ([rows + 1]), for `best_window_starts`."""
+    """Prefix sums of `scores` starting at 0 ([tokens + 1]), for `best_window_starts`."""
     return torch.cat([scores.new_zeros(1), torch.cumsum(scores, 0)])
 
 
 def best_window_starts(prefix: torch.Tensor, inside: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """For each of `lengths`, the first row of the highest-scoring run of that many consecutive rows that all lie
+    """For each of `lengths`, the first token of the highest-scoring run of that many consecutive tokens that all lie
     `inside` (one contiguous block), from the score prefix sums `prefix` (`score_prefix`). The earliest run wins
     ties."""
-    rows = torch.arange(inside.numel(), device=inside.device)
-    ends = rows[None] + lengths[:, None]
-    sums = prefix[ends.clamp(max=inside.numel())] - prefix[rows][None]
+    starts = torch.arange(inside.numel(), device=inside.device)
+    ends = starts[None] + lengths[:, None]
+    sums = prefix[ends.clamp(max=inside.numel())] - prefix[starts][None]
     fits = inside[None] & inside[(ends - 1).clamp(0, inside.numel() - 1)]
     return torch.where(fits, sums, float("-inf")).argmax(1)
 
@@ -168,6 +169,6 @@ def _top_units(
     left = budget - whole.sum()
     in_cut = rank == cut_rank
     start = best_window_starts(score_prefix(scores), in_cut, left.reshape(1).clamp(min=1))
-    rows = torch.arange(scores.numel(), device=scores.device)
-    window = in_cut & (rows >= start) & (rows < start + left)
+    tokens = torch.arange(scores.numel(), device=scores.device)
+    window = in_cut & (tokens >= start) & (tokens < start + left)
     return torch.argsort((~(whole | window)).to(torch.uint8), stable=True)[:budget]

@@ -1,5 +1,6 @@
 """The one cost model gives the floats the two it replaced gave (`Schedule.cost`'s layer-rows and
-`predicted_prefill_ratio`'s attention-aware model), and `predicted_ratio_of` the same per method."""
+`predicted_prefill_ratio`'s attention-aware model), and `predicted_ratio_of` the same per method (each method's
+`PrefillMethod.cost`)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,8 @@ def test_the_cost_model_gives_the_floats_of_the_two_it_replaced(schedule, layer_
 @pytest.mark.parametrize("config, expected", CONFIGS)
 def test_predicted_ratio_of_gives_the_floats_it_gave_per_method(config, expected):
     assert [predicted_ratio_of(config, 30, n, protected) for n, protected in PROMPTS] == expected
+
+
+@pytest.mark.parametrize("config, expected", [c for c in CONFIGS if c[0].method == "promptdistill"])
+def test_the_random_baseline_is_priced_as_promptdistills_budgets(config, expected):
+    assert [predicted_ratio_of(config.replace(method="random"), 30, n, p) for n, p in PROMPTS] == expected

@@ -1,75 +1,34 @@
 """Schedules (candidate profiles) and the one prefill cost model that prices them and any resolved config; `bench`
-prints its predictions beside the prefill times it measures."""
+prints its predictions beside the prefill times it measures. A layer's cost is `layer_cost`'s; what a prefill runs
+is its method's to say (`PrefillMethod.cost`; a schedule is priced as PromptDistill's stages, `staged_cost`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from ..config import BudgetRule, PromptDistillConfig, budget_to_json, resolve_budget
+from ..config import BudgetRule, PromptDistillConfig, budget_to_json
+from ..methods.promptdistill import stage_budgets, staged_cost
 from ..methods.registry import method_class
 from ..selection import Selector
 
-# The prefill cost model: a layer processing `rows` rows costs rows * (ROW_COST + rows / 2), a per-row term (the
-# projections and MLP) plus causal attention to rows / 2 keys on average, in units of one key's attention. Fitted to
+# The prefill cost model: a layer processing n tokens costs n * (ROW_COST + n / 2), a per-token term (the
+# projections and MLP) plus causal attention to n / 2 keys on average, in units of one key's attention. Fitted to
 # SmolLM2-135M on this project's 2-core CPU (full attention's 8k/4k prefill-time ratio, 2.9); it predicted the old
 # profile's measured prefill ratios (0.37 at 8k, 0.58 at 4k) within 0.02.
 ROW_COST = 2300
 
 
-def layer_cost(rows: int, row_cost: float = ROW_COST) -> float:
-    """The cost model's time for one layer over `rows` rows.
+def layer_cost(tokens: int, token_cost: float = ROW_COST) -> float:
+    """The cost model's time for one layer over `tokens` tokens.
 
     Args:
-        rows: the rows (prompt tokens) the layer processes.
-        row_cost: the per-row term, in units of one key's attention.
+        tokens: the prompt tokens the layer processes.
+        token_cost: the per-token term, in units of one key's attention.
 
     Returns:
-        `rows * (row_cost + rows / 2)`.
+        `tokens * (token_cost + tokens / 2)`.
     """
-    return rows * (row_cost + rows / 2)
-
-
-def stage_budgets(budgets: Sequence[int | float | BudgetRule], prunable: int) -> list[int]:
-    """Tokens each stage keeps of `prunable` context tokens, as `RowLayout.stage_budgets` resolves them.
-
-    Args:
-        budgets: each stage's budget: an int, a fraction or a `BudgetRule`.
-        prunable: the prunable tokens of the prompt.
-
-    Returns:
-        Each stage's resolved budget, never above an earlier stage's.
-    """
-    resolved = [resolve_budget(budget, prunable) for budget in budgets]
-    return [min(resolved[: i + 1]) for i in range(len(resolved))]
-
-
-def prefill_cost(
-    stages: Sequence[tuple[int, int | float | BudgetRule]],
-    num_layers: int,
-    length: int,
-    protected: int,
-    cost_of: Callable[[int], float],
-) -> float:
-    """The cost model: a schedule's prefill over full attention's, summing `cost_of(rows)` over the layers.
-
-    Args:
-        stages: (selection layer, budget) per stage; rows after a stage are its budget plus `protected`.
-        num_layers: the model's layers.
-        length: the prompt's tokens.
-        protected: the prompt's tokens that are not prunable.
-        cost_of: one layer's cost over a number of rows.
-
-    Returns:
-        The schedule's summed layer costs divided by `num_layers * cost_of(length)`.
-    """
-    budgets = stage_budgets([budget for _, budget in stages], max(0, length - protected))
-    rows, total, start = length, 0, 0
-    for (layer, _), budget in zip(stages, budgets):
-        total += (layer + 1 - start) * cost_of(rows)
-        rows, start = min(rows, budget + protected), layer + 1
-    total += (num_layers - start) * cost_of(rows)
-    return total / (num_layers * cost_of(length))
+    return tokens * (token_cost + tokens / 2)
 
 
 @dataclass(frozen=True)
@@ -136,16 +95,16 @@ class Schedule:
         return stage_budgets([budget for _, budget, _ in self.stages], prunable)
 
     def cost(self, num_layers: int, length: int, protected: int = 20) -> float:
-        """Share of full attention's layer-rows the schedule processes at `length` prompt tokens, `protected` of
-        them not prunable (`prefill_cost` with every row costing the same)."""
-        return prefill_cost(self._layer_budgets(), num_layers, length, protected, lambda rows: rows)
+        """Share of full attention's layer-tokens (tokens summed over layers) the schedule processes at `length`
+        prompt tokens, `protected` of them not prunable (`staged_cost` with every token costing the same)."""
+        return staged_cost(self._layer_budgets(), num_layers, length, protected, lambda tokens: tokens)
 
     def _layer_budgets(self) -> list[tuple[int, int | float | BudgetRule]]:
         return [(layer, budget) for layer, budget, _ in self.stages]
 
 
 def predicted_prefill_ratio(
-    schedule: Schedule, num_layers: int, length: int, protected: int = 60, row_cost: float = ROW_COST
+    schedule: Schedule, num_layers: int, length: int, protected: int = 60, token_cost: float = ROW_COST
 ) -> float:
     """The cost model's prefill time of `schedule` over full attention's (selection and gathers are not counted).
 
@@ -154,20 +113,20 @@ def predicted_prefill_ratio(
         num_layers: the model's layers.
         length: the prompt's tokens.
         protected: the prompt's tokens that are not prunable.
-        row_cost: `layer_cost`'s per-row term.
+        token_cost: `layer_cost`'s per-token term.
 
     Returns:
         The predicted prefill-time ratio (1.0 when nothing is pruned).
     """
-    return prefill_cost(
-        schedule._layer_budgets(), num_layers, length, protected, lambda rows: layer_cost(rows, row_cost)
+    return staged_cost(
+        schedule._layer_budgets(), num_layers, length, protected, lambda tokens: layer_cost(tokens, token_cost)
     )
 
 
 def predicted_ratio_of(
     config: PromptDistillConfig, num_layers: int, prompt_tokens: int, protected_tokens: int
 ) -> float | None:
-    """The cost model's prefill ratio for a resolved `config`: its schedule's, GemFilter's own, none for full attention.
+    """The cost model's prefill ratio for a resolved `config`: its method's `PrefillMethod.cost`, with `layer_cost`.
 
     Args:
         config: a resolved config of any method.
@@ -178,18 +137,4 @@ def predicted_ratio_of(
     Returns:
         The predicted prefill-time ratio, or None for full attention.
     """
-    method = method_class(config.method)
-    if not method.prunes:
-        return None
-    schedule = Schedule.of(config)
-    if method.reruns:
-        return _gemfilter_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
-    return predicted_prefill_ratio(schedule, num_layers, prompt_tokens, protected_tokens)
-
-
-def _gemfilter_ratio(schedule: Schedule, num_layers: int, prompt_tokens: int, protected_tokens: int) -> float:
-    """GemFilter pays its scout layers on every row and then the whole model on the kept rows."""
-    ((layer, _, _),) = schedule.stages
-    kept = min(prompt_tokens, schedule.budgets_at(prompt_tokens - protected_tokens)[0] + protected_tokens)
-    full = num_layers * layer_cost(prompt_tokens)
-    return ((layer + 1) * layer_cost(prompt_tokens) + num_layers * layer_cost(kept)) / full
+    return method_class(config.method).cost(config, num_layers, prompt_tokens, protected_tokens, layer_cost)

@@ -5,7 +5,7 @@ Adding a method is adding its module and its line in `registry.METHOD_PATHS`, th
 
 from ..config import PromptDistillConfig
 from ..layout import RowLayout
-from .base import FullAttention, Prefill, PrefillMethod, PrefillRow, PrefillState
+from .base import FullAttention, Prefill, PrefillMethod, PrefillSequence, PrefillState
 from .gemfilter import GemFilter
 from .promptdistill import PromptDistill, Stage
 from .random import RandomSelection
@@ -16,7 +16,7 @@ METHOD_CLASSES: dict[str, type[PrefillMethod]] = {name: method_class(name) for n
 
 
 def method_for(config: PromptDistillConfig, layouts: list[RowLayout]) -> PrefillMethod:
-    """The prefill method `config.method` names, set up for a batch of rows with `layouts` (fractional budgets
+    """The prefill method `config.method` names, set up for a batch of sequences with `layouts` (fractional budgets
     resolve against each)."""
     return method_class(config.method).from_config(config, layouts)
 
@@ -28,7 +28,7 @@ __all__ = [
     "METHOD_CLASSES",
     "Prefill",
     "PrefillMethod",
-    "PrefillRow",
+    "PrefillSequence",
     "PrefillState",
     "PromptDistill",
     "QueryAttentionRecorder",

@@ -3,11 +3,12 @@ model on the kept tokens with positions renumbered 0..k-1. Decoding continues af
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import PAPER_SCORING, PromptDistillConfig, fill_unset
+from ..config import PAPER_SCORING, PromptDistillConfig, fill_unset, resolve_budget
 from ..layout import RowLayout
 from ..runtime import Runtime
 from .base import FullAttention, Prefill, PrefillMethod
@@ -16,12 +17,11 @@ from .promptdistill import PromptDistill
 
 @dataclass
 class GemFilter(PrefillMethod):
-    """A scout pass that stops at its selection layer, then a fresh full pass over each row's kept tokens."""
+    """A scout pass that stops at its selection layer, then a fresh full pass over each sequence's kept tokens."""
 
     scout: PromptDistill
     name = "gemfilter"
     prunes = True
-    reruns = True
 
     @classmethod
     def check_config(cls, config: PromptDistillConfig) -> None:
@@ -47,16 +47,32 @@ class GemFilter(PrefillMethod):
     def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> GemFilter:
         return cls(PromptDistill.from_config(config, layouts))
 
+    @classmethod
+    def cost(
+        cls,
+        config: PromptDistillConfig,
+        num_layers: int,
+        prompt_tokens: int,
+        protected_tokens: int,
+        layer_cost: Callable[[int], float],
+    ) -> float:
+        """The scout's layers through the selection layer over every token, then the whole model again over the kept
+        ones (their budget plus the protected tokens)."""
+        ((layer, budget),) = zip(config.selection_layers, config.budgets)
+        kept = min(prompt_tokens, resolve_budget(budget, prompt_tokens - protected_tokens) + protected_tokens)
+        full = num_layers * layer_cost(prompt_tokens)
+        return ((layer + 1) * layer_cost(prompt_tokens) + num_layers * layer_cost(kept)) / full
+
     def prefill(
         self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
     ) -> Prefill:
         scouted = self.scout.prefill(runtime, ids, layouts, last_layer=self.scout.stages[0].layer)
-        kept = [row.kept_indices for row in scouted.rows]
+        kept = [sequence.kept_indices for sequence in scouted.rows]
         rerun = FullAttention().prefill(
-            runtime, [row[k] for row, k in zip(ids, kept)], [RowLayout.unpruned(k.shape[0]) for k in kept]
+            runtime, [sequence[k] for sequence, k in zip(ids, kept)], [RowLayout.unpruned(k.shape[0]) for k in kept]
         )
         rerun.rows = [
-            replace(row, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
-            for row, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)
+            replace(sequence, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
+            for sequence, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)
         ]
         return rerun

@@ -1,22 +1,67 @@
-"""PromptDistill (arXiv 2503.23274): at each selection layer the query rows' attention picks the prunable rows that
-later layers see; kept rows keep their hidden states and original RoPE positions, and nothing is recomputed.
-Each batch row selects on its own: its own query rows, candidates and budget."""
+"""PromptDistill (arXiv 2503.23274): at each selection layer the query tokens' attention picks the prunable tokens
+that later layers see; kept tokens keep their hidden states and original RoPE positions, and nothing is recomputed.
+Each sequence of the batch selects on its own: its own query tokens, candidates and budget."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..config import PromptDistillConfig
+from ..config import BudgetRule, PromptDistillConfig, resolve_budget
 from ..layout import RowLayout
 from ..selection import Selector
 from .base import PrefillMethod, PrefillState
 
 
+def stage_budgets(budgets: Sequence[int | float | BudgetRule], prunable: int) -> list[int]:
+    """Tokens each stage keeps of `prunable` context tokens, as `RowLayout.stage_budgets` resolves them.
+
+    Args:
+        budgets: each stage's budget: an int, a fraction or a `BudgetRule`.
+        prunable: the prunable tokens of the prompt.
+
+    Returns:
+        Each stage's resolved budget, never above an earlier stage's.
+    """
+    resolved = [resolve_budget(budget, prunable) for budget in budgets]
+    return [min(resolved[: i + 1]) for i in range(len(resolved))]
+
+
+def staged_cost(
+    stages: Sequence[tuple[int, int | float | BudgetRule]],
+    num_layers: int,
+    length: int,
+    protected: int,
+    layer_cost: Callable[[int], float],
+) -> float:
+    """A staged prefill's cost over full attention's: each layer through a stage's selection layer runs over the
+    tokens the stage before kept (every token before the first stage), the layers after the last stage over the last
+    stage's; what the cost model prices `PromptDistill` and calibration's schedules with.
+
+    Args:
+        stages: (selection layer, budget) per stage; the tokens after a stage are its budget plus `protected`.
+        num_layers: the model's layers.
+        length: the prompt's tokens.
+        protected: the prompt's tokens that are not prunable.
+        layer_cost: one layer's cost over a number of tokens.
+
+    Returns:
+        The stages' summed layer costs divided by `num_layers * layer_cost(length)`.
+    """
+    budgets = stage_budgets([budget for _, budget in stages], max(0, length - protected))
+    tokens, total, start = length, 0, 0
+    for (layer, _), budget in zip(stages, budgets):
+        total += (layer + 1 - start) * layer_cost(tokens)
+        tokens, start = min(tokens, budget + protected), layer + 1
+    total += (num_layers - start) * layer_cost(tokens)
+    return total / (num_layers * layer_cost(length))
+
+
 @dataclass(frozen=True)
 class Stage:
-    """Select at `layer`, keeping `budgets[b]` prunable tokens of batch row b, scored by `heads` (None: all)."""
+    """Select at `layer`, keeping `budgets[b]` prunable tokens of sequence b, scored by `heads` (None: all)."""
 
     layer: int
     budgets: tuple[int, ...]
@@ -26,8 +71,9 @@ class Stage:
 @dataclass
 class PromptDistill(PrefillMethod):
     """Multi-stage selection with optional cache truncation: at each stage, the KV of the layers from
-    `truncate_from` (None: none) to the stage's layer is gathered to its kept rows. The transient query suffix, if
-    any, is dropped after the last stage. Subclasses change which rows a stage keeps through `scores` and `units`."""
+    `truncate_from` (None: none) to the stage's layer is gathered to its kept tokens. The transient query suffix, if
+    any, is dropped after the last stage. Subclasses change which tokens a stage keeps through `scores` and
+    `units`."""
 
     stages: list[Stage]
     selector: Selector
@@ -45,10 +91,23 @@ class PromptDistill(PrefillMethod):
 
     @classmethod
     def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> PromptDistill:
-        """The config's stages, with fractional budgets resolved against each row layout's prunable tokens."""
+        """The config's stages, with fractional budgets resolved against each sequence layout's prunable tokens."""
         budgets = zip(*(layout.stage_budgets(config.budgets) for layout in layouts))
         stages = [Stage(*stage) for stage in zip(config.selection_layers, budgets, config.heads)]
         return cls(stages, Selector.from_config(config), config.truncated_from_layer())
+
+    @classmethod
+    def cost(
+        cls,
+        config: PromptDistillConfig,
+        num_layers: int,
+        prompt_tokens: int,
+        protected_tokens: int,
+        layer_cost: Callable[[int], float],
+    ) -> float:
+        """The config's stages priced by `staged_cost` (selection and gathers are not counted)."""
+        stages = list(zip(config.selection_layers, config.budgets))
+        return staged_cost(stages, num_layers, prompt_tokens, protected_tokens, layer_cost)
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
         stage = next((s for s in self.stages if s.layer == i), None)
@@ -61,31 +120,32 @@ class PromptDistill(PrefillMethod):
         if stage is self.stages[-1]:
             state.drop_query_suffix(i, truncated)
         for b, kept in enumerate(state.stage_kept):
-            kept.append(state.positions[b, state.real_rows(b)])
+            kept.append(state.positions[b, state.real_tokens(b)])
 
     def scores(
         self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, heads: tuple[int, ...] | None
     ) -> torch.Tensor:
-        """Scores [real rows] of batch row `b`'s real rows at layer `i`: its query rows' attention over `heads`."""
+        """Scores [real tokens] of sequence `b`'s real tokens at layer `i`: its query tokens' attention over
+        `heads`."""
         return self.selector.score(state.query_head_scores(self.selector, i, layer_input, b), heads)
 
     def units(self, state: PrefillState, b: int) -> torch.Tensor | None:
-        """Span unit ids of batch row `b`'s real rows, which the selector keeps whole (None: token by token)."""
+        """Span unit ids of sequence `b`'s real tokens, which the selector keeps whole (None: token by token)."""
         return state.units(b)
 
     def _keep(
         self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, budget: int, heads: tuple[int, ...] | None
     ) -> torch.Tensor | None:
-        """Batch row `b`'s real rows to keep at layer `i` (None: all, the budget covers its candidates)."""
+        """Sequence `b`'s real tokens to keep at layer `i` (None: all, the budget covers its candidates)."""
         if budget >= state.remaining[b]:
             return None
-        rows = state.real_rows(b)
+        real = state.real_tokens(b)
         scores = self.scores(state, i, layer_input, b, heads)
         if state.scores[b] is None:
             layout = state.layouts[b]
             state.scores[b] = torch.zeros(
                 len(layout.prunable) + len(layout.query_suffix_ids), device=scores.device
-            ).index_put_((state.positions[b, rows],), scores)
-        keep = self.selector.keep(scores, state.candidates[b, rows], state.remaining[b], budget, self.units(state, b))
+            ).index_put_((state.positions[b, real],), scores)
+        keep = self.selector.keep(scores, state.candidates[b, real], state.remaining[b], budget, self.units(state, b))
         state.remaining[b] = budget
         return keep

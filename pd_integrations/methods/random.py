@@ -20,10 +20,10 @@ SEED_STRIDE = 1000
 
 @dataclass
 class RandomSelection(PromptDistill):
-    """At each stage, keeps a uniformly random `budget` of the row's remaining prunable tokens, token by token
-    whatever the config's span; protected rows stay as always, with their original positions. The draws depend on
-    `seed`, the stage's layer and the row's length only, so a prompt keeps the same tokens in any batch and on any
-    run; the first stage's draws are the row's reported `scores`."""
+    """At each stage, keeps a uniformly random `budget` of the sequence's remaining prunable tokens, token by token
+    whatever the config's span; protected tokens stay as always, with their original positions. The draws depend on
+    `seed`, the stage's layer and the sequence's length only, so a prompt keeps the same tokens in any batch and on
+    any run; the first stage's draws are the sequence's reported `scores`."""
 
     seed: int = 0
     name = "random"
@@ -38,7 +38,7 @@ class RandomSelection(PromptDistill):
     def scores(
         self, state: PrefillState, i: int, layer_input: torch.Tensor, b: int, heads: tuple[int, ...] | None
     ) -> torch.Tensor:
-        """Uniform draws in [0, 1), one per real row of batch row `b`, from the stage's own seeded generator."""
+        """Uniform draws in [0, 1), one per real token of sequence `b`, from the stage's own seeded generator."""
         generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + i)
         return torch.rand(state.lengths[b], generator=generator).to(state.hidden.device)
 

@@ -1,4 +1,4 @@
-"""The calibration recorder: an unpruned pass that records every layer's per-head query-row attention."""
+"""The calibration recorder: an unpruned pass that records every layer's per-head query-token attention."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from .base import PrefillMethod, PrefillState
 
 
 class QueryAttentionRecorder(PrefillMethod):
-    """Full attention over one prompt that keeps, per layer, the query rows' per-head scores [H, rows] in `layers`
-    (for `pd-calibrate`), aggregated over the query rows with `selector`'s aggregation."""
+    """Full attention over one prompt that keeps, per layer, the query tokens' per-head scores [H, tokens] in
+    `layers` (for `pd-calibrate`), aggregated over the query tokens with `selector`'s aggregation."""
 
     def __init__(self, selector: Selector):
         self.selector = selector
