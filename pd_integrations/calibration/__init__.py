@@ -22,7 +22,7 @@ from .search import (
     rag_search,
     tokens_needed,
 )
-from .verify import Verification, answer_rate, rag_answer_rate, verification_probes, verify_schedules
+from .verify import Verification, answer_rate, verification_probes, verify_schedules
 
 __all__ = [
     "ROW_COST",
@@ -44,7 +44,6 @@ __all__ = [
     "needle_rank_table",
     "predicted_prefill_ratio",
     "predicted_ratio_of",
-    "rag_answer_rate",
     "rag_probes",
     "rag_search",
     "record_probes",

@@ -22,7 +22,7 @@ from .cost import Schedule, predicted_prefill_ratio
 from .records import make_probes, record_probes, record_rag_probes
 from .run import RECORDING, check_floor_length, write_profile
 from .search import rag_search
-from .verify import Verification, answer_rate, rag_answer_rate, verify_schedules
+from .verify import Verification, answer_rate, verify_schedules
 
 # What `--quick` searches: 64-token chunks ranked by their 8 best tokens, detrended or not (the units and scorings
 # that held on essays and RAG prompts for the default model); the full `--rag` search tries passages and more.
@@ -80,21 +80,9 @@ def mixed_probes(engine: PromptDistillEngine, lengths, samples: int, seed: int, 
     return kinds
 
 
-def rate(engine: PromptDistillEngine, probes: list, desc: str) -> tuple[float, float]:
-    """(answered share, evidence-kept share) of needle and RAG `probes` together, run end to end."""
-    needles = [p for p in probes if isinstance(p, NeedleProbe)]
-    rags = [p for p in probes if not isinstance(p, NeedleProbe)]
-    parts = [
-        (rate_of(engine, group, desc), len(group))
-        for rate_of, group in ((answer_rate, needles), (rag_answer_rate, rags))
-        if group
-    ]
-    return tuple(sum(shares[i] * n for shares, n in parts) / len(probes) for i in (0, 1))
-
-
 def counted(engine: PromptDistillEngine, probes: list, desc: str) -> Rate:
-    """`rate` of `probes` as counts."""
-    answered, kept = rate(engine, probes, desc)
+    """`answer_rate` of `probes` as counts."""
+    answered, kept = answer_rate(engine, probes, desc)
     return Rate(round(answered * len(probes)), round(kept * len(probes)), len(probes))
 
 
@@ -161,7 +149,7 @@ def _search_and_verify(engine: PromptDistillEngine, calibration: list, candidate
     best = tried[0]["kept_share"]
     ranked = [row["schedule"] for row in tried if row["kept_share"] == best][:candidates]
     search = {"schedules_tried": len(tried), "predicted_kept_share": best}
-    return verify_schedules(engine, ranked, calibration, rate), search
+    return verify_schedules(engine, ranked, calibration), search
 
 
 def _measure_splits(engine: PromptDistillEngine, chosen: Schedule, kinds: dict) -> dict:

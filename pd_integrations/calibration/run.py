@@ -33,7 +33,7 @@ from .search import (
     rag_search,
     report_budget,
 )
-from .verify import rag_answer_rate, verification_probes, verify_schedules
+from .verify import verification_probes, verify_schedules
 
 # What every probe is recorded with: the question span as seeds, each head's softmax averaged.
 RECORDING = {"query_source": "auto", "aggregation": "softmax_mean"}
@@ -203,7 +203,7 @@ def _search_rag(
     search_path = _save_search(tried, Path(records_path).with_suffix(".search.json"))
     best = tried[0]["kept_share"]
     ranked = [row["schedule"] for row in tried if row["kept_share"] == best]
-    chosen, rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes, rag_answer_rate)
+    chosen, rate, full_rate, runs = verify_schedules(engine, ranked, verify_probes)
     chosen = chosen.floored(floor_length) if floor_length else chosen
     _plot_search(search_path, chosen, best, num_layers, max(plan_lengths))
     return chosen, {

@@ -16,62 +16,29 @@ from ..probes import NeedleProbe, needles_kept
 from .cost import Schedule
 
 
-def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe], desc: str) -> tuple[float, float]:
-    """Run needle `probes` end to end.
+def answer_rate(engine: PromptDistillEngine, probes: list[NeedleProbe | RagProbe], desc: str) -> tuple[float, float]:
+    """Run needle and RAG `probes` end to end.
 
     Args:
         engine: the engine run.
-        probes: the needle probes.
+        probes: needle probes, RAG probes, or both.
         desc: the progress bar's description.
 
     Returns:
-        (share of probes answered, share whose needle sentence the engine kept).
+        (share of probes answered, share whose evidence sentence (needle, or answer sentence) the engine kept).
     """
-    return _rates(
-        engine,
-        probes,
-        desc,
-        lambda probe: {"messages": probe.messages(), "query": probe.question, "documents": [probe.context]},
-        lambda probe, text: probe.is_answered(text),
-        lambda probe: probe.needle,
-    )
-
-
-def rag_answer_rate(engine: PromptDistillEngine, probes: list[RagProbe], desc: str) -> tuple[float, float]:
-    """Run RAG `probes` end to end.
-
-    Args:
-        engine: the engine run.
-        probes: the RAG probes.
-        desc: the progress bar's description.
-
-    Returns:
-        (share of probes answered, share whose answer sentence the engine kept).
-    """
-    return _rates(
-        engine,
-        probes,
-        desc,
-        lambda probe: {
-            "messages": probe.prompt.messages,
-            "query": probe.prompt.query,
-            "documents": probe.prompt.documents,
-        },
-        lambda probe, text: contains(text, probe.prompt.answer),
-        lambda probe: probe.answer_sentence,
-    )
-
-
-def _rates(
-    engine: PromptDistillEngine, probes: list, desc: str, call: Callable, answered: Callable, evidence: Callable
-) -> tuple[float, float]:
-    """(share of `probes` `answered(probe, text)`, share whose `evidence(probe)` sentence the engine kept), each
-    generated from `call(probe)`'s keyword arguments."""
     answers = kept = 0
     for probe in tqdm(probes, desc=desc, unit="probe", leave=False):
-        result = engine.generate(**call(probe), max_new_tokens=24)
-        answers += answered(probe, result.text)
-        kept += needles_kept(result.prompt_text, result.kept_char_spans, (evidence(probe),))
+        if isinstance(probe, NeedleProbe):
+            call = {"messages": probe.messages(), "query": probe.question, "documents": [probe.context]}
+            evidence, answered = probe.needle, probe.is_answered
+        else:
+            prompt = probe.prompt
+            call = {"messages": prompt.messages, "query": prompt.query, "documents": prompt.documents}
+            evidence, answered = probe.answer_sentence, lambda text, answer=prompt.answer: contains(text, answer)
+        result = engine.generate(**call, max_new_tokens=24)
+        answers += answered(result.text)
+        kept += needles_kept(result.prompt_text, result.kept_char_spans, (evidence,))
     return answers / len(probes), kept / len(probes)
 
 
@@ -109,8 +76,7 @@ def verify_schedules(
         engine: the engine whose weights run the schedules.
         ranked: the search's schedules, cheapest first.
         probes: the verification probes.
-        rate_of: `rate_of(engine, probes, description)` -> (answered share, evidence-kept share): `answer_rate` for
-            needles, `rag_answer_rate` for RAG probes.
+        rate_of: `rate_of(engine, probes, description)` -> (answered share, evidence-kept share).
 
     Returns:
         The `Verification`.
