@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..config import BudgetRule, PromptDistillConfig, budget_to_json
+from ..methods.base import CostedPrompt
 from ..methods.promptdistill import stage_budgets, staged_cost
 from ..methods.registry import method_class
 from ..selection import Selector
@@ -137,4 +138,5 @@ def predicted_ratio_of(
     Returns:
         The predicted prefill-time ratio, or None for full attention.
     """
-    return method_class(config.method).cost(config, num_layers, prompt_tokens, protected_tokens, layer_cost)
+    prompt = CostedPrompt(num_layers, prompt_tokens, protected_tokens, layer_cost)
+    return method_class(config.method).cost(config, prompt)

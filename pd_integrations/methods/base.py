@@ -252,6 +252,17 @@ class PrefillState:
         return max(len(layout.prunable) + len(layout.query_suffix_ids) for layout in self.layouts) - 1
 
 
+@dataclass(frozen=True)
+class CostedPrompt:
+    """What the cost model prices a prefill by: the model's layers, the prompt's tokens, how many of them are not
+    prunable, and one layer's cost over a number of tokens."""
+
+    num_layers: int
+    prompt_tokens: int
+    protected_tokens: int
+    layer_cost: Callable[[int], float]
+
+
 class PrefillMethod:
     """One way to prefill a batch of prompts: the layer loop, with `after_layer` for what a method does between
     layers.
@@ -285,16 +296,8 @@ class PrefillMethod:
         return cls()
 
     @classmethod
-    def cost(
-        cls,
-        config: PromptDistillConfig,
-        num_layers: int,
-        prompt_tokens: int,
-        protected_tokens: int,
-        layer_cost: Callable[[int], float],
-    ) -> float | None:
-        """The cost model's prefill time for a prompt of `prompt_tokens` tokens, `protected_tokens` of them not
-        prunable, under the resolved `config`, over full attention's, one layer over n tokens costing `layer_cost(n)`
+    def cost(cls, config: PromptDistillConfig, prompt: CostedPrompt) -> float | None:
+        """The cost model's prefill time for `prompt` under the resolved `config`, over full attention's
         (`calibration.cost.predicted_ratio_of` calls it). None for the base method: it is full attention, every layer
         over every token, the prefill the ratio is taken against."""
         return None

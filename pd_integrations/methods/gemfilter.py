@@ -3,7 +3,6 @@ model on the kept tokens with positions renumbered 0..k-1. Decoding continues af
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from ..config import PAPER_SCORING, PromptDistillConfig, fill_unset, resolve_budget
 from ..layout import RowLayout
 from ..runtime import Runtime
-from .base import FullAttention, Prefill, PrefillMethod
+from .base import CostedPrompt, FullAttention, Prefill, PrefillMethod
 from .promptdistill import PromptDistill
 
 
@@ -48,20 +47,14 @@ class GemFilter(PrefillMethod):
         return cls(PromptDistill.from_config(config, layouts))
 
     @classmethod
-    def cost(
-        cls,
-        config: PromptDistillConfig,
-        num_layers: int,
-        prompt_tokens: int,
-        protected_tokens: int,
-        layer_cost: Callable[[int], float],
-    ) -> float:
+    def cost(cls, config: PromptDistillConfig, prompt: CostedPrompt) -> float:
         """The scout's layers through the selection layer over every token, then the whole model again over the kept
         ones (their budget plus the protected tokens)."""
         ((layer, budget),) = zip(config.selection_layers, config.budgets)
-        kept = min(prompt_tokens, resolve_budget(budget, prompt_tokens - protected_tokens) + protected_tokens)
-        full = num_layers * layer_cost(prompt_tokens)
-        return ((layer + 1) * layer_cost(prompt_tokens) + num_layers * layer_cost(kept)) / full
+        n, protected = prompt.prompt_tokens, prompt.protected_tokens
+        kept = min(n, resolve_budget(budget, n - protected) + protected)
+        full = prompt.num_layers * prompt.layer_cost(n)
+        return ((layer + 1) * prompt.layer_cost(n) + prompt.num_layers * prompt.layer_cost(kept)) / full
 
     def prefill(
         self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None

@@ -12,7 +12,7 @@ import torch
 from ..config import BudgetRule, PromptDistillConfig, resolve_budget
 from ..layout import RowLayout
 from ..selection import Selector
-from .base import PrefillMethod, PrefillState
+from .base import CostedPrompt, PrefillMethod, PrefillState
 
 
 def stage_budgets(budgets: Sequence[int | float | BudgetRule], prunable: int) -> list[int]:
@@ -97,17 +97,10 @@ class PromptDistill(PrefillMethod):
         return cls(stages, Selector.from_config(config), config.truncated_from_layer())
 
     @classmethod
-    def cost(
-        cls,
-        config: PromptDistillConfig,
-        num_layers: int,
-        prompt_tokens: int,
-        protected_tokens: int,
-        layer_cost: Callable[[int], float],
-    ) -> float:
+    def cost(cls, config: PromptDistillConfig, prompt: CostedPrompt) -> float:
         """The config's stages priced by `staged_cost` (selection and gathers are not counted)."""
         stages = list(zip(config.selection_layers, config.budgets))
-        return staged_cost(stages, num_layers, prompt_tokens, protected_tokens, layer_cost)
+        return staged_cost(stages, prompt.num_layers, prompt.prompt_tokens, prompt.protected_tokens, prompt.layer_cost)
 
     def after_layer(self, state: PrefillState, i: int, layer_input: torch.Tensor) -> None:
         stage = next((s for s in self.stages if s.layer == i), None)
