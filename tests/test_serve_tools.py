@@ -21,11 +21,11 @@ from pd_integrations.prompt import render
 from pd_integrations.serve import ServerSettings, create_app
 from pd_integrations.serve.openai_schema import ChatCompletionRequest
 
-from .conftest import tiny_model
+from .conftest import SERVED_MODEL, tiny_model
 from .serving import running
 from .test_tool_templates import QWEN25_TEMPLATE
 
-MODEL = "tiny"
+MODEL = SERVED_MODEL
 TICKET = {
     "type": "object",
     "properties": {
@@ -72,14 +72,8 @@ def check_alarm(arguments: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tokenizer):
-    return PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"), model_name=MODEL)
-
-
-@pytest.fixture(scope="module")
-def client(tiny_engine):
-    with running(create_app(tiny_engine, ServerSettings(model=MODEL))) as base:
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+def client(tiny_url):
+    return openai.OpenAI(base_url=f"{tiny_url}/v1", api_key="unused", max_retries=0)
 
 
 def create(client, **fields):

@@ -1,8 +1,9 @@
 """Errors as OpenAI sends them, `{"error": {"message", "type", "param", "code"}}`, for every way a request can fail.
 
-Bad input is never a 500: FastAPI's validation errors become 400 (malformed JSON) or 422 (a field of the wrong type
-or shape), and the `ValueError`/`TypeError` the engine raises before any model work becomes 400 with `param` set to
-the request field that the engine's message names.
+Bad input is never a 500: FastAPI's validation errors become 400 (malformed JSON, or a value a field's own check
+refuses, such as `promptdistill.budgets: 0`) or 422 (a field of the wrong type or shape), and the
+`ValueError`/`TypeError` the engine raises before any model work becomes 400 with `param` set to the request field
+that the engine's message names.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         message = f"the request body is not valid JSON: {reason} (at character {first['loc'][-1]})"
         return RequestError(400, message, code="invalid_json").response()
     param = _field_path(tuple(first["loc"]))
+    if first["type"] == "value_error":  # a field's own check (`promptdistill.budgets`): a value out of range
+        return RequestError(400, str(first["ctx"]["error"]), param=param, code="invalid_value").response()
     message = f"{param or 'the request body'}: {first['msg']}"
     return RequestError(422, message, param=param, code="invalid_type").response()
 

@@ -18,8 +18,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..adapter_settings import sampling_fields
+from ..adapter_settings import ConfigFields, sampling_fields
 from ..call_options import OutputOptions
+from ..config import PromptDistillConfig
 from ..constraints import tool_finish_reason
 from ..inputs import PromptInput
 from ..results import GenerationResult
@@ -43,23 +44,22 @@ REPORTED_STATS = (
 )
 
 
-class PromptDistillOptions(BaseModel):
+class PromptDistillOptions(ConfigFields):
     """The request's `promptdistill` field (sent with the openai client's `extra_body=`): what seeds selection,
-    which texts are the retrieved documents, and the per-request settings of `PromptDistillConfig` (unset ones
-    come from the model's profile)."""
+    which texts are the retrieved documents, and any `PromptDistillConfig` field for this request (derived from
+    the dataclass by `ConfigFields`, each checked as the config checks it; unset ones come from the model's
+    profile)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt setting would otherwise be ignored silently
 
     query: str | None = None
     documents: list[str] | None = None
-    method: str | None = None
-    selection_layers: list[int] | None = None
-    budgets: list[int | float] | int | float | None = None
-    span: str | None = None
 
-    def config_fields(self) -> dict:
-        """The fields given that belong to `PromptDistillConfig`."""
-        return self.model_dump(exclude={"query", "documents"}, exclude_none=True)
+    def config(self) -> PromptDistillConfig | None:
+        """The request's config, None when it sets no `PromptDistillConfig` field; raises `ValueError` naming a
+        field for settings that do not go together (`selection_layers` and `budgets` of different lengths)."""
+        fields = self.config_values()
+        return PromptDistillConfig(**fields) if fields else None
 
 
 class StreamOptions(BaseModel):
