@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from pd_integrations import PromptDistillConfig
-from pd_integrations.serve.openai_schema import ChatCompletionRequest
+from pd_integrations.inputs import SAMPLING_SETTINGS
+from pd_integrations.serve.openai_schema import SAMPLING_FIELDS, ChatCompletionRequest
 
 from .test_arguments import SHORTCUTS
 from .test_serve_tools import ALARM, MODEL, TICKET, WAKE, check_alarm
@@ -89,6 +90,19 @@ def test_frequency_and_presence_penalties_change_a_repetitive_output(client):
         assert chat(client, max_tokens=24, **penalty).choices[0].message.content != plain, penalty
 
 
+def test_every_sampling_setting_is_a_request_field():
+    assert {*SAMPLING_FIELDS.values(), "logprobs"} == set(SAMPLING_SETTINGS)  # logprobs: OpenAI's own shape
+
+
+def test_top_k_one_is_greedy_and_minus_one_is_off(client):
+    greedy = chat(client, max_tokens=8).choices[0].message.content
+    hot = {"temperature": 2.0, "seed": 3, "max_tokens": 8}
+    assert chat(client, **hot, extra_body={"top_k": 1}).choices[0].message.content == greedy
+    sampled = chat(client, **hot).choices[0].message.content
+    assert sampled != greedy  # without top_k, sampling this hot leaves the greedy path
+    assert chat(client, **hot, extra_body={"top_k": -1}).choices[0].message.content == sampled  # vLLM's off
+
+
 def test_logit_bias_forces_a_token(client, tiny_engine):
     token = tiny_engine.tokenizer(" harbour", add_special_tokens=False)["input_ids"][0]
     text = chat(client, max_tokens=3, logit_bias={str(token): 100}).choices[0].message.content
@@ -117,6 +131,11 @@ def test_logit_bias_forces_a_token(client, tiny_engine):
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
+        ({"extra_body": {"top_k": -2}}, "top_k"),
+        # This package's names where OpenAI's API has none: refused, not ignored as other unknown fields are.
+        ({"extra_body": {"max_new_tokens": 3}}, "max_new_tokens"),
+        ({"extra_body": {"budgets": [8]}}, "budgets"),
+        ({"extra_body": {"documents": ["Wake me"]}}, "documents"),
     ],
 )
 def test_out_of_range_and_unimplemented_fields_are_a_400_naming_them(client, fields, param):

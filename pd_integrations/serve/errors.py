@@ -17,17 +17,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..config import PromptDistillConfig
-from .openai_schema import GenerationRequest, error_body
+from .openai_schema import SAMPLING_FIELDS, GenerationRequest, error_body
 
 logger = logging.getLogger("pd_integrations.serve")
 
 # The engine's messages start with the argument they are about ("temperature must be ...", "documents[2] is
 # empty ..."); these are the request fields each argument comes from.
 _ENGINE_ARGUMENTS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "stop": "stop",
+    **{name: own for own, name in SAMPLING_FIELDS.items() if name != "max_new_tokens"},  # that one: max_tokens_param
     "messages": "messages",
     "prompt": "prompt",
     "query": "promptdistill.query",
@@ -36,10 +33,6 @@ _ENGINE_ARGUMENTS = {
     "tool_choice": "tool_choice",
     "parallel_tool_calls": "parallel_tool_calls",
     "response_format": "response_format",
-    "frequency_penalty": "frequency_penalty",
-    "presence_penalty": "presence_penalty",
-    "repetition_penalty": "repetition_penalty",
-    "logit_bias": "logit_bias",
     **{name: f"promptdistill.{name}" for name in PromptDistillConfig.__dataclass_fields__},
 }
 
