@@ -24,11 +24,11 @@ from .inputs import SamplingParams, check_sampling_field, sampling_params, unexp
 CONFIG_SHORTCUTS = tuple(f.name for f in dataclasses.fields(PromptDistillConfig))
 
 
-# Each `PromptDistillConfig` field is also a setting of its own (None: the config's, or the profile's, value), derived
-# from the dataclass so a new field needs no second declaration; `_check_shortcut` checks it as the config does.
-_ConfigShortcuts = create_model(
-    "ConfigShortcuts",
-    **{
+def config_field_definitions() -> dict[str, Any]:
+    """`create_model` definitions of every `PromptDistillConfig` field, derived from the dataclass so that a new
+    field needs no second declaration: each None by default (unset: the config's, or the profile's, value) and
+    typed `Any`, since `ConfigFields` checks it as the config does rather than by pydantic's type coercion."""
+    return {
         name: (
             Any,
             Field(
@@ -39,11 +39,28 @@ _ConfigShortcuts = create_model(
             ),
         )
         for name in CONFIG_SHORTCUTS
-    },
-)
+    }
 
 
-class DistillSettings(_ConfigShortcuts):
+class ConfigFields(create_model("ConfigFieldDefinitions", **config_field_definitions())):
+    """Every `PromptDistillConfig` field as a field of its own, checked and normalised as the config does it
+    (`budgets=256` is `(256,)`; `budgets=0` is a `ValueError` naming the allowed values). The adapters' settings
+    (`DistillSettings`) and pd-serve's `promptdistill` request field both build on it."""
+
+    @field_validator(*CONFIG_SHORTCUTS, mode="before")
+    @classmethod
+    def _check_config_field(cls, value: Any, info: ValidationInfo) -> Any:
+        try:
+            return None if value is None else PromptDistillConfig.check_field(info.field_name, value)
+        except TypeError as error:  # pydantic reports only a ValueError as a validation error naming the field
+            raise ValueError(str(error)) from None
+
+    def config_values(self) -> dict[str, Any]:
+        """The `PromptDistillConfig` fields that are set (not None), as the config stores them."""
+        return {name: getattr(self, name) for name in CONFIG_SHORTCUTS if getattr(self, name) is not None}
+
+
+class DistillSettings(ConfigFields):
     """Mixed in before an adapter's framework base class (through `sampling_settings`, which adds the sampling
     fields). Subclasses set `ALIASES` (other frameworks' names of their fields), `CALL_OPTIONS` (what a call may
     pass) and `CALL_HINT` (to point a per-call option given to the constructor to its place), `ROUTING_FLAGS`
@@ -95,13 +112,6 @@ class DistillSettings(_ConfigShortcuts):
         if unknown:
             raise unexpected("PromptDistillConfig", unknown, CONFIG_SHORTCUTS)
         return PromptDistillConfig(**value)
-
-    @field_validator(*CONFIG_SHORTCUTS, mode="before")
-    @classmethod
-    def _check_shortcut(cls, value: Any, info: ValidationInfo) -> Any:
-        # Checked and normalised as PromptDistillConfig does it (`budgets=256` is `(256,)`, `budgets=0` names the
-        # allowed values), rather than by pydantic's type coercion.
-        return None if value is None else PromptDistillConfig.check_field(info.field_name, value)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -197,7 +207,7 @@ class DistillSettings(_ConfigShortcuts):
     def distill_config(self) -> PromptDistillConfig | None:
         """`config` with the shortcuts applied (before profile resolution), or None when neither is set.
         Raises `ValueError` for invalid settings."""
-        shortcuts = {name: getattr(self, name) for name in CONFIG_SHORTCUTS if getattr(self, name) is not None}
+        shortcuts = self.config_values()
         if self.config is None and not shortcuts:
             return None
         return (self.config or PromptDistillConfig()).replace(**shortcuts)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded default model (loaded once) and tiny random models of every supported family."""
+"""Shared fixtures: the embedded default model (loaded once), tiny random models of every supported family, and
+pd-serve over a tiny one."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from pd_integrations import PromptDistillEngine, load_model
+from pd_integrations import PromptDistillConfig, PromptDistillEngine, load_model
 
 TINY = dict(
     vocab_size=49152,
@@ -22,6 +23,7 @@ TINY = dict(
     pad_token_id=0,
     tie_word_embeddings=False,
 )
+SERVED_MODEL = "tiny"  # the name pd-serve serves `tiny_engine` under
 
 # One tiny config per supported family. Sliding windows are small so that they exclude keys in the tests' prompts.
 TINY_CONFIGS = {
@@ -73,6 +75,26 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tokenizer):
+    """A tiny random Llama with full attention under the name `SERVED_MODEL`, as the pd-serve tests serve it: a
+    fraction of a second per request; greedy, it repeats itself. One per module, as each module serves it."""
+    return PromptDistillEngine(
+        tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"), model_name=SERVED_MODEL
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_url(tiny_engine):
+    """The base URL of pd-serve over `tiny_engine` with its default settings, for the module's tests."""
+    from pd_integrations.serve import ServerSettings, create_app  # the serve extra, only where a test serves
+
+    from .serving import running
+
+    with running(create_app(tiny_engine, ServerSettings(model=SERVED_MODEL))) as base:
+        yield base
 
 
 def random_ids(n: int, seed: int = 0, vocab: int = 49152) -> torch.Tensor:

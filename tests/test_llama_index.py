@@ -14,7 +14,7 @@ from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from pd_integrations import ModelNotAvailableError, PromptDistillConfig, PromptDistillEngine
-from pd_integrations.inputs import call_inputs
+from pd_integrations.inputs import SAMPLING_SETTINGS, call_inputs
 from pd_integrations.llama_index import PromptDistillLLM
 from pd_integrations.probes import needle_probe
 
@@ -186,6 +186,37 @@ def test_max_new_tokens_and_sampling_settings_apply(llm):
 def test_unknown_keyword_arguments_raise(llm):
     with pytest.raises(TypeError, match="max_token.*did you mean 'max_tokens'"):
         llm.complete(PROMPT, max_token=3)
+
+
+def test_every_sampling_setting_but_logprobs_is_a_setting_and_logprobs_raises():
+    assert set(PromptDistillLLM.SAMPLING_FIELDS.values()) == set(SAMPLING_SETTINGS) - {"logprobs"}
+    llm = PromptDistillLLM(repetition_penalty=1.2, logit_bias={"5": 1})
+    assert (llm.repetition_penalty, llm.logit_bias) == (1.2, {5: 1.0})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'logprobs'"):
+        PromptDistillLLM(logprobs=2)
+    with pytest.raises(TypeError, match="call got an unexpected keyword argument 'logprobs'"):
+        llm.complete(PROMPT, logprobs=2)
+
+
+def test_penalties_and_logit_bias_apply_at_construction_and_per_call(tiny_model_dir):
+    # The tiny random model repeats itself greedily, which is what the penalties must change.
+    llm = PromptDistillLLM(model=tiny_model_dir, method="full", max_new_tokens=24, device="cpu", dtype="float32")
+    prompt = "The harbour at dawn"
+    plain = llm.complete(prompt).text
+    penalised = PromptDistillLLM(
+        model=tiny_model_dir, method="full", max_new_tokens=24, frequency_penalty=2.0, device="cpu", dtype="float32"
+    )
+    assert penalised.complete(prompt).text != plain
+    assert llm.complete(prompt, presence_penalty=2.0).text != plain
+    assert llm.complete(prompt, repetition_penalty=3.0).text != plain
+    token = llm.engine.tokenizer(" harbour", add_special_tokens=False)["input_ids"][0]
+    assert llm.complete(prompt, logit_bias={token: 100}, max_new_tokens=3).text == llm.engine.tokenizer.decode(
+        [token] * 3
+    )
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        PromptDistillLLM(frequency_penalty=5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.complete(prompt, logit_bias={10**9: 1.0})
 
 
 async def test_concurrent_acomplete_equals_sequential():

@@ -16,6 +16,7 @@ from pd_integrations.llama_index import PromptDistillLLM as LlamaIndexLLM
 from pd_integrations.loading import DeviceUnavailableError, resolve_device
 from pd_integrations.prompt import render
 
+from . import conversations
 from .test_layout import PASSAGES, QUESTION, engine_for
 from .test_tool_templates import TOOLS, qwen_tokenizer, tiny_qwen  # noqa: F401 (fixtures)
 
@@ -23,21 +24,7 @@ RESULT = "\n\n".join(PASSAGES[:6])  # a tool result far longer than context_min_
 
 
 def tool_conversation(question: str) -> list[dict]:
-    return [
-        {"role": "user", "content": question},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}},
-                }
-            ],
-        },
-        {"role": "tool", "content": RESULT, "tool_call_id": "call_1"},
-    ]
+    return conversations.tool_conversation(question, RESULT)
 
 
 def prunable_text(rendered, layout) -> str:

@@ -69,24 +69,16 @@ def test_32_threads_equal_sequential_calls(engines):
 
 
 async def test_32_async_adapter_tasks_equal_sequential_calls(tiny_model_dir):
-    chat = ChatPromptDistill(
-        model=tiny_model_dir,
-        selection_layers=(1,),
-        budgets=0.25,
-        context_min_tokens=32,
-        max_tokens=5,
-        device="cpu",
-        dtype="float32",
-    )
-    llm = PromptDistillLLM(
-        model=tiny_model_dir,
-        selection_layers=(1,),
-        budgets=0.25,
-        context_min_tokens=32,
-        max_new_tokens=5,
-        device="cpu",
-        dtype="float32",
-    )
+    settings = {
+        "model": tiny_model_dir,
+        "selection_layers": (1,),
+        "budgets": 0.25,
+        "context_min_tokens": 32,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    chat = ChatPromptDistill(**settings, max_tokens=5)
+    llm = PromptDistillLLM(**settings, max_new_tokens=5)
     prompts = [f"{CONTEXT}\n\nQuestion {k}: {QUESTION}" for k in range(16)]
     sequential = [chat.invoke(p).content for p in prompts] + [llm.complete(p).text for p in prompts]
 

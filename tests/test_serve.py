@@ -131,6 +131,9 @@ def test_default_model_calls_the_tool_with_the_asked_arguments(client):
 
 # ---------------------------------------------------------------- LangChain and LlamaIndex
 
+# What both frameworks' OpenAI clients are given besides the server's URL (each names that differently).
+CLIENT_SETTINGS = {"api_key": API_KEY, "model": DEFAULT_MODEL, "max_tokens": 16, "temperature": 0, "max_retries": 0}
+
 
 def test_langchain_rag_chain_streams_and_batches(url):
     from langchain_core.output_parsers import StrOutputParser
@@ -143,15 +146,7 @@ def test_langchain_rag_chain_streams_and_batches(url):
     embeddings = HuggingFaceEmbeddings(model_name=str(get_model_path()), model_kwargs={"device": "cpu"})
     retriever = InMemoryVectorStore.from_texts(DOCUMENTS, embeddings).as_retriever(search_kwargs={"k": 3})
     prompt = ChatPromptTemplate.from_messages([("human", "Context:\n{context}\n\nQuestion: {question}\nAnswer:")])
-    llm = ChatOpenAI(
-        base_url=f"{url}/v1",
-        api_key=API_KEY,
-        model=DEFAULT_MODEL,
-        max_tokens=16,
-        temperature=0,
-        max_retries=0,
-        include_response_headers=True,
-    )
+    llm = ChatOpenAI(base_url=f"{url}/v1", **CLIENT_SETTINGS, include_response_headers=True)
     answer = (
         {
             "context": retriever | (lambda docs: "\n\n".join(d.page_content for d in docs)),
@@ -189,16 +184,7 @@ def test_llama_index_query_engine_answers_through_openai_like(url):
 
     embed_model = HuggingFaceEmbedding(model_name=str(get_model_path()), device="cpu")
     index = VectorStoreIndex.from_documents([Document(text=text) for text in DOCUMENTS], embed_model=embed_model)
-    llm = OpenAILike(
-        model=DEFAULT_MODEL,
-        api_base=f"{url}/v1",
-        api_key=API_KEY,
-        is_chat_model=True,
-        context_window=8192,
-        max_tokens=16,
-        temperature=0,
-        max_retries=0,
-    )
+    llm = OpenAILike(api_base=f"{url}/v1", **CLIENT_SETTINGS, is_chat_model=True, context_window=8192)
     handler, dispatcher = RawResponses(), get_dispatcher()
     dispatcher.add_event_handler(handler)
     try:

@@ -1,41 +1,33 @@
 """pd-serve as OpenAI documents its API, through the official `openai` client: `n`, list prompts, `/v1/models/{id}`,
 `system_fingerprint`, OpenAI's range checks, repetition penalties and logit bias, tools together with
-`response_format`, and every field the server does not implement refused with a 400 naming it.
+`response_format`, every field the server does not implement refused with a 400 naming it, and every
+`PromptDistillConfig` field settable per request, a bad value a 400 naming it and what it allows.
 
 The server runs a tiny random model with full attention (a fraction of a second per request): greedy, it repeats
 itself, which is what the penalties must change."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import httpx
 import openai
 import pytest
 import torch
 
-from pd_integrations import PromptDistillConfig, PromptDistillEngine
-from pd_integrations.serve import ServerSettings, create_app
+from pd_integrations import PromptDistillConfig
+from pd_integrations.inputs import SAMPLING_SETTINGS
+from pd_integrations.serve.openai_schema import SAMPLING_FIELDS, ChatCompletionRequest
 
-from .conftest import tiny_model
-from .serving import running
+from .test_arguments import SHORTCUTS
 from .test_serve_tools import ALARM, MODEL, TICKET, WAKE, check_alarm
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tokenizer):
-    return PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"), model_name=MODEL)
-
-
-@pytest.fixture(scope="module")
-def url(tiny_engine):
-    with running(create_app(tiny_engine, ServerSettings(model=MODEL))) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+def client(tiny_url):
+    return openai.OpenAI(base_url=f"{tiny_url}/v1", api_key="unused", max_retries=0)
 
 
 def chat(client, **fields):
@@ -98,6 +90,19 @@ def test_frequency_and_presence_penalties_change_a_repetitive_output(client):
         assert chat(client, max_tokens=24, **penalty).choices[0].message.content != plain, penalty
 
 
+def test_every_sampling_setting_is_a_request_field():
+    assert {*SAMPLING_FIELDS.values(), "logprobs"} == set(SAMPLING_SETTINGS)  # logprobs: OpenAI's own shape
+
+
+def test_top_k_one_is_greedy_and_minus_one_is_off(client):
+    greedy = chat(client, max_tokens=8).choices[0].message.content
+    hot = {"temperature": 2.0, "seed": 3, "max_tokens": 8}
+    assert chat(client, **hot, extra_body={"top_k": 1}).choices[0].message.content == greedy
+    sampled = chat(client, **hot).choices[0].message.content
+    assert sampled != greedy  # without top_k, sampling this hot leaves the greedy path
+    assert chat(client, **hot, extra_body={"top_k": -1}).choices[0].message.content == sampled  # vLLM's off
+
+
 def test_logit_bias_forces_a_token(client, tiny_engine):
     token = tiny_engine.tokenizer(" harbour", add_special_tokens=False)["input_ids"][0]
     text = chat(client, max_tokens=3, logit_bias={str(token): 100}).choices[0].message.content
@@ -126,6 +131,11 @@ def test_logit_bias_forces_a_token(client, tiny_engine):
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
+        ({"extra_body": {"top_k": -2}}, "top_k"),
+        # This package's names where OpenAI's API has none: refused, not ignored as other unknown fields are.
+        ({"extra_body": {"max_new_tokens": 3}}, "max_new_tokens"),
+        ({"extra_body": {"budgets": [8]}}, "budgets"),
+        ({"extra_body": {"documents": ["Wake me"]}}, "documents"),
     ],
 )
 def test_out_of_range_and_unimplemented_fields_are_a_400_naming_them(client, fields, param):
@@ -142,10 +152,10 @@ def test_best_of_and_echo_in_completions_are_refused_by_name(client):
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
-def test_a_body_without_a_json_content_type_gets_the_openai_error_shape(url, content_type):
+def test_a_body_without_a_json_content_type_gets_the_openai_error_shape(tiny_url, content_type):
     body = json.dumps({"model": MODEL, "messages": WAKE}).encode()
     headers = {} if content_type is None else {"Content-Type": content_type}
-    response = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers, timeout=60)
+    response = httpx.post(f"{tiny_url}/v1/chat/completions", content=body, headers=headers, timeout=60)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "invalid_content_type" and "application/json" in error["message"]
@@ -195,3 +205,71 @@ def test_logprobs_are_exactly_the_models_log_softmax(tiny_engine):
     first = result.token_logprobs[0]
     assert first.token == result.output_token_ids[0] and first.logprob == pytest.approx(float(logprobs[first.token]))
     assert [token for token, _ in first.top] == logprobs.topk(2).indices.tolist()
+
+
+# ---------------------------------------------------------------- PromptDistillConfig fields per request
+
+# Every `PromptDistillConfig` field, each set to a value that fits the tiny model (4 layers, 4 heads), mostly
+# other than its default.
+EVERY_CONFIG_FIELD = {
+    "method": "promptdistill",
+    "selection_layers": [1],
+    "budgets": [0.5],
+    "pool_kernel": 3,
+    "cache_truncation": "after_first_stage",
+    "query_source": "last_token",
+    "tail_tokens": 8,
+    "protect_head": 2,
+    "aggregation": "softmax_max",
+    "span": "sentence",
+    "chunk_size": 16,
+    "heads": [[0, 1]],
+    "unit_score": "topk_mean",
+    "unit_topk": 4,
+    "detrend_window": 8,
+    "max_probe_tokens": 64,
+    "context_min_tokens": 32,
+}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(PromptDistillConfig)])
+def test_every_config_field_is_a_per_request_setting(field):
+    assert field in EVERY_CONFIG_FIELD, f"add a value for {field} to EVERY_CONFIG_FIELD"
+    value = EVERY_CONFIG_FIELD[field]
+    request = ChatCompletionRequest(model=MODEL, messages=WAKE, promptdistill={field: value})
+    assert request.promptdistill.config() == PromptDistillConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, stored, bad, message", SHORTCUTS, ids=[f"{c[0]}={c[1]!r}" for c in SHORTCUTS])
+def test_config_fields_are_checked_as_the_config_checks_them(field, value, stored, bad, message):
+    request = ChatCompletionRequest(model=MODEL, messages=WAKE, promptdistill={field: value})
+    assert getattr(request.promptdistill.config(), field) == stored
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ChatCompletionRequest(model=MODEL, messages=WAKE, promptdistill={field: bad})
+
+
+def test_every_config_field_of_a_request_reaches_the_engine(client, tiny_engine, monkeypatch):
+    configs, with_config = [], tiny_engine.with_config
+    monkeypatch.setattr(tiny_engine, "with_config", lambda config: configs.append(config) or with_config(config))
+    response = chat(client, max_tokens=2, extra_body={"promptdistill": EVERY_CONFIG_FIELD})
+    assert configs == [PromptDistillConfig(**EVERY_CONFIG_FIELD)]
+    assert response.promptdistill["method"] == "promptdistill" and response.promptdistill["selection_layers"] == [1]
+    assert chat(client, max_tokens=2).promptdistill["method"] == "full" and len(configs) == 1  # unset: the server's
+
+
+@pytest.mark.parametrize("field, bad, message", [(c[0], c[3], c[4]) for c in SHORTCUTS], ids=[c[0] for c in SHORTCUTS])
+def test_a_bad_config_field_is_a_400_naming_it_and_its_allowed_values(tiny_url, field, bad, message):
+    body = {"model": MODEL, "messages": WAKE, "promptdistill": {field: bad}}
+    response = httpx.post(f"{tiny_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (f"promptdistill.{field}", "invalid_value")
+    assert message in error["message"]
+
+
+def test_config_fields_that_do_not_go_together_are_a_400_naming_one(tiny_url):
+    body = {"model": MODEL, "messages": WAKE, "promptdistill": {"selection_layers": [1, 2], "budgets": [8]}}
+    response = httpx.post(f"{tiny_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "promptdistill.selection_layers" and "one entry per stage" in error["message"]

@@ -21,11 +21,12 @@ from pd_integrations.prompt import render
 from pd_integrations.serve import ServerSettings, create_app
 from pd_integrations.serve.openai_schema import ChatCompletionRequest
 
-from .conftest import tiny_model
+from .conftest import SERVED_MODEL, tiny_model
+from .conversations import alarm_call_turn
 from .serving import running
 from .test_tool_templates import QWEN25_TEMPLATE
 
-MODEL = "tiny"
+MODEL = SERVED_MODEL
 TICKET = {
     "type": "object",
     "properties": {
@@ -72,14 +73,8 @@ def check_alarm(arguments: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tokenizer):
-    return PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"), model_name=MODEL)
-
-
-@pytest.fixture(scope="module")
-def client(tiny_engine):
-    with running(create_app(tiny_engine, ServerSettings(model=MODEL))) as base:
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+def client(tiny_url):
+    return openai.OpenAI(base_url=f"{tiny_url}/v1", api_key="unused", max_retries=0)
 
 
 def create(client, **fields):
@@ -169,17 +164,7 @@ def test_earlier_calls_and_tool_results_round_trip_into_the_prompt(client, tiny_
     request = ChatCompletionRequest(model=MODEL, messages=ROUND_TRIP, tools=[ALARM])
     (row,) = request.prompt_inputs()  # one row: n is 1
     messages = row.messages
-    assert messages[1] == {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}},
-            }
-        ],
-    }
+    assert messages[1] == alarm_call_turn()
     assert messages[2] == {"role": "tool", "content": "alarm set for six", "tool_call_id": "call_1"}
     rendered = render(tiny_engine.tokenizer, None, messages, None, [ALARM])
     call = '<tool_call>\n{"name": "set_alarm", "arguments": {"hour": "six", "loud": true}}\n</tool_call>'

@@ -22,6 +22,7 @@ from pd_integrations.prompt import render
 from pd_integrations.tools import builtin_messages, template_supports_tools
 
 from .conftest import TINY
+from .conversations import tool_conversation
 from .test_layout import PASSAGES, QUESTION, engine_for
 
 # Qwen2.5-Instruct's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-*-Instruct).
@@ -113,22 +114,7 @@ MANY_TOOLS = [
     }
     for k, office in enumerate(["Lisbon", "Nairobi", "Montreal", "Kyoto", "Tallinn", "Perth", "Quito", "Bergen"])
 ]
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Wake me at six."},
-    {
-        "role": "assistant",
-        "content": "",
-        "tool_calls": [
-            {
-                "id": "call_1",
-                "type": "function",
-                "function": {"name": "set_alarm", "arguments": {"hour": "six", "loud": True}},
-            }
-        ],
-    },
-    {"role": "tool", "content": "alarm at six", "tool_call_id": "call_1"},
-]
+CONVERSATION = tool_conversation("Wake me at six.", "alarm at six", system="Be brief.")
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from ..call_options import CallOptions
 from ..config import PromptDistillConfig
 from ..constraints import Grammars
 from ..engine import GenerationResult, GenerationStream, PromptDistillEngine
+from ..inputs import SAMPLING_SETTINGS as SAMPLING_FIELDS
 from ..loading import DEFAULT_MODEL, check_load_settings
 
 # The question and retrieved context of the prompt template being predicted in this thread or task. `predict`
@@ -49,8 +50,9 @@ CONTEXT_VARIABLES = ("context_str", "context_msg")
 # LlamaIndex joins retrieved nodes' texts with a blank line.
 NODE_SEPARATOR = "\n\n"
 
-# The sampling settings, by `SamplingParams`' names.
-SAMPLING_SETTINGS = {name: name for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
+# The sampling settings, by `SamplingParams`' names: every one but `logprobs`, which LlamaIndex's LLM interface has
+# no setting for (only its OpenAI client's own) and this class does not report; passing it is an unknown argument.
+SAMPLING_SETTINGS = {name: name for name in SAMPLING_FIELDS if name != "logprobs"}
 # Per-call keyword arguments of complete/chat and their streaming and async forms (`pd_query` and `pd_documents`
 # as in the LangChain classes); the others, `PromptDistillConfig` fields included, override this instance's
 # settings for that call.
@@ -70,7 +72,8 @@ class PromptDistillLLM(sampling_settings(SAMPLING_SETTINGS), CustomLLM):
     Args:
         model: embedded default model, local directory or hub id; `device`, `dtype`, `quantization` load it.
         config: a `PromptDistillConfig`; each of its fields is also an argument of its own, overriding it.
-        max_new_tokens, temperature, top_p, top_k, seed, stop: sampling defaults, each overridable per call.
+        max_new_tokens, temperature, top_p, top_k, seed, stop, frequency_penalty, presence_penalty,
+            repetition_penalty, logit_bias: sampling defaults (`SamplingParams`' fields), each overridable per call.
         use_chat_template: render prompts and messages through the tokenizer's chat template (default True).
 
     Raises:
@@ -84,8 +87,8 @@ class PromptDistillLLM(sampling_settings(SAMPLING_SETTINGS), CustomLLM):
     EXTRA_ARGUMENTS = ("class_name",)
 
     model: str = Field(default=DEFAULT_MODEL, description="Embedded default model, local directory or hub id.")
-    # `max_new_tokens` (max_tokens, the LangChain/OpenAI name, is accepted too), `temperature`, `top_p`, `top_k`,
-    # `seed` and `stop` come from `SamplingParams` through `sampling_settings`.
+    # `max_new_tokens` (max_tokens, the LangChain/OpenAI name, is accepted too) and the other sampling settings come
+    # from `SamplingParams` through `sampling_settings`.
     context_window: int | None = Field(
         default=None,
         gt=0,

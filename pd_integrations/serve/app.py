@@ -21,7 +21,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ..config import PromptDistillConfig
 from ..engine import BatchStream, PromptDistillEngine
 from ..inputs import SamplingParams
 from ..tools import resolve_tool_format
@@ -159,11 +158,11 @@ class _Server:
     async def _start(self, request: GenerationRequest) -> BatchStream:
         """The engine's stream for `request`, constrained to the output it asks for (`response_format`, tools);
         the grammar and the engine check every argument here, before any model work."""
-        options = request.promptdistill
         try:
             engine = self.engine
-            if options is not None and options.config_fields():
-                engine = engine.with_config(PromptDistillConfig(**options.config_fields()))
+            config = None if request.promptdistill is None else request.promptdistill.config()
+            if config is not None:
+                engine = engine.with_config(config)
             return await self.in_thread(partial(self._open, engine, request))
         except ImportError as error:  # the grammar library is an optional extra
             param = "tools" if request.output_options().tools else "response_format"

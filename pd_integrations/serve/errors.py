@@ -1,8 +1,9 @@
 """Errors as OpenAI sends them, `{"error": {"message", "type", "param", "code"}}`, for every way a request can fail.
 
-Bad input is never a 500: FastAPI's validation errors become 400 (malformed JSON) or 422 (a field of the wrong type
-or shape), and the `ValueError`/`TypeError` the engine raises before any model work becomes 400 with `param` set to
-the request field that the engine's message names.
+Bad input is never a 500: FastAPI's validation errors become 400 (malformed JSON, or a value a field's own check
+refuses, such as `promptdistill.budgets: 0`) or 422 (a field of the wrong type or shape), and the
+`ValueError`/`TypeError` the engine raises before any model work becomes 400 with `param` set to the request field
+that the engine's message names.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..config import PromptDistillConfig
-from .openai_schema import GenerationRequest, error_body
+from .openai_schema import SAMPLING_FIELDS, GenerationRequest, error_body
 
 logger = logging.getLogger("pd_integrations.serve")
 
 # The engine's messages start with the argument they are about ("temperature must be ...", "documents[2] is
 # empty ..."); these are the request fields each argument comes from.
 _ENGINE_ARGUMENTS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "stop": "stop",
+    **{name: own for own, name in SAMPLING_FIELDS.items() if name != "max_new_tokens"},  # that one: max_tokens_param
     "messages": "messages",
     "prompt": "prompt",
     "query": "promptdistill.query",
@@ -35,10 +33,6 @@ _ENGINE_ARGUMENTS = {
     "tool_choice": "tool_choice",
     "parallel_tool_calls": "parallel_tool_calls",
     "response_format": "response_format",
-    "frequency_penalty": "frequency_penalty",
-    "presence_penalty": "presence_penalty",
-    "repetition_penalty": "repetition_penalty",
-    "logit_bias": "logit_bias",
     **{name: f"promptdistill.{name}" for name in PromptDistillConfig.__dataclass_fields__},
 }
 
@@ -118,6 +112,8 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         message = f"the request body is not valid JSON: {reason} (at character {first['loc'][-1]})"
         return RequestError(400, message, code="invalid_json").response()
     param = _field_path(tuple(first["loc"]))
+    if first["type"] == "value_error":  # a field's own check (`promptdistill.budgets`): a value out of range
+        return RequestError(400, str(first["ctx"]["error"]), param=param, code="invalid_value").response()
     message = f"{param or 'the request body'}: {first['msg']}"
     return RequestError(422, message, param=param, code="invalid_type").response()
 

@@ -2,8 +2,9 @@
 chunk and error bodies.
 
 Requests ignore fields they do not know, as OpenAI-compatible servers do, because every client sends a few of its
-own; OpenAI fields whose meaning the server cannot honour (`REFUSED_FIELDS`, `logprobs`, ...) are refused by
-`GenerationRequest.unsupported` instead of being dropped silently. OpenAI's own ranges (temperature 0-2, n,
+own; OpenAI fields whose meaning the server cannot honour (`REFUSED_FIELDS`, `logprobs`, ...) and this package's
+names sent where they do not belong (`MISPLACED_FIELDS`) are refused by `GenerationRequest.unsupported` instead of
+being dropped silently. OpenAI's own ranges (temperature 0-2, n,
 top_logprobs) are checked here; the engine checks the rest and names the parameter. See docs/openai-compat.md.
 """
 
@@ -18,10 +19,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..adapter_settings import sampling_fields
+from ..adapter_settings import ConfigFields, sampling_fields
 from ..call_options import OutputOptions
+from ..config import PromptDistillConfig
 from ..constraints import tool_finish_reason
-from ..inputs import PromptInput
+from ..inputs import SAMPLING_SETTINGS, PromptInput
 from ..results import GenerationResult
 from ..tools import CallDelta, ToolCallStream
 
@@ -43,23 +45,22 @@ REPORTED_STATS = (
 )
 
 
-class PromptDistillOptions(BaseModel):
+class PromptDistillOptions(ConfigFields):
     """The request's `promptdistill` field (sent with the openai client's `extra_body=`): what seeds selection,
-    which texts are the retrieved documents, and the per-request settings of `PromptDistillConfig` (unset ones
-    come from the model's profile)."""
+    which texts are the retrieved documents, and any `PromptDistillConfig` field for this request (derived from
+    the dataclass by `ConfigFields`, each checked as the config checks it; unset ones come from the model's
+    profile)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt setting would otherwise be ignored silently
 
     query: str | None = None
     documents: list[str] | None = None
-    method: str | None = None
-    selection_layers: list[int] | None = None
-    budgets: list[int | float] | int | float | None = None
-    span: str | None = None
 
-    def config_fields(self) -> dict:
-        """The fields given that belong to `PromptDistillConfig`."""
-        return self.model_dump(exclude={"query", "documents"}, exclude_none=True)
+    def config(self) -> PromptDistillConfig | None:
+        """The request's config, None when it sets no `PromptDistillConfig` field; raises `ValueError` naming a
+        field for settings that do not go together (`selection_layers` and `budgets` of different lengths)."""
+        fields = self.config_values()
+        return PromptDistillConfig(**fields) if fields else None
 
 
 class StreamOptions(BaseModel):
@@ -142,23 +143,24 @@ REFUSED_FIELDS = (
     "verbosity",
 )
 MAX_CHOICES = 16  # n per prompt; each choice is a batch row
-# The sampling fields a request may set, by their OpenAI names (`max_tokens` is `max_new_tokens`;
-# `repetition_penalty` is vLLM's extra field, sent with `extra_body=`), declared from `SamplingParams`; unset ones
-# keep its defaults (greedy). `logprobs` is OpenAI's own shape, declared below.
+# The sampling fields a request may set, by their OpenAI names: every `SamplingParams` setting, declared from the
+# dataclass; unset ones keep its defaults (greedy). `max_tokens` is `max_new_tokens`; `top_k` and
+# `repetition_penalty` are vLLM's extra fields, sent with `extra_body=`; `logprobs` is OpenAI's own shape, declared
+# below.
 SAMPLING_FIELDS = {
     "max_tokens": "max_new_tokens",
+    **{name: name for name in SAMPLING_SETTINGS if name not in ("max_new_tokens", "logprobs")},
+}
+# Names a request may not use at its top level, with where they belong: `SamplingParams`' names this API spells
+# otherwise, and the `promptdistill` options (OpenAI-compatible servers ignore unknown fields, which would drop
+# them silently).
+MISPLACED_FIELDS = {
+    "max_new_tokens": "send max_tokens (OpenAI's name)",
+    "constraint": "send response_format or tools, which constrain the output",
     **{
-        name: name
-        for name in (
-            "temperature",
-            "top_p",
-            "seed",
-            "stop",
-            "frequency_penalty",
-            "presence_penalty",
-            "repetition_penalty",
-            "logit_bias",
-        )
+        name: f'send it inside the promptdistill field ({{"promptdistill": {{"{name}": ...}}}}, extra_body= in the '
+        "openai client)"
+        for name in PromptDistillOptions.model_fields
     },
 }
 _SamplingFields = create_model("SamplingFields", **sampling_fields(SAMPLING_FIELDS, optional=True))
@@ -182,6 +184,9 @@ class GenerationRequest(_SamplingFields):
         for name in REFUSED_FIELDS:
             if (self.model_extra or {}).get(name) not in (None, False, [], ["text"]):
                 return name, f"{name} is not supported by this server"
+        for name, where in MISPLACED_FIELDS.items():
+            if name in (self.model_extra or {}):
+                return name, f"{name} is not a request field here: {where}"
         if self.logprobs and self.stream:
             return "logprobs", "logprobs are not supported with stream: true (only in whole responses)"
         return None
@@ -193,6 +198,8 @@ class GenerationRequest(_SamplingFields):
             return "temperature", f"temperature must be in [0, 2], got {self.temperature}"
         if self.top_p is not None and not 0 < self.top_p <= 1:
             return "top_p", f"top_p must be in (0, 1], got {self.top_p}"
+        if self.top_k is not None and self.top_k < -1:
+            return "top_k", f"top_k must be -1 or 0 (off) or an int >= 1, got {self.top_k}"
         if not 1 <= self.n <= MAX_CHOICES:
             return "n", f"n must be in [1, {MAX_CHOICES}], got {self.n}"
         if self.stream_options is not None and not self.stream:
@@ -220,6 +227,8 @@ class GenerationRequest(_SamplingFields):
     def sampling(self) -> dict:
         """The `SamplingParams` fields the request sets (unset ones keep its defaults)."""
         given = {name: getattr(self, own) for own, name in SAMPLING_FIELDS.items()}
+        if given["top_k"] == -1:  # vLLM's other spelling of off
+            given["top_k"] = 0
         return {name: value for name, value in {**given, "logprobs": self.top_tokens}.items() if value is not None}
 
     def selection(self) -> dict:
