@@ -22,7 +22,7 @@ _SELF_CAUSAL_BACKENDS = ("sdpa", CPU_HALF_ATTENTION, "flash_attention_2", "flash
 
 
 def padding(pads: list[int], device: torch.device) -> torch.Tensor | None:
-    """Per-row left padding as `attention_mask` takes it: a tensor on `device`, or None when no row is padded
+    """Per-sequence left padding as `attention_mask` takes it: a tensor on `device`, or None when no sequence is padded
     (the host check keeps unpadded batches on the mask-free path)."""
     return torch.tensor(pads, device=device) if any(pads) else None
 
@@ -88,13 +88,14 @@ class Architecture:
     ) -> torch.Tensor | None:
         """Additive mask [B, 1, q, k] built from original positions, or None when the backend needs none.
 
-        `query_positions` [B, q] and `key_positions` [B, k] are the rows' original positions; each batch row's keys are
-        left-padded by `key_pads[b]` (see `padding`; None when no row is). Positions, not indices, decide causality and
-        windows, because pruned sequences have gaps. `last_position` (a host int, so no device sync) tells whether a
-        sliding window can exclude anything yet. Padding query rows see every key, so no row is all masked.
+        `query_positions` [B, q] and `key_positions` [B, k] are the tokens' original positions; each sequence's keys
+        are left-padded by `key_pads[b]` (see `padding`; None when no sequence is). Positions, not indices, decide
+        causality and windows, because pruned sequences have gaps. `last_position` (a host int, so no device sync)
+        tells whether a sliding window can exclude anything yet. Padding query tokens see every key, so no query is
+        all masked.
         """
         if self.attn_implementation.startswith("flash"):
-            return None  # flash kernels take no dense mask (the scheduler never pads rows for them)
+            return None  # flash kernels take no dense mask (the scheduler never pads sequences for them)
         window = self.windows[layer_idx]
         window_bites = window is not None and last_position >= window
         if (
@@ -111,7 +112,7 @@ class Architecture:
         if key_pads is not None:
             device = key_pads.device
             allowed &= (torch.arange(key_positions.shape[1], device=device) >= key_pads[:, None])[:, None, :]
-            query_pads = key_pads + query_positions.shape[1] - key_positions.shape[1]  # queries are the last rows
+            query_pads = key_pads + query_positions.shape[1] - key_positions.shape[1]  # queries are the last tokens
             allowed |= (torch.arange(query_positions.shape[1], device=device) < query_pads[:, None])[:, :, None]
         blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
         return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), blocked)[:, None]
@@ -137,7 +138,7 @@ class Architecture:
         )
 
     def query_states(self, layer_idx: int, layer_input: torch.Tensor, cos_sin: tuple) -> torch.Tensor:
-        """Post-RoPE queries [1, heads, s, d] of the query rows, from the layer's input hidden states [1, s, h]."""
+        """Post-RoPE queries [1, heads, s, d] of the query tokens, from the layer's input hidden states [1, s, h]."""
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         x = layer.input_layernorm(layer_input)
@@ -158,11 +159,11 @@ class Architecture:
         matched with its query heads without materialising repeated keys (which would be heads/kv-heads × the
         cache at long contexts)."""
         attn = self.layers[layer_idx].self_attn
-        _, heads, rows, dim = queries.shape
+        _, heads, tokens, dim = queries.shape
         kv_heads = keys.shape[1]
-        grouped = queries.reshape(kv_heads, heads // kv_heads * rows, dim)
+        grouped = queries.reshape(kv_heads, heads // kv_heads * tokens, dim)
         logits = torch.matmul(grouped, keys[0].transpose(-1, -2)).float() * attn.scaling
-        logits = logits.view(1, heads, rows, -1)
+        logits = logits.view(1, heads, tokens, -1)
         if self.attn_softcap is not None:
             logits = torch.tanh(logits / self.attn_softcap) * self.attn_softcap
         return logits

@@ -1,7 +1,7 @@
 """A faster CPU attention for half-precision decode steps, registered with transformers as `CPU_HALF_ATTENTION`.
 
-On CPU, PyTorch's SDPA runs a single query row in bfloat16 about six times slower than in float32 (its kernels
-upcast per block), so a bfloat16 decode step would cost more than a float32 one. For one query row this function
+On CPU, PyTorch's SDPA runs a single query token in bfloat16 about six times slower than in float32 (its kernels
+upcast per block), so a bfloat16 decode step would cost more than a float32 one. For one query token this function
 matches each key head with its query heads in two matmuls (no repeated keys), with the softmax in float32 as HF's
 eager attention does; every other call is HF's own SDPA attention.
 """
@@ -41,7 +41,9 @@ def cpu_half_attention(
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     scale = dim**-0.5 if scaling is None else scaling
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # one query row: heads of a group as rows
+    grouped = query.reshape(
+        batch, kv_heads, heads // kv_heads, dim
+    )  # one query token: the heads of a group as the query dimension
     logits = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, -1:, : key.shape[2]]

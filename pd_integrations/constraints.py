@@ -83,7 +83,7 @@ def call_header(name: str) -> str:
 
 class GrammarConstraint:
     """The `sampling.Constraint` of one generation over a compiled grammar: its matcher holds the state, so each
-    generation (each batch row) needs its own, from `Grammar.constraint()`."""
+    generation (each sequence of a batch) needs its own, from `Grammar.constraint()`."""
 
     def __init__(self, compiled: xgr.CompiledGrammar):
         self._matcher = xgr.GrammarMatcher(compiled)
@@ -91,7 +91,9 @@ class GrammarConstraint:
         self._bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()  # may be a view of the engine's logits (a batch row): mask a copy, never theirs
+        scores = (
+            scores.clone()
+        )  # may be a view of the engine's logits (one sequence of a batch): mask a copy, never theirs
         self._matcher.fill_next_token_bitmask(self._bitmask)
         bitmask = self._bitmask.to(scores.device, non_blocking=True)
         # The tokenizer info was built for the model's output width: ids past the tokenizer's vocabulary (an

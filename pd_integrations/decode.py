@@ -96,7 +96,7 @@ class DecodeBatch:
             prefill.cache,
             list(prefill.key_positions),
             [list(p) for p in prefill.key_pads],
-            [sequence.next_position for sequence in prefill.rows],
+            [sequence.next_position for sequence in prefill.sequences],
         )
 
     def __len__(self) -> int:

@@ -27,7 +27,7 @@ import torch
 
 from .config import PromptDistillConfig, resolve_config
 from .inputs import PromptInput, SamplingParams, batch_inputs, call_inputs, prompt_input
-from .layout import RowLayout, plan_layout
+from .layout import PromptLayout, plan_layout
 from .loading import DEFAULT_MODEL, load_model
 from .methods import METHOD_CLASSES, Prefill, PrefillSequence, QueryAttentionRecorder, method_for
 from .prompt import RenderedPrompt, kept_shares, render
@@ -198,7 +198,7 @@ class PromptDistillEngine:
 
     def query_attention(
         self, prompt: str | PromptInput | None = None, **arguments
-    ) -> tuple[RenderedPrompt, RowLayout, torch.Tensor]:
+    ) -> tuple[RenderedPrompt, PromptLayout, torch.Tensor]:
         """Per-layer, per-head attention of the seeds to every prompt token in an unpruned pass (for calibration).
         Takes `prompt` and `PromptInput` fields as `stream` does.
 
@@ -213,7 +213,7 @@ class PromptDistillEngine:
 
     # ---------------------------------------------------------------- render, lay out, request
 
-    def _prepare(self, prompt: PromptInput) -> tuple[RenderedPrompt, RowLayout]:
+    def _prepare(self, prompt: PromptInput) -> tuple[RenderedPrompt, PromptLayout]:
         """Render the input, locate its documents and lay out its tokens; raises `ValueError`/`TypeError` for bad
         input or a prompt that (with its query suffix) exceeds the context window."""
         rendered = render(
@@ -227,7 +227,7 @@ class PromptDistillEngine:
         layout = (
             plan_layout(self.tokenizer, rendered, prompt.query, self.config)
             if prunes
-            else RowLayout.unpruned(len(rendered.input_ids))
+            else PromptLayout.unpruned(len(rendered.input_ids))
         )
         length = len(rendered.input_ids) + len(layout.query_suffix_ids)
         if length > self.arch.max_positions:
@@ -238,11 +238,16 @@ class PromptDistillEngine:
             )
         return rendered, layout
 
-    def _ids(self, rendered: RenderedPrompt, layout: RowLayout) -> torch.Tensor:
+    def _ids(self, rendered: RenderedPrompt, layout: PromptLayout) -> torch.Tensor:
         return torch.tensor(rendered.input_ids + list(layout.query_suffix_ids), device=self.device)
 
     def _request(
-        self, rendered: RenderedPrompt, layout: RowLayout, events: queue.SimpleQueue, tag: int, sampling: SamplingParams
+        self,
+        rendered: RenderedPrompt,
+        layout: PromptLayout,
+        events: queue.SimpleQueue,
+        tag: int,
+        sampling: SamplingParams,
     ) -> Request:
         """A request for the scheduler; raises `ValueError` for a `logit_bias` id outside the vocabulary and when
         the scheduler's limits refuse it."""

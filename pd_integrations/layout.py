@@ -1,11 +1,11 @@
-"""The row layout of a prefill: which prompt tokens selection may drop, which query rows score it, and the query suffix.
+"""The layout of a prompt for prefill: which tokens selection may drop, which query tokens score it, the query suffix.
 
 Only retrieved context is prunable. Chat-template tokens and role headers, the system prompt (unless it holds the
 context), the tools' signatures, instructions, the question wherever it stands, earlier turns of a conversation and
 the text after the context are protected: they reach every layer. The engine and calibration both select within
 this layout.
 
-Where the context is, most precise first (`RowLayout.context_source`):
+Where the context is, most precise first (`PromptLayout.context_source`):
 - "documents": the retrieved texts a caller names with `documents=` (the adapters fill it from prompt templates);
   only their tokens are prunable.
 - "heuristic": no documents named. The one message (the whole text for a raw prompt) holding the most tokens is the
@@ -19,7 +19,7 @@ Where the context is, most precise first (`RowLayout.context_source`):
 - "positional": `input_ids` without documents (the caller handed over tokens, not their structure): every token
   but the first `protect_head` and the protected tail.
 - "none": no message is long enough to be retrieved context, so nothing is pruned.
-The first `protect_head` tokens (attention sinks), the question's own span and the query rows are always protected.
+The first `protect_head` tokens (attention sinks), the question's own span and the query tokens are always protected.
 
 Query-free prompts ("Summarise these documents", a tree-summarize step without a query): when no `query` is named,
 no question line is found, and the seeds would be only the template's tail or an instruction that asks for a
@@ -27,7 +27,7 @@ summary or overview, there is nothing for attention to look for, so nothing is p
 resolve to every prunable token (full attention) and `query_free` is True, reported in every result's metadata.
 Raw `input_ids` (context "positional") and `query_source="last_token"` (the paper's rule) keep selecting.
 
-Seeds are always the last rows of the sequence the model sees, so that their attention reaches the whole context:
+Seeds are always the last tokens of the sequence the model sees, so that their attention reaches the whole context:
 the question plus the template tokens after it when no context follows the question, otherwise a transient query suffix
 (the question's tokens appended after the prompt and dropped after the last selection stage).
 """
@@ -41,7 +41,7 @@ import torch
 
 from .config import PromptDistillConfig, resolve_budget
 from .prompt import RenderedPrompt, check_text
-from .spans import row_units
+from .spans import token_units
 
 # Lines shorter than this are labels ("Context:", "Answer briefly.") unless they lie inside the context block.
 SHORT_LINE_TOKENS = 8
@@ -55,22 +55,23 @@ _SUMMARY = re.compile(r"\b(summar|overview|tl;?dr|outline|key points|main points
 
 
 @dataclass(frozen=True)
-class RowLayout:
+class PromptLayout:
     """Per prompt token whether selection may drop it (`prunable`), where the context came from, the transient
-    `query_suffix_ids` appended after the prompt, how many of the last rows seed selection (`query_rows`), each row's
-    span unit (`units`, prompt and query suffix rows; None for token-level selection), and whether the prompt is
-    query-free (`query_free`: nothing to seed selection with, so nothing is pruned; see the module docstring)."""
+    `query_suffix_ids` appended after the prompt, how many of the last tokens seed selection (`query_tokens`), each
+    token's span unit (`units`, prompt and query suffix tokens; None for token-level selection), and whether the
+    prompt is query-free (`query_free`: nothing to seed selection with, so nothing is pruned; see the module
+    docstring)."""
 
     prunable: torch.Tensor
     context_source: str
     query_suffix_ids: tuple[int, ...]
-    query_rows: int
+    query_tokens: int
     units: torch.Tensor | None
     query_free: bool = False
 
     @classmethod
-    def unpruned(cls, length: int) -> RowLayout:
-        """A layout that prunes nothing: the last token is the query row, nobody selects."""
+    def unpruned(cls, length: int) -> PromptLayout:
+        """A layout that prunes nothing: the last token is the query token, nobody selects."""
         return cls(torch.zeros(length, dtype=torch.bool), "none", (), 1, None)
 
     @property
@@ -78,7 +79,7 @@ class RowLayout:
         return int(self.prunable.sum())
 
     def candidates(self) -> torch.Tensor:
-        """Per row (prompt, then query suffix): whether selection may drop it."""
+        """Per token (prompt, then query suffix): whether selection may drop it."""
         return torch.cat([self.prunable, torch.zeros(len(self.query_suffix_ids), dtype=torch.bool)])
 
     def stage_budgets(self, budgets: tuple) -> list[int]:
@@ -102,11 +103,11 @@ class RowLayout:
         }
 
 
-def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> RowLayout:
+def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: PromptDistillConfig) -> PromptLayout:
     """The layout of `rendered` for a method that prunes, under `config`: what is prunable (see the module
-    docstring), the query rows and the query suffix.
+    docstring), the query tokens and the query suffix.
 
-    Query rows: the last prompt token for `query_source="last_token"` (the paper's rule); else the question (`query`,
+    Query tokens: the last prompt token for `query_source="last_token"` (the paper's rule); else the question (`query`,
     or a question line the heuristic found) from its start to the end when no prunable token follows it, else a
     query suffix of its tokens; with no question, the last user message when it is short and follows the context, else
     the last `tail_tokens` tokens. Raises `ValueError` for an empty query, or one longer than `max_probe_tokens`
@@ -133,9 +134,9 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         prunable &= ~_tokens_in(rendered, [question])
     elif query is None and source != "positional" and rendered.text is not None:
         question = _question_line(rendered, prunable)
-    suffix, query_rows, tail, seeds = _query_rows(tokenizer, rendered, query, question, prunable, config)
+    suffix, query_tokens, tail, seeds = _query_tokens(tokenizer, rendered, query, question, prunable, config)
     prunable[n - (tail - len(suffix)) :] = False
-    units = row_units(rendered, prunable, config.span or "token", config.chunk_size, len(suffix))
+    units = token_units(rendered, prunable, config.span or "token", config.chunk_size, len(suffix))
     query_free = (
         source != "positional"
         and bool(prunable.any())
@@ -145,7 +146,7 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
             and _SUMMARY.search(rendered.text[rendered.last_user_start :]) is not None
         )
     )
-    return RowLayout(prunable, source, suffix, query_rows, units, query_free)
+    return PromptLayout(prunable, source, suffix, query_tokens, units, query_free)
 
 
 def check_query(query) -> None:
@@ -156,7 +157,7 @@ def check_query(query) -> None:
         check_text("query", query)
 
 
-def _query_rows(
+def _query_tokens(
     tokenizer,
     rendered: RenderedPrompt,
     query: str | None,
@@ -164,7 +165,7 @@ def _query_rows(
     prunable: torch.Tensor,
     config: PromptDistillConfig,
 ) -> tuple[tuple[int, ...], int, int, str]:
-    """(query suffix ids, query rows, protected tail rows including the query suffix, what seeds: "last_token",
+    """(query suffix ids, query tokens, protected tail tokens including the query suffix, what seeds: "last_token",
     "question", "user" (the last user message) or "tail"); see `plan_layout`."""
     n = len(rendered.input_ids)
     if config.query_source == "last_token":
@@ -187,8 +188,8 @@ def _query_rows(
         start = _first_token_at_or_after(rendered, user)
         if not bool(prunable[start:].any()) and n - start <= config.max_probe_tokens:
             return (), n - start, n - start, "user"
-    rows = _template_tail(prunable, config.tail_tokens)
-    return (), rows, rows, "tail"
+    tail = _template_tail(prunable, config.tail_tokens)
+    return (), tail, tail, "tail"
 
 
 def _template_tail(prunable: torch.Tensor, tail_tokens: int) -> int:

@@ -195,7 +195,7 @@ class TokenLogprob:
 
 
 class TextDeltas:
-    """One row's output text as its tokens arrive: decoded, cut before the first stop string, and handed out as
+    """One sequence's output text as its tokens arrive: decoded, cut before the first stop string, and handed out as
     deltas that hold back a tail that may still grow into a stop string (or an incomplete character)."""
 
     def __init__(self, tokenizer, stops: list[str]):

@@ -18,7 +18,7 @@ import torch
 
 from .config import PromptDistillConfig
 from .decode import DecodeBatch
-from .layout import RowLayout
+from .layout import PromptLayout
 from .methods import method_for
 from .runtime import Runtime
 from .sampling import Sampler
@@ -66,7 +66,7 @@ class Request:
     apart."""
 
     ids: torch.Tensor
-    layout: RowLayout
+    layout: PromptLayout
     config: PromptDistillConfig
     sampler: Sampler
     max_new_tokens: int
@@ -85,13 +85,13 @@ class Request:
 
 @dataclass(eq=False)
 class Scheduler:
-    """The runtime's request queue, decode batch and worker (see the module docstring). `rows_per_forward`
+    """The runtime's request queue, decode batch and worker (see the module docstring). `sequences_per_forward`
     counts forwards by (kind, sequences in the forward), kind "prefill" or "decode": what batching did;
     `forward_seconds` sums their time by kind."""
 
     runtime: Runtime
     settings: SchedulerSettings = field(default_factory=SchedulerSettings)
-    rows_per_forward: Counter = field(default_factory=Counter)
+    sequences_per_forward: Counter = field(default_factory=Counter)
     forward_seconds: Counter = field(default_factory=Counter)
     _waiting: deque = field(default_factory=deque)
     _running: list = field(default_factory=list)
@@ -234,9 +234,9 @@ class Scheduler:
             for request in group:
                 request.events.put(("error", request.tag, error))
             return
-        self.rows_per_forward["prefill", len(group)] += 1
+        self.sequences_per_forward["prefill", len(group)] += 1
         self.forward_seconds["prefill"] += seconds
-        for request, prefilled in zip(group, prefill.rows):
+        for request, prefilled in zip(group, prefill.sequences):
             request.events.put(("prefill", request.tag, (prefilled, seconds)))
             request.position = prefilled.next_position
         batch = DecodeBatch.after(runtime, prefill)
@@ -263,7 +263,7 @@ class Scheduler:
                 request.events.put(("error", request.tag, error))
             self._running, self._batch = [], None
             return
-        self.rows_per_forward["decode", len(running)] += 1
+        self.sequences_per_forward["decode", len(running)] += 1
         for request in running:
             request.position += 1
         self._keep_running(self._sample(running, logits))

@@ -65,14 +65,14 @@ def _run_starts(ids: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
 
 
-def row_units(
-    rendered: RenderedPrompt, prunable: torch.Tensor, span: str, chunk_size: int | None, probe_rows: int = 0
+def token_units(
+    rendered: RenderedPrompt, prunable: torch.Tensor, span: str, chunk_size: int | None, suffix_tokens: int = 0
 ) -> torch.Tensor | None:
-    """Span unit id per row (prompt, then `probe_rows` probe rows), or None for token-level selection. Units never
-    cross the edge of a prunable region, so a protected line never shares a unit with context."""
+    """Span unit id per token (prompt, then `suffix_tokens` query suffix tokens), or None for token-level selection.
+    Units never cross the edge of a prunable region, so a protected line never shares a unit with context."""
     regions = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), (prunable[1:] != prunable[:-1]).long()]), 0)
     units = span_units(rendered, span, chunk_size, regions)
     if units is None:
         return None
-    # Probe rows are protected; their ids only need to continue the order.
-    return torch.cat([units, torch.arange(probe_rows) + int(units[-1]) + 1])
+    # Query suffix tokens are protected; their ids only need to continue the order.
+    return torch.cat([units, torch.arange(suffix_tokens) + int(units[-1]) + 1])

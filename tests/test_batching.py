@@ -112,13 +112,13 @@ def test_concurrent_threads_are_batched_and_equal_sequential_calls(tokenizer):
     engine.configure_scheduler(batch_wait=0.05)
     work = [ROWS[k % len(ROWS)] for k in range(16)]
     sequential = [engine.generate(**row, max_new_tokens=10).output_token_ids for row in work]
-    engine.scheduler.rows_per_forward.clear()
+    engine.scheduler.sequences_per_forward.clear()
     with ThreadPoolExecutor(max_workers=16) as pool:
         concurrent = list(
             pool.map(lambda row: engine.generate(**row, max_new_tokens=10).output_token_ids, work, timeout=120)
         )
     assert concurrent == sequential
-    counts = engine.scheduler.rows_per_forward
+    counts = engine.scheduler.sequences_per_forward
     assert max(rows for kind, rows in counts if kind == "decode") > 1
     assert max(rows for kind, rows in counts if kind == "prefill") > 1
     assert sum(rows * n for (kind, rows), n in counts.items() if kind == "prefill") == 16
@@ -128,7 +128,7 @@ def test_a_row_joining_a_running_decode_gets_its_own_tokens(tokenizer):
     engine = PromptDistillEngine(tiny_model("gemma3_text"), tokenizer, CONFIGS["single-stage"])
     first, second = ROWS[1], ROWS[2]
     alone = [engine.generate(**row, max_new_tokens=n).output_token_ids for row, n in ((first, 40), (second, 8))]
-    engine.scheduler.rows_per_forward.clear()
+    engine.scheduler.sequences_per_forward.clear()
     stream = engine.stream(**first, max_new_tokens=40)
     deltas = iter(stream)
     next(deltas)  # the first row is decoding
@@ -139,7 +139,7 @@ def test_a_row_joining_a_running_decode_gets_its_own_tokens(tokenizer):
         pass
     thread.join(60)
     assert [stream.result.output_token_ids, joined["r"].output_token_ids] == alone
-    counts = engine.scheduler.rows_per_forward
+    counts = engine.scheduler.sequences_per_forward
     assert counts["prefill", 1] == 2 and counts["decode", 2] > 0  # prefilled apart, decoded together
 
 
@@ -148,7 +148,7 @@ def test_batch_limits_split_prefills(tokenizer):
     engine.configure_scheduler(max_batch_size=2)
     results = engine.generate_batch(prompts=[f"Row {k}: {QUESTION}" for k in range(5)], max_new_tokens=4)
     assert len(results) == 5
-    counts = engine.scheduler.rows_per_forward
+    counts = engine.scheduler.sequences_per_forward
     assert max(rows for _, rows in counts) == 2
     with pytest.raises(ValueError, match="max_batch_tokens"):
         engine.configure_scheduler(max_batch_tokens=0)
@@ -175,7 +175,7 @@ def test_bad_batches_fail_before_model_work(tokenizer, arguments, message):
     engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["full"])
     with pytest.raises((ValueError, TypeError), match=message):
         engine.generate_batch(**arguments)
-    assert not engine.scheduler.rows_per_forward
+    assert not engine.scheduler.sequences_per_forward
 
 
 def test_a_failing_caller_never_fails_the_others(tokenizer):
@@ -215,9 +215,9 @@ def test_adapter_batches_share_forwards(tiny_model_dir):
         (lambda: [m.content for m in asyncio.run(chat.abatch(prompts))], chat_texts),
         (lambda: asyncio.run(_gather(index_llm, prompts)), index_texts),
     ):
-        scheduler.rows_per_forward.clear()
+        scheduler.sequences_per_forward.clear()
         assert run() == sequential
-        assert max(rows for kind, rows in scheduler.rows_per_forward if kind == "decode") > 1
+        assert max(rows for kind, rows in scheduler.sequences_per_forward if kind == "decode") > 1
     results = llm.generate(prompts[:2]).generations
     assert [r[0].generation_info["promptdistill"]["prompt_tokens"] for r in results] == [
         len(llm.get_token_ids(p)) for p in prompts[:2]

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from pd_integrations.config import BudgetRule, Profile, PromptDistillConfig, resolve_config
-from pd_integrations.layout import RowLayout
+from pd_integrations.layout import PromptLayout
 from pd_integrations.selection import Selector, unit_scores
 
 RULE = {"fraction": 0.25, "floor": 256, "cap": 2048}
 
 
-def layout(prunable: int, protected: int = 10, query_free: bool = False) -> RowLayout:
+def layout(prunable: int, protected: int = 10, query_free: bool = False) -> PromptLayout:
     mask = torch.cat([torch.zeros(protected, dtype=torch.bool), torch.ones(prunable, dtype=torch.bool)])
-    return RowLayout(mask, "documents", (), 1, None, query_free)
+    return PromptLayout(mask, "documents", (), 1, None, query_free)
 
 
 @pytest.mark.parametrize(

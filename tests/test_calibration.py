@@ -475,8 +475,8 @@ def test_rules_resolve_per_length_in_schedules_and_the_cost_model():
     )
     assert schedule.settings()["budgets"] == [{"fraction": 0.25, "floor": 256, "cap": 2048}]
     # The cost model: layers up to the selection see every row, later ones the kept rows (+ protected), each
-    # costing rows * (ROW_COST + rows / 2).
-    cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
+    # costing rows * (TOKEN_COST + rows / 2).
+    cost = lambda rows: rows * (calibration.TOKEN_COST + rows / 2)  # noqa: E731
     expected = (8 * cost(8060) + 22 * cost(2000 + 60)) / (30 * cost(8060))
     assert calibration.predicted_prefill_ratio(schedule, 30, 8060) == pytest.approx(expected)
     two = Schedule(((7, BudgetRule(0.7), (7,)), (17, BudgetRule(0.2), None)), "passage", None)
@@ -525,7 +525,7 @@ def test_the_cost_model_predicts_each_methods_prefill_from_its_resolved_config()
         unit_score="max",
         detrend_window=0,
     )
-    cost = lambda rows: rows * (calibration.ROW_COST + rows / 2)  # noqa: E731
+    cost = lambda rows: rows * (calibration.TOKEN_COST + rows / 2)  # noqa: E731
     assert calibration.predicted_ratio_of(gemfilter, 30, 8060, 60) == pytest.approx(
         (14 * cost(8060) + 30 * cost(2060)) / (30 * cost(8060))
     )

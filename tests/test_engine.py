@@ -68,7 +68,7 @@ def test_probe_leaves_no_trace(tokenizer, name):
     torch.testing.assert_close(state.logits[0], reference, atol=1e-4, rtol=0)
     assert all(layer.keys.shape[-2] == n for layer in state.cache.layers)
     assert all(int(p.max()) == n - 1 for p in state.key_positions)
-    assert state.rows[0].next_position == n
+    assert state.sequences[0].next_position == n
 
 
 def pruning_engine(tokenizer, family="llama", **overrides):
@@ -92,13 +92,13 @@ def test_selection_invariants(family, tokenizer):
     engine = pruning_engine(tokenizer, family)
     state = engine.prefill(input_ids=random_ids(N, seed=2))
     protected = 2 + 4
-    assert [s.numel() for s in state.rows[0].stage_kept] == [20 + protected, 10 + protected]
-    kept = state.rows[0].kept_indices.tolist()
+    assert [s.numel() for s in state.sequences[0].stage_kept] == [20 + protected, 10 + protected]
+    kept = state.sequences[0].kept_indices.tolist()
     assert kept == sorted(set(kept))
     assert kept[:2] == [0, 1] and kept[-4:] == list(range(N - 4, N))
-    assert set(state.rows[0].stage_kept[1].tolist()) <= set(state.rows[0].stage_kept[0].tolist())
+    assert set(state.sequences[0].stage_kept[1].tolist()) <= set(state.sequences[0].stage_kept[0].tolist())
     assert [layer.keys.shape[-2] for layer in state.cache.layers] == [10 + protected] * 4
-    assert state.rows[0].next_position == N
+    assert state.sequences[0].next_position == N
 
 
 def test_without_cache_truncation_early_layers_keep_their_inputs(tokenizer):
@@ -124,7 +124,7 @@ def test_kept_rows_keep_original_positions_and_decode_continues_at_n(family, tok
 
 def test_chunk_span_keeps_whole_chunks(tokenizer):
     engine = pruning_engine(tokenizer, selection_layers=(1,), budgets=(16,), span="chunk", chunk_size=8)
-    kept = set(engine.prefill(input_ids=random_ids(N, seed=5)).rows[0].kept_indices.tolist())
+    kept = set(engine.prefill(input_ids=random_ids(N, seed=5)).sequences[0].kept_indices.tolist())
     context = kept - {0, 1} - set(range(N - 4, N))
     # Chunks are counted from the first prunable token (after the 2 protected ones).
     chunks = {(i - 2) // 8 for i in context}
@@ -155,7 +155,7 @@ def document_of_token(tokenizer, prompt: str) -> list[int | None]:
 def test_span_units_follow_document_boundaries(tokenizer, span, separator):
     prompt = document_prompt(separator)
     engine = pruning_engine(tokenizer, span=span, chunk_size=8)
-    units = engine.prefill(prompt, documents=DOCUMENTS).rows[0].layout.units.tolist()
+    units = engine.prefill(prompt, documents=DOCUMENTS).sequences[0].layout.units.tolist()
     owners = document_of_token(tokenizer, prompt)
     pieces = [prompt[a:b] for a, b in tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]]
     for i in range(len(DOCUMENTS)):

@@ -173,11 +173,11 @@ def test_the_question_seeds_selection_from_the_tail_or_as_a_probe(tiny_llama, to
     messages, _ = SHAPES[shape]
     engine = engine_for(tiny_llama, tokenizer)
     for query in (None, QUESTION):
-        layout = engine.prefill(messages=messages, query=query).rows[0].layout
+        layout = engine.prefill(messages=messages, query=query).sequences[0].layout
         probe_text = tokenizer.decode(layout.query_suffix_ids)
         assert (QUESTION in probe_text) if probe else layout.query_suffix_ids == ()
         if not probe:
-            seed_ids = rendered_ids(tokenizer, messages)[-layout.query_rows :]
+            seed_ids = rendered_ids(tokenizer, messages)[-layout.query_tokens :]
             assert QUESTION in tokenizer.decode(seed_ids)
 
 

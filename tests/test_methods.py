@@ -78,7 +78,7 @@ def test_gemfilter_refuses_two_stages():
 def test_every_method_keeps_its_budget_and_every_protected_token(method, family, tokenizer):
     engine = engine_for(method, family, tokenizer)
     ids = random_ids(N, seed=3)
-    row = engine.prefill(input_ids=ids).rows[0]
+    row = engine.prefill(input_ids=ids).sequences[0]
     kept, prunable = row.kept_indices.cpu(), row.layout.prunable
     protected = torch.nonzero(~prunable).flatten()
     assert torch.isin(protected, kept).all()
@@ -105,7 +105,7 @@ def test_every_method_equals_the_model_when_nothing_is_pruned(method, family, to
         reference = model(ids[None]).logits[0, -1]
     prefill = engine.prefill(input_ids=ids)
     torch.testing.assert_close(prefill.logits[0], reference, atol=1e-4, rtol=0)
-    assert prefill.rows[0].kept_indices.numel() == N
+    assert prefill.sequences[0].kept_indices.numel() == N
 
 
 def random_kept(engine: PromptDistillEngine, seed: int, rows: list[torch.Tensor]) -> list[list[int]]:
@@ -116,7 +116,7 @@ def random_kept(engine: PromptDistillEngine, seed: int, rows: list[torch.Tensor]
     assert isinstance(method, RandomSelection)
     with torch.inference_mode():
         prefill = method.prefill(engine.runtime, [engine._ids(*p) for p in prepared], layouts)
-    return [row.kept_indices.tolist() for row in prefill.rows]
+    return [row.kept_indices.tolist() for row in prefill.sequences]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -127,9 +127,9 @@ def test_random_is_reproducible_by_seed_and_batch_independent(family, tokenizer)
     assert random_kept(engine, 0, rows) == first
     assert random_kept(engine, 0, rows[1:]) == first[1:]  # the same tokens alone as in a batch
     assert random_kept(engine, 1, rows) != first
-    assert engine.prefill(input_ids=rows[0]).rows[0].kept_indices.tolist() == first[0]  # seed 0 by default
+    assert engine.prefill(input_ids=rows[0]).sequences[0].kept_indices.tolist() == first[0]  # seed 0 by default
     # Two stages: the second keeps a subset of the first's rows.
-    stage_kept = engine.prefill(input_ids=rows[0]).rows[0].stage_kept
+    stage_kept = engine.prefill(input_ids=rows[0]).sequences[0].stage_kept
     assert torch.isin(stage_kept[1], stage_kept[0]).all() and stage_kept[1].numel() < stage_kept[0].numel()
 
 
@@ -138,7 +138,7 @@ def test_random_keeps_tokens_uniformly_and_ignores_spans(tokenizer):
     would keep whole 8-token chunks, but the baseline keeps scattered tokens."""
     engine = engine_for("random", "llama", tokenizer, span="chunk", chunk_size=8)
     ids = random_ids(N, seed=7)
-    layout = engine.prefill(input_ids=ids).rows[0].layout
+    layout = engine.prefill(input_ids=ids).sequences[0].layout
     counts = torch.zeros(N)
     for seed in range(200):
         counts[random_kept(engine, seed, [ids])[0]] += 1

@@ -37,10 +37,12 @@ def test_a_long_tool_result_is_not_taken_for_context(qwen_tokenizer, tiny_qwen, 
     messages = tool_conversation(QUESTION)
     rendered = render(qwen_tokenizer, None, messages, None, TOOLS, tool_format)
     assert len(rendered.tool_result_ranges) == 1 and RESULT in rendered.text
-    layout = engine.prefill(messages=messages, tools=TOOLS, tool_format=tool_format).rows[0].layout
+    layout = engine.prefill(messages=messages, tools=TOOLS, tool_format=tool_format).sequences[0].layout
     assert layout.context_source == "none" and not bool(layout.prunable.any())
     # Named as a document, the result is the retrieved context.
-    named = engine.prefill(messages=messages, tools=TOOLS, tool_format=tool_format, documents=[RESULT]).rows[0].layout
+    named = (
+        engine.prefill(messages=messages, tools=TOOLS, tool_format=tool_format, documents=[RESULT]).sequences[0].layout
+    )
     assert named.context_source == "documents" and named.num_prunable > 200
     assert prunable_text(rendered, named).split() == [w for w in prunable_text(rendered, named).split() if w in RESULT]
 
@@ -53,7 +55,7 @@ def test_retrieved_context_beside_a_tool_result_is_still_pruned(qwen_tokenizer, 
     layout = (
         engine_for(tiny_qwen, qwen_tokenizer)
         .prefill(messages=messages, tools=TOOLS, tool_format=tool_format)
-        .rows[0]
+        .sequences[0]
         .layout
     )
     assert layout.context_source == "heuristic" and layout.num_prunable > 100

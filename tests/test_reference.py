@@ -59,7 +59,7 @@ def test_pruned_prefill_and_decode_match_hf_layers(family, truncation, tokenizer
     ids = random_ids(N, seed=5)
     with torch.inference_mode():
         prefill = engine.prefill(input_ids=ids)
-        row = prefill.rows[0]
+        row = prefill.sequences[0]
         assert row.kept_indices.shape[0] < N  # something was pruned
         expected = reference_logits(model, ids, config.selection_layers, row.stage_kept)
         torch.testing.assert_close(prefill.logits[0], expected, atol=1e-4, rtol=0)

@@ -189,7 +189,7 @@ def test_soak_memory_and_threads_stay_flat(engines):
 def test_limits_refuse_requests_before_model_work(engines):
     engine = engines["full"]
     settings = engine.scheduler.settings
-    forwards = sum(engine.scheduler.rows_per_forward.values())
+    forwards = sum(engine.scheduler.sequences_per_forward.values())
     try:
         engine.configure_scheduler(max_prompt_tokens=16)
         with pytest.raises(ValueError, match="over max_prompt_tokens=16"):
@@ -199,7 +199,7 @@ def test_limits_refuse_requests_before_model_work(engines):
         engine.configure_scheduler(max_prompt_tokens=None, max_kv_bytes=2**20)
         with pytest.raises(ValueError, match="max_kv_bytes=1048576.*lower max_new_tokens"):
             engine.generate("Hi", max_new_tokens=4000)
-        assert sum(engine.scheduler.rows_per_forward.values()) == forwards  # refused before any model work
+        assert sum(engine.scheduler.sequences_per_forward.values()) == forwards  # refused before any model work
         with pytest.raises(ValueError, match="max_kv_bytes must be None or an int >= 1"):
             engine.configure_scheduler(max_kv_bytes=0)
         with pytest.raises(TypeError, match="unknown scheduler settings.*max_batch_size"):
@@ -216,7 +216,7 @@ def test_a_kv_limit_queues_requests_instead_of_failing(engines):
     expected = engine.generate(prompt, max_new_tokens=6).output_token_ids
     try:
         engine.configure_scheduler(max_kv_bytes=engine.scheduler._kv_bytes_per_token * 600, batch_wait=0.05)
-        engine.scheduler.rows_per_forward.clear()
+        engine.scheduler.sequences_per_forward.clear()
         with ThreadPoolExecutor(max_workers=4) as pool:
             outputs = list(
                 pool.map(
@@ -226,4 +226,4 @@ def test_a_kv_limit_queues_requests_instead_of_failing(engines):
     finally:
         engine.scheduler.settings = settings
     assert outputs == [expected] * 4
-    assert max(rows for _, rows in engine.scheduler.rows_per_forward) == 1
+    assert max(rows for _, rows in engine.scheduler.sequences_per_forward) == 1

@@ -188,7 +188,7 @@ def test_the_tools_block_is_never_pruned(qwen_tokenizer, tiny_qwen, tool_format,
     block = rendered.text[slice(*rendered.tools_range)]
     assert "lookup_7" in block and len(qwen_tokenizer(block)["input_ids"]) > 512  # longer than any message
     engine = engine_for(tiny_qwen, qwen_tokenizer)
-    layout = engine.prefill(messages=messages, tools=MANY_TOOLS, tool_format=tool_format).rows[0].layout
+    layout = engine.prefill(messages=messages, tools=MANY_TOOLS, tool_format=tool_format).sequences[0].layout
     starts = rendered.word_starts()
     in_block = (starts >= rendered.tools_range[0]) & (starts < rendered.tools_range[1])
     assert not bool(layout.prunable[in_block].any())

@@ -8,7 +8,7 @@ keeps it (docs/calibration.md). Its public names, from the modules that hold the
 - `run.py`: `calibrate` and `calibrate_rag`; `__main__.py`: the command line.
 """
 
-from .cost import ROW_COST, Schedule, layer_cost, predicted_prefill_ratio, predicted_ratio_of
+from .cost import TOKEN_COST, Schedule, layer_cost, predicted_prefill_ratio, predicted_ratio_of
 from .records import ProbeRecord, load_records, make_probes, rag_probes, record_probes, record_rag_probes, save_records
 from .run import calibrate, calibrate_rag
 from .search import (
@@ -25,7 +25,7 @@ from .search import (
 from .verify import Verification, answer_rate, verification_probes, verify_schedules
 
 __all__ = [
-    "ROW_COST",
+    "TOKEN_COST",
     "SCORINGS",
     "SPANS",
     "ProbeRecord",

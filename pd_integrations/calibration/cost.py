@@ -12,14 +12,14 @@ from ..methods.promptdistill import stage_budgets, staged_cost
 from ..methods.registry import method_class
 from ..selection import Selector
 
-# The prefill cost model: a layer processing n tokens costs n * (ROW_COST + n / 2), a per-token term (the
+# The prefill cost model: a layer processing n tokens costs n * (TOKEN_COST + n / 2), a per-token term (the
 # projections and MLP) plus causal attention to n / 2 keys on average, in units of one key's attention. Fitted to
 # SmolLM2-135M on this project's 2-core CPU (full attention's 8k/4k prefill-time ratio, 2.9); it predicted the old
 # profile's measured prefill ratios (0.37 at 8k, 0.58 at 4k) within 0.02.
-ROW_COST = 2300
+TOKEN_COST = 2300
 
 
-def layer_cost(tokens: int, token_cost: float = ROW_COST) -> float:
+def layer_cost(tokens: int, token_cost: float = TOKEN_COST) -> float:
     """The cost model's time for one layer over `tokens` tokens.
 
     Args:
@@ -105,7 +105,7 @@ class Schedule:
 
 
 def predicted_prefill_ratio(
-    schedule: Schedule, num_layers: int, length: int, protected: int = 60, token_cost: float = ROW_COST
+    schedule: Schedule, num_layers: int, length: int, protected: int = 60, token_cost: float = TOKEN_COST
 ) -> float:
     """The cost model's prefill time of `schedule` over full attention's (selection and gathers are not counted).
 

@@ -14,7 +14,7 @@ from ..corpora import rag
 from ..engine import PromptDistillEngine
 from ..probes import NeedleProbe, needle_probe
 from ..prompt import RenderedPrompt
-from ..spans import row_units
+from ..spans import token_units
 
 # Spans saved with records and searched on RAG probes: the retrieved documents and sentences as units.
 SEARCH_SPANS = (
@@ -33,7 +33,7 @@ RAG_ORDERS = ("spread", "rank")
 class ProbeRecord:
     """One probe's unpruned seed attention [layers, heads, tokens], its evidence tokens (`evidence_tokens`: the
     needle, or for a RAG probe the sentence of the answer's passage that states the answer), its prunable tokens and
-    its rendered prompt (the row layout's, so replayed selection drops what the engine would, in the same units).
+    its rendered prompt (the prompt layout's, so replayed selection drops what the engine would, in the same units).
     Records loaded from disk (`load_records`) have no rendered prompt, only the units saved with them. `labels`
     name the probe (kind "needle" or "rag", length, shape...)."""
 
@@ -53,7 +53,7 @@ class ProbeRecord:
             chunk_size: the chunk size for "chunk" spans.
 
         Returns:
-            Each row's unit id, or None for tokens.
+            Each token's unit id, or None for token-level selection.
 
         Raises:
             ValueError: a loaded record was saved without these units.
@@ -68,7 +68,7 @@ class ProbeRecord:
                     f"these records were saved without {span!r} units (chunk_size {chunk_size}); "
                     f"record them again with that span"
                 )
-            self._units[span, chunk_size] = row_units(self.rendered, self.prunable, span, chunk_size)
+            self._units[span, chunk_size] = token_units(self.rendered, self.prunable, span, chunk_size)
         return self._units[span, chunk_size]
 
 

@@ -4,7 +4,7 @@ Adding a method is adding its module and its line in `registry.METHOD_PATHS`, th
 """
 
 from ..config import PromptDistillConfig
-from ..layout import RowLayout
+from ..layout import PromptLayout
 from .base import FullAttention, Prefill, PrefillMethod, PrefillSequence, PrefillState
 from .gemfilter import GemFilter
 from .promptdistill import PromptDistill, Stage
@@ -15,7 +15,7 @@ from .registry import METHODS, method_class
 METHOD_CLASSES: dict[str, type[PrefillMethod]] = {name: method_class(name) for name in METHODS}
 
 
-def method_for(config: PromptDistillConfig, layouts: list[RowLayout]) -> PrefillMethod:
+def method_for(config: PromptDistillConfig, layouts: list[PromptLayout]) -> PrefillMethod:
     """The prefill method `config.method` names, set up for a batch of sequences with `layouts` (fractional budgets
     resolve against each)."""
     return method_class(config.method).from_config(config, layouts)

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from ..arch import padding
 from ..config import PromptDistillConfig, fill_unset
-from ..layout import RowLayout
+from ..layout import PromptLayout
 from ..runtime import Runtime
 from ..selection import Selector
 
@@ -37,7 +37,7 @@ class PrefillSequence:
     prunable. Decoding continues at `next_position` (the original prompt length, or the kept length after GemFilter's
     re-run). `kv_cache_bytes` counts this sequence's cached keys and values (not the batch's padding)."""
 
-    layout: RowLayout
+    layout: PromptLayout
     kept_indices: torch.Tensor
     stage_kept: list[torch.Tensor]
     scores: torch.Tensor | None
@@ -48,14 +48,14 @@ class PrefillSequence:
 @dataclass
 class Prefill:
     """The result of a batched prefill: the cache (each layer left-padded per sequence by `key_pads`), the original
-    positions of each layer's cached keys, next-token logits [B, vocab] and, in `rows`, each sequence's
+    positions of each layer's cached keys, next-token logits [B, vocab] and, in `sequences`, each sequence's
     `PrefillSequence`."""
 
     cache: DynamicCache
     key_positions: list[torch.Tensor]
     key_pads: list[list[int]]
     logits: torch.Tensor
-    rows: list[PrefillSequence]
+    sequences: list[PrefillSequence]
 
 
 def left_pad(sequences: list[torch.Tensor], fill=0) -> torch.Tensor:
@@ -98,7 +98,7 @@ class PrefillState:
     leave."""
 
     runtime: Runtime
-    layouts: list[RowLayout]
+    layouts: list[PromptLayout]
     hidden: torch.Tensor
     positions: torch.Tensor
     lengths: list[int]
@@ -113,7 +113,7 @@ class PrefillState:
     masks: dict = field(default_factory=dict)  # per sliding window, for the current tokens
 
     @classmethod
-    def start(cls, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout]) -> PrefillState:
+    def start(cls, runtime: Runtime, ids: list[torch.Tensor], layouts: list[PromptLayout]) -> PrefillState:
         """Embed each sequence's `ids` (prompt, then query suffix) at positions 0..n-1, left-padded to one batch."""
         arch = runtime.arch
         positions = left_pad([torch.arange(sequence.shape[0], device=sequence.device) for sequence in ids])
@@ -164,7 +164,7 @@ class PrefillState:
         """Per-head scores [H, real tokens] of sequence `b`'s real tokens by its query tokens' attention at layer
         `i`."""
         arch, real = self.runtime.arch, self.real_tokens(b)
-        query = slice(self.hidden.shape[1] - self.layouts[b].query_rows, None)
+        query = slice(self.hidden.shape[1] - self.layouts[b].query_tokens, None)
         cos, sin = self.cos_sin[arch.layer_types[i]]
         queries = arch.query_states(i, layer_input[b : b + 1, query], (cos[b : b + 1, query], sin[b : b + 1, query]))
         return selector.head_scores(
@@ -290,7 +290,7 @@ class PrefillMethod:
         return fill_unset(config, sources)
 
     @classmethod
-    def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> PrefillMethod:
+    def from_config(cls, config: PromptDistillConfig, layouts: list[PromptLayout]) -> PrefillMethod:
         """The method for a batch of sequences with `layouts` under the resolved `config`; the base method needs
         neither."""
         return cls()
@@ -303,7 +303,7 @@ class PrefillMethod:
         return None
 
     def prefill(
-        self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
+        self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[PromptLayout], last_layer: int | None = None
     ) -> Prefill:
         """Run each sequence's `ids` (prompt, then query suffix) through layers 0..`last_layer` (default: all) as one
         batch; returns the `Prefill`, with empty logits when it stops early."""

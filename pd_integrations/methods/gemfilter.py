@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import PAPER_SCORING, PromptDistillConfig, fill_unset, resolve_budget
-from ..layout import RowLayout
+from ..layout import PromptLayout
 from ..runtime import Runtime
 from .base import CostedPrompt, FullAttention, Prefill, PrefillMethod
 from .promptdistill import PromptDistill
@@ -43,7 +43,7 @@ class GemFilter(PrefillMethod):
         return fill_unset(config, [PAPER_SCORING, *first_stage])
 
     @classmethod
-    def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> GemFilter:
+    def from_config(cls, config: PromptDistillConfig, layouts: list[PromptLayout]) -> GemFilter:
         return cls(PromptDistill.from_config(config, layouts))
 
     @classmethod
@@ -57,15 +57,15 @@ class GemFilter(PrefillMethod):
         return ((layer + 1) * prompt.layer_cost(n) + prompt.num_layers * prompt.layer_cost(kept)) / full
 
     def prefill(
-        self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[RowLayout], last_layer: int | None = None
+        self, runtime: Runtime, ids: list[torch.Tensor], layouts: list[PromptLayout], last_layer: int | None = None
     ) -> Prefill:
         scouted = self.scout.prefill(runtime, ids, layouts, last_layer=self.scout.stages[0].layer)
-        kept = [sequence.kept_indices for sequence in scouted.rows]
+        kept = [sequence.kept_indices for sequence in scouted.sequences]
         rerun = FullAttention().prefill(
-            runtime, [sequence[k] for sequence, k in zip(ids, kept)], [RowLayout.unpruned(k.shape[0]) for k in kept]
+            runtime, [sequence[k] for sequence, k in zip(ids, kept)], [PromptLayout.unpruned(k.shape[0]) for k in kept]
         )
-        rerun.rows = [
+        rerun.sequences = [
             replace(sequence, layout=layout, kept_indices=k, stage_kept=[k], scores=scout.scores)
-            for sequence, layout, k, scout in zip(rerun.rows, layouts, kept, scouted.rows)
+            for sequence, layout, k, scout in zip(rerun.sequences, layouts, kept, scouted.sequences)
         ]
         return rerun

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import BudgetRule, PromptDistillConfig, resolve_budget
-from ..layout import RowLayout
+from ..layout import PromptLayout
 from ..selection import Selector
 from .base import CostedPrompt, PrefillMethod, PrefillState
 
 
 def stage_budgets(budgets: Sequence[int | float | BudgetRule], prunable: int) -> list[int]:
-    """Tokens each stage keeps of `prunable` context tokens, as `RowLayout.stage_budgets` resolves them.
+    """Tokens each stage keeps of `prunable` context tokens, as `PromptLayout.stage_budgets` resolves them.
 
     Args:
         budgets: each stage's budget: an int, a fraction or a `BudgetRule`.
@@ -90,7 +90,7 @@ class PromptDistill(PrefillMethod):
             raise ValueError(f"budgets must be one or more ints >= 1 or fractions in (0, 1], got {config.budgets!r}")
 
     @classmethod
-    def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> PromptDistill:
+    def from_config(cls, config: PromptDistillConfig, layouts: list[PromptLayout]) -> PromptDistill:
         """The config's stages, with fractional budgets resolved against each sequence layout's prunable tokens."""
         budgets = zip(*(layout.stage_budgets(config.budgets) for layout in layouts))
         stages = [Stage(*stage) for stage in zip(config.selection_layers, budgets, config.heads)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import PromptDistillConfig
-from ..layout import RowLayout
+from ..layout import PromptLayout
 from ..selection import Selector
 from .base import PrefillState
 from .promptdistill import PromptDistill
@@ -29,7 +29,7 @@ class RandomSelection(PromptDistill):
     name = "random"
 
     @classmethod
-    def from_config(cls, config: PromptDistillConfig, layouts: list[RowLayout]) -> RandomSelection:
+    def from_config(cls, config: PromptDistillConfig, layouts: list[PromptLayout]) -> RandomSelection:
         """PromptDistill's stages for `config`, with a selector that ranks the draws as they are (no pooling or
         detrending, which would correlate neighbouring draws): the `budget` highest draws are a uniform subset."""
         method = super().from_config(config, layouts)

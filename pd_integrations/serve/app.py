@@ -118,7 +118,7 @@ class _Server:
         except BaseException:
             self.slots.give_back()
             raise
-        outputs = [request.output() for _ in range(request.rows)]
+        outputs = [request.output() for _ in range(request.sequences)]
         if request.stream:
             return _EventStream(generation, outputs, ids, request.include_usage())
         deltas: list[list[dict]] = [[] for _ in outputs]

@@ -207,7 +207,7 @@ class GenerationRequest(_SamplingFields):
         return None
 
     @property
-    def rows(self) -> int:
+    def sequences(self) -> int:
         """How many generations the request asks for: `n` per prompt."""
         return self.n
 
@@ -296,7 +296,9 @@ class ChatCompletionRequest(GenerationRequest):
         """The engine's rows, one per choice; `tool_format` is how the server renders tools."""
         messages = [message.as_engine_message() for message in self.messages]
         tools = self.output_options().offered_tools
-        return [PromptInput(messages=messages, tools=tools, tool_format=tool_format, **self.selection())] * self.rows
+        return [
+            PromptInput(messages=messages, tools=tools, tool_format=tool_format, **self.selection())
+        ] * self.sequences
 
 
 class CompletionRequest(GenerationRequest):
@@ -321,7 +323,7 @@ class CompletionRequest(GenerationRequest):
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
     @property
-    def rows(self) -> int:
+    def sequences(self) -> int:
         return self.n * len(self.prompts)
 
     def prompt_inputs(self, tool_format: str = "auto") -> list[PromptInput]:
