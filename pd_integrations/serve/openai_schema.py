@@ -293,7 +293,7 @@ class ChatCompletionRequest(GenerationRequest):
         return sampling
 
     def prompt_inputs(self, tool_format: str = "auto") -> list[PromptInput]:
-        """The engine's rows, one per choice; `tool_format` is how the server renders tools."""
+        """The engine's sequences, one per choice; `tool_format` is how the server renders tools."""
         messages = [message.as_engine_message() for message in self.messages]
         tools = self.output_options().offered_tools
         return [
@@ -327,7 +327,7 @@ class CompletionRequest(GenerationRequest):
         return self.n * len(self.prompts)
 
     def prompt_inputs(self, tool_format: str = "auto") -> list[PromptInput]:
-        """The engine's rows: prompt i's choices are rows i*n .. i*n+n-1, as OpenAI numbers them (no tools, so
+        """The engine's sequences: prompt i's choices are sequences i*n .. i*n+n-1, as OpenAI numbers them (no tools, so
         `tool_format` does not apply)."""
         return [PromptInput(prompt, **self.selection()) for prompt in self.prompts for _ in range(self.n)]
 
