@@ -39,17 +39,24 @@ def cpu_half_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, length = key.shape[1], key.shape[2]
     scale = dim**-0.5 if scaling is None else scaling
-    grouped = query.reshape(
-        batch, kv_heads, heads // kv_heads, dim
-    )  # one query token: the heads of a group as the query dimension
-    logits = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # one query token: a group's heads as rows
+    # One matmul per sequence and key head: the cache's keys are a prefix of a longer buffer (`GrowingLayer`), and a
+    # batched matmul over such views copies the whole cache first; each head's [length, d] block is contiguous.
+    logits = query.new_empty(batch, kv_heads, heads // kv_heads, length)
+    for b in range(batch):
+        for h in range(kv_heads):
+            torch.mm(grouped[b, h], key[b, h].t(), out=logits[b, h])
+    logits = logits.float() * scale
     if attention_mask is not None:
-        logits = logits + attention_mask[:, :, -1:, : key.shape[2]]
+        logits = logits + attention_mask[:, :, -1:, :length]
     probs = torch.softmax(logits, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).reshape(batch, 1, heads, dim), None
-
+    output = query.new_empty(batch, kv_heads, heads // kv_heads, dim)
+    for b in range(batch):
+        for h in range(kv_heads):
+            torch.mm(probs[b, h], value[b, h], out=output[b, h])
+    return output.reshape(batch, 1, heads, dim), None
 
 def use_cpu_half_attention(model: torch.nn.Module) -> None:
     """Switch a CPU model in bfloat16/float16 that uses SDPA to `cpu_half_attention`; other models are left as
