@@ -103,7 +103,7 @@ class PromptDistillEngine:
 
     def configure_scheduler(self, **settings) -> SchedulerSettings:
         """Change how generations on this runtime batch and what they may use: any `SchedulerSettings` field
-        (`max_batch_size`, `max_batch_tokens`, `batch_wait`, `max_prompt_tokens`, `max_kv_bytes`); every engine
+        (`max_batch_size`, `max_batch_tokens`, `batch_wait`, `max_prompt_tokens`, `max_kv_bytes`, `driver`); every engine
         over the runtime shares them. Returns the new settings; raises `TypeError` for an unknown setting and
         `ValueError` naming a bad value."""
         known = {f.name for f in dataclasses.fields(SchedulerSettings)}
@@ -280,7 +280,7 @@ class PromptDistillEngine:
         scheduler.submit(requests)
         try:
             while any(f is None for f in finished):
-                kind, i, payload = events.get()
+                kind, i, payload = scheduler.next_event(events)
                 if finished[i] is not None:
                     continue  # tokens generated after the text already reached a stop string
                 if kind == "error":
@@ -294,14 +294,13 @@ class PromptDistillEngine:
                         yield i, delta
                     if not cut:
                         continue
-                    scheduler.cancel(requests[i])
+                    scheduler.cancel([requests[i]])
                     payload = "stop"
                 finished[i] = payload, time.perf_counter() - started[i]
                 if tail := texts[i].flush():
                     yield i, tail
         finally:
-            for request in requests:
-                scheduler.cancel(request)  # a no-op for finished ones; frees the sequences of a consumer that left
+            scheduler.cancel(requests)  # a no-op for finished ones; frees the sequences of a consumer that left
         return [
             self._result(r, *p, t, *f, q.sampler)
             for r, p, t, f, q in zip(rendered, prefills, texts, finished, requests)

@@ -1,7 +1,11 @@
 """The scheduler every generation on a runtime goes through, so that concurrent calls share forwards.
 
-One worker thread per runtime admits requests, prefills them together and runs one decode batch; see
-docs/batching.md.
+Each round admits waiting requests, prefills them together and advances one decode batch by a token; see
+docs/batching.md. Who runs the rounds is `SchedulerSettings.driver`: by default a call waiting for its tokens runs
+them in its own thread, so that on CPU the forwards use the OpenMP threads of the caller's thread (libgomp spins
+much less once two threads each own a team of OpenMP threads on a machine with no spare cores: a bfloat16 decode
+step after a 4k prompt took 90 ms in a second thread against 52 ms in the one that had used torch first); pd-serve,
+whose requests are stepped in changing threads, uses one worker thread per runtime.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from .sampling import Sampler
 class SchedulerSettings:
     """How the scheduler batches and what it refuses. At most `max_batch_size` sequences decode together; one prefill
     step takes at most `max_batch_tokens` tokens, padding included (a longer prompt still runs, alone); an idle
-    scheduler waits `batch_wait` seconds for company before prefilling.
+    scheduler waits `batch_wait` seconds for company before prefilling. `driver` is "caller" (a call runs the rounds
+    in its own thread while it waits, one thread at a time) or "thread" (a worker thread per runtime runs them).
 
     Limits (None: none): a prompt (with its query suffix) over `max_prompt_tokens` is refused; `max_kv_bytes` bounds the
     KV cache of all running sequences, each counted as if nothing were pruned (prompt and `max_new_tokens` in every
@@ -41,6 +46,7 @@ class SchedulerSettings:
     batch_wait: float = 0.005
     max_prompt_tokens: int | None = None
     max_kv_bytes: int | None = None
+    driver: str = "caller"
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_batch_tokens", "max_prompt_tokens", "max_kv_bytes"):
@@ -56,6 +62,8 @@ class SchedulerSettings:
             or not (0 <= self.batch_wait <= 1)
         ):
             raise ValueError(f"batch_wait must be a number of seconds in [0, 1], got {self.batch_wait!r}")
+        if self.driver not in DRIVERS:
+            raise ValueError(f"driver must be one of {', '.join(map(repr, DRIVERS))}, got {self.driver!r}")
 
 
 @dataclass(eq=False)
@@ -85,7 +93,7 @@ class Request:
 
 @dataclass(eq=False)
 class Scheduler:
-    """The runtime's request queue, decode batch and worker (see the module docstring). `sequences_per_forward`
+    """The runtime's request queue, decode batch and driver (see the module docstring). `sequences_per_forward`
     counts forwards by (kind, sequences in the forward), kind "prefill" or "decode": what batching did;
     `forward_seconds` sums their time by kind."""
 
@@ -98,6 +106,7 @@ class Scheduler:
     _batch: DecodeBatch | None = None
     _worker: threading.Thread | None = None
     _wake: threading.Condition = field(default_factory=threading.Condition)
+    _driving: threading.Lock = field(default_factory=threading.Lock)  # held by the thread running a round
     _stopping: bool = False
 
     @classmethod
@@ -136,21 +145,49 @@ class Scheduler:
         return 2 * config.num_key_value_heads * layer.head_dim * element * self.runtime.arch.num_layers
 
     def submit(self, requests: list[Request]) -> None:
-        """Queue `requests` (admitted together when limits allow) and make sure the worker runs."""
+        """Queue `requests` (admitted together when limits allow); with the "thread" driver, make sure the worker
+        runs."""
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler has stopped: the interpreter is exiting")
             self._waiting.extend(requests)
-            if self._worker is None:
+            if self.settings.driver == "thread" and self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="pd-scheduler", daemon=True)
                 self._worker.start()
                 _live.add(self)
             self._wake.notify()
 
-    @staticmethod
-    def cancel(request: Request) -> None:
-        """Stop `request` at the next step boundary (its caller has left); a finished request is unaffected."""
-        request.cancelled = True
+    def next_event(self, events: queue.SimpleQueue) -> tuple:
+        """The next event on `events` (one call's queue). With the "caller" driver, this thread runs rounds while
+        none is there and no other thread is running one."""
+        while True:
+            try:
+                return events.get_nowait()
+            except queue.Empty:
+                pass
+            if self._worker is None and self._driving.acquire(blocking=False):
+                try:
+                    self._round()
+                finally:
+                    self._driving.release()
+                continue
+            try:  # another thread runs the rounds; look again soon, in case it leaves
+                return events.get(timeout=HANDOFF_SECONDS)
+            except queue.Empty:
+                pass
+
+    def cancel(self, requests: list[Request]) -> None:
+        """Stop `requests` (their caller has left; finished ones are unaffected) and, unless a round is running,
+        let their sequences go now rather than at some later round."""
+        for request in requests:
+            request.cancelled = True
+        if self._driving.acquire(blocking=False):
+            try:
+                with self._wake:
+                    self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                self._drop_cancelled()
+            finally:
+                self._driving.release()
 
     def stop(self) -> None:
         """Cancel every request and let the worker exit (at the next step boundary)."""
@@ -164,13 +201,14 @@ class Scheduler:
             worker.join(timeout=30)
 
     def is_idle(self) -> bool:
-        """No request waits or decodes and the worker has exited."""
+        """No request waits or decodes, no round runs and no worker is left."""
         with self._wake:
-            return self._worker is None
+            return self._worker is None and not self._waiting and not self._running and not self._driving.locked()
 
     # ---------------------------------------------------------------- the worker
 
     def _work(self) -> None:
+        """The "thread" driver's loop: rounds while there is work, exiting after `IDLE_EXIT_SECONDS` without."""
         while True:
             with self._wake:
                 if not self._running and not self._waiting and not self._stopping:
@@ -178,21 +216,27 @@ class Scheduler:
                     # arena each time, and resident memory creeping up.
                     self._wake.wait(IDLE_EXIT_SECONDS)
                 if not self._running and not self._waiting or self._stopping:
-                    self._batch, self._worker = None, None
+                    self._worker = None
                     return
-                if not self._running and self.settings.batch_wait:
-                    self._linger(self.settings.batch_wait)
-                admitted = self._admit()
-            try:
-                self._drop_cancelled()
-                for group in _by_config(admitted):
-                    self._prefill(group)
-                if self._running:
-                    self._decode()
-            except Exception as error:  # noqa: BLE001 - a bug in the bookkeeping: fail its requests, keep serving
-                for request in self._running + admitted:
-                    request.events.put(("error", request.tag, error))
-                self._running, self._batch = [], None
+            with self._driving:
+                self._round()
+
+    def _round(self) -> None:
+        """Admit what fits, prefill it, and advance the decode batch by one token per sequence."""
+        with self._wake:
+            if not self._running and self._waiting and self.settings.batch_wait:
+                self._linger(self.settings.batch_wait)
+            admitted = self._admit()
+        try:
+            self._drop_cancelled()
+            for group in _by_config(admitted):
+                self._prefill(group)
+            if self._running:
+                self._decode()
+        except Exception as error:  # noqa: BLE001 - a bug in the bookkeeping: fail its requests, keep serving
+            for request in self._running + admitted:
+                request.events.put(("error", request.tag, error))
+            self._running, self._batch = [], None
 
     def _linger(self, seconds: float) -> None:
         """Wait `seconds` (holding no forward) so that requests arriving together are admitted together."""
@@ -310,7 +354,10 @@ def _by_config(requests: list[Request]) -> list[list[Request]]:
     return list(groups.values())
 
 
+DRIVERS = ("caller", "thread")
 _creating = threading.Lock()
+# A call waiting while another thread runs the rounds looks this often whether that thread has left.
+HANDOFF_SECONDS = 0.005
 # An idle worker waits this long for the next request before it exits.
 IDLE_EXIT_SECONDS = 1.0
 _live: weakref.WeakSet[Scheduler] = weakref.WeakSet()

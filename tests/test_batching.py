@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pd_integrations import PromptDistillConfig, PromptDistillEngine
+from pd_integrations.decode import DecodeBatch
 from pd_integrations.inputs import PromptInput
 from pd_integrations.langchain import ChatPromptDistill, PromptDistillLLM
 from pd_integrations.llama_index import PromptDistillLLM as LlamaIndexLLM
@@ -226,3 +227,28 @@ def test_adapter_batches_share_forwards(tiny_model_dir):
 
 async def _gather(llm, prompts: list[str]) -> list[str]:
     return [r.text for r in await asyncio.gather(*(llm.acomplete(p) for p in prompts))]
+
+
+@pytest.mark.parametrize("driver", ["caller", "thread"])
+def test_the_driver_setting_says_which_thread_runs_the_forwards(tokenizer, monkeypatch, driver):
+    """With "caller", every forward of a call runs in the calling thread and no worker thread starts; with
+    "thread", they run in the scheduler's worker. The tokens are the same either way."""
+    engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["single-stage"])
+    expected = engine.generate(**ROWS[1], max_new_tokens=6).output_token_ids
+    engine.configure_scheduler(driver=driver)
+    threads = set()
+    step = DecodeBatch.step
+
+    def recording_step(self, tokens):
+        threads.add(threading.current_thread().name)
+        return step(self, tokens)
+
+    monkeypatch.setattr(DecodeBatch, "step", recording_step)
+    assert engine.generate(**ROWS[1], max_new_tokens=6).output_token_ids == expected
+    assert threads == ({threading.current_thread().name} if driver == "caller" else {"pd-scheduler"})
+
+
+def test_a_bad_driver_is_refused(tokenizer):
+    engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["full"])
+    with pytest.raises(ValueError, match="driver must be one of 'caller', 'thread', got 'process'"):
+        engine.configure_scheduler(driver="process")

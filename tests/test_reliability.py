@@ -174,7 +174,7 @@ def soak_call(engines: dict, k: int) -> None:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc (Linux)")
 def test_soak_memory_and_threads_stay_flat(engines):
     """200 calls of mixed lengths, methods and kinds: after the first 20, resident memory grows by at most 5% and
-    the thread count not at all (the scheduler's worker exits when idle)."""
+    the thread count not at all."""
     for k in range(20):
         soak_call(engines, k)
     wait_idle(engines["full"])

@@ -182,3 +182,17 @@ def test_ray_build_makes_an_application_without_a_running_ray():
     from pd_integrations.serve.ray_app import build
 
     assert isinstance(build({"device": "cpu", "num_replicas": "2", "max_batch_size": "2"}), serve.Application)
+
+
+def test_the_app_runs_the_forwards_in_a_worker_thread(tokenizer):
+    """A server's requests are stepped in changing threads of a pool, so the app hands the rounds to the
+    scheduler's worker thread, keeping the other scheduler settings it was given."""
+    from pd_integrations import PromptDistillConfig, PromptDistillEngine
+    from pd_integrations.serve.app import create_app
+
+    from .conftest import tiny_model
+
+    engine = PromptDistillEngine(tiny_model("llama"), tokenizer, PromptDistillConfig(method="full"))
+    assert engine.scheduler.settings.driver == "caller"
+    create_app(engine, ServerSettings(max_batch_size=3))
+    assert engine.scheduler.settings.driver == "thread" and engine.scheduler.settings.max_batch_size == 3

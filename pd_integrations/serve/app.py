@@ -36,11 +36,11 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the 
 def create_app(engine: PromptDistillEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:  # noqa: B008 (frozen, so sharing one default is safe)
     """The server's app: OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models` over `engine`,
     served under `settings.model`'s name, and an unauthenticated `/health`. The settings' scheduler fields apply
-    to the engine's runtime, which every engine over it shares. Raises `ValueError` for a `tool_format` the
-    engine's chat template cannot honour."""
+    to the engine's runtime, which every engine over it shares, and a worker thread runs its forwards (requests
+    are stepped in changing threads, so none of them is the one to drive). Raises `ValueError` for a `tool_format`
+    the engine's chat template cannot honour."""
     resolve_tool_format(engine.tokenizer, settings.tool_format)
-    if settings.scheduler_settings():
-        engine.configure_scheduler(**settings.scheduler_settings())
+    engine.configure_scheduler(driver="thread", **settings.scheduler_settings())
     app = FastAPI(title="pd-serve", summary="PromptDistill behind OpenAI's API", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
