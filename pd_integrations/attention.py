@@ -58,6 +58,7 @@ def cpu_half_attention(
             torch.mm(probs[b, h], value[b, h], out=output[b, h])
     return output.reshape(batch, 1, heads, dim), None
 
+
 def use_cpu_half_attention(model: torch.nn.Module) -> None:
     """Switch a CPU model in bfloat16/float16 that uses SDPA to `cpu_half_attention`; other models are left as
     they are."""

@@ -102,10 +102,10 @@ class PromptDistillEngine:
         return Scheduler.of(self.runtime)
 
     def configure_scheduler(self, **settings) -> SchedulerSettings:
-        """Change how generations on this runtime batch and what they may use: any `SchedulerSettings` field
-        (`max_batch_size`, `max_batch_tokens`, `batch_wait`, `max_prompt_tokens`, `max_kv_bytes`, `driver`); every engine
-        over the runtime shares them. Returns the new settings; raises `TypeError` for an unknown setting and
-        `ValueError` naming a bad value."""
+        """Change how generations on this runtime batch, what they may use and which thread runs them: any
+        `SchedulerSettings` field (`max_batch_size`, `max_batch_tokens`, `batch_wait`, `max_prompt_tokens`,
+        `max_kv_bytes`, `driver`); every engine over the runtime shares them. Returns the new settings; raises
+        `TypeError` for an unknown setting and `ValueError` naming a bad value."""
         known = {f.name for f in dataclasses.fields(SchedulerSettings)}
         if unknown := sorted(set(settings) - known):
             raise TypeError(f"unknown scheduler settings {unknown}; choose from {sorted(known)}")
