@@ -13,7 +13,7 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import CPU_HALF_ATTENTION
+from .cpu_kernels import CPU_HALF_ATTENTION
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 

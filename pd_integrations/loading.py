@@ -48,8 +48,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from .attention import use_cpu_half_attention
 from .config import cache_dir
+from .cpu_kernels import use_cpu_half_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def load_model(
     """
     options = _from_pretrained_options(device, dtype, quantization, device_map, trust_remote_code)
     loaded, tokenizer = _load_from_source(model, options)
-    use_cpu_half_attention(loaded)
+    use_cpu_half_kernels(loaded)
     return loaded.eval(), tokenizer
 
 

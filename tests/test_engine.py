@@ -242,7 +242,7 @@ def test_bfloat16_matches_hf_generate(family, tokenizer):
     SDPA), every step's logits agree within `BF16_LOGIT_ATOL`, and the engine's greedy tokens equal HF's up to the
     first step where HF's best two logits are within twice the measured deviation (a tie that rounding may break
     either way)."""
-    from pd_integrations.attention import CPU_HALF_ATTENTION, use_cpu_half_attention
+    from pd_integrations.cpu_kernels import CPU_HALF_ATTENTION, use_cpu_half_kernels
     from pd_integrations.decode import DecodeBatch
 
     reference = tiny_model(family, "sdpa")
@@ -250,7 +250,7 @@ def test_bfloat16_matches_hf_generate(family, tokenizer):
         reference.lm_head.weight.mul_(BF16_LOGIT_SCALE)
     reference = reference.to(torch.bfloat16)
     ours = copy.deepcopy(reference)  # its own config: switching attention must not reach the reference
-    use_cpu_half_attention(ours)
+    use_cpu_half_kernels(ours)
     assert ours.config._attn_implementation == CPU_HALF_ATTENTION
     engine = PromptDistillEngine(ours, tokenizer, EXACT_CONFIGS["full"])
     ids, steps = random_ids(N, seed=2), 12

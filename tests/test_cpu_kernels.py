@@ -1,4 +1,4 @@
-"""`cpu_half_attention`, the bfloat16 decode-step attention on CPU, against HF's SDPA attention."""
+"""The CPU kernels for bfloat16 decode steps against what they replace: HF's SDPA attention and `F.linear`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pd_integrations.attention import cpu_half_attention
+from pd_integrations.cpu_kernels import CpuHalfLinear, cpu_half_attention
 
 
 class _Module(torch.nn.Module):
@@ -45,3 +45,37 @@ def test_one_query_token_matches_sdpa(masked):
         values[1, :, :5] = 100.0
         again, _ = cpu_half_attention(module, query, keys, values, mask, scaling=dim**-0.5)
         torch.testing.assert_close(again, ours, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (1, 48), (2, 3, 48)])
+def test_cpu_half_linear_equals_f_linear(bias, shape):
+    """One row (any leading shape) goes through the matrix-vector product, several through `F.linear`; both give
+    `F.linear`'s result in bfloat16."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias).to(torch.bfloat16)
+    x = torch.randn(shape).to(torch.bfloat16)
+    expected = layer(x)
+    layer.__class__ = CpuHalfLinear
+    ours = layer(x)
+    assert ours.shape == expected.shape == (*shape[:-1], 80)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_the_kernels_go_only_on_half_precision_cpu_models():
+    """A float32 model keeps `nn.Linear` and its attention; a bfloat16 one gets both kernels, with the same
+    parameters."""
+    from pd_integrations.cpu_kernels import CPU_HALF_ATTENTION, use_cpu_half_kernels
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama", "sdpa")
+    use_cpu_half_kernels(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(isinstance(m, CpuHalfLinear) for m in model.modules())
+    model = model.to(torch.bfloat16)
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    use_cpu_half_kernels(model)
+    assert model.config._attn_implementation == CPU_HALF_ATTENTION
+    assert type(model.lm_head) is CpuHalfLinear and type(model.model.layers[0].mlp.up_proj) is CpuHalfLinear
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == before

@@ -1,9 +1,14 @@
-"""A faster CPU attention for half-precision decode steps, registered with transformers as `CPU_HALF_ATTENTION`.
+"""Faster CPU kernels for the one-token steps of a bfloat16/float16 model, which `use_cpu_half_kernels` installs when a
+model loads.
 
-On CPU, PyTorch's SDPA runs a single query token in bfloat16 about six times slower than in float32 (its kernels
-upcast per block), so a bfloat16 decode step would cost more than a float32 one. For one query token this function
-matches each key head with its query heads in two matmuls (no repeated keys), with the softmax in float32 as HF's
-eager attention does; every other call is HF's own SDPA attention.
+- Attention, registered with transformers as `CPU_HALF_ATTENTION`: on CPU, PyTorch's SDPA runs a single query token
+  in bfloat16 about six times slower than in float32 (its kernels upcast per block), so a bfloat16 decode step would
+  cost more than a float32 one. For one query token, `cpu_half_attention` matches each key head with its query
+  heads in two matmuls (no repeated keys), with the softmax in float32 as HF's eager attention does; every other
+  call is HF's own SDPA attention.
+- Linear layers (`CpuHalfLinear`): for a single row, a matrix-vector product, which on CPU in bfloat16 takes about
+  half the time of the matmul `F.linear` runs (29 against 57 microseconds for 576 -> 1536 here), with the same
+  result.
 """
 
 from __future__ import annotations
@@ -59,10 +64,27 @@ def cpu_half_attention(
     return output.reshape(batch, 1, heads, dim), None
 
 
-def use_cpu_half_attention(model: torch.nn.Module) -> None:
-    """Switch a CPU model in bfloat16/float16 that uses SDPA to `cpu_half_attention`; other models are left as
-    they are."""
-    if model.device.type == "cpu" and model.dtype != torch.float32 and model.config._attn_implementation == "sdpa":
+class CpuHalfLinear(torch.nn.Linear):
+    """`nn.Linear` whose single-row calls (a decode step of one sequence) run as a matrix-vector product."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.numel() != input.shape[-1]:
+            return super().forward(input)
+        output = torch.mv(self.weight, input.reshape(-1))
+        if self.bias is not None:
+            output = output + self.bias
+        return output.view(*input.shape[:-1], -1)
+
+
+def use_cpu_half_kernels(model: torch.nn.Module) -> None:
+    """On a CPU model in bfloat16/float16: its plain `nn.Linear` layers become `CpuHalfLinear` (same parameters),
+    and its attention, if SDPA, `cpu_half_attention`. Other models are left as they are."""
+    if model.device.type != "cpu" or model.dtype == torch.float32:
+        return
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = CpuHalfLinear
+    if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(CPU_HALF_ATTENTION)
 
 
