@@ -322,9 +322,15 @@ def _peer_job(
     `dtype` and `threads` when given, else the worker's GGUF file type and each run's thread count."""
     worker = WORKERS / f"{engine.replace('.', '')}_worker.py"
     log.unlink(missing_ok=True)
+    given = dict(request)
 
     def run() -> tuple[list[dict], dict, str | None]:
-        result, problem = _run_worker(python, worker, request, env, log)
+        result, problem, code = _run_worker(python, worker, given, env, log)
+        if code < 0 and engine == "llama.cpp" and given.get("extra_buffers", True):
+            # Killed by a signal: ggml's extra buffer types (weights repacked for AMX and the like) crash on some
+            # CPUs, as Q4_1 did on an Intel Xeon with AMX. Run without them from now on; the settings say so.
+            given["extra_buffers"] = False
+            result, problem, code = _run_worker(python, worker, given, env, log)
         if problem:
             return [], {}, problem
         name = "vLLM" if engine == "vllm" else "llama.cpp (llama-cpp-python)"
@@ -346,8 +352,9 @@ def _peer_job(
     return Job(f"{engine} {dtype or Path(request['model']).name}", engine, run)
 
 
-def _run_worker(python: str, worker: Path, request: dict, env: dict, log: Path) -> tuple[dict, str | None]:
-    """(the worker's result, None) or ({}, why it gave none: not installed or failed)."""
+def _run_worker(python: str, worker: Path, request: dict, env: dict, log: Path) -> tuple[dict, str | None, int]:
+    """(the worker's result, None) or ({}, why it gave none: not installed or failed), and its exit status
+    (negative: killed by that signal)."""
     with tempfile.TemporaryDirectory(prefix="pd-peers-") as folder:
         request_file, result_file = Path(folder, "request.json"), Path(folder, "result.json")
         request_file.write_text(json.dumps(request))
@@ -360,13 +367,13 @@ def _run_worker(python: str, worker: Path, request: dict, env: dict, log: Path) 
                     stderr=subprocess.STDOUT,
                 ).returncode
             except OSError as error:  # no such Python, or not executable
-                return {}, f"not installed: cannot run {python} ({error.strerror}; {SETUP})"
+                return {}, f"not installed: cannot run {python} ({error.strerror}; {SETUP})", MISSING
         result = json.loads(result_file.read_text()) if code in (0, MISSING) and result_file.exists() else {}
     if code == MISSING:
-        return {}, f"not installed in {python} ({result.get('missing')}; {SETUP})"
+        return {}, f"not installed in {python} ({result.get('missing')}; {SETUP})", code
     if code != 0 or not result:
-        return {}, f"failed with exit status {code}; its output is in {log}"
-    return result, None
+        return {}, f"failed with exit status {code}; its output is in {log}", code
+    return result, None, code
 
 
 def summarize(records: list[dict], lengths: list[int]) -> list[dict]:

@@ -2,6 +2,8 @@
 
 One `Llama` per thread count in `threads`. TTFT is evaluating the prompt and sampling one token greedily; the
 decode rate is the next `decode_tokens - 1` tokens, each evaluated and sampled (EOS ignored, as in the others).
+With `"extra_buffers": false` in the request, the model loads with `use_extra_bufts=False` (no weights repacked for
+AMX and the like), which `Llama` does not take as an argument.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ N_BATCH = 512  # with flash attention, the fastest prompt batch measured on this
 
 
 def measure(llama_cpp, request: dict) -> dict:
+    if not request.get("extra_buffers", True):
+        _without_extra_buffers(llama_cpp)
     runs, settings = [], {}
     for threads in request["threads"]:
         settings = {
@@ -32,6 +36,8 @@ def measure(llama_cpp, request: dict) -> dict:
         file_type = _file_type(llama_cpp, llm.metadata.get("general.file_type"))
         del llm
     del settings["n_threads"], settings["n_threads_batch"]  # per run, in `runs`
+    if not request.get("extra_buffers", True):
+        settings["use_extra_bufts"] = False
     return {"version": llama_cpp.__version__, "settings": settings, "file_type": file_type, "runs": runs}
 
 
@@ -51,6 +57,18 @@ def _generate(llm, ids: list[int], tokens: int) -> dict:
         "output_tokens": tokens,
         "decode_tokens_per_second": decode_rate(tokens, decode),
     }
+
+
+def _without_extra_buffers(llama_cpp) -> None:
+    """Make the model parameters `Llama` starts from say `use_extra_bufts=False`."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without
 
 
 def _file_type(llama_cpp, value: str | None) -> str | None:
