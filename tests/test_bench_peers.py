@@ -58,13 +58,18 @@ FAKE_VLLM = {
         """,
     "vllm/inputs.py": "def TokensPrompt(prompt_token_ids):\n    return {'prompt_token_ids': prompt_token_ids}\n",
 }
+# With FAKE_LLAMA_CPP_CRASHES set, it dies of SIGSEGV unless its extra buffer types are off, as the Q4_1 GGUF did on
+# an Intel Xeon with AMX.
 FAKE_LLAMA_CPP = {
     "llama_cpp/__init__.py": """\
-        import time
+        import os, signal, time
+        from . import llama_cpp
         __version__ = "0.0.fake"
         LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_Q4_1 = 0, 3
         class Llama:
             def __init__(self, model_path, n_ctx, n_batch, flash_attn, n_threads, n_threads_batch, verbose):
+                if os.environ.get("FAKE_LLAMA_CPP_CRASHES") and llama_cpp.llama_model_default_params().use_extra_bufts:
+                    os.kill(os.getpid(), signal.SIGSEGV)
                 self.metadata = {"general.file_type": "3"}
             def reset(self):
                 pass
@@ -72,6 +77,12 @@ FAKE_LLAMA_CPP = {
                 time.sleep(0.01)
             def sample(self, temp):
                 return 7
+        """,
+    "llama_cpp/llama_cpp.py": """\
+        class _Params:
+            use_extra_bufts = True
+        def llama_model_default_params():
+            return _Params()
         """,
 }
 
@@ -217,39 +228,12 @@ def test_bad_flags_exit_with_a_message(capsys, tiny_model_dir, flags, message):
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
-# A llama.cpp stand-in that, like Q4_1 on an Intel Xeon with AMX, dies of SIGSEGV when its extra buffer types are on.
-CRASHING_LLAMA_CPP = {
-    "llama_cpp/__init__.py": """\
-        import os, signal, time
-        from . import llama_cpp
-        __version__ = "0.0.fake"
-        LLAMA_FTYPE_MOSTLY_Q4_1 = 3
-        class Llama:
-            def __init__(self, model_path, n_ctx, n_batch, flash_attn, n_threads, n_threads_batch, verbose):
-                if llama_cpp.llama_model_default_params().use_extra_bufts:
-                    os.kill(os.getpid(), signal.SIGSEGV)
-                self.metadata = {"general.file_type": "3"}
-            def reset(self):
-                pass
-            def eval(self, ids):
-                time.sleep(0.01)
-            def sample(self, temp):
-                return 7
-        """,
-    "llama_cpp/llama_cpp.py": """\
-        class _Params:
-            use_extra_bufts = True
-        def llama_model_default_params():
-            return _Params()
-        """,
-}
-
-
 def test_a_llama_cpp_that_crashes_with_its_extra_buffers_runs_without_them(
     capsys, tmp_path, tiny_model_dir, monkeypatch
 ):
-    write_modules(tmp_path / "engines", CRASHING_LLAMA_CPP)
+    write_modules(tmp_path / "engines", FAKE_LLAMA_CPP)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "engines"))
+    monkeypatch.setenv("FAKE_LLAMA_CPP_CRASHES", "1")
     gguf = tmp_path / "tiny.Q4_1.gguf"
     gguf.write_bytes(b"GGUF")
     flags = ("--llamacpp-python", sys.executable, "--gguf", str(gguf), "--threads", "1")
