@@ -190,11 +190,14 @@ class Scheduler:
                 self._driving.release()
 
     def stop(self) -> None:
-        """Cancel every request and let the worker exit (at the next step boundary)."""
+        """Cancel every request, telling its caller so (a caller that runs the rounds would otherwise wait for
+        tokens that never come), and let the worker exit (at the next step boundary)."""
+        stopped = RuntimeError("the scheduler has stopped: the interpreter is exiting")
         with self._wake:
             self._stopping = True
             for request in [*self._waiting, *self._running]:
                 request.cancelled = True
+                request.events.put(("error", request.tag, stopped))
             worker = self._worker
             self._wake.notify()
         if worker is not None:

@@ -252,3 +252,25 @@ def test_a_bad_driver_is_refused(tokenizer):
     engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["full"])
     with pytest.raises(ValueError, match="driver must be one of 'caller', 'thread', got 'process'"):
         engine.configure_scheduler(driver="process")
+
+
+def test_a_stopped_scheduler_tells_a_caller_that_runs_the_rounds(tokenizer):
+    """`stop()` (at interpreter exit) while a call drives its own rounds: the call raises instead of waiting for
+    tokens that never come."""
+    engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["full"])
+    deltas = iter(engine.stream(**ROWS[0], max_new_tokens=200))
+    next(deltas)
+    engine.scheduler.stop()
+    raised = []
+
+    def consume():
+        try:
+            for _ in deltas:
+                pass
+        except RuntimeError as error:
+            raised.append(str(error))
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert raised == ["the scheduler has stopped: the interpreter is exiting"]
