@@ -72,6 +72,12 @@ class ConstraintFactory(Protocol):
         """A fresh constraint for one generation."""
 
 
+def is_constraint_factory(value: object) -> bool:
+    """Whether `value` makes constraints rather than being one: a `constraint()` method and no `mask` (a
+    constraint that wraps another under a `constraint` attribute is still a constraint)."""
+    return isinstance(value, ConstraintFactory) and not hasattr(value, "mask")
+
+
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
@@ -152,7 +158,7 @@ class SamplingParams:
 
     def new_constraint(self) -> Constraint | None:
         """The constraint of one generation: a fresh one from a factory, else `constraint` itself."""
-        if isinstance(self.constraint, ConstraintFactory):
+        if is_constraint_factory(self.constraint):
             return self.constraint.constraint()
         return self.constraint
 
@@ -375,7 +381,7 @@ def batch_inputs(
     count = len(prompts) if rows is None else len(rows)
     constraints = _column("constraints", constraints, kind, count)
     sampling = _sampling(sampling, sampling_fields)
-    if count > 1 and sampling.constraint is not None and not isinstance(sampling.constraint, ConstraintFactory):
+    if count > 1 and sampling.constraint is not None and not is_constraint_factory(sampling.constraint):
         raise ValueError("constraint is one generation's: pass a Grammar (a constraint per row) or constraints=[...]")
     batch = []
     for i, constraint in enumerate(constraints):

@@ -93,6 +93,45 @@ def test_one_constraint_object_is_not_shared_by_rows(engine):
         engine.generate_batch(["a", "b"], constraint=Anything(), max_new_tokens=1)
 
 
+def test_a_constraint_that_wraps_another_is_a_constraint_and_a_grammar_makes_one_per_generation(engine):
+    """A constraint holding the one it wraps under `.constraint` (as `pd_integrations.bench.structured` times one)
+    is used as it is, not called as a factory; a `Grammar`-like factory gives every generation a fresh one."""
+
+    class Only:  # allows one token, then finishes
+        def mask(self, scores):
+            allowed = scores.clone().fill_(float("-inf"))
+            allowed[..., 7] = 0.0
+            return allowed
+
+        def advance(self, token):
+            self.finished = True
+
+        def is_finished(self):
+            return getattr(self, "finished", False)
+
+    class Wrapping(Only):
+        def __init__(self):
+            self.constraint, self.masks = Only(), 0
+
+        def mask(self, scores):
+            self.masks += 1
+            return self.constraint.mask(scores)
+
+    wrapping = Wrapping()
+    assert engine.generate("Hi", constraint=wrapping, max_new_tokens=4).output_token_ids == [7]
+    assert wrapping.masks == 1
+
+    made = []
+
+    class Factory:
+        def constraint(self):
+            made.append(Only())
+            return made[-1]
+
+    results = engine.generate_batch(["a", "b"], constraint=Factory(), max_new_tokens=4)
+    assert [r.output_token_ids for r in results] == [[7], [7]] and len(made) == 2
+
+
 def test_unknown_engine_arguments_are_named(engine):
     with pytest.raises(TypeError, match=r"stream\(\) got an unexpected keyword argument 'max_tokens' "):
         engine.generate("hi", max_tokens=3)
