@@ -1,12 +1,16 @@
-"""The CPU kernels for bfloat16 decode steps against what they replace: HF's SDPA attention and `F.linear`."""
+"""The CPU speed-ups: the kernels for bfloat16 decode steps against what they replace (HF's SDPA attention and
+`F.linear`), and malloc keeping freed memory."""
 
 from __future__ import annotations
+
+import platform
+import resource
 
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pd_integrations.cpu_kernels import CpuHalfLinear, cpu_half_attention
+from pd_integrations.cpu_kernels import KEEP_FREED_MEMORY_VARIABLE, CpuHalfLinear, cpu_half_attention, keep_freed_memory
 
 
 class _Module(torch.nn.Module):
@@ -79,3 +83,34 @@ def test_the_kernels_go_only_on_half_precision_cpu_models():
     assert model.config._attn_implementation == CPU_HALF_ATTENTION
     assert type(model.lm_head) is CpuHalfLinear and type(model.model.layers[0].mlp.up_proj) is CpuHalfLinear
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
+
+
+@pytest.fixture
+def fresh_keep_freed_memory():
+    keep_freed_memory.cache_clear()
+    yield
+    keep_freed_memory.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true"])
+def test_keep_freed_memory_refuses_other_values(monkeypatch, fresh_keep_freed_memory, value):
+    monkeypatch.setenv(KEEP_FREED_MEMORY_VARIABLE, value)
+    with pytest.raises(ValueError, match=f"{KEEP_FREED_MEMORY_VARIABLE} must be '0' or '1'"):
+        keep_freed_memory()
+
+
+def test_keep_freed_memory_can_be_turned_off(monkeypatch, fresh_keep_freed_memory):
+    monkeypatch.setenv(KEEP_FREED_MEMORY_VARIABLE, "0")
+    assert keep_freed_memory() is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_large_tensor_reuses_the_memory_of_a_freed_one(monkeypatch, fresh_keep_freed_memory):
+    """A freed 64 MiB block (above glibc's largest automatic mmap threshold, 32 MiB) is reused instead of being
+    unmapped and faulted in again page by page (16,384 faults of 4 KiB)."""
+    monkeypatch.delenv(KEEP_FREED_MEMORY_VARIABLE, raising=False)
+    assert keep_freed_memory() is True
+    torch.ones(16 * 2**20).sum()  # 64 MiB: the heap grows to hold it, and keeps it when it is freed
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20).sum()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 2000

@@ -4,7 +4,10 @@ Peak memory is the most a call (prefill + decode) holds on top of what the proce
 - CUDA: `torch.cuda.max_memory_allocated` after resetting the peak statistics, minus the memory allocated before.
 - CPU on Linux: the process's peak resident set size (`VmHWM`) after resetting it to the current RSS through
   `/proc/self/clear_refs`, minus the RSS before. Freed heap memory is first returned to the system
-  (`malloc_trim`), so that memory a previous call freed is not silently reused and left out.
+  (`malloc_trim`), so that memory a previous call freed is not silently reused and left out. A call after a trim
+  faults its memory in again, which a user's calls do not (`keep_freed_memory`), so a timed call never follows a
+  trim: the memory of a cell (method, length, shape or task) is measured once, on its first prompt, in an extra
+  untimed run, and every record of the cell carries it.
 - Elsewhere (macOS, Windows): not measured (`None`), because the process peak never goes down.
 """
 
@@ -30,7 +33,8 @@ from .tasks import Probe, needle
 PEAK_MEMORY = (
     "bytes a call held at its peak beyond what the process held just before it: on CUDA "
     "max_memory_allocated after a reset; on Linux CPUs the peak RSS (VmHWM, reset through "
-    "/proc/self/clear_refs after malloc_trim) minus the RSS before; null elsewhere"
+    "/proc/self/clear_refs after malloc_trim) minus the RSS before, measured once per cell (method, length, "
+    "shape or task) in an extra untimed run of its first prompt; null elsewhere"
 )
 METHODS = ("full", "gemfilter", "random", "paper-rule", "single-stage", "profile")
 DESCRIPTIONS = {
@@ -94,12 +98,12 @@ def run(
     labels: dict | None = None,
 ) -> list[dict]:
     """Generate every probe with every method (probe-major, so load drifts hit all methods alike) and return one
-    record per (probe, method): the probe's labels, `labels`, and what `measure_one(engine, probe, device)`
+    record per (probe, method): the probe's labels, `labels`, and what `measure_one(engine, probe)`
     measured (default: a `Probe` run through `generate`). Methods with equal configs run once and share the
     record. Each record is also appended to `log` (JSON lines) as soon as it exists, so an interrupted long run
     keeps what it measured."""
     measure_one = measure_one or _measure
-    device = next(iter(engines.values())).device
+    _CELL_PEAKS.clear()
     _warm_up(engines)
     distinct = len({engine.config for engine in engines.values()})
     records = []
@@ -109,7 +113,7 @@ def run(
             for name, engine in engines.items():
                 if engine.config not in by_config:
                     bar.set_postfix_str(f"{name} at {probe.labels['length']} tokens")
-                    by_config[engine.config] = measure_one(engine, probe, device)
+                    by_config[engine.config] = measure_one(engine, probe)
                     bar.update()
                 records.append({**probe.labels, **(labels or {}), "method": name, **by_config[engine.config]})
                 if log is not None:
@@ -118,9 +122,10 @@ def run(
     return records
 
 
-def _measure(engine: PromptDistillEngine, probe: Probe, device: torch.device) -> dict:
-    result, peak = _with_peak_memory(
-        device,
+def _measure(engine: PromptDistillEngine, probe: Probe) -> dict:
+    result, peak = cell_peak_memory(
+        engine,
+        probe.labels,
         lambda: engine.generate(
             messages=probe.messages,
             query=probe.question,
@@ -165,6 +170,22 @@ def _warm_up(engines: dict[str, PromptDistillEngine]) -> None:
     probe = needle(engine.tokenizer, 128, 0.5, seed=0)
     for distinct in {e.config: e for e in engines.values()}.values():
         distinct.generate(messages=probe.messages, query=probe.question, documents=[probe.context], max_new_tokens=2)
+
+
+_CELL_PEAKS: dict[tuple, int | None] = {}  # per `run`: a cell's peak memory on CPU
+
+
+def cell_peak_memory(engine: PromptDistillEngine, labels: dict, call):
+    """(`call()`, its cell's peak memory in bytes or None), where the cell is `engine`'s config with the `labels`'
+    length, shape and task. On CUDA the call's own peak; on CPU its cell's, measured before the first call of the
+    cell in an extra run after a trim (see the module docstring), so that the returned call's timing is a warm one."""
+    device = engine.device
+    if device.type == "cuda":
+        return _with_peak_memory(device, call)
+    cell = (engine.config, labels.get("length"), labels.get("shape"), labels.get("task"))
+    if cell not in _CELL_PEAKS:
+        _CELL_PEAKS[cell] = _with_peak_memory(device, call)[1]
+    return call(), _CELL_PEAKS[cell]
 
 
 def _with_peak_memory(device: torch.device, call):

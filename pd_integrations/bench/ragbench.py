@@ -63,15 +63,16 @@ def run(
         desc=desc,
         log=log,
         labels={"context_source": context_source},
-        measure_one=lambda engine, probe, device: _measure(engine, probe, device, context_source),
+        measure_one=lambda engine, probe: _measure(engine, probe, context_source),
     )
 
 
-def _measure(engine: PromptDistillEngine, probe: RagProbe, device, context_source: str) -> dict:
+def _measure(engine: PromptDistillEngine, probe: RagProbe, context_source: str) -> dict:
     prompt = probe.prompt
     documents = prompt.documents if context_source == "documents" else None
-    result, peak = measure._with_peak_memory(
-        device,
+    result, peak = measure.cell_peak_memory(
+        engine,
+        probe.labels,
         lambda: engine.generate(
             messages=prompt.messages, query=prompt.query, documents=documents, max_new_tokens=probe.max_new_tokens
         ),
