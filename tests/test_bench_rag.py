@@ -164,6 +164,10 @@ def test_shapes_put_the_question_in_place_and_every_document_verbatim(shape, cor
     if shape == "system_context":
         assert roles == ["system", "user"] and prompt.messages[1]["content"] == question.question
         assert all(document in prompt.messages[0]["content"] for document in prompt.documents)
+    if shape == "multi_turn":
+        assert roles == ["user", "assistant", "user"]
+        assert all(document in prompt.messages[0]["content"] for document in prompt.documents)
+        assert prompt.messages[2]["content"] == f"Question: {question.question}\nAnswer briefly."
 
 
 def test_rag_prompt_rejects_unknown_shapes_and_missing_answers(corpus):

@@ -1,4 +1,4 @@
-"""The held-out needle benchmark: a split by file that never mixes, both question shapes, and its summary."""
+"""The held-out needle benchmark: a split by file that never mixes, every question shape, and its summary."""
 
 from __future__ import annotations
 
@@ -24,14 +24,21 @@ def test_splits_are_disjoint_halves_of_the_files(essays):
 
 def test_probes_hold_their_needle_and_ask_in_their_shape(essays, tokenizer):
     probes = heldout.probes(tokenizer, essays, "heldout", [300], list(heldout.SHAPES), 3)
-    assert len(probes) == 6
+    assert len(probes) == 9
     for probe in probes:
         content = probe.messages[0]["content"]
         assert probe.needles[0] in probe.context and probe.context in content
         asked_last = content.endswith(probe.question)
         assert asked_last == (probe.labels["shape"] == "question_last")
+        if probe.labels["shape"] == "multi_turn":  # the question in the turn after the context's
+            assert [m["role"] for m in probe.messages] == ["user", "assistant", "user"]
+            assert probe.messages[2]["content"] == f"Answer briefly. {probe.question}"
+            assert probe.question not in content
+        else:
+            assert len(probe.messages) == 1
         assert "alpha" not in content and "charlie" not in content  # nothing of the dev half
-        answer = probe.needles[0].rsplit(" ", 1)[-1].rstrip(".")
+        words = probe.needles[0].rstrip(".").split()
+        answer = words[-2] if words[-1] == "jam" else words[-1]  # "... a basket of fig jam."
         assert probe.score(f"It is {answer}.") == 1.0 and probe.score("I don't know.") == 0.0
     with pytest.raises(ValueError, match="shape must be one of"):
         heldout.probe(tokenizer, essays, "dev", 300, 0.5, "question_middle", 0)

@@ -215,22 +215,23 @@ def test_exact_when_the_budget_covers_the_context(tiny_llama, tokenizer, shape, 
 def test_default_model_keeps_question_and_instruction_in_every_rag_shape(default_engine, tokenizer, budget):
     """Handbook questions over MiniLM-retrieved passages that all resemble each other, the context found by the rule
     alone (no documents, no query): in every shape the question and the instruction survive pruning whole."""
+    from pd_integrations.corpora import rag
     from pd_integrations.corpora.handbook import make_handbook, make_questions
-    from pd_integrations.corpora.rag import QUESTION_FIRST, QUESTION_LAST, SHAPES, SYSTEM_CONTEXT, rag_prompt, retrieve
 
     instructions = {
-        "question_last": QUESTION_LAST.split("\n")[0],
-        "question_first": QUESTION_FIRST.split("\n")[0],
-        "system_context": SYSTEM_CONTEXT.split("\n")[0],
+        "question_last": rag.QUESTION_LAST.split("\n")[0],
+        "question_first": rag.QUESTION_FIRST.split("\n")[0],
+        "system_context": rag.SYSTEM_CONTEXT.split("\n")[0],
+        "multi_turn": rag.MULTI_TURN_CONTEXT.split("\n")[0],
     }
     corpus = make_handbook(seed=0)
     engine = default_engine.with_config(
         default_engine.config.replace(selection_layers=(7,), budgets=(budget,), heads=None, span="chunk")
     )
     for question in make_questions(corpus, 2, seed=1):
-        passages = retrieve(question, corpus, tokenizer, target_tokens=700)
-        for shape in SHAPES:
-            prompt = rag_prompt(shape, question, passages)
+        passages = rag.retrieve(question, corpus, tokenizer, target_tokens=700)
+        for shape in rag.SHAPES:
+            prompt = rag.rag_prompt(shape, question, passages)
             result = engine.generate(messages=prompt.messages, max_new_tokens=1)
             assert result.context_source == "heuristic"
             assert kept_share(result, question.question) == 1.0 and kept_share(result, instructions[shape]) == 1.0

