@@ -1,4 +1,4 @@
-"""CPU speed-ups that `load_model` applies to a model it loads onto the CPU.
+"""CPU speed-ups that `load_model` applies (`speed_up_cpu_model`) to a model it loads onto the CPU.
 
 - Freed memory kept for reuse (`keep_freed_memory`): a prefill allocates and frees tensors of tens of megabytes in
   every layer. glibc's malloc hands blocks that large back to the kernel on free, so each new one is faulted in
@@ -127,6 +127,13 @@ def keep_freed_memory() -> bool:
         return False
     # Setting the mmap threshold also stops glibc from adapting it; the trim threshold keeps the top of the heap.
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def speed_up_cpu_model(model: torch.nn.Module) -> None:
+    """On a CPU model: keep freed memory (`keep_freed_memory`) and, in bfloat16/float16, `use_cpu_half_kernels`."""
+    if model.device.type == "cpu":
+        keep_freed_memory()
+        use_cpu_half_kernels(model)
 
 
 AttentionInterface.register(CPU_HALF_ATTENTION, cpu_half_attention)

@@ -49,7 +49,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from .config import cache_dir
-from .cpu_kernels import keep_freed_memory, use_cpu_half_kernels
+from .cpu_kernels import speed_up_cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,7 @@ def load_model(
     """
     options = _from_pretrained_options(device, dtype, quantization, device_map, trust_remote_code)
     loaded, tokenizer = _load_from_source(model, options)
-    if loaded.device.type == "cpu":
-        keep_freed_memory()
-    use_cpu_half_kernels(loaded)
+    speed_up_cpu_model(loaded)
     return loaded.eval(), tokenizer
 
 

@@ -27,6 +27,7 @@ from pd_integrations.calibration import (
 )
 from pd_integrations.calibration.__main__ import main
 from pd_integrations.config import PROFILES_DIR, BudgetRule, budget_to_json
+from pd_integrations.corpora import rag
 from pd_integrations.probes import NeedleProbe, needle_probe
 from pd_integrations.prompt import render
 
@@ -534,7 +535,7 @@ def test_the_cost_model_predicts_each_methods_prefill_from_its_resolved_config()
 def test_rag_probes_cover_each_passage_order_and_refuse_unknown_ones(tokenizer):
     spread, rank = (calibration.rag_probes(tokenizer, [1000], 1, 0, (order,)) for order in ("spread", "rank"))
     both = calibration.rag_probes(tokenizer, [1000], 1, 0, ("spread", "rank"))
-    assert [p.labels for p in both] == [p.labels for p in spread + rank] and len(both) == 6
+    assert [p.labels for p in both] == [p.labels for p in spread + rank] and len(both) == 2 * len(rag.SHAPES)
     assert {p.labels["answer_position"] for p in spread} == {0.5} and {p.labels["answer_position"] for p in rank} == {
         None
     }
@@ -575,7 +576,10 @@ def test_quick_calibration_never_sees_its_held_out_half(cache, tokenizer, monkey
     held_out = [p for _, heldout in kinds.values() for p in heldout]
     assert seen and not any(p in held_out for p in seen)
     assert set(measured["answers"]) == {"depots", "handbook", "needles"}
-    assert measured["split_sizes"] == {"calibration": 6, "heldout": 3}
+    # one probe per RAG shape and corpus, three needles; alternate probes of each kind are held out
+    per_kind = [len(rag.SHAPES)] * 2 + [3]
+    halves = {"calibration": sum((n + 1) // 2 for n in per_kind), "heldout": sum(n // 2 for n in per_kind)}
+    assert measured["split_sizes"] == halves
     for name in ("profile", "full"):
         rates = {s: measured["totals"][s][name] / measured["split_sizes"][s] for s in ("calibration", "heldout")}
         assert measured["generalization_gap"][name] == pytest.approx(rates["calibration"] - rates["heldout"])

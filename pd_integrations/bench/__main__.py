@@ -3,7 +3,7 @@
     pd-bench speed  [--lengths 1k,2k,4k]                   prefill s, decode tok/s, peak memory, KV cache
     pd-bench needle [--lengths 1k,2k,4k] [--depths 0,0.5,1] needle-in-a-haystack grid, heatmap per method
     pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
-    pd-bench rag    [--lengths 1000,2000] [--shapes ...]    retrieved handbook passages, three prompt shapes
+    pd-bench rag    [--lengths 1000,2000] [--shapes ...]    retrieved handbook passages, four prompt shapes
     pd-bench heldout --haystack DIR [--split heldout]      needles in essays calibration never saw, 2 shapes
     pd-bench throughput [--lengths 2k,4k] [--concurrency 1,4,8,16]  concurrent requests vs sequential ones
     pd-bench serve --url URL [--concurrency 1,4,16]          load against a running pd-serve (see --help)
@@ -191,7 +191,7 @@ _SUBCOMMANDS = (
         _heldout_arguments,
     ),
     ("throughput", "B concurrent requests vs sequential ones, batched by the scheduler", _throughput_arguments),
-    ("rag", "RAG prompts: retrieved passages that all resemble the question, in three prompt shapes", _rag_arguments),
+    ("rag", "RAG prompts: retrieved passages that all resemble the question, in four prompt shapes", _rag_arguments),
 )
 
 

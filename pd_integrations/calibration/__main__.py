@@ -43,12 +43,12 @@ def _add_rag_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rag",
         action="store_true",
-        help="calibrate on RAG-shaped probes (retrieved look-alike passages, three prompt shapes)",
+        help="calibrate on RAG-shaped probes (retrieved look-alike passages, four prompt shapes)",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="calibrate on several kinds of text (two RAG corpora in three shapes, needles) with a held-out "
+        help="calibrate on several kinds of text (two RAG corpora in four shapes, needles) with a held-out "
         "split, and print the generalization gap: about 10 minutes for a 135M model on 2 CPU cores",
     )
     parser.add_argument("--rag-lengths", type=int, nargs="+", default=[1000, 2000])

@@ -1,6 +1,6 @@
 """Calibration on several kinds of text with a split it never sees: `pd-calibrate --quick`.
 
-Probes come from the depots and handbook RAG corpora (three prompt shapes each, answer passage spread over depths)
+Probes come from the depots and handbook RAG corpora (four prompt shapes each, answer passage spread over depths)
 and from needles in a haystack. Each kind is split in two, alternately: the schedule is searched and verified on the
 *calibration* half only, then run end to end on the *held-out* half, and the generalization gap (calibration answer
 rate minus held-out answer rate) is reported beside full attention's on the same probes.
@@ -59,7 +59,7 @@ def split_probes(probes: list) -> tuple[list, list]:
 
 
 def mixed_probes(engine: PromptDistillEngine, lengths, samples: int, seed: int, haystack: str | None) -> dict:
-    """Per kind of text, its probes: each RAG corpus in the three shapes with the answer spread, and needles.
+    """Per kind of text, its probes: each RAG corpus in the four shapes with the answer spread, and needles.
 
     Args:
         engine: the engine whose tokenizer measures the lengths.

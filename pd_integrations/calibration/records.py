@@ -149,7 +149,7 @@ def make_probes(
 
 
 def rag_probes(tokenizer, lengths, samples: int, seed: int, orders) -> list[rag.RagProbe]:
-    """Depot probes in the three prompt shapes for each passage order (see `calibrate_rag`).
+    """Depot probes in the four prompt shapes for each passage order (see `calibrate_rag`).
 
     Args:
         tokenizer: the model's tokenizer, which measures the retrieved context.

@@ -143,7 +143,7 @@ def calibrate_rag(
     plan_lengths: tuple[int, ...] = (2000, 4000, 8000),
     out: Path | None = None,
 ) -> Profile:
-    """Calibrate on RAG-shaped probes (depot notes retrieved by MiniLM, in three prompt shapes; docs/calibration.md)
+    """Calibrate on RAG-shaped probes (depot notes retrieved by MiniLM, in four prompt shapes; docs/calibration.md)
     and write the profile that keeps every answer sentence at the lowest predicted cost, verified end to end.
 
     Args:
