@@ -4,7 +4,7 @@
     pd-bench needle [--lengths 1k,2k,4k] [--depths 0,0.5,1] needle-in-a-haystack grid, heatmap per method
     pd-bench tasks  [--lengths 1k,2k] [--tasks ...]        RULER-style tasks with exact-match scoring
     pd-bench rag    [--lengths 1000,2000] [--shapes ...]    retrieved handbook passages, four prompt shapes
-    pd-bench heldout --haystack DIR [--split heldout]      needles in essays calibration never saw, 2 shapes
+    pd-bench heldout --haystack DIR [--split heldout]      needles in essays calibration never saw, 3 shapes
     pd-bench throughput [--lengths 2k,4k] [--concurrency 1,4,8,16]  concurrent requests vs sequential ones
     pd-bench serve --url URL [--concurrency 1,4,16]          load against a running pd-serve (see --help)
     pd-bench peers --vllm-python P --llamacpp-python P       TTFT and decode vs vLLM and llama.cpp (see --help)
@@ -187,7 +187,7 @@ _SUBCOMMANDS = (
     ("tasks", "RULER-style synthetic tasks", _tasks_arguments),
     (
         "heldout",
-        "needles in a split of essays that calibration never saw, two question shapes",
+        "needles in a split of essays that calibration never saw, three prompt shapes",
         _heldout_arguments,
     ),
     ("throughput", "B concurrent requests vs sequential ones, batched by the scheduler", _throughput_arguments),
