@@ -1,5 +1,9 @@
-"""CPU speed-ups that `load_model` applies (`speed_up_cpu_model`) to a model it loads onto the CPU.
+"""CPU speed-ups: what `load_model` applies (`speed_up_cpu_model`) to a model it loads onto the CPU, and what the
+scheduler does after each round.
 
+- One OpenMP team at a time (`release_openmp_threads`): a thread done with the model gives its OpenMP worker
+  threads back, so that the next thread to run it (another caller, a server's worker) does not run beside a
+  second, idle team, which makes libgomp's workers sleep between parallel regions.
 - Freed memory kept for reuse (`keep_freed_memory`): a prefill allocates and frees tensors of tens of megabytes in
   every layer. glibc's malloc hands blocks that large back to the kernel on free, so each new one is faulted in
   again page by page; at 8k tokens that was about 0.5-0.75 million page faults and 1-3 s of kernel time per
@@ -129,11 +133,44 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+_OMP_PAUSE_SOFT = 1  # omp_pause_resource_t's omp_pause_soft (omp.h)
+
+
+@functools.cache
+def _pause_openmp():
+    """libgomp's `omp_pause_resource_all` if this process loaded libgomp (torch's Linux wheels), else None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {fields[5] for line in maps if len(fields := line.split(maxsplit=5)) == 6}
+    except OSError:  # no procfs (macOS): nothing to release
+        return None
+    for path in sorted(p.strip() for p in paths):
+        if os.path.basename(path).startswith("libgomp"):
+            return getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
+    return None
+
+
+def release_openmp_threads() -> None:
+    """Give the calling thread's OpenMP team back to libgomp; its next parallel region starts a new one.
+
+    While two threads each own a team on a machine with no spare cores, libgomp's workers stop spinning between
+    parallel regions and sleep, and each of a decode step's many small regions waits for them to wake: a decode
+    step ran about twice as slow in a second thread as in the first. A thread that is done running the model
+    for now calls this, so that the one that runs it next owns the only team. A no-op where the OpenMP runtime is
+    not libgomp (LLVM's and Intel's pause the whole process, not one thread's team).
+    """
+    pause = _pause_openmp()
+    if pause is not None:
+        pause(_OMP_PAUSE_SOFT)
+
+
 def speed_up_cpu_model(model: torch.nn.Module) -> None:
-    """On a CPU model: keep freed memory (`keep_freed_memory`) and, in bfloat16/float16, `use_cpu_half_kernels`."""
+    """On a CPU model: keep freed memory (`keep_freed_memory`), in bfloat16/float16 `use_cpu_half_kernels`, and
+    release the loading thread's OpenMP team (`release_openmp_threads`), since calls may come from other threads."""
     if model.device.type == "cpu":
         keep_freed_memory()
         use_cpu_half_kernels(model)
+        release_openmp_threads()
 
 
 AttentionInterface.register(CPU_HALF_ATTENTION, cpu_half_attention)

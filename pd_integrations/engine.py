@@ -299,12 +299,14 @@ class PromptDistillEngine:
                 finished[i] = payload, time.perf_counter() - started[i]
                 if tail := texts[i].flush():
                     yield i, tail
+            return [
+                self._result(r, *p, t, *f, q.sampler)
+                for r, p, t, f, q in zip(rendered, prefills, texts, finished, requests)
+            ]
         finally:
-            scheduler.cancel(requests)  # a no-op for finished ones; frees the sequences of a consumer that left
-        return [
-            self._result(r, *p, t, *f, q.sampler)
-            for r, p, t, f, q in zip(rendered, prefills, texts, finished, requests)
-        ]
+            # A no-op for finished requests; frees the sequences of a consumer that left. After the results, since
+            # it also gives back the OpenMP team building them may have started in this thread.
+            scheduler.cancel(requests)
 
     def _result(
         self,

@@ -2,10 +2,10 @@
 
 Each round admits waiting requests, prefills them together and advances one decode batch by a token; see
 docs/batching.md. Who runs the rounds is `SchedulerSettings.driver`: by default a call waiting for its tokens runs
-them in its own thread, so that on CPU the forwards use the OpenMP threads of the caller's thread (libgomp spins
-much less once two threads each own a team of OpenMP threads on a machine with no spare cores: a bfloat16 decode
-step after a 4k prompt took 90 ms in a second thread against 52 ms in the one that had used torch first); pd-serve,
-whose requests are stepped in changing threads, uses one worker thread per runtime.
+them in its own thread; pd-serve, whose requests are stepped in changing threads, uses one worker thread per
+runtime. On CPU, the thread that ran a round gives its OpenMP team back (`release_openmp_threads`), so whichever
+thread runs the next one owns the only team: with two teams on a machine with no spare cores, libgomp's workers
+sleep between parallel regions, and a decode step ran twice as slow.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import PromptDistillConfig
+from .cpu_kernels import release_openmp_threads
 from .decode import DecodeBatch
 from .layout import PromptLayout
 from .methods import method_for
@@ -147,6 +148,7 @@ class Scheduler:
     def submit(self, requests: list[Request]) -> None:
         """Queue `requests` (admitted together when limits allow); with the "thread" driver, make sure the worker
         runs."""
+        self._release_openmp_threads()  # preparing them may have started a team in this thread
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the scheduler has stopped: the interpreter is exiting")
@@ -188,6 +190,7 @@ class Scheduler:
                 self._drop_cancelled()
             finally:
                 self._driving.release()
+        self._release_openmp_threads()  # a call ends with this: whatever it ran in this thread is done
 
     def stop(self) -> None:
         """Cancel every request, telling its caller so (a caller that runs the rounds would otherwise wait for
@@ -240,6 +243,13 @@ class Scheduler:
             for request in self._running + admitted:
                 request.events.put(("error", request.tag, error))
             self._running, self._batch = [], None
+        finally:
+            self._release_openmp_threads()
+
+    def _release_openmp_threads(self) -> None:
+        """On CPU, give this thread's OpenMP team back: the next round may run in another thread (module docstring)."""
+        if self.runtime.device.type == "cpu":
+            release_openmp_threads()
 
     def _linger(self, seconds: float) -> None:
         """Wait `seconds` (holding no forward) so that requests arriving together are admitted together."""

@@ -18,6 +18,7 @@ from pd_integrations.llama_index import PromptDistillLLM as LlamaIndexLLM
 from pd_integrations.methods import method_for
 
 from .conftest import TINY_CONFIGS, tiny_model
+from .test_cpu_kernels import in_new_thread, needs_openmp_team, os_threads, settled_os_threads, start_openmp_team
 from .test_layout import PASSAGES, QUESTION
 
 SELECTION = dict(
@@ -246,6 +247,29 @@ def test_the_driver_setting_says_which_thread_runs_the_forwards(tokenizer, monke
     monkeypatch.setattr(DecodeBatch, "step", recording_step)
     assert engine.generate(**ROWS[1], max_new_tokens=6).output_token_ids == expected
     assert threads == ({threading.current_thread().name} if driver == "caller" else {"pd-scheduler"})
+
+
+@needs_openmp_team
+@pytest.mark.parametrize("started", ["before the call", "building its result"])
+def test_a_call_leaves_its_thread_without_an_openmp_team(tokenizer, monkeypatch, started):
+    """On CPU, a call gives back the OpenMP team of its thread, whether it came from the caller's own torch work,
+    the rounds it ran or building its result, so that the next thread to run the model owns the only team (with
+    two, libgomp's workers sleep between parallel regions)."""
+    engine = PromptDistillEngine(tiny_model("llama"), tokenizer, CONFIGS["single-stage"])
+    engine.generate(**ROWS[1], max_new_tokens=3)  # the tokenizer's own thread pool starts on first use
+    if started == "building its result":
+        result = PromptDistillEngine._result
+        monkeypatch.setattr(PromptDistillEngine, "_result", lambda *a: start_openmp_team() or result(*a))
+
+    def work():
+        before = os_threads()
+        if started == "before the call":
+            start_openmp_team()
+        engine.generate(**ROWS[1], max_new_tokens=3)
+        return before, settled_os_threads(before)
+
+    before, after = in_new_thread(work)
+    assert after == before
 
 
 def test_a_bad_driver_is_refused(tokenizer):

@@ -1,16 +1,27 @@
 """The CPU speed-ups: the kernels for bfloat16 decode steps against what they replace (HF's SDPA attention and
-`F.linear`), and malloc keeping freed memory."""
+`F.linear`), malloc keeping freed memory, and a thread giving its OpenMP team back."""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
+import threading
+import time
 
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from pd_integrations.cpu_kernels import KEEP_FREED_MEMORY_VARIABLE, CpuHalfLinear, cpu_half_attention, keep_freed_memory
+from pd_integrations.cpu_kernels import (
+    KEEP_FREED_MEMORY_VARIABLE,
+    CpuHalfLinear,
+    _pause_openmp,
+    cpu_half_attention,
+    keep_freed_memory,
+    release_openmp_threads,
+    speed_up_cpu_model,
+)
 
 
 class _Module(torch.nn.Module):
@@ -114,3 +125,65 @@ def test_a_large_tensor_reuses_the_memory_of_a_freed_one(monkeypatch, fresh_keep
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 * 2**20).sum()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 2000
+
+
+def os_threads() -> int:
+    """The process's OS threads, OpenMP workers included."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def settled_os_threads(expected: int) -> int:
+    """`os_threads()` once it reaches `expected` (released workers exit just after the release returns), or after
+    a second."""
+    deadline = time.monotonic() + 1
+    while os_threads() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os_threads()
+
+
+needs_openmp_team = pytest.mark.skipif(
+    _pause_openmp() is None or torch.get_num_threads() < 2, reason="needs libgomp and at least two torch threads"
+)
+
+
+def in_new_thread(work):
+    """`work()`'s result, run in a new thread (which owns no OpenMP team yet)."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(work()))
+    thread.start()
+    thread.join()
+    return results[0]
+
+
+def start_openmp_team() -> None:
+    """Run a parallel region in this thread, so that it owns an OpenMP team."""
+    torch.ones(1 << 22).mul_(2)
+
+
+@needs_openmp_team
+def test_a_thread_that_releases_its_openmp_team_leaves_no_workers():
+    def work():
+        before = os_threads()
+        start_openmp_team()
+        with_team = os_threads()
+        release_openmp_threads()
+        return before, with_team, settled_os_threads(before)
+
+    before, with_team, after = in_new_thread(work)
+    assert with_team == before + torch.get_num_threads() - 1 and after == before
+
+
+@needs_openmp_team
+def test_loading_onto_the_cpu_gives_the_loading_threads_openmp_team_back():
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+
+    def work():
+        before = os_threads()
+        start_openmp_team()
+        speed_up_cpu_model(model)
+        return before, settled_os_threads(before)
+
+    before, after = in_new_thread(work)
+    assert after == before
