@@ -49,7 +49,7 @@ def _add_rag_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="calibrate on several kinds of text (two RAG corpora in four shapes, needles) with a held-out "
-        "split, and print the generalization gap: about 10 minutes for a 135M model on 2 CPU cores",
+        "split, and print the generalization gap: about 3 minutes for a 135M model on 2 CPU cores",
     )
     parser.add_argument("--rag-lengths", type=int, nargs="+", default=[1000, 2000])
     parser.add_argument(
