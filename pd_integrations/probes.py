@@ -102,19 +102,34 @@ def make_needle(kind: str, rng: random.Random) -> tuple[str, str, str]:
     raise ValueError(f"kind must be one of {', '.join(NEEDLE_KINDS)}, got {kind!r}")
 
 
-@lru_cache(maxsize=4)
-def load_haystack(directory: str | None = None) -> str:
+HAYSTACK_SPLITS = ("dev", "heldout")
+
+
+@lru_cache(maxsize=8)
+def load_haystack(directory: str | None = None, split: str | None = None) -> str:
     """Haystack text: every `.txt` file in `directory` (sorted), or CPython's bundled help text.
 
-    Raises `ValueError` when `directory` holds no `.txt` files.
+    With `split`, only the files at even (`dev`) or odd (`heldout`) positions of the sorted folder, so settings
+    chosen on one half can be reported on the other without the two ever mixing.
+
+    Raises `ValueError` when `directory` holds no `.txt` files, for an unknown split, or for a split of the
+    built-in text or of a folder with fewer than two files.
     """
+    if split is not None and split not in HAYSTACK_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(HAYSTACK_SPLITS)}, got {split!r}")
     if directory is None:
+        if split is not None:
+            raise ValueError("split needs a haystack directory of .txt files to split")
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics[key].strip() for key in sorted(topics))
     files = sorted(Path(directory).glob("*.txt"))
     if not files:
         raise ValueError(f"haystack directory {directory!r} holds no .txt files")
+    if split is not None:
+        if len(files) < 2:
+            raise ValueError(f"haystack directory {directory!r} needs at least two .txt files to split")
+        files = files[HAYSTACK_SPLITS.index(split) :: 2]
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
 
 

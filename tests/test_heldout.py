@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pd_integrations.bench import heldout
+from pd_integrations.bench import __main__ as bench_main
+from pd_integrations.bench import heldout, tasks
+from pd_integrations.probes import load_haystack
 
 
 @pytest.fixture()
@@ -15,11 +17,34 @@ def essays(tmp_path):
 
 
 def test_splits_are_disjoint_halves_of_the_files(essays):
-    dev, held = heldout.split_text(essays, "dev"), heldout.split_text(essays, "heldout")
+    dev, held = load_haystack(essays, "dev"), load_haystack(essays, "heldout")
     assert "alpha" in dev and "charlie" in dev and "bravo" not in dev and "delta" not in dev
     assert "bravo" in held and "delta" in held and "alpha" not in held and "charlie" not in held
+    assert all(word in load_haystack(essays) for word in ("alpha", "bravo", "charlie", "delta"))
     with pytest.raises(ValueError, match="split must be one of dev, heldout"):
-        heldout.split_text(essays, "test")
+        load_haystack(essays, "test")
+    with pytest.raises(ValueError, match="split needs a haystack directory"):
+        load_haystack(None, "heldout")
+
+
+@pytest.mark.parametrize("name", tasks.TASKS)
+def test_ruler_tasks_on_a_split_draw_only_from_its_files(essays, tokenizer, name):
+    probe = tasks.task(name, tokenizer, 300, seed=2, haystack=essays, split="heldout")
+    assert probe.labels["split"] == "heldout"
+    assert all(needle in probe.context for needle in probe.needles)
+    assert "bravo" in probe.context or "delta" in probe.context
+    assert "alpha" not in probe.context and "charlie" not in probe.context
+
+
+@pytest.mark.parametrize("command", ["tasks", "heldout"])
+def test_a_split_without_a_haystack_is_refused_before_the_model_loads(capsys, monkeypatch, command):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench_main, "load_model", no_loading)
+    with pytest.raises(SystemExit):
+        bench_main.main([command, "--split", "heldout"])
+    assert "--split heldout needs --haystack DIR" in capsys.readouterr().err
 
 
 def test_probes_hold_their_needle_and_ask_in_their_shape(essays, tokenizer):

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..corpora import rag as corpora_rag
 from ..engine import PromptDistillEngine
 from ..loading import DEFAULT_MODEL, ModelNotAvailableError, load_model
-from ..probes import NEEDLE_KINDS
+from ..probes import HAYSTACK_SPLITS, NEEDLE_KINDS
 from . import cli, heldout, measure, ragbench, report, tasks, throughput
 
 
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         return peers.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "split", None) and not args.haystack:  # checked before the model loads
+        parser.error(f"--split {args.split} needs --haystack DIR: a folder of .txt files to split")
     try:
         _bench(args, "pd-bench " + shlex.join(argv))
     except (ValueError, ModelNotAvailableError) as error:
@@ -122,17 +124,22 @@ def _needle_arguments(needle: argparse.ArgumentParser) -> None:
 def _tasks_arguments(task: argparse.ArgumentParser) -> None:
     task.add_argument("--lengths", type=cli.lengths, default=[1024, 2048], help="e.g. 1k,2k")
     _add_subset(task, "--tasks", tasks.TASKS, list(tasks.TASKS))
+    _add_split(task, None, "; default: the whole folder")
+
+
+def _add_split(parser: argparse.ArgumentParser, default: str | None, default_note: str = "") -> None:
+    parser.add_argument(
+        "--split",
+        choices=HAYSTACK_SPLITS,
+        default=default,
+        help=f"essay files at odd (heldout) or even (dev) positions of the sorted --haystack folder{default_note}",
+    )
 
 
 def _heldout_arguments(held: argparse.ArgumentParser) -> None:
     held.add_argument("--lengths", type=cli.lengths, default=[2000, 4000], help="e.g. 2000,4000,8000")
     _add_subset(held, "--shapes", heldout.SHAPES, list(heldout.SHAPES))
-    held.add_argument(
-        "--split",
-        choices=heldout.SPLITS,
-        default="heldout",
-        help="essay files at odd (heldout) or even (dev) positions of the sorted --haystack folder",
-    )
+    _add_split(held, "heldout")
 
 
 def _throughput_arguments(throughput: argparse.ArgumentParser) -> None:
@@ -220,7 +227,7 @@ def _probes(args, tokenizer) -> list[tasks.Probe]:
         ]
     else:
         probes = [
-            tasks.task(t, tokenizer, n, s, haystack=args.haystack)
+            tasks.task(t, tokenizer, n, s, haystack=args.haystack, split=args.split)
             for n in args.lengths
             for t in args.tasks
             for s in seeds
@@ -302,8 +309,6 @@ def _bench_rag(args, command_line: str, engine, engines, out: Path, log: Path) -
 
 
 def _bench_heldout(args, command_line: str, engine, engines, out: Path, log: Path) -> None:
-    if args.haystack is None:
-        raise ValueError("pd-bench heldout needs --haystack DIR: a folder of .txt essays to split")
     probes = heldout.probes(
         engine.tokenizer, args.haystack, args.split, args.lengths, args.shapes, args.samples, args.seed
     )

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import random
 import re
-from functools import lru_cache
-from pathlib import Path
 
 from ..calibration.mixed import wilson_interval
 from ..corpora.rag import follow_up_messages
-from ..probes import haystack_window, insert_sentences
+from ..probes import haystack_window, insert_sentences, load_haystack
 from .tasks import Probe
 
-SPLITS = ("dev", "heldout")
 SHAPES = ("question_last", "question_first", "multi_turn")
 _NAMES = ("Mira", "Tobias", "Ines", "Kwame", "Yuki", "Soren", "Lena", "Rafael")
 _SHIPS = ("Northwind", "Kestrel", "Aurora", "Pelican", "Marlin", "Seraph", "Halcyon", "Tern")
@@ -52,17 +49,6 @@ def _needle(rng: random.Random) -> tuple[str, str, str]:
     )
 
 
-@lru_cache(maxsize=4)
-def split_text(directory: str, split: str) -> str:
-    """The essays of `split` in `directory`, joined. Raises `ValueError` for an unknown split or an empty folder."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    files = sorted(Path(directory).glob("*.txt"))
-    if len(files) < 2:
-        raise ValueError(f"haystack directory {directory!r} needs at least two .txt files to split")
-    return "\n\n".join(f.read_text(errors="replace").strip() for f in files[SPLITS.index(split) :: 2])
-
-
 def probe(tokenizer, directory: str, split: str, length: int, depth: float, shape: str, seed: int) -> Probe:
     """One needle probe: about `length` tokens of `split`'s essays with a needle at relative `depth`, its question
     asked in `shape`. Raises `ValueError` for an unknown shape or split."""
@@ -71,7 +57,7 @@ def probe(tokenizer, directory: str, split: str, length: int, depth: float, shap
     rng = random.Random(f"heldout-{split}-{length}-{depth}-{shape}-{seed}")
     sentence, question, answer = _needle(rng)
     context = insert_sentences(
-        haystack_window(tokenizer, split_text(directory, split), length, rng), [sentence], [depth]
+        haystack_window(tokenizer, load_haystack(directory, split), length, rng), [sentence], [depth]
     )
     if shape == "multi_turn":
         messages = follow_up_messages(

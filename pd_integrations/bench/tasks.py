@@ -89,10 +89,13 @@ def needle(
     )
 
 
-def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None = None) -> Probe:
-    """A RULER-style probe of task `name` in about `length` tokens of haystack, needles at seed-chosen depths.
+def task(
+    name: str, tokenizer, length: int, seed: int, *, haystack: str | None = None, split: str | None = None
+) -> Probe:
+    """A RULER-style probe of task `name` in about `length` tokens of haystack (its `split`, see `load_haystack`),
+    needles at seed-chosen depths.
 
-    Raises `ValueError` for an unknown task or a haystack too short for `length`.
+    Raises `ValueError` for an unknown task or split, or a haystack too short for `length`.
     """
     if name not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
@@ -116,13 +119,15 @@ def task(name: str, tokenizer, length: int, seed: int, *, haystack: str | None =
         expected = values[:1]
     needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in facts]
     context = insert_sentences(
-        haystack_window(tokenizer, load_haystack(haystack), length, rng), needles, [rng.random() for _ in needles]
+        haystack_window(tokenizer, load_haystack(haystack, split), length, rng),
+        needles,
+        [rng.random() for _ in needles],
     )
     messages = [{"role": "user", "content": f"{context}\n\nAnswer briefly. {question}"}]
     # Multi-answer tasks list four 7-digit numbers; a digit is one token for most tokenizers.
     max_new_tokens = 24 if len(expected) == 1 else 80
     return Probe(
-        {"length": length, "task": name, "seed": seed},
+        {"length": length, "task": name, "seed": seed} | ({"split": split} if split else {}),
         messages,
         question,
         tuple(needles),
