@@ -207,16 +207,24 @@ def test_tasks_table_has_a_column_per_task(capsys, tmp_path, tiny_model_dir, tok
     assert (tmp_path / "tasks_heatmap.png").read_bytes().startswith(PNG_SIGNATURE)
     records = data["records"]
     assert len(records) == len(tasks.TASKS) * 2
-    check_summary(data, table, (128,), ("full", "paper-rule"))
+    summary_table = table[: table.index("| length | task |")]  # the answers table follows it
+    check_summary(data, summary_table, (128,), ("full", "paper-rule"))
     for record in records:
         assert record["score"] == tasks.task(record["task"], tokenizer, 128, record["seed"]).score(record["output"])
-    for row, cells in zip(data["summary"], table_rows(table)[1:]):
+    for row, cells in zip(data["summary"], table_rows(summary_table)[1:]):
         by_task = {
             name: mean_of([r for r in records if r["method"] == row["method"] and r["task"] == name], "score")
             for name in tasks.TASKS
         }
         assert row["accuracy_by_task"] == pytest.approx(by_task)
         assert cells[-len(tasks.TASKS) :] == [f"{by_task[name]:.0%}" for name in tasks.TASKS]
+    # The answers table: a row per task and method, counting the probes whose every expected value was found.
+    assert len(data["answers"]) == len(tasks.TASKS) * 2
+    for row in data["answers"]:
+        runs = [r for r in records if r["task"] == row["task"] and r["method"] == row["method"]]
+        assert row["answered"] == sum(r["score"] == 1 for r in runs) and row["prompts"] == len(runs)
+        assert row["interval"][0] <= row["answered"] / row["prompts"] <= row["interval"][1]
+        assert f"| 128 | {row['task']} | {row['method']} | {row['answered']}/{len(runs)} |" in table
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pd_integrations.bench import __main__ as bench_main
-from pd_integrations.bench import heldout, tasks
+from pd_integrations.bench import heldout, report, tasks
+from pd_integrations.calibration.mixed import wilson_interval
 from pd_integrations.probes import load_haystack
 
 
@@ -70,9 +71,9 @@ def test_probes_hold_their_needle_and_ask_in_their_shape(essays, tokenizer):
 
 
 def test_wilson_interval():
-    low, high = heldout.wilson_interval(5, 12)
+    low, high = wilson_interval(5, 12)
     assert round(low, 3) == 0.193 and round(high, 3) == 0.680
-    assert heldout.wilson_interval(0, 10)[0] == 0.0 and heldout.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
 
 
 def test_summary_compares_against_full_attention_on_the_same_probes():
@@ -94,9 +95,9 @@ def test_summary_compares_against_full_attention_on_the_same_probes():
         record("profile", 0, 1.0, 1.0, 1.0, 30),
         record("profile", 1, 1.0, 0.0, 1.0, 30),
     ]
-    full, profile = heldout.summarize(records)
+    full, profile = report.answer_summary(records, "shape")
     assert full["method"] == "full" and profile["answered"] == 2 and profile["kept"] == 1
     assert profile["kept_answered"] == 1 and profile["both_answered"] == 1 and profile["full_answered"] == 1
     assert profile["prefill_ratio"] == 0.5 and profile["kv_ratio"] == 0.3
-    table = heldout.markdown_table([full, profile])
+    table = report.answer_table([full, profile], "shape")
     assert "| 2000 | question_last | profile | 2/2 |" in table and "| 1/1 | 0.50× | 0.30× |" in table

@@ -252,16 +252,21 @@ def _bench(args, command_line: str) -> None:
         return _bench_heldout(args, command_line, engine, engines, out, log)
     records = measure.run(engines, _probes(args, engine.tokenizer), desc=f"pd-bench {args.command}", log=log)
     rows = report.summarize(records, breakdown="task" if args.command == "tasks" else None)
-    methods = measure.describe(engines)
+    tables, notes, answers = [report.markdown_table(rows)], [report.COLUMNS_NOTE], {}
+    if args.command == "tasks":  # per task, with intervals: the table a quality claim rests on
+        answers["answers"] = report.answer_summary(records, "task")
+        tables.append(report.answer_table(answers["answers"], "task"))
+        notes.append(report.ANSWER_COLUMNS_NOTE)
     files = cli.write(
         out,
         args.command,
         command_line,
         engine,
-        methods,
-        report.markdown_table(rows),
-        report.COLUMNS_NOTE,
+        measure.describe(engines),
+        "\n\n".join(tables),
+        " ".join(notes),
         summary=rows,
+        **answers,
         records=records,
     )
     files.append(out / f"{args.command}_scaling.png")
@@ -313,15 +318,15 @@ def _bench_heldout(args, command_line: str, engine, engines, out: Path, log: Pat
         engine.tokenizer, args.haystack, args.split, args.lengths, args.shapes, args.samples, args.seed
     )
     records = measure.run(engines, probes, desc="pd-bench heldout", log=log)
-    rows = heldout.summarize(records)
+    rows = report.answer_summary(records, "shape")
     files = cli.write(
         out,
         "heldout",
         command_line,
         engine,
         measure.describe(engines),
-        heldout.markdown_table(rows),
-        heldout.COLUMNS_NOTE,
+        report.answer_table(rows, "shape"),
+        report.ANSWER_COLUMNS_NOTE,
         summary=rows,
         records=records,
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import re
 
-from ..calibration.mixed import wilson_interval
 from ..corpora.rag import follow_up_messages
 from ..probes import haystack_window, insert_sentences, load_haystack
 from .tasks import Probe
@@ -96,62 +95,3 @@ def probes(
 
 def _normalise(text: str) -> str:
     return re.sub(r"[\s,.'-]", "", text).lower()
-
-
-def summarize(records: list[dict]) -> list[dict]:
-    """One row per (length, shape, method): answered with its 95% interval, evidence kept, answered when kept,
-    answered where full attention answered, and prefill and KV ratios against full attention on the same probes."""
-    key = lambda r: (r["length"], r["shape"], r["seed"])  # noqa: E731
-    full = {key(r): r for r in records if r["method"] == "full"}
-    cells: dict[tuple, list[dict]] = {}
-    for r in records:
-        cells.setdefault((r["length"], r["shape"], r["method"]), []).append(r)
-    rows = []
-    for (length, shape, method), runs in cells.items():
-        base = [full.get(key(r)) for r in runs]
-        answered = sum(r["score"] for r in runs)
-        kept = [r for r in runs if r["needles_kept"] == 1]
-        row = {
-            "length": length,
-            "shape": shape,
-            "method": method,
-            "prompts": len(runs),
-            "answered": answered,
-            "interval": wilson_interval(answered, len(runs)),
-            "kept": len(kept),
-            "kept_answered": sum(r["score"] for r in kept),
-        }
-        if all(base):
-            row["full_answered"] = sum(b["score"] for b in base)
-            row["both_answered"] = sum(r["score"] * b["score"] for r, b in zip(runs, base))
-            row["prefill_ratio"] = sum(r["prefill_seconds"] for r in runs) / sum(b["prefill_seconds"] for b in base)
-            row["kv_ratio"] = sum(r["kv_cache_bytes"] for r in runs) / sum(b["kv_cache_bytes"] for b in base)
-        rows.append(row)
-    return sorted(rows, key=lambda r: (r["length"], r["shape"], r["method"] != "full", r["method"]))
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The `summarize` rows as a Markdown table."""
-    lines = [
-        "| length | shape | method | answered | 95% interval | evidence kept | answered when kept | "
-        "answered where full did | prefill ÷ full | KV ÷ full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        low, high = r["interval"]
-        both = f"{r['both_answered']:.0f}/{r['full_answered']:.0f}" if "both_answered" in r else "–"
-        ratios = [f"{r[k]:.2f}×" if k in r else "–" for k in ("prefill_ratio", "kv_ratio")]
-        lines.append(
-            f"| {r['length']} | {r['shape']} | {r['method']} | {r['answered']:.0f}/{r['prompts']} | "
-            f"{low:.2f}–{high:.2f} | {r['kept']}/{r['prompts']} | {r['kept_answered']:.0f}/{r['kept']} | "
-            f"{both} | {ratios[0]} | {ratios[1]} |"
-        )
-    return "\n".join(lines)
-
-
-COLUMNS_NOTE = (
-    "*answered*: the needle's answer appears in the greedy output; *95% interval*: Wilson score "
-    "interval of that share; *evidence kept*: selection kept the needle sentence whole; *answered when "
-    "kept*: answered among those; *answered where full did*: answered among the probes full attention "
-    "answered; ratios are sums over the cell's probes against full attention on the same probes."
-)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from statistics import mean
 
+from ..calibration.mixed import wilson_interval
+
 MIB = 2**20
 COLUMNS_NOTE = (
     "Means over the runs of each row. ÷ full: the method's figure divided by full attention's at the same "
@@ -114,6 +116,82 @@ def table_line(cells) -> str:
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def answer_summary(records: list[dict], by: str) -> list[dict]:
+    """One row per (length, value of the record label `by`, method): answered (every expected value found) with its
+    95% interval, evidence kept, answered when kept, answered where full attention answered, and prefill and KV
+    ratios against full attention on the same probes."""
+    key = lambda r: (r["length"], r[by], r["seed"])  # noqa: E731
+    full = {key(r): r for r in records if r["method"] == "full"}
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        cells.setdefault((r["length"], r[by], r["method"]), []).append(r)
+    rows = []
+    for (length, value, method), runs in cells.items():
+        base = [full.get(key(r)) for r in runs]
+        answered = [r["score"] == 1 for r in runs]
+        kept = [r["needles_kept"] == 1 for r in runs]
+        row = {
+            "length": length,
+            by: value,
+            "method": method,
+            "prompts": len(runs),
+            "answered": sum(answered),
+            "interval": wilson_interval(sum(answered), len(runs)),
+            "kept": sum(kept),
+            "kept_answered": sum(a and k for a, k in zip(answered, kept)),
+        }
+        if all(base):
+            full_answered = [b["score"] == 1 for b in base]
+            row["full_answered"] = sum(full_answered)
+            row["both_answered"] = sum(a and f for a, f in zip(answered, full_answered))
+            row["prefill_ratio"] = sum(r["prefill_seconds"] for r in runs) / sum(b["prefill_seconds"] for b in base)
+            row["kv_ratio"] = sum(r["kv_cache_bytes"] for r in runs) / sum(b["kv_cache_bytes"] for b in base)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["length"], r[by], r["method"] != "full", r["method"]))
+
+
+def answer_table(rows: list[dict], by: str) -> str:
+    """The `answer_summary` rows as a Markdown table."""
+    header = [
+        "length",
+        by,
+        "method",
+        "answered",
+        "95% interval",
+        "evidence kept",
+        "answered when kept",
+        "answered where full did",
+        "prefill ÷ full",
+        "KV ÷ full",
+    ]
+    lines = []
+    for r in rows:
+        low, high = r["interval"]
+        lines.append(
+            [
+                str(r["length"]),
+                str(r[by]),
+                r["method"],
+                f"{r['answered']}/{r['prompts']}",
+                f"{low:.2f}–{high:.2f}",
+                f"{r['kept']}/{r['prompts']}",
+                f"{r['kept_answered']}/{r['kept']}",
+                f"{r['both_answered']}/{r['full_answered']}" if "both_answered" in r else "–",
+                _fmt(r.get("prefill_ratio"), ".2f", "×"),
+                _fmt(r.get("kv_ratio"), ".2f", "×"),
+            ]
+        )
+    return markdown(header, lines)
+
+
+ANSWER_COLUMNS_NOTE = (
+    "*answered*: every expected answer appears in the greedy output; *95% interval*: Wilson score interval of "
+    "that share; *evidence kept*: selection kept every needle sentence whole; *answered when kept*: answered among "
+    "those; *answered where full did*: answered among the probes full attention answered; ratios are sums over the "
+    "cell's probes against full attention on the same probes."
+)
 
 
 def _pyplot():
