@@ -102,21 +102,7 @@ def task(
     rng = random.Random(f"{seed}-{name}-{length}")
     keys = rng.sample([f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS], NEEDLES_PER_TASK)
     values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(NEEDLES_PER_TASK)]
-    if name == "niah-multivalue":
-        facts = [(keys[0], value) for value in values]
-        question = f"What are all the special magic numbers for {keys[0]} mentioned in the text? List them."
-        expected = values
-    elif name == "niah-multiquery":
-        facts = list(zip(keys, values))
-        question = (
-            f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in "
-            f"the text? List them."
-        )
-        expected = values
-    else:
-        facts = list(zip(keys, values))[: 1 if name == "niah-single" else NEEDLES_PER_TASK]
-        question = f"What is the special magic number for {keys[0]} mentioned in the text?"
-        expected = values[:1]
+    facts, question, expected = _facts_and_question(name, keys, values)
     needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in facts]
     context = insert_sentences(
         haystack_window(tokenizer, load_haystack(haystack, split), length, rng),
@@ -135,6 +121,26 @@ def task(
         lambda text: _share_found(expected, text),
         context,
     )
+
+
+def _facts_and_question(name: str, keys: list[str], values: list[str]) -> tuple[list[tuple[str, str]], str, list[str]]:
+    """Task `name`'s hidden (key, value) facts, its question, and the values a full answer holds."""
+    if name == "niah-multivalue":
+        facts = [(keys[0], value) for value in values]
+        question = f"What are all the special magic numbers for {keys[0]} mentioned in the text? List them."
+        expected = values
+    elif name == "niah-multiquery":
+        facts = list(zip(keys, values))
+        question = (
+            f"What are the special magic numbers for {', '.join(keys[:-1])} and {keys[-1]} mentioned in "
+            f"the text? List them."
+        )
+        expected = values
+    else:
+        facts = list(zip(keys, values))[: 1 if name == "niah-single" else NEEDLES_PER_TASK]
+        question = f"What is the special magic number for {keys[0]} mentioned in the text?"
+        expected = values[:1]
+    return facts, question, expected
 
 
 def _share_found(expected: list[str], text: str) -> float:
