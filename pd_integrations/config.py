@@ -60,12 +60,21 @@ SCORING_FIELDS = (
     "unit_topk",
     "detrend_window",
 )
-PROFILE_FIELDS = ("selection_layers", "budgets", *SCORING_FIELDS)
+# Context tokens kept outside the budget, whatever their scores (`layout.plan_layout`).
+PROTECTION_FIELDS = ("protect_recent", "protect_structure")
+PROFILE_FIELDS = ("selection_layers", "budgets", *SCORING_FIELDS, *PROTECTION_FIELDS)
 
 # What fills the fields that neither the caller, the profile nor the fallback rule sets (resolution ends with it):
 # the unit scoring and detrending of `Selector`'s defaults, and the fallback rule's scoring for a method that reads no
 # profile. Unset heads become all heads at every stage (`fill_unset`).
-DEFAULTS = {**FALLBACK_SCORING, "unit_score": "max", "unit_topk": 8, "detrend_window": 0}
+DEFAULTS = {
+    **FALLBACK_SCORING,
+    "unit_score": "max",
+    "unit_topk": 8,
+    "detrend_window": 0,
+    "protect_recent": 0,
+    "protect_structure": False,
+}
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -154,6 +163,8 @@ class PromptDistillConfig:
         query_source: "auto" (the question span) or "last_token" (the paper) seeds selection.
         tail_tokens: seed and protected tail length when no query span is known.
         protect_head: leading tokens always kept (attention sinks).
+        protect_recent: the last context tokens always kept, a local window before the question (0 = none).
+        protect_structure: whether context tokens that end a line or a sentence are always kept.
         aggregation: "softmax_mean", "softmax_max" or "logits_mean" (the paper): how scores combine.
         span: "token", "chunk", "sentence", "passage" or "document": the unit kept whole.
         chunk_size: tokens per chunk.
@@ -173,6 +184,8 @@ class PromptDistillConfig:
     query_source: str | None = None
     tail_tokens: int = 16
     protect_head: int = 4
+    protect_recent: int | None = None
+    protect_structure: bool | None = None
     aggregation: str | None = None
     span: str | None = None
     chunk_size: int | None = None
@@ -243,6 +256,10 @@ class PromptDistillConfig:
     def _check_ints(self) -> None:
         if self.unit_topk is not None and not (_is_int(self.unit_topk) and self.unit_topk >= 1):
             raise ValueError(f"unit_topk must be an int >= 1, got {self.unit_topk!r}")
+        if self.protect_recent is not None and not (_is_int(self.protect_recent) and self.protect_recent >= 0):
+            raise ValueError(f"protect_recent must be an int >= 0 (0 = none), got {self.protect_recent!r}")
+        if self.protect_structure is not None and not isinstance(self.protect_structure, bool):
+            raise ValueError(f"protect_structure must be True or False, got {self.protect_structure!r}")
         if self.detrend_window is not None and not (_is_int(self.detrend_window) and self.detrend_window >= 0):
             raise ValueError(f"detrend_window must be an int >= 0 (0 = off), got {self.detrend_window!r}")
         if self.pool_kernel is not None and not (

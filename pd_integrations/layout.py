@@ -19,7 +19,8 @@ Where the context is, most precise first (`PromptLayout.context_source`):
 - "positional": `input_ids` without documents (the caller handed over tokens, not their structure): every token
   but the first `protect_head` and the protected tail.
 - "none": no message is long enough to be retrieved context, so nothing is pruned.
-The first `protect_head` tokens (attention sinks), the question's own span and the query tokens are always protected.
+The first `protect_head` tokens (attention sinks), the question's own span and the query tokens are always protected;
+optionally also the context's line and sentence ends (`protect_structure`) and its last `protect_recent` tokens.
 
 Query-free prompts ("Summarise these documents", a tree-summarize step without a query): when no `query` is named,
 no question line is found, and the seeds would be only the template's tail or an instruction that asks for a
@@ -136,6 +137,7 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         question = _question_line(rendered, prunable)
     suffix, query_tokens, tail, seeds = _query_tokens(tokenizer, rendered, query, question, prunable, config)
     prunable[n - (tail - len(suffix)) :] = False
+    _protect_context(tokenizer, rendered.input_ids, prunable, config)
     units = token_units(rendered, prunable, config.span or "token", config.chunk_size, len(suffix))
     query_free = (
         source != "positional"
@@ -147,6 +149,23 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         )
     )
     return PromptLayout(prunable, source, suffix, query_tokens, units, query_free)
+
+
+def _protect_context(tokenizer, input_ids: list[int], prunable: torch.Tensor, config: PromptDistillConfig) -> None:
+    """Mark as protected, in place, the context tokens that end a line or a sentence (`protect_structure`), then
+    the last `protect_recent` context tokens."""
+    if config.protect_structure:
+        ids = torch.tensor(input_ids)
+        candidates = ids[prunable].unique()
+        texts = tokenizer.batch_decode(candidates[:, None].tolist())
+        ends = torch.tensor([_ends_line_or_sentence(text) for text in texts], dtype=torch.bool)
+        prunable &= ~torch.isin(ids, candidates[ends])
+    if config.protect_recent:
+        prunable[prunable.nonzero().flatten()[-config.protect_recent :]] = False
+
+
+def _ends_line_or_sentence(text: str) -> bool:
+    return "\n" in text or text.rstrip().endswith((".", "!", "?"))
 
 
 def check_query(query) -> None:

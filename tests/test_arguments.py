@@ -210,6 +210,8 @@ SHORTCUTS = [
     ("unit_score", "topk_mean", "topk_mean", "sum", "unit_score must be one of"),
     ("unit_topk", 4, 4, 0, "unit_topk must be an int >= 1"),
     ("detrend_window", 1024, 1024, -1, "detrend_window must be an int >= 0"),
+    ("protect_recent", 64, 64, -1, "protect_recent must be an int >= 0"),
+    ("protect_structure", True, True, "yes", "protect_structure must be True or False"),
 ]
 
 

@@ -190,6 +190,31 @@ def test_named_query_span_is_protected_even_inside_the_context_message(tiny_llam
     assert kept_share(result, QUESTION.rstrip("?")) == 1.0
 
 
+@pytest.mark.parametrize("protect_recent", [0, 24])
+@pytest.mark.parametrize("protect_structure", [False, True])
+def test_protected_structure_and_recent_context_survive_selection_outside_the_budget(
+    tiny_llama, tokenizer, protect_structure, protect_recent
+):
+    """Line and sentence ends and the last `protect_recent` context tokens are protected: kept at every stage and
+    taken out of what the budget counts; unset, they are pruned like any context token."""
+    messages, _ = SHAPES["question last"]
+    plain = engine_for(tiny_llama, tokenizer).prefill(messages=messages, documents=PASSAGES).sequences[0]
+    engine = engine_for(tiny_llama, tokenizer, protect_structure=protect_structure, protect_recent=protect_recent)
+    row = engine.prefill(messages=messages, documents=PASSAGES).sequences[0]
+    ids = torch.tensor(rendered_ids(tokenizer, messages))
+    context = torch.nonzero(plain.layout.prunable).flatten()
+    texts = [tokenizer.decode([i]) for i in ids[context].tolist()]
+    ends = context[torch.tensor(["\n" in t or t.rstrip().endswith((".", "!", "?")) for t in texts])]
+    expected = ends if protect_structure else context[:0]
+    rest = context[~torch.isin(context, expected)]
+    expected = torch.cat([expected, rest[len(rest) - protect_recent :] if protect_recent else rest[:0]])
+    assert torch.equal(torch.nonzero(plain.layout.prunable & ~row.layout.prunable).flatten(), expected.sort().values)
+    assert torch.isin(expected, row.kept_indices.cpu()).all()
+    assert ends.numel() > 30  # the passages' sentence ends and blank lines
+    protected = int((~row.layout.prunable).sum())
+    assert row.kept_indices.numel() == math.ceil(0.25 * row.layout.num_prunable) + protected
+
+
 def test_short_prompts_have_no_context_and_are_not_pruned(tiny_llama, tokenizer):
     engine = engine_for(tiny_llama, tokenizer)
     result = engine.generate(messages=[{"role": "user", "content": f"{PASSAGES[0]}\n\n{QUESTION}"}], max_new_tokens=1)

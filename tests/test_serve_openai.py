@@ -227,6 +227,8 @@ EVERY_CONFIG_FIELD = {
     "unit_score": "topk_mean",
     "unit_topk": 4,
     "detrend_window": 8,
+    "protect_recent": 8,
+    "protect_structure": True,
     "max_probe_tokens": 64,
     "context_min_tokens": 32,
 }
