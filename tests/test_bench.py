@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pd_integrations import PromptDistillEngine
-from pd_integrations.bench import measure, report, tasks
+from pd_integrations.bench import cli, measure, report, tasks
 from pd_integrations.bench.__main__ import main
 from pd_integrations.config import PAPER_SCORING
 
@@ -253,6 +253,19 @@ def test_single_stage_equal_to_profile_is_measured_once(tokenizer):
     described = measure.describe(engines)
     assert described["profile"]["measured_as"] == "single-stage"
     assert described["gemfilter"]["measured_as"] == "gemfilter"
+
+
+def test_method_notes_name_the_protected_context(tokenizer):
+    """A results page says which settings selected: protections that are set are named, unset ones are not."""
+    with pytest.warns(UserWarning, match="fallback rule"):
+        engine = PromptDistillEngine(tiny_model("llama"), tokenizer, model_name="tiny")
+    engines = {
+        "profile": engine,
+        "single-stage": engine.with_config(engine.config.replace(protect_recent=32, protect_structure=True)),
+    }
+    notes = dict(zip(engines, cli._method_notes(measure.describe(engines)).splitlines()))
+    assert "kept" not in notes["profile"]
+    assert "last 32 context tokens kept, line and sentence ends kept)" in notes["single-stage"]
 
 
 def magic_numbers(text: str) -> list[str]:

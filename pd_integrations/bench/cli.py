@@ -116,6 +116,8 @@ def _method_notes(methods: dict[str, dict]) -> str:
                 + (f", heads {config['heads']}" if config.get("heads") and any(config["heads"]) else "")
                 + (f", {config['unit_score']} units" if config["span"] != "token" and config.get("unit_score") else "")
                 + (f", detrended over {config['detrend_window']}" if config.get("detrend_window") else "")
+                + (f", last {config['protect_recent']} context tokens kept" if config.get("protect_recent") else "")
+                + (", line and sentence ends kept" if config.get("protect_structure") else "")
                 + ")"
             )
         )
