@@ -42,7 +42,7 @@ import torch
 
 from .config import PromptDistillConfig, resolve_budget
 from .prompt import RenderedPrompt, check_text
-from .spans import token_units
+from .spans import sentence_end_tokens, token_units
 
 # Lines shorter than this are labels ("Context:", "Answer briefly.") unless they lie inside the context block.
 SHORT_LINE_TOKENS = 8
@@ -137,7 +137,7 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
         question = _question_line(rendered, prunable)
     suffix, query_tokens, tail, seeds = _query_tokens(tokenizer, rendered, query, question, prunable, config)
     prunable[n - (tail - len(suffix)) :] = False
-    _protect_context(tokenizer, rendered.input_ids, prunable, config)
+    _protect_context(rendered, prunable, config)
     units = token_units(rendered, prunable, config.span or "token", config.chunk_size, len(suffix))
     query_free = (
         source != "positional"
@@ -151,21 +151,13 @@ def plan_layout(tokenizer, rendered: RenderedPrompt, query: str | None, config: 
     return PromptLayout(prunable, source, suffix, query_tokens, units, query_free)
 
 
-def _protect_context(tokenizer, input_ids: list[int], prunable: torch.Tensor, config: PromptDistillConfig) -> None:
-    """Mark as protected, in place, the context tokens that end a line or a sentence (`protect_structure`), then
-    the last `protect_recent` context tokens."""
+def _protect_context(rendered: RenderedPrompt, prunable: torch.Tensor, config: PromptDistillConfig) -> None:
+    """Mark as protected, in place, the context tokens that end a sentence or a line (`protect_structure`, the
+    sentence spans' rule), then the last `protect_recent` context tokens."""
     if config.protect_structure:
-        ids = torch.tensor(input_ids)
-        candidates = ids[prunable].unique()
-        texts = tokenizer.batch_decode(candidates[:, None].tolist())
-        ends = torch.tensor([_ends_line_or_sentence(text) for text in texts], dtype=torch.bool)
-        prunable &= ~torch.isin(ids, candidates[ends])
+        prunable &= ~sentence_end_tokens(rendered)
     if config.protect_recent:
         prunable[prunable.nonzero().flatten()[-config.protect_recent :]] = False
-
-
-def _ends_line_or_sentence(text: str) -> bool:
-    return "\n" in text or text.rstrip().endswith((".", "!", "?"))
 
 
 def check_query(query) -> None:

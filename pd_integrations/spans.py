@@ -59,6 +59,26 @@ def span_units(
     return torch.unique_consecutive(segments * (n + 1) + inner, return_inverse=True)[1]
 
 
+def sentence_end_tokens(rendered: RenderedPrompt) -> torch.Tensor:
+    """Per token, whether it holds the last character of a sentence end or a run of line breaks (`_SENTENCE_END`,
+    where sentence spans split).
+
+    Raises:
+        ValueError: the prompt has no text (raw ids that don't round-trip through the tokenizer).
+    """
+    if rendered.text is None:
+        raise ValueError(
+            "protect_structure needs the prompt's text; these input_ids don't round-trip through the tokenizer"
+        )
+    chars = torch.tensor([m.end() - 1 for m in _SENTENCE_END.finditer(rendered.text)], dtype=torch.long)
+    starts, ends = torch.tensor(rendered.offsets, dtype=torch.long).reshape(-1, 2).T
+    token = (torch.searchsorted(starts, chars, right=True) - 1).clamp(min=0)
+    held = (starts[token] <= chars) & (chars < ends[token])
+    marks = torch.zeros(len(rendered.input_ids), dtype=torch.bool)
+    marks[token[held]] = True
+    return marks
+
+
 def _run_starts(ids: torch.Tensor) -> torch.Tensor:
     """Per position of a non-decreasing id sequence, the index where its run of equal ids starts."""
     _, lengths = torch.unique_consecutive(ids, return_counts=True)

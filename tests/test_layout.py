@@ -4,6 +4,7 @@ common RAG prompt shape, whether the caller names the documents or the rule find
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -201,10 +202,12 @@ def test_protected_structure_and_recent_context_survive_selection_outside_the_bu
     plain = engine_for(tiny_llama, tokenizer).prefill(messages=messages, documents=PASSAGES).sequences[0]
     engine = engine_for(tiny_llama, tokenizer, protect_structure=protect_structure, protect_recent=protect_recent)
     row = engine.prefill(messages=messages, documents=PASSAGES).sequences[0]
-    ids = torch.tensor(rendered_ids(tokenizer, messages))
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     context = torch.nonzero(plain.layout.prunable).flatten()
-    texts = [tokenizer.decode([i]) for i in ids[context].tolist()]
-    ends = context[torch.tensor(["\n" in t or t.rstrip().endswith((".", "!", "?")) for t in texts])]
+    # A sentence end is a . ! ? followed by a space or a line break; a line break ends its line.
+    stops = {m.start() for m in re.finditer(r"[.!?](?=\s)", text)} | {m.end() - 1 for m in re.finditer(r"\n+", text)}
+    ends = context[torch.tensor([any(c in stops for c in range(*offsets[i])) for i in context.tolist()])]
     expected = ends if protect_structure else context[:0]
     rest = context[~torch.isin(context, expected)]
     expected = torch.cat([expected, rest[len(rest) - protect_recent :] if protect_recent else rest[:0]])
@@ -324,3 +327,11 @@ def test_a_question_line_ending_the_user_turn_is_found(tiny_llama, tokenizer):
     question = rendered.text.rindex(QUESTION)
     protected = rendered.char_spans(torch.nonzero(~layout.prunable).flatten())
     assert any(a <= question and question + len(QUESTION) <= b for a, b in protected)
+
+
+def test_protect_structure_refuses_ids_without_text(tiny_llama, tokenizer):
+    """Raw ids that don't round-trip have no sentences to find: the setting raises rather than doing nothing."""
+    ids = torch.tensor([17, 17, 17, 9, 250, 250, 3, 3] * 40)
+    assert tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"] != ids.tolist()
+    with pytest.raises(ValueError, match="protect_structure needs the prompt's text"):
+        engine_for(tiny_llama, tokenizer, protect_structure=True).prefill(input_ids=ids)
