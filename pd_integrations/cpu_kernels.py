@@ -16,9 +16,10 @@ For the one-token steps of a bfloat16/float16 model, `use_cpu_half_kernels`:
   cost more than a float32 one. For one query token, `cpu_half_attention` matches each key head with its query
   heads in two matmuls (no repeated keys), with the softmax in float32 as HF's eager attention does; every other
   call is HF's own SDPA attention.
-- Linear layers (`CpuHalfLinear`): for a single row, a matrix-vector product, which on CPU in bfloat16 takes about
-  half the time of the matmul `F.linear` runs (29 against 57 microseconds for 576 -> 1536 here), with the same
-  result.
+- Linear layers (`CpuHalfLinear`), on CPUs with AMX only: for a single row, a matrix-vector product, which there
+  takes about half the time of the matmul `F.linear` runs in bfloat16 (29 against 57 microseconds for 576 -> 1536
+  on an Intel Xeon), with the same result. Without AMX it is the slower one (102 against 72 microseconds on an AMD
+  EPYC with AVX512-BF16), so those CPUs keep `F.linear`.
 """
 
 from __future__ import annotations
@@ -91,14 +92,20 @@ class CpuHalfLinear(torch.nn.Linear):
         return output.view(*input.shape[:-1], -1)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, where `CpuHalfLinear` pays."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def use_cpu_half_kernels(model: torch.nn.Module) -> None:
-    """On a CPU model in bfloat16/float16: its plain `nn.Linear` layers become `CpuHalfLinear` (same parameters),
-    and its attention, if SDPA, `cpu_half_attention`. Other models are left as they are."""
+    """On a CPU model in bfloat16/float16: its attention, if SDPA, becomes `cpu_half_attention`, and on a CPU with
+    AMX its plain `nn.Linear` layers become `CpuHalfLinear` (same parameters). Other models are left as they are."""
     if model.device.type != "cpu" or model.dtype == torch.float32:
         return
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.__class__ = CpuHalfLinear
+    if cpu_has_amx():
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                module.__class__ = CpuHalfLinear
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(CPU_HALF_ATTENTION)
 

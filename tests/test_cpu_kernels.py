@@ -77,13 +77,16 @@ def test_cpu_half_linear_equals_f_linear(bias, shape):
     torch.testing.assert_close(ours, expected)
 
 
-def test_the_kernels_go_only_on_half_precision_cpu_models():
-    """A float32 model keeps `nn.Linear` and its attention; a bfloat16 one gets both kernels, with the same
-    parameters."""
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_kernels_go_only_on_half_precision_cpu_models(amx, monkeypatch):
+    """A float32 model keeps `nn.Linear` and its attention; a bfloat16 one gets the attention kernel, and
+    `CpuHalfLinear` only on a CPU with AMX, with the same parameters."""
+    from pd_integrations import cpu_kernels
     from pd_integrations.cpu_kernels import CPU_HALF_ATTENTION, use_cpu_half_kernels
 
     from .conftest import tiny_model
 
+    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: amx)
     model = tiny_model("llama", "sdpa")
     use_cpu_half_kernels(model)
     assert model.config._attn_implementation == "sdpa"
@@ -92,7 +95,8 @@ def test_the_kernels_go_only_on_half_precision_cpu_models():
     before = {name: p.data_ptr() for name, p in model.named_parameters()}
     use_cpu_half_kernels(model)
     assert model.config._attn_implementation == CPU_HALF_ATTENTION
-    assert type(model.lm_head) is CpuHalfLinear and type(model.model.layers[0].mlp.up_proj) is CpuHalfLinear
+    expected = CpuHalfLinear if amx else torch.nn.Linear
+    assert type(model.lm_head) is expected and type(model.model.layers[0].mlp.up_proj) is expected
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
 
 
