@@ -49,7 +49,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from .config import cache_dir
-from .cpu_kernels import speed_up_cpu_model
+from .cpu_kernels import cpu_has_amx, speed_up_cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +248,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
 def cpu_runs_bfloat16() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX), where bfloat16 matmuls run about
     twice as fast as float32 ones; without them bfloat16 is emulated and slower."""
-    cpu = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or cpu_has_amx()
 
 
 def default_model_path() -> Path:
