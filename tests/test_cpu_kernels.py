@@ -1,4 +1,4 @@
-"""The CPU speed-ups: the kernels for bfloat16 decode steps against what they replace (HF's SDPA attention and
+"""The CPU speed-ups: the bfloat16 kernels against what they replace (HF's SDPA attention and
 `F.linear`), malloc keeping freed memory, and a thread giving its OpenMP team back."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pd_integrations.cpu_kernels import (
     KEEP_FREED_MEMORY_VARIABLE,
+    PREFILL_BLOCK_TOKENS,
     CpuHalfLinear,
     _pause_openmp,
+    blocked_prefill_attention,
     cpu_half_attention,
     keep_freed_memory,
     release_openmp_threads,
@@ -60,6 +62,91 @@ def test_one_query_token_matches_sdpa(masked):
         values[1, :, :5] = 100.0
         again, _ = cpu_half_attention(module, query, keys, values, mask, scaling=dim**-0.5)
         torch.testing.assert_close(again, ours, atol=0, rtol=0)
+
+
+def _padded_causal_mask(length: int, pads: list[int]) -> torch.Tensor:
+    """Additive bfloat16 mask [B, 1, q, k] as `Architecture.attention_mask` builds it: causal, each sequence's first
+    `pads[b]` keys blocked, and its padding queries seeing every key."""
+    index = torch.arange(length)
+    allowed = (index[None, :] <= index[:, None]) & (index[None, None, :] >= torch.tensor(pads)[:, None, None])
+    allowed |= (index[None, :, None] < torch.tensor(pads)[:, None, None])
+    blocked = torch.finfo(torch.bfloat16).min
+    return torch.where(allowed, 0.0, blocked).to(torch.bfloat16)[:, None]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_prefill_attention_matches_sdpa(masked):
+    """Two sequences of two full blocks and a ragged third, 9 query heads on 3 key heads, queries in HF's memory
+    layout and keys the front of longer buffers: the output equals float32 SDPA's on the same bfloat16 inputs within
+    bfloat16 rounding, causal without a mask and with a padding mask."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim = 2, 9, 3, 16
+    length = 2 * PREFILL_BLOCK_TOKENS + 45
+    query = torch.randn(batch, length, heads, dim).to(torch.bfloat16).transpose(1, 2)
+    keys = torch.randn(batch, kv_heads, length + 11, dim).to(torch.bfloat16)[:, :, :length]
+    values = torch.randn(batch, kv_heads, length + 11, dim).to(torch.bfloat16)[:, :, :length]
+    mask = _padded_causal_mask(length, [0, 5]) if masked else None
+    ours = blocked_prefill_attention(query, keys, values, mask, dim**-0.5)
+    expected, _ = sdpa_attention_forward(
+        _Module(heads // kv_heads),
+        query.float(),
+        keys.float(),
+        values.float(),
+        None if mask is None else mask.float(),
+        scaling=dim**-0.5,
+    )
+    assert ours.shape == (batch, length, heads, dim) and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_blocked_prefill_attention_never_reads_later_keys():
+    """Causal: changing the last block's keys and values changes nothing before that block."""
+    torch.manual_seed(0)
+    length = 2 * PREFILL_BLOCK_TOKENS + 45
+    query = torch.randn(1, 4, length, 16).to(torch.bfloat16)
+    keys, values = (torch.randn(1, 2, length, 16).to(torch.bfloat16) for _ in range(2))
+    before = blocked_prefill_attention(query, keys, values, None, 0.25)
+    keys[:, :, -45:], values[:, :, -45:] = 50.0, 50.0
+    after = blocked_prefill_attention(query, keys, values, None, 0.25)
+    torch.testing.assert_close(after[:, :-45], before[:, :-45], atol=0, rtol=0)
+    assert not torch.equal(after[:, -45:], before[:, -45:])
+
+
+@pytest.mark.parametrize(
+    "case, blocked",
+    [
+        ("causal, no mask", True),
+        ("additive mask", True),
+        ("AMX", False),
+        ("float16", False),
+        ("not causal", False),
+        ("boolean mask", False),
+        ("fewer queries than keys", False),
+        ("one query token", False),
+    ],
+)
+def test_which_calls_the_blocked_prefill_serves(case, blocked, monkeypatch):
+    """bfloat16 queries on a CPU without AMX go to `blocked_prefill_attention` when causal with no mask or with an
+    additive mask; every other call keeps SDPA (or the one-token kernel)."""
+    from pd_integrations import cpu_kernels
+
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: case == "AMX")
+    monkeypatch.setattr(cpu_kernels, "blocked_prefill_attention", lambda *args: calls.append(args) or args[0])
+    dtype = torch.float16 if case == "float16" else torch.bfloat16
+    queries = 1 if case == "one query token" else 6
+    keys = 9 if case == "fewer queries than keys" else queries
+    query = torch.randn(1, 4, queries, 8).to(dtype)
+    key, value = (torch.randn(1, 2, keys, 8).to(dtype) for _ in range(2))
+    mask = None
+    if case == "additive mask":
+        mask = torch.zeros(1, 1, queries, keys, dtype=dtype)
+    elif case == "boolean mask":
+        mask = torch.ones(1, 1, queries, keys, dtype=torch.bool)
+    module = _Module(2)
+    module.is_causal = case != "not causal"
+    cpu_half_attention(module, query, key, value, mask, scaling=8**-0.5)
+    assert len(calls) == int(blocked)
 
 
 @pytest.mark.parametrize("bias", [False, True])

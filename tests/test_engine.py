@@ -236,15 +236,18 @@ BF16_LOGIT_SCALE = 20.0
 BF16_LOGIT_ATOL = 0.25
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])  # HF's Gemma2 has no SDPA attention
-def test_bfloat16_matches_hf_generate(family, tokenizer):
-    """In bfloat16, with the CPU attention that `load_model` installs: along HF `generate`'s greedy tokens (HF's own
-    SDPA), every step's logits agree within `BF16_LOGIT_ATOL`, and the engine's greedy tokens equal HF's up to the
-    first step where HF's best two logits are within twice the measured deviation (a tie that rounding may break
-    either way)."""
+def test_bfloat16_matches_hf_generate(family, amx, tokenizer, monkeypatch):
+    """In bfloat16, with the CPU kernels that `load_model` installs on a CPU with and without AMX: along HF
+    `generate`'s greedy tokens (HF's own SDPA), every step's logits agree within `BF16_LOGIT_ATOL`, and the engine's
+    greedy tokens equal HF's up to the first step where HF's best two logits are within twice the measured deviation
+    (a tie that rounding may break either way)."""
+    from pd_integrations import cpu_kernels
     from pd_integrations.cpu_kernels import CPU_HALF_ATTENTION, use_cpu_half_kernels
     from pd_integrations.decode import DecodeBatch
 
+    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: amx)
     reference = tiny_model(family, "sdpa")
     with torch.no_grad():
         reference.lm_head.weight.mul_(BF16_LOGIT_SCALE)
