@@ -69,7 +69,7 @@ def _padded_causal_mask(length: int, pads: list[int]) -> torch.Tensor:
     `pads[b]` keys blocked, and its padding queries seeing every key."""
     index = torch.arange(length)
     allowed = (index[None, :] <= index[:, None]) & (index[None, None, :] >= torch.tensor(pads)[:, None, None])
-    allowed |= (index[None, :, None] < torch.tensor(pads)[:, None, None])
+    allowed |= index[None, :, None] < torch.tensor(pads)[:, None, None]
     blocked = torch.finfo(torch.bfloat16).min
     return torch.where(allowed, 0.0, blocked).to(torch.bfloat16)[:, None]
 
