@@ -123,13 +123,9 @@ def blocked_prefill_attention(
     """
     batch, heads, length, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    group = heads // kv_heads
-    # A block's rows are (token, query head) pairs of one key head's group, so one matmul serves the whole group.
-    grouped = query.new_empty(batch, kv_heads, length, group, dim)
-    by_token = query.transpose(1, 2).reshape(batch, length, kv_heads, group, dim)  # HF's queries: a view of this
-    torch.mul(by_token.permute(0, 2, 1, 3, 4), scale, out=grouped)
-    block = PREFILL_BLOCK_TOKENS
-    future = torch.ones(block, block, dtype=torch.bool).triu(1).repeat_interleave(group, 0)
+    group, block = heads // kv_heads, PREFILL_BLOCK_TOKENS
+    grouped = _queries_by_key_head(query, kv_heads, scale)
+    future = _future_keys(block, group)
     output = query.new_empty(batch, length, heads, dim)
     for b in range(batch):
         mask = None if attention_mask is None else attention_mask[b if attention_mask.shape[0] > 1 else 0, 0]
@@ -142,11 +138,24 @@ def blocked_prefill_attention(
                     logits[:, start:end].masked_fill_(future[: rows * group, :rows], -math.inf)
                 else:
                     logits.view(rows, group, width).add_(mask[start:end, None, :width])
-                probs = torch.softmax(logits, dim=-1)
-                output[b, start:end, h * group : (h + 1) * group] = torch.mm(probs, value[b, h, :width]).view(
-                    rows, group, dim
-                )
+                heads_out = torch.mm(torch.softmax(logits, dim=-1), value[b, h, :width])
+                output[b, start:end, h * group : (h + 1) * group] = heads_out.view(rows, group, dim)
     return output
+
+
+def _queries_by_key_head(query: torch.Tensor, kv_heads: int, scale: float) -> torch.Tensor:
+    """Scaled queries [B, KV, q, group, d]: for each key head, its query heads' rows of one token side by side, so
+    one matmul serves the whole group."""
+    batch, heads, length, dim = query.shape
+    grouped = query.new_empty(batch, kv_heads, length, heads // kv_heads, dim)
+    by_token = query.transpose(1, 2).reshape(batch, length, kv_heads, heads // kv_heads, dim)  # HF's: a view of this
+    return torch.mul(by_token.permute(0, 2, 1, 3, 4), scale, out=grouped)
+
+
+@functools.cache
+def _future_keys(block: int, group: int) -> torch.Tensor:
+    """[block·group, block] booleans, True where a block's (token, head) row would see a later key of its block."""
+    return torch.ones(block, block, dtype=torch.bool).triu(1).repeat_interleave(group, 0)
 
 
 class CpuHalfLinear(torch.nn.Linear):
