@@ -16,7 +16,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from pd_integrations.cpu_kernels import (
     KEEP_FREED_MEMORY_VARIABLE,
     PREFILL_BLOCK_TOKENS,
-    CpuHalfLinear,
+    PackedLinear,
+    _onednn_runs,
     _pause_openmp,
     blocked_prefill_attention,
     cpu_half_attention,
@@ -149,42 +150,64 @@ def test_which_calls_the_blocked_prefill_serves(case, blocked, monkeypatch):
     assert len(calls) == int(blocked)
 
 
+needs_onednn_bfloat16 = pytest.mark.skipif(
+    not _onednn_runs(torch.bfloat16), reason="this CPU's oneDNN does not run bfloat16 linear layers"
+)
+
+
+@needs_onednn_bfloat16
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (1, 48), (2, 3, 48)])
-def test_cpu_half_linear_equals_f_linear(bias, shape):
-    """One row (any leading shape) goes through the matrix-vector product, several through `F.linear`; both give
-    `F.linear`'s result in bfloat16."""
+@pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (1, 48), (2, 3, 48), (300, 48)])
+def test_packed_linear_equals_f_linear(bias, shape):
+    """Any leading shape, one row or many, gives `F.linear`'s result in bfloat16; the weight is packed."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 80, bias=bias).to(torch.bfloat16)
     x = torch.randn(shape).to(torch.bfloat16)
     expected = layer(x)
-    layer.__class__ = CpuHalfLinear
+    PackedLinear.pack(layer)
+    assert layer.weight.is_mkldnn
     ours = layer(x)
     assert ours.shape == expected.shape == (*shape[:-1], 80)
     torch.testing.assert_close(ours, expected)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_the_kernels_go_only_on_half_precision_cpu_models(amx, monkeypatch):
-    """A float32 model keeps `nn.Linear` and its attention; a bfloat16 one gets the attention kernel, and
-    `CpuHalfLinear` only on a CPU with AMX, with the same parameters."""
-    from pd_integrations import cpu_kernels
+@needs_onednn_bfloat16
+def test_moving_a_packed_linear_unpacks_it():
+    """`.to(float32)` turns the layer back into a plain `nn.Linear` with the same weights, cast."""
+    layer = torch.nn.Linear(48, 80).to(torch.bfloat16)
+    weight = layer.weight.detach().clone()
+    PackedLinear.pack(layer)
+    layer.to(torch.float32)
+    assert type(layer) is torch.nn.Linear and not layer.weight.is_mkldnn
+    torch.testing.assert_close(layer.weight, weight.float(), rtol=0, atol=0)
+
+
+@needs_onednn_bfloat16
+def test_the_kernels_go_only_on_half_precision_cpu_models():
+    """A float32 model keeps `nn.Linear` and its attention; a bfloat16 one gets the attention kernel and
+    `PackedLinear` layers, and its tied input embeddings keep their plain weight."""
     from pd_integrations.cpu_kernels import CPU_HALF_ATTENTION, use_cpu_half_kernels
 
     from .conftest import tiny_model
 
-    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: amx)
     model = tiny_model("llama", "sdpa")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
     use_cpu_half_kernels(model)
     assert model.config._attn_implementation == "sdpa"
-    assert not any(isinstance(m, CpuHalfLinear) for m in model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
     model = model.to(torch.bfloat16)
-    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    ids = torch.arange(12)[None]
+    model.set_attn_implementation(CPU_HALF_ATTENTION)  # the same attention either way: only the linears change
+    with torch.inference_mode():
+        expected = model(ids).logits
+    model.set_attn_implementation("sdpa")
     use_cpu_half_kernels(model)
     assert model.config._attn_implementation == CPU_HALF_ATTENTION
-    expected = CpuHalfLinear if amx else torch.nn.Linear
-    assert type(model.lm_head) is expected and type(model.model.layers[0].mlp.up_proj) is expected
-    assert {name: p.data_ptr() for name, p in model.named_parameters()} == before
+    assert type(model.lm_head) is PackedLinear and type(model.model.layers[0].mlp.up_proj) is PackedLinear
+    assert not model.model.embed_tokens.weight.is_mkldnn
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, expected)
 
 
 @pytest.fixture
