@@ -3,6 +3,8 @@ pd-serve over a tiny one."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -42,9 +44,11 @@ TINY_CONFIGS = {
 
 
 def tiny_model(family: str, attn_implementation: str = "eager"):
-    """A random tiny `*ForCausalLM` of `family` in fp32, seeded so every run builds the same weights."""
+    """A random tiny `*ForCausalLM` of `family` in fp32, seeded so every run builds the same weights. It gets its own
+    copy of the config: the model holds the object it was built from, and a test changing it must not reach others."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[family], attn_implementation=attn_implementation)
+    config = copy.deepcopy(TINY_CONFIGS[family])
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
 
 

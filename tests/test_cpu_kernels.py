@@ -191,8 +191,7 @@ def test_the_kernels_go_only_on_half_precision_cpu_models():
     from .conftest import tiny_model
 
     model = tiny_model("llama", "sdpa")
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in the default model
     use_cpu_half_kernels(model)
     assert model.config._attn_implementation == "sdpa"
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
