@@ -17,11 +17,11 @@ from pd_integrations.cpu_kernels import (
     KEEP_FREED_MEMORY_VARIABLE,
     PREFILL_BLOCK_TOKENS,
     PackedLinear,
-    _onednn_runs,
     _pause_openmp,
     blocked_prefill_attention,
     cpu_half_attention,
     keep_freed_memory,
+    onednn_runs_bfloat16,
     release_openmp_threads,
     speed_up_cpu_model,
 )
@@ -151,7 +151,7 @@ def test_which_calls_the_blocked_prefill_serves(case, blocked, monkeypatch):
 
 
 needs_onednn_bfloat16 = pytest.mark.skipif(
-    not _onednn_runs(torch.bfloat16), reason="this CPU's oneDNN does not run bfloat16 linear layers"
+    not onednn_runs_bfloat16(), reason="this CPU's oneDNN does not run bfloat16 linear layers"
 )
 
 
