@@ -196,7 +196,7 @@ def use_cpu_half_kernels(model: torch.nn.Module) -> None:
     if model.device.type != "cpu" or model.dtype == torch.float32:
         return
     if model.dtype == torch.bfloat16 and onednn_runs_bfloat16():
-        for module in list(model.modules()):
+        for module in model.modules():
             if type(module) is torch.nn.Linear:
                 PackedLinear.pack(module)
     if model.config._attn_implementation == "sdpa":
