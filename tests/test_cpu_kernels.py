@@ -37,11 +37,15 @@ class _Module(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
+@pytest.mark.parametrize("path", ["float32", "bfloat16 matmuls"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_one_query_token_matches_sdpa(masked):
+def test_one_query_token_matches_sdpa(masked, path, monkeypatch):
     """A batch of two with 9 query heads on 3 key heads, keys and values the front of longer buffers (as a
     `GrowingLayer` holds them), and a left-padding mask: the output equals SDPA's on the same bfloat16 inputs within
-    bfloat16 rounding."""
+    bfloat16 rounding, on the short cache's float32 path and on the long cache's bfloat16 matmuls."""
+    from pd_integrations import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "FLOAT32_DECODE_KEYS", 64 if path == "float32" else 16)
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 9, 3, 37, 16
     query = torch.randn(batch, heads, 1, dim).to(torch.bfloat16)
