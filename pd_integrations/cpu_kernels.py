@@ -71,6 +71,34 @@ def cpu_half_attention(
         )
     if key.shape[2] <= FLOAT32_DECODE_KEYS:
         return _float32_decode_attention(query, key, value, attention_mask, scale), None
+    return _grouped_decode_attention(query, key, value, attention_mask, scale), None
+
+
+# Up to this many keys, a decode step's attention is cheaper upcast to float32 through SDPA (one call per layer) than
+# as bfloat16 matmuls per key head, whose oneDNN calls cost about 25 us each however few the keys. Over 30 layers of
+# the default model on an AMD EPYC: 200 keys 9.8 -> 2.6 ms, 1000 keys 9.4 -> 5.0, 2000 keys 11.9 -> 9.8; from
+# about 3000 keys on, the float32 copy of the cache costs more than it saves.
+FLOAT32_DECODE_KEYS = 2048
+
+
+def _float32_decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One query token [B, H, 1, d] over keys/values [B, KV, k, d], in float32 through SDPA; returns [B, 1, H, d].
+    SDPA is called directly with `enable_gqa`: HF's `sdpa_attention_forward` repeats the keys per query head
+    whenever there is a mask (a padded batch)."""
+    mask = None if attention_mask is None else attention_mask[:, :, -1:, : key.shape[2]].float()
+    output = F.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return output.to(query.dtype).transpose(1, 2)
+
+
+def _grouped_decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One query token [B, H, 1, d] over keys/values [B, KV, k, d] in bfloat16 matmuls, each key head against its
+    group of query heads (no repeated keys), the softmax in float32; returns [B, 1, H, d]."""
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # one query token: a group's heads as rows
@@ -88,25 +116,7 @@ def cpu_half_attention(
     for b in range(batch):
         for h in range(kv_heads):
             torch.mm(probs[b, h], value[b, h], out=output[b, h])
-    return output.reshape(batch, 1, heads, dim), None
-
-
-# Up to this many keys, a decode step's attention is cheaper upcast to float32 through SDPA (one call per layer) than
-# as bfloat16 matmuls per key head, whose oneDNN calls cost about 25 us each however few the keys. Over 30 layers of
-# the default model on an AMD EPYC: 200 keys 9.8 -> 2.6 ms, 1000 keys 9.4 -> 5.0, 2000 keys 11.9 -> 9.8; from
-# about 3000 keys on, the float32 copy of the cache costs more than it saves.
-FLOAT32_DECODE_KEYS = 2048
-
-
-def _float32_decode_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """One query token [B, H, 1, d] over keys/values [B, KV, k, d], in float32 through SDPA; returns [B, 1, H, d]."""
-    mask = None if attention_mask is None else attention_mask[:, :, -1:, : key.shape[2]].float()
-    output = F.scaled_dot_product_attention(
-        query.float(), key.float(), value.float(), attn_mask=mask, scale=scale, enable_gqa=True
-    )
-    return output.to(query.dtype).transpose(1, 2)
+    return output.reshape(batch, 1, heads, dim)
 
 
 def _blocked_prefill_applies(module, query, key, attention_mask, kwargs) -> bool:
