@@ -14,12 +14,15 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pd_integrations.cpu_kernels import (
+    FUSED_KEY_TOKENS,
     KEEP_FREED_MEMORY_VARIABLE,
     PREFILL_BLOCK_TOKENS,
     PackedLinear,
     _pause_openmp,
     blocked_prefill_attention,
     cpu_half_attention,
+    fused_prefill_attention,
+    fused_prefill_kernel,
     keep_freed_memory,
     onednn_runs_bfloat16,
     release_openmp_threads,
@@ -117,32 +120,105 @@ def test_blocked_prefill_attention_never_reads_later_keys():
     assert not torch.equal(after[:, -45:], before[:, -45:])
 
 
+needs_fused_kernel = pytest.mark.skipif(
+    fused_prefill_kernel() is None, reason="the fused prefill kernel needs AVX512-BF16 and a C++ compiler"
+)
+
+
+@needs_fused_kernel
 @pytest.mark.parametrize(
-    "case, blocked",
+    "batch, heads, kv_heads, length, dim",
     [
-        ("causal, no mask", True),
-        ("additive mask", True),
-        ("AMX", False),
-        ("float16", False),
-        ("not causal", False),
-        ("boolean mask", False),
-        ("fewer queries than keys", False),
-        ("one query token", False),
+        (2, 9, 3, 2 * FUSED_KEY_TOKENS + 45, 64),
+        (1, 4, 2, 5, 16),
+        (1, 8, 8, FUSED_KEY_TOKENS + 1, 32),
+        (1, 12, 2, 70, 128),
     ],
 )
-def test_which_calls_the_blocked_prefill_serves(case, blocked, monkeypatch):
-    """bfloat16 queries on a CPU without AMX go to `blocked_prefill_attention` when causal with no mask or with an
-    additive mask; every other call keeps SDPA (or the one-token kernel)."""
+def test_fused_prefill_attention_matches_sdpa(batch, heads, kv_heads, length, dim):
+    """Grouped and plain multi-head attention, head sizes 16-128, prompts shorter than a key block, of whole blocks
+    plus one token and ragged; queries in HF's memory layout and keys the front of longer buffers: the output
+    equals float32 SDPA's on the same bfloat16 inputs within bfloat16 rounding, closer than the blocked kernel's."""
+    torch.manual_seed(0)
+    query = torch.randn(batch, length, heads, dim).to(torch.bfloat16).transpose(1, 2)
+    keys = torch.randn(batch, kv_heads, length + 11, dim).to(torch.bfloat16)[:, :, :length]
+    values = torch.randn(batch, kv_heads, length + 11, dim).to(torch.bfloat16)[:, :, :length]
+    ours = fused_prefill_attention(query, keys, values, dim**-0.5)
+    expected, _ = sdpa_attention_forward(
+        _Module(heads // kv_heads), query.float(), keys.float(), values.float(), None, scaling=dim**-0.5
+    )
+    assert ours.shape == (batch, length, heads, dim) and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), expected, atol=1e-2, rtol=1e-2)
+    blocked = blocked_prefill_attention(query, keys, values, None, dim**-0.5)
+    assert (ours.float() - expected).abs().mean() <= (blocked.float() - expected).abs().mean()
+
+
+@needs_fused_kernel
+def test_fused_prefill_attention_never_reads_later_keys():
+    """Causal: changing the last 45 tokens' keys and values changes nothing before them."""
+    torch.manual_seed(0)
+    length = 2 * FUSED_KEY_TOKENS + 45
+    query = torch.randn(1, 4, length, 16).to(torch.bfloat16)
+    keys, values = (torch.randn(1, 2, length, 16).to(torch.bfloat16) for _ in range(2))
+    before = fused_prefill_attention(query, keys, values, 0.25)
+    keys[:, :, -45:], values[:, :, -45:] = 50.0, 50.0
+    after = fused_prefill_attention(query, keys, values, 0.25)
+    torch.testing.assert_close(after[:, :-45], before[:, :-45], atol=0, rtol=0)
+    assert not torch.equal(after[:, -45:], before[:, -45:])
+
+
+def test_a_kernel_that_does_not_build_warns_and_falls_back(monkeypatch):
+    """Where the C++ extension fails to build, `fused_prefill_kernel` warns once, naming the error, and is None."""
+    import torch.utils.cpp_extension
+
+    from pd_integrations import cpu_kernels
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cpu_kernels.fused_prefill_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="blocked_prefill_attention: Ninja is required"):
+            assert cpu_kernels.fused_prefill_kernel() is None
+    finally:
+        cpu_kernels.fused_prefill_kernel.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "case, served_by",
+    [
+        ("causal, no mask", "fused"),
+        ("causal, no fused kernel", "blocked"),
+        ("causal, head size not a multiple of 16", "blocked"),
+        ("additive mask", "blocked"),
+        ("AMX", None),
+        ("float16", None),
+        ("not causal", None),
+        ("boolean mask", None),
+        ("fewer queries than keys", None),
+        ("one query token", None),
+    ],
+)
+def test_which_calls_the_prefill_kernels_serve(case, served_by, monkeypatch):
+    """bfloat16 queries on a CPU without AMX go to `fused_prefill_attention` when causal with no mask and a head
+    size it takes, else to `blocked_prefill_attention` when causal or with an additive mask; every other call keeps
+    SDPA (or the one-token kernel)."""
     from pd_integrations import cpu_kernels
 
     calls = []
     monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: case == "AMX")
-    monkeypatch.setattr(cpu_kernels, "blocked_prefill_attention", lambda *args: calls.append(args) or args[0])
+    kernel = None if case == "causal, no fused kernel" else object()
+    monkeypatch.setattr(cpu_kernels, "fused_prefill_kernel", lambda: kernel)
+    monkeypatch.setattr(cpu_kernels, "fused_prefill_attention", lambda *args: calls.append("fused") or args[0])
+    monkeypatch.setattr(cpu_kernels, "blocked_prefill_attention", lambda *args: calls.append("blocked") or args[0])
     dtype = torch.float16 if case == "float16" else torch.bfloat16
     queries = 1 if case == "one query token" else 6
     keys = 9 if case == "fewer queries than keys" else queries
-    query = torch.randn(1, 4, queries, 8).to(dtype)
-    key, value = (torch.randn(1, 2, keys, 8).to(dtype) for _ in range(2))
+    dim = 24 if "head size" in case else 16
+    query = torch.randn(1, 4, queries, dim).to(dtype)
+    key, value = (torch.randn(1, 2, keys, dim).to(dtype) for _ in range(2))
     mask = None
     if case == "additive mask":
         mask = torch.zeros(1, 1, queries, keys, dtype=dtype)
@@ -150,8 +226,8 @@ def test_which_calls_the_blocked_prefill_serves(case, blocked, monkeypatch):
         mask = torch.ones(1, 1, queries, keys, dtype=torch.bool)
     module = _Module(2)
     module.is_causal = case != "not causal"
-    cpu_half_attention(module, query, key, value, mask, scaling=8**-0.5)
-    assert len(calls) == int(blocked)
+    cpu_half_attention(module, query, key, value, mask, scaling=dim**-0.5)
+    assert calls == ([served_by] if served_by else [])
 
 
 needs_onednn_bfloat16 = pytest.mark.skipif(
