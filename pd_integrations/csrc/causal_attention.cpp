@@ -13,28 +13,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <limits>
 #include <vector>
 
 using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
 
-static float lanes_max(const Vec& v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  return *std::max_element(lanes, lanes + Vec::size());
-}
-
 // Rounds 16 floats to bfloat16 (nearest even, as PyTorch does) and stores them at `out`.
 static void store_bfloat16(const Vec& values, BFloat16* out) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(values));
-}
-
-static float lanes_sum(const Vec& v) {
-  float lanes[Vec::size()];
-  v.store(lanes);
-  return std::accumulate(lanes, lanes + Vec::size(), 0.f);
 }
 
 // queries: [B, KV, n, group, d] (scaled); keys: [B, KV, key_blocks, d/2, key_block, 2];
@@ -86,18 +73,21 @@ torch::Tensor causal_attention(torch::Tensor queries, torch::Tensor keys, torch:
           std::fill(s + visible, s + key_block, minus_inf);
           Vec block_max(minus_inf);
           for (int64_t j = 0; j < key_block; j += Vec::size()) block_max = at::vec::maximum(block_max, Vec::loadu(s + j));
-          const float new_max = std::max(row_max[r], lanes_max(block_max));
-          const float rescale = std::exp(row_max[r] - new_max);
+          const float new_max = std::max(row_max[r], _mm512_reduce_max_ps(block_max));
           Vec total(0.f), shift(new_max);
           for (int64_t j = 0; j < key_block; j += Vec::size()) {
             const Vec exp = (Vec::loadu(s + j) - shift).exp_u20();
             total = total + exp;
             store_bfloat16(exp, p + j);
           }
-          row_sum[r] = row_sum[r] * rescale + lanes_sum(total);
-          row_max[r] = new_max;
-          float* acc = accumulator.data() + r * dim;
-          for (int64_t j = 0; j < dim; j += Vec::size()) (Vec::loadu(acc + j) * Vec(rescale)).store(acc + j);
+          if (new_max > row_max[r]) {  // rescale what earlier blocks summed to the new maximum
+            const float rescale = std::exp(row_max[r] - new_max);
+            row_sum[r] *= rescale;
+            float* acc = accumulator.data() + r * dim;
+            for (int64_t j = 0; j < dim; j += Vec::size()) (Vec::loadu(acc + j) * Vec(rescale)).store(acc + j);
+            row_max[r] = new_max;
+          }
+          row_sum[r] += _mm512_reduce_add_ps(total);
         }
         const BFloat16* v = v_data + ((b * kv_heads + head) * key_blocks * key_block + key_start) * dim;
         at::native::cpublas::brgemm(rows, dim, key_block, key_block, dim, dim, true, probs.data(), v,
