@@ -36,6 +36,7 @@ import functools
 import logging
 import math
 import os
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -248,7 +249,8 @@ def fused_prefill_kernel():
     log.info("compiling the fused prefill attention kernel (once per machine)")
     try:
         return load(
-            name="pd_causal_attention",
+            # One build per PyTorch version: an extension built against another one may not load or may misbehave.
+            name="pd_causal_attention_" + re.sub(r"\W", "_", torch.__version__),
             sources=[str(_KERNEL_SOURCE)],
             extra_cflags=_KERNEL_FLAGS,
             extra_ldflags=["-fopenmp"],
