@@ -209,8 +209,8 @@ FUSED_QUERY_TOKENS, FUSED_KEY_TOKENS = 32, 128
 def fused_prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention over a whole prompt (queries are the keys), in `fused_prefill_kernel`'s C++ flash kernel:
     the logits of one block of keys at a time go through an online softmax in float32 into the output, on oneDNN's
-    bfloat16 GEMMs. On two AMD EPYC cores, one layer of the default model: 2060 tokens 20 against
-    `blocked_prefill_attention`'s 28 ms, 8192 tokens 0.29-0.35 against 0.41 s, and closer to float32 SDPA.
+    bfloat16 GEMMs. On two AMD EPYC cores, one layer of the default model: 2060 tokens 20-25 against
+    `blocked_prefill_attention`'s 27-36 ms, 8192 tokens 0.27-0.35 against 0.39-0.42 s, and closer to float32 SDPA.
 
     Args:
         query: [B, H, n, d] in bfloat16, d a multiple of 16; key, value: [B, KV, n, d].
@@ -246,7 +246,7 @@ def fused_prefill_kernel():
         return None
     from torch.utils.cpp_extension import load
 
-    log.info("compiling the fused prefill attention kernel (once per machine)")
+    log.info("building (once per machine) or loading the fused prefill attention kernel")
     try:
         return load(
             # One build per PyTorch version: an extension built against another one may not load or may misbehave.

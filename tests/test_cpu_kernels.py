@@ -29,6 +29,10 @@ from pd_integrations.cpu_kernels import (
     speed_up_cpu_model,
 )
 
+needs_fused_kernel = pytest.mark.skipif(
+    fused_prefill_kernel() is None, reason="the fused prefill kernel needs AVX512-BF16 and a C++ compiler"
+)
+
 
 class _Module(torch.nn.Module):
     """What HF's attention functions read from the attention module."""
@@ -107,22 +111,25 @@ def test_blocked_prefill_attention_matches_sdpa(masked):
     torch.testing.assert_close(ours.float(), expected, atol=2e-2, rtol=2e-2)
 
 
-def test_blocked_prefill_attention_never_reads_later_keys():
-    """Causal: changing the last block's keys and values changes nothing before that block."""
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        lambda q, k, v: blocked_prefill_attention(q, k, v, None, 0.25),
+        pytest.param(lambda q, k, v: fused_prefill_attention(q, k, v, 0.25), marks=needs_fused_kernel),
+    ],
+    ids=["blocked", "fused"],
+)
+def test_prefill_attention_never_reads_later_keys(kernel):
+    """Causal, in both prefill kernels: changing the last 45 tokens' keys and values changes nothing before them."""
     torch.manual_seed(0)
     length = 2 * PREFILL_BLOCK_TOKENS + 45
     query = torch.randn(1, 4, length, 16).to(torch.bfloat16)
     keys, values = (torch.randn(1, 2, length, 16).to(torch.bfloat16) for _ in range(2))
-    before = blocked_prefill_attention(query, keys, values, None, 0.25)
+    before = kernel(query, keys, values)
     keys[:, :, -45:], values[:, :, -45:] = 50.0, 50.0
-    after = blocked_prefill_attention(query, keys, values, None, 0.25)
+    after = kernel(query, keys, values)
     torch.testing.assert_close(after[:, :-45], before[:, :-45], atol=0, rtol=0)
     assert not torch.equal(after[:, -45:], before[:, -45:])
-
-
-needs_fused_kernel = pytest.mark.skipif(
-    fused_prefill_kernel() is None, reason="the fused prefill kernel needs AVX512-BF16 and a C++ compiler"
-)
 
 
 @needs_fused_kernel
@@ -151,20 +158,6 @@ def test_fused_prefill_attention_matches_sdpa(batch, heads, kv_heads, length, di
     torch.testing.assert_close(ours.float(), expected, atol=1e-2, rtol=1e-2)
     blocked = blocked_prefill_attention(query, keys, values, None, dim**-0.5)
     assert (ours.float() - expected).abs().mean() <= (blocked.float() - expected).abs().mean()
-
-
-@needs_fused_kernel
-def test_fused_prefill_attention_never_reads_later_keys():
-    """Causal: changing the last 45 tokens' keys and values changes nothing before them."""
-    torch.manual_seed(0)
-    length = 2 * FUSED_KEY_TOKENS + 45
-    query = torch.randn(1, 4, length, 16).to(torch.bfloat16)
-    keys, values = (torch.randn(1, 2, length, 16).to(torch.bfloat16) for _ in range(2))
-    before = fused_prefill_attention(query, keys, values, 0.25)
-    keys[:, :, -45:], values[:, :, -45:] = 50.0, 50.0
-    after = fused_prefill_attention(query, keys, values, 0.25)
-    torch.testing.assert_close(after[:, :-45], before[:, :-45], atol=0, rtol=0)
-    assert not torch.equal(after[:, -45:], before[:, -45:])
 
 
 def test_a_kernel_that_does_not_build_warns_and_falls_back(monkeypatch):
