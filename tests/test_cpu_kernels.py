@@ -11,18 +11,21 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from pd_integrations.cpu_kernels import (
+    DECODE_KEY_CHUNK,
     FUSED_KEY_TOKENS,
     KEEP_FREED_MEMORY_VARIABLE,
     PREFILL_BLOCK_TOKENS,
     PackedLinear,
     _pause_openmp,
+    attention_kernels,
     blocked_prefill_attention,
     cpu_half_attention,
+    fused_decode_attention,
     fused_prefill_attention,
-    fused_prefill_kernel,
     keep_freed_memory,
     onednn_runs_bfloat16,
     release_openmp_threads,
@@ -30,7 +33,7 @@ from pd_integrations.cpu_kernels import (
 )
 
 needs_fused_kernel = pytest.mark.skipif(
-    fused_prefill_kernel() is None, reason="the fused prefill kernel needs AVX512-BF16 and a C++ compiler"
+    attention_kernels() is None, reason="the fused attention kernels need AVX512-BF16 and a C++ compiler"
 )
 
 
@@ -44,14 +47,19 @@ class _Module(torch.nn.Module):
         self.num_key_value_groups = groups
 
 
-@pytest.mark.parametrize("path", ["float32", "bfloat16 matmuls"])
+@pytest.mark.parametrize(
+    "path", [pytest.param("fused kernel", marks=needs_fused_kernel), "float32", "bfloat16 matmuls"]
+)
 @pytest.mark.parametrize("masked", [False, True])
 def test_one_query_token_matches_sdpa(masked, path, monkeypatch):
     """A batch of two with 9 query heads on 3 key heads, keys and values the front of longer buffers (as a
     `GrowingLayer` holds them), and a left-padding mask: the output equals SDPA's on the same bfloat16 inputs within
-    bfloat16 rounding, on the short cache's float32 path and on the long cache's bfloat16 matmuls."""
+    bfloat16 rounding, in the fused kernel and, without it, on the short cache's float32 path and on the long
+    cache's bfloat16 matmuls."""
     from pd_integrations import cpu_kernels
 
+    if path != "fused kernel":
+        monkeypatch.setattr(cpu_kernels, "attention_kernels", lambda: None)
     monkeypatch.setattr(cpu_kernels, "FLOAT32_DECODE_KEYS", 64 if path == "float32" else 16)
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 9, 3, 37, 16
@@ -74,6 +82,37 @@ def test_one_query_token_matches_sdpa(masked, path, monkeypatch):
         values[1, :, :5] = 100.0
         again, _ = cpu_half_attention(module, query, keys, values, mask, scaling=dim**-0.5)
         torch.testing.assert_close(again, ours, atol=0, rtol=0)
+
+
+@needs_fused_kernel
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 1), (12, 2)])
+@pytest.mark.parametrize("dim", [16, 48, 64, 128])
+@pytest.mark.parametrize("length", [1, 17, DECODE_KEY_CHUNK, 2 * DECODE_KEY_CHUNK + 37])
+def test_fused_decode_attention_matches_sdpa(heads, kv_heads, dim, length):
+    """Over caches of one key up to several chunks, with the second sequence's first keys padded away (a whole
+    chunk when the cache is long), `fused_decode_attention` equals float32 SDPA on the same inputs within bfloat16
+    rounding of the output; changing a padded key's value changes nothing."""
+    torch.manual_seed(0)
+    query = torch.randn(2, heads, 1, dim).to(torch.bfloat16)
+    keys = (2 * torch.randn(2, kv_heads, length + 5, dim)).to(torch.bfloat16)[:, :, :length]
+    values = torch.randn(2, kv_heads, length + 5, dim).to(torch.bfloat16)[:, :, :length]
+    pads = min(length - 1, DECODE_KEY_CHUNK + 3)
+    mask = torch.zeros(2, 1, 1, length + 2, dtype=torch.bfloat16)  # wider than the cache, as a batch's mask can be
+    mask[1, :, :, :pads] = torch.finfo(torch.bfloat16).min
+    ours = fused_decode_attention(query, keys, values, mask, dim**-0.5)
+    expected = F.scaled_dot_product_attention(
+        query.float(),
+        keys.float(),
+        values.float(),
+        attn_mask=mask[..., :length].float(),
+        scale=dim**-0.5,
+        enable_gqa=True,
+    ).transpose(1, 2)
+    assert ours.shape == (2, 1, heads, dim) and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), expected, atol=1e-2, rtol=1e-2)
+    if pads:
+        values[1, :, :pads] = 100.0
+        torch.testing.assert_close(fused_decode_attention(query, keys, values, mask, dim**-0.5), ours, atol=0, rtol=0)
 
 
 def _padded_causal_mask(length: int, pads: list[int]) -> torch.Tensor:
@@ -161,7 +200,7 @@ def test_fused_prefill_attention_matches_sdpa(batch, heads, kv_heads, length, di
 
 
 def test_a_kernel_that_does_not_build_warns_and_falls_back(monkeypatch):
-    """Where the C++ extension fails to build, `fused_prefill_kernel` warns once, naming the error, and is None."""
+    """Where the C++ extension fails to build, `attention_kernels` warns once, naming the error, and is None."""
     import torch.utils.cpp_extension
 
     from pd_integrations import cpu_kernels
@@ -171,12 +210,12 @@ def test_a_kernel_that_does_not_build_warns_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    cpu_kernels.fused_prefill_kernel.cache_clear()
+    cpu_kernels.attention_kernels.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="blocked_prefill_attention: Ninja is required"):
-            assert cpu_kernels.fused_prefill_kernel() is None
+        with pytest.warns(UserWarning, match="slower PyTorch paths: Ninja is required"):
+            assert cpu_kernels.attention_kernels() is None
     finally:
-        cpu_kernels.fused_prefill_kernel.cache_clear()
+        cpu_kernels.attention_kernels.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -191,23 +230,29 @@ def test_a_kernel_that_does_not_build_warns_and_falls_back(monkeypatch):
         ("not causal", None),
         ("boolean mask", None),
         ("fewer queries than keys", None),
-        ("one query token", None),
+        ("one query token", "decode"),
+        ("one query token, AMX", "decode"),
+        ("one query token, no fused kernel", None),
+        ("one query token, head size not a multiple of 16", None),
+        ("one query token, float16", None),
     ],
 )
-def test_which_calls_the_prefill_kernels_serve(case, served_by, monkeypatch):
-    """bfloat16 queries on a CPU without AMX go to `fused_prefill_attention` when causal with no mask and a head
-    size it takes, else to `blocked_prefill_attention` when causal or with an additive mask; every other call keeps
-    SDPA (or the one-token kernel)."""
+def test_which_calls_the_kernels_serve(case, served_by, monkeypatch):
+    """Prompts: bfloat16 queries on a CPU without AMX go to `fused_prefill_attention` when causal with no mask and
+    a head size it takes, else to `blocked_prefill_attention` when causal or with an additive mask. One query token
+    in bfloat16 goes to `fused_decode_attention` where the kernels exist and take the head size. Every other call
+    keeps SDPA (or the one-token paths in PyTorch)."""
     from pd_integrations import cpu_kernels
 
     calls = []
-    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: case == "AMX")
-    kernel = None if case == "causal, no fused kernel" else object()
-    monkeypatch.setattr(cpu_kernels, "fused_prefill_kernel", lambda: kernel)
+    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: "AMX" in case)
+    kernel = None if "no fused kernel" in case else object()
+    monkeypatch.setattr(cpu_kernels, "attention_kernels", lambda: kernel)
     monkeypatch.setattr(cpu_kernels, "fused_prefill_attention", lambda *args: calls.append("fused") or args[0])
     monkeypatch.setattr(cpu_kernels, "blocked_prefill_attention", lambda *args: calls.append("blocked") or args[0])
-    dtype = torch.float16 if case == "float16" else torch.bfloat16
-    queries = 1 if case == "one query token" else 6
+    monkeypatch.setattr(cpu_kernels, "fused_decode_attention", lambda *args: calls.append("decode") or args[0])
+    dtype = torch.float16 if "float16" in case else torch.bfloat16
+    queries = 1 if case.startswith("one query token") else 6
     keys = 9 if case == "fewer queries than keys" else queries
     dim = 24 if "head size" in case else 16
     query = torch.randn(1, 4, queries, dim).to(dtype)
