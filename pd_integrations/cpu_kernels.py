@@ -81,16 +81,21 @@ def cpu_half_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if query.dtype == torch.bfloat16 and query.shape[-1] % 16 == 0 and attention_kernels() is not None:
+    dim = query.shape[-1]
+    fused = query.dtype == torch.bfloat16 and dim % 16 == 0 and dim <= DECODE_MAX_HEAD_DIM
+    if fused and attention_kernels() is not None:
         return fused_decode_attention(query, key, value, attention_mask, scale), None
     if key.shape[2] <= FLOAT32_DECODE_KEYS:
         return _float32_decode_attention(query, key, value, attention_mask, scale), None
     return _grouped_decode_attention(query, key, value, attention_mask, scale), None
 
 
-# Keys per work item of `fused_decode_attention`: at 8k keys and three key heads, 96 items for two threads; 128 and
-# 512 measured no better.
+# Keys per work item of `fused_decode_attention`: at 8k keys and three key heads, 96 items for two threads; 128, 512
+# and 1024 measured no better.
 DECODE_KEY_CHUNK = 256
+# The largest head size the decode kernel takes (its queries and accumulators sit in registers); larger ones keep the
+# PyTorch paths.
+DECODE_MAX_HEAD_DIM = 256
 
 
 def fused_decode_attention(
@@ -99,11 +104,12 @@ def fused_decode_attention(
     """One query token per sequence over its cache, in `attention_kernels`' C++ kernel: each key head's cache in
     chunks of `DECODE_KEY_CHUNK` keys across the threads, the logits in float32 from bfloat16 dot-product
     instructions, the softmax and the weighted values in float32. One decode step of the default model over 8k keys
-    (30 layers) takes about 10 ms here against 21-23 ms as bfloat16 matmuls per key head.
+    (30 layers) takes about 10 ms on two AMD EPYC cores against 25 ms as bfloat16 matmuls per key head.
 
     Args:
-        query: [B, H, 1, d] in bfloat16, d a multiple of 16 (at most 256); key, value: [B, KV, k, d], each head's
-            rows contiguous (a prefix of a longer buffer, as `GrowingLayer`'s, is read in place).
+        query: [B, H, 1, d] in bfloat16, d a multiple of 16 up to `DECODE_MAX_HEAD_DIM`.
+        key, value: [B, KV, k, d], each head's rows contiguous (a prefix of a longer buffer, as `GrowingLayer`'s,
+            is read in place).
         attention_mask: None, or an additive mask [B, 1, q, >= k] whose last query row applies.
         scale: the logits' scale.
 

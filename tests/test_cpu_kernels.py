@@ -234,6 +234,7 @@ def test_a_kernel_that_does_not_build_warns_and_falls_back(monkeypatch):
         ("one query token, AMX", "decode"),
         ("one query token, no fused kernel", None),
         ("one query token, head size not a multiple of 16", None),
+        ("one query token, head size above 256", None),
         ("one query token, float16", None),
     ],
 )
@@ -254,7 +255,7 @@ def test_which_calls_the_kernels_serve(case, served_by, monkeypatch):
     dtype = torch.float16 if "float16" in case else torch.bfloat16
     queries = 1 if case.startswith("one query token") else 6
     keys = 9 if case == "fewer queries than keys" else queries
-    dim = 24 if "head size" in case else 16
+    dim = 272 if "above 256" in case else 24 if "head size" in case else 16
     query = torch.randn(1, 4, queries, dim).to(dtype)
     key, value = (torch.randn(1, 2, keys, dim).to(dtype) for _ in range(2))
     mask = None
