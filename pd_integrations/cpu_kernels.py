@@ -40,6 +40,7 @@ import math
 import os
 import re
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -289,10 +290,12 @@ def attention_kernels():
     from torch.utils.cpp_extension import load
 
     log.info("building (once per machine) or loading the fused attention kernels")
+    # One build per PyTorch version: an extension built against another one may not load or may misbehave.
+    name = "pd_attention_" + re.sub(r"\W", "_", torch.__version__)
     try:
+        _remove_stale_build_lock(name)
         return load(
-            # One build per PyTorch version: an extension built against another one may not load or may misbehave.
-            name="pd_attention_" + re.sub(r"\W", "_", torch.__version__),
+            name=name,
             sources=[str(_KERNEL_SOURCE)],
             extra_cflags=_KERNEL_FLAGS,
             extra_ldflags=["-fopenmp"],
@@ -304,6 +307,30 @@ def attention_kernels():
             stacklevel=2,
         )
         return None
+
+
+# A build takes well under a minute; a lock file older than this was left by a build that was killed.
+STALE_BUILD_LOCK_SECONDS = 600
+
+
+def _remove_stale_build_lock(name: str) -> None:
+    """Remove the lock file of extension `name`'s build directory if a killed build left it: PyTorch's loader waits
+    for it to go away, so every later load would hang."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: a PyTorch without it just waits
+    except ImportError:
+        return
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_SECONDS:
+        warnings.warn(
+            f"removing {lock}, left {age:.0f} s ago by a build of the attention kernels that did not finish",
+            stacklevel=3,
+        )
+        lock.unlink(missing_ok=True)
 
 
 class PackedLinear(torch.nn.Linear):

@@ -218,6 +218,26 @@ def test_a_kernel_that_does_not_build_warns_and_falls_back(monkeypatch):
         cpu_kernels.attention_kernels.cache_clear()
 
 
+@pytest.mark.parametrize("age, removed", [(3600, True), (5, False)])
+def test_a_lock_left_by_a_killed_build_is_removed(age, removed, tmp_path, monkeypatch):
+    """PyTorch's loader waits for the build lock to go away: one older than `STALE_BUILD_LOCK_SECONDS` (a killed
+    build) is removed with a warning; a recent one (a build under way in another process) is left."""
+    import torch.utils.cpp_extension
+
+    from pd_integrations import cpu_kernels
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - age, time.time() - age))
+    if removed:
+        with pytest.warns(UserWarning, match="did not finish"):
+            cpu_kernels._remove_stale_build_lock("pd_attention_test")
+    else:
+        cpu_kernels._remove_stale_build_lock("pd_attention_test")
+    assert lock.exists() != removed
+
+
 @pytest.mark.parametrize(
     "case, served_by",
     [
