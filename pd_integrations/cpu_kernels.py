@@ -15,9 +15,9 @@ For a bfloat16/float16 model, `use_cpu_half_kernels`:
   in bfloat16 about six times slower than in float32 (its kernels upcast per block), so a bfloat16 decode step would
   cost more than a float32 one. For one query token in bfloat16 on CPUs with AVX512-BF16, `cpu_half_attention`
   runs `fused_decode_attention`, a C++ kernel that reads the cache once (`attention_kernels`). Elsewhere (float16,
-  or no kernel) it upcasts a short cache (up to `FLOAT32_DECODE_KEYS` keys) to float32 for SDPA, and over a longer
-  one matches each key head with its query heads in two bfloat16 matmuls (no repeated keys), with the softmax in
-  float32 as HF's eager attention does.
+  head sizes above `DECODE_MAX_HEAD_DIM`, or no kernel) it upcasts a short cache (up to `FLOAT32_DECODE_KEYS`
+  keys) to float32 for SDPA, and over a longer one matches each key head with its query heads in two bfloat16
+  matmuls (no repeated keys), with the softmax in float32 as HF's eager attention does.
 - Prefill attention in bfloat16 on CPUs without AMX: there, PyTorch's flash kernel multiplies bfloat16 in float32,
   at about 140 GFLOPS on two AMD EPYC cores against oneDNN's bfloat16 matmuls at 300-400. Causal attention with
   no mask runs `fused_prefill_attention`, a small C++ flash kernel on oneDNN's bfloat16 GEMMs, compiled once on
@@ -97,6 +97,7 @@ DECODE_KEY_CHUNK = 256
 # The largest head size the decode kernel takes (its queries and accumulators sit in registers); larger ones keep the
 # PyTorch paths.
 DECODE_MAX_HEAD_DIM = 256
+_NO_MASK = torch.empty(0)  # what the kernel takes for "no mask", made once rather than in every layer of every step
 
 
 def fused_decode_attention(
@@ -120,7 +121,7 @@ def fused_decode_attention(
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     key, value = (t if t.stride(-1) == 1 and t.stride(-2) == dim else t.contiguous() for t in (key, value))
-    mask = torch.empty(0) if attention_mask is None else attention_mask[:, 0, -1, :length].float().contiguous()
+    mask = _NO_MASK if attention_mask is None else attention_mask[:, 0, -1, :length].float().contiguous()
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # one query token: a group's heads as rows
     output = attention_kernels().decode_attention(grouped, key, value, mask, scale, DECODE_KEY_CHUNK)
     return output.view(batch, 1, heads, dim)
